@@ -1,0 +1,317 @@
+//! Content checks: what a file's bytes say it is, against what its name says.
+//!
+//! What flows through here: the extension of the client's filename, the first bytes of the
+//! file (sniffed with the `infer` crate's magic numbers), a streaming UTF-8 validator fed
+//! every chunk, and, for `json`/`jsonl`, the spooled file re-read in a blocking task. Out
+//! comes the MIME type upgate records and returns (never the client's claim), or a
+//! [`ContentError`] explaining the contradiction.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+/// How many leading bytes are kept for sniffing.
+pub const SNIFF_LEN: usize = 8192;
+
+/// Why content was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentError {
+    #[error("the content is {detected}, not .{extension}")]
+    Mismatch { extension: String, detected: String },
+    #[error("a .{extension} file must be UTF-8 text")]
+    NotUtf8 { extension: String },
+    #[error("a .{extension} file must hold valid JSON: {detail}")]
+    InvalidJson { extension: String, detail: String },
+    #[error("cannot read the spooled file: {0}")]
+    Io(String),
+}
+
+/// What upgate knows of an extension: its MIME type and which sniffed kinds (by `infer`'s
+/// extension name) are consistent with it. Text kinds have `text: true` and no magic.
+struct KnownType {
+    extensions: &'static [&'static str],
+    mime: &'static str,
+    sniffed_as: &'static [&'static str],
+    text: bool,
+}
+
+const fn binary(extensions: &'static [&'static str], mime: &'static str, sniffed_as: &'static [&'static str]) -> KnownType {
+    KnownType { extensions, mime, sniffed_as, text: false }
+}
+
+const fn text(extensions: &'static [&'static str], mime: &'static str) -> KnownType {
+    KnownType { extensions, mime, sniffed_as: &["html", "xml", "sh"], text: true }
+}
+
+/// OLE compound files (doc, xls, ppt) sniff as `msi` without infer's `cfb` feature.
+const OLE: &[&str] = &["doc", "xls", "ppt", "msi"];
+/// OOXML files are zip containers: infer sees either the specific kind or plain zip.
+const fn ooxml(kind: &'static str) -> [&'static str; 2] {
+    [kind, "zip"]
+}
+
+static KNOWN: &[KnownType] = &[
+    binary(&["png"], "image/png", &["png"]),
+    binary(&["jpg", "jpeg"], "image/jpeg", &["jpg"]),
+    binary(&["gif"], "image/gif", &["gif"]),
+    binary(&["webp"], "image/webp", &["webp"]),
+    binary(&["bmp"], "image/bmp", &["bmp"]),
+    binary(&["tif", "tiff"], "image/tiff", &["tif"]),
+    binary(&["heif", "heic"], "image/heif", &["heif", "avif"]),
+    binary(&["pdf"], "application/pdf", &["pdf"]),
+    binary(&["zip"], "application/zip", &["zip"]),
+    binary(&["docx"], "application/vnd.openxmlformats-officedocument.wordprocessingml.document", &ooxml("docx")),
+    binary(&["xlsx"], "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", &ooxml("xlsx")),
+    binary(&["pptx"], "application/vnd.openxmlformats-officedocument.presentationml.presentation", &ooxml("pptx")),
+    binary(&["doc"], "application/msword", OLE),
+    binary(&["xls"], "application/vnd.ms-excel", OLE),
+    binary(&["ppt"], "application/vnd.ms-powerpoint", OLE),
+    binary(&["mp3", "mpga"], "audio/mpeg", &["mp3"]),
+    binary(&["m4a"], "audio/mp4", &["m4a", "mp4"]),
+    binary(&["wav"], "audio/wav", &["wav"]),
+    binary(&["amr"], "audio/amr", &["amr"]),
+    binary(&["mp4"], "video/mp4", &["mp4", "m4v", "m4a", "mov"]),
+    binary(&["webm"], "video/webm", &["webm", "mkv"]),
+    binary(&["mov"], "video/quicktime", &["mov", "mp4"]),
+    binary(&["mpeg", "mpg"], "video/mpeg", &["mpg", "mp3"]),
+    text(&["txt", "text", "log"], "text/plain"),
+    text(&["csv"], "text/csv"),
+    text(&["md", "markdown"], "text/markdown"),
+    text(&["json"], "application/json"),
+    text(&["jsonl", "ndjson"], "application/jsonl"),
+    text(&["svg"], "image/svg+xml"),
+    text(&["html", "htm"], "text/html"),
+    text(&["xml"], "application/xml"),
+];
+
+fn known(extension: &str) -> Option<&'static KnownType> {
+    KNOWN.iter().find(|known| known.extensions.contains(&extension))
+}
+
+/// True when the file must be checked as UTF-8 while it streams.
+pub fn is_text_extension(extension: &str) -> bool {
+    known(extension).is_some_and(|known| known.text)
+}
+
+/// The family a MIME type belongs to, as MaiAgent's `type` field names it.
+pub fn family(mime: &str, extension: &str) -> &'static str {
+    let top = mime.split('/').next().unwrap_or("");
+    match top {
+        "audio" => "audio",
+        "image" => "image",
+        "video" => "video",
+        "text" => "text",
+        _ => match extension {
+            "pdf" | "doc" | "docx" | "xls" | "xlsx" | "ppt" | "pptx" | "odt" | "ods" | "odp" | "rtf" => "document",
+            "json" | "jsonl" | "ndjson" | "xml" => "text",
+            _ => "other",
+        },
+    }
+}
+
+/// Decides the MIME type of a file from its extension and first bytes, refusing
+/// contradictions when `verify` is on. `utf8_ok` is the streaming validator's verdict.
+pub fn classify(extension: &str, head: &[u8], utf8_ok: bool, verify: bool) -> Result<String, ContentError> {
+    let sniffed = infer::get(head);
+    let expected = known(extension);
+    let mismatch = |detected: String| ContentError::Mismatch { extension: extension.to_owned(), detected };
+    match (expected, sniffed) {
+        (Some(expected), Some(kind)) if expected.sniffed_as.contains(&kind.extension()) => Ok(expected.mime.to_owned()),
+        (Some(expected), None) if expected.text => {
+            if verify && !utf8_ok {
+                Err(ContentError::NotUtf8 { extension: extension.to_owned() })
+            } else {
+                Ok(expected.mime.to_owned())
+            }
+        }
+        (_, Some(kind)) if verify => {
+            Err(mismatch(format!("{} ({})", describe(kind.extension()), kind.mime_type())))
+        }
+        (Some(expected), None) if verify && !head.is_empty() => {
+            Err(mismatch(format!("not recognisably {}", expected.mime)))
+        }
+        (Some(expected), _) => Ok(expected.mime.to_owned()),
+        (None, Some(kind)) => Ok(kind.mime_type().to_owned()),
+        (None, None) if utf8_ok && !head.is_empty() => Ok("text/plain".to_owned()),
+        (None, None) => Ok("application/octet-stream".to_owned()),
+    }
+}
+
+fn describe(kind: &str) -> &str {
+    match kind {
+        "elf" | "exe" | "dll" | "mach" | "obj" => "an executable",
+        "zip" => "a zip archive",
+        _ => kind,
+    }
+}
+
+/// Checks that a spooled `json` file parses, or each line of a `jsonl` file does. Reads the
+/// file with bounded memory: run it on a blocking thread.
+pub fn verify_json_file(extension: &str, path: &Path) -> Result<(), ContentError> {
+    let invalid = |detail: String| ContentError::InvalidJson { extension: extension.to_owned(), detail };
+    let file = std::fs::File::open(path).map_err(|error| ContentError::Io(error.to_string()))?;
+    match extension {
+        "json" => {
+            let reader = BufReader::with_capacity(64 * 1024, file);
+            let mut deserializer = serde_json::Deserializer::from_reader(reader);
+            serde::de::IgnoredAny::deserialize_from(&mut deserializer).map_err(|error| invalid(error.to_string()))?;
+            deserializer.end().map_err(|error| invalid(error.to_string()))
+        }
+        "jsonl" | "ndjson" => {
+            let reader = BufReader::with_capacity(64 * 1024, file);
+            for (index, line) in reader.split(b'\n').enumerate() {
+                let line = line.map_err(|error| ContentError::Io(error.to_string()))?;
+                let trimmed = line.trim_ascii();
+                if trimmed.is_empty() {
+                    continue;
+                }
+                serde_json::from_slice::<serde::de::IgnoredAny>(trimmed)
+                    .map_err(|error| invalid(format!("line {}: {error}", index + 1)))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+trait DeserializeFrom {
+    fn deserialize_from<R: Read>(deserializer: &mut serde_json::Deserializer<serde_json::de::IoRead<R>>)
+    -> serde_json::Result<()>;
+}
+
+impl DeserializeFrom for serde::de::IgnoredAny {
+    fn deserialize_from<R: Read>(
+        deserializer: &mut serde_json::Deserializer<serde_json::de::IoRead<R>>,
+    ) -> serde_json::Result<()> {
+        serde::Deserialize::deserialize(deserializer).map(|_: serde::de::IgnoredAny| ())
+    }
+}
+
+/// Whether a file needs [`verify_json_file`] after it is spooled.
+pub fn needs_json_check(extension: &str) -> bool {
+    matches!(extension, "json" | "jsonl" | "ndjson")
+}
+
+/// Streaming UTF-8 validation across chunk boundaries, holding at most 3 pending bytes.
+#[derive(Debug, Default)]
+pub struct Utf8Validator {
+    pending: Vec<u8>,
+    invalid: bool,
+}
+
+impl Utf8Validator {
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        if self.invalid {
+            return;
+        }
+        if !self.pending.is_empty() {
+            // Finish the character split across the previous chunk with this one's first bytes.
+            let held = self.pending.len();
+            let mut joined = std::mem::take(&mut self.pending);
+            joined.extend_from_slice(&chunk[..chunk.len().min(4)]);
+            let valid = match std::str::from_utf8(&joined) {
+                Ok(_) => joined.len(),
+                Err(error) if error.error_len().is_some() && error.valid_up_to() < held => {
+                    self.invalid = true;
+                    return;
+                }
+                Err(error) => error.valid_up_to(),
+            };
+            if valid < held {
+                // Still incomplete: this chunk was too short to finish the character.
+                self.pending = joined;
+                return;
+            }
+            chunk = &chunk[valid - held..];
+        }
+        match std::str::from_utf8(chunk) {
+            Ok(_) => {}
+            Err(error) if error.error_len().is_some() => self.invalid = true,
+            Err(error) => self.pending = chunk[error.valid_up_to()..].to_vec(),
+        }
+    }
+
+    /// True when everything fed so far is complete, valid UTF-8.
+    pub fn finish(&self) -> bool {
+        !self.invalid && self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+    const ELF: &[u8] = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0>\0";
+    const ZIP: &[u8] = b"PK\x03\x04\x14\0\0\0\0\0";
+
+    #[test]
+    fn matching_content_gives_the_real_mime() {
+        assert_eq!(classify("png", PNG, false, true).unwrap(), "image/png");
+        assert_eq!(classify("txt", "héllo".as_bytes(), true, true).unwrap(), "text/plain");
+        assert_eq!(classify("docx", ZIP, false, true).unwrap(), crate::content::KNOWN[9].mime);
+        // Unknown extension, unknown bytes: accepted as octet-stream.
+        assert_eq!(classify("bin", &[0, 1, 2, 255], false, true).unwrap(), "application/octet-stream");
+    }
+
+    #[test]
+    fn contradictions_are_refused() {
+        let error = classify("png", ELF, false, true).unwrap_err();
+        assert_eq!(error.to_string(), "the content is an executable (application/x-executable), not .png");
+        assert!(matches!(classify("pdf", ZIP, false, true), Err(ContentError::Mismatch { .. })));
+        assert!(matches!(classify("png", b"just text", true, true), Err(ContentError::Mismatch { .. })));
+        assert!(matches!(classify("txt", &[0xff, 0xfe, 0x00], false, true), Err(ContentError::NotUtf8 { .. })));
+        assert!(matches!(classify("txt", ELF, false, true), Err(ContentError::Mismatch { .. })));
+    }
+
+    #[test]
+    fn verify_off_trusts_the_extension() {
+        assert_eq!(classify("png", ELF, false, false).unwrap(), "image/png");
+        assert_eq!(classify("txt", &[0xff], false, false).unwrap(), "text/plain");
+    }
+
+    #[test]
+    fn families() {
+        assert_eq!(family("image/png", "png"), "image");
+        assert_eq!(family("application/pdf", "pdf"), "document");
+        assert_eq!(family("application/json", "json"), "text");
+        assert_eq!(family("application/octet-stream", "bin"), "other");
+    }
+
+    #[test]
+    fn utf8_across_chunk_boundaries() {
+        let text = "añ€𝄞 done".as_bytes();
+        for split in 0..text.len() {
+            for split2 in split..text.len() {
+                let mut validator = Utf8Validator::default();
+                validator.feed(&text[..split]);
+                validator.feed(&text[split..split2]);
+                validator.feed(&text[split2..]);
+                assert!(validator.finish(), "split at {split}/{split2}");
+            }
+        }
+        let mut validator = Utf8Validator::default();
+        validator.feed(&[0xe2, 0x82]);
+        assert!(!validator.finish(), "truncated sequence");
+        validator.feed(b"x");
+        assert!(!validator.finish(), "broken sequence");
+        let mut validator = Utf8Validator::default();
+        validator.feed(&[b'a', 0xc3]);
+        validator.feed(&[0x28]);
+        assert!(!validator.finish());
+    }
+
+    #[test]
+    fn json_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, br#"{"a": [1, 2, {"b": null}]}"#).unwrap();
+        assert!(verify_json_file("json", &path).is_ok());
+        std::fs::write(&path, br#"{"a": 1} trailing"#).unwrap();
+        assert!(verify_json_file("json", &path).is_err());
+        std::fs::write(&path, b"{\"a\":1}\n\n[2]\n").unwrap();
+        assert!(verify_json_file("jsonl", &path).is_ok());
+        std::fs::write(&path, b"{\"a\":1}\n{oops\n").unwrap();
+        let error = verify_json_file("jsonl", &path).unwrap_err().to_string();
+        assert!(error.contains("line 2"), "{error}");
+    }
+}

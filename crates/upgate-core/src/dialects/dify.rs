@@ -1,0 +1,122 @@
+//! The Dify dialect: `POST /v1/files/upload` (and `/files/upload`), `Authorization: Bearer`.
+//!
+//! What flows through here: a multipart body with one `file` part and an optional `user`
+//! field, handed to the shared gateway flow; the stored record rendered as Dify's 201 file
+//! object (never null in the fields typed SDKs require), and errors as
+//! `{"code", "message", "status"}` with Dify's codes.
+
+use actix_web::http::StatusCode;
+use actix_web::web::{self, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{Dialect, DialectName, plain_message};
+use crate::error::{ApiError, DialectError};
+use crate::gateway::{Gateway, Metadata};
+use crate::intake::FormSpec;
+use crate::store::UploadRecord;
+
+pub struct Dify;
+
+const FORM: FormSpec = FormSpec { file_field: "file", max_files: 1, text_fields: &["user"] };
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.route("/v1/files/upload", web::post().to(upload)).route("/files/upload", web::post().to(upload));
+}
+
+async fn upload(request: HttpRequest, payload: Payload, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
+    let records = gateway
+        .upload_multipart(&Dify, &request, payload, &FORM, |received| {
+            let mut metadata = Metadata::new();
+            if let Some(user) = received.fields.get("user") {
+                metadata.insert("user".into(), user.clone().into());
+            }
+            Ok(metadata)
+        })
+        .await
+        .map_err(|error| DialectError::new(DialectName::Dify, error))?;
+    Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(file_object(&records[0])))
+}
+
+/// A stable uuid-shaped id derived from `text` (Dify's ids for users and tenants are uuids).
+fn derived_uuid(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
+}
+
+fn file_object(record: &UploadRecord) -> Value {
+    let user = record.metadata.get("user").and_then(Value::as_str).unwrap_or("");
+    let user_id = derived_uuid(&format!("user:{}:{user}", record.tenant));
+    let tenant_id = derived_uuid(&format!("tenant:{}", record.tenant));
+    let stored_name =
+        if record.extension.is_empty() { record.id.clone() } else { format!("{}.{}", record.id, record.extension) };
+    json!({
+        "id": record.id,
+        "name": record.filename,
+        "size": record.size,
+        "extension": record.extension,
+        "mime_type": record.mime,
+        "created_by": user_id,
+        "created_at": record.created_at_ms / 1000,
+        "preview_url": Value::Null,
+        "source_url": record.remote_url,
+        "original_url": Value::Null,
+        "user_id": user_id,
+        "tenant_id": tenant_id,
+        "conversation_id": Value::Null,
+        "file_key": format!("upload_files/{tenant_id}/{stored_name}"),
+    })
+}
+
+impl Dialect for Dify {
+    fn name(&self) -> DialectName {
+        DialectName::Dify
+    }
+
+    fn credentials(&self, request: &HttpRequest) -> Result<String, ApiError> {
+        super::authorization_key(request, "Bearer").map_err(|error| match error {
+            // Dify answers a missing and a malformed header alike.
+            ApiError::MalformedCredentials => ApiError::MissingCredentials,
+            other => other,
+        })
+    }
+
+    fn www_authenticate(&self) -> Option<&'static str> {
+        Some("Bearer realm=\"api\"")
+    }
+
+    fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
+        let (code, message) = match error {
+            ApiError::MissingCredentials | ApiError::MalformedCredentials => {
+                ("unauthorized", "Authorization header must be provided and start with 'Bearer'".to_owned())
+            }
+            ApiError::InvalidCredentials => ("unauthorized", "Access token is invalid".to_owned()),
+            ApiError::DialectNotAllowed => ("forbidden", "This API key may not use the Dify API.".to_owned()),
+            ApiError::NoFile => ("no_file_uploaded", "Please upload your file.".to_owned()),
+            ApiError::TooManyFiles { .. } => ("too_many_files", "Only one file is allowed.".to_owned()),
+            ApiError::EmptyFilename => ("filename_not_exists_error", "The specified filename does not exist.".to_owned()),
+            ApiError::UnsupportedType { .. } => ("unsupported_file_type", "File type not allowed.".to_owned()),
+            ApiError::ContentMismatch(reason) => ("unsupported_file_type", format!("File type not allowed: {reason}.")),
+            ApiError::TooLarge { limit } => {
+                ("file_too_large", format!("File size exceeded. The limit is {}.", super::limit_text(*limit)))
+            }
+            ApiError::Throttled { .. } => ("too_many_requests", plain_message(error)),
+            ApiError::InvalidFilename(_)
+            | ApiError::MissingField(_)
+            | ApiError::InvalidField { .. }
+            | ApiError::Malformed(_)
+            | ApiError::MissingChunks(_) => ("invalid_param", plain_message(error)),
+            ApiError::NotFound | ApiError::SessionExpired => ("not_found", plain_message(error)),
+            ApiError::UpstreamRejected { .. } => ("provider_rejected", plain_message(error)),
+            ApiError::UpstreamFailed(_) => ("provider_error", plain_message(error)),
+            ApiError::UpstreamTimeout => ("provider_timeout", plain_message(error)),
+            ApiError::BodyTimeout => ("request_timeout", plain_message(error)),
+            ApiError::InsufficientStorage => ("insufficient_storage", plain_message(error)),
+            ApiError::Internal => ("internal_server_error", plain_message(error)),
+        };
+        json!({ "code": code, "message": message, "status": status.as_u16() })
+    }
+}

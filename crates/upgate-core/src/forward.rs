@@ -1,0 +1,319 @@
+//! Forwarding: stored uploads handed to provider plugins, with retries.
+//!
+//! What flows through here: an [`UploadRecord`] and its spool path, turned into a plugin
+//! [`PutRequest`] and run on a blocking thread (bounded by `forward_concurrency`, each call
+//! bounded by the provider's `timeout`). Failures are classified once: connection errors,
+//! timeouts, 5xx and 429 are retried with exponential backoff and jitter (honouring an
+//! upstream `Retry-After`); other refusals are not. Sync delivery retries inside the
+//! request; async delivery is the outbox worker here, which polls SQLite for due uploads and
+//! so survives restarts. Every attempt is recorded in the upload's row.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutRequest, PutResult};
+
+use crate::config::RetryConfig;
+use crate::dialects::DialectName;
+use crate::error::ApiError;
+use crate::gateway::{Gateway, internal, remove_quietly};
+use crate::metrics;
+use crate::plugins::Provider;
+use crate::store::{UploadRecord, now_ms};
+
+/// How one attempt ended.
+#[derive(Debug)]
+enum Attempt {
+    Delivered(PutResult),
+    /// Worth retrying, after at least this long (the upstream's Retry-After).
+    Retry(PluginError, Option<Duration>),
+    Fatal(PluginError),
+}
+
+fn outcome_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Config => "config",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::Internal => "internal",
+        ErrorKind::Panic => "panic",
+    }
+}
+
+fn put_request(record: &UploadRecord, path: &Path) -> PutRequest {
+    PutRequest {
+        upload_id: record.id.clone(),
+        filename: record.filename.clone(),
+        extension: record.extension.clone(),
+        mime_type: record.mime.clone(),
+        size: record.size,
+        sha256: record.sha256.clone(),
+        path: path.display().to_string(),
+        tenant: record.tenant.clone(),
+        dialect: record.dialect.clone(),
+        metadata: record.metadata.clone(),
+    }
+}
+
+/// Runs one plugin call on a blocking thread within `limit`.
+async fn call_plugin<T: Send + 'static>(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    limit: Duration,
+    call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, PluginError> {
+    let started = Instant::now();
+    let _slot = gateway.forward_slots.clone().acquire_owned().await.map_err(|_| {
+        PluginError::new(ErrorKind::Internal, "shutting down")
+    })?;
+    let worker = provider.clone();
+    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&worker))).await;
+    let result = match joined {
+        Err(_) => Err(PluginError::new(ErrorKind::Timeout, format!("no answer within {limit:?}"))),
+        Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
+        Ok(Ok(result)) => result,
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(error) => {
+            metrics::plugin_error(&provider.name, outcome_label(error.kind));
+            outcome_label(error.kind)
+        }
+    };
+    metrics::upstream_duration(&provider.name, outcome, started.elapsed());
+    result
+}
+
+async fn attempt(gateway: &Gateway, provider: &Arc<Provider>, record: &UploadRecord, path: &Path, limit: Duration) -> Attempt {
+    let request = put_request(record, path);
+    match call_plugin(gateway, provider, limit, move |provider| provider.put(&request)).await {
+        Ok(result) => Attempt::Delivered(result),
+        Err(error) => match error.kind {
+            ErrorKind::Unavailable | ErrorKind::Timeout => {
+                let wait = error.retry_after_secs.map(Duration::from_secs);
+                Attempt::Retry(error, wait)
+            }
+            _ => Attempt::Fatal(error),
+        },
+    }
+}
+
+/// Exponential backoff with full jitter for retry number `attempt` (1-based), at least
+/// `floor` (an upstream's Retry-After), at most the configured maximum.
+pub fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Duration {
+    let base = retry.initial_backoff.0.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let capped = base.min(retry.max_backoff.0);
+    let jittered = capped.mul_f64(rand::rng().random_range(0.5..=1.0));
+    jittered.max(floor.unwrap_or_default()).min(retry.max_backoff.0.max(floor.unwrap_or_default()))
+}
+
+/// The client-facing error for a provider failure.
+fn client_error(error: &PluginError) -> ApiError {
+    match error.kind {
+        ErrorKind::Rejected => ApiError::UpstreamRejected {
+            status: error.status.filter(|s| (400..500).contains(s) && *s != 429).unwrap_or(502),
+            reason: error.message.clone(),
+        },
+        ErrorKind::Timeout => ApiError::UpstreamTimeout,
+        _ => ApiError::UpstreamFailed(error.message.clone()),
+    }
+}
+
+/// Delivers one upload now (sync mode), retrying within the provider's timeout, and records
+/// the result.
+pub async fn deliver_now(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    record: &UploadRecord,
+    path: &Path,
+) -> Result<PutResult, ApiError> {
+    let config = &provider.config;
+    let deadline = Instant::now() + config.timeout.0;
+    let mut attempts = 0;
+    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let outcome = attempt(gateway, provider, record, path, remaining).await;
+        match outcome {
+            Attempt::Delivered(result) => {
+                delivered(gateway, provider, record, path, &result, attempts).await?;
+                return Ok(result);
+            }
+            Attempt::Retry(error, floor) if attempts < config.retry.max_attempts => {
+                let wait = backoff(&config.retry, attempts, floor);
+                if Instant::now() + wait < deadline {
+                    metrics::retry(&provider.name);
+                    tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts,
+                        error = %error, "delivery failed, retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                return Err(give_up(gateway, record, path, dialect, error, attempts).await);
+            }
+            Attempt::Retry(error, _) | Attempt::Fatal(error) => {
+                return Err(give_up(gateway, record, path, dialect, error, attempts).await);
+            }
+        }
+    }
+}
+
+async fn delivered(
+    gateway: &Gateway,
+    provider: &Provider,
+    record: &UploadRecord,
+    path: &Path,
+    result: &PutResult,
+    attempts: u32,
+) -> Result<(), ApiError> {
+    gateway
+        .store
+        .mark_forwarded(record.id.clone(), result.remote_id.clone(), result.url.clone(), attempts)
+        .await
+        .map_err(internal)?;
+    // The plugin may have moved the spool file away (the local provider renames it).
+    remove_quietly(path).await;
+    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
+    metrics::upload_forwarded(dialect, &provider.name, record.size);
+    Ok(())
+}
+
+/// Marks a sync delivery failed for good. The client is told, so the spooled bytes go.
+async fn give_up(
+    gateway: &Gateway,
+    record: &UploadRecord,
+    path: &Path,
+    dialect: DialectName,
+    error: PluginError,
+    attempts: u32,
+) -> ApiError {
+    tracing::warn!(upload_id = %record.id, provider = %record.provider, attempts, error = %error, "delivery failed");
+    if let Err(store_error) =
+        gateway.store.mark_attempt_failed(record.id.clone(), error.message.clone(), attempts, None).await
+    {
+        tracing::error!(%store_error, "cannot record a failed delivery");
+    }
+    remove_quietly(path).await;
+    metrics::upload_outcome(dialect, &record.provider, "failed");
+    client_error(&error)
+}
+
+/// Asks the provider to delete an upload upstream. "Not found" upstream counts as deleted.
+pub async fn delete_upstream(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    record: &UploadRecord,
+    remote_id: String,
+) -> Result<(), ApiError> {
+    let request = DeleteRequest { upload_id: record.id.clone(), remote_id };
+    match call_plugin(gateway, provider, provider.config.timeout.0, move |p| p.delete(&request)).await {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(client_error(&error)),
+    }
+}
+
+/// The async delivery loop: claims due uploads from the outbox and attempts each once,
+/// rescheduling failures with backoff. Runs until the process ends.
+pub async fn run_outbox(gateway: Arc<Gateway>) {
+    const BATCH: usize = 32;
+    loop {
+        let policy = gateway.policy();
+        let lease_ms = 15 * 60 * 1000;
+        match gateway.store.claim_due(now_ms(), BATCH, lease_ms).await {
+            Ok(due) => {
+                let full = due.len() == BATCH;
+                for record in due {
+                    let Some(provider) = policy.providers.get(&record.provider).cloned() else {
+                        tracing::error!(upload_id = %record.id, provider = %record.provider,
+                            "provider no longer configured; upload stays in the outbox");
+                        let retry_at = now_ms() + 60_000;
+                        let _ = gateway
+                            .store
+                            .mark_attempt_failed(record.id.clone(), "provider not configured".into(), record.attempts, Some(retry_at))
+                            .await;
+                        continue;
+                    };
+                    let gateway = gateway.clone();
+                    actix_web::rt::spawn(async move { deliver_from_outbox(&gateway, &provider, record).await });
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(error) => tracing::error!(%error, "outbox poll failed"),
+        }
+        if let Ok(pending) = gateway.store.outbox_len().await {
+            metrics::outbox_pending(pending);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), gateway.outbox_wake.notified()).await;
+    }
+}
+
+async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
+    let path: PathBuf = gateway.spool.path_of(&record.id);
+    let attempts = record.attempts + 1;
+    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
+    match attempt(gateway, provider, &record, &path, provider.config.timeout.0).await {
+        Attempt::Delivered(result) => {
+            if let Err(error) = delivered(gateway, provider, &record, &path, &result, attempts).await {
+                tracing::error!(upload_id = %record.id, ?error, "cannot record a delivery");
+            }
+        }
+        Attempt::Retry(error, floor) if attempts < provider.config.retry.max_attempts => {
+            let wait = backoff(&provider.config.retry, attempts, floor);
+            metrics::retry(&provider.name);
+            tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts, error = %error,
+                "async delivery failed, next try in {wait:?}");
+            let retry_at = now_ms() + wait.as_millis() as i64;
+            if let Err(store_error) =
+                gateway.store.mark_attempt_failed(record.id.clone(), error.message, attempts, Some(retry_at)).await
+            {
+                tracing::error!(%store_error, "cannot reschedule a delivery");
+            }
+        }
+        Attempt::Retry(error, _) | Attempt::Fatal(error) => {
+            // The client was already answered: keep the spooled bytes for the operator.
+            tracing::error!(upload_id = %record.id, provider = %provider.name, attempts, error = %error,
+                "async delivery failed for good; the file stays in the spool");
+            let _ = gateway.store.mark_attempt_failed(record.id.clone(), error.message, attempts, None).await;
+            metrics::upload_outcome(dialect, &provider.name, "failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HumanDuration;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let retry = RetryConfig {
+            max_attempts: 5,
+            initial_backoff: HumanDuration(Duration::from_millis(100)),
+            max_backoff: HumanDuration(Duration::from_secs(1)),
+        };
+        for _ in 0..50 {
+            let first = backoff(&retry, 1, None);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            let third = backoff(&retry, 3, None);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
+            assert!(backoff(&retry, 30, None) <= Duration::from_secs(1));
+            assert_eq!(backoff(&retry, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        }
+    }
+
+    #[test]
+    fn provider_errors_map_to_client_errors() {
+        let mut rejected = PluginError::new(ErrorKind::Rejected, "bad file");
+        rejected.status = Some(400);
+        assert_eq!(client_error(&rejected), ApiError::UpstreamRejected { status: 400, reason: "bad file".into() });
+        assert_eq!(client_error(&PluginError::new(ErrorKind::Timeout, "slow")), ApiError::UpstreamTimeout);
+        assert_eq!(client_error(&PluginError::new(ErrorKind::Panic, "x")), ApiError::UpstreamFailed("x".into()));
+    }
+}

@@ -1,0 +1,236 @@
+//! The gateway: the one upload flow every dialect shares.
+//!
+//! What flows through here: a dialect's request, in order through admission (key, dialect
+//! grant, rate and concurrency limits, disk floor, quota room), intake (multipart to spool),
+//! acceptance (quota accounting, the SQLite record in state `received`) and delivery (sync:
+//! the provider plugin now, with retries; async: the outbox). Out come the stored
+//! [`UploadRecord`]s for the dialect to render, or an [`ApiError`]. The current [`Policy`]
+//! snapshot is swapped atomically on reload; a request keeps the snapshot it was admitted
+//! with.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use actix_web::HttpRequest;
+use actix_web::web::Payload;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::Delivery;
+use crate::dialects::{Dialect, DialectName};
+use crate::error::{ApiError, Throttle};
+use crate::forward;
+use crate::intake::{FormSpec, IntakeLimits, Received, Spool, SpooledFile, receive_multipart};
+use crate::metrics;
+use crate::policy::{Admission, Policy, quota_day};
+use crate::store::{Store, StoreError, UploadRecord, UploadState, now_ms};
+
+/// Metadata a dialect passes along with its files (string values).
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// Shared state of the running daemon.
+pub struct Gateway {
+    policy: RwLock<Arc<Policy>>,
+    pub store: Store,
+    pub spool: Spool,
+    pub data_dir: PathBuf,
+    /// Plugin calls in flight (each holds a blocking thread).
+    pub forward_slots: Arc<Semaphore>,
+    /// Wakes the outbox worker when an async upload is accepted.
+    pub outbox_wake: Notify,
+}
+
+impl Gateway {
+    pub fn new(policy: Policy, store: Store, spool: Spool) -> Self {
+        let data_dir = policy.config.server.data_dir.clone();
+        let slots = policy.config.server.forward_concurrency.max(1);
+        Self {
+            policy: RwLock::new(Arc::new(policy)),
+            store,
+            spool,
+            data_dir,
+            forward_slots: Arc::new(Semaphore::new(slots)),
+            outbox_wake: Notify::new(),
+        }
+    }
+
+    /// The current policy snapshot.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in a new policy; requests in flight keep the old one.
+    pub fn replace_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Authenticates and applies the limits that do not need the body.
+    pub async fn admit(&self, dialect: &dyn Dialect, request: &HttpRequest) -> Result<Admission, ApiError> {
+        let key = dialect.credentials(request)?;
+        let policy = self.policy();
+        let admission = policy.admit(dialect.name(), &key)?;
+        if metrics::data_dir_below_floor() {
+            return Err(ApiError::InsufficientStorage);
+        }
+        let plan = &admission.tenant.plan;
+        if plan.has_quota() {
+            let (day, retry_after_secs) = quota_day(now_ms());
+            let (bytes, uploads) = self.store.usage(admission.tenant.name.clone(), day).await.map_err(internal)?;
+            let (byte_limit, upload_limit) = plan.quota_limits();
+            if byte_limit.is_some_and(|limit| bytes >= limit) || upload_limit.is_some_and(|limit| uploads >= limit) {
+                return Err(ApiError::Throttled { retry_after_secs, why: Throttle::Quota });
+            }
+        }
+        Ok(admission)
+    }
+
+    /// Receives a multipart body for an admitted request (files spooled, not yet recorded).
+    pub async fn receive(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        request: &HttpRequest,
+        payload: Payload,
+        spec: &FormSpec,
+    ) -> Result<Received, ApiError> {
+        let plan = &admission.tenant.plan;
+        let max_files = plan.max_files_per_request(spec.max_files);
+        if let Some(length) = content_length(request) {
+            // The whole body cannot be legitimate if it exceeds every allowed file plus room
+            // for the form's framing.
+            let ceiling = plan.max_file_size().saturating_mul(max_files as u64).saturating_add(1 << 20);
+            if length > ceiling {
+                return Err(ApiError::TooLarge { limit: plan.max_file_size() });
+            }
+        }
+        let limits = IntakeLimits {
+            plan,
+            max_files,
+            idle_timeout: self.policy().config.server.idle_timeout.0,
+        };
+        let received =
+            receive_multipart(request.headers(), payload, spec, &limits, &self.spool, &|| dialect.new_upload_id())
+                .await?;
+        if received.files.is_empty() {
+            return Err(ApiError::NoFile);
+        }
+        Ok(received)
+    }
+
+    /// Records received files and delivers them per the tenant's provider settings.
+    pub async fn accept(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        files: Vec<SpooledFile>,
+        metadata: Metadata,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let tenant = &admission.tenant;
+        let plan = &tenant.plan;
+        if plan.has_quota() {
+            let total: u64 = files.iter().map(|file| file.size).sum();
+            let (day, retry_after_secs) = quota_day(now_ms());
+            let added = self
+                .store
+                .try_add_usage(tenant.name.clone(), day, total, files.len() as u64, plan.quota_limits())
+                .await
+                .map_err(internal)?;
+            if !added {
+                return Err(ApiError::Throttled { retry_after_secs, why: Throttle::Quota });
+            }
+        }
+        let provider = tenant.provider.clone();
+        let now = now_ms();
+        let mut records: Vec<UploadRecord> = files
+            .iter()
+            .map(|file| UploadRecord {
+                id: file.upload_id.clone(),
+                tenant: tenant.name.clone(),
+                dialect: dialect.as_str().to_owned(),
+                filename: file.filename.clone(),
+                extension: file.extension.clone(),
+                mime: file.mime.clone(),
+                size: file.size,
+                sha256: file.sha256.clone(),
+                state: UploadState::Received,
+                provider: provider.name.clone(),
+                remote_id: None,
+                remote_url: None,
+                metadata: metadata.clone(),
+                attempts: 0,
+                last_error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .collect();
+        let sync = provider.config.delivery == Delivery::Sync;
+        // A sync delivery owns the upload until its deadline; only if the daemon dies
+        // before then does the outbox pick it up.
+        let deliver_at = if sync { now + provider.config.timeout.0.as_millis() as i64 + 60_000 } else { now };
+        self.store.insert_uploads(records.clone(), deliver_at).await.map_err(internal)?;
+        let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
+        for record in &records {
+            metrics::upload_received(dialect, &provider.name, record.size);
+        }
+        if !sync {
+            self.outbox_wake.notify_one();
+            return Ok(records);
+        }
+        for (record, path) in records.iter_mut().zip(&paths) {
+            let delivered = forward::deliver_now(self, &provider, record, path).await?;
+            record.state = UploadState::Forwarded;
+            record.remote_id = Some(delivered.remote_id);
+            record.remote_url = delivered.url;
+        }
+        Ok(records)
+    }
+
+    /// Admission, intake and acceptance for a dialect whose upload is one multipart request.
+    pub async fn upload_multipart(
+        &self,
+        dialect: &dyn Dialect,
+        request: &HttpRequest,
+        payload: Payload,
+        spec: &FormSpec,
+        metadata_of: impl FnOnce(&Received) -> Result<Metadata, ApiError>,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let admission = self.admit(dialect, request).await?;
+        let received = self.receive(&admission, dialect.name(), request, payload, spec).await?;
+        let metadata = metadata_of(&received)?;
+        self.accept(&admission, dialect.name(), received.files, metadata).await
+    }
+
+    /// Deletes an upload of the admitted tenant: local bytes, upstream copy, record state.
+    pub async fn delete(&self, admission: &Admission, dialect: DialectName, id: &str) -> Result<UploadRecord, ApiError> {
+        let tenant = &admission.tenant;
+        let record = self
+            .store
+            .upload_of(tenant.name.clone(), id.to_owned())
+            .await
+            .map_err(internal)?
+            .filter(|record| record.state != UploadState::Deleted)
+            .ok_or(ApiError::NotFound)?;
+        if let Some(remote_id) = record.remote_id.clone() {
+            let provider = self.policy().providers.get(&record.provider).cloned().unwrap_or(tenant.provider.clone());
+            forward::delete_upstream(self, &provider, &record, remote_id).await?;
+        }
+        remove_quietly(&self.spool.path_of(&record.id)).await;
+        self.store.mark_deleted(record.id.clone()).await.map_err(internal)?;
+        metrics::upload_outcome(dialect, &record.provider, "deleted");
+        Ok(record)
+    }
+}
+
+fn content_length(request: &HttpRequest) -> Option<u64> {
+    request.headers().get(actix_web::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Logs a store failure and hides it from the client.
+pub fn internal(error: StoreError) -> ApiError {
+    tracing::error!(%error, "store failure");
+    ApiError::Internal
+}
+
+/// Removes a file if it is there.
+pub async fn remove_quietly(path: &Path) {
+    let _ = tokio::fs::remove_file(path).await;
+}

@@ -1,0 +1,195 @@
+//! Metrics: the `upgate_*` Prometheus series, and the disk-space watch.
+//!
+//! What flows through here: events from the rest of the daemon (a request answered, an
+//! upload received or forwarded, a plugin call timed, a rejection), recorded into one
+//! process-wide registry and rendered as text exposition on `/metrics`. Every label comes
+//! from a bounded set: dialect names, route patterns, status classes, provider names from
+//! config, fixed reason and outcome words. Never a filename, key, id or client string.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::dialects::DialectName;
+
+/// All series.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    uploads: IntCounterVec,
+    received_bytes: IntCounterVec,
+    forwarded_bytes: IntCounterVec,
+    upload_duration: HistogramVec,
+    upload_size: HistogramVec,
+    upstream_duration: HistogramVec,
+    retries: IntCounterVec,
+    rejections: IntCounterVec,
+    pub sessions_active: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub open_connections: IntGauge,
+    pub outbox_pending: IntGauge,
+    plugin_errors: IntCounterVec,
+    config_reloads: IntCounterVec,
+    pub disk_free: IntGauge,
+    pub disk_floor: IntGauge,
+    _build_info: IntGaugeVec,
+}
+
+static BELOW_FLOOR: AtomicBool = AtomicBool::new(false);
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        // 1 ms .. ~20 min: small files on loopback to multi-GiB uploads on slow links.
+        let seconds = prometheus::exponential_buckets(0.001, 4.0, 11).expect("valid buckets");
+        // 1 KiB .. 16 GiB.
+        let bytes = prometheus::exponential_buckets(1024.0, 4.0, 13).expect("valid buckets");
+        let build_info = IntGaugeVec::new(Opts::new("upgate_build_info", "Build of the running daemon"), &["version"])
+            .expect("valid metric");
+        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Self {
+            requests: counter(r, "upgate_http_requests_total", "HTTP requests answered", &["dialect", "route", "status_class"]),
+            uploads: counter(r, "upgate_uploads_total", "Uploads by outcome", &["dialect", "provider", "outcome"]),
+            received_bytes: counter(r, "upgate_received_bytes_total", "Bytes of files accepted", &["dialect"]),
+            forwarded_bytes: counter(r, "upgate_forwarded_bytes_total", "Bytes of files delivered upstream", &["provider"]),
+            upload_duration: histogram(r, "upgate_upload_duration_seconds", "Upload request duration", &["dialect"], seconds.clone()),
+            upload_size: histogram(r, "upgate_upload_size_bytes", "Size of accepted files", &["dialect"], bytes),
+            upstream_duration: histogram(
+                r,
+                "upgate_upstream_request_duration_seconds",
+                "Duration of provider plugin calls",
+                &["provider", "outcome"],
+                seconds,
+            ),
+            retries: counter(r, "upgate_upstream_retries_total", "Delivery retries", &["provider"]),
+            rejections: counter(r, "upgate_rejections_total", "Requests refused by policy", &["dialect", "reason"]),
+            sessions_active: gauge(r, "upgate_sessions_active", "Open chunked upload sessions"),
+            spool_bytes: gauge(r, "upgate_spool_bytes", "Bytes in the spool directory"),
+            open_connections: gauge(r, "upgate_open_connections", "Open client connections"),
+            outbox_pending: gauge(r, "upgate_outbox_pending", "Uploads waiting for async delivery"),
+            plugin_errors: counter(r, "upgate_plugin_errors_total", "Provider plugin errors", &["provider", "kind"]),
+            config_reloads: counter(r, "upgate_config_reloads_total", "Configuration reloads", &["result"]),
+            disk_free: gauge(r, "upgate_data_dir_free_bytes", "Free bytes on the data_dir filesystem"),
+            disk_floor: gauge(r, "upgate_data_dir_free_floor_bytes", "Configured free-space floor for data_dir"),
+            _build_info: build_info,
+            registry,
+        }
+    }
+}
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn dialect_label(dialect: Option<DialectName>) -> &'static str {
+    dialect.map_or("none", DialectName::as_str)
+}
+
+pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, duration: Duration) {
+    let class = match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let metrics = get();
+    metrics.requests.with_label_values(&[dialect_label(dialect), route, class]).inc();
+    if let Some(dialect) = dialect {
+        metrics.upload_duration.with_label_values(&[dialect.as_str()]).observe(duration.as_secs_f64());
+    }
+}
+
+pub fn rejection(dialect: DialectName, reason: &'static str) {
+    get().rejections.with_label_values(&[dialect.as_str(), reason]).inc();
+}
+
+pub fn upload_received(dialect: DialectName, provider: &str, size: u64) {
+    let metrics = get();
+    metrics.uploads.with_label_values(&[dialect.as_str(), provider, "received"]).inc();
+    metrics.received_bytes.with_label_values(&[dialect.as_str()]).inc_by(size);
+    metrics.upload_size.with_label_values(&[dialect.as_str()]).observe(size as f64);
+}
+
+pub fn upload_forwarded(dialect: DialectName, provider: &str, size: u64) {
+    upload_outcome(dialect, provider, "forwarded");
+    get().forwarded_bytes.with_label_values(&[provider]).inc_by(size);
+}
+
+/// `outcome` is one of forwarded, failed, deleted.
+pub fn upload_outcome(dialect: DialectName, provider: &str, outcome: &'static str) {
+    get().uploads.with_label_values(&[dialect.as_str(), provider, outcome]).inc();
+}
+
+pub fn upstream_duration(provider: &str, outcome: &'static str, duration: Duration) {
+    get().upstream_duration.with_label_values(&[provider, outcome]).observe(duration.as_secs_f64());
+}
+
+pub fn retry(provider: &str) {
+    get().retries.with_label_values(&[provider]).inc();
+}
+
+pub fn plugin_error(provider: &str, kind: &'static str) {
+    get().plugin_errors.with_label_values(&[provider, kind]).inc();
+}
+
+pub fn outbox_pending(pending: u64) {
+    get().outbox_pending.set(pending as i64);
+}
+
+pub fn config_reload(ok: bool) {
+    get().config_reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+}
+
+/// Measures free space in `dir` and remembers whether it is under `floor`.
+pub fn watch_disk(dir: &std::path::Path, floor: u64) -> Option<u64> {
+    let free = free_bytes(dir)?;
+    let metrics = get();
+    metrics.disk_free.set(free as i64);
+    metrics.disk_floor.set(floor as i64);
+    BELOW_FLOOR.store(free < floor, Ordering::Relaxed);
+    Some(free)
+}
+
+/// Whether the last measurement was under the floor.
+pub fn data_dir_below_floor() -> bool {
+    BELOW_FLOOR.load(Ordering::Relaxed)
+}
+
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// Text exposition of every series.
+pub fn render() -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&get().registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}

@@ -1,0 +1,151 @@
+//! The only `unsafe` in upgate-core: opening provider plugin libraries and calling through
+//! their descriptors.
+//!
+//! What flows through here: a library path in, a checked [`LoadedPlugin`] out (entry symbol
+//! found, ABI version and descriptor size verified before anything else is read); JSON bytes
+//! in and out of the plugin's functions, with every returned buffer handed back to the
+//! plugin's own `free_buffer`. Libraries are never unloaded: a plugin's code stays mapped
+//! for the life of the process, so no instance or thread can outlive it.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_void};
+use std::path::{Path, PathBuf};
+
+use upgate_plugin_api::{
+    ABI_VERSION, DescriptorHeader, ENTRY_SYMBOL, EntryFn, PluginBuffer, ProviderDescriptor, STATUS_OK,
+};
+
+use super::PluginHostError;
+
+/// A plugin library, opened and checked.
+pub struct LoadedPlugin {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    descriptor: &'static ProviderDescriptor,
+}
+
+// SAFETY: the descriptor is immutable static data in a library that is never unloaded.
+unsafe impl Send for LoadedPlugin {}
+// SAFETY: as above; plugins promise (Provider: Send + Sync) that their functions may be
+// called from any thread.
+unsafe impl Sync for LoadedPlugin {}
+
+impl LoadedPlugin {
+    /// Opens `path`, finds the entry symbol and checks the ABI.
+    pub fn open(path: &Path) -> Result<Self, PluginHostError> {
+        let file = path.display().to_string();
+        // SAFETY: loading a library runs its initialisers; plugins are trusted code chosen by
+        // the operator (they sit in `plugin_dir`).
+        let library = unsafe { libloading::Library::new(path) }
+            .map_err(|error| PluginHostError::Open { file: file.clone(), message: error.to_string() })?;
+        // Never unloaded (see the module docs).
+        let library: &'static libloading::Library = Box::leak(Box::new(library));
+        // SAFETY: the symbol's type is fixed by the ABI crate.
+        let entry = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }.map_err(|_| PluginHostError::NoEntry {
+            file: file.clone(),
+            symbol: String::from_utf8_lossy(&ENTRY_SYMBOL[..ENTRY_SYMBOL.len() - 1]).into_owned(),
+        })?;
+        // SAFETY: the entry function takes nothing and returns a pointer to static data.
+        let descriptor = unsafe { entry() };
+        if descriptor.is_null() {
+            return Err(PluginHostError::Abi { file, message: "the entry function returned null".into() });
+        }
+        // SAFETY: every ABI version starts with the same header; read only that first.
+        let header = unsafe { *descriptor.cast::<DescriptorHeader>() };
+        if header.abi_version != ABI_VERSION {
+            return Err(PluginHostError::AbiVersion { file, plugin: header.abi_version, host: ABI_VERSION });
+        }
+        let expected = std::mem::size_of::<ProviderDescriptor>();
+        if (header.struct_size as usize) < expected {
+            return Err(PluginHostError::Abi {
+                file,
+                message: format!("descriptor is {} bytes, ABI v{ABI_VERSION} needs {expected}", header.struct_size),
+            });
+        }
+        // SAFETY: version and size checked: this is a v1 descriptor, static in a library that
+        // stays loaded.
+        let descriptor: &'static ProviderDescriptor = unsafe { &*descriptor };
+        // SAFETY: v1 descriptors carry NUL-terminated static strings.
+        let text = |pointer: *const std::ffi::c_char| unsafe {
+            if pointer.is_null() { String::new() } else { CStr::from_ptr(pointer).to_string_lossy().into_owned() }
+        };
+        Ok(Self { path: path.to_path_buf(), name: text(descriptor.name), version: text(descriptor.version), descriptor })
+    }
+
+    pub fn abi_version(&self) -> u32 {
+        self.descriptor.header.abi_version
+    }
+
+    /// Creates an instance from settings JSON.
+    pub fn init(&self, settings: &[u8]) -> Result<RawInstance, Vec<u8>> {
+        let mut out = PluginBuffer::empty();
+        // SAFETY: settings outlive the call; `out` is a valid out-parameter.
+        let instance = unsafe { (self.descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
+        let bytes = self.take(out);
+        if instance.is_null() {
+            Err(bytes)
+        } else {
+            Ok(RawInstance { descriptor: self.descriptor, instance })
+        }
+    }
+
+    /// Copies a returned buffer and frees it on the plugin's side.
+    fn take(&self, buffer: PluginBuffer) -> Vec<u8> {
+        take(self.descriptor, buffer)
+    }
+}
+
+fn take(descriptor: &ProviderDescriptor, buffer: PluginBuffer) -> Vec<u8> {
+    // SAFETY: the buffer was just filled by the plugin and is freed exactly once below.
+    let bytes = unsafe { buffer.as_slice() }.to_vec();
+    // SAFETY: handing the plugin's own allocation back to it.
+    unsafe { (descriptor.free_buffer)(buffer) };
+    bytes
+}
+
+/// The three call kinds, each `(request JSON) -> (ok, response JSON)`.
+#[derive(Debug, Clone, Copy)]
+pub enum Call {
+    Put,
+    Delete,
+    Health,
+}
+
+/// A plugin instance; dropped through the plugin's `drop_instance`.
+pub struct RawInstance {
+    descriptor: &'static ProviderDescriptor,
+    instance: *mut c_void,
+}
+
+// SAFETY: plugin instances are `Send + Sync` by the `Provider` trait bound that the export
+// macro enforces.
+unsafe impl Send for RawInstance {}
+// SAFETY: as above.
+unsafe impl Sync for RawInstance {}
+
+impl RawInstance {
+    /// Calls the plugin; returns `(status, response bytes)`.
+    pub fn call(&self, call: Call, request: &[u8]) -> (i32, Vec<u8>) {
+        let function = match call {
+            Call::Put => self.descriptor.put,
+            Call::Delete => self.descriptor.delete,
+            Call::Health => self.descriptor.health,
+        };
+        let mut out = PluginBuffer::empty();
+        // SAFETY: a live instance of this descriptor; request bytes outlive the call.
+        let status = unsafe { function(self.instance, request.as_ptr(), request.len(), &mut out) };
+        (status, take(self.descriptor, out))
+    }
+
+    pub fn ok(status: i32) -> bool {
+        status == STATUS_OK
+    }
+}
+
+impl Drop for RawInstance {
+    fn drop(&mut self) {
+        // SAFETY: created by this descriptor's init, dropped once.
+        unsafe { (self.descriptor.drop_instance)(self.instance) };
+    }
+}

@@ -1,0 +1,157 @@
+//! The plugin host: finds provider plugins by name, loads them, creates one instance per
+//! configured provider and calls it.
+//!
+//! What flows through here: `providers:` entries from config (plugin name + settings) in,
+//! [`Provider`] handles out; at upload time a [`PutRequest`] (metadata and the spool path) is
+//! serialized to JSON, handed to the plugin on a blocking thread by the caller, and the
+//! plugin's JSON answer comes back as a [`PutResult`] or a [`PluginError`]. A panicking
+//! plugin is caught on its side of the boundary and arrives here as `ErrorKind::Panic`.
+
+mod loader;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutRequest, PutResult, STATUS_PANIC};
+
+pub use loader::LoadedPlugin;
+use loader::{Call, RawInstance};
+
+use crate::config::{Config, ProviderConfig};
+
+/// Loading or initialising a plugin failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginHostError {
+    #[error("plugin `{name}`: no file {file} (looked in server.plugin_dir; build it with `cargo build --release --workspace`)")]
+    Missing { name: String, file: String },
+    #[error("plugin file {file}: cannot load: {message}")]
+    Open { file: String, message: String },
+    #[error("plugin file {file}: no `{symbol}` symbol: not an upgate provider plugin")]
+    NoEntry { file: String, symbol: String },
+    #[error("plugin file {file} was built for plugin ABI version {plugin}, but this upgate speaks ABI version {host}; rebuild the plugin against this upgate")]
+    AbiVersion { file: String, plugin: u32, host: u32 },
+    #[error("plugin file {file}: {message}")]
+    Abi { file: String, message: String },
+    #[error("provider `{provider}` (plugin `{plugin}`): settings refused: {message}")]
+    Init { provider: String, plugin: String, message: String },
+}
+
+/// The file name a plugin called `name` has on this platform.
+pub fn plugin_file_name(name: &str) -> String {
+    format!("{}upgate_plugin_{}{}", std::env::consts::DLL_PREFIX, name.replace('-', "_"), std::env::consts::DLL_SUFFIX)
+}
+
+/// Opens the plugin file at `path`, once per process (libraries stay loaded).
+fn open_cached(path: &Path) -> Result<Arc<LoadedPlugin>, PluginHostError> {
+    static OPENED: OnceLock<Mutex<HashMap<PathBuf, Arc<LoadedPlugin>>>> = OnceLock::new();
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mut opened = OPENED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(plugin) = opened.get(&canonical) {
+        return Ok(plugin.clone());
+    }
+    let plugin = Arc::new(LoadedPlugin::open(&canonical)?);
+    opened.insert(canonical, plugin.clone());
+    Ok(plugin)
+}
+
+/// Loads the plugin called `name` from `plugin_dir`.
+pub fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHostError> {
+    let path = plugin_dir.join(plugin_file_name(name));
+    if !path.is_file() {
+        return Err(PluginHostError::Missing { name: name.to_owned(), file: path.display().to_string() });
+    }
+    open_cached(&path)
+}
+
+/// Every plugin file in `plugin_dir`, loaded and checked (for `upgate plugins list`).
+pub fn discover(plugin_dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<Arc<LoadedPlugin>, PluginHostError>)>> {
+    let prefix = format!("{}upgate_plugin_", std::env::consts::DLL_PREFIX);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(plugin_dir)? {
+        let path = entry?.path();
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if file_name.starts_with(&prefix) && file_name.ends_with(std::env::consts::DLL_SUFFIX) {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|path| {
+        let loaded = open_cached(&path);
+        (path, loaded)
+    }).collect())
+}
+
+/// One configured provider: a plugin instance with its config.
+pub struct Provider {
+    /// The provider's name in config (a bounded, operator-chosen label).
+    pub name: String,
+    pub config: ProviderConfig,
+    pub plugin: Arc<LoadedPlugin>,
+    instance: RawInstance,
+}
+
+impl Provider {
+    /// Stores one upload upstream. Blocking: call from a blocking thread.
+    pub fn put(&self, request: &PutRequest) -> Result<PutResult, PluginError> {
+        self.call(Call::Put, &serde_json::to_vec(request).unwrap_or_default())
+            .and_then(|bytes| decode(&bytes))
+    }
+
+    /// Deletes one upload upstream. Blocking.
+    pub fn delete(&self, request: &DeleteRequest) -> Result<(), PluginError> {
+        self.call(Call::Delete, &serde_json::to_vec(request).unwrap_or_default()).map(|_| ())
+    }
+
+    /// Readiness of the provider. Blocking (but plugins keep it cheap).
+    pub fn health(&self) -> Result<(), PluginError> {
+        self.call(Call::Health, b"null").map(|_| ())
+    }
+
+    fn call(&self, call: Call, request: &[u8]) -> Result<Vec<u8>, PluginError> {
+        let (status, bytes) = self.instance.call(call, request);
+        if RawInstance::ok(status) {
+            return Ok(bytes);
+        }
+        let mut error = serde_json::from_slice::<PluginError>(&bytes).unwrap_or_else(|_| {
+            PluginError::new(ErrorKind::Internal, format!("plugin returned status {status} with an unreadable error"))
+        });
+        if status == STATUS_PANIC {
+            error.kind = ErrorKind::Panic;
+        }
+        Err(error)
+    }
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {
+    serde_json::from_slice(bytes)
+        .map_err(|error| PluginError::new(ErrorKind::Internal, format!("plugin answered unreadable JSON: {error}")))
+}
+
+/// Instantiates every provider in `config`. Collects all problems rather than stopping at
+/// the first.
+pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, Vec<PluginHostError>> {
+    let mut providers = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (name, provider_config) in &config.providers {
+        match instantiate_one(&config.server.plugin_dir, name, provider_config) {
+            Ok(provider) => {
+                providers.insert(name.clone(), Arc::new(provider));
+            }
+            Err(error) => errors.push(error),
+        }
+    }
+    if errors.is_empty() { Ok(providers) } else { Err(errors) }
+}
+
+fn instantiate_one(plugin_dir: &Path, name: &str, config: &ProviderConfig) -> Result<Provider, PluginHostError> {
+    let plugin = load(plugin_dir, &config.plugin)?;
+    let settings = serde_json::to_vec(&config.settings.0).unwrap_or_default();
+    let instance = plugin.init(&settings).map_err(|bytes| {
+        let message = serde_json::from_slice::<PluginError>(&bytes)
+            .map(|error| error.message)
+            .unwrap_or_else(|_| "init failed".to_owned());
+        PluginHostError::Init { provider: name.to_owned(), plugin: config.plugin.clone(), message }
+    })?;
+    Ok(Provider { name: name.to_owned(), config: config.clone(), plugin, instance })
+}

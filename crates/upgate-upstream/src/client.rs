@@ -1,0 +1,273 @@
+//! The blocking HTTP client of one provider instance.
+
+use std::io::{self, Read};
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+use upgate_plugin_api::{ErrorKind, PluginError};
+use ureq::http::{Method, Request, Response};
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::{Agent, Body, SendBody};
+
+use crate::multipart::Multipart;
+use crate::response::{Reply, classify, sanitize};
+use crate::settings::UpstreamSettings;
+
+/// Largest success body read (vendors answer with small JSON documents).
+const MAX_REPLY_BYTES: u64 = 1 << 20;
+/// Largest error body read for its reason.
+const MAX_ERROR_BYTES: u64 = 64 << 10;
+
+/// How the API key travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Auth {
+    header: &'static str,
+    scheme: Option<&'static str>,
+}
+
+impl Auth {
+    /// `Authorization: Bearer KEY`.
+    pub const fn bearer() -> Self {
+        Self { header: "authorization", scheme: Some("Bearer") }
+    }
+
+    /// `<header>: <scheme> KEY`, e.g. `Authorization: Api-Key KEY`.
+    pub const fn scheme(header: &'static str, scheme: &'static str) -> Self {
+        Self { header, scheme: Some(scheme) }
+    }
+
+    /// `<header>: KEY`, e.g. `x-api-key: KEY`.
+    pub const fn header(header: &'static str) -> Self {
+        Self { header, scheme: None }
+    }
+}
+
+/// One provider instance's connection to its vendor: settings, auth and a pooled agent.
+/// Shared by all threads that call the provider.
+pub struct Upstream {
+    vendor: &'static str,
+    settings: UpstreamSettings,
+    auth_header: &'static str,
+    auth_value: String,
+    agent: Agent,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("vendor", &self.vendor).field("settings", &self.settings).finish()
+    }
+}
+
+enum OutBody {
+    None,
+    Bytes(Vec<u8>, &'static str),
+    Multipart(Multipart),
+}
+
+impl Upstream {
+    /// Builds the agent: rustls with the Mozilla roots (plus `ca_file`), the configured
+    /// timeouts, no redirects, no compression, 4xx/5xx returned as answers.
+    pub fn new(vendor: &'static str, settings: UpstreamSettings, auth: Auth) -> Result<Self, PluginError> {
+        let root_certs = match &settings.ca_file {
+            None => RootCerts::WebPki,
+            Some(_) => {
+                let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+                    .iter()
+                    .map(|der| Certificate::from_der(der.as_ref()).to_owned())
+                    .collect();
+                roots.extend(load_ca_file(&settings)?);
+                RootCerts::from(roots)
+            }
+        };
+        let tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(root_certs).build();
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_global(Some(settings.timeout))
+            .user_agent(concat!("upgate/", env!("CARGO_PKG_VERSION")))
+            .accept("application/json")
+            .tls_config(tls)
+            .build();
+        let auth_value = match auth.scheme {
+            Some(scheme) => format!("{scheme} {}", settings.api_key()),
+            None => settings.api_key().to_owned(),
+        };
+        Ok(Self { vendor, auth_header: auth.header, auth_value, agent: config.new_agent(), settings })
+    }
+
+    pub fn vendor(&self) -> &'static str {
+        self.vendor
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Settings-only readiness: the CA file, if any, still loads.
+    pub fn health(&self) -> Result<(), PluginError> {
+        if self.settings.ca_file.is_some() {
+            load_ca_file(&self.settings)?;
+        }
+        Ok(())
+    }
+
+    /// `POST path` with a multipart body.
+    pub fn post_multipart(
+        &self,
+        what: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        form: Multipart,
+    ) -> Result<Reply, PluginError> {
+        self.call(what, Method::POST, path, headers, OutBody::Multipart(form))
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post_json(
+        &self,
+        what: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> Result<Reply, PluginError> {
+        let bytes = serde_json::to_vec(body).map_err(|error| self.internal(what, error))?;
+        self.call(what, Method::POST, path, headers, OutBody::Bytes(bytes, "application/json"))
+    }
+
+    /// `POST path` with an empty body (`Content-Length: 0`).
+    pub fn post_empty(&self, what: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply, PluginError> {
+        self.call(what, Method::POST, path, headers, OutBody::Bytes(Vec::new(), ""))
+    }
+
+    /// `DELETE path` without a body.
+    pub fn delete(&self, what: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply, PluginError> {
+        self.call(what, Method::DELETE, path, headers, OutBody::None)
+    }
+
+    fn context(&self, what: &str) -> String {
+        format!("{} {what}", self.vendor)
+    }
+
+    fn internal(&self, what: &str, error: impl std::fmt::Display) -> PluginError {
+        PluginError::new(ErrorKind::Internal, format!("{}: {error}", self.context(what)))
+    }
+
+    fn call(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: OutBody,
+    ) -> Result<Reply, PluginError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(self.settings.url(path))
+            .header(self.auth_header, &self.auth_value);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let mut failure: Option<Arc<OnceLock<String>>> = None;
+        let send_body = match body {
+            OutBody::None => SendBody::none(),
+            OutBody::Bytes(bytes, content_type) => {
+                if !content_type.is_empty() {
+                    builder = builder.header("content-type", content_type);
+                }
+                builder = builder.header("content-length", bytes.len());
+                SendBody::from_owned_reader(io::Cursor::new(bytes))
+            }
+            OutBody::Multipart(form) => {
+                builder = builder.header("content-type", form.content_type());
+                let reader = form.into_reader().map_err(|error| self.internal(what, error))?;
+                builder = builder.header("content-length", reader.len());
+                failure = Some(reader.failure_slot());
+                SendBody::from_owned_reader(reader)
+            }
+        };
+        let request = builder.body(send_body).map_err(|error| self.internal(what, error))?;
+        let response = self.agent.run(request).map_err(|error| {
+            if let Some(local) = failure.as_ref().and_then(|slot| slot.get()) {
+                return self.internal(what, local);
+            }
+            self.transport_error(what, error)
+        })?;
+        self.read_reply(what, response)
+    }
+
+    fn read_reply(&self, what: &str, response: Response<Body>) -> Result<Reply, PluginError> {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let limit = if (200..300).contains(&status) { MAX_REPLY_BYTES } else { MAX_ERROR_BYTES };
+        let mut bytes = Vec::new();
+        let mut body = response.into_body();
+        let read = body.as_reader().take(limit + 1).read_to_end(&mut bytes);
+        match read {
+            Ok(_) if (200..300).contains(&status) && bytes.len() as u64 > limit => {
+                return Err(self.internal(what, format!("HTTP {status} answer larger than {limit} bytes")));
+            }
+            Ok(_) => {}
+            // An error answer whose body breaks off still has its status.
+            Err(_) if !(200..300).contains(&status) => {}
+            Err(error) => return Err(self.io_error(what, error)),
+        }
+        bytes.truncate(limit as usize);
+        classify(&self.context(what), status, retry_after.as_deref(), &bytes, self.settings.api_key())
+    }
+
+    fn transport_error(&self, what: &str, error: ureq::Error) -> PluginError {
+        let context = self.context(what);
+        match error {
+            ureq::Error::Timeout(which) => PluginError::new(
+                ErrorKind::Timeout,
+                format!("{context}: timed out ({which}; connect_timeout {:?}, timeout {:?})",
+                    self.settings.connect_timeout, self.settings.timeout),
+            ),
+            ureq::Error::Io(error) => self.io_error(what, error),
+            ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::BodyExceedsLimit(_) => {
+                self.internal(what, sanitize(&error.to_string(), 200))
+            }
+            other => PluginError::new(
+                ErrorKind::Unavailable,
+                format!("{context}: {}", sanitize(&other.to_string(), 200)),
+            ),
+        }
+    }
+
+    fn io_error(&self, what: &str, error: io::Error) -> PluginError {
+        let context = self.context(what);
+        let kind = match error.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ErrorKind::Timeout,
+            _ => ErrorKind::Unavailable,
+        };
+        PluginError::new(kind, format!("{context}: {}", sanitize(&error.to_string(), 200)))
+    }
+}
+
+/// Reads the PEM certificates of `ca_file`; none is a configuration error.
+fn load_ca_file(settings: &UpstreamSettings) -> Result<Vec<Certificate<'static>>, PluginError> {
+    let Some(path) = &settings.ca_file else { return Ok(Vec::new()) };
+    let config = |message: String| PluginError::new(ErrorKind::Config, message);
+    let pem = std::fs::read(path)
+        .map_err(|error| config(format!("setting `ca_file`: cannot read {}: {error}", path.display())))?;
+    let mut certificates = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(certificate)) => certificates.push(certificate),
+            Ok(_) => {}
+            Err(error) => {
+                return Err(config(format!("setting `ca_file`: bad PEM in {}: {error}", path.display())));
+            }
+        }
+    }
+    if certificates.is_empty() {
+        return Err(config(format!("setting `ca_file`: no certificate in {}", path.display())));
+    }
+    Ok(certificates)
+}

@@ -1,0 +1,130 @@
+//! The local-disk provider: stores each upload under `root`, named by its upload id.
+//!
+//! What flows through here: a spooled upload (path + metadata) from the host. The file is
+//! moved into `<root>/<upload id>` (a rename on the same filesystem, a streamed copy
+//! otherwise); the client's filename never becomes a path. The URL returned is
+//! `<public_base_url>/<upload id>` when configured, else a `file://` URL. Delete removes the
+//! file. Settings: `root` (required), `public_base_url` (optional).
+#![deny(unsafe_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::Value;
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    root: PathBuf,
+    #[serde(default)]
+    public_base_url: Option<String>,
+}
+
+pub struct LocalDisk {
+    root: PathBuf,
+    public_base_url: Option<String>,
+}
+
+fn internal(error: impl std::fmt::Display) -> PluginError {
+    PluginError::new(ErrorKind::Internal, error.to_string())
+}
+
+/// Ids come from upgate, but a plugin checks what becomes a path anyway.
+fn checked_id(id: &str) -> Result<&str, PluginError> {
+    let safe = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if safe { Ok(id) } else { Err(PluginError::new(ErrorKind::Rejected, "invalid upload id")) }
+}
+
+impl Provider for LocalDisk {
+    fn init(settings: Value) -> Result<Self, PluginError> {
+        let settings: Settings = serde_json::from_value(settings)
+            .map_err(|error| PluginError::new(ErrorKind::Config, format!("local provider settings: {error}")))?;
+        std::fs::create_dir_all(&settings.root).map_err(|error| {
+            PluginError::new(ErrorKind::Config, format!("cannot create root {}: {error}", settings.root.display()))
+        })?;
+        let root = settings.root.canonicalize().map_err(internal)?;
+        let public_base_url = settings.public_base_url.map(|url| url.trim_end_matches('/').to_owned());
+        Ok(Self { root, public_base_url })
+    }
+
+    fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
+        let id = checked_id(&request.upload_id)?;
+        let target = self.root.join(id);
+        if std::fs::rename(&request.path, &target).is_err() {
+            // Another filesystem (or the host still needs the file): copy, then make it
+            // appear atomically.
+            let partial = self.root.join(format!(".{id}.part"));
+            std::fs::copy(&request.path, &partial).map_err(internal)?;
+            std::fs::rename(&partial, &target).map_err(internal)?;
+        }
+        let url = match &self.public_base_url {
+            Some(base) => format!("{base}/{id}"),
+            None => format!("file://{}", target.display()),
+        };
+        Ok(PutResult { remote_id: id.to_owned(), url: Some(url), raw: Value::Null })
+    }
+
+    fn delete(&self, request: DeleteRequest) -> Result<(), PluginError> {
+        let id = checked_id(&request.remote_id)?;
+        match std::fs::remove_file(self.root.join(id)) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(PluginError::new(ErrorKind::NotFound, "no such file"))
+            }
+            Err(error) => Err(internal(error)),
+        }
+    }
+
+    fn health(&self) -> Result<(), PluginError> {
+        if self.root.is_dir() { Ok(()) } else { Err(internal(format!("{} is not a directory", self.root.display()))) }
+    }
+}
+
+upgate_plugin_api::export_provider!(LocalDisk, "local");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(dir: &std::path::Path, id: &str) -> PutRequest {
+        let path = dir.join("spooled");
+        std::fs::write(&path, b"bytes").unwrap();
+        PutRequest {
+            upload_id: id.into(),
+            filename: "../../evil.txt".into(),
+            extension: "txt".into(),
+            mime_type: "text/plain".into(),
+            size: 5,
+            sha256: String::new(),
+            path: path.display().to_string(),
+            tenant: "t".into(),
+            dialect: "dify".into(),
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn stores_by_id_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let provider =
+            LocalDisk::init(serde_json::json!({ "root": root, "public_base_url": "https://files.example/" })).unwrap();
+        let result = provider.put(request(dir.path(), "abc-123")).unwrap();
+        assert_eq!(result.url.as_deref(), Some("https://files.example/abc-123"));
+        assert_eq!(std::fs::read(root.join("abc-123")).unwrap(), b"bytes");
+        assert!(!dir.path().join("evil.txt").exists());
+        provider.delete(DeleteRequest { upload_id: "abc-123".into(), remote_id: "abc-123".into() }).unwrap();
+        let again = provider.delete(DeleteRequest { upload_id: "x".into(), remote_id: "abc-123".into() });
+        assert_eq!(again.unwrap_err().kind, ErrorKind::NotFound);
+        let bad = provider.put(request(dir.path(), "../x"));
+        assert_eq!(bad.unwrap_err().kind, ErrorKind::Rejected);
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        let error = LocalDisk::init(serde_json::json!({ "root": "/tmp/x", "colour": 1 })).err().unwrap();
+        assert_eq!(error.kind, ErrorKind::Config);
+        assert!(error.message.contains("colour"));
+    }
+}
