@@ -1,1 +1,4 @@
-//! placeholder
+//! Test support for upgate: the end-to-end harness (the real daemon and plugins) and
+//! faithful mock servers for the five vendor APIs.
+
+pub mod harness;
