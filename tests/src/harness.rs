@@ -32,7 +32,7 @@ pub fn build_workspace() -> &'static Path {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("Cargo.toml");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "--workspace", "--lib", "--bins", "--manifest-path"]).arg(&manifest);
+        command.args(["build", "--workspace", "--exclude", "upgate-e2e", "--lib", "--bins", "--manifest-path"]).arg(&manifest);
         command.arg("--target-dir").arg(&target);
         if profile_dir.file_name().is_some_and(|name| name == "release") {
             command.arg("--release");
@@ -348,4 +348,98 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(25));
     }
     check()
+}
+
+/// An upload sent by hand over a raw TCP connection, so a test can pause mid-body.
+pub struct RawUpload {
+    pub stream: std::net::TcpStream,
+    body: Vec<u8>,
+    sent: usize,
+}
+
+impl RawUpload {
+    /// Sends the request head of a Dify upload of `form` with `key`; nothing of the body yet.
+    pub fn start(base_url: &str, path: &str, key_header: (&str, &str), form: &Form) -> Self {
+        use std::io::Write;
+        let address = base_url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let body = form.body();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\n{}: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            key_header.0,
+            key_header.1,
+            Form::content_type(),
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).expect("send head");
+        Self { stream, body, sent: 0 }
+    }
+
+    /// Sends the next `n` bytes of the body (or what is left).
+    pub fn send(&mut self, n: usize) -> std::io::Result<()> {
+        use std::io::Write;
+        let end = self.sent.saturating_add(n).min(self.body.len());
+        self.stream.write_all(&self.body[self.sent..end])?;
+        self.sent = end;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// Sends the rest and reads the status line and body of the answer.
+    pub fn finish(mut self) -> std::io::Result<(u16, String)> {
+        self.send(usize::MAX)?;
+        Self::read_answer(&mut self.stream)
+    }
+
+    /// Reads whatever answer arrives (status, whole text), without sending more.
+    pub fn read_answer(stream: &mut std::net::TcpStream) -> std::io::Result<(u16, String)> {
+        use std::io::Read;
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 8192];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&answer);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                            .and_then(|v| v.parse::<usize>().ok());
+                        if length.is_some_and(|length| body.len() >= length) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => {
+                    if answer.is_empty() {
+                        return Err(error);
+                    }
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, text))
+    }
+}
+
+/// Runs the `upgate` binary with `args` and returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(upgate_binary()).args(args).output().expect("run upgate");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

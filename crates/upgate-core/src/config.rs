@@ -42,6 +42,9 @@ impl ByteSize {
         let text = text.trim();
         let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
+        if number.is_empty() {
+            return Err(format!("`{text}` is not a size (expected e.g. 10MiB)"));
+        }
         let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
