@@ -193,3 +193,20 @@ fn sigterm_lets_an_upload_in_flight_finish_then_exits_zero() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0), "{}", daemon.log());
     assert!(refused, "the listener was closed on SIGTERM");
 }
+
+#[test]
+fn a_request_with_both_content_length_and_transfer_encoding_is_refused() {
+    use std::io::Write;
+    let daemon = Daemon::start();
+    let address = daemon.base_url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer demo-key\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nContent-Type: {}\r\n\r\n0\r\n\r\n",
+        Form::content_type()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let (status, text) = RawUpload::read_answer(&mut stream).unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+}

@@ -185,9 +185,6 @@ fn default_max_connections() -> usize {
 fn secs(seconds: u64) -> HumanDuration {
     HumanDuration(Duration::from_secs(seconds))
 }
-fn default_request_timeout() -> HumanDuration {
-    secs(60)
-}
 fn default_header_timeout() -> HumanDuration {
     secs(10)
 }
@@ -253,10 +250,6 @@ pub struct ServerConfig {
     /// HTTP worker threads (default: one per core).
     #[serde(default)]
     pub workers: Option<usize>,
-    /// Longest a whole request may take, body included (kept for compatibility; the idle
-    /// timeout is what drops trickling clients).
-    #[serde(default = "default_request_timeout")]
-    pub request_timeout: HumanDuration,
     /// Longest a client may take to send the request head.
     #[serde(default = "default_header_timeout")]
     pub header_timeout: HumanDuration,

@@ -105,7 +105,7 @@ impl Gateway {
         let limits = IntakeLimits {
             plan,
             max_files,
-            idle_timeout: self.policy().config.server.idle_timeout.0,
+            idle_timeout: admission.policy.config.server.idle_timeout.0,
         };
         let received =
             receive_multipart(request.headers(), payload, spec, &limits, &self.spool, &|| dialect.new_upload_id())
@@ -138,7 +138,10 @@ impl Gateway {
                 return Err(ApiError::Throttled { retry_after_secs, why: Throttle::Quota });
             }
         }
-        let provider = tenant.provider.clone();
+        let provider = admission.provider().cloned().ok_or_else(|| {
+            tracing::error!(tenant = %tenant.name, "the tenant's provider is not loaded");
+            ApiError::Internal
+        })?;
         let now = now_ms();
         let mut records: Vec<UploadRecord> = files
             .iter()
@@ -175,11 +178,24 @@ impl Gateway {
             self.outbox_wake.notify_one();
             return Ok(records);
         }
-        for (record, path) in records.iter_mut().zip(&paths) {
-            let delivered = forward::deliver_now(self, &provider, record, path).await?;
-            record.state = UploadState::Forwarded;
-            record.remote_id = Some(delivered.remote_id);
-            record.remote_url = delivered.url;
+        for index in 0..records.len() {
+            match forward::deliver_now(self, &provider, &records[index], &paths[index]).await {
+                Ok(delivered) => {
+                    let record = &mut records[index];
+                    record.state = UploadState::Forwarded;
+                    record.remote_id = Some(delivered.remote_id);
+                    record.remote_url = delivered.url;
+                }
+                Err(error) => {
+                    // The client is told the request failed: files not yet delivered fail too.
+                    for (record, path) in records.iter().zip(&paths).skip(index + 1) {
+                        let reason = "an earlier file of the same request failed".to_owned();
+                        let _ = self.store.mark_attempt_failed(record.id.clone(), reason, 0, None).await;
+                        remove_quietly(path).await;
+                    }
+                    return Err(error);
+                }
+            }
         }
         Ok(records)
     }
@@ -210,7 +226,8 @@ impl Gateway {
             .filter(|record| record.state != UploadState::Deleted)
             .ok_or(ApiError::NotFound)?;
         if let Some(remote_id) = record.remote_id.clone() {
-            let provider = self.policy().providers.get(&record.provider).cloned().unwrap_or(tenant.provider.clone());
+            // The provider that stored it, as configured now.
+            let provider = admission.policy.providers.get(&record.provider).cloned().ok_or(ApiError::Internal)?;
             forward::delete_upstream(self, &provider, &record, remote_id).await?;
         }
         remove_quietly(&self.spool.path_of(&record.id)).await;

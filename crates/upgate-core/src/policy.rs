@@ -102,7 +102,8 @@ impl Plan {
 pub struct Tenant {
     pub name: String,
     pub plan: Arc<Plan>,
-    pub provider: Arc<Provider>,
+    /// The provider's name in config.
+    pub provider: String,
     dialects: Vec<DialectGrant>,
     concurrency: Option<Arc<Semaphore>>,
 }
@@ -121,10 +122,20 @@ struct KeyEntry {
     limiter: Option<DefaultDirectRateLimiter>,
 }
 
-/// A request let in: the tenant, and the concurrency permits it holds until dropped.
+/// A request let in: the tenant, the policy snapshot it was admitted under (kept for the
+/// whole request, so a reload does not change its plan or provider halfway), and the
+/// concurrency permits it holds until dropped.
 pub struct Admission {
     pub tenant: Arc<Tenant>,
+    pub policy: Arc<Policy>,
     _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// The tenant's provider instance.
+    pub fn provider(&self) -> Option<&Arc<Provider>> {
+        self.policy.providers.get(&self.tenant.provider)
+    }
 }
 
 /// One immutable policy snapshot.
@@ -144,16 +155,12 @@ impl Policy {
         let mut tenants = BTreeMap::new();
         let mut keys = HashMap::new();
         for (name, tenant_config) in &config.tenants {
-            // Config validation guarantees both references resolve.
-            let (Some(plan), Some(provider)) =
-                (plans.get(&tenant_config.plan), providers.get(&tenant_config.provider))
-            else {
-                continue;
-            };
+            // Config validation guarantees the plan exists.
+            let Some(plan) = plans.get(&tenant_config.plan) else { continue };
             let tenant = Arc::new(Tenant {
                 name: name.clone(),
                 plan: plan.clone(),
-                provider: provider.clone(),
+                provider: tenant_config.provider.clone(),
                 dialects: tenant_config.dialects.clone(),
                 concurrency: plan.config.max_concurrent_uploads.map(|n| Arc::new(Semaphore::new(n))),
             });
@@ -179,7 +186,7 @@ impl Policy {
     }
 
     /// Authenticates `key` for `dialect` and applies the rate and concurrency limits.
-    pub fn admit(&self, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
+    pub fn admit(self: &Arc<Self>, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
         let entry = self.keys.get(&KeyDigest::of(key)).ok_or(ApiError::InvalidCredentials)?;
         if !entry.tenant.allows(dialect) {
             return Err(ApiError::DialectNotAllowed);
@@ -198,7 +205,7 @@ impl Policy {
                 .map_err(|_| ApiError::Throttled { retry_after_secs: 1, why: Throttle::Concurrency })?;
             permits.push(permit);
         }
-        Ok(Admission { tenant: entry.tenant.clone(), _permits: permits })
+        Ok(Admission { tenant: entry.tenant.clone(), policy: self.clone(), _permits: permits })
     }
 }
 
