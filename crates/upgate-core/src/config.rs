@@ -618,9 +618,8 @@ mod tests {
 
     #[test]
     fn env_expansion() {
-        // SAFETY of the test: the variable name is unique to this test.
-        unsafe { std::env::set_var("UPGATE_TEST_EXPAND", "s3cr3t") };
-        assert_eq!(expand_env("a ${UPGATE_TEST_EXPAND} b $$ c $x").unwrap(), "a s3cr3t b $ c $x");
+        // cargo sets CARGO_PKG_NAME for the test process.
+        assert_eq!(expand_env("a ${CARGO_PKG_NAME} b $$ c $x").unwrap(), "a upgate-core b $ c $x");
         assert_eq!(expand_env("${UPGATE_TEST_UNSET_VAR}").unwrap_err(), "environment variable UPGATE_TEST_UNSET_VAR is not set");
         assert!(expand_env("${bad name}").is_err());
         assert!(expand_env("${OPEN").is_err());
@@ -648,7 +647,7 @@ mod tests {
     #[test]
     fn bad_size_is_located() {
         let message = first_error(&GOOD.replace("10MiB", "10XB"));
-        assert!(message.starts_with("/etc/upgate/config.yaml:6:20: "), "{message}");
+        assert!(message.starts_with("/etc/upgate/config.yaml:6:5: plans.free: "), "{message}");
         assert!(message.contains("unknown size unit"), "{message}");
     }
 
@@ -665,12 +664,12 @@ mod tests {
             "  demo: { plan: free, provider: nowhere, keys: [k] }\n",
         );
         let message = first_error(&text);
-        assert!(message.starts_with("/etc/upgate/config.yaml:12:24: unknown provider `nowhere`"), "{message}");
+        assert!(message.starts_with("/etc/upgate/config.yaml:12:23: unknown provider `nowhere`"), "{message}");
     }
 
     #[test]
     fn unset_variable_is_named_and_located() {
-        let text = GOOD.replace("root: ./files", "root: ${UPGATE_TEST_NOT_SET_ROOT}");
+        let text = GOOD.replace("root: ./files", "root: \"${UPGATE_TEST_NOT_SET_ROOT}\"");
         let message = first_error(&text);
         assert!(message.contains("environment variable UPGATE_TEST_NOT_SET_ROOT is not set"), "{message}");
         assert!(message.starts_with("/etc/upgate/config.yaml:10:"), "{message}");

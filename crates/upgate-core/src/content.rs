@@ -17,6 +17,8 @@ pub const SNIFF_LEN: usize = 8192;
 pub enum ContentError {
     #[error("the content is {detected}, not .{extension}")]
     Mismatch { extension: String, detected: String },
+    #[error("the content does not look like a .{extension} file")]
+    NotRecognised { extension: String },
     #[error("a .{extension} file must be UTF-8 text")]
     NotUtf8 { extension: String },
     #[error("a .{extension} file must hold valid JSON: {detail}")]
@@ -126,8 +128,8 @@ pub fn classify(extension: &str, head: &[u8], utf8_ok: bool, verify: bool) -> Re
         (_, Some(kind)) if verify => {
             Err(mismatch(format!("{} ({})", describe(kind.extension()), kind.mime_type())))
         }
-        (Some(expected), None) if verify && !head.is_empty() => {
-            Err(mismatch(format!("not recognisably {}", expected.mime)))
+        (Some(_), None) if verify && !head.is_empty() => {
+            Err(ContentError::NotRecognised { extension: extension.to_owned() })
         }
         (Some(expected), _) => Ok(expected.mime.to_owned()),
         (None, Some(kind)) => Ok(kind.mime_type().to_owned()),
@@ -186,6 +188,16 @@ impl DeserializeFrom for serde::de::IgnoredAny {
     }
 }
 
+/// Whether the first bytes of a file look like UTF-8 text (a character cut at the end of
+/// the sample is fine; NUL bytes are not text).
+pub fn looks_like_text(head: &[u8]) -> bool {
+    !head.contains(&0)
+        && match std::str::from_utf8(head) {
+            Ok(_) => true,
+            Err(error) => error.error_len().is_none() && head.len() - error.valid_up_to() < 4,
+        }
+}
+
 /// Whether a file needs [`verify_json_file`] after it is spooled.
 pub fn needs_json_check(extension: &str) -> bool {
     matches!(extension, "json" | "jsonl" | "ndjson")
@@ -241,7 +253,10 @@ mod tests {
     use super::*;
 
     const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
-    const ELF: &[u8] = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0>\0";
+    const ELF: &[u8] = &[
+        0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0x38, 0, 1, 0, 0x40, 0, 0, 0, 0, 0,
+    ];
     const ZIP: &[u8] = b"PK\x03\x04\x14\0\0\0\0\0";
 
     #[test]
@@ -258,7 +273,10 @@ mod tests {
         let error = classify("png", ELF, false, true).unwrap_err();
         assert_eq!(error.to_string(), "the content is an executable (application/x-executable), not .png");
         assert!(matches!(classify("pdf", ZIP, false, true), Err(ContentError::Mismatch { .. })));
-        assert!(matches!(classify("png", b"just text", true, true), Err(ContentError::Mismatch { .. })));
+        assert_eq!(
+            classify("png", b"just text", true, true).unwrap_err().to_string(),
+            "the content does not look like a .png file"
+        );
         assert!(matches!(classify("txt", &[0xff, 0xfe, 0x00], false, true), Err(ContentError::NotUtf8 { .. })));
         assert!(matches!(classify("txt", ELF, false, true), Err(ContentError::Mismatch { .. })));
     }
@@ -267,6 +285,14 @@ mod tests {
     fn verify_off_trusts_the_extension() {
         assert_eq!(classify("png", ELF, false, false).unwrap(), "image/png");
         assert_eq!(classify("txt", &[0xff], false, false).unwrap(), "text/plain");
+    }
+
+    #[test]
+    fn text_sniffing() {
+        assert!(looks_like_text("plain text, ünïcode".as_bytes()));
+        assert!(looks_like_text(&"€".as_bytes()[..2]), "a character cut by the sample size");
+        assert!(!looks_like_text(&[0x41, 0x00, 0x42]));
+        assert!(!looks_like_text(&[0xff, 0xfe, 0x41]));
     }
 
     #[test]

@@ -255,7 +255,11 @@ impl SpoolWriter {
         .map_err(|_| ApiError::Internal)?
         .map_err(spool_io_error)?;
         self.finished = true;
-        let utf8_ok = self.utf8.as_ref().is_none_or(Utf8Validator::finish);
+        // Without a validator (not a text extension) the first bytes decide.
+        let utf8_ok = match &self.utf8 {
+            Some(validator) => validator.finish(),
+            None => content::looks_like_text(&self.head),
+        };
         Ok((final_path, self.size, sha256, std::mem::take(&mut self.head), utf8_ok))
     }
 }

@@ -112,6 +112,32 @@ fn dialect_label(dialect: Option<DialectName>) -> &'static str {
     dialect.map_or("none", DialectName::as_str)
 }
 
+/// Creates every known label combination at 0, so `increase()` sees the first event and
+/// dashboards show zeros rather than gaps.
+pub fn prime<'a>(providers: impl IntoIterator<Item = &'a str>) {
+    let metrics = get();
+    for result in ["ok", "error"] {
+        metrics.config_reloads.with_label_values(&[result]);
+    }
+    let providers: Vec<&str> = providers.into_iter().collect();
+    for dialect in DialectName::ALL {
+        for reason in ["auth", "size", "extension", "content", "rate", "concurrency", "quota", "invalid"] {
+            metrics.rejections.with_label_values(&[dialect.as_str(), reason]);
+        }
+        for provider in &providers {
+            for outcome in ["received", "forwarded", "failed", "deleted"] {
+                metrics.uploads.with_label_values(&[dialect.as_str(), provider, outcome]);
+            }
+        }
+    }
+    for provider in &providers {
+        metrics.retries.with_label_values(&[provider]);
+        for kind in ["panic", "timeout", "unavailable", "rejected", "not_found", "internal", "config"] {
+            metrics.plugin_errors.with_label_values(&[provider, kind]);
+        }
+    }
+}
+
 pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, duration: Duration) {
     let class = match status {
         200..=299 => "2xx",

@@ -212,6 +212,7 @@ async fn run(
     let spool = Spool::open(&server_config.data_dir, server_config.durability)
         .map_err(ServeError::io("cannot prepare the spool directory"))?;
     metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0);
+    metrics::prime(providers.keys().map(String::as_str));
     let gateway = web::Data::new(Gateway::new(Policy::new(config, providers), store, spool));
 
     let listener = TcpListener::bind(server_config.listen)
@@ -332,6 +333,7 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
             {
                 tracing::warn!("server.listen and server.data_dir changes take effect at the next restart");
             }
+            metrics::prime(providers.keys().map(String::as_str));
             gateway.replace_policy(Policy::new(config, providers));
             metrics::config_reload(true);
             tracing::info!("configuration reloaded");
