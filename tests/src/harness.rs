@@ -19,7 +19,10 @@ use sha2::{Digest, Sha256};
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test binary>
-    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf()
 }
 
 /// Builds the daemon and every plugin of the workspace (once per test process), so the
@@ -29,10 +32,23 @@ pub fn build_workspace() -> &'static Path {
     BUILT.get_or_init(|| {
         let profile_dir = target_dir();
         let target = profile_dir.parent().expect("target dir").to_path_buf();
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("Cargo.toml");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .join("Cargo.toml");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "--workspace", "--exclude", "upgate-e2e", "--lib", "--bins", "--manifest-path"]).arg(&manifest);
+        command
+            .args([
+                "build",
+                "--workspace",
+                "--exclude",
+                "upgate-e2e",
+                "--lib",
+                "--bins",
+                "--manifest-path",
+            ])
+            .arg(&manifest);
         command.arg("--target-dir").arg(&target);
         if profile_dir.file_name().is_some_and(|name| name == "release") {
             command.arg("--release");
@@ -100,7 +116,10 @@ impl Daemon {
     pub fn spawn(dir: PathBuf, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(upgate_binary());
         command.arg("serve").arg("--config").arg(&config_path);
-        command.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         for (key, value) in env {
             command.env(key, value);
         }
@@ -109,7 +128,10 @@ impl Daemon {
         let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
             let output = output.clone();
             let lines_tx = lines_tx.clone();
             std::thread::spawn(move || {
@@ -168,7 +190,10 @@ impl Daemon {
     /// Sends a signal to the daemon.
     pub fn signal(&self, signal: i32) {
         // SAFETY-free: kill(1) does the same as libc::kill without unsafe.
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal}");
     }
 
@@ -227,7 +252,8 @@ impl Form {
 
     pub fn text(mut self, name: &str, value: &str) -> Self {
         self.parts.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
         );
         self
     }
@@ -270,7 +296,10 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
     }
 }
 
@@ -287,11 +316,20 @@ fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Rep
     let headers = response
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let status = response.status().as_u16();
     let text = response.body_mut().read_to_string().unwrap_or_default();
-    Reply { status, headers, text }
+    Reply {
+        status,
+        headers,
+        text,
+    }
 }
 
 /// GET `url`.
@@ -308,7 +346,10 @@ pub fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<(&st
     let agent = agent();
     match body {
         Some((content_type, bytes)) => {
-            let request = builder.header("content-type", content_type).body(bytes).expect("request");
+            let request = builder
+                .header("content-type", content_type)
+                .body(bytes)
+                .expect("request");
             reply(agent.run(request))
         }
         None => reply(agent.run(builder.body(()).expect("request"))),
@@ -322,7 +363,12 @@ pub fn post_form(url: &str, headers: &[(&str, &str)], form: &Form) -> Reply {
 
 /// POST JSON.
 pub fn post_json(url: &str, headers: &[(&str, &str)], value: &Value) -> Reply {
-    send("POST", url, headers, Some(("application/json", value.to_string().into_bytes())))
+    send(
+        "POST",
+        url,
+        headers,
+        Some(("application/json", value.to_string().into_bytes())),
+    )
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -337,8 +383,9 @@ pub fn sha256_file(path: &Path) -> String {
 pub const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89\0\0\0\rIDATx\x9cc\xf8\x0f\0\0\x01\x01\0\x05\x18\xd8N\0\0\0\0IEND\xaeB`\x82";
 /// The start of an ELF executable.
 pub const ELF: &[u8] = &[
-    0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40,
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0x38, 0, 1, 0, 0x40, 0, 0, 0, 0, 0,
+    0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0x38, 0, 1, 0, 0x40, 0, 0,
+    0, 0, 0,
 ];
 
 /// Polls `check` until it is true or `limit` passes.
@@ -366,7 +413,9 @@ impl RawUpload {
         use std::io::Write;
         let address = base_url.trim_start_matches("http://");
         let mut stream = std::net::TcpStream::connect(address).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         let body = form.body();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {address}\r\n{}: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
@@ -376,7 +425,11 @@ impl RawUpload {
             body.len()
         );
         stream.write_all(head.as_bytes()).expect("send head");
-        Self { stream, body, sent: 0 }
+        Self {
+            stream,
+            body,
+            sent: 0,
+        }
     }
 
     /// Sends the next `n` bytes of the body (or what is left).
@@ -416,7 +469,11 @@ impl RawUpload {
                     if let Some((head, body)) = text.split_once("\r\n\r\n") {
                         let length = head
                             .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
                             .and_then(|v| v.parse::<usize>().ok());
                         if length.is_some_and(|length| body.len() >= length) {
                             break;
@@ -439,7 +496,10 @@ impl RawUpload {
 
 /// Runs the `upgate` binary with `args` and returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(upgate_binary()).args(args).output().expect("run upgate");
+    let output = Command::new(upgate_binary())
+        .args(args)
+        .output()
+        .expect("run upgate");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

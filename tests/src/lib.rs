@@ -2,3 +2,4 @@
 //! faithful mock servers for the five vendor APIs.
 
 pub mod harness;
+pub mod mock;

@@ -22,7 +22,10 @@ fn help_version_and_usage_errors() {
         assert!(stdout.contains(command), "{stdout}");
     }
     let (code, stdout, _) = run_cli(&["--version"]);
-    assert_eq!((code, stdout.trim()), (0, format!("upgate {}", env!("CARGO_PKG_VERSION")).as_str()));
+    assert_eq!(
+        (code, stdout.trim()),
+        (0, format!("upgate {}", env!("CARGO_PKG_VERSION")).as_str())
+    );
     let (code, _, stderr) = run_cli(&["frobnicate"]);
     assert_eq!(code, 2, "{stderr}");
     let (code, _, stderr) = run_cli(&["serve", "--config"]);
@@ -44,26 +47,43 @@ fn config_errors_name_file_line_and_column() {
     for command in ["check-config", "serve"] {
         let (code, _, stderr) = run_cli(&[command, "--config", &path]);
         assert_eq!(code, 2, "{command}: {stderr}");
-        assert!(stderr.contains(&format!("{path}:4:3: server: unknown field `data_dri`")), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}:4:3: server: unknown field `data_dri`")),
+            "{command}: {stderr}"
+        );
     }
 
     // A bad size names its line and says what was expected.
-    let path = write_config(dir.path(), &good.replace("max_file_size: 1MiB", "max_file_size: lots"));
+    let path = write_config(
+        dir.path(),
+        &good.replace("max_file_size: 1MiB", "max_file_size: lots"),
+    );
     let (code, _, stderr) = run_cli(&["check-config", "--config", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains(&format!("{path}:11:5: plans.default: `lots` is not a size")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{path}:11:5: plans.default: `lots` is not a size")),
+        "{stderr}"
+    );
     assert!(stderr.contains("expected e.g. 10MiB"), "{stderr}");
 
     // An unset variable is named.
-    let path = write_config(dir.path(), &good.replace("keys: [demo-key]", "keys: [\"${UPGATE_E2E_UNSET_KEY}\"]"));
+    let path = write_config(
+        dir.path(),
+        &good.replace("keys: [demo-key]", "keys: [\"${UPGATE_E2E_UNSET_KEY}\"]"),
+    );
     let (code, _, stderr) = run_cli(&["check-config", "--config", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("environment variable UPGATE_E2E_UNSET_KEY is not set"), "{stderr}");
+    assert!(
+        stderr.contains("environment variable UPGATE_E2E_UNSET_KEY is not set"),
+        "{stderr}"
+    );
 
     // A missing plugin is reported by check-config, with every other problem.
     let path = write_config(
         dir.path(),
-        &good.replace("plugin: local", "plugin: nosuch").replace("plan: default", "plan: gold"),
+        &good
+            .replace("plugin: local", "plugin: nosuch")
+            .replace("plan: default", "plan: gold"),
     );
     let (code, _, stderr) = run_cli(&["check-config", "--config", &path]);
     assert_eq!(code, 2);
@@ -71,49 +91,91 @@ fn config_errors_name_file_line_and_column() {
     let path = write_config(dir.path(), &good.replace("plugin: local", "plugin: nosuch"));
     let (code, _, stderr) = run_cli(&["check-config", "--config", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("plugin `nosuch`: no file") && stderr.contains("libupgate_plugin_nosuch"), "{stderr}");
+    assert!(
+        stderr.contains("plugin `nosuch`: no file") && stderr.contains("libupgate_plugin_nosuch"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
     let dir = tempfile::tempdir().unwrap();
-    let config = default_config(dir.path()).replace("plugin: local\n    settings:\n      root: ", "plugin: abi-mismatch\n    settings:\n      root: ");
+    let config = default_config(dir.path()).replace(
+        "plugin: local\n    settings:\n      root: ",
+        "plugin: abi-mismatch\n    settings:\n      root: ",
+    );
     let path = write_config(dir.path(), &config);
     for command in ["check-config", "serve"] {
         let (code, _, stderr) = run_cli(&[command, "--config", &path]);
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains("libupgate_plugin_abi_mismatch"), "{stderr}");
-        assert!(stderr.contains("built for plugin ABI version 2") && stderr.contains("speaks ABI version 1"), "{stderr}");
+        assert!(
+            stderr.contains("built for plugin ABI version 2") && stderr.contains("speaks ABI version 1"),
+            "{stderr}"
+        );
     }
     // `plugins list` shows the good ones and flags the bad one.
     let path = write_config(dir.path(), &default_config(dir.path()));
     let (code, stdout, _) = run_cli(&["plugins", "list", "--config", &path]);
-    assert_eq!(code, 1, "a broken plugin in plugin_dir makes the listing fail: {stdout}");
-    let local = stdout.lines().find(|l| l.starts_with("local ")).unwrap_or_else(|| panic!("{stdout}"));
-    assert!(local.contains(env!("CARGO_PKG_VERSION")) && local.contains(" 1 ") && local.contains("libupgate_plugin_local"));
+    assert_eq!(
+        code, 1,
+        "a broken plugin in plugin_dir makes the listing fail: {stdout}"
+    );
+    let local = stdout
+        .lines()
+        .find(|l| l.starts_with("local "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        local.contains(env!("CARGO_PKG_VERSION"))
+            && local.contains(" 1 ")
+            && local.contains("libupgate_plugin_local")
+    );
     assert!(stdout.lines().any(|l| l.starts_with("example ")), "{stdout}");
-    assert!(stdout.contains("libupgate_plugin_abi_mismatch") && stdout.contains("ABI version 2"), "{stdout}");
+    assert!(
+        stdout.contains("libupgate_plugin_abi_mismatch") && stdout.contains("ABI version 2"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn a_panicking_plugin_gives_502_and_the_daemon_keeps_serving() {
     let daemon = Daemon::start_with(|dir| {
         default_config(dir)
-            .replace("providers:\n", "providers:\n  crashy:\n    plugin: example\n    settings:\n      panic_on: panic.txt\n")
+            .replace(
+                "providers:\n",
+                "providers:\n  crashy:\n    plugin: example\n    settings:\n      panic_on: panic.txt\n",
+            )
             .replace("    provider: disk\n", "    provider: crashy\n")
     });
-    let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &Form::new().file("file", "panic.txt", "text/plain", b"x"));
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", "panic.txt", "text/plain", b"x"),
+    );
     assert_eq!(reply.status, 502, "{}", reply.text);
     let body = reply.json();
     assert_eq!(body["code"], "provider_error");
     assert_eq!(body["status"], 502);
-    assert!(!body["message"].as_str().unwrap().contains("panic"), "internals stay in the log: {body}");
-    let state: String = daemon.db().query_row("SELECT state FROM uploads", [], |row| row.get(0)).unwrap();
+    assert!(
+        !body["message"].as_str().unwrap().contains("panic"),
+        "internals stay in the log: {body}"
+    );
+    let state: String = daemon
+        .db()
+        .query_row("SELECT state FROM uploads", [], |row| row.get(0))
+        .unwrap();
     assert_eq!(state, "failed");
 
-    let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &Form::new().file("file", "fine.txt", "text/plain", b"x"));
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", "fine.txt", "text/plain", b"x"),
+    );
     assert_eq!(reply.status, 201, "{}", reply.text);
-    assert_eq!(daemon.metric("upgate_plugin_errors_total{kind=\"panic\",provider=\"crashy\"}"), 1.0);
+    assert_eq!(
+        daemon.metric("upgate_plugin_errors_total{kind=\"panic\",provider=\"crashy\"}"),
+        1.0
+    );
 }
 
 #[test]
@@ -130,13 +192,19 @@ fn size_limit_is_enforced_mid_stream_and_nothing_is_kept() {
         Form::content_type()
     );
     stream.write_all(head.as_bytes()).unwrap();
-    let part = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n");
+    let part = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n"
+    );
     write!(stream, "{:x}\r\n{part}\r\n", part.len()).unwrap();
     let chunk = vec![b'a'; 64 * 1024];
     let mut status = None;
     for _ in 0..64 {
         // 4 MiB in all, 4x the limit; the daemon answers before the end.
-        if write!(stream, "{:x}\r\n", chunk.len()).and_then(|_| stream.write_all(&chunk)).and_then(|_| stream.write_all(b"\r\n")).is_err() {
+        if write!(stream, "{:x}\r\n", chunk.len())
+            .and_then(|_| stream.write_all(&chunk))
+            .and_then(|_| stream.write_all(b"\r\n"))
+            .is_err()
+        {
             break;
         }
     }
@@ -145,8 +213,16 @@ fn size_limit_is_enforced_mid_stream_and_nothing_is_kept() {
         assert!(text.contains("file_too_large"), "{text}");
     }
     assert_eq!(status, Some(413));
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(daemon.data_dir().join("spool")).unwrap().count() == 0));
-    let rows: i64 = daemon.db().query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0)).unwrap();
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
+        daemon.data_dir().join("spool")
+    )
+    .unwrap()
+    .count()
+        == 0));
+    let rows: i64 = daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
+        .unwrap();
     assert_eq!(rows, 0);
     // A declared Content-Length over the limit is refused before any byte is read.
     let big = Form::new().file("file", "big.bin", "application/octet-stream", &vec![0u8; 3 << 20]);
@@ -163,13 +239,25 @@ fn a_stalled_client_is_dropped_and_its_partial_file_removed() {
     let started = std::time::Instant::now();
     let answer = RawUpload::read_answer(&mut upload.stream);
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
     if let Ok((status, _)) = answer {
         assert!(status == 408 || status == 0, "{status}");
     }
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(daemon.data_dir().join("spool")).unwrap().count() == 0));
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
+        daemon.data_dir().join("spool")
+    )
+    .unwrap()
+    .count()
+        == 0));
     // The daemon still serves.
-    let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &Form::new().file("file", "a.txt", "text/plain", b"ok"));
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", "a.txt", "text/plain", b"ok"),
+    );
     assert_eq!(reply.status, 201);
 }
 
@@ -188,9 +276,21 @@ fn sigterm_lets_an_upload_in_flight_finish_then_exits_zero() {
     let refused = std::net::TcpStream::connect(&address).is_err();
     let (status, text) = upload.finish().unwrap();
     assert_eq!(status, 201, "{text}");
-    let id = text.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let id = text
+        .split("\"id\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
     assert_eq!(sha256_file(&daemon.files_dir().join(&id)), sha256_hex(&content));
-    assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0), "{}", daemon.log());
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
     assert!(refused, "the listener was closed on SIGTERM");
 }
 

@@ -15,7 +15,9 @@ fn wait_for(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) -> bool
     while std::time::Instant::now() < deadline {
         if let Ok(n) = socket.recv(&mut buffer) {
             let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
-            let found = message.lines().any(|line| line == wanted || line.starts_with(wanted));
+            let found = message
+                .lines()
+                .any(|line| line == wanted || line.starts_with(wanted));
             seen.push(message);
             if found {
                 return true;
@@ -33,7 +35,11 @@ fn notifies_systemd_ready_reloading_and_stopping() {
     socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let config_path = dir.join("config.yaml");
     std::fs::write(&config_path, default_config(&dir)).unwrap();
-    let mut daemon = Daemon::spawn(dir.clone(), config_path, &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+    let mut daemon = Daemon::spawn(
+        dir.clone(),
+        config_path,
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
     let mut seen = Vec::new();
     assert!(wait_for(&socket, "READY=1", &mut seen), "{seen:?}");
     // Ready means serving.
@@ -61,24 +67,42 @@ fn sighup_applies_a_new_plan_to_the_next_upload_while_one_in_flight_finishes() {
 
     // Lower the limit to 500 KB and reload.
     let config = std::fs::read_to_string(&daemon.config_path).unwrap();
-    std::fs::write(&daemon.config_path, config.replace("max_file_size: 1MiB", "max_file_size: 500KB")).unwrap();
+    std::fs::write(
+        &daemon.config_path,
+        config.replace("max_file_size: 1MiB", "max_file_size: 500KB"),
+    )
+    .unwrap();
     daemon.signal(1);
-    let reloaded = eventually(Duration::from_secs(10), || daemon.metric("upgate_config_reloads_total{result=\"ok\"}") == 1.0);
+    let reloaded = eventually(Duration::from_secs(10), || {
+        daemon.metric("upgate_config_reloads_total{result=\"ok\"}") == 1.0
+    });
     assert!(reloaded, "{}", daemon.log());
 
     let next = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &form);
     assert_eq!(next.status, 413, "the new plan applies: {}", next.text);
     let (status, text) = in_flight.finish().unwrap();
-    assert_eq!(status, 201, "the upload that started under the old plan finishes: {text}");
+    assert_eq!(
+        status, 201,
+        "the upload that started under the old plan finishes: {text}"
+    );
 
     // A config that fails validation is refused; the running one stays.
     std::fs::write(&daemon.config_path, "server: [this is not valid\n").unwrap();
     daemon.signal(1);
-    let refused = eventually(Duration::from_secs(10), || daemon.metric("upgate_config_reloads_total{result=\"error\"}") == 1.0);
+    let refused = eventually(Duration::from_secs(10), || {
+        daemon.metric("upgate_config_reloads_total{result=\"error\"}") == 1.0
+    });
     assert!(refused, "{}", daemon.log());
     let small = Form::new().file("file", "small.txt", "text/plain", b"still here");
-    assert_eq!(post_form(&daemon.url("/v1/files/upload"), &[BEARER], &small).status, 201);
-    assert!(daemon.log().contains("configuration reload refused"), "{}", daemon.log());
+    assert_eq!(
+        post_form(&daemon.url("/v1/files/upload"), &[BEARER], &small).status,
+        201
+    );
+    assert!(
+        daemon.log().contains("configuration reload refused"),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
@@ -89,25 +113,64 @@ fn health_readiness_and_metrics_exposition() {
     let sizes = [1000usize, 5000, 20_000];
     for (index, size) in sizes.iter().enumerate() {
         let form = Form::new().file("file", &format!("f{index}.txt"), "text/plain", &vec![b'm'; *size]);
-        assert_eq!(post_form(&daemon.url("/v1/files/upload"), &[BEARER], &form).status, 201);
+        assert_eq!(
+            post_form(&daemon.url("/v1/files/upload"), &[BEARER], &form).status,
+            201
+        );
     }
-    let reply = post_form(&daemon.url("/v1/files/upload"), &[("Authorization", "Bearer nope")], &Form::new());
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[("Authorization", "Bearer nope")],
+        &Form::new(),
+    );
     assert_eq!(reply.status, 401);
     let total: usize = sizes.iter().sum();
-    assert_eq!(daemon.metric("upgate_uploads_total{dialect=\"dify\",outcome=\"received\",provider=\"disk\"}"), 3.0);
-    assert_eq!(daemon.metric("upgate_uploads_total{dialect=\"dify\",outcome=\"forwarded\",provider=\"disk\"}"), 3.0);
-    assert_eq!(daemon.metric("upgate_received_bytes_total{dialect=\"dify\"}"), total as f64);
-    assert_eq!(daemon.metric("upgate_forwarded_bytes_total{provider=\"disk\"}"), total as f64);
-    assert_eq!(daemon.metric("upgate_upload_size_bytes_count{dialect=\"dify\"}"), 3.0);
-    assert_eq!(daemon.metric("upgate_upload_size_bytes_sum{dialect=\"dify\"}"), total as f64);
-    assert_eq!(daemon.metric("upgate_upload_size_bytes_bucket{dialect=\"dify\",le=\"4096\"}"), 1.0);
-    assert_eq!(daemon.metric("upgate_upload_size_bytes_bucket{dialect=\"dify\",le=\"16384\"}"), 2.0);
-    assert_eq!(daemon.metric("upgate_upstream_request_duration_seconds_count{outcome=\"ok\",provider=\"disk\"}"), 3.0);
     assert_eq!(
-        daemon.metric("upgate_http_requests_total{dialect=\"dify\",route=\"/v1/files/upload\",status_class=\"2xx\"}"),
+        daemon.metric("upgate_uploads_total{dialect=\"dify\",outcome=\"received\",provider=\"disk\"}"),
         3.0
     );
-    assert_eq!(daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"auth\"}"), 1.0);
+    assert_eq!(
+        daemon.metric("upgate_uploads_total{dialect=\"dify\",outcome=\"forwarded\",provider=\"disk\"}"),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("upgate_received_bytes_total{dialect=\"dify\"}"),
+        total as f64
+    );
+    assert_eq!(
+        daemon.metric("upgate_forwarded_bytes_total{provider=\"disk\"}"),
+        total as f64
+    );
+    assert_eq!(
+        daemon.metric("upgate_upload_size_bytes_count{dialect=\"dify\"}"),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("upgate_upload_size_bytes_sum{dialect=\"dify\"}"),
+        total as f64
+    );
+    assert_eq!(
+        daemon.metric("upgate_upload_size_bytes_bucket{dialect=\"dify\",le=\"4096\"}"),
+        1.0
+    );
+    assert_eq!(
+        daemon.metric("upgate_upload_size_bytes_bucket{dialect=\"dify\",le=\"16384\"}"),
+        2.0
+    );
+    assert_eq!(
+        daemon.metric("upgate_upstream_request_duration_seconds_count{outcome=\"ok\",provider=\"disk\"}"),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric(
+            "upgate_http_requests_total{dialect=\"dify\",route=\"/v1/files/upload\",status_class=\"2xx\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"auth\"}"),
+        1.0
+    );
     assert_eq!(daemon.metric("upgate_build_info{version=\"0.1.0\"}"), 1.0);
 
     let exposition = get(&format!("{}/metrics", daemon.metrics_url)).text;

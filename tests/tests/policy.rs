@@ -9,11 +9,17 @@ use upgate_e2e::harness::*;
 const BEARER: (&str, &str) = ("Authorization", "Bearer demo-key");
 
 fn upload(daemon: &Daemon, name: &str, bytes: &[u8]) -> Reply {
-    post_form(&daemon.url("/v1/files/upload"), &[BEARER], &Form::new().file("file", name, "application/octet-stream", bytes))
+    post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", name, "application/octet-stream", bytes),
+    )
 }
 
 fn files_stored(daemon: &Daemon) -> usize {
-    std::fs::read_dir(daemon.files_dir()).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(daemon.files_dir())
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -35,15 +41,31 @@ fn content_must_match_the_extension() {
         assert!(body["message"].as_str().unwrap().contains(says), "{name}: {body}");
     }
     assert_eq!(files_stored(&daemon), 0);
-    assert_eq!(std::fs::read_dir(daemon.data_dir().join("spool")).unwrap().count(), 0);
-    assert_eq!(daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"content\"}"), 6.0);
+    assert_eq!(
+        std::fs::read_dir(daemon.data_dir().join("spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"content\"}"),
+        6.0
+    );
 
     // The detected type is what is recorded and returned, not the client's claim.
     let accepted = [
         ("photo.png", PNG.to_vec(), "image/png"),
         ("rows.jsonl", b"{\"a\":1}\n[2]\n".to_vec(), "application/jsonl"),
-        ("doc.docx", b"PK\x03\x04\x14\0\0\0\0\0".repeat(8), "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
-        ("blob.bin", vec![0u8, 159, 146, 150, 1, 2], "application/octet-stream"),
+        (
+            "doc.docx",
+            b"PK\x03\x04\x14\0\0\0\0\0".repeat(8),
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        ),
+        (
+            "blob.bin",
+            vec![0u8, 159, 146, 150, 1, 2],
+            "application/octet-stream",
+        ),
     ];
     for (name, bytes, mime) in accepted {
         let reply = upload(&daemon, name, &bytes);
@@ -54,7 +76,12 @@ fn content_must_match_the_extension() {
 
 #[test]
 fn verify_content_off_trusts_the_extension() {
-    let daemon = Daemon::start_with(|dir| default_config(dir).replace("max_file_size: 1MiB\n", "max_file_size: 1MiB\n    verify_content: false\n"));
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace(
+            "max_file_size: 1MiB\n",
+            "max_file_size: 1MiB\n    verify_content: false\n",
+        )
+    });
     let reply = upload(&daemon, "photo.png", ELF);
     assert_eq!(reply.status, 201, "{}", reply.text);
     assert_eq!(reply.json()["mime_type"], "image/png");
@@ -63,7 +90,10 @@ fn verify_content_off_trusts_the_extension() {
 #[test]
 fn the_tenant_concurrency_cap_answers_429_until_a_slot_frees() {
     let daemon = Daemon::start_with(|dir| {
-        default_config(dir).replace("max_file_size: 1MiB\n", "max_file_size: 1MiB\n    max_concurrent_uploads: 1\n")
+        default_config(dir).replace(
+            "max_file_size: 1MiB\n",
+            "max_file_size: 1MiB\n    max_concurrent_uploads: 1\n",
+        )
     });
     let form = Form::new().file("file", "slow.txt", "text/plain", &vec![b's'; 100_000]);
     let mut first = RawUpload::start(&daemon.base_url, "/v1/files/upload", BEARER, &form);
@@ -76,13 +106,19 @@ fn the_tenant_concurrency_cap_answers_429_until_a_slot_frees() {
     let (status, _) = first.finish().unwrap();
     assert_eq!(status, 201);
     assert_eq!(upload(&daemon, "c.txt", b"third").status, 201);
-    assert_eq!(daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"concurrency\"}"), 1.0);
+    assert_eq!(
+        daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"concurrency\"}"),
+        1.0
+    );
 }
 
 #[test]
 fn daily_quotas_survive_a_restart() {
     let quota = |dir: &Path| {
-        default_config(dir).replace("max_file_size: 1MiB\n", "max_file_size: 1MiB\n    daily_uploads: 2\n    daily_bytes: 1000\n")
+        default_config(dir).replace(
+            "max_file_size: 1MiB\n",
+            "max_file_size: 1MiB\n    daily_uploads: 2\n    daily_bytes: 1000\n",
+        )
     };
     let mut daemon = Daemon::start_with(quota);
     assert_eq!(upload(&daemon, "a.txt", &[b'a'; 100]).status, 201);
@@ -99,8 +135,18 @@ fn daily_quotas_survive_a_restart() {
     daemon.kill();
     let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
     let reply = upload(&daemon, "d.txt", b"d");
-    assert_eq!(reply.status, 429, "the quota outlives the process: {}", reply.text);
-    assert_eq!(daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"quota\"}"), 1.0);
-    let rows: i64 = daemon.db().query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0)).unwrap();
+    assert_eq!(
+        reply.status, 429,
+        "the quota outlives the process: {}",
+        reply.text
+    );
+    assert_eq!(
+        daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"quota\"}"),
+        1.0
+    );
+    let rows: i64 = daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
+        .unwrap();
     assert_eq!(rows, 2);
 }

@@ -16,12 +16,18 @@ use upgate_core::dialects::DialectName;
 use upgate_core::policy::Policy;
 
 fn policy(rate_limited: bool, tenants: usize) -> Arc<Policy> {
-    let rate = if rate_limited { "    rate_limit: { requests_per_second: 1000000000, burst: 1000000 }\n" } else { "" };
+    let rate = if rate_limited {
+        "    rate_limit: { requests_per_second: 1000000000, burst: 1000000 }\n"
+    } else {
+        ""
+    };
     let mut text = format!(
         "server: {{ listen: 127.0.0.1:0 }}\nplans:\n  p:\n    max_file_size: 1MiB\n    max_concurrent_uploads: 64\n{rate}providers:\n  disk: {{ plugin: local }}\ntenants:\n"
     );
     for tenant in 0..tenants {
-        text.push_str(&format!("  t{tenant}: {{ plan: p, provider: disk, keys: [key-{tenant}], dialects: [dify, kore] }}\n"));
+        text.push_str(&format!(
+            "  t{tenant}: {{ plan: p, provider: disk, keys: [key-{tenant}], dialects: [dify, kore] }}\n"
+        ));
     }
     let config = Config::parse(&text, Path::new("bench.yaml")).expect("valid config");
     Arc::new(Policy::new(config, BTreeMap::new()))
@@ -54,20 +60,54 @@ fn main() {
         black_box(Sha256::digest(black_box(&upload)));
     });
     let admit_plain = measure(N, |i| {
-        black_box(plain.admit(DialectName::Dify, &keys[i as usize % keys.len()]).is_ok());
+        black_box(
+            plain
+                .admit(DialectName::Dify, &keys[i as usize % keys.len()])
+                .is_ok(),
+        );
     });
     let admit_limited = measure(N, |i| {
-        black_box(limited.admit(DialectName::Dify, &keys[i as usize % keys.len()]).is_ok());
+        black_box(
+            limited
+                .admit(DialectName::Dify, &keys[i as usize % keys.len()])
+                .is_ok(),
+        );
     });
     let refused = measure(N, |i| {
-        black_box(plain.admit(DialectName::Dify, if i % 2 == 0 { "unknown" } else { "nope" }).is_err());
+        black_box(
+            plain
+                .admit(DialectName::Dify, if i % 2 == 0 { "unknown" } else { "nope" })
+                .is_err(),
+        );
     });
 
     println!("policy check, 1000 tenants, per call (best of 5 x {N}):");
     println!("  {:<44} {:>8.0} ns", "baseline: sha256 of the key", hash_key);
-    println!("  {:<44} {:>8.0} ns", "baseline: sha256 of a 1 KiB upload", hash_upload);
-    println!("  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)", "admit, no rate limit", admit_plain, admit_plain / hash_upload);
-    println!("  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)", "admit, governor rate limit", admit_limited, admit_limited / hash_upload);
-    println!("  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)", "refuse an unknown key", refused, refused / hash_upload);
-    println!("  rate limiting adds {:.0} ns per request ({:.2}x admit without it)", admit_limited - admit_plain, admit_limited / admit_plain);
+    println!(
+        "  {:<44} {:>8.0} ns",
+        "baseline: sha256 of a 1 KiB upload", hash_upload
+    );
+    println!(
+        "  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)",
+        "admit, no rate limit",
+        admit_plain,
+        admit_plain / hash_upload
+    );
+    println!(
+        "  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)",
+        "admit, governor rate limit",
+        admit_limited,
+        admit_limited / hash_upload
+    );
+    println!(
+        "  {:<44} {:>8.0} ns  ({:.2}x the 1 KiB hash)",
+        "refuse an unknown key",
+        refused,
+        refused / hash_upload
+    );
+    println!(
+        "  rate limiting adds {:.0} ns per request ({:.2}x admit without it)",
+        admit_limited - admit_plain,
+        admit_limited / admit_plain
+    );
 }

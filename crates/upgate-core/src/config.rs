@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 
 use crate::dialects::DialectName;
 
@@ -23,12 +23,22 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
     Read { file: String, source: std::io::Error },
     #[error("{file}:{line}:{column}: {message}")]
-    Invalid { file: String, line: usize, column: usize, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 impl ConfigError {
     fn at(file: &Path, line: usize, column: usize, message: impl Into<String>) -> Self {
-        Self::Invalid { file: file.display().to_string(), line, column, message: message.into() }
+        Self::Invalid {
+            file: file.display().to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
 }
 
@@ -40,7 +50,9 @@ impl ByteSize {
     /// Parses `10MiB`, `25 MB`, `1024`, `1.5GiB`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         if number.is_empty() {
             return Err(format!("`{text}` is not a size (expected e.g. 10MiB)"));
@@ -55,9 +67,15 @@ impl ByteSize {
             "gib" => 1 << 30,
             "t" | "tb" => 1_000_000_000_000,
             "tib" => 1 << 40,
-            other => return Err(format!("unknown size unit `{other}` in `{text}` (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` in `{text}` (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)"
+                ));
+            }
         };
-        let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a size (expected e.g. 10MiB)"))?;
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (expected e.g. 10MiB)"))?;
         let bytes = value * multiplier as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
             return Err(format!("size `{text}` is out of range"));
@@ -68,7 +86,12 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
         for (size, unit) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{unit}", self.0 / size);
@@ -86,7 +109,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Number(u64),
             Text(String),
         }
-        match Raw::deserialize(deserializer).map_err(|_| de::Error::custom("expected a size such as 10MiB"))? {
+        match Raw::deserialize(deserializer)
+            .map_err(|_| de::Error::custom("expected a size such as 10MiB"))?
+        {
             Raw::Number(bytes) => Ok(Self(bytes)),
             Raw::Text(text) => Self::parse(&text).map_err(de::Error::custom),
         }
@@ -100,9 +125,11 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim())
-            .map(Self)
-            .map_err(|error| de::Error::custom(format!("`{text}` is not a duration ({error}); expected e.g. 30s, 5m, 24h")))
+        humantime::parse_duration(text.trim()).map(Self).map_err(|error| {
+            de::Error::custom(format!(
+                "`{text}` is not a duration ({error}); expected e.g. 30s, 5m, 24h"
+            ))
+        })
     }
 }
 
@@ -129,10 +156,14 @@ pub fn expand_env(text: &str) -> Result<String, String> {
             out.push('$');
             rest = stripped;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body.find('}').ok_or_else(|| format!("unterminated `${{` in `{text}`"))?;
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in `{text}`"))?;
             let name = &body[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("`${{{name}}}` is not a valid environment variable reference"));
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable reference"
+                ));
             }
             let value = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
             out.push_str(&value);
@@ -387,7 +418,11 @@ impl<'de> Deserialize<'de> for DialectGrant {
         DialectName::parse(&text).map(Self::One).ok_or_else(|| {
             de::Error::custom(format!(
                 "unknown dialect `{text}`, expected `all` or one of {}",
-                DialectName::ALL.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+                DialectName::ALL
+                    .iter()
+                    .map(|d| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
@@ -425,8 +460,12 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| vec![ConfigError::Read { file: path.display().to_string(), source }])?;
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            vec![ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            }]
+        })?;
         Self::parse(&text, path)
     }
 
@@ -444,14 +483,21 @@ impl Config {
             vec![ConfigError::at(path, line, column, message)]
         })?;
         config.source = path.to_path_buf();
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         for dir in [&mut config.server.data_dir, &mut config.server.plugin_dir] {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
             }
         }
         let errors = config.validate(text);
-        if errors.is_empty() { Ok(config) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Cross-reference checks, each located at the key it is about.
@@ -463,14 +509,23 @@ impl Config {
         };
         for (name, plan) in &self.plans {
             if plan.max_file_size.0 == 0 {
-                error(&["plans", name, "max_file_size"], "max_file_size must be greater than 0".into());
+                error(
+                    &["plans", name, "max_file_size"],
+                    "max_file_size must be greater than 0".into(),
+                );
             }
             if let Some(limit) = plan.rate_limit {
                 if !(limit.requests_per_second > 0.0 && limit.requests_per_second.is_finite()) {
-                    error(&["plans", name, "rate_limit", "requests_per_second"], "requests_per_second must be > 0".into());
+                    error(
+                        &["plans", name, "rate_limit", "requests_per_second"],
+                        "requests_per_second must be > 0".into(),
+                    );
                 }
                 if limit.burst == 0 {
-                    error(&["plans", name, "rate_limit", "burst"], "burst must be at least 1".into());
+                    error(
+                        &["plans", name, "rate_limit", "burst"],
+                        "burst must be at least 1".into(),
+                    );
                 }
             }
             if let Some(extensions) = &plan.allowed_extensions {
@@ -478,24 +533,35 @@ impl Config {
                     if extension.starts_with('.') || extension.contains(['/', '\\']) {
                         error(
                             &["plans", name, "allowed_extensions"],
-                            format!("extension `{extension}`: write it without a dot or slashes (e.g. `pdf`)"),
+                            format!(
+                                "extension `{extension}`: write it without a dot or slashes (e.g. `pdf`)"
+                            ),
                         );
                     }
                 }
             }
             if plan.max_files_per_request == Some(0) {
-                error(&["plans", name, "max_files_per_request"], "max_files_per_request must be at least 1".into());
+                error(
+                    &["plans", name, "max_files_per_request"],
+                    "max_files_per_request must be at least 1".into(),
+                );
             }
         }
         for (name, provider) in &self.providers {
             if !valid_plugin_name(&provider.plugin) {
                 error(
                     &["providers", name, "plugin"],
-                    format!("plugin name `{}` may only hold a-z, 0-9, `_` and `-`", provider.plugin),
+                    format!(
+                        "plugin name `{}` may only hold a-z, 0-9, `_` and `-`",
+                        provider.plugin
+                    ),
                 );
             }
             if provider.retry.max_attempts == 0 {
-                error(&["providers", name, "retry", "max_attempts"], "max_attempts must be at least 1".into());
+                error(
+                    &["providers", name, "retry", "max_attempts"],
+                    "max_attempts must be at least 1".into(),
+                );
             }
         }
         let mut seen_keys = HashSet::new();
@@ -503,45 +569,68 @@ impl Config {
             if !self.plans.contains_key(&tenant.plan) {
                 error(
                     &["tenants", name, "plan"],
-                    format!("unknown plan `{}`, expected one of: {}", tenant.plan, names(&self.plans)),
+                    format!(
+                        "unknown plan `{}`, expected one of: {}",
+                        tenant.plan,
+                        names(&self.plans)
+                    ),
                 );
             }
             if !self.providers.contains_key(&tenant.provider) {
                 error(
                     &["tenants", name, "provider"],
-                    format!("unknown provider `{}`, expected one of: {}", tenant.provider, names(&self.providers)),
+                    format!(
+                        "unknown provider `{}`, expected one of: {}",
+                        tenant.provider,
+                        names(&self.providers)
+                    ),
                 );
             }
             if tenant.keys.is_empty() {
-                error(&["tenants", name, "keys"], "a tenant needs at least one key".into());
+                error(
+                    &["tenants", name, "keys"],
+                    "a tenant needs at least one key".into(),
+                );
             }
             for key in &tenant.keys {
                 match crate::policy::KeyDigest::from_config(&key.0) {
                     Err(message) => error(&["tenants", name, "keys"], message),
                     Ok(digest) => {
                         if !seen_keys.insert(digest) {
-                            error(&["tenants", name, "keys"], "this key is already used by another entry".into());
+                            error(
+                                &["tenants", name, "keys"],
+                                "this key is already used by another entry".into(),
+                            );
                         }
                     }
                 }
             }
         }
         if self.server.max_connections == 0 {
-            error(&["server", "max_connections"], "max_connections must be at least 1".into());
+            error(
+                &["server", "max_connections"],
+                "max_connections must be at least 1".into(),
+            );
         }
         errors
     }
 }
 
 fn names<V>(map: &BTreeMap<String, V>) -> String {
-    if map.is_empty() { "(none defined)".into() } else { map.keys().cloned().collect::<Vec<_>>().join(", ") }
+    if map.is_empty() {
+        "(none defined)".into()
+    } else {
+        map.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// Plugin names become file names, so they are restricted.
 pub fn valid_plugin_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Finds the line and column of a nested block-style key (`tenants` > `demo` > `plan`) in
@@ -565,7 +654,12 @@ fn locate(text: &str, keys: &[&str]) -> (usize, usize) {
                 break;
             }
         }
-        let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(['"', '\'']);
+        let key = trimmed
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches(['"', '\'']);
         if key == keys[depth] && trimmed.contains(':') {
             best = (number + 1, indent + 1);
             parent_indent = Some(indent);
@@ -619,8 +713,14 @@ mod tests {
     #[test]
     fn env_expansion() {
         // cargo sets CARGO_PKG_NAME for the test process.
-        assert_eq!(expand_env("a ${CARGO_PKG_NAME} b $$ c $x").unwrap(), "a upgate-core b $ c $x");
-        assert_eq!(expand_env("${UPGATE_TEST_UNSET_VAR}").unwrap_err(), "environment variable UPGATE_TEST_UNSET_VAR is not set");
+        assert_eq!(
+            expand_env("a ${CARGO_PKG_NAME} b $$ c $x").unwrap(),
+            "a upgate-core b $ c $x"
+        );
+        assert_eq!(
+            expand_env("${UPGATE_TEST_UNSET_VAR}").unwrap_err(),
+            "environment variable UPGATE_TEST_UNSET_VAR is not set"
+        );
         assert!(expand_env("${bad name}").is_err());
         assert!(expand_env("${OPEN").is_err());
     }
@@ -629,7 +729,10 @@ mod tests {
     fn parses_the_good_config_and_resolves_paths() {
         let config = parse(GOOD).unwrap();
         assert_eq!(config.server.data_dir, PathBuf::from("/etc/upgate/data"));
-        assert_eq!(config.server.plugin_dir, PathBuf::from("/etc/upgate/./target/release"));
+        assert_eq!(
+            config.server.plugin_dir,
+            PathBuf::from("/etc/upgate/./target/release")
+        );
         assert_eq!(config.plans["free"].max_file_size.0, 10 << 20);
         assert_eq!(config.server.idle_timeout.0, Duration::from_secs(30));
         assert_eq!(config.tenants["demo"].dialects, vec![DialectGrant::All]);
@@ -647,14 +750,20 @@ mod tests {
     #[test]
     fn bad_size_is_located() {
         let message = first_error(&GOOD.replace("10MiB", "10XB"));
-        assert!(message.starts_with("/etc/upgate/config.yaml:6:5: plans.free: "), "{message}");
+        assert!(
+            message.starts_with("/etc/upgate/config.yaml:6:5: plans.free: "),
+            "{message}"
+        );
         assert!(message.contains("unknown size unit"), "{message}");
     }
 
     #[test]
     fn unknown_plan_is_located_and_lists_the_choices() {
         let message = first_error(&GOOD.replace("plan: free", "plan: gold"));
-        assert_eq!(message, "/etc/upgate/config.yaml:13:5: unknown plan `gold`, expected one of: free");
+        assert_eq!(
+            message,
+            "/etc/upgate/config.yaml:13:5: unknown plan `gold`, expected one of: free"
+        );
     }
 
     #[test]
@@ -664,14 +773,20 @@ mod tests {
             "  demo: { plan: free, provider: nowhere, keys: [k] }\n",
         );
         let message = first_error(&text);
-        assert!(message.starts_with("/etc/upgate/config.yaml:12:23: unknown provider `nowhere`"), "{message}");
+        assert!(
+            message.starts_with("/etc/upgate/config.yaml:12:23: unknown provider `nowhere`"),
+            "{message}"
+        );
     }
 
     #[test]
     fn unset_variable_is_named_and_located() {
         let text = GOOD.replace("root: ./files", "root: \"${UPGATE_TEST_NOT_SET_ROOT}\"");
         let message = first_error(&text);
-        assert!(message.contains("environment variable UPGATE_TEST_NOT_SET_ROOT is not set"), "{message}");
+        assert!(
+            message.contains("environment variable UPGATE_TEST_NOT_SET_ROOT is not set"),
+            "{message}"
+        );
         assert!(message.starts_with("/etc/upgate/config.yaml:10:"), "{message}");
     }
 

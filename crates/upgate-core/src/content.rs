@@ -36,12 +36,26 @@ struct KnownType {
     text: bool,
 }
 
-const fn binary(extensions: &'static [&'static str], mime: &'static str, sniffed_as: &'static [&'static str]) -> KnownType {
-    KnownType { extensions, mime, sniffed_as, text: false }
+const fn binary(
+    extensions: &'static [&'static str],
+    mime: &'static str,
+    sniffed_as: &'static [&'static str],
+) -> KnownType {
+    KnownType {
+        extensions,
+        mime,
+        sniffed_as,
+        text: false,
+    }
 }
 
 const fn text(extensions: &'static [&'static str], mime: &'static str) -> KnownType {
-    KnownType { extensions, mime, sniffed_as: &["html", "xml", "sh"], text: true }
+    KnownType {
+        extensions,
+        mime,
+        sniffed_as: &["html", "xml", "sh"],
+        text: true,
+    }
 }
 
 /// OLE compound files (doc, xls, ppt) sniff as `msi` without infer's `cfb` feature.
@@ -61,9 +75,21 @@ static KNOWN: &[KnownType] = &[
     binary(&["heif", "heic"], "image/heif", &["heif", "avif"]),
     binary(&["pdf"], "application/pdf", &["pdf"]),
     binary(&["zip"], "application/zip", &["zip"]),
-    binary(&["docx"], "application/vnd.openxmlformats-officedocument.wordprocessingml.document", &ooxml("docx")),
-    binary(&["xlsx"], "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", &ooxml("xlsx")),
-    binary(&["pptx"], "application/vnd.openxmlformats-officedocument.presentationml.presentation", &ooxml("pptx")),
+    binary(
+        &["docx"],
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        &ooxml("docx"),
+    ),
+    binary(
+        &["xlsx"],
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        &ooxml("xlsx"),
+    ),
+    binary(
+        &["pptx"],
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        &ooxml("pptx"),
+    ),
     binary(&["doc"], "application/msword", OLE),
     binary(&["xls"], "application/vnd.ms-excel", OLE),
     binary(&["ppt"], "application/vnd.ms-powerpoint", OLE),
@@ -103,7 +129,9 @@ pub fn family(mime: &str, extension: &str) -> &'static str {
         "video" => "video",
         "text" => "text",
         _ => match extension {
-            "pdf" | "doc" | "docx" | "xls" | "xlsx" | "ppt" | "pptx" | "odt" | "ods" | "odp" | "rtf" => "document",
+            "pdf" | "doc" | "docx" | "xls" | "xlsx" | "ppt" | "pptx" | "odt" | "ods" | "odp" | "rtf" => {
+                "document"
+            }
             "json" | "jsonl" | "ndjson" | "xml" => "text",
             _ => "other",
         },
@@ -115,22 +143,31 @@ pub fn family(mime: &str, extension: &str) -> &'static str {
 pub fn classify(extension: &str, head: &[u8], utf8_ok: bool, verify: bool) -> Result<String, ContentError> {
     let sniffed = infer::get(head);
     let expected = known(extension);
-    let mismatch = |detected: String| ContentError::Mismatch { extension: extension.to_owned(), detected };
+    let mismatch = |detected: String| ContentError::Mismatch {
+        extension: extension.to_owned(),
+        detected,
+    };
     match (expected, sniffed) {
-        (Some(expected), Some(kind)) if expected.sniffed_as.contains(&kind.extension()) => Ok(expected.mime.to_owned()),
+        (Some(expected), Some(kind)) if expected.sniffed_as.contains(&kind.extension()) => {
+            Ok(expected.mime.to_owned())
+        }
         (Some(expected), None) if expected.text => {
             if verify && !utf8_ok {
-                Err(ContentError::NotUtf8 { extension: extension.to_owned() })
+                Err(ContentError::NotUtf8 {
+                    extension: extension.to_owned(),
+                })
             } else {
                 Ok(expected.mime.to_owned())
             }
         }
-        (_, Some(kind)) if verify => {
-            Err(mismatch(format!("{} ({})", describe(kind.extension()), kind.mime_type())))
-        }
-        (Some(_), None) if verify && !head.is_empty() => {
-            Err(ContentError::NotRecognised { extension: extension.to_owned() })
-        }
+        (_, Some(kind)) if verify => Err(mismatch(format!(
+            "{} ({})",
+            describe(kind.extension()),
+            kind.mime_type()
+        ))),
+        (Some(_), None) if verify && !head.is_empty() => Err(ContentError::NotRecognised {
+            extension: extension.to_owned(),
+        }),
         (Some(expected), _) => Ok(expected.mime.to_owned()),
         (None, Some(kind)) => Ok(kind.mime_type().to_owned()),
         (None, None) if utf8_ok && !head.is_empty() => Ok("text/plain".to_owned()),
@@ -149,13 +186,17 @@ fn describe(kind: &str) -> &str {
 /// Checks that a spooled `json` file parses, or each line of a `jsonl` file does. Reads the
 /// file with bounded memory: run it on a blocking thread.
 pub fn verify_json_file(extension: &str, path: &Path) -> Result<(), ContentError> {
-    let invalid = |detail: String| ContentError::InvalidJson { extension: extension.to_owned(), detail };
+    let invalid = |detail: String| ContentError::InvalidJson {
+        extension: extension.to_owned(),
+        detail,
+    };
     let file = std::fs::File::open(path).map_err(|error| ContentError::Io(error.to_string()))?;
     match extension {
         "json" => {
             let reader = BufReader::with_capacity(64 * 1024, file);
             let mut deserializer = serde_json::Deserializer::from_reader(reader);
-            serde::de::IgnoredAny::deserialize_from(&mut deserializer).map_err(|error| invalid(error.to_string()))?;
+            serde::de::IgnoredAny::deserialize_from(&mut deserializer)
+                .map_err(|error| invalid(error.to_string()))?;
             deserializer.end().map_err(|error| invalid(error.to_string()))
         }
         "jsonl" | "ndjson" => {
@@ -176,8 +217,9 @@ pub fn verify_json_file(extension: &str, path: &Path) -> Result<(), ContentError
 }
 
 trait DeserializeFrom {
-    fn deserialize_from<R: Read>(deserializer: &mut serde_json::Deserializer<serde_json::de::IoRead<R>>)
-    -> serde_json::Result<()>;
+    fn deserialize_from<R: Read>(
+        deserializer: &mut serde_json::Deserializer<serde_json::de::IoRead<R>>,
+    ) -> serde_json::Result<()>;
 }
 
 impl DeserializeFrom for serde::de::IgnoredAny {
@@ -254,31 +296,53 @@ mod tests {
 
     const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
     const ELF: &[u8] = &[
-        0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0x38, 0, 1, 0, 0x40, 0, 0, 0, 0, 0,
+        0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0x38, 0, 1, 0, 0x40,
+        0, 0, 0, 0, 0,
     ];
     const ZIP: &[u8] = b"PK\x03\x04\x14\0\0\0\0\0";
 
     #[test]
     fn matching_content_gives_the_real_mime() {
         assert_eq!(classify("png", PNG, false, true).unwrap(), "image/png");
-        assert_eq!(classify("txt", "héllo".as_bytes(), true, true).unwrap(), "text/plain");
-        assert_eq!(classify("docx", ZIP, false, true).unwrap(), crate::content::KNOWN[9].mime);
+        assert_eq!(
+            classify("txt", "héllo".as_bytes(), true, true).unwrap(),
+            "text/plain"
+        );
+        assert_eq!(
+            classify("docx", ZIP, false, true).unwrap(),
+            crate::content::KNOWN[9].mime
+        );
         // Unknown extension, unknown bytes: accepted as octet-stream.
-        assert_eq!(classify("bin", &[0, 1, 2, 255], false, true).unwrap(), "application/octet-stream");
+        assert_eq!(
+            classify("bin", &[0, 1, 2, 255], false, true).unwrap(),
+            "application/octet-stream"
+        );
     }
 
     #[test]
     fn contradictions_are_refused() {
         let error = classify("png", ELF, false, true).unwrap_err();
-        assert_eq!(error.to_string(), "the content is an executable (application/x-executable), not .png");
-        assert!(matches!(classify("pdf", ZIP, false, true), Err(ContentError::Mismatch { .. })));
+        assert_eq!(
+            error.to_string(),
+            "the content is an executable (application/x-executable), not .png"
+        );
+        assert!(matches!(
+            classify("pdf", ZIP, false, true),
+            Err(ContentError::Mismatch { .. })
+        ));
         assert_eq!(
             classify("png", b"just text", true, true).unwrap_err().to_string(),
             "the content does not look like a .png file"
         );
-        assert!(matches!(classify("txt", &[0xff, 0xfe, 0x00], false, true), Err(ContentError::NotUtf8 { .. })));
-        assert!(matches!(classify("txt", ELF, false, true), Err(ContentError::Mismatch { .. })));
+        assert!(matches!(
+            classify("txt", &[0xff, 0xfe, 0x00], false, true),
+            Err(ContentError::NotUtf8 { .. })
+        ));
+        assert!(matches!(
+            classify("txt", ELF, false, true),
+            Err(ContentError::Mismatch { .. })
+        ));
     }
 
     #[test]
@@ -290,7 +354,10 @@ mod tests {
     #[test]
     fn text_sniffing() {
         assert!(looks_like_text("plain text, ünïcode".as_bytes()));
-        assert!(looks_like_text(&"€".as_bytes()[..2]), "a character cut by the sample size");
+        assert!(
+            looks_like_text(&"€".as_bytes()[..2]),
+            "a character cut by the sample size"
+        );
         assert!(!looks_like_text(&[0x41, 0x00, 0x42]));
         assert!(!looks_like_text(&[0xff, 0xfe, 0x41]));
     }

@@ -67,13 +67,19 @@ async fn call_plugin<T: Send + 'static>(
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, PluginError> {
     let started = Instant::now();
-    let _slot = gateway.forward_slots.clone().acquire_owned().await.map_err(|_| {
-        PluginError::new(ErrorKind::Internal, "shutting down")
-    })?;
+    let _slot = gateway
+        .forward_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
     let worker = provider.clone();
     let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&worker))).await;
     let result = match joined {
-        Err(_) => Err(PluginError::new(ErrorKind::Timeout, format!("no answer within {limit:?}"))),
+        Err(_) => Err(PluginError::new(
+            ErrorKind::Timeout,
+            format!("no answer within {limit:?}"),
+        )),
         Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
         Ok(Ok(result)) => result,
     };
@@ -88,7 +94,13 @@ async fn call_plugin<T: Send + 'static>(
     result
 }
 
-async fn attempt(gateway: &Gateway, provider: &Arc<Provider>, record: &UploadRecord, path: &Path, limit: Duration) -> Attempt {
+async fn attempt(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    record: &UploadRecord,
+    path: &Path,
+    limit: Duration,
+) -> Attempt {
     let request = put_request(record, path);
     match call_plugin(gateway, provider, limit, move |provider| provider.put(&request)).await {
         Ok(result) => Attempt::Delivered(result),
@@ -105,17 +117,25 @@ async fn attempt(gateway: &Gateway, provider: &Arc<Provider>, record: &UploadRec
 /// Exponential backoff with full jitter for retry number `attempt` (1-based), at least
 /// `floor` (an upstream's Retry-After), at most the configured maximum.
 pub fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Duration {
-    let base = retry.initial_backoff.0.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let base = retry
+        .initial_backoff
+        .0
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let capped = base.min(retry.max_backoff.0);
     let jittered = capped.mul_f64(rand::rng().random_range(0.5..=1.0));
-    jittered.max(floor.unwrap_or_default()).min(retry.max_backoff.0.max(floor.unwrap_or_default()))
+    jittered
+        .max(floor.unwrap_or_default())
+        .min(retry.max_backoff.0.max(floor.unwrap_or_default()))
 }
 
 /// The client-facing error for a provider failure.
 fn client_error(error: &PluginError) -> ApiError {
     match error.kind {
         ErrorKind::Rejected => ApiError::UpstreamRejected {
-            status: error.status.filter(|s| (400..500).contains(s) && *s != 429).unwrap_or(502),
+            status: error
+                .status
+                .filter(|s| (400..500).contains(s) && *s != 429)
+                .unwrap_or(502),
             reason: error.message.clone(),
         },
         ErrorKind::Timeout => ApiError::UpstreamTimeout,
@@ -172,7 +192,12 @@ async fn delivered(
 ) -> Result<(), ApiError> {
     gateway
         .store
-        .mark_forwarded(record.id.clone(), result.remote_id.clone(), result.url.clone(), attempts)
+        .mark_forwarded(
+            record.id.clone(),
+            result.remote_id.clone(),
+            result.url.clone(),
+            attempts,
+        )
         .await
         .map_err(internal)?;
     // The plugin may have moved the spool file away (the local provider renames it).
@@ -192,8 +217,10 @@ async fn give_up(
     attempts: u32,
 ) -> ApiError {
     tracing::warn!(upload_id = %record.id, provider = %record.provider, attempts, error = %error, "delivery failed");
-    if let Err(store_error) =
-        gateway.store.mark_attempt_failed(record.id.clone(), error.message.clone(), attempts, None).await
+    if let Err(store_error) = gateway
+        .store
+        .mark_attempt_failed(record.id.clone(), error.message.clone(), attempts, None)
+        .await
     {
         tracing::error!(%store_error, "cannot record a failed delivery");
     }
@@ -209,8 +236,15 @@ pub async fn delete_upstream(
     record: &UploadRecord,
     remote_id: String,
 ) -> Result<(), ApiError> {
-    let request = DeleteRequest { upload_id: record.id.clone(), remote_id };
-    match call_plugin(gateway, provider, provider.config.timeout.0, move |p| p.delete(&request)).await {
+    let request = DeleteRequest {
+        upload_id: record.id.clone(),
+        remote_id,
+    };
+    match call_plugin(gateway, provider, provider.config.timeout.0, move |p| {
+        p.delete(&request)
+    })
+    .await
+    {
         Ok(()) => Ok(()),
         Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
         Err(error) => Err(client_error(&error)),
@@ -234,12 +268,19 @@ pub async fn run_outbox(gateway: Arc<Gateway>) {
                         let retry_at = now_ms() + 60_000;
                         let _ = gateway
                             .store
-                            .mark_attempt_failed(record.id.clone(), "provider not configured".into(), record.attempts, Some(retry_at))
+                            .mark_attempt_failed(
+                                record.id.clone(),
+                                "provider not configured".into(),
+                                record.attempts,
+                                Some(retry_at),
+                            )
                             .await;
                         continue;
                     };
                     let gateway = gateway.clone();
-                    actix_web::rt::spawn(async move { deliver_from_outbox(&gateway, &provider, record).await });
+                    actix_web::rt::spawn(
+                        async move { deliver_from_outbox(&gateway, &provider, record).await },
+                    );
                 }
                 if full {
                     continue;
@@ -270,8 +311,10 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
             tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts, error = %error,
                 "async delivery failed, next try in {wait:?}");
             let retry_at = now_ms() + wait.as_millis() as i64;
-            if let Err(store_error) =
-                gateway.store.mark_attempt_failed(record.id.clone(), error.message, attempts, Some(retry_at)).await
+            if let Err(store_error) = gateway
+                .store
+                .mark_attempt_failed(record.id.clone(), error.message, attempts, Some(retry_at))
+                .await
             {
                 tracing::error!(%store_error, "cannot reschedule a delivery");
             }
@@ -280,7 +323,10 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
             // The client was already answered: keep the spooled bytes for the operator.
             tracing::error!(upload_id = %record.id, provider = %provider.name, attempts, error = %error,
                 "async delivery failed for good; the file stays in the spool");
-            let _ = gateway.store.mark_attempt_failed(record.id.clone(), error.message, attempts, None).await;
+            let _ = gateway
+                .store
+                .mark_attempt_failed(record.id.clone(), error.message, attempts, None)
+                .await;
             metrics::upload_outcome(dialect, &provider.name, "failed");
         }
     }
@@ -300,11 +346,20 @@ mod tests {
         };
         for _ in 0..50 {
             let first = backoff(&retry, 1, None);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            assert!(
+                first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
+                "{first:?}"
+            );
             let third = backoff(&retry, 3, None);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
+            assert!(
+                third >= Duration::from_millis(200) && third <= Duration::from_millis(400),
+                "{third:?}"
+            );
             assert!(backoff(&retry, 30, None) <= Duration::from_secs(1));
-            assert_eq!(backoff(&retry, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+            assert_eq!(
+                backoff(&retry, 1, Some(Duration::from_secs(3))),
+                Duration::from_secs(3)
+            );
         }
     }
 
@@ -312,8 +367,20 @@ mod tests {
     fn provider_errors_map_to_client_errors() {
         let mut rejected = PluginError::new(ErrorKind::Rejected, "bad file");
         rejected.status = Some(400);
-        assert_eq!(client_error(&rejected), ApiError::UpstreamRejected { status: 400, reason: "bad file".into() });
-        assert_eq!(client_error(&PluginError::new(ErrorKind::Timeout, "slow")), ApiError::UpstreamTimeout);
-        assert_eq!(client_error(&PluginError::new(ErrorKind::Panic, "x")), ApiError::UpstreamFailed("x".into()));
+        assert_eq!(
+            client_error(&rejected),
+            ApiError::UpstreamRejected {
+                status: 400,
+                reason: "bad file".into()
+            }
+        );
+        assert_eq!(
+            client_error(&PluginError::new(ErrorKind::Timeout, "slow")),
+            ApiError::UpstreamTimeout
+        );
+        assert_eq!(
+            client_error(&PluginError::new(ErrorKind::Panic, "x")),
+            ApiError::UpstreamFailed("x".into())
+        );
     }
 }

@@ -40,16 +40,24 @@ pub fn validate_filename(name: &str) -> Result<(), ApiError> {
         return Err(ApiError::EmptyFilename);
     }
     if name.len() > 255 {
-        return Err(ApiError::InvalidFilename("the filename is longer than 255 bytes".into()));
+        return Err(ApiError::InvalidFilename(
+            "the filename is longer than 255 bytes".into(),
+        ));
     }
     if name.contains(['/', '\\']) {
-        return Err(ApiError::InvalidFilename("the filename may not contain `/` or `\\`".into()));
+        return Err(ApiError::InvalidFilename(
+            "the filename may not contain `/` or `\\`".into(),
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ApiError::InvalidFilename("the filename may not contain control characters".into()));
+        return Err(ApiError::InvalidFilename(
+            "the filename may not contain control characters".into(),
+        ));
     }
     if name == "." || name == ".." {
-        return Err(ApiError::InvalidFilename("the filename may not be `.` or `..`".into()));
+        return Err(ApiError::InvalidFilename(
+            "the filename may not be `.` or `..`".into(),
+        ));
     }
     Ok(())
 }
@@ -111,7 +119,13 @@ impl Spool {
     /// Total bytes in spooled files (for the spool gauge).
     pub fn bytes_on_disk(&self) -> u64 {
         std::fs::read_dir(&self.dir)
-            .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 }
@@ -211,7 +225,10 @@ impl SpoolWriter {
 
     async fn sink(&mut self) -> Result<Sink, ApiError> {
         if let Some(pending) = self.pending.take() {
-            return pending.await.map_err(|_| ApiError::Internal)?.map_err(spool_io_error);
+            return pending
+                .await
+                .map_err(|_| ApiError::Internal)?
+                .map_err(spool_io_error);
         }
         self.sink.take().ok_or(ApiError::Internal)
     }
@@ -222,7 +239,9 @@ impl SpoolWriter {
         let sink = self.sink().await?;
         let slice = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_SLICE));
         let path = self.part_path.clone();
-        self.pending = Some(tokio::task::spawn_blocking(move || write_slice(sink, &path, &slice)));
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            write_slice(sink, &path, &slice)
+        }));
         Ok(())
     }
 
@@ -260,7 +279,13 @@ impl SpoolWriter {
             Some(validator) => validator.finish(),
             None => content::looks_like_text(&self.head),
         };
-        Ok((final_path, self.size, sha256, std::mem::take(&mut self.head), utf8_ok))
+        Ok((
+            final_path,
+            self.size,
+            sha256,
+            std::mem::take(&mut self.head),
+            utf8_ok,
+        ))
     }
 }
 
@@ -271,7 +296,10 @@ fn write_slice(sink: Sink, path: &Path, slice: &[u8]) -> std::io::Result<Sink> {
     }
     let mut file = match file {
         Some(file) => file,
-        None => std::fs::OpenOptions::new().write(true).create_new(true).open(path)?,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?,
     };
     hasher.update(slice);
     file.write_all(slice)?;
@@ -319,7 +347,16 @@ pub async fn complete_file(
     verify_content: bool,
 ) -> Result<SpooledFile, ApiError> {
     let (path, size, sha256, head, utf8_ok) = writer.finish().await?;
-    let mut file = SpooledFile { upload_id, filename, extension, mime: String::new(), size, sha256, path, keep: false };
+    let mut file = SpooledFile {
+        upload_id,
+        filename,
+        extension,
+        mime: String::new(),
+        size,
+        sha256,
+        path,
+        keep: false,
+    };
     file.mime = content::classify(&file.extension, &head, utf8_ok, verify_content)
         .map_err(|error| ApiError::ContentMismatch(error.to_string()))?;
     if verify_content && content::needs_json_check(&file.extension) {
@@ -337,7 +374,9 @@ pub async fn next_or_stall<S, T>(stream: &mut S, idle: Duration) -> Result<Optio
 where
     S: Stream<Item = T> + Unpin,
 {
-    tokio::time::timeout(idle, stream.next()).await.map_err(|_| ApiError::BodyTimeout)
+    tokio::time::timeout(idle, stream.next())
+        .await
+        .map_err(|_| ApiError::BodyTimeout)
 }
 
 fn multipart_error(error: MultipartError) -> ApiError {
@@ -370,13 +409,17 @@ pub async fn receive_multipart(
             Some(filename) => {
                 file_parts += 1;
                 if file_parts > limits.max_files {
-                    return Err(ApiError::TooManyFiles { max: limits.max_files });
+                    return Err(ApiError::TooManyFiles {
+                        max: limits.max_files,
+                    });
                 }
                 if name.as_deref() != Some(spec.file_field) {
                     drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                     continue;
                 }
-                received.files.push(receive_file(&mut field, filename, limits, spool, new_id()).await?);
+                received
+                    .files
+                    .push(receive_file(&mut field, filename, limits, spool, new_id()).await?);
             }
             None => {
                 let value = read_text(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
@@ -391,7 +434,9 @@ pub async fn receive_multipart(
 
 /// The part's field name and, for file parts, its filename (RFC 5987 `filename*` first).
 fn part_names(field: &Field) -> (Option<String>, Option<String>) {
-    let Some(disposition) = field.content_disposition() else { return (None, None) };
+    let Some(disposition) = field.content_disposition() else {
+        return (None, None);
+    };
     let name = disposition.get_name().map(str::to_owned);
     let filename = disposition
         .get_filename_ext()
@@ -410,13 +455,24 @@ async fn receive_file(
     validate_filename(&filename)?;
     let extension = extension_of(&filename);
     limits.plan.check_extension(&extension)?;
-    let mut writer =
-        SpoolWriter::new(spool, &upload_id, limits.plan.max_file_size(), content::is_text_extension(&extension));
+    let mut writer = SpoolWriter::new(
+        spool,
+        &upload_id,
+        limits.plan.max_file_size(),
+        content::is_text_extension(&extension),
+    );
     while let Some(chunk) = next_or_stall(field, limits.idle_timeout).await? {
         let chunk: Bytes = chunk.map_err(multipart_error)?;
         writer.write(&chunk).await?;
     }
-    complete_file(writer, upload_id, filename, extension, limits.plan.config.verify_content).await
+    complete_file(
+        writer,
+        upload_id,
+        filename,
+        extension,
+        limits.plan.config.verify_content,
+    )
+    .await
 }
 
 async fn read_text(field: &mut Field, idle: Duration, total: &mut usize) -> Result<String, ApiError> {
@@ -451,12 +507,30 @@ mod tests {
         assert!(validate_filename("report 2024.pdf").is_ok());
         assert!(validate_filename("產品說明書.pdf").is_ok());
         assert_eq!(validate_filename(""), Err(ApiError::EmptyFilename));
-        assert!(matches!(validate_filename("../etc/passwd"), Err(ApiError::InvalidFilename(_))));
-        assert!(matches!(validate_filename("a\\b.txt"), Err(ApiError::InvalidFilename(_))));
-        assert!(matches!(validate_filename("a\0b"), Err(ApiError::InvalidFilename(_))));
-        assert!(matches!(validate_filename("line\nbreak.txt"), Err(ApiError::InvalidFilename(_))));
-        assert!(matches!(validate_filename(".."), Err(ApiError::InvalidFilename(_))));
-        assert!(matches!(validate_filename(&"a".repeat(256)), Err(ApiError::InvalidFilename(_))));
+        assert!(matches!(
+            validate_filename("../etc/passwd"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("a\\b.txt"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("a\0b"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("line\nbreak.txt"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename(".."),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename(&"a".repeat(256)),
+            Err(ApiError::InvalidFilename(_))
+        ));
         assert!(validate_filename(&"a".repeat(255)).is_ok());
     }
 
@@ -491,7 +565,10 @@ mod tests {
         writer.write(&data).await.unwrap();
         drop(writer);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let left: Vec<_> = std::fs::read_dir(&spool.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&spool.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("u1")]);
     }
 }

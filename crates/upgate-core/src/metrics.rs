@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::dialects::DialectName;
@@ -44,19 +43,32 @@ static BELOW_FLOOR: AtomicBool = AtomicBool::new(false);
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let metric =
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
@@ -68,17 +80,54 @@ impl Metrics {
         let seconds = prometheus::exponential_buckets(0.001, 4.0, 11).expect("valid buckets");
         // 1 KiB .. 16 GiB.
         let bytes = prometheus::exponential_buckets(1024.0, 4.0, 13).expect("valid buckets");
-        let build_info = IntGaugeVec::new(Opts::new("upgate_build_info", "Build of the running daemon"), &["version"])
-            .expect("valid metric");
-        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("upgate_build_info", "Build of the running daemon"),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Self {
-            requests: counter(r, "upgate_http_requests_total", "HTTP requests answered", &["dialect", "route", "status_class"]),
-            uploads: counter(r, "upgate_uploads_total", "Uploads by outcome", &["dialect", "provider", "outcome"]),
-            received_bytes: counter(r, "upgate_received_bytes_total", "Bytes of files accepted", &["dialect"]),
-            forwarded_bytes: counter(r, "upgate_forwarded_bytes_total", "Bytes of files delivered upstream", &["provider"]),
-            upload_duration: histogram(r, "upgate_upload_duration_seconds", "Upload request duration", &["dialect"], seconds.clone()),
-            upload_size: histogram(r, "upgate_upload_size_bytes", "Size of accepted files", &["dialect"], bytes),
+            requests: counter(
+                r,
+                "upgate_http_requests_total",
+                "HTTP requests answered",
+                &["dialect", "route", "status_class"],
+            ),
+            uploads: counter(
+                r,
+                "upgate_uploads_total",
+                "Uploads by outcome",
+                &["dialect", "provider", "outcome"],
+            ),
+            received_bytes: counter(
+                r,
+                "upgate_received_bytes_total",
+                "Bytes of files accepted",
+                &["dialect"],
+            ),
+            forwarded_bytes: counter(
+                r,
+                "upgate_forwarded_bytes_total",
+                "Bytes of files delivered upstream",
+                &["provider"],
+            ),
+            upload_duration: histogram(
+                r,
+                "upgate_upload_duration_seconds",
+                "Upload request duration",
+                &["dialect"],
+                seconds.clone(),
+            ),
+            upload_size: histogram(
+                r,
+                "upgate_upload_size_bytes",
+                "Size of accepted files",
+                &["dialect"],
+                bytes,
+            ),
             upstream_duration: histogram(
                 r,
                 "upgate_upstream_request_duration_seconds",
@@ -86,16 +135,44 @@ impl Metrics {
                 &["provider", "outcome"],
                 seconds,
             ),
-            retries: counter(r, "upgate_upstream_retries_total", "Delivery retries", &["provider"]),
-            rejections: counter(r, "upgate_rejections_total", "Requests refused by policy", &["dialect", "reason"]),
+            retries: counter(
+                r,
+                "upgate_upstream_retries_total",
+                "Delivery retries",
+                &["provider"],
+            ),
+            rejections: counter(
+                r,
+                "upgate_rejections_total",
+                "Requests refused by policy",
+                &["dialect", "reason"],
+            ),
             sessions_active: gauge(r, "upgate_sessions_active", "Open chunked upload sessions"),
             spool_bytes: gauge(r, "upgate_spool_bytes", "Bytes in the spool directory"),
             open_connections: gauge(r, "upgate_open_connections", "Open client connections"),
             outbox_pending: gauge(r, "upgate_outbox_pending", "Uploads waiting for async delivery"),
-            plugin_errors: counter(r, "upgate_plugin_errors_total", "Provider plugin errors", &["provider", "kind"]),
-            config_reloads: counter(r, "upgate_config_reloads_total", "Configuration reloads", &["result"]),
-            disk_free: gauge(r, "upgate_data_dir_free_bytes", "Free bytes on the data_dir filesystem"),
-            disk_floor: gauge(r, "upgate_data_dir_free_floor_bytes", "Configured free-space floor for data_dir"),
+            plugin_errors: counter(
+                r,
+                "upgate_plugin_errors_total",
+                "Provider plugin errors",
+                &["provider", "kind"],
+            ),
+            config_reloads: counter(
+                r,
+                "upgate_config_reloads_total",
+                "Configuration reloads",
+                &["result"],
+            ),
+            disk_free: gauge(
+                r,
+                "upgate_data_dir_free_bytes",
+                "Free bytes on the data_dir filesystem",
+            ),
+            disk_floor: gauge(
+                r,
+                "upgate_data_dir_free_floor_bytes",
+                "Configured free-space floor for data_dir",
+            ),
             _build_info: build_info,
             registry,
         }
@@ -121,18 +198,37 @@ pub fn prime<'a>(providers: impl IntoIterator<Item = &'a str>) {
     }
     let providers: Vec<&str> = providers.into_iter().collect();
     for dialect in DialectName::ALL {
-        for reason in ["auth", "size", "extension", "content", "rate", "concurrency", "quota", "invalid"] {
+        for reason in [
+            "auth",
+            "size",
+            "extension",
+            "content",
+            "rate",
+            "concurrency",
+            "quota",
+            "invalid",
+        ] {
             metrics.rejections.with_label_values(&[dialect.as_str(), reason]);
         }
         for provider in &providers {
             for outcome in ["received", "forwarded", "failed", "deleted"] {
-                metrics.uploads.with_label_values(&[dialect.as_str(), provider, outcome]);
+                metrics
+                    .uploads
+                    .with_label_values(&[dialect.as_str(), provider, outcome]);
             }
         }
     }
     for provider in &providers {
         metrics.retries.with_label_values(&[provider]);
-        for kind in ["panic", "timeout", "unavailable", "rejected", "not_found", "internal", "config"] {
+        for kind in [
+            "panic",
+            "timeout",
+            "unavailable",
+            "rejected",
+            "not_found",
+            "internal",
+            "config",
+        ] {
             metrics.plugin_errors.with_label_values(&[provider, kind]);
         }
     }
@@ -146,21 +242,39 @@ pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, dura
         _ => "5xx",
     };
     let metrics = get();
-    metrics.requests.with_label_values(&[dialect_label(dialect), route, class]).inc();
+    metrics
+        .requests
+        .with_label_values(&[dialect_label(dialect), route, class])
+        .inc();
     if let Some(dialect) = dialect {
-        metrics.upload_duration.with_label_values(&[dialect.as_str()]).observe(duration.as_secs_f64());
+        metrics
+            .upload_duration
+            .with_label_values(&[dialect.as_str()])
+            .observe(duration.as_secs_f64());
     }
 }
 
 pub fn rejection(dialect: DialectName, reason: &'static str) {
-    get().rejections.with_label_values(&[dialect.as_str(), reason]).inc();
+    get()
+        .rejections
+        .with_label_values(&[dialect.as_str(), reason])
+        .inc();
 }
 
 pub fn upload_received(dialect: DialectName, provider: &str, size: u64) {
     let metrics = get();
-    metrics.uploads.with_label_values(&[dialect.as_str(), provider, "received"]).inc();
-    metrics.received_bytes.with_label_values(&[dialect.as_str()]).inc_by(size);
-    metrics.upload_size.with_label_values(&[dialect.as_str()]).observe(size as f64);
+    metrics
+        .uploads
+        .with_label_values(&[dialect.as_str(), provider, "received"])
+        .inc();
+    metrics
+        .received_bytes
+        .with_label_values(&[dialect.as_str()])
+        .inc_by(size);
+    metrics
+        .upload_size
+        .with_label_values(&[dialect.as_str()])
+        .observe(size as f64);
 }
 
 pub fn upload_forwarded(dialect: DialectName, provider: &str, size: u64) {
@@ -170,11 +284,17 @@ pub fn upload_forwarded(dialect: DialectName, provider: &str, size: u64) {
 
 /// `outcome` is one of forwarded, failed, deleted.
 pub fn upload_outcome(dialect: DialectName, provider: &str, outcome: &'static str) {
-    get().uploads.with_label_values(&[dialect.as_str(), provider, outcome]).inc();
+    get()
+        .uploads
+        .with_label_values(&[dialect.as_str(), provider, outcome])
+        .inc();
 }
 
 pub fn upstream_duration(provider: &str, outcome: &'static str, duration: Duration) {
-    get().upstream_duration.with_label_values(&[provider, outcome]).observe(duration.as_secs_f64());
+    get()
+        .upstream_duration
+        .with_label_values(&[provider, outcome])
+        .observe(duration.as_secs_f64());
 }
 
 pub fn retry(provider: &str) {
@@ -190,7 +310,10 @@ pub fn outbox_pending(pending: u64) {
 }
 
 pub fn config_reload(ok: bool) {
-    get().config_reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    get()
+        .config_reloads
+        .with_label_values(&[if ok { "ok" } else { "error" }])
+        .inc();
 }
 
 /// Measures free space in `dir` and remembers whether it is under `floor`.

@@ -36,9 +36,11 @@ impl KeyDigest {
     pub fn from_config(entry: &str) -> Result<Self, String> {
         match entry.strip_prefix("sha256:") {
             Some(hex_digest) => {
-                let bytes = hex::decode(hex_digest).map_err(|_| "a `sha256:` key needs 64 hex digits".to_owned())?;
-                let digest: [u8; 32] =
-                    bytes.try_into().map_err(|_| "a `sha256:` key needs 64 hex digits".to_owned())?;
+                let bytes =
+                    hex::decode(hex_digest).map_err(|_| "a `sha256:` key needs 64 hex digits".to_owned())?;
+                let digest: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| "a `sha256:` key needs 64 hex digits".to_owned())?;
                 Ok(Self(digest))
             }
             None if entry.trim().is_empty() => Err("a key may not be empty".into()),
@@ -60,9 +62,15 @@ pub struct Plan {
 
 impl Plan {
     fn new(name: &str, config: &PlanConfig) -> Self {
-        let allowed_extensions =
-            config.allowed_extensions.as_ref().map(|list| list.iter().map(|e| e.to_ascii_lowercase()).collect());
-        Self { name: name.to_owned(), config: config.clone(), allowed_extensions }
+        let allowed_extensions = config
+            .allowed_extensions
+            .as_ref()
+            .map(|list| list.iter().map(|e| e.to_ascii_lowercase()).collect());
+        Self {
+            name: name.to_owned(),
+            config: config.clone(),
+            allowed_extensions,
+        }
     }
 
     pub fn max_file_size(&self) -> u64 {
@@ -72,20 +80,28 @@ impl Plan {
     /// Checks the (lower-case, possibly empty) last extension against the allowlist.
     pub fn check_extension(&self, extension: &str) -> Result<(), ApiError> {
         match &self.allowed_extensions {
-            Some(allowed) if !allowed.contains(extension) => {
-                Err(ApiError::UnsupportedType { extension: extension.to_owned() })
-            }
+            Some(allowed) if !allowed.contains(extension) => Err(ApiError::UnsupportedType {
+                extension: extension.to_owned(),
+            }),
             _ => Ok(()),
         }
     }
 
     /// Checks a size known in advance (a declared session size).
     pub fn check_size(&self, size: u64) -> Result<(), ApiError> {
-        if size > self.max_file_size() { Err(ApiError::TooLarge { limit: self.max_file_size() }) } else { Ok(()) }
+        if size > self.max_file_size() {
+            Err(ApiError::TooLarge {
+                limit: self.max_file_size(),
+            })
+        } else {
+            Ok(())
+        }
     }
 
     pub fn max_files_per_request(&self, dialect_max: usize) -> usize {
-        self.config.max_files_per_request.map_or(dialect_max, |max| max.min(dialect_max))
+        self.config
+            .max_files_per_request
+            .map_or(dialect_max, |max| max.min(dialect_max))
     }
 
     pub fn has_quota(&self) -> bool {
@@ -150,35 +166,59 @@ pub struct Policy {
 impl Policy {
     /// Compiles a validated config with its instantiated providers.
     pub fn new(config: Config, providers: BTreeMap<String, Arc<Provider>>) -> Self {
-        let plans: BTreeMap<String, Arc<Plan>> =
-            config.plans.iter().map(|(name, plan)| (name.clone(), Arc::new(Plan::new(name, plan)))).collect();
+        let plans: BTreeMap<String, Arc<Plan>> = config
+            .plans
+            .iter()
+            .map(|(name, plan)| (name.clone(), Arc::new(Plan::new(name, plan))))
+            .collect();
         let mut tenants = BTreeMap::new();
         let mut keys = HashMap::new();
         for (name, tenant_config) in &config.tenants {
             // Config validation guarantees the plan exists.
-            let Some(plan) = plans.get(&tenant_config.plan) else { continue };
+            let Some(plan) = plans.get(&tenant_config.plan) else {
+                continue;
+            };
             let tenant = Arc::new(Tenant {
                 name: name.clone(),
                 plan: plan.clone(),
                 provider: tenant_config.provider.clone(),
                 dialects: tenant_config.dialects.clone(),
-                concurrency: plan.config.max_concurrent_uploads.map(|n| Arc::new(Semaphore::new(n))),
+                concurrency: plan
+                    .config
+                    .max_concurrent_uploads
+                    .map(|n| Arc::new(Semaphore::new(n))),
             });
             for key in &tenant_config.keys {
-                let Ok(digest) = KeyDigest::from_config(&key.0) else { continue };
+                let Ok(digest) = KeyDigest::from_config(&key.0) else {
+                    continue;
+                };
                 let limiter = plan.config.rate_limit.map(|limit| {
                     let period = Duration::from_secs_f64(1.0 / limit.requests_per_second);
                     let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-                    let quota = Quota::with_period(period).unwrap_or(Quota::per_second(burst)).allow_burst(burst);
+                    let quota = Quota::with_period(period)
+                        .unwrap_or(Quota::per_second(burst))
+                        .allow_burst(burst);
                     RateLimiter::direct(quota)
                 });
-                keys.insert(digest, KeyEntry { tenant: tenant.clone(), limiter });
+                keys.insert(
+                    digest,
+                    KeyEntry {
+                        tenant: tenant.clone(),
+                        limiter,
+                    },
+                );
             }
             tenants.insert(name.clone(), tenant);
         }
         let global = config.server.max_concurrent_uploads;
         let global_concurrency = (global > 0).then(|| Arc::new(Semaphore::new(global)));
-        Self { config: Arc::new(config), providers, tenants, keys, global_concurrency }
+        Self {
+            config: Arc::new(config),
+            providers,
+            tenants,
+            keys,
+            global_concurrency,
+        }
     }
 
     pub fn tenant(&self, name: &str) -> Option<&Arc<Tenant>> {
@@ -187,25 +227,41 @@ impl Policy {
 
     /// Authenticates `key` for `dialect` and applies the rate and concurrency limits.
     pub fn admit(self: &Arc<Self>, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
-        let entry = self.keys.get(&KeyDigest::of(key)).ok_or(ApiError::InvalidCredentials)?;
+        let entry = self
+            .keys
+            .get(&KeyDigest::of(key))
+            .ok_or(ApiError::InvalidCredentials)?;
         if !entry.tenant.allows(dialect) {
             return Err(ApiError::DialectNotAllowed);
         }
         if let Some(limiter) = &entry.limiter {
             if let Err(not_until) = limiter.check() {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                return Err(ApiError::Throttled { retry_after_secs: ceil_secs(wait), why: Throttle::Rate });
+                return Err(ApiError::Throttled {
+                    retry_after_secs: ceil_secs(wait),
+                    why: Throttle::Rate,
+                });
             }
         }
         let mut permits = Vec::with_capacity(2);
-        for semaphore in [&self.global_concurrency, &entry.tenant.concurrency].into_iter().flatten() {
+        for semaphore in [&self.global_concurrency, &entry.tenant.concurrency]
+            .into_iter()
+            .flatten()
+        {
             let permit = semaphore
                 .clone()
                 .try_acquire_owned()
-                .map_err(|_| ApiError::Throttled { retry_after_secs: 1, why: Throttle::Concurrency })?;
+                .map_err(|_| ApiError::Throttled {
+                    retry_after_secs: 1,
+                    why: Throttle::Concurrency,
+                })?;
             permits.push(permit);
         }
-        Ok(Admission { tenant: entry.tenant.clone(), policy: self.clone(), _permits: permits })
+        Ok(Admission {
+            tenant: entry.tenant.clone(),
+            policy: self.clone(),
+            _permits: permits,
+        })
     }
 }
 
@@ -230,7 +286,8 @@ mod tests {
     #[test]
     fn key_digests() {
         let plain = KeyDigest::from_config("demo-key").unwrap();
-        let hashed = KeyDigest::from_config(&format!("sha256:{}", hex::encode(Sha256::digest(b"demo-key")))).unwrap();
+        let hashed =
+            KeyDigest::from_config(&format!("sha256:{}", hex::encode(Sha256::digest(b"demo-key")))).unwrap();
         assert_eq!(plain, hashed);
         assert_eq!(plain, KeyDigest::of("demo-key"));
         assert!(KeyDigest::from_config("sha256:abc").is_err());
@@ -253,7 +310,12 @@ mod tests {
         let plan = Plan::new("p", &config);
         assert!(plan.check_extension("png").is_ok());
         assert!(plan.check_extension("").is_ok());
-        assert_eq!(plan.check_extension("exe"), Err(ApiError::UnsupportedType { extension: "exe".into() }));
+        assert_eq!(
+            plan.check_extension("exe"),
+            Err(ApiError::UnsupportedType {
+                extension: "exe".into()
+            })
+        );
         assert!(plan.check_size(10).is_ok());
         assert_eq!(plan.check_size(11), Err(ApiError::TooLarge { limit: 10 }));
     }

@@ -65,7 +65,9 @@ impl ServeError {
 }
 
 /// Loads the config and instantiates its providers: everything `check-config` validates.
-pub fn load(path: &Path) -> Result<(Config, std::collections::BTreeMap<String, Arc<plugins::Provider>>), ServeError> {
+pub fn load(
+    path: &Path,
+) -> Result<(Config, std::collections::BTreeMap<String, Arc<plugins::Provider>>), ServeError> {
     let config = Config::load(path).map_err(ServeError::Config)?;
     let providers = plugins::instantiate(&config).map_err(ServeError::Plugins)?;
     Ok((config, providers))
@@ -82,14 +84,19 @@ struct UploadLog {
 pub fn with_upload_ids(mut builder: HttpResponseBuilder, records: &[UploadRecord]) -> HttpResponseBuilder {
     let log = UploadLog {
         ids: records.iter().map(|record| record.id.clone()).collect(),
-        tenant: records.first().map(|record| record.tenant.clone()).unwrap_or_default(),
+        tenant: records
+            .first()
+            .map(|record| record.tenant.clone())
+            .unwrap_or_default(),
     };
     builder.extensions_mut().insert(log);
     builder
 }
 
 fn init_logging(format: LogFormat) {
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -110,17 +117,28 @@ async fn observe(
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     let response = next.call(request).await?;
-    let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let route = response
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
     let status = response.status();
     let elapsed = started.elapsed();
     metrics::http_request(dialect, &route, status.as_u16(), elapsed);
-    let error = response.response().error().and_then(|e| e.as_error::<DialectError>());
+    let error = response
+        .response()
+        .error()
+        .and_then(|e| e.as_error::<DialectError>());
     if let Some(error) = error {
         if let Some(reason) = error.error.rejection_reason() {
             metrics::rejection(error.dialect, reason);
         }
     }
-    let log = response.response().extensions().get::<UploadLog>().cloned().unwrap_or_default();
+    let log = response
+        .response()
+        .extensions()
+        .get::<UploadLog>()
+        .cloned()
+        .unwrap_or_default();
     tracing::info!(
         method = %method,
         route = %route,
@@ -141,7 +159,9 @@ async fn not_found() -> HttpResponse {
 }
 
 async fn metrics_text() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(metrics::render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics::render())
 }
 
 async fn healthz() -> HttpResponse {
@@ -167,7 +187,8 @@ async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
     if problems.is_empty() {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
     } else {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "not ready", "problems": problems }))
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "not ready", "problems": problems }))
     }
 }
 
@@ -195,7 +216,10 @@ fn notify(states: &[NotifyState<'_>]) {
 pub fn serve(config_path: &Path) -> Result<(), ServeError> {
     let (config, providers) = load(config_path)?;
     init_logging(config.server.log_format);
-    let workers = config.server.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let workers = config
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     actix_web::rt::System::new().block_on(run(config_path.to_path_buf(), config, providers, workers))
 }
 
@@ -206,8 +230,10 @@ async fn run(
     workers: usize,
 ) -> Result<(), ServeError> {
     let server_config = config.server.clone();
-    std::fs::create_dir_all(&server_config.data_dir)
-        .map_err(ServeError::io(format!("cannot create data_dir {}", server_config.data_dir.display())))?;
+    std::fs::create_dir_all(&server_config.data_dir).map_err(ServeError::io(format!(
+        "cannot create data_dir {}",
+        server_config.data_dir.display()
+    )))?;
     let store = Store::open(&server_config.data_dir, server_config.durability)?;
     let spool = Spool::open(&server_config.data_dir, server_config.durability)
         .map_err(ServeError::io("cannot prepare the spool directory"))?;
@@ -215,9 +241,13 @@ async fn run(
     metrics::prime(providers.keys().map(String::as_str));
     let gateway = web::Data::new(Gateway::new(Policy::new(config, providers), store, spool));
 
-    let listener = TcpListener::bind(server_config.listen)
-        .map_err(ServeError::io(format!("cannot listen on {}", server_config.listen)))?;
-    let address = listener.local_addr().map_err(ServeError::io("listener address"))?;
+    let listener = TcpListener::bind(server_config.listen).map_err(ServeError::io(format!(
+        "cannot listen on {}",
+        server_config.listen
+    )))?;
+    let address = listener
+        .local_addr()
+        .map_err(ServeError::io("listener address"))?;
     let app_gateway = gateway.clone();
     let server = HttpServer::new(move || {
         App::new()
@@ -243,9 +273,12 @@ async fn run(
 
     let metrics_server = match server_config.metrics_listen {
         Some(metrics_listen) => {
-            let listener = TcpListener::bind(metrics_listen)
-                .map_err(ServeError::io(format!("cannot listen on {metrics_listen} (metrics_listen)")))?;
-            let metrics_address = listener.local_addr().map_err(ServeError::io("listener address"))?;
+            let listener = TcpListener::bind(metrics_listen).map_err(ServeError::io(format!(
+                "cannot listen on {metrics_listen} (metrics_listen)"
+            )))?;
+            let metrics_address = listener
+                .local_addr()
+                .map_err(ServeError::io("listener address"))?;
             let metrics_gateway = gateway.clone();
             let server = HttpServer::new(move || {
                 App::new()
@@ -268,7 +301,10 @@ async fn run(
     tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), "upgate started");
 
     actix_web::rt::spawn(forward::run_outbox(gateway.clone().into_inner()));
-    actix_web::rt::spawn(sessions::run_housekeeping(gateway.clone().into_inner(), server_config.clone()));
+    actix_web::rt::spawn(sessions::run_housekeeping(
+        gateway.clone().into_inner(),
+        server_config.clone(),
+    ));
     if let Some(interval) = sd_notify::watchdog_enabled() {
         actix_web::rt::spawn(async move {
             loop {
@@ -283,7 +319,10 @@ async fn run(
     let signals_gateway = gateway.clone();
     actix_web::rt::spawn(async move {
         wait_for_stop(&config_path, &signals_gateway).await;
-        notify(&[NotifyState::Stopping, NotifyState::Status("draining in-flight uploads")]);
+        notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("draining in-flight uploads"),
+        ]);
         tracing::info!("stopping: draining in-flight uploads");
         handle.stop(true).await;
         if let Some(metrics_handle) = metrics_handle {
@@ -302,9 +341,11 @@ async fn run(
 /// Handles SIGHUP (reload) until SIGTERM or SIGINT arrives.
 async fn wait_for_stop(config_path: &Path, gateway: &Gateway) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };

@@ -56,12 +56,20 @@ pub struct PluginBuffer {
 impl PluginBuffer {
     /// An empty buffer, used as the initial value of out-parameters.
     pub const fn empty() -> Self {
-        Self { ptr: std::ptr::null_mut(), len: 0, capacity: 0 }
+        Self {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            capacity: 0,
+        }
     }
 
     fn from_vec(bytes: Vec<u8>) -> Self {
         let mut bytes = std::mem::ManuallyDrop::new(bytes);
-        Self { ptr: bytes.as_mut_ptr(), len: bytes.len(), capacity: bytes.capacity() }
+        Self {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            capacity: bytes.capacity(),
+        }
     }
 
     /// Views the bytes.
@@ -198,7 +206,12 @@ pub struct PluginError {
 
 impl PluginError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), status: None, retry_after_secs: None }
+        Self {
+            kind,
+            message: message.into(),
+            status: None,
+            retry_after_secs: None,
+        }
     }
 }
 
@@ -292,8 +305,12 @@ pub mod trampolines {
     }
 
     fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {
-        serde_json::from_slice(bytes)
-            .map_err(|error| PluginError::new(ErrorKind::Internal, format!("bad request JSON from host: {error}")))
+        serde_json::from_slice(bytes).map_err(|error| {
+            PluginError::new(
+                ErrorKind::Internal,
+                format!("bad request JSON from host: {error}"),
+            )
+        })
     }
 
     /// Runs `body`, writing its JSON result or error into `out`.
@@ -332,7 +349,11 @@ pub mod trampolines {
             instance = Box::into_raw(Box::new(provider)).cast();
             Ok(Value::Null)
         });
-        if status == STATUS_OK { instance } else { std::ptr::null_mut() }
+        if status == STATUS_OK {
+            instance
+        } else {
+            std::ptr::null_mut()
+        }
     }
 
     /// # Safety
@@ -419,7 +440,11 @@ mod tests {
             if request.filename == "panic" {
                 panic!("boom");
             }
-            Ok(PutResult { remote_id: request.upload_id, url: None, raw: Value::Null })
+            Ok(PutResult {
+                remote_id: request.upload_id,
+                url: None,
+                raw: Value::Null,
+            })
         }
         fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {
             Err(PluginError::new(ErrorKind::NotFound, "gone"))
@@ -456,7 +481,10 @@ mod tests {
     fn descriptor_round_trip_and_panics_are_caught() {
         let descriptor = unsafe { &*upgate_provider_v1() };
         assert_eq!(descriptor.header.abi_version, ABI_VERSION);
-        assert_eq!(descriptor.header.struct_size as usize, std::mem::size_of::<ProviderDescriptor>());
+        assert_eq!(
+            descriptor.header.struct_size as usize,
+            std::mem::size_of::<ProviderDescriptor>()
+        );
         let mut out = PluginBuffer::empty();
         let settings = b"{}";
         let instance = unsafe { (descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
@@ -474,9 +502,16 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Panic);
         assert_eq!(error.message, "boom");
 
-        let (status, body) = call(descriptor.delete, instance, br#"{"upload_id":"u1","remote_id":"r"}"#);
+        let (status, body) = call(
+            descriptor.delete,
+            instance,
+            br#"{"upload_id":"u1","remote_id":"r"}"#,
+        );
         assert_eq!(status, STATUS_ERROR);
-        assert_eq!(serde_json::from_slice::<PluginError>(&body).unwrap().kind, ErrorKind::NotFound);
+        assert_eq!(
+            serde_json::from_slice::<PluginError>(&body).unwrap().kind,
+            ErrorKind::NotFound
+        );
 
         let (status, _) = call(descriptor.put, instance, b"not json");
         assert_eq!(status, STATUS_ERROR);

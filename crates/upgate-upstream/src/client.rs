@@ -28,12 +28,18 @@ pub struct Auth {
 impl Auth {
     /// `Authorization: Bearer KEY`.
     pub const fn bearer() -> Self {
-        Self { header: "authorization", scheme: Some("Bearer") }
+        Self {
+            header: "authorization",
+            scheme: Some("Bearer"),
+        }
     }
 
     /// `<header>: <scheme> KEY`, e.g. `Authorization: Api-Key KEY`.
     pub const fn scheme(header: &'static str, scheme: &'static str) -> Self {
-        Self { header, scheme: Some(scheme) }
+        Self {
+            header,
+            scheme: Some(scheme),
+        }
     }
 
     /// `<header>: KEY`, e.g. `x-api-key: KEY`.
@@ -54,7 +60,10 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("vendor", &self.vendor).field("settings", &self.settings).finish()
+        f.debug_struct("Upstream")
+            .field("vendor", &self.vendor)
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -79,7 +88,10 @@ impl Upstream {
                 RootCerts::from(roots)
             }
         };
-        let tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(root_certs).build();
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(root_certs)
+            .build();
         let config = Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -94,7 +106,13 @@ impl Upstream {
             Some(scheme) => format!("{scheme} {}", settings.api_key()),
             None => settings.api_key().to_owned(),
         };
-        Ok(Self { vendor, auth_header: auth.header, auth_value, agent: config.new_agent(), settings })
+        Ok(Self {
+            vendor,
+            auth_header: auth.header,
+            auth_value,
+            agent: config.new_agent(),
+            settings,
+        })
     }
 
     pub fn vendor(&self) -> &'static str {
@@ -133,7 +151,13 @@ impl Upstream {
         body: &Value,
     ) -> Result<Reply, PluginError> {
         let bytes = serde_json::to_vec(body).map_err(|error| self.internal(what, error))?;
-        self.call(what, Method::POST, path, headers, OutBody::Bytes(bytes, "application/json"))
+        self.call(
+            what,
+            Method::POST,
+            path,
+            headers,
+            OutBody::Bytes(bytes, "application/json"),
+        )
     }
 
     /// `POST path` with an empty body (`Content-Length: 0`).
@@ -187,7 +211,9 @@ impl Upstream {
                 SendBody::from_owned_reader(reader)
             }
         };
-        let request = builder.body(send_body).map_err(|error| self.internal(what, error))?;
+        let request = builder
+            .body(send_body)
+            .map_err(|error| self.internal(what, error))?;
         let response = self.agent.run(request).map_err(|error| {
             if let Some(local) = failure.as_ref().and_then(|slot| slot.get()) {
                 return self.internal(what, local);
@@ -204,7 +230,11 @@ impl Upstream {
             .get("retry-after")
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let limit = if (200..300).contains(&status) { MAX_REPLY_BYTES } else { MAX_ERROR_BYTES };
+        let limit = if (200..300).contains(&status) {
+            MAX_REPLY_BYTES
+        } else {
+            MAX_ERROR_BYTES
+        };
         let mut bytes = Vec::new();
         let mut body = response.into_body();
         let read = body.as_reader().take(limit + 1).read_to_end(&mut bytes);
@@ -218,7 +248,13 @@ impl Upstream {
             Err(error) => return Err(self.io_error(what, error)),
         }
         bytes.truncate(limit as usize);
-        classify(&self.context(what), status, retry_after.as_deref(), &bytes, self.settings.api_key())
+        classify(
+            &self.context(what),
+            status,
+            retry_after.as_deref(),
+            &bytes,
+            self.settings.api_key(),
+        )
     }
 
     fn transport_error(&self, what: &str, error: ureq::Error) -> PluginError {
@@ -226,8 +262,10 @@ impl Upstream {
         match error {
             ureq::Error::Timeout(which) => PluginError::new(
                 ErrorKind::Timeout,
-                format!("{context}: timed out ({which}; connect_timeout {:?}, timeout {:?})",
-                    self.settings.connect_timeout, self.settings.timeout),
+                format!(
+                    "{context}: timed out ({which}; connect_timeout {:?}, timeout {:?})",
+                    self.settings.connect_timeout, self.settings.timeout
+                ),
             ),
             ureq::Error::Io(error) => self.io_error(what, error),
             ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::BodyExceedsLimit(_) => {
@@ -252,22 +290,94 @@ impl Upstream {
 
 /// Reads the PEM certificates of `ca_file`; none is a configuration error.
 fn load_ca_file(settings: &UpstreamSettings) -> Result<Vec<Certificate<'static>>, PluginError> {
-    let Some(path) = &settings.ca_file else { return Ok(Vec::new()) };
+    let Some(path) = &settings.ca_file else {
+        return Ok(Vec::new());
+    };
     let config = |message: String| PluginError::new(ErrorKind::Config, message);
-    let pem = std::fs::read(path)
-        .map_err(|error| config(format!("setting `ca_file`: cannot read {}: {error}", path.display())))?;
+    let pem = std::fs::read(path).map_err(|error| {
+        config(format!(
+            "setting `ca_file`: cannot read {}: {error}",
+            path.display()
+        ))
+    })?;
     let mut certificates = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         match item {
             Ok(PemItem::Certificate(certificate)) => certificates.push(certificate),
             Ok(_) => {}
             Err(error) => {
-                return Err(config(format!("setting `ca_file`: bad PEM in {}: {error}", path.display())));
+                return Err(config(format!(
+                    "setting `ca_file`: bad PEM in {}: {error}",
+                    path.display()
+                )));
             }
         }
     }
     if certificates.is_empty() {
-        return Err(config(format!("setting `ca_file`: no certificate in {}", path.display())));
+        return Err(config(format!(
+            "setting `ca_file`: no certificate in {}",
+            path.display()
+        )));
     }
     Ok(certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for group in bytes.chunks(3) {
+            let n = group
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..4 {
+                if i <= group.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    fn with_ca(path: &std::path::Path) -> Result<Upstream, PluginError> {
+        let settings = UpstreamSettings::parse(
+            json!({"base_url": "https://upstream.internal", "api_key": "k", "ca_file": path}),
+            &[],
+        )?;
+        Upstream::new("test", settings, Auth::header("x-api-key"))
+    }
+
+    #[test]
+    fn ca_file_is_loaded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let der = webpki_root_certs::TLS_SERVER_ROOT_CERTS[0].as_ref();
+        let body: Vec<String> = base64(der)
+            .as_bytes()
+            .chunks(64)
+            .map(|line| String::from_utf8_lossy(line).into_owned())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            body.join("\n")
+        );
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, pem).unwrap();
+        let upstream = with_ca(&ca).unwrap();
+        upstream.health().unwrap();
+        std::fs::remove_file(&ca).unwrap();
+        assert_eq!(upstream.health().unwrap_err().kind, ErrorKind::Config);
+
+        assert_eq!(with_ca(&ca).unwrap_err().kind, ErrorKind::Config);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificates here\n").unwrap();
+        let error = with_ca(&empty).unwrap_err();
+        assert!(error.message.contains("no certificate"), "{}", error.message);
+    }
 }

@@ -23,14 +23,20 @@ mod settings;
 
 pub use client::{Auth, Upstream};
 pub use multipart::{FileRange, Multipart, MultipartBody};
-pub use response::{MAX_REASON_CHARS, Reply, classify, extract_reason, json_str, parse_retry_after, sanitize};
+pub use response::{
+    MAX_REASON_CHARS, Reply, classify, extract_reason, json_str, parse_retry_after, sanitize,
+};
 pub use settings::{COMMON_KEYS, UpstreamSettings, parse_byte_size};
 
 use upgate_plugin_api::{ErrorKind, PluginError, PutRequest};
 
 /// A metadata value the host copied from the inbound request, when it is a non-empty string.
 pub fn metadata_str<'a>(request: &'a PutRequest, key: &str) -> Option<&'a str> {
-    request.metadata.get(key).and_then(|value| value.as_str()).filter(|text| !text.trim().is_empty())
+    request
+        .metadata
+        .get(key)
+        .and_then(|value| value.as_str())
+        .filter(|text| !text.trim().is_empty())
 }
 
 /// A form with the upload as its file part under `field` (filename and content type from
@@ -43,12 +49,18 @@ pub fn upload_form(request: &PutRequest, field: &str) -> Result<Multipart, Plugi
 /// The whole spooled file of `request`, checked against `request.size`.
 pub fn upload_range(request: &PutRequest) -> Result<FileRange, PluginError> {
     let range = FileRange::whole(&request.path).map_err(|error| {
-        PluginError::new(ErrorKind::Internal, format!("cannot read the spooled upload {}: {error}", request.path))
+        PluginError::new(
+            ErrorKind::Internal,
+            format!("cannot read the spooled upload {}: {error}", request.path),
+        )
     })?;
     if range.len != request.size {
         return Err(PluginError::new(
             ErrorKind::Internal,
-            format!("spooled upload {} has {} bytes, expected {}", request.path, range.len, request.size),
+            format!(
+                "spooled upload {} has {} bytes, expected {}",
+                request.path, range.len, request.size
+            ),
         ));
     }
     Ok(range)
@@ -66,7 +78,9 @@ pub fn is_path_segment(text: &str) -> bool {
         && text != "."
         && text != ".."
         && text.len() <= 200
-        && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
 }
 
 /// A hyphenated UUID (`1a2036c0-d533-4636-8f51-2a811763ef5c`).

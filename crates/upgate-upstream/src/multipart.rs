@@ -27,7 +27,11 @@ impl FileRange {
 
     /// `len` bytes from `offset` (a chunk).
     pub fn range(path: impl Into<PathBuf>, offset: u64, len: u64) -> Self {
-        Self { path: path.into(), offset, len }
+        Self {
+            path: path.into(),
+            offset,
+            len,
+        }
     }
 }
 
@@ -66,10 +70,16 @@ impl Multipart {
         let boundary = boundary.into();
         assert!(
             (1..=70).contains(&boundary.len())
-                && boundary.bytes().all(|b| b.is_ascii_alphanumeric() || b"'()+_,-./:=?".contains(&b)),
+                && boundary
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"'()+_,-./:=?".contains(&b)),
             "invalid multipart boundary"
         );
-        Self { boundary, fields: Vec::new(), file: None }
+        Self {
+            boundary,
+            fields: Vec::new(),
+            file: None,
+        }
     }
 
     /// Adds a text field.
@@ -81,13 +91,18 @@ impl Multipart {
     /// Sets the file part (replacing any earlier one). A `content_type` that is not a plain
     /// header value becomes `application/octet-stream`.
     pub fn file(mut self, name: &str, filename: &str, content_type: &str, source: FileRange) -> Self {
-        let content_type = if !content_type.is_empty() && content_type.bytes().all(|b| (0x20..0x7f).contains(&b))
-        {
-            content_type.to_owned()
-        } else {
-            "application/octet-stream".to_owned()
-        };
-        self.file = Some(FilePart { name: name.to_owned(), filename: filename.to_owned(), content_type, source });
+        let content_type =
+            if !content_type.is_empty() && content_type.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                content_type.to_owned()
+            } else {
+                "application/octet-stream".to_owned()
+            };
+        self.file = Some(FilePart {
+            name: name.to_owned(),
+            filename: filename.to_owned(),
+            content_type,
+            source,
+        });
         self
     }
 
@@ -155,7 +170,11 @@ impl Multipart {
             None => FileReader::empty(failure.clone()),
         };
         let len = self.content_length();
-        Ok(MultipartBody { inner: head.chain(file).chain(tail), len, failure })
+        Ok(MultipartBody {
+            inner: head.chain(file).chain(tail),
+            len,
+            failure,
+        })
     }
 }
 
@@ -183,9 +202,12 @@ fn push_percent_encoded(out: &mut Vec<u8>, text: &str) {
     }
 }
 
+/// Head (fields and file part headers), file content, tail (closing boundary).
+type BodyChain = io::Chain<io::Chain<Cursor<Vec<u8>>, FileReader>, Cursor<Vec<u8>>>;
+
 /// The body of a [`Multipart`], as a reader of exactly [`MultipartBody::len`] bytes.
 pub struct MultipartBody {
-    inner: io::Chain<io::Chain<Cursor<Vec<u8>>, FileReader>, Cursor<Vec<u8>>>,
+    inner: BodyChain,
     len: u64,
     failure: Arc<OnceLock<String>>,
 }
@@ -225,7 +247,11 @@ impl FileReader {
     fn open(range: &FileRange, failure: Arc<OnceLock<String>>) -> io::Result<Self> {
         let mut file = File::open(&range.path)?;
         let available = file.metadata()?.len();
-        if range.offset.checked_add(range.len).is_none_or(|end| end > available) {
+        if range
+            .offset
+            .checked_add(range.len)
+            .is_none_or(|end| end > available)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
@@ -237,15 +263,27 @@ impl FileReader {
             ));
         }
         file.seek(SeekFrom::Start(range.offset))?;
-        Ok(Self { file: Some(file.take(range.len)), remaining: range.len, path: range.path.clone(), failure })
+        Ok(Self {
+            file: Some(file.take(range.len)),
+            remaining: range.len,
+            path: range.path.clone(),
+            failure,
+        })
     }
 
     fn empty(failure: Arc<OnceLock<String>>) -> Self {
-        Self { file: None, remaining: 0, path: PathBuf::new(), failure }
+        Self {
+            file: None,
+            remaining: 0,
+            path: PathBuf::new(),
+            failure,
+        }
     }
 
     fn fail(&self, error: io::Error) -> io::Error {
-        let _ = self.failure.set(format!("reading {}: {error}", display(&self.path)));
+        let _ = self
+            .failure
+            .set(format!("reading {}: {error}", display(&self.path)));
         error
     }
 }
@@ -256,7 +294,9 @@ fn display(path: &Path) -> String {
 
 impl Read for FileReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(file) = self.file.as_mut() else { return Ok(0) };
+        let Some(file) = self.file.as_mut() else {
+            return Ok(0);
+        };
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
@@ -304,7 +344,12 @@ mod tests {
         let file = file_with(b"hello\r\n--x");
         let form = Multipart::with_boundary("BOUNDARY")
             .text("user", "alice")
-            .file("file", "a.txt", "text/plain", FileRange::whole(file.path()).unwrap())
+            .file(
+                "file",
+                "a.txt",
+                "text/plain",
+                FileRange::whole(file.path()).unwrap(),
+            )
             .text("n", "1");
         assert_eq!(form.content_type(), "multipart/form-data; boundary=BOUNDARY");
         let (declared, bytes) = produce(form);
@@ -337,7 +382,11 @@ hello\r\n--x\r\n\
         let mut disposition = b"filename=\"".to_vec();
         disposition.extend_from_slice("報告 \\\"q\\\"\\\\b.xls".as_bytes());
         disposition.extend_from_slice(b"\"; filename*=UTF-8''%E5%A0%B1%E5%91%8A%20%22q%22%5Cb.xls\r\n");
-        assert!(bytes.windows(disposition.len()).any(|window| window == disposition));
+        assert!(
+            bytes
+                .windows(disposition.len())
+                .any(|window| window == disposition)
+        );
         assert_eq!(declared, bytes.len() as u64);
 
         let (_, bytes) = produce(Multipart::with_boundary("B").file(
@@ -348,14 +397,21 @@ hello\r\n--x\r\n\
         ));
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("filename=\"a%0D%0Ab\""), "{text}");
-        assert!(text.contains("Content-Type: application/octet-stream\r\n"), "{text}");
+        assert!(
+            text.contains("Content-Type: application/octet-stream\r\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn byte_range_of_a_file() {
         let file = file_with(b"0123456789");
-        let form =
-            Multipart::with_boundary("B").text("chunkNumber", "1").file("file", "f", "a/b", FileRange::range(file.path(), 3, 4));
+        let form = Multipart::with_boundary("B").text("chunkNumber", "1").file(
+            "file",
+            "f",
+            "a/b",
+            FileRange::range(file.path(), 3, 4),
+        );
         let (declared, bytes) = produce(form);
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.contains("\r\n\r\n3456\r\n--B--\r\n"), "{text}");
@@ -365,7 +421,10 @@ hello\r\n--x\r\n\
     #[test]
     fn fields_only_and_empty_file() {
         let (declared, bytes) = produce(Multipart::with_boundary("B").text("a", "1"));
-        assert_eq!(bytes, b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B--\r\n");
+        assert_eq!(
+            bytes,
+            b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B--\r\n"
+        );
         assert_eq!(declared, bytes.len() as u64);
 
         let empty = file_with(b"");
@@ -383,7 +442,10 @@ hello\r\n--x\r\n\
     fn short_or_missing_file_is_an_error() {
         let file = file_with(b"abc");
         let form = Multipart::new().file("file", "f", "a/b", FileRange::range(file.path(), 2, 5));
-        assert_eq!(form.into_reader().err().unwrap().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            form.into_reader().err().unwrap().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         let form = Multipart::new().file("file", "f", "a/b", FileRange::range("/nonexistent/x", 0, 1));
         assert!(form.into_reader().is_err());
 

@@ -1,7 +1,7 @@
 //! Turning an upstream's answer into a JSON value or a [`PluginError`] of the right kind.
 
 use serde_json::{Map, Value};
-use upgate_plugin_api::{ErrorKind, PluginError};
+use upgate_plugin_api::{ErrorKind, PluginError, PutResult};
 
 /// Longest upstream reason kept in an error message, in characters.
 pub const MAX_REASON_CHARS: usize = 200;
@@ -24,14 +24,46 @@ impl Reply {
 
     /// A non-empty string field of the top-level object, or an error saying it is missing.
     pub fn require_str(&self, key: &str) -> Result<&str, PluginError> {
-        self.str_field(key).ok_or_else(|| self.unexpected(&format!("no `{key}` in the answer")))
+        self.str_field(key)
+            .ok_or_else(|| self.unexpected(&format!("no `{key}` in the answer")))
+    }
+
+    /// The [`PutResult`] of a vendor's file record: the record is the answer itself
+    /// (`record` = `""`) or a part of it (a JSON pointer, e.g. `/0` for the first element of
+    /// an array); its `id_key` is the remote id, the first of `url_keys` present the URL, and
+    /// the whole answer is kept as `raw`.
+    pub fn into_put_result(
+        self,
+        record: &str,
+        id_key: &str,
+        url_keys: &[&str],
+    ) -> Result<PutResult, PluginError> {
+        let found = self
+            .body
+            .pointer(record)
+            .ok_or_else(|| self.unexpected("no file record in the answer"))?;
+        let remote_id = json_str(found, id_key)
+            .ok_or_else(|| self.unexpected(&format!("no `{id_key}` in the file record")))?
+            .to_owned();
+        let url = url_keys
+            .iter()
+            .find_map(|key| json_str(found, key))
+            .map(str::to_owned);
+        Ok(PutResult {
+            remote_id,
+            url,
+            raw: self.body,
+        })
     }
 
     /// An error for a 2xx answer whose body is not what the vendor documents.
     pub fn unexpected(&self, detail: &str) -> PluginError {
         let mut error = PluginError::new(
             ErrorKind::Internal,
-            format!("{}: unexpected answer (HTTP {}): {detail}", self.context, self.status),
+            format!(
+                "{}: unexpected answer (HTTP {}): {detail}",
+                self.context, self.status
+            ),
         );
         error.status = Some(self.status);
         error
@@ -40,14 +72,23 @@ impl Reply {
 
 /// `value[key]` when it is a non-empty string.
 pub fn json_str<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
-    value.get(key).and_then(Value::as_str).filter(|text| !text.is_empty())
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|text| !text.is_empty())
 }
 
 /// Removes control characters, trims, and cuts to `max_chars` characters (marking the cut).
 pub fn sanitize(text: &str, max_chars: usize) -> String {
     let cleaned: String = text
         .chars()
-        .map(|c| if c == '\n' || c == '\r' || c == '\t' { ' ' } else { c })
+        .map(|c| {
+            if c == '\n' || c == '\r' || c == '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
         .filter(|c| !c.is_control())
         .collect();
     let cleaned = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -82,7 +123,15 @@ fn reason_in(value: &Value) -> Option<String> {
 }
 
 fn reason_in_object(map: &Map<String, Value>) -> Option<String> {
-    for key in ["message", "detail", "error_description", "error", "msg", "errors", "non_field_errors"] {
+    for key in [
+        "message",
+        "detail",
+        "error_description",
+        "error",
+        "msg",
+        "errors",
+        "non_field_errors",
+    ] {
         if let Some(reason) = map.get(key).and_then(reason_in) {
             return Some(reason);
         }
@@ -104,7 +153,11 @@ pub fn parse_retry_after(value: Option<&str>) -> Option<u64> {
 
 /// Replaces the secret, when it is long enough to be recognizable, in upstream text.
 pub(crate) fn redact(text: String, secret: &str) -> String {
-    if secret.len() >= 4 && text.contains(secret) { text.replace(secret, "[redacted]") } else { text }
+    if secret.len() >= 4 && text.contains(secret) {
+        text.replace(secret, "[redacted]")
+    } else {
+        text
+    }
 }
 
 /// Maps an answer to a [`Reply`] (2xx) or an error: 429 and 5xx are `Unavailable` (with
@@ -130,7 +183,11 @@ pub fn classify(
                 error
             })?
         };
-        return Ok(Reply { status, body, context: context.to_owned() });
+        return Ok(Reply {
+            status,
+            body,
+            context: context.to_owned(),
+        });
     }
     let kind = match status {
         429 | 500..=599 => ErrorKind::Unavailable,
@@ -165,12 +222,18 @@ mod tests {
         let dify = r#"{"code":"unauthorized","message":"Access token is invalid","status":401}"#;
         assert_eq!(reason(dify).as_deref(), Some("Access token is invalid"));
         // maiagent (DRF)
-        assert_eq!(reason(r#"{"detail":"Invalid API key format."}"#).as_deref(), Some("Invalid API key format."));
+        assert_eq!(
+            reason(r#"{"detail":"Invalid API key format."}"#).as_deref(),
+            Some("Invalid API key format.")
+        );
         assert_eq!(
             reason(r#"{"file":["This field is required."]}"#).as_deref(),
             Some("file: This field is required.")
         );
-        assert_eq!(reason(r#"["Non-field problem."]"#).as_deref(), Some("Non-field problem."));
+        assert_eq!(
+            reason(r#"["Non-field problem."]"#).as_deref(),
+            Some("Non-field problem.")
+        );
         // kore / korexo
         assert_eq!(
             reason(r#"{"errors":[{"msg":"fileContext is required","code":400}]}"#).as_deref(),
@@ -186,8 +249,14 @@ mod tests {
                 .as_deref(),
             Some("threadId must be a UUID")
         );
-        assert_eq!(reason(r#"{"error":"invalid_token"}"#).as_deref(), Some("invalid_token"));
-        assert_eq!(reason(r#"{"error":{"message":"nested"}}"#).as_deref(), Some("nested"));
+        assert_eq!(
+            reason(r#"{"error":"invalid_token"}"#).as_deref(),
+            Some("invalid_token")
+        );
+        assert_eq!(
+            reason(r#"{"error":{"message":"nested"}}"#).as_deref(),
+            Some("nested")
+        );
         // plain text, nothing, and bodies with no reason
         assert_eq!(reason("Bad gateway\r\n").as_deref(), Some("Bad gateway"));
         assert_eq!(reason(""), None);
@@ -211,10 +280,16 @@ mod tests {
             classify("v upload", status, retry, body.as_bytes(), "secret-key").unwrap_err()
         };
         let e = error(429, Some("7"), r#"{"detail":"Request was throttled."}"#);
-        assert_eq!((e.kind, e.status, e.retry_after_secs), (ErrorKind::Unavailable, Some(429), Some(7)));
+        assert_eq!(
+            (e.kind, e.status, e.retry_after_secs),
+            (ErrorKind::Unavailable, Some(429), Some(7))
+        );
         assert_eq!(e.message, "v upload: HTTP 429: Request was throttled.");
         let e = error(429, Some("Wed, 21 Oct 2015 07:28:00 GMT"), "");
-        assert_eq!((e.retry_after_secs, e.message.as_str()), (None, "v upload: HTTP 429"));
+        assert_eq!(
+            (e.retry_after_secs, e.message.as_str()),
+            (None, "v upload: HTTP 429")
+        );
         assert_eq!(error(502, None, "").kind, ErrorKind::Unavailable);
         assert_eq!(error(404, None, "").kind, ErrorKind::NotFound);
         assert_eq!(error(408, None, "").kind, ErrorKind::Timeout);
@@ -228,6 +303,9 @@ mod tests {
         assert_eq!(reply.str_field("url"), None);
         assert_eq!(reply.require_str("url").unwrap_err().kind, ErrorKind::Internal);
         assert_eq!(classify("v", 200, None, b"", "k").unwrap().body, Value::Null);
-        assert_eq!(classify("v", 200, None, b"<html>", "k").unwrap_err().kind, ErrorKind::Internal);
+        assert_eq!(
+            classify("v", 200, None, b"<html>", "k").unwrap_err().kind,
+            ErrorKind::Internal
+        );
     }
 }

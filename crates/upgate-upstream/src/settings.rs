@@ -59,9 +59,10 @@ impl UpstreamSettings {
             Value::Null => Map::new(),
             _ => return Err(config_error("settings must be a map")),
         };
-        if let Some(key) = map.keys().find(|key| {
-            !COMMON_KEYS.contains(&key.as_str()) && !extra_keys.contains(&key.as_str())
-        }) {
+        if let Some(key) = map
+            .keys()
+            .find(|key| !COMMON_KEYS.contains(&key.as_str()) && !extra_keys.contains(&key.as_str()))
+        {
             let mut known: Vec<&str> = COMMON_KEYS.to_vec();
             known.extend_from_slice(extra_keys);
             return Err(config_error(format!(
@@ -81,17 +82,29 @@ impl UpstreamSettings {
         };
         if !api_key.bytes().all(|byte| (0x21..0x7f).contains(&byte)) {
             // Never echo the key itself.
-            return Err(config_error("setting `api_key` must be visible ASCII without spaces"));
+            return Err(config_error(
+                "setting `api_key` must be visible ASCII without spaces",
+            ));
         }
-        let connect_timeout =
-            parse_duration("connect_timeout", map.remove("connect_timeout"), DEFAULT_CONNECT_TIMEOUT)?;
+        let connect_timeout = parse_duration(
+            "connect_timeout",
+            map.remove("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
         let timeout = parse_duration("timeout", map.remove("timeout"), DEFAULT_TIMEOUT)?;
         let ca_file = match map.remove("ca_file") {
             None | Some(Value::Null) => None,
             Some(Value::String(path)) if !path.is_empty() => Some(PathBuf::from(path)),
             Some(_) => return Err(config_error("setting `ca_file` must be a file path")),
         };
-        Ok(Self { base_url, api_key, connect_timeout, timeout, ca_file, extra: map })
+        Ok(Self {
+            base_url,
+            api_key,
+            connect_timeout,
+            timeout,
+            ca_file,
+            extra: map,
+        })
     }
 
     /// The API key. Callers must never put it in an error message.
@@ -111,9 +124,9 @@ impl UpstreamSettings {
             Some(Value::String(value)) if value.is_empty() => {
                 Err(config_error(format!("setting `{key}` must not be empty")))
             }
-            Some(Value::String(value)) if value.chars().any(char::is_control) => {
-                Err(config_error(format!("setting `{key}` contains control characters")))
-            }
+            Some(Value::String(value)) if value.chars().any(char::is_control) => Err(config_error(format!(
+                "setting `{key}` contains control characters"
+            ))),
             Some(Value::String(value)) => Ok(Some(value.clone())),
             Some(_) => Err(config_error(format!("setting `{key}` must be a string"))),
         }
@@ -126,7 +139,8 @@ impl UpstreamSettings {
 
     /// [`UpstreamSettings::string`], required.
     pub fn required_string(&self, key: &str) -> Result<String, PluginError> {
-        self.string(key)?.ok_or_else(|| config_error(format!("setting `{key}` is required")))
+        self.string(key)?
+            .ok_or_else(|| config_error(format!("setting `{key}` is required")))
     }
 
     /// One of the plugin's own keys as a positive byte count: an integer, or a string such as
@@ -159,19 +173,29 @@ fn parse_base_url(value: Option<Value>) -> Result<String, PluginError> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| config_error(format!("setting `base_url` must start with http:// or https://: {shown}")))?;
+        .ok_or_else(|| {
+            config_error(format!(
+                "setting `base_url` must start with http:// or https://: {shown}"
+            ))
+        })?;
     let authority = rest.split('/').next().unwrap_or_default();
     if authority.is_empty() {
         return Err(config_error(format!("setting `base_url` has no host: {shown}")));
     }
     if authority.contains('@') {
-        return Err(config_error("setting `base_url` must not carry credentials; use `api_key`"));
+        return Err(config_error(
+            "setting `base_url` must not carry credentials; use `api_key`",
+        ));
     }
     if url.contains(['?', '#']) || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(config_error(format!("setting `base_url` must be a plain URL without query: {shown}")));
+        return Err(config_error(format!(
+            "setting `base_url` must be a plain URL without query: {shown}"
+        )));
     }
     if url.parse::<ureq::http::Uri>().is_err() {
-        return Err(config_error(format!("setting `base_url` is not a valid URL: {shown}")));
+        return Err(config_error(format!(
+            "setting `base_url` is not a valid URL: {shown}"
+        )));
     }
     Ok(url.trim_end_matches('/').to_owned())
 }
@@ -224,11 +248,16 @@ mod tests {
 
     #[test]
     fn parses_common_settings_and_defaults() {
-        let settings =
-            UpstreamSettings::parse(json!({"base_url": "https://api.dify.ai/v1/", "api_key": "k-123"}), &[])
-                .unwrap();
+        let settings = UpstreamSettings::parse(
+            json!({"base_url": "https://api.dify.ai/v1/", "api_key": "k-123"}),
+            &[],
+        )
+        .unwrap();
         assert_eq!(settings.base_url, "https://api.dify.ai/v1");
-        assert_eq!(settings.url("/files/upload"), "https://api.dify.ai/v1/files/upload");
+        assert_eq!(
+            settings.url("/files/upload"),
+            "https://api.dify.ai/v1/files/upload"
+        );
         assert_eq!(settings.connect_timeout, Duration::from_secs(10));
         assert_eq!(settings.timeout, Duration::from_secs(300));
         assert!(!format!("{settings:?}").contains("k-123"));
@@ -250,17 +279,43 @@ mod tests {
     #[test]
     fn rejects_bad_settings_without_leaking_the_key() {
         let error = |value: Value, extra: &[&str]| UpstreamSettings::parse(value, extra).unwrap_err();
-        let unknown = error(json!({"base_url": "http://h", "api_key": "secret", "colour": 1}), &[]);
+        let unknown = error(
+            json!({"base_url": "http://h", "api_key": "secret", "colour": 1}),
+            &[],
+        );
         assert_eq!(unknown.kind, ErrorKind::Config);
         assert!(unknown.message.contains("`colour`"), "{}", unknown.message);
         assert!(error(json!({"api_key": "k"}), &[]).message.contains("base_url"));
-        assert!(error(json!({"base_url": "ftp://h", "api_key": "k"}), &[]).message.contains("http"));
-        assert!(error(json!({"base_url": "http://u:p@h", "api_key": "k"}), &[]).message.contains("credentials"));
-        assert!(error(json!({"base_url": "http://h"}), &[]).message.contains("api_key"));
+        assert!(
+            error(json!({"base_url": "ftp://h", "api_key": "k"}), &[])
+                .message
+                .contains("http")
+        );
+        assert!(
+            error(json!({"base_url": "http://u:p@h", "api_key": "k"}), &[])
+                .message
+                .contains("credentials")
+        );
+        assert!(
+            error(json!({"base_url": "http://h"}), &[])
+                .message
+                .contains("api_key")
+        );
         let bad_key = error(json!({"base_url": "http://h", "api_key": "sec ret\n"}), &[]);
         assert!(!bad_key.message.contains("sec"));
-        assert!(error(json!({"base_url": "http://h", "api_key": "k", "timeout": "soon"}), &[]).message.contains("timeout"));
-        assert!(error(json!({"base_url": "http://h", "api_key": "k", "timeout": 0}), &[]).message.contains("timeout"));
+        assert!(
+            error(
+                json!({"base_url": "http://h", "api_key": "k", "timeout": "soon"}),
+                &[]
+            )
+            .message
+            .contains("timeout")
+        );
+        assert!(
+            error(json!({"base_url": "http://h", "api_key": "k", "timeout": 0}), &[])
+                .message
+                .contains("timeout")
+        );
         assert_eq!(error(json!([1]), &[]).kind, ErrorKind::Config);
     }
 

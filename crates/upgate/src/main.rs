@@ -68,7 +68,9 @@ fn main() -> ExitCode {
                 config.tenants.len()
             );
         })),
-        Command::Plugins { command: PluginsCommand::List { config } } => list_plugins(&config),
+        Command::Plugins {
+            command: PluginsCommand::List { config },
+        } => list_plugins(&config),
     };
     ExitCode::from(code)
 }
@@ -97,7 +99,10 @@ fn list_plugins(config_path: &Path) -> u8 {
         }
     };
     if found.is_empty() {
-        eprintln!("upgate: no plugins in {} (build them with `cargo build --release --workspace`)", dir.display());
+        eprintln!(
+            "upgate: no plugins in {} (build them with `cargo build --release --workspace`)",
+            dir.display()
+        );
         return 1;
     }
     println!("{:<12} {:<10} {:<4} FILE", "NAME", "VERSION", "ABI");
@@ -105,7 +110,13 @@ fn list_plugins(config_path: &Path) -> u8 {
     for (path, loaded) in found {
         match loaded {
             Ok(plugin) => {
-                println!("{:<12} {:<10} {:<4} {}", plugin.name, plugin.version, plugin.abi_version(), path.display())
+                println!(
+                    "{:<12} {:<10} {:<4} {}",
+                    plugin.name,
+                    plugin.version,
+                    plugin.abi_version(),
+                    path.display()
+                )
             }
             Err(error) => {
                 broken += 1;

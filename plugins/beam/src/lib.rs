@@ -1,1 +1,108 @@
-//! placeholder
+//! Provider plugin `beam`: forwards a stored upload to Beam Studio's agent-setup upload API.
+//!
+//! Flow: the host hands over a [`PutRequest`]; the spooled file streams from disk as the one
+//! `files` part of `POST {base_url}/agent-setup/upload`, with the `threadId` field and the
+//! headers `x-api-key: KEY` and `current-workspace-id`. Beam answers 201 with an array of
+//! file records: the first one's `id` becomes the remote id and its `url` (or `src`) the URL.
+//! The records' `user` objects are cut down to `id` and `name` before the answer is kept:
+//! the real API puts password hashes and tokens there. Beam has no delete API.
+//!
+//! `threadId` (a UUID, required) is the request's `threadId` metadata, else the `thread_id`
+//! setting; the workspace is the `workspaceId` metadata, else the `workspace_id` setting.
+//!
+//! Settings: the common upstream keys (see `upgate_upstream::UpstreamSettings`),
+//! `workspace_id`, `thread_id`.
+#![deny(unsafe_code)]
+
+use serde_json::{Map, Value};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_upstream::{
+    Auth, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_str, no_delete_api, upload_form,
+};
+
+const VENDOR: &str = "beam";
+
+/// The beam provider.
+#[derive(Debug)]
+pub struct Beam {
+    upstream: Upstream,
+    workspace_id: Option<String>,
+    thread_id: Option<String>,
+}
+
+fn rejected(message: &str) -> PluginError {
+    PluginError::new(ErrorKind::Rejected, format!("{VENDOR} upload: {message}"))
+}
+
+impl Provider for Beam {
+    fn init(settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(settings, &["workspace_id", "thread_id"])?;
+        let workspace_id = settings.string("workspace_id")?;
+        if workspace_id.as_deref().is_some_and(|id| !is_header_value(id)) {
+            return Err(PluginError::new(
+                ErrorKind::Config,
+                "setting `workspace_id` must be printable ASCII",
+            ));
+        }
+        let thread_id = settings.string("thread_id")?;
+        if thread_id.as_deref().is_some_and(|id| !is_uuid(id)) {
+            return Err(PluginError::new(
+                ErrorKind::Config,
+                "setting `thread_id` must be a UUID",
+            ));
+        }
+        let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?;
+        Ok(Self {
+            upstream,
+            workspace_id,
+            thread_id,
+        })
+    }
+
+    fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
+        let workspace_id = metadata_str(&request, "workspaceId")
+            .or(self.workspace_id.as_deref())
+            .ok_or_else(|| rejected("no workspace id"))?;
+        if !is_header_value(workspace_id) {
+            return Err(rejected("the workspace id is not printable ASCII"));
+        }
+        let thread_id = metadata_str(&request, "threadId")
+            .or(self.thread_id.as_deref())
+            .ok_or_else(|| rejected("no thread id"))?;
+        if !is_uuid(thread_id) {
+            return Err(rejected("the thread id is not a UUID"));
+        }
+        let form = upload_form(&request, "files")?.text("threadId", thread_id);
+        let mut reply = self.upstream.post_multipart(
+            "upload",
+            "/agent-setup/upload",
+            &[("current-workspace-id", workspace_id)],
+            form,
+        )?;
+        if let Value::Array(records) = &mut reply.body {
+            records.iter_mut().for_each(strip_user);
+        }
+        reply.into_put_result("/0", "id", &["url", "src"])
+    }
+
+    fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {
+        Err(no_delete_api(VENDOR))
+    }
+
+    fn health(&self) -> Result<(), PluginError> {
+        self.upstream.health()
+    }
+}
+
+/// Keeps only `id` and `name` of a record's `user`.
+fn strip_user(record: &mut Value) {
+    if let Some(user) = record.get_mut("user").filter(|user| user.is_object()) {
+        let kept: Map<String, Value> = ["id", "name"]
+            .into_iter()
+            .filter_map(|key| user.get(key).map(|value| (key.to_owned(), value.clone())))
+            .collect();
+        *user = Value::Object(kept);
+    }
+}
+
+upgate_plugin_api::export_provider!(Beam, "beam");

@@ -31,7 +31,9 @@ pub struct Example {
 
 impl Provider for Example {
     fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings = if settings.is_null() { Settings::default() } else {
+        let settings = if settings.is_null() {
+            Settings::default()
+        } else {
             serde_json::from_value(settings)
                 .map_err(|error| PluginError::new(ErrorKind::Config, format!("example settings: {error}")))?
         };
@@ -51,7 +53,9 @@ impl Provider for Example {
         let mut buffer = vec![0u8; 64 * 1024];
         let mut size = 0u64;
         loop {
-            let read = file.read(&mut buffer).map_err(|error| PluginError::new(ErrorKind::Internal, error.to_string()))?;
+            let read = file
+                .read(&mut buffer)
+                .map_err(|error| PluginError::new(ErrorKind::Internal, error.to_string()))?;
             if read == 0 {
                 break;
             }

@@ -1,1 +1,102 @@
-//! placeholder
+//! Provider plugin `korexo`: forwards a stored upload to the Kore.ai XO platform's v2
+//! attachments API, and deletes it there.
+//!
+//! Flow: the host hands over a [`PutRequest`]; the spooled file streams from disk as the
+//! `file` part of `POST {base_url}/api/v2/apps/{appId}/environments/{envName}/attachments/upload`
+//! with `x-api-key: KEY`, `userReference` and `uploadType=runtime`. Korexo answers 200
+//! `{fileId, filePath, ...}`: `fileId` (`f-<uuid>`) becomes the remote id, `filePath` the URL.
+//! `delete` sends `DELETE .../attachments/{fileId}` for the configured app and environment.
+//!
+//! `appId` and `envName` come from the request's metadata when present and valid
+//! (`[A-Za-z0-9._-]+`), else from the `app_id` and `env_name` settings; `userReference` from
+//! the metadata, else the `user_reference` setting, else `upgate`.
+//!
+//! Settings: the common upstream keys (see `upgate_upstream::UpstreamSettings`), `app_id`
+//! and `env_name` (required), `user_reference`.
+#![deny(unsafe_code)]
+
+use serde_json::Value;
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_upstream::{Auth, Upstream, UpstreamSettings, is_path_segment, metadata_str, upload_form};
+
+const VENDOR: &str = "korexo";
+
+/// The korexo provider.
+#[derive(Debug)]
+pub struct Korexo {
+    upstream: Upstream,
+    app_id: String,
+    env_name: String,
+    user_reference: String,
+}
+
+fn path_setting(settings: &UpstreamSettings, key: &str) -> Result<String, PluginError> {
+    let value = settings.required_string(key)?;
+    if !is_path_segment(&value) {
+        return Err(PluginError::new(
+            ErrorKind::Config,
+            format!("setting `{key}` must match [A-Za-z0-9._-]+"),
+        ));
+    }
+    Ok(value)
+}
+
+impl Provider for Korexo {
+    fn init(settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(settings, &["app_id", "env_name", "user_reference"])?;
+        let app_id = path_setting(&settings, "app_id")?;
+        let env_name = path_setting(&settings, "env_name")?;
+        let user_reference = settings.string_or("user_reference", "upgate")?;
+        let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?;
+        Ok(Self {
+            upstream,
+            app_id,
+            env_name,
+            user_reference,
+        })
+    }
+
+    fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
+        let scoped = |key: &str, fallback: &'_ str| -> String {
+            metadata_str(&request, key)
+                .filter(|value| is_path_segment(value))
+                .unwrap_or(fallback)
+                .to_owned()
+        };
+        let app_id = scoped("appId", &self.app_id);
+        let env_name = scoped("envName", &self.env_name);
+        let user_reference = metadata_str(&request, "userReference").unwrap_or(&self.user_reference);
+        let form = upload_form(&request, "file")?
+            .text("userReference", user_reference)
+            .text("uploadType", "runtime");
+        let path = format!("{}/upload", attachments_path(&app_id, &env_name));
+        let reply = self.upstream.post_multipart("upload", &path, &[], form)?;
+        reply.into_put_result("", "fileId", &["filePath"])
+    }
+
+    fn delete(&self, request: DeleteRequest) -> Result<(), PluginError> {
+        let file_id = request.remote_id.as_str();
+        if file_id.is_empty()
+            || file_id.len() > 100
+            || !file_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(PluginError::new(
+                ErrorKind::Rejected,
+                "korexo delete: remote id is not a korexo file id",
+            ));
+        }
+        let path = format!("{}/{file_id}", attachments_path(&self.app_id, &self.env_name));
+        self.upstream.delete("delete", &path, &[])?;
+        Ok(())
+    }
+
+    fn health(&self) -> Result<(), PluginError> {
+        self.upstream.health()
+    }
+}
+
+fn attachments_path(app_id: &str, env_name: &str) -> String {
+    format!("/api/v2/apps/{app_id}/environments/{env_name}/attachments")
+}
+
+upgate_plugin_api::export_provider!(Korexo, "korexo");

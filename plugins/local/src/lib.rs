@@ -33,19 +33,32 @@ fn internal(error: impl std::fmt::Display) -> PluginError {
 /// Ids come from upgate, but a plugin checks what becomes a path anyway.
 fn checked_id(id: &str) -> Result<&str, PluginError> {
     let safe = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if safe { Ok(id) } else { Err(PluginError::new(ErrorKind::Rejected, "invalid upload id")) }
+    if safe {
+        Ok(id)
+    } else {
+        Err(PluginError::new(ErrorKind::Rejected, "invalid upload id"))
+    }
 }
 
 impl Provider for LocalDisk {
     fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings: Settings = serde_json::from_value(settings)
-            .map_err(|error| PluginError::new(ErrorKind::Config, format!("local provider settings: {error}")))?;
+        let settings: Settings = serde_json::from_value(settings).map_err(|error| {
+            PluginError::new(ErrorKind::Config, format!("local provider settings: {error}"))
+        })?;
         std::fs::create_dir_all(&settings.root).map_err(|error| {
-            PluginError::new(ErrorKind::Config, format!("cannot create root {}: {error}", settings.root.display()))
+            PluginError::new(
+                ErrorKind::Config,
+                format!("cannot create root {}: {error}", settings.root.display()),
+            )
         })?;
         let root = settings.root.canonicalize().map_err(internal)?;
-        let public_base_url = settings.public_base_url.map(|url| url.trim_end_matches('/').to_owned());
-        Ok(Self { root, public_base_url })
+        let public_base_url = settings
+            .public_base_url
+            .map(|url| url.trim_end_matches('/').to_owned());
+        Ok(Self {
+            root,
+            public_base_url,
+        })
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
@@ -62,7 +75,11 @@ impl Provider for LocalDisk {
             Some(base) => format!("{base}/{id}"),
             None => format!("file://{}", target.display()),
         };
-        Ok(PutResult { remote_id: id.to_owned(), url: Some(url), raw: Value::Null })
+        Ok(PutResult {
+            remote_id: id.to_owned(),
+            url: Some(url),
+            raw: Value::Null,
+        })
     }
 
     fn delete(&self, request: DeleteRequest) -> Result<(), PluginError> {
@@ -77,7 +94,11 @@ impl Provider for LocalDisk {
     }
 
     fn health(&self) -> Result<(), PluginError> {
-        if self.root.is_dir() { Ok(()) } else { Err(internal(format!("{} is not a directory", self.root.display()))) }
+        if self.root.is_dir() {
+            Ok(())
+        } else {
+            Err(internal(format!("{} is not a directory", self.root.display())))
+        }
     }
 }
 
@@ -109,13 +130,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let provider =
-            LocalDisk::init(serde_json::json!({ "root": root, "public_base_url": "https://files.example/" })).unwrap();
+            LocalDisk::init(serde_json::json!({ "root": root, "public_base_url": "https://files.example/" }))
+                .unwrap();
         let result = provider.put(request(dir.path(), "abc-123")).unwrap();
         assert_eq!(result.url.as_deref(), Some("https://files.example/abc-123"));
         assert_eq!(std::fs::read(root.join("abc-123")).unwrap(), b"bytes");
         assert!(!dir.path().join("evil.txt").exists());
-        provider.delete(DeleteRequest { upload_id: "abc-123".into(), remote_id: "abc-123".into() }).unwrap();
-        let again = provider.delete(DeleteRequest { upload_id: "x".into(), remote_id: "abc-123".into() });
+        provider
+            .delete(DeleteRequest {
+                upload_id: "abc-123".into(),
+                remote_id: "abc-123".into(),
+            })
+            .unwrap();
+        let again = provider.delete(DeleteRequest {
+            upload_id: "x".into(),
+            remote_id: "abc-123".into(),
+        });
         assert_eq!(again.unwrap_err().kind, ErrorKind::NotFound);
         let bad = provider.put(request(dir.path(), "../x"));
         assert_eq!(bad.unwrap_err().kind, ErrorKind::Rejected);
@@ -123,7 +153,9 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        let error = LocalDisk::init(serde_json::json!({ "root": "/tmp/x", "colour": 1 })).err().unwrap();
+        let error = LocalDisk::init(serde_json::json!({ "root": "/tmp/x", "colour": 1 }))
+            .err()
+            .unwrap();
         assert_eq!(error.kind, ErrorKind::Config);
         assert!(error.message.contains("colour"));
     }

@@ -17,13 +17,20 @@ pub(crate) struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
     }
 
     /// Whether the connection stays open after the answer.
     pub fn keep_alive(&self) -> bool {
         let connection = self.header("connection").unwrap_or_default().to_ascii_lowercase();
-        if self.http10 { connection.contains("keep-alive") } else { !connection.contains("close") }
+        if self.http10 {
+            connection.contains("keep-alive")
+        } else {
+            !connection.contains("close")
+        }
     }
 
     /// The path without the query string.
@@ -42,19 +49,27 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
     let mut total = 0;
     loop {
         let mut line = Vec::new();
-        let read = reader.take((MAX_HEAD_BYTES - total + 1) as u64).read_until(b'\n', &mut line)?;
+        let read = reader
+            .take((MAX_HEAD_BYTES - total + 1) as u64)
+            .read_until(b'\n', &mut line)?;
         if read == 0 {
             if lines.is_empty() && total == 0 {
                 return Ok(None);
             }
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a request head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed inside a request head",
+            ));
         }
         total += read;
         if total > MAX_HEAD_BYTES {
             return Err(invalid("request head too large"));
         }
         if !line.ends_with(b"\n") {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a request head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed inside a request head",
+            ));
         }
         while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             line.pop();
@@ -69,7 +84,8 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
     }
     let request_line = String::from_utf8_lossy(&lines[0]).into_owned();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(invalid("malformed request line"));
     };
@@ -86,7 +102,10 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
         if line.starts_with(b" ") || line.starts_with(b"\t") {
             return Err(invalid("obsolete header folding"));
         }
-        let colon = line.iter().position(|b| *b == b':').ok_or_else(|| invalid("header without colon"))?;
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| invalid("header without colon"))?;
         let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
         if name.is_empty() || name.contains(|c: char| c.is_whitespace()) {
             return Err(invalid("malformed header name"));
@@ -94,7 +113,12 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
         let value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_owned();
         headers.push((name, value));
     }
-    Ok(Some(Head { method: method.to_owned(), target: target.to_owned(), http10, headers }))
+    Ok(Some(Head {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        http10,
+        headers,
+    }))
 }
 
 /// How a request body is delimited.
@@ -106,19 +130,33 @@ pub(crate) enum Framing {
 
 pub(crate) fn framing(head: &Head) -> io::Result<Framing> {
     if let Some(encoding) = head.header("transfer-encoding") {
-        if encoding.to_ascii_lowercase().split(',').map(str::trim).next_back() == Some("chunked") {
+        if encoding
+            .to_ascii_lowercase()
+            .split(',')
+            .map(str::trim)
+            .next_back()
+            == Some("chunked")
+        {
             return Ok(Framing::Chunked);
         }
         return Err(invalid("unsupported transfer-encoding"));
     }
-    let lengths: Vec<&str> =
-        head.headers.iter().filter(|(name, _)| name == "content-length").map(|(_, v)| v.as_str()).collect();
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect();
     match lengths.as_slice() {
         [] => Ok(Framing::Length(0)),
-        [one] => one.parse().map(Framing::Length).map_err(|_| invalid("bad content-length")),
-        [first, rest @ ..] if rest.iter().all(|v| v == first) => {
-            first.parse().map(Framing::Length).map_err(|_| invalid("bad content-length"))
-        }
+        [one] => one
+            .parse()
+            .map(Framing::Length)
+            .map_err(|_| invalid("bad content-length")),
+        [first, rest @ ..] if rest.iter().all(|v| v == first) => first
+            .parse()
+            .map(Framing::Length)
+            .map_err(|_| invalid("bad content-length")),
         _ => Err(invalid("conflicting content-length")),
     }
 }
@@ -146,7 +184,11 @@ impl<'a, R: BufRead> BodyReader<'a, R> {
             Framing::Length(len) => BodyState::Length(len),
             Framing::Chunked => BodyState::ChunkStart,
         };
-        Self { inner, state, total: 0 }
+        Self {
+            inner,
+            state,
+            total: 0,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -157,14 +199,22 @@ impl<'a, R: BufRead> BodyReader<'a, R> {
         let mut line = Vec::new();
         self.inner.by_ref().take(4096).read_until(b'\n', &mut line)?;
         if !line.ends_with(b"\n") {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body ended inside chunk framing"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "body ended inside chunk framing",
+            ));
         }
-        Ok(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned())
+        Ok(String::from_utf8_lossy(&line)
+            .trim_end_matches(['\r', '\n'])
+            .to_owned())
     }
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside the request body")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "connection closed inside the request body",
+    )
 }
 
 impl<R: BufRead> Read for BodyReader<'_, R> {
@@ -223,7 +273,11 @@ pub(crate) struct Answer {
 
 impl Answer {
     pub fn json(status: u16, body: &serde_json::Value) -> Self {
-        Self { status, headers: Vec::new(), body: serde_json::to_vec(body).unwrap_or_default() }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: serde_json::to_vec(body).unwrap_or_default(),
+        }
     }
 
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -284,7 +338,8 @@ mod tests {
 
     #[test]
     fn head_and_chunked_body() {
-        let raw = b"\r\nPOST /a?b=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Api-Key:  k \r\n\r\n\
+        let raw =
+            b"\r\nPOST /a?b=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Api-Key:  k \r\n\r\n\
 4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nTrailer: t\r\n\r\nGET / HTTP/1.0\r\n\r\n";
         let mut reader = Cursor::new(raw.to_vec());
         let head = read_head(&mut reader).unwrap().unwrap();
@@ -293,7 +348,9 @@ mod tests {
         assert!(head.keep_alive());
         assert_eq!(framing(&head).unwrap(), Framing::Chunked);
         let mut body = Vec::new();
-        BodyReader::new(&mut reader, Framing::Chunked).read_to_end(&mut body).unwrap();
+        BodyReader::new(&mut reader, Framing::Chunked)
+            .read_to_end(&mut body)
+            .unwrap();
         assert_eq!(body, b"Wikipedia");
         let next = read_head(&mut reader).unwrap().unwrap();
         assert!(next.http10 && !next.keep_alive());
@@ -303,14 +360,27 @@ mod tests {
     #[test]
     fn bad_requests() {
         let parse = |raw: &[u8]| read_head(&mut Cursor::new(raw.to_vec()));
-        assert_eq!(parse(b"GARBAGE\r\n\r\n").unwrap_err().kind(), io::ErrorKind::InvalidData);
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err().kind(), io::ErrorKind::InvalidData);
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nA: b").unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        let head = parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").unwrap().unwrap();
+        assert_eq!(
+            parse(b"GARBAGE\r\n\r\n").unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nA: b").unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        let head = parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(framing(&head).is_err());
         let mut short = Cursor::new(b"abc".to_vec());
         let mut body = Vec::new();
-        let error = BodyReader::new(&mut short, Framing::Length(5)).read_to_end(&mut body).unwrap_err();
+        let error = BodyReader::new(&mut short, Framing::Length(5))
+            .read_to_end(&mut body)
+            .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -140,7 +140,13 @@ pub(crate) fn parse(body: impl Read, boundary: &str, spool_dir: Option<&Path>) -
     // A virtual CRLF in front makes the first delimiter look like all the others.
     let mut buf = vec![0; WINDOW];
     buf[..2].copy_from_slice(b"\r\n");
-    let mut window = Window { inner: body, buf, start: 0, end: 2, eof: false };
+    let mut window = Window {
+        inner: body,
+        buf,
+        start: 0,
+        end: 2,
+        eof: false,
+    };
     let delimiter = format!("\r\n--{boundary}").into_bytes();
     let mut form = Form::default();
 
@@ -172,7 +178,11 @@ pub(crate) fn parse(body: impl Read, boundary: &str, spool_dir: Option<&Path>) -
         } else {
             window.until(b"\r\n\r\n", &mut |bytes| {
                 head.extend_from_slice(bytes);
-                if head.len() > MAX_PART_HEAD { Err(invalid("multipart part headers too large")) } else { Ok(()) }
+                if head.len() > MAX_PART_HEAD {
+                    Err(invalid("multipart part headers too large"))
+                } else {
+                    Ok(())
+                }
             })?;
         }
         let headers = PartHeaders::parse(&head)?;
@@ -202,7 +212,10 @@ pub(crate) fn parse(body: impl Read, boundary: &str, spool_dir: Option<&Path>) -
                 None => None,
             };
             let filename_raw = headers.filename.clone().unwrap_or_default();
-            let filename = headers.filename_star.clone().unwrap_or_else(|| filename_raw.clone());
+            let filename = headers
+                .filename_star
+                .clone()
+                .unwrap_or_else(|| filename_raw.clone());
             form.files.push(FilePart {
                 field,
                 filename,
@@ -216,9 +229,14 @@ pub(crate) fn parse(body: impl Read, boundary: &str, spool_dir: Option<&Path>) -
             let mut value = Vec::new();
             window.until(&delimiter, &mut |bytes| {
                 value.extend_from_slice(bytes);
-                if value.len() > MAX_FIELD_BYTES { Err(invalid("form field too large")) } else { Ok(()) }
+                if value.len() > MAX_FIELD_BYTES {
+                    Err(invalid("form field too large"))
+                } else {
+                    Ok(())
+                }
             })?;
-            let value = String::from_utf8(value).map_err(|_| invalid(format!("form field {field} is not UTF-8")))?;
+            let value =
+                String::from_utf8(value).map_err(|_| invalid(format!("form field {field} is not UTF-8")))?;
             form.fields.push((field, value));
         }
     }
@@ -240,8 +258,13 @@ impl PartHeaders {
             if line.is_empty() {
                 continue;
             }
-            let colon = line.iter().position(|b| *b == b':').ok_or_else(|| invalid("malformed part header"))?;
-            let name = String::from_utf8_lossy(&line[..colon]).trim().to_ascii_lowercase();
+            let colon = line
+                .iter()
+                .position(|b| *b == b':')
+                .ok_or_else(|| invalid("malformed part header"))?;
+            let name = String::from_utf8_lossy(&line[..colon])
+                .trim()
+                .to_ascii_lowercase();
             let value = &line[colon + 1..];
             match name.as_str() {
                 "content-disposition" => {
@@ -255,7 +278,9 @@ impl PartHeaders {
                         }
                     }
                 }
-                "content-type" => headers.content_type = Some(String::from_utf8_lossy(value).trim().to_owned()),
+                "content-type" => {
+                    headers.content_type = Some(String::from_utf8_lossy(value).trim().to_owned())
+                }
                 _ => {}
             }
         }
@@ -279,8 +304,13 @@ fn disposition_params(value: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
         if at >= value.len() {
             break;
         }
-        let eq = value[at..].iter().position(|b| *b == b'=').ok_or_else(|| invalid("parameter without ="))?;
-        let key = String::from_utf8_lossy(&value[at..at + eq]).trim().to_ascii_lowercase();
+        let eq = value[at..]
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or_else(|| invalid("parameter without ="))?;
+        let key = String::from_utf8_lossy(&value[at..at + eq])
+            .trim()
+            .to_ascii_lowercase();
         at += eq + 1;
         let mut parsed = Vec::new();
         if value.get(at) == Some(&b'"') {
@@ -306,7 +336,10 @@ fn disposition_params(value: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
                 at += 1;
             }
         } else {
-            let end = value[at..].iter().position(|b| *b == b';').map_or(value.len(), |p| at + p);
+            let end = value[at..]
+                .iter()
+                .position(|b| *b == b';')
+                .map_or(value.len(), |p| at + p);
             parsed.extend_from_slice(value[at..end].trim_ascii());
             at = end;
         }
@@ -370,17 +403,24 @@ filename*=UTF-8''%E5%A0%B1%20%22q%22.txt\r\nContent-Type: text/plain\r\n\r\nhell
     #[test]
     fn rejects_malformed_bodies() {
         let truncated = "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nvalue";
-        assert_eq!(parse(truncated.as_bytes(), "B", None).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            parse(truncated.as_bytes(), "B", None).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
         let nameless = "--B\r\nContent-Disposition: form-data\r\n\r\nv\r\n--B--\r\n";
         assert!(parse(nameless.as_bytes(), "B", None).is_err());
-        assert_eq!(boundary_of("multipart/form-data; boundary=\"abc\"").as_deref(), Some("abc"));
+        assert_eq!(
+            boundary_of("multipart/form-data; boundary=\"abc\"").as_deref(),
+            Some("abc")
+        );
         assert_eq!(boundary_of("application/json"), None);
     }
 
     #[test]
     fn spools_file_parts() {
         let dir = tempfile::tempdir().unwrap();
-        let body = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\nchunk\r\n--B--\r\n";
+        let body =
+            "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\nchunk\r\n--B--\r\n";
         let form = parse(body.as_bytes(), "B", Some(dir.path())).unwrap();
         let path = form.files[0].spooled.as_ref().unwrap();
         assert_eq!(std::fs::read(path).unwrap(), b"chunk");

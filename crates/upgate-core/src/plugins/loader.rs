@@ -37,30 +37,43 @@ impl LoadedPlugin {
         let file = path.display().to_string();
         // SAFETY: loading a library runs its initialisers; plugins are trusted code chosen by
         // the operator (they sit in `plugin_dir`).
-        let library = unsafe { libloading::Library::new(path) }
-            .map_err(|error| PluginHostError::Open { file: file.clone(), message: error.to_string() })?;
+        let library = unsafe { libloading::Library::new(path) }.map_err(|error| PluginHostError::Open {
+            file: file.clone(),
+            message: error.to_string(),
+        })?;
         // Never unloaded (see the module docs).
         let library: &'static libloading::Library = Box::leak(Box::new(library));
         // SAFETY: the symbol's type is fixed by the ABI crate.
-        let entry = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }.map_err(|_| PluginHostError::NoEntry {
-            file: file.clone(),
-            symbol: String::from_utf8_lossy(&ENTRY_SYMBOL[..ENTRY_SYMBOL.len() - 1]).into_owned(),
-        })?;
+        let entry =
+            unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }.map_err(|_| PluginHostError::NoEntry {
+                file: file.clone(),
+                symbol: String::from_utf8_lossy(&ENTRY_SYMBOL[..ENTRY_SYMBOL.len() - 1]).into_owned(),
+            })?;
         // SAFETY: the entry function takes nothing and returns a pointer to static data.
         let descriptor = unsafe { entry() };
         if descriptor.is_null() {
-            return Err(PluginHostError::Abi { file, message: "the entry function returned null".into() });
+            return Err(PluginHostError::Abi {
+                file,
+                message: "the entry function returned null".into(),
+            });
         }
         // SAFETY: every ABI version starts with the same header; read only that first.
         let header = unsafe { *descriptor.cast::<DescriptorHeader>() };
         if header.abi_version != ABI_VERSION {
-            return Err(PluginHostError::AbiVersion { file, plugin: header.abi_version, host: ABI_VERSION });
+            return Err(PluginHostError::AbiVersion {
+                file,
+                plugin: header.abi_version,
+                host: ABI_VERSION,
+            });
         }
         let expected = std::mem::size_of::<ProviderDescriptor>();
         if (header.struct_size as usize) < expected {
             return Err(PluginHostError::Abi {
                 file,
-                message: format!("descriptor is {} bytes, ABI v{ABI_VERSION} needs {expected}", header.struct_size),
+                message: format!(
+                    "descriptor is {} bytes, ABI v{ABI_VERSION} needs {expected}",
+                    header.struct_size
+                ),
             });
         }
         // SAFETY: version and size checked: this is a v1 descriptor, static in a library that
@@ -68,9 +81,18 @@ impl LoadedPlugin {
         let descriptor: &'static ProviderDescriptor = unsafe { &*descriptor };
         // SAFETY: v1 descriptors carry NUL-terminated static strings.
         let text = |pointer: *const std::ffi::c_char| unsafe {
-            if pointer.is_null() { String::new() } else { CStr::from_ptr(pointer).to_string_lossy().into_owned() }
+            if pointer.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(pointer).to_string_lossy().into_owned()
+            }
         };
-        Ok(Self { path: path.to_path_buf(), name: text(descriptor.name), version: text(descriptor.version), descriptor })
+        Ok(Self {
+            path: path.to_path_buf(),
+            name: text(descriptor.name),
+            version: text(descriptor.version),
+            descriptor,
+        })
     }
 
     pub fn abi_version(&self) -> u32 {
@@ -86,7 +108,10 @@ impl LoadedPlugin {
         if instance.is_null() {
             Err(bytes)
         } else {
-            Ok(RawInstance { descriptor: self.descriptor, instance })
+            Ok(RawInstance {
+                descriptor: self.descriptor,
+                instance,
+            })
         }
     }
 

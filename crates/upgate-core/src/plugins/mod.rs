@@ -23,30 +23,46 @@ use crate::config::{Config, ProviderConfig};
 /// Loading or initialising a plugin failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginHostError {
-    #[error("plugin `{name}`: no file {file} (looked in server.plugin_dir; build it with `cargo build --release --workspace`)")]
+    #[error(
+        "plugin `{name}`: no file {file} (looked in server.plugin_dir; build it with `cargo build --release --workspace`)"
+    )]
     Missing { name: String, file: String },
     #[error("plugin file {file}: cannot load: {message}")]
     Open { file: String, message: String },
     #[error("plugin file {file}: no `{symbol}` symbol: not an upgate provider plugin")]
     NoEntry { file: String, symbol: String },
-    #[error("plugin file {file} was built for plugin ABI version {plugin}, but this upgate speaks ABI version {host}; rebuild the plugin against this upgate")]
+    #[error(
+        "plugin file {file} was built for plugin ABI version {plugin}, but this upgate speaks ABI version {host}; rebuild the plugin against this upgate"
+    )]
     AbiVersion { file: String, plugin: u32, host: u32 },
     #[error("plugin file {file}: {message}")]
     Abi { file: String, message: String },
     #[error("provider `{provider}` (plugin `{plugin}`): settings refused: {message}")]
-    Init { provider: String, plugin: String, message: String },
+    Init {
+        provider: String,
+        plugin: String,
+        message: String,
+    },
 }
 
 /// The file name a plugin called `name` has on this platform.
 pub fn plugin_file_name(name: &str) -> String {
-    format!("{}upgate_plugin_{}{}", std::env::consts::DLL_PREFIX, name.replace('-', "_"), std::env::consts::DLL_SUFFIX)
+    format!(
+        "{}upgate_plugin_{}{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    )
 }
 
 /// Opens the plugin file at `path`, once per process (libraries stay loaded).
 fn open_cached(path: &Path) -> Result<Arc<LoadedPlugin>, PluginHostError> {
     static OPENED: OnceLock<Mutex<HashMap<PathBuf, Arc<LoadedPlugin>>>> = OnceLock::new();
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mut opened = OPENED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut opened = OPENED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(plugin) = opened.get(&canonical) {
         return Ok(plugin.clone());
     }
@@ -59,27 +75,37 @@ fn open_cached(path: &Path) -> Result<Arc<LoadedPlugin>, PluginHostError> {
 pub fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHostError> {
     let path = plugin_dir.join(plugin_file_name(name));
     if !path.is_file() {
-        return Err(PluginHostError::Missing { name: name.to_owned(), file: path.display().to_string() });
+        return Err(PluginHostError::Missing {
+            name: name.to_owned(),
+            file: path.display().to_string(),
+        });
     }
     open_cached(&path)
 }
 
 /// Every plugin file in `plugin_dir`, loaded and checked (for `upgate plugins list`).
-pub fn discover(plugin_dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<Arc<LoadedPlugin>, PluginHostError>)>> {
+pub fn discover(
+    plugin_dir: &Path,
+) -> std::io::Result<Vec<(PathBuf, Result<Arc<LoadedPlugin>, PluginHostError>)>> {
     let prefix = format!("{}upgate_plugin_", std::env::consts::DLL_PREFIX);
     let mut found = Vec::new();
     for entry in std::fs::read_dir(plugin_dir)? {
         let path = entry?.path();
-        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
         if file_name.starts_with(&prefix) && file_name.ends_with(std::env::consts::DLL_SUFFIX) {
             found.push(path);
         }
     }
     found.sort();
-    Ok(found.into_iter().map(|path| {
-        let loaded = open_cached(&path);
-        (path, loaded)
-    }).collect())
+    Ok(found
+        .into_iter()
+        .map(|path| {
+            let loaded = open_cached(&path);
+            (path, loaded)
+        })
+        .collect())
 }
 
 /// One configured provider: a plugin instance with its config.
@@ -100,7 +126,8 @@ impl Provider {
 
     /// Deletes one upload upstream. Blocking.
     pub fn delete(&self, request: &DeleteRequest) -> Result<(), PluginError> {
-        self.call(Call::Delete, &serde_json::to_vec(request).unwrap_or_default()).map(|_| ())
+        self.call(Call::Delete, &serde_json::to_vec(request).unwrap_or_default())
+            .map(|_| ())
     }
 
     /// Readiness of the provider. Blocking (but plugins keep it cheap).
@@ -114,7 +141,10 @@ impl Provider {
             return Ok(bytes);
         }
         let mut error = serde_json::from_slice::<PluginError>(&bytes).unwrap_or_else(|_| {
-            PluginError::new(ErrorKind::Internal, format!("plugin returned status {status} with an unreadable error"))
+            PluginError::new(
+                ErrorKind::Internal,
+                format!("plugin returned status {status} with an unreadable error"),
+            )
         });
         if status == STATUS_PANIC {
             error.kind = ErrorKind::Panic;
@@ -124,8 +154,12 @@ impl Provider {
 }
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {
-    serde_json::from_slice(bytes)
-        .map_err(|error| PluginError::new(ErrorKind::Internal, format!("plugin answered unreadable JSON: {error}")))
+    serde_json::from_slice(bytes).map_err(|error| {
+        PluginError::new(
+            ErrorKind::Internal,
+            format!("plugin answered unreadable JSON: {error}"),
+        )
+    })
 }
 
 /// Instantiates every provider in `config`. Collects all problems rather than stopping at
@@ -141,17 +175,34 @@ pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, V
             Err(error) => errors.push(error),
         }
     }
-    if errors.is_empty() { Ok(providers) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(providers)
+    } else {
+        Err(errors)
+    }
 }
 
-fn instantiate_one(plugin_dir: &Path, name: &str, config: &ProviderConfig) -> Result<Provider, PluginHostError> {
+fn instantiate_one(
+    plugin_dir: &Path,
+    name: &str,
+    config: &ProviderConfig,
+) -> Result<Provider, PluginHostError> {
     let plugin = load(plugin_dir, &config.plugin)?;
     let settings = serde_json::to_vec(&config.settings.0).unwrap_or_default();
     let instance = plugin.init(&settings).map_err(|bytes| {
         let message = serde_json::from_slice::<PluginError>(&bytes)
             .map(|error| error.message)
             .unwrap_or_else(|_| "init failed".to_owned());
-        PluginHostError::Init { provider: name.to_owned(), plugin: config.plugin.clone(), message }
+        PluginHostError::Init {
+            provider: name.to_owned(),
+            plugin: config.plugin.clone(),
+            message,
+        }
     })?;
-    Ok(Provider { name: name.to_owned(), config: config.clone(), plugin, instance })
+    Ok(Provider {
+        name: name.to_owned(),
+        config: config.clone(),
+        plugin,
+        instance,
+    })
 }

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Flow benchmarks for upgate, each against a baseline measured in the same run.
+
+  forward: one file through upgate to a mock vendor upstream on loopback (the dify provider
+           plugin forwarding to the dify mock) vs the same file sent straight to that mock.
+  kore:    one file through Kore chunked sessions (8 MiB chunks) vs the same file as one
+           Dify upload, both to the local provider.
+
+Prints time, MiB/s, the ratio, and the daemon's peak RSS (VmHWM) for each run. Needs a
+release build (`cargo build --release --workspace`) and curl. Usage:
+
+  bench/flows.py [forward|kore|all] [--size-mib 1024] [--workdir DIR]
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+UPGATE = os.path.join(RELEASE, "upgate")
+MOCK = os.path.join(RELEASE, "mock-upstream")
+KEY = "bench-key"
+UPSTREAM_KEY = "upstream-key"
+
+
+def start(argv, pattern, env=None):
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(pattern, line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    sys.exit(f"{argv[0]} did not start")
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_upgate(workdir, provider_yaml):
+    data = os.path.join(workdir, "data")
+    shutil.rmtree(data, ignore_errors=True)
+    config = os.path.join(workdir, "config.yaml")
+    with open(config, "w") as out:
+        out.write(
+            f"server:\n  listen: 127.0.0.1:0\n  metrics_listen: null\n  data_dir: {data}\n"
+            f"  plugin_dir: {RELEASE}\n  disk_free_floor: 64MiB\n"
+            f"plans:\n  big: {{ max_file_size: 64GiB }}\n"
+            f"providers:\n{provider_yaml}"
+            f"tenants:\n  bench: {{ plan: big, provider: up, keys: [{KEY}] }}\n"
+        )
+    return start([UPGATE, "serve", "--config", config], r"upgate: listening on (http://\S+)")
+
+
+def curl_upload(url, headers, path):
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-F", f"file=@{path}", url]
+    for header in headers:
+        argv += ["-H", header]
+    started = time.time()
+    code = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    elapsed = time.time() - started
+    if not code.startswith("2"):
+        sys.exit(f"upload to {url} answered {code}")
+    return elapsed
+
+
+def row(label, seconds, size_mib, rss=None):
+    rss_text = f"{rss:8.1f} MiB" if rss is not None else "           -"
+    print(f"  {label:<44} {seconds:8.2f} s {size_mib / seconds:9.1f} MiB/s   peak RSS {rss_text}")
+
+
+def bench_forward(workdir, path, size_mib):
+    print(f"forward: {size_mib} MiB, upgate (dify plugin) -> dify mock vs client -> dify mock")
+    mock, mock_url = start([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)")
+    try:
+        direct = curl_upload(f"{mock_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path)
+        provider = (
+            f"  up:\n    plugin: dify\n    timeout: 1h\n"
+            f"    settings: {{ base_url: '{mock_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
+        )
+        upgate, url = start_upgate(workdir, provider)
+        try:
+            through = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
+            rss = peak_rss_mib(upgate.pid)
+        finally:
+            upgate.kill()
+            upgate.wait()
+    finally:
+        mock.kill()
+        mock.wait()
+    row("direct to the mock (baseline)", direct, size_mib)
+    row("through upgate (stored, hashed, forwarded)", through, size_mib, rss)
+    print(f"  ratio upgate/direct throughput: {direct / through:.2f}x\n")
+
+
+def post(conn, path, body, headers):
+    conn.request("POST", path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    if response.status // 100 != 2:
+        sys.exit(f"POST {path}: {response.status} {data[:300]!r}")
+    return json.loads(data)
+
+
+def kore_chunked(url, path, size, chunk):
+    host = url.removeprefix("http://")
+    conn = http.client.HTTPConnection(host, timeout=600)
+    total = (size + chunk - 1) // chunk
+    started = time.time()
+    session = post(
+        conn,
+        "/api/public/files/session/start",
+        json.dumps({"fileContext": "bulkImport", "totalChunks": total, "fileExtension": "bin",
+                    "fileName": "big.bin", "fileSize": size}),
+        {"X-api-key": KEY, "Content-Type": "application/json"},
+    )
+    boundary = uuid.uuid4().hex
+    with open(path, "rb") as source:
+        for number in range(total):
+            data = source.read(chunk)
+            body = (
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"chunkNumber\"\r\n\r\n{number}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            post(conn, f"/api/public/files/session/{session['sessionId']}", body,
+                 {"X-api-key": KEY, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    done = post(conn, f"/api/public/files/session/{session['sessionId']}/complete", b"", {"X-api-key": KEY})
+    return time.time() - started, done["fileId"]
+
+
+def bench_kore(workdir, path, size_mib):
+    print(f"kore: {size_mib} MiB as Kore chunked sessions (8 MiB chunks) vs one Dify upload")
+    files = os.path.join(workdir, "files")
+    provider = f"  up: {{ plugin: local, settings: {{ root: {files} }} }}\n"
+    upgate, url = start_upgate(workdir, provider)
+    try:
+        single = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
+        single_rss = peak_rss_mib(upgate.pid)
+    finally:
+        upgate.kill()
+        upgate.wait()
+    upgate, url = start_upgate(workdir, provider)
+    try:
+        chunked, file_id = kore_chunked(url, path, os.path.getsize(path), 8 << 20)
+        chunked_rss = peak_rss_mib(upgate.pid)
+    finally:
+        upgate.kill()
+        upgate.wait()
+    stored = os.path.join(files, file_id)
+    same = sha256(stored) == sha256(path)
+    row("one Dify upload (baseline)", single, size_mib, single_rss)
+    row("Kore chunked session, 8 MiB chunks", chunked, size_mib, chunked_rss)
+    print(f"  ratio chunked/single time: {chunked / single:.2f}x; stored sha256 matches: {same}\n")
+    if not same:
+        sys.exit("the assembled file differs from the original")
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", default="all", choices=["forward", "kore", "all"])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    for binary in (UPGATE, MOCK):
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"{binary} missing: run `cargo build --release --workspace` first")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="upgate-flows-")
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "big.bin")
+    if not os.path.exists(path) or os.path.getsize(path) != args.size_mib << 20:
+        with open(path, "wb") as out:
+            for _ in range(args.size_mib):
+                out.write(os.urandom(1 << 20))
+    try:
+        if args.which in ("forward", "all"):
+            bench_forward(workdir, path, args.size_mib)
+        if args.which in ("kore", "all"):
+            bench_kore(workdir, path, args.size_mib)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
