@@ -131,10 +131,12 @@ pub fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Du
 /// The client-facing error for a provider failure.
 fn client_error(error: &PluginError) -> ApiError {
     match error.kind {
+        // The upstream's refusal of the file reaches the client with its status; refusals of
+        // upgate's own credentials (401, 403, 407) are a gateway problem, so 502.
         ErrorKind::Rejected => ApiError::UpstreamRejected {
             status: error
                 .status
-                .filter(|s| (400..500).contains(s) && *s != 429)
+                .filter(|s| (400..500).contains(s) && ![401, 403, 407, 429].contains(s))
                 .unwrap_or(502),
             reason: error.message.clone(),
         },
@@ -371,6 +373,14 @@ mod tests {
             client_error(&rejected),
             ApiError::UpstreamRejected {
                 status: 400,
+                reason: "bad file".into()
+            }
+        );
+        rejected.status = Some(401);
+        assert_eq!(
+            client_error(&rejected),
+            ApiError::UpstreamRejected {
+                status: 502,
                 reason: "bad file".into()
             }
         );

@@ -1,0 +1,208 @@
+//! Delivery end to end: the real daemon forwarding through the real vendor plugins to the
+//! mock upstreams, sync and async, with upstream faults.
+
+use std::path::Path;
+use std::time::Duration;
+
+use upgate_e2e::harness::*;
+use upgate_e2e::mock::{MockUpstream, Vendor};
+
+const BEARER: (&str, &str) = ("Authorization", "Bearer demo-key");
+const UPSTREAM_KEY: &str = "upstream-secret";
+
+/// The default config with the tenant's provider replaced by the `dify` plugin at `base_url`.
+fn forwarding_config(dir: &Path, base_url: &str, provider_extra: &str, settings_extra: &str) -> String {
+    default_config(dir)
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  up:\n    plugin: dify\n    retry: {{ max_attempts: 5, initial_backoff: 50ms, max_backoff: 200ms }}\n{provider_extra}    settings:\n      base_url: {base_url}\n      api_key: {UPSTREAM_KEY}\n      connect_timeout: 1s\n{settings_extra}"
+            ),
+        )
+        .replace("    provider: disk\n", "    provider: up\n")
+}
+
+fn upload(daemon: &Daemon, name: &str, bytes: &[u8]) -> Reply {
+    post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new()
+            .text("user", "u-1")
+            .file("file", name, "text/plain", bytes),
+    )
+}
+
+fn row(daemon: &Daemon) -> (String, i64, Option<String>) {
+    daemon
+        .db()
+        .query_row("SELECT state, attempts, remote_id FROM uploads", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .unwrap()
+}
+
+#[test]
+fn sync_delivery_retries_500_twice_then_delivers_on_the_third_try() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.fail_next(2, 500);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    let content = b"forward me\n".repeat(100);
+    let reply = upload(&daemon, "report.txt", &content);
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let body = reply.json();
+    let received = mock.received();
+    assert_eq!(
+        received.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![500, 500, 201]
+    );
+    let delivered = &received[2];
+    assert_eq!(delivered.path, "/v1/files/upload");
+    assert_eq!(
+        delivered.header("authorization"),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+    assert_eq!(
+        delivered.field("user"),
+        Some("u-1"),
+        "the client's user travels with the file"
+    );
+    let file = delivered.file().unwrap();
+    assert_eq!(
+        (file.sha256.as_str(), file.filename.as_slice()),
+        (sha256_hex(&content).as_str(), b"report.txt".as_slice())
+    );
+    let stored = mock.stored();
+    assert_eq!(
+        body["source_url"],
+        stored[0].url.as_str(),
+        "the client sees the upstream URL"
+    );
+    let (state, attempts, remote_id) = row(&daemon);
+    assert_eq!((state.as_str(), attempts), ("forwarded", 3));
+    assert_eq!(remote_id.as_deref(), Some(stored[0].id.as_str()));
+    assert_eq!(
+        daemon.metric("upgate_upstream_retries_total{provider=\"up\"}"),
+        2.0
+    );
+    // The spooled copy is gone once delivered.
+    assert_eq!(
+        std::fs::read_dir(daemon.data_dir().join("spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn sync_delivery_honours_429_retry_after() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.rate_limit_next(1, 1);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    let started = std::time::Instant::now();
+    assert_eq!(upload(&daemon, "a.txt", b"a").status, 201);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(row(&daemon).1, 2);
+}
+
+#[test]
+fn a_hanging_upstream_times_out_as_504() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.hang(Duration::from_secs(5));
+    let daemon = Daemon::start_with(|dir| {
+        forwarding_config(dir, &mock.base_url(), "    timeout: 1s\n", "      timeout: 1s\n")
+    });
+    let started = std::time::Instant::now();
+    let reply = upload(&daemon, "a.txt", b"slow");
+    assert_eq!(reply.status, 504, "{}", reply.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let body = reply.json();
+    assert_eq!(
+        (body["code"].as_str(), body["status"].as_u64()),
+        (Some("provider_timeout"), Some(504))
+    );
+    assert_eq!(row(&daemon).0, "failed");
+    mock.hang(Duration::ZERO);
+}
+
+#[test]
+fn upstream_refusals_reach_the_client_with_their_reason_and_are_not_retried() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.fail_next(1, 415);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    let reply = upload(&daemon, "a.txt", b"x");
+    assert_eq!(reply.status, 415, "{}", reply.text);
+    assert_eq!(reply.json()["code"], "provider_rejected");
+    assert_eq!(mock.received().len(), 1, "a 4xx is not retried");
+    assert_eq!(row(&daemon), ("failed".to_owned(), 1, None));
+
+    // Wrong upstream credentials are the gateway's problem: 502, with the upstream's reason.
+    let wrong_key = MockUpstream::start(Vendor::Dify, "another-key");
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &wrong_key.base_url(), "", ""));
+    let reply = upload(&daemon, "a.txt", b"x");
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("refused"), "{message}");
+    assert!(
+        !message.contains(UPSTREAM_KEY) && !daemon.log().contains(UPSTREAM_KEY),
+        "the upstream key never leaks"
+    );
+}
+
+#[test]
+fn async_delivery_survives_an_upstream_outage_and_a_daemon_restart() {
+    // Reserve an address for the upstream, then take it down.
+    let first = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let address = first.addr();
+    let base_url = first.base_url();
+    drop(first);
+
+    let extra = "    delivery: async\n";
+    let mut daemon = Daemon::start_with(|dir| {
+        forwarding_config(dir, &base_url, extra, "").replace("max_attempts: 5", "max_attempts: 1000")
+    });
+    let content = b"queued while the upstream is down\n".repeat(50);
+    let reply = upload(&daemon, "queued.txt", &content);
+    assert_eq!(reply.status, 201, "answered once safely stored: {}", reply.text);
+    assert!(reply.json()["source_url"].is_null(), "not delivered yet");
+    assert!(
+        eventually(Duration::from_secs(10), || row(&daemon).1 >= 2),
+        "attempts are recorded: {:?}",
+        row(&daemon)
+    );
+    let (state, _, _) = row(&daemon);
+    assert_eq!(state, "received");
+    let last_error: String = daemon
+        .db()
+        .query_row("SELECT last_error FROM uploads", [], |r| r.get(0))
+        .unwrap();
+    assert!(!last_error.is_empty());
+
+    // The daemon dies; the upstream comes back; the daemon restarts.
+    daemon.kill();
+    let mock = MockUpstream::start_on(Vendor::Dify, UPSTREAM_KEY, address).expect("same address again");
+    let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || row(&daemon).0 == "forwarded"),
+        "{:?}\n{}",
+        row(&daemon),
+        daemon.log()
+    );
+    let stored = mock.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sha256, sha256_hex(&content));
+    assert_eq!(row(&daemon).2.as_deref(), Some(stored[0].id.as_str()));
+    assert_eq!(
+        std::fs::read_dir(daemon.data_dir().join("spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
