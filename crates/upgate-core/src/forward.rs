@@ -241,6 +241,7 @@ pub async fn delete_upstream(
     let request = DeleteRequest {
         upload_id: record.id.clone(),
         remote_id,
+        metadata: record.metadata.clone(),
     };
     match call_plugin(gateway, provider, provider.config.timeout.0, move |p| {
         p.delete(&request)

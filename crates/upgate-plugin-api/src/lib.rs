@@ -169,6 +169,9 @@ pub struct PutResult {
 pub struct DeleteRequest {
     pub upload_id: String,
     pub remote_id: String,
+    /// The metadata the upload was put with (so a provider can find where it put it).
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, Value>,
 }
 
 /// How a provider call failed. `kind` decides whether the host retries.
@@ -240,7 +243,7 @@ pub trait Provider: Send + Sync + Sized + 'static {
 
 /// Generates the exported entry symbol for a [`Provider`] type.
 ///
-/// ```ignore
+/// ```text
 /// upgate_plugin_api::export_provider!(MyProvider, "my-provider");
 /// ```
 #[macro_export]

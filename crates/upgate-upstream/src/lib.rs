@@ -32,8 +32,15 @@ use upgate_plugin_api::{ErrorKind, PluginError, PutRequest};
 
 /// A metadata value the host copied from the inbound request, when it is a non-empty string.
 pub fn metadata_str<'a>(request: &'a PutRequest, key: &str) -> Option<&'a str> {
-    request
-        .metadata
+    metadata_value(&request.metadata, key)
+}
+
+/// A non-blank string value of a metadata map.
+pub fn metadata_value<'a>(
+    metadata: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a str> {
+    metadata
         .get(key)
         .and_then(|value| value.as_str())
         .filter(|text| !text.trim().is_empty())

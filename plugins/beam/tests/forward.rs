@@ -87,6 +87,7 @@ fn missing_or_bad_ids_are_rejected_before_sending() {
         .delete(DeleteRequest {
             upload_id: "u".into(),
             remote_id: "r".into(),
+            metadata: Default::default(),
         })
         .unwrap_err();
     assert_eq!(

@@ -85,6 +85,7 @@ fn delete_is_not_supported() {
         dify.delete(DeleteRequest {
             upload_id: "u".into(),
             remote_id: "r".into(),
+            metadata: Default::default(),
         }),
         ErrorKind::Rejected,
         None,

@@ -156,6 +156,7 @@ fn settings_and_delete() {
         .delete(DeleteRequest {
             upload_id: "u".into(),
             remote_id: "r".into(),
+            metadata: Default::default(),
         })
         .unwrap_err();
     assert_eq!(

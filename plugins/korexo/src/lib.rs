@@ -17,7 +17,9 @@
 
 use serde_json::Value;
 use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
-use upgate_upstream::{Auth, Upstream, UpstreamSettings, is_path_segment, metadata_str, upload_form};
+use upgate_upstream::{
+    Auth, Upstream, UpstreamSettings, is_path_segment, metadata_str, metadata_value, upload_form,
+};
 
 const VENDOR: &str = "korexo";
 
@@ -57,19 +59,12 @@ impl Provider for Korexo {
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
-        let scoped = |key: &str, fallback: &'_ str| -> String {
-            metadata_str(&request, key)
-                .filter(|value| is_path_segment(value))
-                .unwrap_or(fallback)
-                .to_owned()
-        };
-        let app_id = scoped("appId", &self.app_id);
-        let env_name = scoped("envName", &self.env_name);
+        let (app_id, env_name) = self.scope(&request.metadata);
         let user_reference = metadata_str(&request, "userReference").unwrap_or(&self.user_reference);
         let form = upload_form(&request, "file")?
             .text("userReference", user_reference)
             .text("uploadType", "runtime");
-        let path = format!("{}/upload", attachments_path(&app_id, &env_name));
+        let path = format!("{}/upload", attachments_path(app_id, env_name));
         let reply = self.upstream.post_multipart("upload", &path, &[], form)?;
         reply.into_put_result("", "fileId", &["filePath"])
     }
@@ -85,13 +80,28 @@ impl Provider for Korexo {
                 "korexo delete: remote id is not a korexo file id",
             ));
         }
-        let path = format!("{}/{file_id}", attachments_path(&self.app_id, &self.env_name));
+        // Where the upload was put: its own app and environment when the client named them.
+        let (app_id, env_name) = self.scope(&request.metadata);
+        let path = format!("{}/{file_id}", attachments_path(app_id, env_name));
         self.upstream.delete("delete", &path, &[])?;
         Ok(())
     }
 
     fn health(&self) -> Result<(), PluginError> {
         self.upstream.health()
+    }
+}
+
+impl Korexo {
+    /// The app and environment for an upload: the client's (Kore XO dialect metadata), when
+    /// valid path segments, else the configured ones.
+    fn scope<'a>(&'a self, metadata: &'a serde_json::Map<String, Value>) -> (&'a str, &'a str) {
+        let scoped = |key: &str, fallback: &'a str| -> &'a str {
+            metadata_value(metadata, key)
+                .filter(|value| is_path_segment(value))
+                .unwrap_or(fallback)
+        };
+        (scoped("appId", &self.app_id), scoped("envName", &self.env_name))
     }
 }
 

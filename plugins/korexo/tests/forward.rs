@@ -48,6 +48,7 @@ fn put_then_delete() {
     let delete = DeleteRequest {
         upload_id: upload.request.upload_id.clone(),
         remote_id: result.remote_id.clone(),
+        metadata: Default::default(),
     };
     korexo.delete(delete.clone()).unwrap();
     let request = mock.received().pop().unwrap();
@@ -65,6 +66,7 @@ fn put_then_delete() {
     let bad = DeleteRequest {
         upload_id: "u".into(),
         remote_id: "../../x".into(),
+        metadata: Default::default(),
     };
     expect_error(korexo.delete(bad), ErrorKind::Rejected, None);
 }
@@ -74,9 +76,8 @@ fn metadata_routes_the_upload_when_valid() {
     let mock = MockUpstream::start(Vendor::Korexo, KEY);
     let korexo = Korexo::init(settings(&mock)).unwrap();
     let routed = json!({"appId": "st-other", "envName": "published"});
-    korexo
-        .put(Upload::new(b"a", "a.txt", "text/plain", routed).request)
-        .unwrap();
+    let upload = Upload::new(b"a", "a.txt", "text/plain", routed);
+    let put = korexo.put(upload.request.clone()).unwrap();
     let invalid = json!({"appId": "../admin", "envName": "a/b"});
     korexo
         .put(Upload::new(b"b", "b.txt", "text/plain", invalid).request)
@@ -91,6 +92,22 @@ fn metadata_routes_the_upload_when_valid() {
         received[1].path,
         "/api/v2/apps/st-app-1/environments/draft/attachments/upload"
     );
+    // Deleting finds the upload where it was put.
+    let delete = DeleteRequest {
+        upload_id: upload.request.upload_id.clone(),
+        remote_id: put.remote_id.clone(),
+        metadata: upload.request.metadata.clone(),
+    };
+    korexo.delete(delete).unwrap();
+    let request = mock.received().pop().unwrap();
+    assert_eq!(
+        request.path,
+        format!(
+            "/api/v2/apps/st-other/environments/published/attachments/{}",
+            put.remote_id
+        )
+    );
+    assert_eq!(request.status, 200);
 }
 
 #[test]

@@ -140,11 +140,13 @@ mod tests {
             .delete(DeleteRequest {
                 upload_id: "abc-123".into(),
                 remote_id: "abc-123".into(),
+                metadata: Default::default(),
             })
             .unwrap();
         let again = provider.delete(DeleteRequest {
             upload_id: "x".into(),
             remote_id: "abc-123".into(),
+            metadata: Default::default(),
         });
         assert_eq!(again.unwrap_err().kind, ErrorKind::NotFound);
         let bad = provider.put(request(dir.path(), "../x"));

@@ -59,6 +59,7 @@ fn no_extra_settings_and_no_delete() {
         maiagent.delete(DeleteRequest {
             upload_id: "u".into(),
             remote_id: "r".into(),
+            metadata: Default::default(),
         }),
         ErrorKind::Rejected,
         None,
