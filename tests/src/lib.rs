@@ -2,4 +2,5 @@
 //! faithful mock servers for the five vendor APIs.
 
 pub mod harness;
+pub mod inbound;
 pub mod mock;

@@ -6,13 +6,20 @@ use std::path::Path;
 
 use serde_json::Value;
 use upgate_e2e::harness::*;
+use upgate_e2e::inbound;
 use upgate_e2e::mock::{MockUpstream, Vendor};
 
 const UPSTREAM_KEY: &str = "matrix-upstream-key";
 const WORKSPACE: &str = "ws-1";
 const THREAD: &str = "5b3cf0a4-59a3-4b8e-9d0c-3f7e0c1d2e3f";
 
-const VENDORS: [Vendor; 5] = [Vendor::Dify, Vendor::Kore, Vendor::Maiagent, Vendor::Korexo, Vendor::Beam];
+const VENDORS: [Vendor; 5] = [
+    Vendor::Dify,
+    Vendor::Kore,
+    Vendor::Maiagent,
+    Vendor::Korexo,
+    Vendor::Beam,
+];
 
 struct Matrix {
     daemon: Daemon,
@@ -21,7 +28,10 @@ struct Matrix {
 
 /// One tenant per provider: `local` (key `key-local`) and one per vendor (`key-<vendor>`).
 fn start() -> Matrix {
-    let mocks: Vec<MockUpstream> = VENDORS.iter().map(|vendor| MockUpstream::start(*vendor, UPSTREAM_KEY)).collect();
+    let mocks: Vec<MockUpstream> = VENDORS
+        .iter()
+        .map(|vendor| MockUpstream::start(*vendor, UPSTREAM_KEY))
+        .collect();
     let daemon = Daemon::start_with(|dir: &Path| {
         let mut config = format!(
             "server:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n  data_dir: {data}\n  plugin_dir: {plugins}\n  disk_free_floor: 1MiB\n\
@@ -46,30 +56,13 @@ providers:\n  local:\n    plugin: local\n    settings: {{ root: {files} }}\n",
         }
         config.push_str("tenants:\n");
         for provider in std::iter::once("local").chain(VENDORS.iter().map(|v| v.name())) {
-            config.push_str(&format!("  t-{provider}:\n    plan: default\n    provider: {provider}\n    keys: [key-{provider}]\n"));
+            config.push_str(&format!(
+                "  t-{provider}:\n    plan: default\n    provider: {provider}\n    keys: [key-{provider}]\n"
+            ));
         }
         config
     });
     Matrix { daemon, mocks }
-}
-
-/// Sends `bytes` as `name` through `dialect` with `key`; returns the status and the JSON.
-fn upload_as(daemon: &Daemon, dialect: &str, key: &str, name: &str, bytes: &[u8]) -> (u16, Value) {
-    let file = |field: &str| Form::new().file(field, name, "application/octet-stream", bytes);
-    let reply = match dialect {
-        "dify" => post_form(&daemon.url("/v1/files/upload"), &[("Authorization", &format!("Bearer {key}"))], &file("file")),
-        other => panic!("no inbound client for {other}"),
-    };
-    let body = reply.json();
-    (reply.status, body)
-}
-
-/// The id and the URL field of a dialect's success shape.
-fn id_and_url(dialect: &str, body: &Value) -> (String, Value) {
-    match dialect {
-        "dify" => (body["id"].as_str().unwrap().to_owned(), body["source_url"].clone()),
-        other => panic!("no shape for {other}"),
-    }
 }
 
 fn check_dialect(matrix: &Matrix, dialect: &str) {
@@ -77,36 +70,54 @@ fn check_dialect(matrix: &Matrix, dialect: &str) {
     // Bigger than kore's single-upload limit in this config: kore forwards in chunks.
     let content: Vec<u8> = (0..2500u32).map(|i| (i % 7) as u8 + b'a').collect();
     let name = format!("{dialect}-報告.txt");
-    let (status, body) = upload_as(daemon, dialect, "key-local", &name, &content);
-    assert_eq!(status, expected_status(dialect), "{dialect} -> local: {body}");
-    let (id, url) = id_and_url(dialect, &body);
-    assert_eq!(sha256_file(&daemon.files_dir().join(&id)), sha256_hex(&content), "{dialect} -> local");
-    assert!(url.as_str().is_some_and(|u| u.starts_with("file://")), "{dialect} -> local: {body}");
+    let reply = inbound::upload(daemon, dialect, "key-local", &name, &content);
+    assert_eq!(reply.status, inbound::success_status(dialect), "{dialect} -> local: {}", reply.text);
+    let body = reply.json();
+    let (id, url) = (inbound::id(dialect, &body), inbound::url(dialect, &body));
+    assert_eq!(
+        sha256_file(&daemon.files_dir().join(&id)),
+        sha256_hex(&content),
+        "{dialect} -> local"
+    );
+    assert!(
+        url.as_str().is_some_and(|u| u.starts_with("file://")),
+        "{dialect} -> local: {body}"
+    );
 
     for mock in &matrix.mocks {
         let vendor = mock.vendor().name();
         let before = mock.stored().len();
-        let (status, body) = upload_as(daemon, dialect, &format!("key-{vendor}"), &name, &content);
-        assert_eq!(status, expected_status(dialect), "{dialect} -> {vendor}: {body}");
+        let reply = inbound::upload(daemon, dialect, &format!("key-{vendor}"), &name, &content);
+        assert_eq!(reply.status, inbound::success_status(dialect), "{dialect} -> {vendor}: {}", reply.text);
+        let body = reply.json();
         let stored = mock.stored();
         assert_eq!(stored.len(), before + 1, "{dialect} -> {vendor}");
         let last = stored.last().unwrap();
-        assert_eq!(last.sha256, sha256_hex(&content), "{dialect} -> {vendor}: bytes intact");
-        assert_eq!(last.filename, name.as_bytes(), "{dialect} -> {vendor}: the name byte for byte");
-        let (id, url) = id_and_url(dialect, &body);
-        assert_eq!(url, Value::String(last.url.clone()), "{dialect} -> {vendor}: the upstream URL reaches the client");
+        assert_eq!(
+            last.sha256,
+            sha256_hex(&content),
+            "{dialect} -> {vendor}: bytes intact"
+        );
+        assert_eq!(
+            last.filename,
+            name.as_bytes(),
+            "{dialect} -> {vendor}: the name byte for byte"
+        );
+        let (id, url) = (inbound::id(dialect, &body), inbound::url(dialect, &body));
+        assert_eq!(
+            url,
+            Value::String(last.url.clone()),
+            "{dialect} -> {vendor}: the upstream URL reaches the client"
+        );
         let remote: String = daemon
             .db()
-            .query_row("SELECT remote_id FROM uploads WHERE id = ?1 AND state = 'forwarded'", [&id], |row| row.get(0))
+            .query_row(
+                "SELECT remote_id FROM uploads WHERE id = ?1 AND state = 'forwarded'",
+                [&id],
+                |row| row.get(0),
+            )
             .unwrap_or_else(|e| panic!("{dialect} -> {vendor}: {e}"));
         assert_eq!(remote, last.id, "{dialect} -> {vendor}");
-    }
-}
-
-fn expected_status(dialect: &str) -> u16 {
-    match dialect {
-        "kore" | "korexo" => 200,
-        _ => 201,
     }
 }
 
@@ -117,11 +128,26 @@ fn every_dialect_through_every_provider() {
         check_dialect(&matrix, dialect);
     }
     // Vendor-specific things the upstreams must have received.
-    let received = |vendor: Vendor| matrix.mocks.iter().find(|m| m.vendor() == vendor).unwrap().received();
+    let received = |vendor: Vendor| {
+        matrix
+            .mocks
+            .iter()
+            .find(|m| m.vendor() == vendor)
+            .unwrap()
+            .received()
+    };
     let beam = received(Vendor::Beam);
-    assert!(beam.iter().all(|r| r.header("current-workspace-id") == Some(WORKSPACE) && r.field("threadId") == Some(THREAD)));
+    assert!(
+        beam.iter()
+            .all(|r| r.header("current-workspace-id") == Some(WORKSPACE)
+                && r.field("threadId") == Some(THREAD))
+    );
     let korexo = received(Vendor::Korexo);
-    assert!(korexo.iter().all(|r| r.field("uploadType") == Some("runtime") && r.path.starts_with("/api/v2/apps/app-1/environments/draft/")));
+    assert!(korexo.iter().all(|r| r.field("uploadType") == Some("runtime")
+        && r.path.starts_with("/api/v2/apps/app-1/environments/draft/")));
     let kore = received(Vendor::Kore);
-    assert!(kore.iter().any(|r| r.path == "/api/public/files/session/start"), "kore used chunked sessions");
+    assert!(
+        kore.iter().any(|r| r.path == "/api/public/files/session/start"),
+        "kore used chunked sessions"
+    );
 }
