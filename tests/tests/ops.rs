@@ -184,3 +184,24 @@ fn health_readiness_and_metrics_exposition() {
     // Keys never reach the log either.
     assert!(!daemon.log().contains("demo-key") && !daemon.log().contains("nope"));
 }
+
+#[test]
+fn json_logs_carry_one_line_per_request_without_keys() {
+    let daemon = Daemon::start_with(|dir| default_config(dir).replace("  idle_timeout: 2s\n", "  idle_timeout: 2s\n  log_format: json\n"));
+    let form = Form::new().file("file", "log me.txt", "text/plain", b"contents-never-logged");
+    let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &form);
+    assert_eq!(reply.status, 201);
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    assert!(eventually(Duration::from_secs(5), || daemon.log().contains(&id)));
+    let log = daemon.log();
+    let line = log.lines().find(|line| line.contains(&id)).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let fields = &entry["fields"];
+    assert_eq!(fields["message"], "request");
+    assert_eq!(fields["status"], 201);
+    assert_eq!(fields["dialect"], "dify");
+    assert_eq!(fields["route"], "/v1/files/upload");
+    assert_eq!(fields["tenant"], "demo");
+    assert!(fields["duration_ms"].is_u64() && fields["bytes"].as_u64().unwrap() > 0);
+    assert!(!log.contains("demo-key") && !log.contains("contents-never-logged"));
+}
