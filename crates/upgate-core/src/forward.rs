@@ -18,7 +18,7 @@ use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutRequest, PutRe
 use crate::config::RetryConfig;
 use crate::dialects::DialectName;
 use crate::error::ApiError;
-use crate::gateway::{Gateway, internal, remove_quietly};
+use crate::gateway::{Gateway, remove_quietly};
 use crate::metrics;
 use crate::plugins::Provider;
 use crate::store::{UploadRecord, now_ms};
@@ -59,29 +59,39 @@ fn put_request(record: &UploadRecord, path: &Path) -> PutRequest {
     }
 }
 
-/// Runs one plugin call on a blocking thread within `limit`.
+/// Largest upload a plugin that declared `FLAG_LOCAL_IO` is handed on the async worker.
+const INLINE_PUT: u64 = 256 * 1024;
+
+/// Where a plugin call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    /// On a blocking thread, bounded by `forward_concurrency` and a deadline.
+    Blocking(Duration),
+    /// Right here: only for plugins that do local file-system work, on small files.
+    Inline,
+}
+
+impl Runs {
+    fn for_upload(provider: &Provider, size: u64, limit: Duration) -> Self {
+        if provider.plugin.local_io() && size <= INLINE_PUT {
+            Self::Inline
+        } else {
+            Self::Blocking(limit)
+        }
+    }
+}
+
+/// Runs one plugin call (see [`Runs`]) and records its duration and outcome.
 async fn call_plugin<T: Send + 'static>(
     gateway: &Gateway,
     provider: &Arc<Provider>,
-    limit: Duration,
+    runs: Runs,
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, PluginError> {
     let started = Instant::now();
-    let _slot = gateway
-        .forward_slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
-    let worker = provider.clone();
-    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&worker))).await;
-    let result = match joined {
-        Err(_) => Err(PluginError::new(
-            ErrorKind::Timeout,
-            format!("no answer within {limit:?}"),
-        )),
-        Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
-        Ok(Ok(result)) => result,
+    let result = match runs {
+        Runs::Inline => call(provider),
+        Runs::Blocking(limit) => call_blocking(gateway, provider, limit, call).await,
     };
     let outcome = match &result {
         Ok(_) => "ok",
@@ -94,6 +104,30 @@ async fn call_plugin<T: Send + 'static>(
     result
 }
 
+async fn call_blocking<T: Send + 'static>(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    limit: Duration,
+    call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, PluginError> {
+    let _slot = gateway
+        .forward_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
+    let worker = provider.clone();
+    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&worker))).await;
+    match joined {
+        Err(_) => Err(PluginError::new(
+            ErrorKind::Timeout,
+            format!("no answer within {limit:?}"),
+        )),
+        Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
+        Ok(Ok(result)) => result,
+    }
+}
+
 async fn attempt(
     gateway: &Gateway,
     provider: &Arc<Provider>,
@@ -102,7 +136,8 @@ async fn attempt(
     limit: Duration,
 ) -> Attempt {
     let request = put_request(record, path);
-    match call_plugin(gateway, provider, limit, move |provider| provider.put(&request)).await {
+    let runs = Runs::for_upload(provider, record.size, limit);
+    match call_plugin(gateway, provider, runs, move |provider| provider.put(&request)).await {
         Ok(result) => Attempt::Delivered(result),
         Err(error) => match error.kind {
             ErrorKind::Unavailable | ErrorKind::Timeout => {
@@ -145,90 +180,77 @@ fn client_error(error: &PluginError) -> ApiError {
     }
 }
 
-/// Delivers one upload now (sync mode), retrying within the provider's timeout, and records
-/// the result.
+/// A sync delivery that worked.
+#[derive(Debug)]
+pub struct Delivered {
+    pub result: PutResult,
+    pub attempts: u32,
+}
+
+/// A sync delivery that failed for good.
+#[derive(Debug)]
+pub struct NotDelivered {
+    /// What the client is told.
+    pub error: ApiError,
+    /// What the record keeps (`last_error`).
+    pub reason: String,
+    pub attempts: u32,
+}
+
+/// Delivers one upload now (sync mode), retrying within the provider's timeout. The caller
+/// records the outcome; the spooled bytes are gone either way (delivered, or the client is
+/// told it failed).
 pub async fn deliver_now(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: &UploadRecord,
     path: &Path,
-) -> Result<PutResult, ApiError> {
+) -> Result<Delivered, NotDelivered> {
     let config = &provider.config;
     let deadline = Instant::now() + config.timeout.0;
     let mut attempts = 0;
-    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
-    loop {
+    let failed = loop {
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let outcome = attempt(gateway, provider, record, path, remaining).await;
-        match outcome {
+        match attempt(gateway, provider, record, path, remaining).await {
             Attempt::Delivered(result) => {
-                delivered(gateway, provider, record, path, &result, attempts).await?;
-                return Ok(result);
+                finish_delivered(provider, record, path, &result).await;
+                return Ok(Delivered { result, attempts });
             }
             Attempt::Retry(error, floor) if attempts < config.retry.max_attempts => {
                 let wait = backoff(&config.retry, attempts, floor);
-                if Instant::now() + wait < deadline {
-                    metrics::retry(&provider.name);
-                    tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts,
-                        error = %error, "delivery failed, retrying in {wait:?}");
-                    tokio::time::sleep(wait).await;
-                    continue;
+                if Instant::now() + wait >= deadline {
+                    break error;
                 }
-                return Err(give_up(gateway, record, path, dialect, error, attempts).await);
+                metrics::retry(&provider.name);
+                tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts,
+                    error = %error, "delivery failed, retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
             }
-            Attempt::Retry(error, _) | Attempt::Fatal(error) => {
-                return Err(give_up(gateway, record, path, dialect, error, attempts).await);
-            }
+            Attempt::Retry(error, _) | Attempt::Fatal(error) => break error,
         }
-    }
+    };
+    tracing::warn!(upload_id = %record.id, provider = %record.provider, attempts, error = %failed, "delivery failed");
+    remove_quietly(path).await;
+    metrics::upload_outcome(dialect_of(record), &record.provider, "failed");
+    Err(NotDelivered {
+        error: client_error(&failed),
+        reason: failed.message,
+        attempts,
+    })
 }
 
-async fn delivered(
-    gateway: &Gateway,
-    provider: &Provider,
-    record: &UploadRecord,
-    path: &Path,
-    result: &PutResult,
-    attempts: u32,
-) -> Result<(), ApiError> {
-    gateway
-        .store
-        .mark_forwarded(
-            record.id.clone(),
-            result.remote_id.clone(),
-            result.url.clone(),
-            attempts,
-        )
-        .await
-        .map_err(internal)?;
-    // The plugin may have moved the spool file away (the local provider renames it).
-    remove_quietly(path).await;
-    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
-    metrics::upload_forwarded(dialect, &provider.name, record.size);
-    Ok(())
+fn dialect_of(record: &UploadRecord) -> DialectName {
+    DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify)
 }
 
-/// Marks a sync delivery failed for good. The client is told, so the spooled bytes go.
-async fn give_up(
-    gateway: &Gateway,
-    record: &UploadRecord,
-    path: &Path,
-    dialect: DialectName,
-    error: PluginError,
-    attempts: u32,
-) -> ApiError {
-    tracing::warn!(upload_id = %record.id, provider = %record.provider, attempts, error = %error, "delivery failed");
-    if let Err(store_error) = gateway
-        .store
-        .mark_attempt_failed(record.id.clone(), error.message.clone(), attempts, None)
-        .await
-    {
-        tracing::error!(%store_error, "cannot record a failed delivery");
+/// After a successful put: the spool copy goes (unless the plugin moved it away, as the local
+/// provider does) and the delivery is counted.
+async fn finish_delivered(provider: &Provider, record: &UploadRecord, path: &Path, result: &PutResult) {
+    if !result.consumed_file {
+        remove_quietly(path).await;
     }
-    remove_quietly(path).await;
-    metrics::upload_outcome(dialect, &record.provider, "failed");
-    client_error(&error)
+    metrics::upload_forwarded(dialect_of(record), &provider.name, record.size);
 }
 
 /// Asks the provider to delete an upload upstream. "Not found" upstream counts as deleted.
@@ -243,11 +265,12 @@ pub async fn delete_upstream(
         remote_id,
         metadata: record.metadata.clone(),
     };
-    match call_plugin(gateway, provider, provider.config.timeout.0, move |p| {
-        p.delete(&request)
-    })
-    .await
-    {
+    let runs = if provider.plugin.local_io() {
+        Runs::Inline
+    } else {
+        Runs::Blocking(provider.config.timeout.0)
+    };
+    match call_plugin(gateway, provider, runs, move |p| p.delete(&request)).await {
         Ok(()) => Ok(()),
         Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
         Err(error) => Err(client_error(&error)),
@@ -301,11 +324,22 @@ pub async fn run_outbox(gateway: Arc<Gateway>) {
 async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
     let path: PathBuf = gateway.spool.path_of(&record.id);
     let attempts = record.attempts + 1;
-    let dialect = DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify);
     match attempt(gateway, provider, &record, &path, provider.config.timeout.0).await {
         Attempt::Delivered(result) => {
-            if let Err(error) = delivered(gateway, provider, &record, &path, &result, attempts).await {
-                tracing::error!(upload_id = %record.id, ?error, "cannot record a delivery");
+            // Recorded before the spool copy goes: a crash in between re-delivers rather
+            // than loses.
+            let recorded = gateway
+                .store
+                .mark_forwarded(
+                    record.id.clone(),
+                    result.remote_id.clone(),
+                    result.url.clone(),
+                    attempts,
+                )
+                .await;
+            match recorded {
+                Ok(()) => finish_delivered(provider, &record, &path, &result).await,
+                Err(error) => tracing::error!(upload_id = %record.id, %error, "cannot record a delivery"),
             }
         }
         Attempt::Retry(error, floor) if attempts < provider.config.retry.max_attempts => {
@@ -330,7 +364,7 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
                 .store
                 .mark_attempt_failed(record.id.clone(), error.message, attempts, None)
                 .await;
-            metrics::upload_outcome(dialect, &provider.name, "failed");
+            metrics::upload_outcome(dialect_of(&record), &provider.name, "failed");
         }
     }
 }

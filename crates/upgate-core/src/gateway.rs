@@ -74,10 +74,19 @@ impl Gateway {
         let plan = &admission.tenant.plan;
         if plan.has_quota() {
             let (day, retry_after_secs) = quota_day(now_ms());
-            let (bytes, uploads) = self.store.usage(admission.tenant.name.clone(), day).await.map_err(internal)?;
+            let (bytes, uploads) = self
+                .store
+                .usage(admission.tenant.name.clone(), day)
+                .await
+                .map_err(internal)?;
             let (byte_limit, upload_limit) = plan.quota_limits();
-            if byte_limit.is_some_and(|limit| bytes >= limit) || upload_limit.is_some_and(|limit| uploads >= limit) {
-                return Err(ApiError::Throttled { retry_after_secs, why: Throttle::Quota });
+            if byte_limit.is_some_and(|limit| bytes >= limit)
+                || upload_limit.is_some_and(|limit| uploads >= limit)
+            {
+                return Err(ApiError::Throttled {
+                    retry_after_secs,
+                    why: Throttle::Quota,
+                });
             }
         }
         Ok(admission)
@@ -97,9 +106,14 @@ impl Gateway {
         if let Some(length) = content_length(request) {
             // The whole body cannot be legitimate if it exceeds every allowed file plus room
             // for the form's framing.
-            let ceiling = plan.max_file_size().saturating_mul(max_files as u64).saturating_add(1 << 20);
+            let ceiling = plan
+                .max_file_size()
+                .saturating_mul(max_files as u64)
+                .saturating_add(1 << 20);
             if length > ceiling {
-                return Err(ApiError::TooLarge { limit: plan.max_file_size() });
+                return Err(ApiError::TooLarge {
+                    limit: plan.max_file_size(),
+                });
             }
         }
         let limits = IntakeLimits {
@@ -107,9 +121,10 @@ impl Gateway {
             max_files,
             idle_timeout: admission.policy.config.server.idle_timeout.0,
         };
-        let received =
-            receive_multipart(request.headers(), payload, spec, &limits, &self.spool, &|| dialect.new_upload_id())
-                .await?;
+        let received = receive_multipart(request.headers(), payload, spec, &limits, &self.spool, &|| {
+            dialect.new_upload_id()
+        })
+        .await?;
         if received.files.is_empty() {
             return Err(ApiError::NoFile);
         }
@@ -131,11 +146,20 @@ impl Gateway {
             let (day, retry_after_secs) = quota_day(now_ms());
             let added = self
                 .store
-                .try_add_usage(tenant.name.clone(), day, total, files.len() as u64, plan.quota_limits())
+                .try_add_usage(
+                    tenant.name.clone(),
+                    day,
+                    total,
+                    files.len() as u64,
+                    plan.quota_limits(),
+                )
                 .await
                 .map_err(internal)?;
             if !added {
-                return Err(ApiError::Throttled { retry_after_secs, why: Throttle::Quota });
+                return Err(ApiError::Throttled {
+                    retry_after_secs,
+                    why: Throttle::Quota,
+                });
             }
         }
         let provider = admission.provider().cloned().ok_or_else(|| {
@@ -165,39 +189,70 @@ impl Gateway {
                 updated_at_ms: now,
             })
             .collect();
-        let sync = provider.config.delivery == Delivery::Sync;
-        // A sync delivery owns the upload until its deadline; only if the daemon dies
-        // before then does the outbox pick it up.
-        let deliver_at = if sync { now + provider.config.timeout.0.as_millis() as i64 + 60_000 } else { now };
-        self.store.insert_uploads(records.clone(), deliver_at).await.map_err(internal)?;
-        let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
         for record in &records {
             metrics::upload_received(dialect, &provider.name, record.size);
         }
-        if !sync {
+        if provider.config.delivery == Delivery::Async {
+            // The files get their durable names and the records (state `received`) are the
+            // outbox entries; the client is answered once both are done.
+            let spool = self.spool.clone();
+            let files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<SpooledFile>> {
+                let mut files = files;
+                for file in &mut files {
+                    file.persist(&spool)?;
+                }
+                Ok(files)
+            })
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .map_err(|error| {
+                tracing::error!(%error, "cannot persist a spooled file");
+                ApiError::Internal
+            })?;
+            self.store
+                .insert_uploads(records.clone(), now)
+                .await
+                .map_err(internal)?;
+            files.into_iter().for_each(|file| drop(file.keep()));
             self.outbox_wake.notify_one();
             return Ok(records);
         }
-        for index in 0..records.len() {
-            match forward::deliver_now(self, &provider, &records[index], &paths[index]).await {
+        // Sync: deliver, then record each upload once, in the state its delivery ended in: one
+        // SQLite write per upload. An upload whose delivery the daemon did not live to finish
+        // was never acknowledged; its spooled bytes are swept at the next start.
+        let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
+        let mut failure = None;
+        for (record, path) in records.iter_mut().zip(&paths) {
+            if failure.is_some() {
+                // The client is told the request failed: the files after it fail too.
+                record.state = UploadState::Failed;
+                record.last_error = Some("an earlier file of the same request failed".into());
+                remove_quietly(path).await;
+                continue;
+            }
+            match forward::deliver_now(self, &provider, record, path).await {
                 Ok(delivered) => {
-                    let record = &mut records[index];
                     record.state = UploadState::Forwarded;
-                    record.remote_id = Some(delivered.remote_id);
-                    record.remote_url = delivered.url;
+                    record.attempts = delivered.attempts;
+                    record.remote_id = Some(delivered.result.remote_id);
+                    record.remote_url = delivered.result.url;
                 }
-                Err(error) => {
-                    // The client is told the request failed: files not yet delivered fail too.
-                    for (record, path) in records.iter().zip(&paths).skip(index + 1) {
-                        let reason = "an earlier file of the same request failed".to_owned();
-                        let _ = self.store.mark_attempt_failed(record.id.clone(), reason, 0, None).await;
-                        remove_quietly(path).await;
-                    }
-                    return Err(error);
+                Err(not_delivered) => {
+                    record.state = UploadState::Failed;
+                    record.attempts = not_delivered.attempts;
+                    record.last_error = Some(not_delivered.reason);
+                    failure = Some(not_delivered.error);
                 }
             }
         }
-        Ok(records)
+        self.store
+            .insert_uploads(records.clone(), now)
+            .await
+            .map_err(internal)?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(records),
+        }
     }
 
     /// Admission, intake and acceptance for a dialect whose upload is one multipart request.
@@ -210,13 +265,21 @@ impl Gateway {
         metadata_of: impl FnOnce(&Received) -> Result<Metadata, ApiError>,
     ) -> Result<Vec<UploadRecord>, ApiError> {
         let admission = self.admit(dialect, request).await?;
-        let received = self.receive(&admission, dialect.name(), request, payload, spec).await?;
+        let received = self
+            .receive(&admission, dialect.name(), request, payload, spec)
+            .await?;
         let metadata = metadata_of(&received)?;
-        self.accept(&admission, dialect.name(), received.files, metadata).await
+        self.accept(&admission, dialect.name(), received.files, metadata)
+            .await
     }
 
     /// Deletes an upload of the admitted tenant: local bytes, upstream copy, record state.
-    pub async fn delete(&self, admission: &Admission, dialect: DialectName, id: &str) -> Result<UploadRecord, ApiError> {
+    pub async fn delete(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        id: &str,
+    ) -> Result<UploadRecord, ApiError> {
         let tenant = &admission.tenant;
         let record = self
             .store
@@ -227,18 +290,32 @@ impl Gateway {
             .ok_or(ApiError::NotFound)?;
         if let Some(remote_id) = record.remote_id.clone() {
             // The provider that stored it, as configured now.
-            let provider = admission.policy.providers.get(&record.provider).cloned().ok_or(ApiError::Internal)?;
+            let provider = admission
+                .policy
+                .providers
+                .get(&record.provider)
+                .cloned()
+                .ok_or(ApiError::Internal)?;
             forward::delete_upstream(self, &provider, &record, remote_id).await?;
         }
         remove_quietly(&self.spool.path_of(&record.id)).await;
-        self.store.mark_deleted(record.id.clone()).await.map_err(internal)?;
+        self.store
+            .mark_deleted(record.id.clone())
+            .await
+            .map_err(internal)?;
         metrics::upload_outcome(dialect, &record.provider, "deleted");
         Ok(record)
     }
 }
 
 fn content_length(request: &HttpRequest) -> Option<u64> {
-    request.headers().get(actix_web::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Logs a store failure and hides it from the client.
@@ -247,7 +324,7 @@ pub fn internal(error: StoreError) -> ApiError {
     ApiError::Internal
 }
 
-/// Removes a file if it is there.
+/// Removes a file if it is there. A single unlink: cheaper inline than on another thread.
 pub async fn remove_quietly(path: &Path) {
-    let _ = tokio::fs::remove_file(path).await;
+    let _ = std::fs::remove_file(path);
 }

@@ -237,6 +237,15 @@ async fn run(
     let store = Store::open(&server_config.data_dir, server_config.durability)?;
     let spool = Spool::open(&server_config.data_dir, server_config.durability)
         .map_err(ServeError::io("cannot prepare the spool directory"))?;
+    let orphans = spool
+        .remove_orphans(&store.spooled_ids().await?)
+        .map_err(ServeError::io("cannot sweep the spool"))?;
+    if orphans > 0 {
+        tracing::info!(
+            orphans,
+            "removed spooled files of uploads that were never acknowledged"
+        );
+    }
     metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0);
     metrics::prime(providers.keys().map(String::as_str));
     let gateway = web::Data::new(Gateway::new(Policy::new(config, providers), store, spool));

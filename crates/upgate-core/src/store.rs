@@ -9,7 +9,7 @@
 //! mode; schema changes are versioned migrations keyed on `PRAGMA user_version`.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -20,6 +20,8 @@ use crate::config::Durability;
 
 /// Most jobs committed in one transaction.
 const MAX_GROUP: usize = 512;
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,8 +58,7 @@ const MIGRATIONS: &[&str] = &[
         remote_url TEXT,
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL
-    );
-    CREATE INDEX uploads_tenant ON uploads (tenant, created_at);",
+    ) WITHOUT ROWID;",
     // 2: delivery bookkeeping and the outbox.
     "ALTER TABLE uploads ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE uploads ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
@@ -96,7 +97,10 @@ const MIGRATIONS: &[&str] = &[
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Where an upload is.
@@ -202,19 +206,26 @@ impl SessionRecord {
 }
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+/// A unit of store work. The flag says whether it shares its transaction with other jobs
+/// (then it runs in its own savepoint, so its failure undoes only its own writes).
+type Job = Box<dyn FnOnce(&Connection, bool) -> Reply + Send>;
 
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::Sender<Job>,
+    /// Dropped with the last handle: tells the checkpoint thread to stop.
+    _checkpoints: Arc<mpsc::Sender<()>>,
 }
 
 impl Store {
     /// Opens (creating and migrating) `upgate.db` in `data_dir` and starts the store thread.
     pub fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         let path = data_dir.join("upgate.db");
-        let open_error = |message: String| StoreError::Open { path: path.display().to_string(), message };
+        let open_error = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
         let mut connection = Connection::open(&path).map_err(|e| open_error(e.to_string()))?;
         let synchronous = match durability {
             Durability::ProcessCrash => "NORMAL",
@@ -223,16 +234,30 @@ impl Store {
         connection
             .execute_batch(&format!(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;"
+                 PRAGMA busy_timeout = 5000; PRAGMA cache_size = -8192;"
             ))
             .map_err(|e| open_error(e.to_string()))?;
         migrate(&mut connection).map_err(|e| open_error(e.to_string()))?;
+        // Checkpoints (which fsync the database file) run on their own connection and
+        // thread, so a slow disk never stalls the commits clients are waiting for.
+        connection
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| open_error(e.to_string()))?;
+        let checkpointer = Connection::open(&path).map_err(|e| open_error(e.to_string()))?;
+        let (checkpoints, stop) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("upgate-checkpoint".into())
+            .spawn(move || run_checkpoints(checkpointer, stop))
+            .map_err(|e| open_error(e.to_string()))?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("upgate-store".into())
             .spawn(move || run_store_thread(connection, queue))
             .map_err(|e| open_error(e.to_string()))?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            _checkpoints: Arc::new(checkpoints),
+        })
     }
 
     /// Runs `work` on the store thread inside the current group transaction and returns its
@@ -243,8 +268,12 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel();
-        let job: Job = Box::new(move |connection| {
-            let result = run_in_savepoint(connection, work);
+        let job: Job = Box::new(move |connection, shared| {
+            let result = if shared {
+                run_in_savepoint(connection, work)
+            } else {
+                work(connection)
+            };
             Box::new(move |commit_error| {
                 let result = match commit_error {
                     Some(error) => Err(error.clone()),
@@ -257,10 +286,13 @@ impl Store {
         answered.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Inserts received uploads; they enter the outbox, due at `deliver_at_ms` (a sync
-    /// delivery sets it past its own deadline, so the outbox only picks the upload up if the
-    /// daemon died while delivering).
-    pub async fn insert_uploads(&self, records: Vec<UploadRecord>, deliver_at_ms: i64) -> Result<(), StoreError> {
+    /// Inserts upload records. Those in state `received` enter the outbox, due at
+    /// `deliver_at_ms`; the others (a sync delivery's final state) do not.
+    pub async fn insert_uploads(
+        &self,
+        records: Vec<UploadRecord>,
+        deliver_at_ms: i64,
+    ) -> Result<(), StoreError> {
         self.call(move |connection| {
             let mut statement = connection.prepare_cached(
                 "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
@@ -324,7 +356,11 @@ impl Store {
         retry_at_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         self.call(move |connection| {
-            let state = if retry_at_ms.is_some() { "received" } else { "failed" };
+            let state = if retry_at_ms.is_some() {
+                "received"
+            } else {
+                "failed"
+            };
             connection.execute(
                 "UPDATE uploads SET state = ?2, last_error = ?3, attempts = ?4, next_attempt_at = ?5,
                  updated_at = ?6 WHERE id = ?1",
@@ -335,11 +371,15 @@ impl Store {
         .await
     }
 
-    /// Takes an upload out of the outbox without changing its state (sync delivery owns it).
-    pub async fn claim(&self, id: String) -> Result<(), StoreError> {
-        self.call(move |connection| {
-            connection.execute("UPDATE uploads SET next_attempt_at = NULL WHERE id = ?1", params![id])?;
-            Ok(())
+    /// Ids of the uploads whose bytes belong in the spool: waiting for async delivery, or
+    /// failed after it (kept for the operator).
+    pub async fn spooled_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.call(|connection| {
+            let mut statement =
+                connection.prepare_cached("SELECT id FROM uploads WHERE state IN ('received', 'failed')")?;
+            Ok(statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -371,15 +411,22 @@ impl Store {
 
     /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so a
     /// second poll does not pick them up while they are in flight.
-    pub async fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> Result<Vec<UploadRecord>, StoreError> {
+    pub async fn claim_due(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<UploadRecord>, StoreError> {
         self.call(move |connection| {
             let mut statement = connection.prepare_cached(&format!(
                 "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE next_attempt_at IS NOT NULL
                  AND next_attempt_at <= ?1 AND state = 'received' ORDER BY next_attempt_at LIMIT ?2"
             ))?;
-            let due =
-                statement.query_map(params![now, limit as i64], upload_from_row)?.collect::<Result<Vec<_>, _>>()?;
-            let mut lease = connection.prepare_cached("UPDATE uploads SET next_attempt_at = ?2 WHERE id = ?1")?;
+            let due = statement
+                .query_map(params![now, limit as i64], upload_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut lease =
+                connection.prepare_cached("UPDATE uploads SET next_attempt_at = ?2 WHERE id = ?1")?;
             for record in &due {
                 lease.execute(params![record.id, now + lease_ms])?;
             }
@@ -435,7 +482,9 @@ impl Store {
                 .optional()?
                 .unwrap_or((0, 0));
             let over_bytes = limits.0.is_some_and(|limit| used_bytes as u64 + bytes > limit);
-            let over_uploads = limits.1.is_some_and(|limit| used_uploads as u64 + uploads > limit);
+            let over_uploads = limits
+                .1
+                .is_some_and(|limit| used_uploads as u64 + uploads > limit);
             if over_bytes || over_uploads {
                 return Ok(false);
             }
@@ -498,7 +547,9 @@ impl Store {
                     },
                 )
                 .optional()?;
-            let Some(mut session) = session else { return Ok(None) };
+            let Some(mut session) = session else {
+                return Ok(None);
+            };
             let mut statement = connection.prepare_cached(
                 "SELECT chunk_number, size FROM session_chunks WHERE session_id = ?1 ORDER BY chunk_number",
             )?;
@@ -513,7 +564,12 @@ impl Store {
     }
 
     /// Records a chunk (replacing an earlier copy of the same number).
-    pub async fn put_chunk(&self, session_id: String, chunk_number: u64, size: u64) -> Result<(), StoreError> {
+    pub async fn put_chunk(
+        &self,
+        session_id: String,
+        chunk_number: u64,
+        size: u64,
+    ) -> Result<(), StoreError> {
         self.call(move |connection| {
             connection.execute(
                 "INSERT INTO session_chunks (session_id, chunk_number, size) VALUES (?1, ?2, ?3)
@@ -537,8 +593,11 @@ impl Store {
     /// the caller's to remove).
     pub async fn take_expired_sessions(&self, now: i64) -> Result<Vec<String>, StoreError> {
         self.call(move |connection| {
-            let mut statement = connection.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1 RETURNING id")?;
-            Ok(statement.query_map(params![now], |row| row.get(0))?.collect::<Result<_, _>>()?)
+            let mut statement =
+                connection.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1 RETURNING id")?;
+            Ok(statement
+                .query_map(params![now], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -547,7 +606,9 @@ impl Store {
     pub async fn session_ids(&self) -> Result<Vec<String>, StoreError> {
         self.call(|connection| {
             let mut statement = connection.prepare_cached("SELECT id FROM sessions")?;
-            Ok(statement.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?)
+            Ok(statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -561,7 +622,8 @@ impl Store {
 }
 
 fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    let version: usize = connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    let version: usize =
+        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
         let transaction = connection.transaction()?;
         transaction.execute_batch(migration)?;
@@ -575,25 +637,47 @@ fn run_in_savepoint<T>(
     connection: &Connection,
     work: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    connection.execute_batch("SAVEPOINT job")?;
+    run(connection, "SAVEPOINT job")?;
     let result = work(connection);
-    let end = if result.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-    connection.execute_batch(end)?;
+    if result.is_err() {
+        run(connection, "ROLLBACK TO job")?;
+    }
+    run(connection, "RELEASE job")?;
     result
 }
 
+/// Runs a statement from the connection's cache of prepared statements.
+fn run(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`] without blocking the
+/// writer (PASSIVE), until every [`Store`] handle is gone.
+fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
+    let _ = connection.busy_timeout(std::time::Duration::from_secs(5));
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "WAL checkpoint failed");
+        }
+    }
+}
+
 fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = queue.recv() {
-        let began = connection.execute_batch("BEGIN IMMEDIATE");
-        let mut replies = Vec::with_capacity(16);
-        replies.push(first(&connection));
-        while replies.len() < MAX_GROUP {
+        jobs.push(first);
+        while jobs.len() < MAX_GROUP {
             match queue.try_recv() {
-                Ok(job) => replies.push(job(&connection)),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let committed = began.and_then(|()| connection.execute_batch("COMMIT")).map_err(StoreError::from);
+        let shared = jobs.len() > 1;
+        let began = run(&connection, "BEGIN IMMEDIATE");
+        let replies: Vec<Reply> = jobs.drain(..).map(|job| job(&connection, shared)).collect();
+        let committed = began
+            .and_then(|()| run(&connection, "COMMIT"))
+            .map_err(StoreError::from);
         if committed.is_err() {
             let _ = connection.execute_batch("ROLLBACK");
         }
@@ -636,12 +720,17 @@ mod tests {
         let store = Store::open(dir.path(), Durability::ProcessCrash).unwrap();
         store.insert_uploads(vec![record("a", "t1")], 1).await.unwrap();
         // A duplicate id fails alone; the group's other jobs still commit.
-        let (dup, other) =
-            tokio::join!(store.insert_uploads(vec![record("a", "t1")], 1), store.insert_uploads(vec![record("b", "t1")], 1));
+        let (dup, other) = tokio::join!(
+            store.insert_uploads(vec![record("a", "t1")], 1),
+            store.insert_uploads(vec![record("b", "t1")], 1)
+        );
         assert!(dup.is_err());
         other.unwrap();
         assert_eq!(store.outbox_len().await.unwrap(), 2);
-        store.mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1).await.unwrap();
+        store
+            .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1)
+            .await
+            .unwrap();
         let got = store.upload_of("t1".into(), "a".into()).await.unwrap().unwrap();
         assert_eq!(got.state, UploadState::Forwarded);
         assert_eq!(got.remote_id.as_deref(), Some("r1"));
@@ -657,9 +746,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), Durability::PowerLoss).unwrap();
-            assert!(store.try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5))).await.unwrap());
-            assert!(!store.try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5))).await.unwrap());
-            assert!(store.try_add_usage("t".into(), 5, 5, 1, (Some(15), Some(5))).await.unwrap());
+            assert!(
+                store
+                    .try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5)))
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5)))
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .try_add_usage("t".into(), 5, 5, 1, (Some(15), Some(5)))
+                    .await
+                    .unwrap()
+            );
         }
         let store = Store::open(dir.path(), Durability::ProcessCrash).unwrap();
         assert_eq!(store.usage("t".into(), 5).await.unwrap(), (15, 2));
@@ -687,9 +791,21 @@ mod tests {
         store.put_chunk("s".into(), 1, 5).await.unwrap();
         let got = store.session_of("t".into(), "s".into()).await.unwrap().unwrap();
         assert_eq!(got.chunks, vec![(1, 5)]);
-        assert!(store.session_of("other".into(), "s".into()).await.unwrap().is_none());
-        assert_eq!(store.take_expired_sessions(99).await.unwrap(), Vec::<String>::new());
-        assert_eq!(store.take_expired_sessions(100).await.unwrap(), vec!["s".to_string()]);
+        assert!(
+            store
+                .session_of("other".into(), "s".into())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store.take_expired_sessions(99).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.take_expired_sessions(100).await.unwrap(),
+            vec!["s".to_string()]
+        );
         assert!(store.session_of("t".into(), "s".into()).await.unwrap().is_none());
     }
 }

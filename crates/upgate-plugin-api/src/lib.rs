@@ -27,6 +27,11 @@ pub const ABI_VERSION: u32 = 1;
 /// Name of the exported entry function, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"upgate_provider_v1\0";
 
+/// Capability: `put` and `delete` only touch the local file system (no network) and finish
+/// quickly for small files, so the host may call them for small uploads on its own workers
+/// instead of handing them to its blocking pool.
+pub const FLAG_LOCAL_IO: u32 = 1;
+
 /// Call status: success, the output buffer holds the JSON result.
 pub const STATUS_OK: i32 = 0;
 /// Call status: the operation failed, the output buffer holds a JSON [`PluginError`].
@@ -110,6 +115,8 @@ pub struct ProviderDescriptor {
     pub name: *const c_char,
     /// NUL-terminated UTF-8, static.
     pub version: *const c_char,
+    /// Capability bits: [`FLAG_LOCAL_IO`].
+    pub flags: u32,
     pub init: InitFn,
     pub put: CallFn,
     pub delete: CallFn,
@@ -162,6 +169,9 @@ pub struct PutResult {
     /// The upstream's answer, for the record (optional).
     #[serde(default)]
     pub raw: Value,
+    /// True when the plugin moved the spooled file away (so the host need not remove it).
+    #[serde(default)]
+    pub consumed_file: bool,
 }
 
 /// A `delete` request.
@@ -229,6 +239,8 @@ impl std::error::Error for PluginError {}
 /// What a plugin implements. Instances are shared across threads: the host calls `put`
 /// concurrently from its blocking pool.
 pub trait Provider: Send + Sync + Sized + 'static {
+    /// Capability bits the plugin declares (e.g. [`FLAG_LOCAL_IO`]); none by default.
+    const FLAGS: u32 = 0;
     /// Builds an instance from its `settings` (the provider's `settings:` map in config).
     fn init(settings: Value) -> Result<Self, PluginError>;
     /// Stores one upload upstream.
@@ -259,6 +271,7 @@ macro_rules! export_provider {
                 },
                 name: concat!($name, "\0").as_ptr().cast(),
                 version: concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast(),
+                flags: <$provider as $crate::Provider>::FLAGS,
                 init: $crate::trampolines::init::<$provider>,
                 put: $crate::trampolines::put::<$provider>,
                 delete: $crate::trampolines::delete::<$provider>,
@@ -447,6 +460,7 @@ mod tests {
                 remote_id: request.upload_id,
                 url: None,
                 raw: Value::Null,
+                consumed_file: false,
             })
         }
         fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {

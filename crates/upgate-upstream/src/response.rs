@@ -53,6 +53,7 @@ impl Reply {
             remote_id,
             url,
             raw: self.body,
+            consumed_file: false,
         })
     }
 

@@ -67,6 +67,7 @@ impl Provider for Example {
             remote_id: format!("example-{}", &sha256[..16]),
             url: None,
             raw: json!({ "size": size, "sha256": sha256 }),
+            consumed_file: false,
         })
     }
 

@@ -41,6 +41,10 @@ fn checked_id(id: &str) -> Result<&str, PluginError> {
 }
 
 impl Provider for LocalDisk {
+    /// A rename into `root` (a copy only across file systems): safe to call inline for
+    /// small files.
+    const FLAGS: u32 = upgate_plugin_api::FLAG_LOCAL_IO;
+
     fn init(settings: Value) -> Result<Self, PluginError> {
         let settings: Settings = serde_json::from_value(settings).map_err(|error| {
             PluginError::new(ErrorKind::Config, format!("local provider settings: {error}"))
@@ -64,9 +68,10 @@ impl Provider for LocalDisk {
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
         let id = checked_id(&request.upload_id)?;
         let target = self.root.join(id);
-        if std::fs::rename(&request.path, &target).is_err() {
-            // Another filesystem (or the host still needs the file): copy, then make it
-            // appear atomically.
+        // The host no longer needs the spooled file: move it into place (one rename), or,
+        // across file systems, copy it and make the copy appear atomically.
+        let moved = std::fs::rename(&request.path, &target).is_ok();
+        if !moved {
             let partial = self.root.join(format!(".{id}.part"));
             std::fs::copy(&request.path, &partial).map_err(internal)?;
             std::fs::rename(&partial, &target).map_err(internal)?;
@@ -79,6 +84,7 @@ impl Provider for LocalDisk {
             remote_id: id.to_owned(),
             url: Some(url),
             raw: Value::Null,
+            consumed_file: moved,
         })
     }
 

@@ -99,6 +99,11 @@ impl LoadedPlugin {
         self.descriptor.header.abi_version
     }
 
+    /// Whether the plugin declared [`upgate_plugin_api::FLAG_LOCAL_IO`].
+    pub fn local_io(&self) -> bool {
+        self.descriptor.flags & upgate_plugin_api::FLAG_LOCAL_IO != 0
+    }
+
     /// Creates an instance from settings JSON.
     pub fn init(&self, settings: &[u8]) -> Result<RawInstance, Vec<u8>> {
         let mut out = PluginBuffer::empty();
