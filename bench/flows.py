@@ -12,6 +12,7 @@ release build (`cargo build --release --workspace`) and curl. Usage:
   bench/flows.py [forward|kore|all] [--size-mib 1024] [--workdir DIR]
 """
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -32,8 +33,27 @@ KEY = "bench-key"
 UPSTREAM_KEY = "upstream-key"
 
 
+@contextlib.contextmanager
+def running(argv, pattern):
+    """Starts a server, yields (process, url), and kills it at the end."""
+    proc, url = start(argv, pattern)
+    try:
+        yield proc, url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def measured_upgate(workdir, provider_yaml, work):
+    """Runs `work(url)` against a fresh upgate; returns its result and the peak RSS."""
+    with running(upgate_argv(workdir, provider_yaml), r"upgate: listening on (http://\S+)") as (proc, url):
+        result = work(url)
+        return result, peak_rss_mib(proc.pid)
+
+
 def start(argv, pattern, env=None):
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    errors = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     deadline = time.time() + 30
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -43,7 +63,8 @@ def start(argv, pattern, env=None):
         if found:
             return proc, found.group(1)
     proc.kill()
-    sys.exit(f"{argv[0]} did not start")
+    errors.seek(0)
+    sys.exit(f"{argv[0]} did not start: {errors.read()[-2000:]}")
 
 
 def peak_rss_mib(pid):
@@ -54,7 +75,7 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
-def start_upgate(workdir, provider_yaml):
+def upgate_argv(workdir, provider_yaml):
     data = os.path.join(workdir, "data")
     shutil.rmtree(data, ignore_errors=True)
     config = os.path.join(workdir, "config.yaml")
@@ -66,7 +87,7 @@ def start_upgate(workdir, provider_yaml):
             f"providers:\n{provider_yaml}"
             f"tenants:\n  bench: {{ plan: big, provider: up, keys: [{KEY}] }}\n"
         )
-    return start([UPGATE, "serve", "--config", config], r"upgate: listening on (http://\S+)")
+    return [UPGATE, "serve", "--config", config]
 
 
 def curl_upload(url, headers, path):
@@ -88,23 +109,14 @@ def row(label, seconds, size_mib, rss=None):
 
 def bench_forward(workdir, path, size_mib):
     print(f"forward: {size_mib} MiB, upgate (dify plugin) -> dify mock vs client -> dify mock")
-    mock, mock_url = start([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)")
-    try:
+    with running([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)") as (_, mock_url):
         direct = curl_upload(f"{mock_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path)
         provider = (
             f"  up:\n    plugin: dify\n    timeout: 1h\n"
             f"    settings: {{ base_url: '{mock_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
         )
-        upgate, url = start_upgate(workdir, provider)
-        try:
-            through = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
-            rss = peak_rss_mib(upgate.pid)
-        finally:
-            upgate.kill()
-            upgate.wait()
-    finally:
-        mock.kill()
-        mock.wait()
+        upload = lambda url: curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
+        through, rss = measured_upgate(workdir, provider, upload)
     row("direct to the mock (baseline)", direct, size_mib)
     row("through upgate (stored, hashed, forwarded)", through, size_mib, rss)
     print(f"  ratio upgate/direct throughput: {direct / through:.2f}x\n")
@@ -150,20 +162,10 @@ def bench_kore(workdir, path, size_mib):
     print(f"kore: {size_mib} MiB as Kore chunked sessions (8 MiB chunks) vs one Dify upload")
     files = os.path.join(workdir, "files")
     provider = f"  up: {{ plugin: local, settings: {{ root: {files} }} }}\n"
-    upgate, url = start_upgate(workdir, provider)
-    try:
-        single = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
-        single_rss = peak_rss_mib(upgate.pid)
-    finally:
-        upgate.kill()
-        upgate.wait()
-    upgate, url = start_upgate(workdir, provider)
-    try:
-        chunked, file_id = kore_chunked(url, path, os.path.getsize(path), 8 << 20)
-        chunked_rss = peak_rss_mib(upgate.pid)
-    finally:
-        upgate.kill()
-        upgate.wait()
+    upload = lambda url: curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
+    single, single_rss = measured_upgate(workdir, provider, upload)
+    chunks = lambda url: kore_chunked(url, path, os.path.getsize(path), 8 << 20)
+    (chunked, file_id), chunked_rss = measured_upgate(workdir, provider, chunks)
     stored = os.path.join(files, file_id)
     same = sha256(stored) == sha256(path)
     row("one Dify upload (baseline)", single, size_mib, single_rss)
