@@ -24,15 +24,26 @@ pub const BEAM_THREAD: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
 pub fn upload(daemon: &Daemon, dialect: &str, key: &str, name: &str, bytes: &[u8]) -> Reply {
     let file = |field: &str| Form::new().file(field, name, "application/octet-stream", bytes);
     match dialect {
-        "dify" => post_form(&daemon.url("/v1/files/upload"), &[("Authorization", &format!("Bearer {key}"))], &file("file")),
+        "dify" => post_form(
+            &daemon.url("/v1/files/upload"),
+            &[("Authorization", &format!("Bearer {key}"))],
+            &file("file"),
+        ),
         "kore" => post_form(
             &daemon.url("/api/public/files"),
             &[("X-api-key", key)],
-            &Form::new().text("fileContext", "bulkImport").file("file", name, "application/octet-stream", bytes),
+            &Form::new().text("fileContext", "bulkImport").file(
+                "file",
+                name,
+                "application/octet-stream",
+                bytes,
+            ),
         ),
-        "maiagent" => {
-            post_form(&daemon.url("/api/v1/attachments-upload/"), &[("Authorization", &format!("Api-Key {key}"))], &file("file"))
-        }
+        "maiagent" => post_form(
+            &daemon.url("/api/v1/attachments-upload/"),
+            &[("Authorization", &format!("Api-Key {key}"))],
+            &file("file"),
+        ),
         "korexo" => post_form(
             &daemon.url("/api/v2/apps/app-1/environments/draft/attachments/upload"),
             &[("x-api-key", key)],
@@ -44,7 +55,9 @@ pub fn upload(daemon: &Daemon, dialect: &str, key: &str, name: &str, bytes: &[u8
         "beam" => post_form(
             &daemon.url("/agent-setup/upload"),
             &[("x-api-key", key), ("current-workspace-id", "ws-1")],
-            &Form::new().text("threadId", BEAM_THREAD).file("files", name, "application/octet-stream", bytes),
+            &Form::new()
+                .text("threadId", BEAM_THREAD)
+                .file("files", name, "application/octet-stream", bytes),
         ),
         other => panic!("unknown dialect {other}"),
     }
@@ -52,25 +65,37 @@ pub fn upload(daemon: &Daemon, dialect: &str, key: &str, name: &str, bytes: &[u8
 
 /// The file record of a success body (Beam answers an array of them).
 pub fn record(dialect: &str, body: &Value) -> Value {
-    if dialect == "beam" { body[0].clone() } else { body.clone() }
+    if dialect == "beam" {
+        body[0].clone()
+    } else {
+        body.clone()
+    }
 }
 
 /// The upload id in a success body.
 pub fn id(dialect: &str, body: &Value) -> String {
     let record = record(dialect, body);
-    let key = if matches!(dialect, "kore" | "korexo") { "fileId" } else { "id" };
-    record[key].as_str().unwrap_or_else(|| panic!("{dialect}: no {key} in {body}")).to_owned()
+    let key = if matches!(dialect, "kore" | "korexo") {
+        "fileId"
+    } else {
+        "id"
+    };
+    record[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{dialect}: no {key} in {body}"))
+        .to_owned()
 }
 
-/// The URL field of a success body (the upstream's URL when forwarded).
-pub fn url(dialect: &str, body: &Value) -> Value {
+/// The URL field of a success body (the upstream's URL when forwarded); `None` for Kore XO,
+/// whose answer has no URL field (`filePath` is a fixed vendor-side name).
+pub fn url(dialect: &str, body: &Value) -> Option<Value> {
     let record = record(dialect, body);
     match dialect {
-        "dify" => record["source_url"].clone(),
-        "kore" => record["url"].clone(),
-        "maiagent" => record["file"].clone(),
-        "korexo" => record["filePath"].clone(),
-        _ => record["url"].clone(),
+        "dify" => Some(record["source_url"].clone()),
+        "kore" => Some(record["url"].clone()),
+        "maiagent" => Some(record["file"].clone()),
+        "korexo" => None,
+        _ => Some(record["url"].clone()),
     }
 }
 
@@ -79,10 +104,12 @@ pub fn error_message(dialect: &str, body: &Value) -> String {
     let text = match dialect {
         "dify" => body["message"].as_str().map(str::to_owned),
         "kore" | "korexo" => body["errors"][0]["msg"].as_str().map(str::to_owned),
-        "maiagent" => body["detail"]
-            .as_str()
-            .map(str::to_owned)
-            .or_else(|| body.as_object().and_then(|map| map.values().next()).and_then(|v| v[0].as_str()).map(str::to_owned)),
+        "maiagent" => body["detail"].as_str().map(str::to_owned).or_else(|| {
+            body.as_object()
+                .and_then(|map| map.values().next())
+                .and_then(|v| v[0].as_str())
+                .map(str::to_owned)
+        }),
         _ => match &body["message"] {
             Value::String(text) => Some(text.clone()),
             Value::Array(items) => items.first().and_then(Value::as_str).map(str::to_owned),

@@ -187,7 +187,9 @@ fn health_readiness_and_metrics_exposition() {
 
 #[test]
 fn json_logs_carry_one_line_per_request_without_keys() {
-    let daemon = Daemon::start_with(|dir| default_config(dir).replace("  idle_timeout: 2s\n", "  idle_timeout: 2s\n  log_format: json\n"));
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace("  idle_timeout: 2s\n", "  idle_timeout: 2s\n  log_format: json\n")
+    });
     let form = Form::new().file("file", "log me.txt", "text/plain", b"contents-never-logged");
     let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &form);
     assert_eq!(reply.status, 201);

@@ -93,7 +93,7 @@ impl fmt::Display for ByteSize {
             (1 << 10, "KiB"),
         ];
         for (size, unit) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }
@@ -648,11 +648,9 @@ fn locate(text: &str, keys: &[&str]) -> (usize, usize) {
             continue;
         }
         let indent = line.len() - trimmed.len();
-        if let Some(parent) = parent_indent {
-            if indent <= parent {
-                // Left the parent's block without finding the key.
-                break;
-            }
+        if parent_indent.is_some_and(|parent| indent <= parent) {
+            // Left the parent's block without finding the key.
+            break;
         }
         let key = trimmed
             .split(':')

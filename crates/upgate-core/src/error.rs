@@ -79,7 +79,9 @@ impl ApiError {
     /// The status every dialect uses unless it overrides it.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingCredentials | Self::MalformedCredentials | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::MissingCredentials | Self::MalformedCredentials | Self::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::DialectNotAllowed => StatusCode::FORBIDDEN,
             Self::NoFile
             | Self::TooManyFiles { .. }
@@ -94,9 +96,10 @@ impl ApiError {
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::SessionExpired => StatusCode::GONE,
-            Self::UpstreamRejected { status, .. } => {
-                StatusCode::from_u16(*status).ok().filter(|s| s.is_client_error()).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
+            Self::UpstreamRejected { status, .. } => StatusCode::from_u16(*status)
+                .ok()
+                .filter(|s| s.is_client_error())
+                .unwrap_or(StatusCode::BAD_GATEWAY),
             Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -115,9 +118,16 @@ impl ApiError {
             Self::TooLarge { .. } => "size",
             Self::UnsupportedType { .. } => "extension",
             Self::ContentMismatch(_) => "content",
-            Self::Throttled { why: Throttle::Rate, .. } => "rate",
-            Self::Throttled { why: Throttle::Concurrency, .. } => "concurrency",
-            Self::Throttled { why: Throttle::Quota, .. } => "quota",
+            Self::Throttled {
+                why: Throttle::Rate, ..
+            } => "rate",
+            Self::Throttled {
+                why: Throttle::Concurrency,
+                ..
+            } => "concurrency",
+            Self::Throttled {
+                why: Throttle::Quota, ..
+            } => "quota",
             Self::NoFile
             | Self::TooManyFiles { .. }
             | Self::EmptyFilename
@@ -156,10 +166,10 @@ impl ResponseError for DialectError {
         if let ApiError::Throttled { retry_after_secs, .. } = self.error {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.max(1).to_string()));
         }
-        if status == StatusCode::UNAUTHORIZED {
-            if let Some(challenge) = dialect.www_authenticate() {
-                response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
-            }
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(challenge) = dialect.www_authenticate()
+        {
+            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
         }
         response.json(dialect.error_body(&self.error, status))
     }

@@ -234,14 +234,14 @@ impl Policy {
         if !entry.tenant.allows(dialect) {
             return Err(ApiError::DialectNotAllowed);
         }
-        if let Some(limiter) = &entry.limiter {
-            if let Err(not_until) = limiter.check() {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                return Err(ApiError::Throttled {
-                    retry_after_secs: ceil_secs(wait),
-                    why: Throttle::Rate,
-                });
-            }
+        if let Some(limiter) = &entry.limiter
+            && let Err(not_until) = limiter.check()
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(ApiError::Throttled {
+                retry_after_secs: ceil_secs(wait),
+                why: Throttle::Rate,
+            });
         }
         let mut permits = Vec::with_capacity(2);
         for semaphore in [&self.global_concurrency, &entry.tenant.concurrency]

@@ -128,10 +128,13 @@ async fn observe(
         .response()
         .error()
         .and_then(|e| e.as_error::<DialectError>());
-    if let Some(error) = error {
-        if let Some(reason) = error.error.rejection_reason() {
-            metrics::rejection(error.dialect, reason);
-        }
+    if let Some(reason) = error.and_then(|error| {
+        error
+            .error
+            .rejection_reason()
+            .map(|reason| (error.dialect, reason))
+    }) {
+        metrics::rejection(reason.0, reason.1);
     }
     let log = response
         .response()

@@ -1,23 +1,617 @@
 //! Chunked upload sessions: chunk files on disk, session rows in SQLite, and the sweeper.
 //!
-//! What flows through here: chunks of a session written to
+//! What flows through here: a dialect's declared upload (name, size, number of chunks),
+//! checked against the tenant's plan and recorded as a session row that expires after
+//! `server.session_expiry`; chunks of that session, streamed through a [`SpoolWriter`] into a
+//! temporary spool file (the running total of the session checked against the declared size
+//! and the plan's limit as the bytes arrive), then renamed to
 //! `<data_dir>/sessions/<session id>/<chunk number>` (ids are upgate's uuids, numbers are
 //! integers: nothing from a client becomes a path), their sizes recorded in SQLite so a
-//! restart loses nothing; at completion the chunks streamed in order through one
-//! [`SpoolWriter`] into an ordinary spooled upload. The housekeeping task deletes expired
-//! sessions and their chunks and keeps the gauges (sessions, spool bytes, free disk) fresh.
+//! restart, even a SIGKILL between two chunks, loses nothing; at completion the chunks
+//! streamed in order through one [`SpoolWriter`] into an ordinary spooled upload, handed to
+//! [`Gateway::accept`] like any single upload. The housekeeping task deletes expired
+//! sessions and their chunks, directories and temporary chunks left behind by a crash, and
+//! keeps the gauges (sessions, spool bytes, free disk) fresh.
+//!
+//! Everything that touches one session's chunks (a chunk's commit, completion, sweeping) holds
+//! that session's lock, so a re-sent chunk, a completion and the sweeper never interleave.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
-use crate::config::ServerConfig;
-use crate::gateway::Gateway;
+use actix_multipart::{Field, Multipart, MultipartError};
+use actix_web::HttpRequest;
+use actix_web::web::Payload;
+use tokio::io::AsyncReadExt;
+use tokio::sync::OwnedMutexGuard;
+
+use crate::config::{Durability, ServerConfig};
+use crate::content;
+use crate::dialects::{DialectName, is_uuid};
+use crate::error::ApiError;
+use crate::gateway::{Gateway, Metadata, internal};
+use crate::intake::{self, SpoolWriter, next_or_stall, validate_filename};
 use crate::metrics;
-use crate::store::now_ms;
+use crate::policy::Admission;
+use crate::store::{SessionRecord, Store, UploadRecord, now_ms};
+
+/// Most chunks one session may declare.
+pub const MAX_CHUNKS: u64 = 100_000;
+/// Bytes read from a chunk file at a time when assembling.
+const READ_SLICE: usize = 256 * 1024;
+/// Longest chunk-number field.
+const MAX_NUMBER_FIELD: usize = 64;
+/// Most bytes of other parts a chunk request may carry.
+const MAX_OTHER_PARTS: usize = 64 * 1024;
+/// Room for the multipart framing around a chunk.
+const FRAMING: u64 = 1 << 20;
+/// Spool names of chunks on their way into a session directory.
+const CHUNK_TEMP_PREFIX: &str = "chunk-";
+/// A temporary chunk this old was left behind by a crash.
+const STALE_CHUNK_TEMP: Duration = Duration::from_secs(3600);
 
 /// Where a session's chunks live.
-pub fn session_dir(data_dir: &std::path::Path, session_id: &str) -> PathBuf {
+pub fn session_dir(data_dir: &Path, session_id: &str) -> PathBuf {
     data_dir.join("sessions").join(session_id)
+}
+
+fn chunk_path(data_dir: &Path, session_id: &str, number: u64) -> PathBuf {
+    session_dir(data_dir, session_id).join(number.to_string())
+}
+
+/// What a dialect declares when it opens a session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// The client's filename (metadata only; checked like any filename).
+    pub filename: String,
+    /// Lower-case extension, checked against the plan's allowlist.
+    pub extension: String,
+    /// The size of the whole file, checked against the plan's limit.
+    pub declared_size: u64,
+    /// Chunks are numbered `0..total_chunks`.
+    pub total_chunks: u64,
+    pub metadata: Metadata,
+}
+
+/// The names of a chunk request's multipart parts.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkForm {
+    /// The part carrying the chunk's bytes.
+    pub file_field: &'static str,
+    /// The text field carrying the chunk number.
+    pub number_field: &'static str,
+}
+
+/// One lock per session id, created on demand and dropped with its last user.
+type LockMap = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
+static LOCKS: LazyLock<Mutex<LockMap>> = LazyLock::new(Default::default);
+
+/// Holds a session's lock; removes the lock from the registry when nobody else uses it.
+pub struct SessionLock {
+    id: String,
+    mutex: Option<Arc<tokio::sync::Mutex<()>>>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+/// Waits for the lock of session `id`.
+pub async fn lock_session(id: &str) -> SessionLock {
+    let mutex = LOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(id.to_owned())
+        .or_default()
+        .clone();
+    // Built before waiting, so a cancelled wait still cleans the registry up.
+    let mut lock = SessionLock {
+        id: id.to_owned(),
+        mutex: Some(mutex.clone()),
+        guard: None,
+    };
+    lock.guard = Some(mutex.lock_owned().await);
+    lock
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        self.guard.take();
+        self.mutex.take();
+        let mut locks = LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+        if locks
+            .get(&self.id)
+            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
+        {
+            locks.remove(&self.id);
+        }
+    }
+}
+
+/// A chunk spooled but not yet in its session: removed when dropped, unless kept.
+struct TempChunk {
+    path: PathBuf,
+    size: u64,
+}
+
+impl TempChunk {
+    fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for TempChunk {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The most bytes a session's file may hold: its declared size, within the plan's limit
+/// (which a reload may have lowered since the session started).
+fn session_limit(session: &SessionRecord, admission: &Admission) -> u64 {
+    session.declared_size.min(admission.tenant.plan.max_file_size())
+}
+
+/// Chunk numbers of `0..total_chunks` not received yet.
+pub fn missing_chunks(session: &SessionRecord) -> Vec<u64> {
+    let present: HashSet<u64> = session.chunks.iter().map(|(number, _)| *number).collect();
+    (0..session.total_chunks)
+        .filter(|number| !present.contains(number))
+        .collect()
+}
+
+fn multipart_error(error: MultipartError) -> ApiError {
+    match error {
+        MultipartError::ContentTypeMissing
+        | MultipartError::ContentTypeParse
+        | MultipartError::ContentTypeIncompatible
+        | MultipartError::BoundaryMissing => ApiError::NoFile,
+        other => ApiError::Malformed(format!("multipart body: {other}")),
+    }
+}
+
+fn content_length(request: &HttpRequest) -> Option<u64> {
+    request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn size_mismatch(held: u64, declared: u64) -> ApiError {
+    ApiError::Malformed(format!(
+        "the chunks hold {held} bytes, but the session declared {declared}"
+    ))
+}
+
+impl Gateway {
+    /// Opens a chunked upload session for the admitted tenant (no bytes yet).
+    pub async fn start_session(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        new: NewSession,
+    ) -> Result<SessionRecord, ApiError> {
+        validate_filename(&new.filename)?;
+        let plan = &admission.tenant.plan;
+        plan.check_extension(&new.extension)?;
+        plan.check_size(new.declared_size)?;
+        if !(1..=MAX_CHUNKS).contains(&new.total_chunks) {
+            return Err(ApiError::Malformed(format!(
+                "a session has 1 to {MAX_CHUNKS} chunks"
+            )));
+        }
+        let now = now_ms();
+        let expiry = admission.policy.config.server.session_expiry.0;
+        let session = SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: admission.tenant.name.clone(),
+            dialect: dialect.as_str().to_owned(),
+            filename: new.filename,
+            extension: new.extension,
+            declared_size: new.declared_size,
+            total_chunks: new.total_chunks,
+            metadata: new.metadata,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(expiry.as_millis().min(i64::MAX as u128) as i64),
+            chunks: Vec::new(),
+        };
+        self.store
+            .insert_session(session.clone())
+            .await
+            .map_err(internal)?;
+        tracing::info!(session_id = %session.id, tenant = %session.tenant, chunks = session.total_chunks,
+            size = session.declared_size, "upload session started");
+        Ok(session)
+    }
+
+    /// The admitted tenant's open session `id` of `dialect`: 404 for a malformed id, an
+    /// unknown or swept session or another tenant's; 410 for one expired but not swept yet.
+    pub async fn open_session(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        id: &str,
+    ) -> Result<SessionRecord, ApiError> {
+        if !is_uuid(id) {
+            return Err(ApiError::NotFound);
+        }
+        find_session(&self.store, &admission.tenant.name, dialect, id).await
+    }
+
+    /// Receives one chunk of session `id` from a multipart body (`form` names its parts) and
+    /// stores it, replacing an earlier copy of the same number. Returns the chunk number and
+    /// its size.
+    pub async fn receive_chunk(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        id: &str,
+        request: &HttpRequest,
+        payload: Payload,
+        form: &ChunkForm,
+    ) -> Result<(u64, u64), ApiError> {
+        let session = self.open_session(admission, dialect, id).await?;
+        let limit = session_limit(&session, admission);
+        let stored = session.received_bytes();
+        let size_of = |number: u64| {
+            session
+                .chunks
+                .iter()
+                .find(|(n, _)| *n == number)
+                .map_or(0, |(_, size)| *size)
+        };
+        // Until the chunk number is known, the chunk may replace the largest one.
+        let largest = session.chunks.iter().map(|(_, size)| *size).max().unwrap_or(0);
+        if content_length(request)
+            .is_some_and(|length| length > limit.saturating_sub(stored - largest).saturating_add(FRAMING))
+        {
+            return Err(ApiError::TooLarge { limit });
+        }
+        let idle = admission.policy.config.server.idle_timeout.0;
+        let mut multipart = Multipart::new(request.headers(), payload);
+        let mut number: Option<u64> = None;
+        let mut chunk: Option<TempChunk> = None;
+        let mut other_bytes = 0usize;
+        while let Some(field) = next_or_stall(&mut multipart, idle).await? {
+            let mut field = field.map_err(multipart_error)?;
+            let name = field.name().map(str::to_owned);
+            match name.as_deref() {
+                Some(name) if name == form.number_field => {
+                    let text = read_text(&mut field, idle, MAX_NUMBER_FIELD).await?;
+                    let parsed = text
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n < session.total_chunks)
+                        .ok_or_else(|| ApiError::InvalidField {
+                            field: form.number_field,
+                            message: format!(
+                                "`{}` is not a chunk number of this session (0 to {})",
+                                text.trim().chars().take(24).collect::<String>(),
+                                session.total_chunks - 1
+                            ),
+                        })?;
+                    number = Some(parsed);
+                }
+                Some(name) if name == form.file_field => {
+                    if chunk.is_some() {
+                        return Err(ApiError::TooManyFiles { max: 1 });
+                    }
+                    let others = match number {
+                        Some(number) => stored - size_of(number),
+                        None => stored - largest,
+                    };
+                    let room = limit.saturating_sub(others);
+                    chunk = Some(self.spool_chunk(&mut field, room, limit, idle).await?);
+                }
+                _ => skip_part(&mut field, idle, &mut other_bytes).await?,
+            }
+        }
+        let number = number.ok_or(ApiError::MissingField(form.number_field))?;
+        let chunk = chunk.ok_or(ApiError::NoFile)?;
+        let size = chunk.size;
+        // The commit runs in a task of its own: a client that goes away mid-commit cannot
+        // leave the chunk file and its row disagreeing.
+        let commit = ChunkCommit {
+            store: self.store.clone(),
+            data_dir: self.data_dir.clone(),
+            durable: self.spool.durability == Durability::PowerLoss,
+            tenant: admission.tenant.name.clone(),
+            dialect,
+            id: session.id.clone(),
+            number,
+            chunk,
+            limit,
+        };
+        actix_web::rt::spawn(commit.run())
+            .await
+            .map_err(|_| ApiError::Internal)??;
+        Ok((number, size))
+    }
+
+    async fn spool_chunk(
+        &self,
+        field: &mut Field,
+        room: u64,
+        limit: u64,
+        idle: Duration,
+    ) -> Result<TempChunk, ApiError> {
+        let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
+        let mut writer = SpoolWriter::new(&self.spool, &temp_id, room, false);
+        while let Some(bytes) = next_or_stall(field, idle).await? {
+            let bytes = bytes.map_err(multipart_error)?;
+            writer.write(&bytes).await.map_err(|error| match error {
+                // The writer knows only the room left; the client is told the session's limit.
+                ApiError::TooLarge { .. } => ApiError::TooLarge { limit },
+                other => other,
+            })?;
+        }
+        let (path, size, ..) = writer.finish().await?;
+        Ok(TempChunk { path, size })
+    }
+
+    /// Assembles session `id` (every chunk present, their total the declared size) into one
+    /// upload, accepts it like a single upload (quota, record, delivery), then removes the
+    /// session and its chunks. Missing chunks: 400 naming them, and the session stays open.
+    pub async fn complete_session(
+        &self,
+        admission: &Admission,
+        dialect: DialectName,
+        id: &str,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        if !is_uuid(id) {
+            return Err(ApiError::NotFound);
+        }
+        let _lock = lock_session(id).await;
+        let session = self.open_session(admission, dialect, id).await?;
+        let missing = missing_chunks(&session);
+        if !missing.is_empty() {
+            return Err(ApiError::MissingChunks(missing));
+        }
+        let plan = &admission.tenant.plan;
+        plan.check_extension(&session.extension)?;
+        plan.check_size(session.declared_size)?;
+        if session.received_bytes() != session.declared_size {
+            return Err(size_mismatch(session.received_bytes(), session.declared_size));
+        }
+        let upload_id = dialect.new_upload_id();
+        let mut writer = SpoolWriter::new(
+            &self.spool,
+            &upload_id,
+            session_limit(&session, admission),
+            content::is_text_extension(&session.extension),
+        );
+        let mut assembled = 0u64;
+        let mut buffer = vec![0u8; READ_SLICE];
+        for number in 0..session.total_chunks {
+            let path = chunk_path(&self.data_dir, id, number);
+            let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
+                tracing::error!(session_id = %id, chunk = number, %error, "a recorded chunk is missing on disk");
+                ApiError::Internal
+            })?;
+            loop {
+                let read = file.read(&mut buffer).await.map_err(|error| {
+                    tracing::error!(session_id = %id, chunk = number, %error, "cannot read a chunk");
+                    ApiError::Internal
+                })?;
+                if read == 0 {
+                    break;
+                }
+                assembled += read as u64;
+                if assembled > session.declared_size {
+                    return Err(size_mismatch(assembled, session.declared_size));
+                }
+                writer.write(&buffer[..read]).await?;
+            }
+        }
+        if assembled != session.declared_size {
+            return Err(size_mismatch(assembled, session.declared_size));
+        }
+        let file = intake::complete_file(
+            writer,
+            upload_id,
+            session.filename.clone(),
+            session.extension.clone(),
+            plan.config.verify_content,
+        )
+        .await?;
+        let records = self
+            .accept(admission, dialect, vec![file], session.metadata.clone())
+            .await?;
+        if let Err(error) = self.store.delete_session(id.to_owned()).await {
+            // The upload is recorded; the sweeper removes the session when it expires.
+            tracing::error!(session_id = %id, %error, "cannot delete a completed session");
+        }
+        remove_dir_quietly(&session_dir(&self.data_dir, id)).await;
+        tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
+        Ok(records)
+    }
+}
+
+async fn find_session(
+    store: &Store,
+    tenant: &str,
+    dialect: DialectName,
+    id: &str,
+) -> Result<SessionRecord, ApiError> {
+    let session = store
+        .session_of(tenant.to_owned(), id.to_owned())
+        .await
+        .map_err(internal)?
+        .filter(|session| session.dialect == dialect.as_str())
+        .ok_or(ApiError::NotFound)?;
+    if session.expires_at_ms <= now_ms() {
+        return Err(ApiError::SessionExpired);
+    }
+    Ok(session)
+}
+
+/// A received chunk on its way into its session.
+struct ChunkCommit {
+    store: Store,
+    data_dir: PathBuf,
+    /// fsync the session directory after the rename.
+    durable: bool,
+    tenant: String,
+    dialect: DialectName,
+    id: String,
+    number: u64,
+    chunk: TempChunk,
+    /// The session's limit for the sum of its chunks.
+    limit: u64,
+}
+
+impl ChunkCommit {
+    /// Moves the chunk into its session under the session's lock, after checking the running
+    /// total again against the session's current chunks.
+    async fn run(self) -> Result<(), ApiError> {
+        let Self {
+            store,
+            data_dir,
+            durable,
+            tenant,
+            dialect,
+            id,
+            number,
+            chunk,
+            limit,
+        } = self;
+        let _lock = lock_session(&id).await;
+        let session = find_session(&store, &tenant, dialect, &id).await?;
+        let others: u64 = session
+            .chunks
+            .iter()
+            .filter(|(n, _)| *n != number)
+            .map(|(_, size)| size)
+            .sum();
+        if others.saturating_add(chunk.size) > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        let size = chunk.size;
+        let dir = session_dir(&data_dir, &id);
+        let target = chunk_path(&data_dir, &id, number);
+        let placed = target.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            // A rename replaces an earlier copy of the chunk atomically.
+            std::fs::rename(&chunk.path, &placed)?;
+            chunk.keep();
+            if durable {
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|error| {
+            tracing::error!(session_id = %id, chunk = number, %error, "cannot store a chunk");
+            if error.raw_os_error() == Some(libc::ENOSPC) {
+                ApiError::InsufficientStorage
+            } else {
+                ApiError::Internal
+            }
+        })?;
+        if let Err(error) = store.put_chunk(id.clone(), number, size).await {
+            let _ = tokio::fs::remove_file(&target).await;
+            // The usual cause: the session was swept or completed meanwhile.
+            return match find_session(&store, &tenant, dialect, &id).await {
+                Ok(_) => Err(internal(error)),
+                Err(gone) => Err(gone),
+            };
+        }
+        Ok(())
+    }
+}
+
+async fn read_text(field: &mut Field, idle: Duration, max: usize) -> Result<String, ApiError> {
+    let mut value = Vec::new();
+    while let Some(bytes) = next_or_stall(field, idle).await? {
+        let bytes = bytes.map_err(multipart_error)?;
+        if value.len() + bytes.len() > max {
+            return Err(ApiError::Malformed("a form field is too long".into()));
+        }
+        value.extend_from_slice(&bytes);
+    }
+    String::from_utf8(value).map_err(|_| ApiError::Malformed("a form field is not UTF-8".into()))
+}
+
+async fn skip_part(field: &mut Field, idle: Duration, total: &mut usize) -> Result<(), ApiError> {
+    while let Some(bytes) = next_or_stall(field, idle).await? {
+        *total += bytes.map_err(multipart_error)?.len();
+        if *total > MAX_OTHER_PARTS {
+            return Err(ApiError::Malformed("unexpected parts are too large".into()));
+        }
+    }
+    Ok(())
+}
+
+async fn remove_dir_quietly(dir: &Path) {
+    let _ = tokio::fs::remove_dir_all(dir).await;
+}
+
+/// Removes what a crash can leave behind: session directories whose session row is gone
+/// (a completion or sweep interrupted between the row and the files), and temporary chunks
+/// in the spool that never reached their session.
+async fn sweep_leftovers(gateway: &Gateway) {
+    let root = gateway.data_dir.join("sessions");
+    let spool_dir = gateway.spool.dir.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let dirs: Vec<String> = std::fs::read_dir(&root)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let now = std::time::SystemTime::now();
+        let stale = std::fs::read_dir(&spool_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|entry| {
+                        entry
+                            .file_name()
+                            .to_str()
+                            .is_some_and(|name| name.starts_with(CHUNK_TEMP_PREFIX))
+                    })
+                    .filter(|entry| {
+                        entry
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|modified| now.duration_since(modified).ok())
+                            .is_some_and(|age| age > STALE_CHUNK_TEMP)
+                    })
+                    .map(|entry| entry.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for path in stale {
+            let _ = std::fs::remove_file(path);
+        }
+        dirs
+    })
+    .await
+    .unwrap_or_default();
+    if listed.is_empty() {
+        return;
+    }
+    // Read after listing: a directory is only created for a session whose row exists, so a
+    // listed directory without a row now is an orphan for good.
+    let Ok(ids) = gateway.store.session_ids().await else {
+        return;
+    };
+    let ids: HashSet<String> = ids.into_iter().collect();
+    for name in listed.into_iter().filter(|name| !ids.contains(name)) {
+        let _lock = lock_session(&name).await;
+        remove_dir_quietly(&session_dir(&gateway.data_dir, &name)).await;
+        tracing::info!(session_id = %name, "orphaned session directory removed");
+    }
 }
 
 /// Sweeps expired sessions and refreshes gauges every `sweep_interval`.
@@ -26,12 +620,14 @@ pub async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
         match gateway.store.take_expired_sessions(now_ms()).await {
             Ok(expired) => {
                 for id in expired {
-                    let _ = tokio::fs::remove_dir_all(session_dir(&gateway.data_dir, &id)).await;
+                    let _lock = lock_session(&id).await;
+                    remove_dir_quietly(&session_dir(&gateway.data_dir, &id)).await;
                     tracing::info!(session_id = %id, "expired session swept");
                 }
             }
             Err(error) => tracing::error!(%error, "session sweep failed"),
         }
+        sweep_leftovers(&gateway).await;
         if let Ok(active) = gateway.store.active_sessions().await {
             metrics::get().sessions_active.set(active as i64);
         }
@@ -44,5 +640,58 @@ pub async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
         })
         .await;
         tokio::time::sleep(server.sweep_interval.0.min(std::time::Duration::from_secs(60))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(chunks: Vec<(u64, u64)>) -> SessionRecord {
+        SessionRecord {
+            id: "s".into(),
+            tenant: "t".into(),
+            dialect: "kore".into(),
+            filename: "f.png".into(),
+            extension: "png".into(),
+            declared_size: 10,
+            total_chunks: 4,
+            metadata: Default::default(),
+            created_at_ms: 0,
+            expires_at_ms: 1,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn missing_chunk_numbers() {
+        assert_eq!(missing_chunks(&session(vec![])), vec![0, 1, 2, 3]);
+        assert_eq!(missing_chunks(&session(vec![(0, 3), (2, 3)])), vec![1, 3]);
+        assert!(missing_chunks(&session(vec![(0, 1), (1, 1), (2, 1), (3, 1)])).is_empty());
+    }
+
+    #[test]
+    fn chunk_paths_are_numbers_under_the_session() {
+        let path = chunk_path(Path::new("/d"), "0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11", 7);
+        assert_eq!(
+            path,
+            Path::new("/d/sessions/0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11/7")
+        );
+    }
+
+    #[tokio::test]
+    async fn session_locks_exclude_each_other_and_clean_up() {
+        let first = lock_session("a").await;
+        let waiting = tokio::spawn(async {
+            let _second = lock_session("a").await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        // Another session is not blocked.
+        drop(lock_session("b").await);
+        drop(first);
+        waiting.await.unwrap();
+        assert!(!LOCKS.lock().unwrap().contains_key("a"));
+        assert!(!LOCKS.lock().unwrap().contains_key("b"));
     }
 }

@@ -1,15 +1,132 @@
-//! The beam dialect (in progress).
+//! The beam dialect (Beam Studio agent setup): `POST /agent-setup/upload`, headers
+//! `x-api-key` and `current-workspace-id`.
+//!
+//! What flows through here: a multipart body with a `threadId` (uuid) and 1 to 10 `files`
+//! parts, handed to the shared gateway flow as one request (one file failing policy fails
+//! them all and nothing is kept), with the thread and workspace recorded as metadata; the
+//! stored records rendered as Beam's 201 array, one chat-file object per file in order. The
+//! `user` object carries only an `id` (a stable uuid derived from the tenant) and `name`
+//! (the tenant's name): never the secrets the real API leaks. Errors are NestJS-shaped,
+//! `{"statusCode", "message", "error"}`, and 401 is `{"message": "Unauthorized",
+//! "statusCode": 401}`.
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, web};
+use actix_web::web::{self, Payload};
+use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, plain_message};
-use crate::error::ApiError;
+use super::{Dialect, DialectName, derived_uuid, file_url, iso_millis, plain_message};
+use crate::error::{ApiError, DialectError};
+use crate::gateway::{Gateway, Metadata};
+use crate::intake::FormSpec;
+use crate::store::{UploadRecord, UploadState};
 
 pub struct Beam;
 
-pub fn routes(_config: &mut web::ServiceConfig) {}
+const FORM: FormSpec = FormSpec {
+    file_field: "files",
+    max_files: 10,
+    text_fields: &["threadId"],
+};
+
+const WORKSPACE_HEADER: &str = "current-workspace-id";
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.route("/agent-setup/upload", web::post().to(upload));
+}
+
+fn fail(error: ApiError) -> DialectError {
+    DialectError::new(DialectName::Beam, error)
+}
+
+/// The workspace id header: required, visible ASCII, at most 256 bytes.
+fn workspace_id(request: &HttpRequest) -> Result<String, ApiError> {
+    let invalid = || ApiError::InvalidField {
+        field: WORKSPACE_HEADER,
+        message: format!("{WORKSPACE_HEADER} must be at most 256 visible ASCII characters"),
+    };
+    let value = request
+        .headers()
+        .get(WORKSPACE_HEADER)
+        .ok_or(ApiError::MissingField(WORKSPACE_HEADER))?;
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    if text.is_empty() {
+        return Err(ApiError::MissingField(WORKSPACE_HEADER));
+    }
+    if text.len() > 256 {
+        return Err(invalid());
+    }
+    Ok(text.to_owned())
+}
+
+async fn upload(
+    request: HttpRequest,
+    payload: Payload,
+    gateway: web::Data<Gateway>,
+) -> Result<HttpResponse, DialectError> {
+    let admission = gateway.admit(&Beam, &request).await.map_err(fail)?;
+    let workspace = workspace_id(&request).map_err(fail)?;
+    let received = gateway
+        .receive(&admission, DialectName::Beam, &request, payload, &FORM)
+        .await
+        .map_err(fail)?;
+    let thread_id = received
+        .fields
+        .get("threadId")
+        .map(|thread| thread.trim().to_owned())
+        .filter(|thread| !thread.is_empty())
+        .ok_or_else(|| fail(ApiError::MissingField("threadId")))?;
+    if thread_id.len() != 36 || uuid::Uuid::try_parse(&thread_id).is_err() {
+        return Err(fail(ApiError::InvalidField {
+            field: "threadId",
+            message: "threadId must be a UUID".into(),
+        }));
+    }
+    let mut metadata = Metadata::new();
+    metadata.insert("threadId".into(), thread_id.into());
+    metadata.insert("workspaceId".into(), workspace.into());
+    let records = gateway
+        .accept(&admission, DialectName::Beam, received.files, metadata)
+        .await
+        .map_err(fail)?;
+    let files: Vec<Value> = records.iter().map(chat_file).collect();
+    Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(files))
+}
+
+fn chat_file(record: &UploadRecord) -> Value {
+    let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str).unwrap_or("");
+    let status = match record.state {
+        UploadState::Forwarded => "uploaded",
+        UploadState::Received => "processing",
+        UploadState::Failed | UploadState::Deleted => "failed",
+    };
+    let key = if record.extension.is_empty() {
+        format!("uploads/{}/{}", meta("workspaceId"), record.id)
+    } else {
+        format!(
+            "uploads/{}/{}.{}",
+            meta("workspaceId"),
+            record.id,
+            record.extension
+        )
+    };
+    let user_id = derived_uuid(&format!("beam-user:{}", record.tenant));
+    json!({
+        "name": record.filename,
+        "threadId": meta("threadId"),
+        "uploadStatus": status,
+        "uploadSource": "file_upload",
+        "id": record.id,
+        "createdAt": iso_millis(record.created_at_ms),
+        "updatedAt": iso_millis(record.updated_at_ms),
+        "src": key,
+        "fileKey": key,
+        "url": file_url(record),
+        "mimeType": record.mime,
+        "userId": user_id,
+        "user": { "id": user_id, "name": record.tenant },
+    })
+}
 
 impl Dialect for Beam {
     fn name(&self) -> DialectName {
@@ -20,7 +137,25 @@ impl Dialect for Beam {
         super::header_key(request, "x-api-key")
     }
 
-    fn error_body(&self, error: &ApiError, _status: StatusCode) -> Value {
-        json!({ "message": plain_message(error) })
+    fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
+        let message = match error {
+            ApiError::MissingCredentials | ApiError::MalformedCredentials | ApiError::InvalidCredentials => {
+                return json!({ "message": "Unauthorized", "statusCode": 401 });
+            }
+            ApiError::DialectNotAllowed => "Forbidden resource".to_owned(),
+            // multer's answers.
+            ApiError::TooManyFiles { .. } => "Unexpected field".to_owned(),
+            ApiError::TooLarge { .. } => "File too large".to_owned(),
+            ApiError::NoFile => "No files uploaded: send 1 to 10 file parts named `files`.".to_owned(),
+            ApiError::MissingField(WORKSPACE_HEADER) => format!("{WORKSPACE_HEADER} header is required"),
+            ApiError::MissingField(field) => format!("{field} should not be empty"),
+            ApiError::InvalidField { message, .. } => message.clone(),
+            other => plain_message(other),
+        };
+        json!({
+            "statusCode": status.as_u16(),
+            "message": message,
+            "error": status.canonical_reason().unwrap_or("Error"),
+        })
     }
 }

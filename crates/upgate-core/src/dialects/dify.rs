@@ -19,13 +19,23 @@ use crate::store::UploadRecord;
 
 pub struct Dify;
 
-const FORM: FormSpec = FormSpec { file_field: "file", max_files: 1, text_fields: &["user"] };
+const FORM: FormSpec = FormSpec {
+    file_field: "file",
+    max_files: 1,
+    text_fields: &["user"],
+};
 
 pub fn routes(config: &mut web::ServiceConfig) {
-    config.route("/v1/files/upload", web::post().to(upload)).route("/files/upload", web::post().to(upload));
+    config
+        .route("/v1/files/upload", web::post().to(upload))
+        .route("/files/upload", web::post().to(upload));
 }
 
-async fn upload(request: HttpRequest, payload: Payload, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
+async fn upload(
+    request: HttpRequest,
+    payload: Payload,
+    gateway: web::Data<Gateway>,
+) -> Result<HttpResponse, DialectError> {
     let records = gateway
         .upload_multipart(&Dify, &request, payload, &FORM, |received| {
             let mut metadata = Metadata::new();
@@ -51,8 +61,11 @@ fn file_object(record: &UploadRecord) -> Value {
     let user = record.metadata.get("user").and_then(Value::as_str).unwrap_or("");
     let user_id = derived_uuid(&format!("user:{}:{user}", record.tenant));
     let tenant_id = derived_uuid(&format!("tenant:{}", record.tenant));
-    let stored_name =
-        if record.extension.is_empty() { record.id.clone() } else { format!("{}.{}", record.id, record.extension) };
+    let stored_name = if record.extension.is_empty() {
+        record.id.clone()
+    } else {
+        format!("{}.{}", record.id, record.extension)
+    };
     json!({
         "id": record.id,
         "name": record.filename,
@@ -90,19 +103,29 @@ impl Dialect for Dify {
 
     fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
         let (code, message) = match error {
-            ApiError::MissingCredentials | ApiError::MalformedCredentials => {
-                ("unauthorized", "Authorization header must be provided and start with 'Bearer'".to_owned())
-            }
+            ApiError::MissingCredentials | ApiError::MalformedCredentials => (
+                "unauthorized",
+                "Authorization header must be provided and start with 'Bearer'".to_owned(),
+            ),
             ApiError::InvalidCredentials => ("unauthorized", "Access token is invalid".to_owned()),
             ApiError::DialectNotAllowed => ("forbidden", "This API key may not use the Dify API.".to_owned()),
             ApiError::NoFile => ("no_file_uploaded", "Please upload your file.".to_owned()),
             ApiError::TooManyFiles { .. } => ("too_many_files", "Only one file is allowed.".to_owned()),
-            ApiError::EmptyFilename => ("filename_not_exists_error", "The specified filename does not exist.".to_owned()),
-            ApiError::UnsupportedType { .. } => ("unsupported_file_type", "File type not allowed.".to_owned()),
-            ApiError::ContentMismatch(reason) => ("unsupported_file_type", format!("File type not allowed: {reason}.")),
-            ApiError::TooLarge { limit } => {
-                ("file_too_large", format!("File size exceeded. The limit is {}.", super::limit_text(*limit)))
+            ApiError::EmptyFilename => (
+                "filename_not_exists_error",
+                "The specified filename does not exist.".to_owned(),
+            ),
+            ApiError::UnsupportedType { .. } => {
+                ("unsupported_file_type", "File type not allowed.".to_owned())
             }
+            ApiError::ContentMismatch(reason) => (
+                "unsupported_file_type",
+                format!("File type not allowed: {reason}."),
+            ),
+            ApiError::TooLarge { limit } => (
+                "file_too_large",
+                format!("File size exceeded. The limit is {}.", super::limit_text(*limit)),
+            ),
             ApiError::Throttled { .. } => ("too_many_requests", plain_message(error)),
             ApiError::InvalidFilename(_)
             | ApiError::MissingField(_)

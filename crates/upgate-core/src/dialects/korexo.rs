@@ -1,15 +1,159 @@
-//! The korexo dialect (in progress).
+//! The korexo dialect (Kore.ai XO platform v2 attachments), `x-api-key` header.
+//!
+//! What flows through here: `POST /api/v2/apps/{appId}/environments/{envName}/attachments/upload`
+//! with a multipart `file`, a required `userReference` and `uploadType` (only `runtime`),
+//! handed to the shared gateway flow with the app, environment and user reference recorded
+//! as metadata, and answered 200 `{fileId: "f-<uuid>", fileName, filePath, fileSize,
+//! mimeType, extension, uploadedAt}`; and `DELETE .../attachments/{fileId}` (its optional
+//! JSON body `{sessionId | sessionReference}` is ignored), which deletes the tenant's upload
+//! made under the same app and environment through [`Gateway::delete`] (stored bytes,
+//! upstream copy, record state) and answers `{"message", "success", "fileId"}`. Path segments
+//! are validated before anything else; errors are `{"errors": [{"msg", "code"}]}`.
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, web};
+use actix_web::web::{self, Payload};
+use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, plain_message};
-use crate::error::ApiError;
+use super::{Dialect, DialectName, errors_body, iso_millis, plain_message};
+use crate::error::{ApiError, DialectError};
+use crate::gateway::{Gateway, Metadata, internal};
+use crate::intake::FormSpec;
+use crate::store::{UploadRecord, UploadState};
 
 pub struct Korexo;
 
-pub fn routes(_config: &mut web::ServiceConfig) {}
+const FORM: FormSpec = FormSpec {
+    file_field: "file",
+    max_files: 1,
+    text_fields: &["userReference", "uploadType"],
+};
+
+const BASE: &str = "/api/v2/apps/{appId}/environments/{envName}/attachments";
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route(&format!("{BASE}/upload"), web::post().to(upload))
+        .route(&format!("{BASE}/{{fileId}}"), web::delete().to(delete));
+}
+
+fn fail(error: ApiError) -> DialectError {
+    DialectError::new(DialectName::Korexo, error)
+}
+
+/// An `appId` or `envName` from the path: 1 to 128 of `A-Z a-z 0-9 . _ -`, not `.` or `..`.
+fn segment(request: &HttpRequest, name: &'static str) -> Result<String, ApiError> {
+    let value = request.match_info().get(name).unwrap_or_default();
+    let valid = (1..=128).contains(&value.len())
+        && value != "."
+        && value != ".."
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(ApiError::InvalidField {
+            field: name,
+            message: "must be 1 to 128 characters of A-Z, a-z, 0-9, `.`, `_` and `-` (not `.` or `..`)"
+                .into(),
+        })
+    }
+}
+
+fn scope(request: &HttpRequest) -> Result<(String, String), ApiError> {
+    Ok((segment(request, "appId")?, segment(request, "envName")?))
+}
+
+fn file_object(record: &UploadRecord) -> Value {
+    let file_path = if record.extension.is_empty() {
+        format!("AppFileSystem/{}", record.id)
+    } else {
+        format!("AppFileSystem/{}.{}", record.id, record.extension)
+    };
+    json!({
+        "fileId": record.id,
+        "fileName": record.filename,
+        "filePath": file_path,
+        "fileSize": record.size,
+        "mimeType": record.mime,
+        "extension": record.extension,
+        "uploadedAt": iso_millis(record.created_at_ms),
+    })
+}
+
+async fn upload(
+    request: HttpRequest,
+    payload: Payload,
+    gateway: web::Data<Gateway>,
+) -> Result<HttpResponse, DialectError> {
+    let admission = gateway.admit(&Korexo, &request).await.map_err(fail)?;
+    let (app_id, env_name) = scope(&request).map_err(fail)?;
+    let received = gateway
+        .receive(&admission, DialectName::Korexo, &request, payload, &FORM)
+        .await
+        .map_err(fail)?;
+    let field = |name: &'static str| {
+        received
+            .fields
+            .get(name)
+            .map(|value| value.trim().to_owned())
+            .filter(|value| !value.is_empty())
+            .ok_or(ApiError::MissingField(name))
+    };
+    let user_reference = field("userReference").map_err(fail)?;
+    if field("uploadType").map_err(fail)? != "runtime" {
+        return Err(fail(ApiError::InvalidField {
+            field: "uploadType",
+            message: "must be `runtime`".into(),
+        }));
+    }
+    let mut metadata = Metadata::new();
+    metadata.insert("appId".into(), app_id.into());
+    metadata.insert("envName".into(), env_name.into());
+    metadata.insert("userReference".into(), user_reference.into());
+    let records = gateway
+        .accept(&admission, DialectName::Korexo, received.files, metadata)
+        .await
+        .map_err(fail)?;
+    Ok(crate::server::with_upload_ids(HttpResponse::Ok(), &records).json(file_object(&records[0])))
+}
+
+async fn delete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
+    let admission = gateway.admit(&Korexo, &request).await.map_err(fail)?;
+    let (app_id, env_name) = scope(&request).map_err(fail)?;
+    let id = request.match_info().get("fileId").unwrap_or_default();
+    if !DialectName::Korexo.is_valid_upload_id(id) {
+        return Err(fail(ApiError::NotFound));
+    }
+    // Only the tenant's own upload, made under this app and environment.
+    let in_scope = |record: &UploadRecord| {
+        let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str);
+        record.state != UploadState::Deleted
+            && meta("appId") == Some(app_id.as_str())
+            && meta("envName") == Some(env_name.as_str())
+    };
+    let found = gateway
+        .store
+        .upload_of(admission.tenant.name.clone(), id.to_owned())
+        .await
+        .map_err(|error| fail(internal(error)))?
+        .is_some_and(|record| in_scope(&record));
+    if !found {
+        return Err(fail(ApiError::NotFound));
+    }
+    let record = gateway
+        .delete(&admission, DialectName::Korexo, id)
+        .await
+        .map_err(fail)?;
+    Ok(
+        crate::server::with_upload_ids(HttpResponse::Ok(), std::slice::from_ref(&record)).json(json!({
+            "message": "file deleted successfully",
+            "success": "true",
+            "fileId": record.id,
+        })),
+    )
+}
 
 impl Dialect for Korexo {
     fn name(&self) -> DialectName {
@@ -20,7 +164,14 @@ impl Dialect for Korexo {
         super::header_key(request, "x-api-key")
     }
 
-    fn error_body(&self, error: &ApiError, _status: StatusCode) -> Value {
-        json!({ "message": plain_message(error) })
+    fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
+        let message = match error {
+            ApiError::NoFile => "file is required.".to_owned(),
+            ApiError::TooManyFiles { .. } => "Only one file is allowed per request.".to_owned(),
+            // Korexo's only lookups are files.
+            ApiError::NotFound => "File not found.".to_owned(),
+            other => plain_message(other),
+        };
+        errors_body(message, status)
     }
 }

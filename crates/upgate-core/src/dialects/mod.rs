@@ -58,7 +58,12 @@ impl DialectName {
     /// Checks that a client-supplied id has this dialect's id format before any lookup.
     pub fn is_valid_upload_id(self, id: &str) -> bool {
         match self {
-            Self::Kore => id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            Self::Kore => {
+                id.len() == 24
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            }
             Self::Korexo => id.strip_prefix("f-").is_some_and(is_uuid),
             Self::Dify | Self::Maiagent | Self::Beam => is_uuid(id),
         }
@@ -134,7 +139,10 @@ pub fn header_key(request: &HttpRequest, name: &str) -> Result<String, ApiError>
 /// The credential after `scheme` in `Authorization: <scheme> <key>` (scheme compared
 /// case-insensitively).
 pub fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, ApiError> {
-    let value = request.headers().get(actix_web::http::header::AUTHORIZATION).ok_or(ApiError::MissingCredentials)?;
+    let value = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or(ApiError::MissingCredentials)?;
     let text = value.to_str().map_err(|_| ApiError::MalformedCredentials)?.trim();
     let (given_scheme, key) = text.split_once(' ').ok_or(ApiError::MalformedCredentials)?;
     let key = key.trim();
@@ -146,7 +154,11 @@ pub fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, 
 
 /// Seconds in a human sentence, for messages that say when to retry.
 pub fn seconds(n: u64) -> String {
-    if n == 1 { "1 second".into() } else { format!("{n} seconds") }
+    if n == 1 {
+        "1 second".into()
+    } else {
+        format!("{n} seconds")
+    }
 }
 
 /// A plan limit in words, e.g. "15MiB".
@@ -184,13 +196,46 @@ pub fn plain_message(error: &ApiError) -> String {
             "Chunks missing: {}.",
             missing.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
         ),
-        ApiError::UpstreamRejected { reason, .. } => format!("The upstream provider refused the file: {reason}"),
+        ApiError::UpstreamRejected { reason, .. } => {
+            format!("The upstream provider refused the file: {reason}")
+        }
         ApiError::UpstreamFailed(_) => "The upstream provider failed; the file was not delivered.".into(),
         ApiError::UpstreamTimeout => "The upstream provider did not answer in time.".into(),
         ApiError::BodyTimeout => "The request body stalled; the upload was dropped.".into(),
         ApiError::InsufficientStorage => "Not enough storage space on the gateway.".into(),
         ApiError::Internal => "Internal error.".into(),
     }
+}
+
+/// `{"errors": [{"msg", "code"}]}`, the error body of kore and korexo (code = HTTP status).
+pub fn errors_body(message: String, status: StatusCode) -> Value {
+    serde_json::json!({ "errors": [{ "msg": message, "code": status.as_u16() }] })
+}
+
+/// An epoch-milliseconds time as ISO 8601 UTC with milliseconds (`2025-04-23T12:05:45.782Z`).
+pub fn iso_millis(epoch_ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The URL a dialect returns for an upload: the provider's URL once delivered; before that
+/// (async delivery, or a provider that gives none) `upgate://uploads/<id>`, which names the
+/// upload in upgate and is never null, so clients that require a URL keep working.
+pub fn file_url(record: &crate::store::UploadRecord) -> String {
+    record
+        .remote_url
+        .clone()
+        .unwrap_or_else(|| format!("upgate://uploads/{}", record.id))
+}
+
+/// A stable uuid derived from `text`, for vendor fields that are uuids of things upgate does
+/// not have (users, tenants).
+pub fn derived_uuid(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
 
 #[cfg(test)]

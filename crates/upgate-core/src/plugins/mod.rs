@@ -83,10 +83,11 @@ pub fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHo
     open_cached(&path)
 }
 
+/// A plugin file, loaded and checked, or why not.
+pub type Loaded = Result<Arc<LoadedPlugin>, PluginHostError>;
+
 /// Every plugin file in `plugin_dir`, loaded and checked (for `upgate plugins list`).
-pub fn discover(
-    plugin_dir: &Path,
-) -> std::io::Result<Vec<(PathBuf, Result<Arc<LoadedPlugin>, PluginHostError>)>> {
+pub fn discover(plugin_dir: &Path) -> std::io::Result<Vec<(PathBuf, Loaded)>> {
     let prefix = format!("{}upgate_plugin_", std::env::consts::DLL_PREFIX);
     let mut found = Vec::new();
     for entry in std::fs::read_dir(plugin_dir)? {

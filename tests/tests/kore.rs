@@ -1,0 +1,502 @@
+//! The kore dialect end to end: single uploads and durable chunked sessions against the real
+//! daemon and the real local plugin.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use upgate_e2e::harness::*;
+
+const KEY: (&str, &str) = ("X-api-key", "demo-key");
+const OTHER: (&str, &str) = ("x-api-key", "other-key");
+const STRICT: (&str, &str) = ("x-api-key", "strict-key");
+
+/// The excerpt's extension list as a plan, a rate-limited plan, a second tenant and a tenant
+/// limited to another dialect.
+fn config(dir: &Path) -> String {
+    default_config(dir).replace(
+        "plans:\n",
+        "plans:\n  strict:\n    max_file_size: 1000\n    allowed_extensions: [m4a, mp3, webm, mp4, mpga, wav, mpeg, png, jpeg, jpg, webp, gif]\n  limited:\n    max_file_size: 1MiB\n    rate_limit: { requests_per_second: 1, burst: 2 }\n",
+    ) + "  other:\n    plan: default\n    provider: disk\n    keys: [other-key]\n"
+        + "  strict:\n    plan: strict\n    provider: disk\n    keys: [strict-key]\n"
+        + "  limited:\n    plan: limited\n    provider: disk\n    keys: [limited-key]\n"
+        + "  difyonly:\n    plan: default\n    provider: disk\n    keys: [dify-only-key]\n    dialects: [dify]\n"
+}
+
+fn assert_error(reply: &Reply, status: u16) -> String {
+    assert_eq!(reply.status, status, "{}", reply.text);
+    let body = reply.json();
+    let errors = body["errors"].as_array().unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(errors.len(), 1, "{body}");
+    assert_eq!(errors[0]["code"], status, "{body}");
+    let message = errors[0]["msg"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(!message.is_empty());
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    message.to_owned()
+}
+
+fn single(daemon: &Daemon, headers: &[(&str, &str)], form: &Form) -> Reply {
+    post_form(&daemon.url("/api/public/files"), headers, form)
+}
+
+fn start(daemon: &Daemon, headers: &[(&str, &str)], body: &Value) -> Reply {
+    post_json(&daemon.url("/api/public/files/session/start"), headers, body)
+}
+
+fn declare(name: &str, size: usize, chunks: u64) -> Value {
+    let extension = name.rsplit_once('.').map_or("", |(_, e)| e);
+    json!({"fileContext": "bulkImport", "totalChunks": chunks, "fileExtension": extension,
+        "fileName": name, "fileSize": size})
+}
+
+/// Starts a session; returns its id.
+fn open(daemon: &Daemon, headers: &[(&str, &str)], name: &str, size: usize, chunks: u64) -> String {
+    let reply = start(daemon, headers, &declare(name, size, chunks));
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply.json()["sessionId"].as_str().unwrap().to_owned()
+}
+
+fn chunk(daemon: &Daemon, headers: &[(&str, &str)], session: &str, number: &str, bytes: &[u8]) -> Reply {
+    let form =
+        Form::new()
+            .text("chunkNumber", number)
+            .file("file", "blob", "application/octet-stream", bytes);
+    post_form(
+        &daemon.url(&format!("/api/public/files/session/{session}")),
+        headers,
+        &form,
+    )
+}
+
+fn send_ok(daemon: &Daemon, session: &str, number: u64, bytes: &[u8]) {
+    let reply = chunk(daemon, &[KEY], session, &number.to_string(), bytes);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json(), json!({"chunkNumber": number, "sessionId": session}));
+}
+
+fn complete(daemon: &Daemon, headers: &[(&str, &str)], session: &str) -> Reply {
+    send(
+        "POST",
+        &daemon.url(&format!("/api/public/files/session/{session}/complete")),
+        headers,
+        None,
+    )
+}
+
+/// A PNG (so content checks pass) padded to `size` bytes with a pattern.
+fn png_of(size: usize) -> Vec<u8> {
+    let mut bytes = PNG.to_vec();
+    bytes.extend((0..size.saturating_sub(PNG.len())).map(|i| (i * 31 % 251) as u8));
+    bytes.truncate(size);
+    bytes
+}
+
+fn count(daemon: &Daemon, sql: &str) -> i64 {
+    daemon.db().query_row(sql, [], |row| row.get(0)).unwrap()
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| entries.count())
+}
+
+fn session_dir(daemon: &Daemon, session: &str) -> std::path::PathBuf {
+    daemon.data_dir().join("sessions").join(session)
+}
+
+/// Checks a `{fileId, url}` answer and the stored file; returns the file id.
+fn assert_stored(daemon: &Daemon, reply: &Reply, content: &[u8]) -> String {
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let body = reply.json();
+    assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+    let id = body["fileId"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 24, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert!(body["url"].as_str().unwrap().starts_with("file://"), "{body}");
+    assert_eq!(sha256_file(&daemon.files_dir().join(&id)), sha256_hex(content));
+    id
+}
+
+#[test]
+fn single_upload_answers_file_id_and_url_and_records_the_context() {
+    let daemon = Daemon::start_with(config);
+    let content = b"kore single upload\n".repeat(20);
+    let form = Form::new()
+        .file("file", "notes.txt", "text/plain", &content)
+        .text("fileContext", "bulkImport");
+    let reply = single(&daemon, &[KEY], &form);
+    let id = assert_stored(&daemon, &reply, &content);
+    let (state, dialect, tenant, metadata, size): (String, String, String, String, i64) = daemon
+        .db()
+        .query_row(
+            "SELECT state, dialect, tenant, metadata, size FROM uploads WHERE id = ?1",
+            [&id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), dialect.as_str(), tenant.as_str()),
+        ("forwarded", "kore", "demo")
+    );
+    assert_eq!(size as usize, content.len());
+    let metadata: Value = serde_json::from_str(&metadata).unwrap();
+    assert_eq!(metadata["fileContext"], "bulkImport");
+    // Header names are case-insensitive.
+    let form = Form::new()
+        .text("fileContext", "x")
+        .file("file", "a.png", "image/png", PNG);
+    assert_eq!(single(&daemon, &[("X-API-KEY", "demo-key")], &form).status, 200);
+}
+
+#[test]
+fn single_upload_error_rows() {
+    let daemon = Daemon::start_with(config);
+    let file = |name: &str, bytes: &[u8]| {
+        Form::new()
+            .text("fileContext", "bulkImport")
+            .file("file", name, "application/octet-stream", bytes)
+    };
+    let message = assert_error(
+        &single(
+            &daemon,
+            &[KEY],
+            &Form::new().file("file", "a.png", "image/png", PNG),
+        ),
+        400,
+    );
+    assert!(message.contains("fileContext"), "{message}");
+    let message = assert_error(
+        &single(&daemon, &[KEY], &Form::new().text("fileContext", "x")),
+        400,
+    );
+    assert!(message.contains("file"), "{message}");
+    let two = file("a.png", PNG).file("file", "b.png", "image/png", PNG);
+    assert_error(&single(&daemon, &[KEY], &two), 400);
+    assert_error(&single(&daemon, &[KEY], &file("../a.png", PNG)), 400);
+    assert_error(&single(&daemon, &[KEY], &file("", PNG)), 400);
+
+    // Policy rows on the strict tenant (1000 bytes, the excerpt's extensions).
+    let message = assert_error(&single(&daemon, &[STRICT], &file("a.pdf", b"%PDF-1.4")), 415);
+    assert!(message.contains(".pdf"), "{message}");
+    assert_error(&single(&daemon, &[STRICT], &file("a.png", ELF)), 415);
+    let message = assert_error(&single(&daemon, &[STRICT], &file("a.png", &png_of(1001))), 413);
+    assert!(message.contains("1000 bytes"), "{message}");
+    assert_eq!(
+        single(&daemon, &[STRICT], &file("a.png", &png_of(1000))).status,
+        200
+    );
+
+    // Auth rows.
+    let form = file("a.png", PNG);
+    assert_error(&single(&daemon, &[], &form), 401);
+    assert_error(&single(&daemon, &[("X-api-key", "")], &form), 401);
+    assert_error(&single(&daemon, &[("X-api-key", "wrong")], &form), 401);
+    assert_error(
+        &single(&daemon, &[("Authorization", "Bearer demo-key")], &form),
+        401,
+    );
+    assert_error(&single(&daemon, &[("X-api-key", "dify-only-key")], &form), 403);
+
+    // Rate limit: burst 2, then 429 with Retry-After.
+    let limited = ("X-api-key", "limited-key");
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| single(&daemon, &[limited], &form).status)
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    let reply = single(&daemon, &[limited], &form);
+    let message = assert_error(&reply, 429);
+    assert!(message.contains("Retry after"), "{message}");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+
+    // Only the three good uploads were kept.
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 3);
+    assert_eq!(files_in(&daemon.files_dir()), 3);
+    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+}
+
+#[test]
+fn chunks_in_any_order_and_resent_chunks_assemble_into_one_upload() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(250_000);
+    let parts: Vec<&[u8]> = content.chunks(100_000).collect();
+    let reply = start(&daemon, &[KEY], &declare("photo.png", content.len(), 3));
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let body = reply.json();
+    assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+    let session = body["sessionId"].as_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&session).is_ok(), "{session}");
+    // Default expiry: 24 hours, ISO 8601 UTC with milliseconds.
+    let expiration = body["expirationDate"].as_str().unwrap();
+    assert_eq!(expiration.len(), 24, "{expiration}");
+    assert!(expiration.ends_with('Z'), "{expiration}");
+    let expires = humantime::parse_rfc3339(expiration).unwrap();
+    let in_a_day = SystemTime::now() + Duration::from_secs(24 * 3600);
+    let off = expires.duration_since(in_a_day).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_secs(60), "{expiration}");
+
+    send_ok(&daemon, &session, 2, parts[2]);
+    // A wrong copy of chunk 0, then the right one: the last copy wins.
+    send_ok(&daemon, &session, 0, &vec![b'x'; 100_000]);
+    send_ok(&daemon, &session, 0, parts[0]);
+    send_ok(&daemon, &session, 1, parts[1]);
+    let sizes: Vec<(i64, i64)> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare(
+                "SELECT chunk_number, size FROM session_chunks WHERE session_id = ?1 ORDER BY chunk_number",
+            )
+            .unwrap();
+        statement
+            .query_map([&session], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(sizes, vec![(0, 100_000), (1, 100_000), (2, 50_000)]);
+    assert_eq!(files_in(&session_dir(&daemon, &session)), 3);
+
+    let reply = complete(&daemon, &[KEY], &session);
+    let id = assert_stored(&daemon, &reply, &content);
+    let (filename, mime, metadata): (String, String, String) = daemon
+        .db()
+        .query_row(
+            "SELECT filename, mime, metadata FROM uploads WHERE id = ?1",
+            [&id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((filename.as_str(), mime.as_str()), ("photo.png", "image/png"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&metadata).unwrap()["fileContext"],
+        "bulkImport"
+    );
+    // The session, its chunks and every temporary file are gone.
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 0);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM session_chunks"), 0);
+    assert!(!session_dir(&daemon, &session).exists());
+    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    // A completed session is gone for good.
+    assert_error(&complete(&daemon, &[KEY], &session), 404);
+    assert_error(&chunk(&daemon, &[KEY], &session, "0", b"x"), 404);
+}
+
+#[test]
+fn chunk_numbers_and_start_bodies_are_checked() {
+    let daemon = Daemon::start_with(config);
+    let session = open(&daemon, &[KEY], "clip.png", 400, 4);
+    for number in ["4", "99", "-1", "x", "1.5", ""] {
+        let message = assert_error(&chunk(&daemon, &[KEY], &session, number, b"abc"), 400);
+        assert!(message.contains("chunkNumber"), "{number}: {message}");
+    }
+    let no_number = Form::new().file("file", "blob", "application/octet-stream", b"abc");
+    let url = daemon.url(&format!("/api/public/files/session/{session}"));
+    assert!(assert_error(&post_form(&url, &[KEY], &no_number), 400).contains("chunkNumber"));
+    let no_file = Form::new().text("chunkNumber", "0");
+    assert!(assert_error(&post_form(&url, &[KEY], &no_file), 400).contains("file"));
+    // The file part may come before the number.
+    let file_first = Form::new()
+        .file("file", "blob", "application/octet-stream", &png_of(100))
+        .text("chunkNumber", "0");
+    assert_eq!(post_form(&url, &[KEY], &file_first).status, 200);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM session_chunks"), 1);
+
+    // Ids are validated before any lookup; unknown ones are not found.
+    for bad in [
+        "not-a-uuid",
+        "..",
+        "0F8C1F4E-3F43-4A55-9B9C-6B2F1D0E8A11",
+        "0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11",
+    ] {
+        assert_error(&chunk(&daemon, &[KEY], bad, "0", b"abc"), 404);
+        assert_error(&complete(&daemon, &[KEY], bad), 404);
+    }
+
+    // Start bodies.
+    let base = declare("clip.png", 400, 4);
+    for field in [
+        "fileContext",
+        "totalChunks",
+        "fileExtension",
+        "fileName",
+        "fileSize",
+    ] {
+        let mut body = base.clone();
+        body.as_object_mut().unwrap().remove(field);
+        let message = assert_error(&start(&daemon, &[KEY], &body), 400);
+        assert!(message.contains(field), "{field}: {message}");
+    }
+    for (field, value) in [
+        ("totalChunks", json!(0)),
+        ("totalChunks", json!("many")),
+        ("fileSize", json!(-5)),
+        ("fileName", json!("../clip.png")),
+        ("fileName", json!("")),
+        ("fileExtension", json!("p/ng")),
+    ] {
+        let mut body = base.clone();
+        body[field] = value.clone();
+        assert_error(&start(&daemon, &[KEY], &body), 400);
+    }
+    let reply = send(
+        "POST",
+        &daemon.url("/api/public/files/session/start"),
+        &[KEY],
+        Some(("application/json", b"{not json".to_vec())),
+    );
+    assert_error(&reply, 400);
+    // Numbers as strings are accepted (JavaScript clients send them).
+    let mut body = base.clone();
+    body["totalChunks"] = json!("4");
+    body["fileSize"] = json!("400");
+    assert_eq!(start(&daemon, &[KEY], &body).status, 200);
+
+    // The plan, at start: declared size over the limit, extensions not allowed.
+    let message = assert_error(&start(&daemon, &[STRICT], &declare("a.png", 1001, 2)), 413);
+    assert!(message.contains("1000 bytes"), "{message}");
+    assert_error(&start(&daemon, &[STRICT], &declare("a.exe", 10, 1)), 415);
+    let mut mismatched = declare("a.png", 10, 1);
+    mismatched["fileExtension"] = json!("exe");
+    assert_error(&start(&daemon, &[STRICT], &mismatched), 415);
+    assert_error(&start(&daemon, &[("x-api-key", "nope")], &base), 401);
+    assert_error(&start(&daemon, &[], &base), 401);
+    assert_error(&start(&daemon, &[("x-api-key", "dify-only-key")], &base), 403);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 2);
+    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+}
+
+#[test]
+fn running_total_over_the_declared_size_is_413_while_chunks_arrive() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(1000);
+    let session = open(&daemon, &[KEY], "a.png", 1000, 2);
+    send_ok(&daemon, &session, 0, &vec![7; 600]);
+    let message = assert_error(&chunk(&daemon, &[KEY], &session, "1", &[7; 500]), 413);
+    assert!(message.contains("1000 bytes"), "{message}");
+    // The same with the number after the bytes.
+    let late_number = Form::new()
+        .file("file", "blob", "application/octet-stream", &[7; 500])
+        .text("chunkNumber", "1");
+    let url = daemon.url(&format!("/api/public/files/session/{session}"));
+    assert_error(&post_form(&url, &[KEY], &late_number), 413);
+    // A re-sent chunk replaces the old copy's size in the running total.
+    send_ok(&daemon, &session, 0, &content[..500]);
+    send_ok(&daemon, &session, 1, &content[500..]);
+    assert_eq!(count(&daemon, "SELECT SUM(size) FROM session_chunks"), 1000);
+    // Replacing a chunk with a larger copy that would pass the total is refused too.
+    assert_error(&chunk(&daemon, &[KEY], &session, "1", &[7; 501]), 413);
+    let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+    assert_eq!(id.len(), 24);
+    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+}
+
+#[test]
+fn complete_names_missing_chunks_and_keeps_the_session_open() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(4000);
+    let parts: Vec<&[u8]> = content.chunks(1000).collect();
+    let session = open(&daemon, &[KEY], "a.png", content.len(), 4);
+    send_ok(&daemon, &session, 0, parts[0]);
+    send_ok(&daemon, &session, 2, parts[2]);
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 400);
+    assert!(message.contains("1, 3"), "{message}");
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 1);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
+    send_ok(&daemon, &session, 3, parts[3]);
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 400);
+    assert!(message.contains("missing: 1."), "{message}");
+    // Every chunk there, but fewer bytes than declared: refused, still open.
+    send_ok(&daemon, &session, 1, &parts[1][..999]);
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 400);
+    assert!(message.contains("3999") && message.contains("4000"), "{message}");
+    send_ok(&daemon, &session, 1, parts[1]);
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+}
+
+#[test]
+fn a_session_belongs_to_the_tenant_that_started_it() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(2000);
+    let session = open(&daemon, &[KEY], "a.png", 2000, 2);
+    send_ok(&daemon, &session, 0, &content[..1000]);
+    // Another tenant cannot add to it, replace a chunk or complete it.
+    assert_error(&chunk(&daemon, &[OTHER], &session, "1", &content[1000..]), 404);
+    assert_error(&chunk(&daemon, &[OTHER], &session, "0", &[0; 1000]), 404);
+    assert_error(&complete(&daemon, &[OTHER], &session), 404);
+    send_ok(&daemon, &session, 1, &content[1000..]);
+    assert_error(&complete(&daemon, &[OTHER], &session), 404);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+    let tenant: String = daemon
+        .db()
+        .query_row("SELECT tenant FROM uploads", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(tenant, "demo");
+}
+
+#[test]
+fn expired_sessions_are_swept_with_their_chunks() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replace(
+            "  idle_timeout: 2s\n",
+            "  idle_timeout: 2s\n  session_expiry: 1s\n  sweep_interval: 200ms\n",
+        )
+    });
+    let reply = start(&daemon, &[KEY], &declare("a.png", 2000, 2));
+    let expiration = humantime::parse_rfc3339(reply.json()["expirationDate"].as_str().unwrap()).unwrap();
+    assert!(expiration < SystemTime::now() + Duration::from_secs(2));
+    let session = reply.json()["sessionId"].as_str().unwrap().to_owned();
+    send_ok(&daemon, &session, 0, &png_of(1000));
+    let dir = session_dir(&daemon, &session);
+    assert!(dir.join("0").is_file());
+    assert!(
+        eventually(Duration::from_secs(5), || !dir.exists()),
+        "chunk dir not swept"
+    );
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 0);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM session_chunks"), 0);
+    let message = assert_error(&chunk(&daemon, &[KEY], &session, "1", &[1; 1000]), 404);
+    assert!(message.contains("expired"), "{message}");
+    assert_error(&complete(&daemon, &[KEY], &session), 404);
+    assert!(!dir.exists());
+    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+}
+
+#[test]
+fn an_expired_session_not_yet_swept_is_410() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replace(
+            "  idle_timeout: 2s\n",
+            "  idle_timeout: 2s\n  session_expiry: 1s\n  sweep_interval: 1h\n",
+        )
+    });
+    let session = open(&daemon, &[KEY], "a.png", 2000, 2);
+    send_ok(&daemon, &session, 0, &png_of(1000));
+    std::thread::sleep(Duration::from_millis(1200));
+    let message = assert_error(&chunk(&daemon, &[KEY], &session, "1", &[1; 1000]), 410);
+    assert!(message.contains("expired"), "{message}");
+    assert_error(&complete(&daemon, &[KEY], &session), 410);
+    // Another tenant still just gets 404.
+    assert_error(&complete(&daemon, &[OTHER], &session), 404);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
+}
+
+#[test]
+fn a_session_survives_sigkill_between_chunks() {
+    let mut daemon = Daemon::start_with(config);
+    let content = png_of(600_000);
+    let parts: Vec<&[u8]> = content.chunks(100_000).collect();
+    let session = open(&daemon, &[KEY], "big.png", content.len(), parts.len() as u64);
+    for number in [4, 0, 2] {
+        send_ok(&daemon, &session, number, parts[number as usize]);
+    }
+    daemon.kill();
+    let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 400);
+    assert!(message.contains("1, 3, 5"), "{message}");
+    for number in [5, 1, 3] {
+        send_ok(&daemon, &session, number, parts[number as usize]);
+    }
+    let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+    assert_eq!(sha256_file(&daemon.files_dir().join(&id)), sha256_hex(&content));
+    assert!(!session_dir(&daemon, &session).exists());
+}

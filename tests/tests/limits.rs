@@ -1,0 +1,123 @@
+//! Plan limits in every dialect: size (one byte over, exactly at), extension allowlist,
+//! content that contradicts its extension, invalid UTF-8 text, and the per-key rate limit
+//! (the burst admitted, then 429 with a Retry-After that is honoured), each answered in the
+//! client's own dialect and leaving nothing behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use upgate_e2e::harness::*;
+use upgate_e2e::inbound::{self, DIALECTS};
+
+const LIMIT: usize = 1000;
+
+fn config(dir: &Path) -> String {
+    let mut config = default_config(dir).replace(
+        "plans:\n",
+        &format!(
+            "plans:\n  tight:\n    max_file_size: {LIMIT}\n    allowed_extensions: [txt, png]\n  bursty:\n    max_file_size: 1MiB\n    rate_limit: {{ requests_per_second: 1, burst: 3 }}\n"
+        ),
+    );
+    for dialect in DIALECTS {
+        config.push_str(&format!(
+            "  tight-{dialect}:\n    plan: tight\n    provider: disk\n    keys: [tight-{dialect}]\n  bursty-{dialect}:\n    plan: bursty\n    provider: disk\n    keys: [bursty-{dialect}]\n"
+        ));
+    }
+    config
+}
+
+fn rows(daemon: &Daemon) -> i64 {
+    daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
+        .unwrap()
+}
+
+fn stored(daemon: &Daemon) -> usize {
+    std::fs::read_dir(daemon.files_dir())
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn size_extension_and_content_limits_in_every_dialect() {
+    let daemon = Daemon::start_with(config);
+    for dialect in DIALECTS {
+        let key = format!("tight-{dialect}");
+        let (rows_before, stored_before) = (rows(&daemon), stored(&daemon));
+        let refuse = |name: &str, bytes: &[u8], status: u16, says: &str| {
+            let reply = inbound::upload(&daemon, dialect, &key, name, bytes);
+            assert_eq!(reply.status, status, "{dialect} {name}: {}", reply.text);
+            let message = inbound::error_message(dialect, &reply.json());
+            let lower = message.to_lowercase();
+            let said = says.split('|').any(|word| lower.contains(&word.to_lowercase()));
+            assert!(said, "{dialect} {name}: {message}");
+        };
+        refuse("big.txt", &[b'a'; LIMIT + 1], 413, "large|size");
+        refuse("tool.exe", b"MZ", 415, "type");
+        refuse("photo.png", ELF, 415, "executable");
+        refuse("notes.txt", &[b'o', b'k', 0xc3, 0x28], 415, "UTF-8");
+        assert_eq!(
+            (rows(&daemon), stored(&daemon)),
+            (rows_before, stored_before),
+            "{dialect}: nothing kept"
+        );
+
+        let reply = inbound::upload(&daemon, dialect, &key, "exact.txt", &[b'a'; LIMIT]);
+        assert_eq!(
+            reply.status,
+            inbound::success_status(dialect),
+            "{dialect} at the limit: {}",
+            reply.text
+        );
+        let id = inbound::id(dialect, &reply.json());
+        assert_eq!(
+            std::fs::metadata(daemon.files_dir().join(id)).unwrap().len(),
+            LIMIT as u64
+        );
+
+        for reason in ["size", "extension", "content"] {
+            let series = format!("upgate_rejections_total{{dialect=\"{dialect}\",reason=\"{reason}\"}}");
+            assert!(daemon.metric(&series) >= 1.0, "{series}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(daemon.data_dir().join("spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn the_rate_limit_admits_the_burst_then_429_in_every_dialect() {
+    let daemon = Daemon::start_with(config);
+    for dialect in DIALECTS {
+        let key = format!("bursty-{dialect}");
+        let send = || inbound::upload(&daemon, dialect, &key, "a.txt", b"hello");
+        let admitted = (0..3)
+            .filter(|_| send().status == inbound::success_status(dialect))
+            .count();
+        assert_eq!(admitted, 3, "{dialect}: the configured burst is admitted");
+        let refused = send();
+        assert_eq!(refused.status, 429, "{dialect}: {}", refused.text);
+        let retry_after: u64 = refused
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&retry_after), "{dialect}: {retry_after}");
+        let message = inbound::error_message(dialect, &refused.json());
+        assert!(
+            message.contains(&retry_after.to_string()),
+            "{dialect} says when to retry: {message}"
+        );
+        std::thread::sleep(Duration::from_secs(retry_after));
+        let retried = send();
+        assert_eq!(
+            retried.status,
+            inbound::success_status(dialect),
+            "{dialect}: retrying after Retry-After works"
+        );
+    }
+}
