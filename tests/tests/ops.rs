@@ -207,3 +207,78 @@ fn json_logs_carry_one_line_per_request_without_keys() {
     assert!(fields["duration_ms"].is_u64() && fields["bytes"].as_u64().unwrap() > 0);
     assert!(!log.contains("demo-key") && !log.contains("contents-never-logged"));
 }
+
+#[test]
+fn counters_and_histograms_move_for_every_dialect() {
+    use upgate_e2e::inbound::{self, DIALECTS};
+    let daemon = Daemon::start();
+    for (index, dialect) in DIALECTS.iter().enumerate() {
+        let sizes = [100 * (index + 1), 3000];
+        for size in sizes {
+            let reply = inbound::upload(&daemon, dialect, "demo-key", "m.txt", &vec![b'q'; size]);
+            assert_eq!(
+                reply.status,
+                inbound::success_status(dialect),
+                "{dialect}: {}",
+                reply.text
+            );
+        }
+        let refused = inbound::upload(&daemon, dialect, "not-a-key", "m.txt", b"x");
+        assert_eq!(refused.status, 401, "{dialect}: {}", refused.text);
+
+        let total: usize = sizes.iter().sum();
+        let series = |name: &str, labels: &str| daemon.metric(&format!("{name}{{{labels}}}"));
+        let dialect_label = format!("dialect=\"{dialect}\"");
+        let uploads = |outcome: &str| {
+            series(
+                "upgate_uploads_total",
+                &format!("{dialect_label},outcome=\"{outcome}\",provider=\"disk\""),
+            )
+        };
+        assert_eq!(uploads("received"), 2.0, "{dialect}");
+        assert_eq!(uploads("forwarded"), 2.0, "{dialect}");
+        assert_eq!(
+            series("upgate_received_bytes_total", &dialect_label),
+            total as f64,
+            "{dialect}"
+        );
+        assert_eq!(
+            series("upgate_upload_size_bytes_count", &dialect_label),
+            2.0,
+            "{dialect}"
+        );
+        assert_eq!(
+            series("upgate_upload_size_bytes_sum", &dialect_label),
+            total as f64,
+            "{dialect}"
+        );
+        assert_eq!(
+            series(
+                "upgate_upload_size_bytes_bucket",
+                &format!("{dialect_label},le=\"1024\"")
+            ),
+            1.0,
+            "{dialect}"
+        );
+        assert_eq!(
+            series("upgate_upload_duration_seconds_count", &dialect_label),
+            3.0,
+            "{dialect}"
+        );
+        assert_eq!(
+            series(
+                "upgate_rejections_total",
+                &format!("{dialect_label},reason=\"auth\"")
+            ),
+            1.0,
+            "{dialect}"
+        );
+    }
+    assert_eq!(
+        daemon.metric("upgate_forwarded_bytes_total{provider=\"disk\"}"),
+        {
+            let per_dialect: Vec<usize> = (0..DIALECTS.len()).map(|i| 100 * (i + 1) + 3000).collect();
+            per_dialect.iter().sum::<usize>() as f64
+        }
+    );
+}

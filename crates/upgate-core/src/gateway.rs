@@ -103,7 +103,7 @@ impl Gateway {
     ) -> Result<Received, ApiError> {
         let plan = &admission.tenant.plan;
         let max_files = plan.max_files_per_request(spec.max_files);
-        if let Some(length) = content_length(request) {
+        if let Some(length) = crate::intake::content_length(request) {
             // The whole body cannot be legitimate if it exceeds every allowed file plus room
             // for the form's framing.
             let ceiling = plan
@@ -306,16 +306,6 @@ impl Gateway {
         metrics::upload_outcome(dialect, &record.provider, "deleted");
         Ok(record)
     }
-}
-
-fn content_length(request: &HttpRequest) -> Option<u64> {
-    request
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Logs a store failure and hides it from the client.

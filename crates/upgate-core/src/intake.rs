@@ -415,7 +415,8 @@ where
         .map_err(|_| ApiError::BodyTimeout)
 }
 
-fn multipart_error(error: MultipartError) -> ApiError {
+/// The client-facing error for a broken multipart body.
+pub(crate) fn multipart_error(error: MultipartError) -> ApiError {
     match error {
         MultipartError::ContentTypeMissing
         | MultipartError::ContentTypeParse
@@ -468,6 +469,17 @@ pub async fn receive_multipart(
     Ok(received)
 }
 
+/// The request's declared body length, if any.
+pub(crate) fn content_length(request: &actix_web::HttpRequest) -> Option<u64> {
+    request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// The part's field name and, for file parts, its filename (RFC 5987 `filename*` first).
 fn part_names(field: &Field) -> (Option<String>, Option<String>) {
     let Some(disposition) = field.content_disposition() else {
@@ -511,7 +523,13 @@ async fn receive_file(
     .await
 }
 
-async fn read_text(field: &mut Field, idle: Duration, total: &mut usize) -> Result<String, ApiError> {
+/// Reads a small text part (bounded by [`MAX_TEXT_FIELD`] and, with every other non-file part
+/// of the request, by [`MAX_NON_FILE_BYTES`]).
+pub(crate) async fn read_text(
+    field: &mut Field,
+    idle: Duration,
+    total: &mut usize,
+) -> Result<String, ApiError> {
     let mut value = Vec::new();
     while let Some(chunk) = next_or_stall(field, idle).await? {
         let chunk = chunk.map_err(multipart_error)?;
@@ -524,7 +542,8 @@ async fn read_text(field: &mut Field, idle: Duration, total: &mut usize) -> Resu
     String::from_utf8(value).map_err(|_| ApiError::Malformed("a form field is not UTF-8".into()))
 }
 
-async fn drain(field: &mut Field, idle: Duration, total: &mut usize) -> Result<(), ApiError> {
+/// Reads and discards a part nobody asked for (bounded like [`read_text`]).
+pub(crate) async fn drain(field: &mut Field, idle: Duration, total: &mut usize) -> Result<(), ApiError> {
     while let Some(chunk) = next_or_stall(field, idle).await? {
         *total += chunk.map_err(multipart_error)?.len();
         if *total > MAX_NON_FILE_BYTES {

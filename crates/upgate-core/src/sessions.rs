@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use actix_multipart::{Field, Multipart, MultipartError};
+use actix_multipart::{Field, Multipart};
 use actix_web::HttpRequest;
 use actix_web::web::Payload;
 use tokio::io::AsyncReadExt;
@@ -41,10 +41,6 @@ use crate::store::{SessionRecord, Store, UploadRecord, now_ms};
 pub const MAX_CHUNKS: u64 = 100_000;
 /// Bytes read from a chunk file at a time when assembling.
 const READ_SLICE: usize = 256 * 1024;
-/// Longest chunk-number field.
-const MAX_NUMBER_FIELD: usize = 64;
-/// Most bytes of other parts a chunk request may carry.
-const MAX_OTHER_PARTS: usize = 64 * 1024;
 /// Room for the multipart framing around a chunk.
 const FRAMING: u64 = 1 << 20;
 /// Spool names of chunks on their way into a session directory.
@@ -161,26 +157,6 @@ pub fn missing_chunks(session: &SessionRecord) -> Vec<u64> {
         .collect()
 }
 
-fn multipart_error(error: MultipartError) -> ApiError {
-    match error {
-        MultipartError::ContentTypeMissing
-        | MultipartError::ContentTypeParse
-        | MultipartError::ContentTypeIncompatible
-        | MultipartError::BoundaryMissing => ApiError::NoFile,
-        other => ApiError::Malformed(format!("multipart body: {other}")),
-    }
-}
-
-fn content_length(request: &HttpRequest) -> Option<u64> {
-    request
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 fn size_mismatch(held: u64, declared: u64) -> ApiError {
     ApiError::Malformed(format!(
         "the chunks hold {held} bytes, but the session declared {declared}"
@@ -266,7 +242,7 @@ impl Gateway {
         };
         // Until the chunk number is known, the chunk may replace the largest one.
         let largest = session.chunks.iter().map(|(_, size)| *size).max().unwrap_or(0);
-        if content_length(request)
+        if intake::content_length(request)
             .is_some_and(|length| length > limit.saturating_sub(stored - largest).saturating_add(FRAMING))
         {
             return Err(ApiError::TooLarge { limit });
@@ -277,11 +253,11 @@ impl Gateway {
         let mut chunk: Option<TempChunk> = None;
         let mut other_bytes = 0usize;
         while let Some(field) = next_or_stall(&mut multipart, idle).await? {
-            let mut field = field.map_err(multipart_error)?;
+            let mut field = field.map_err(intake::multipart_error)?;
             let name = field.name().map(str::to_owned);
             match name.as_deref() {
                 Some(name) if name == form.number_field => {
-                    let text = read_text(&mut field, idle, MAX_NUMBER_FIELD).await?;
+                    let text = intake::read_text(&mut field, idle, &mut other_bytes).await?;
                     let parsed = text
                         .trim()
                         .parse::<u64>()
@@ -308,7 +284,7 @@ impl Gateway {
                     let room = limit.saturating_sub(others);
                     chunk = Some(self.spool_chunk(&mut field, room, limit, idle).await?);
                 }
-                _ => skip_part(&mut field, idle, &mut other_bytes).await?,
+                _ => intake::drain(&mut field, idle, &mut other_bytes).await?,
             }
         }
         let number = number.ok_or(ApiError::MissingField(form.number_field))?;
@@ -343,7 +319,7 @@ impl Gateway {
         let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
         let mut writer = SpoolWriter::new(&self.spool, &temp_id, room, false);
         while let Some(bytes) = next_or_stall(field, idle).await? {
-            let bytes = bytes.map_err(multipart_error)?;
+            let bytes = bytes.map_err(intake::multipart_error)?;
             writer.write(&bytes).await.map_err(|error| match error {
                 // The writer knows only the room left; the client is told the session's limit.
                 ApiError::TooLarge { .. } => ApiError::TooLarge { limit },
@@ -525,28 +501,6 @@ impl ChunkCommit {
         }
         Ok(())
     }
-}
-
-async fn read_text(field: &mut Field, idle: Duration, max: usize) -> Result<String, ApiError> {
-    let mut value = Vec::new();
-    while let Some(bytes) = next_or_stall(field, idle).await? {
-        let bytes = bytes.map_err(multipart_error)?;
-        if value.len() + bytes.len() > max {
-            return Err(ApiError::Malformed("a form field is too long".into()));
-        }
-        value.extend_from_slice(&bytes);
-    }
-    String::from_utf8(value).map_err(|_| ApiError::Malformed("a form field is not UTF-8".into()))
-}
-
-async fn skip_part(field: &mut Field, idle: Duration, total: &mut usize) -> Result<(), ApiError> {
-    while let Some(bytes) = next_or_stall(field, idle).await? {
-        *total += bytes.map_err(multipart_error)?.len();
-        if *total > MAX_OTHER_PARTS {
-            return Err(ApiError::Malformed("unexpected parts are too large".into()));
-        }
-    }
-    Ok(())
 }
 
 async fn remove_dir_quietly(dir: &Path) {

@@ -9,9 +9,8 @@ use actix_web::http::StatusCode;
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
-use super::{Dialect, DialectName, plain_message};
+use super::{Dialect, DialectName, derived_uuid, plain_message};
 use crate::error::{ApiError, DialectError};
 use crate::gateway::{Gateway, Metadata};
 use crate::intake::FormSpec;
@@ -47,14 +46,6 @@ async fn upload(
         .await
         .map_err(|error| DialectError::new(DialectName::Dify, error))?;
     Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(file_object(&records[0])))
-}
-
-/// A stable uuid-shaped id derived from `text` (Dify's ids for users and tenants are uuids).
-fn derived_uuid(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
 
 fn file_object(record: &UploadRecord) -> Value {
