@@ -214,7 +214,8 @@ fn the_excerpts_curl_example_succeeds() {
         .text("threadId", THREAD)
         .text("files", "<string>")
         .file(
-            "files",
+            // The generated example names the part `files.items`.
+            "files.items",
             "example-file",
             "application/octet-stream",
             b"hello beam\n",

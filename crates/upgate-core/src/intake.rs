@@ -77,8 +77,9 @@ pub fn extension_of(name: &str) -> String {
 /// What a dialect's upload form looks like.
 #[derive(Debug, Clone, Copy)]
 pub struct FormSpec {
-    /// The name of the file part(s).
-    pub file_field: &'static str,
+    /// The names file parts may have: the documented one first, then aliases that the
+    /// vendor's own generated examples use (Beam's `files.items`).
+    pub file_fields: &'static [&'static str],
     /// Most file parts the dialect allows.
     pub max_files: usize,
     /// Text fields kept as metadata; others are drained and ignored.
@@ -450,7 +451,10 @@ pub async fn receive_multipart(
                         max: limits.max_files,
                     });
                 }
-                if name.as_deref() != Some(spec.file_field) {
+                if !name
+                    .as_deref()
+                    .is_some_and(|name| spec.file_fields.contains(&name))
+                {
                     drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                     continue;
                 }

@@ -24,7 +24,7 @@ use crate::store::{UploadRecord, UploadState};
 pub struct Beam;
 
 const FORM: FormSpec = FormSpec {
-    file_field: "files",
+    file_fields: &["files", "files.items"],
     max_files: 10,
     text_fields: &["threadId"],
 };

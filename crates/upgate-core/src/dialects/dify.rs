@@ -19,7 +19,7 @@ use crate::store::UploadRecord;
 pub struct Dify;
 
 const FORM: FormSpec = FormSpec {
-    file_field: "file",
+    file_fields: &["file"],
     max_files: 1,
     text_fields: &["user"],
 };

@@ -28,7 +28,7 @@ use crate::store::UploadRecord;
 pub struct Kore;
 
 const FORM: FormSpec = FormSpec {
-    file_field: "file",
+    file_fields: &["file"],
     max_files: 1,
     text_fields: &["fileContext"],
 };

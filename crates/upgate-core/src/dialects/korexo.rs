@@ -24,7 +24,7 @@ use crate::store::{UploadRecord, UploadState};
 pub struct Korexo;
 
 const FORM: FormSpec = FormSpec {
-    file_field: "file",
+    file_fields: &["file"],
     max_files: 1,
     text_fields: &["userReference", "uploadType"],
 };
