@@ -310,3 +310,60 @@ fn a_request_with_both_content_length_and_transfer_encoding_is_refused() {
     assert_eq!(status, 400, "{text}");
     assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
 }
+
+#[test]
+fn a_bare_lf_after_the_last_chunk_is_refused() {
+    use std::io::{Read, Write};
+    // CVE-2026-134342: an unpatched chunked decoder reads `0\r\n\n` as the start of a trailer
+    // section and skips into the next request on the connection, so that request's body is
+    // served as a request of its own (smuggled past whatever filtered the outer request).
+    let daemon = Daemon::start();
+    let address = daemon.base_url.trim_start_matches("http://").to_owned();
+    let smuggled_form = Form::new().file("file", "smuggled.txt", "text/plain", b"smuggled");
+    let smuggled_body = smuggled_form.body();
+    let smuggled = [
+        format!(
+            "POST /v1/files/upload HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer demo-key\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            Form::content_type(),
+            smuggled_body.len()
+        )
+        .into_bytes(),
+        smuggled_body,
+    ]
+    .concat();
+    let outer_body = Form::new()
+        .file("file", "outer.txt", "text/plain", b"outer")
+        .body();
+    let mut request = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer demo-key\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        Form::content_type(),
+        outer_body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&outer_body);
+    request.extend_from_slice(b"\r\n0\r\n\n");
+    request.extend_from_slice(
+        format!(
+            "GET /carrier HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        )
+        .as_bytes(),
+    );
+    request.extend_from_slice(&smuggled);
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(&request).unwrap();
+    let mut answers = Vec::new();
+    let _ = stream.read_to_end(&mut answers);
+    let answers = String::from_utf8_lossy(&answers);
+    assert!(!answers.contains("smuggled.txt"), "{answers}");
+    let smuggled_rows: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM uploads WHERE filename = 'smuggled.txt'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(smuggled_rows, 0, "{answers}");
+}
