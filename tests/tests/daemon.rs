@@ -367,3 +367,34 @@ fn a_bare_lf_after_the_last_chunk_is_refused() {
         .unwrap();
     assert_eq!(smuggled_rows, 0, "{answers}");
 }
+
+#[test]
+fn relative_paths_in_the_config_are_relative_to_the_config_file() {
+    // The daemon runs from another directory than the config's: `data_dir` and the local
+    // provider's `root` must still land beside the config file.
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir)
+            .replace(
+                &format!("data_dir: {}", dir.join("data").display()),
+                "data_dir: ./data",
+            )
+            .replace(&format!("root: {}", dir.join("files").display()), "root: files")
+    });
+    let config = std::fs::read_to_string(&daemon.config_path).unwrap();
+    assert!(
+        config.contains("root: files") && config.contains("data_dir: ./data"),
+        "{config}"
+    );
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", "where.txt", "text/plain", b"beside the config"),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        std::fs::read(daemon.dir.join("files").join(&id)).unwrap(),
+        b"beside the config"
+    );
+    assert!(daemon.dir.join("data").join("upgate.db").exists());
+}

@@ -206,3 +206,34 @@ fn async_delivery_survives_an_upstream_outage_and_a_daemon_restart() {
         0
     );
 }
+
+#[test]
+fn an_async_delivery_cut_off_by_a_crash_is_retried_as_soon_as_the_daemon_is_back() {
+    // The upstream takes the file but answers slowly; the daemon is killed mid-attempt. The
+    // claim that attempt held on the upload must not outlive the process.
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.hang(Duration::from_secs(60));
+    let mut daemon =
+        Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "    delivery: async\n", ""));
+    let content = b"in flight when the daemon died\n".repeat(20);
+    let reply = upload(&daemon, "inflight.txt", &content);
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert!(
+        eventually(Duration::from_secs(10), || !mock.stored().is_empty()),
+        "the attempt reached the upstream"
+    );
+    daemon.kill();
+    assert_eq!(row(&daemon).0, "received");
+    mock.hang(Duration::ZERO);
+    let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    assert!(
+        eventually(Duration::from_secs(15), || row(&daemon).0 == "forwarded"),
+        "{:?}\n{}",
+        row(&daemon),
+        daemon.log()
+    );
+    let stored = mock.stored();
+    let last = stored.last().unwrap();
+    assert_eq!(last.sha256, sha256_hex(&content));
+    assert_eq!(row(&daemon).2.as_deref(), Some(last.id.as_str()));
+}

@@ -17,7 +17,7 @@ use upgate_core::policy::Policy;
 
 fn policy(rate_limited: bool, tenants: usize) -> Arc<Policy> {
     let rate = if rate_limited {
-        "    rate_limit: { requests_per_second: 1000000000, burst: 1000000 }\n"
+        "    rate_limit: { requests_per_second: 1000000, burst: 1000000 }\n"
     } else {
         ""
     };
@@ -30,7 +30,7 @@ fn policy(rate_limited: bool, tenants: usize) -> Arc<Policy> {
         ));
     }
     let config = Config::parse(&text, Path::new("bench.yaml")).expect("valid config");
-    Arc::new(Policy::new(config, BTreeMap::new()))
+    Arc::new(Policy::new(config, BTreeMap::new(), None))
 }
 
 /// Nanoseconds per call of `work`, best of 5 rounds of `n` calls.

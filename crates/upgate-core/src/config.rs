@@ -311,6 +311,11 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
 }
 
+/// Bounds of `rate_limit.requests_per_second`: one request a day up to one a microsecond,
+/// so the replenish period is always a whole, representable number of nanoseconds.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+
 /// `rate_limit:` inside a plan.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -350,9 +355,6 @@ pub enum Delivery {
     Async,
 }
 
-fn default_max_attempts() -> u32 {
-    5
-}
 fn default_initial_backoff() -> HumanDuration {
     HumanDuration(Duration::from_millis(500))
 }
@@ -367,8 +369,9 @@ fn default_forward_timeout() -> HumanDuration {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
+    /// Attempts in all; unset, see [`ProviderConfig::max_attempts`].
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
     #[serde(default = "default_initial_backoff")]
     pub initial_backoff: HumanDuration,
     #[serde(default = "default_max_backoff")]
@@ -378,7 +381,7 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
-            max_attempts: default_max_attempts(),
+            max_attempts: None,
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
         }
@@ -400,6 +403,18 @@ pub struct ProviderConfig {
     /// Longest one plugin call may take before the client gets 504.
     #[serde(default = "default_forward_timeout")]
     pub timeout: HumanDuration,
+}
+
+impl ProviderConfig {
+    /// Attempts a delivery gets in all. Unset: 5 for `sync` (the client is waiting, and
+    /// `timeout` bounds them anyway) and 30 for `async`, which with the default backoff
+    /// (500ms doubling up to 5m, full jitter) rides out upstream outages of an hour or more.
+    pub fn max_attempts(&self) -> u32 {
+        self.retry.max_attempts.unwrap_or(match self.delivery {
+            Delivery::Sync => 5,
+            Delivery::Async => 30,
+        })
+    }
 }
 
 /// Which dialects a tenant's keys may use.
@@ -469,6 +484,14 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The directory relative paths in the config are relative to: the config file's own.
+    pub fn base_dir(&self) -> &Path {
+        self.source
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
     /// Parses and validates `text`, naming `path` in errors and resolving relative paths
     /// against its directory.
     pub fn parse(text: &str, path: &Path) -> Result<Self, Vec<ConfigError>> {
@@ -483,10 +506,7 @@ impl Config {
             vec![ConfigError::at(path, line, column, message)]
         })?;
         config.source = path.to_path_buf();
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let base = config.base_dir().to_path_buf();
         for dir in [&mut config.server.data_dir, &mut config.server.plugin_dir] {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
@@ -515,10 +535,12 @@ impl Config {
                 );
             }
             if let Some(limit) = plan.rate_limit {
-                if !(limit.requests_per_second > 0.0 && limit.requests_per_second.is_finite()) {
+                if !(MIN_REQUESTS_PER_SECOND..=MAX_REQUESTS_PER_SECOND).contains(&limit.requests_per_second) {
                     error(
                         &["plans", name, "rate_limit", "requests_per_second"],
-                        "requests_per_second must be > 0".into(),
+                        format!(
+                            "requests_per_second must be between {MIN_REQUESTS_PER_SECOND} (one a day) and {MAX_REQUESTS_PER_SECOND}"
+                        ),
                     );
                 }
                 if limit.burst == 0 {
@@ -557,7 +579,7 @@ impl Config {
                     ),
                 );
             }
-            if provider.retry.max_attempts == 0 {
+            if provider.retry.max_attempts == Some(0) {
                 error(
                     &["providers", name, "retry", "max_attempts"],
                     "max_attempts must be at least 1".into(),

@@ -147,19 +147,25 @@ pub fn classify(extension: &str, head: &[u8], utf8_ok: bool, verify: bool) -> Re
         extension: extension.to_owned(),
         detected,
     };
-    match (expected, sniffed) {
-        (Some(expected), Some(kind)) if expected.sniffed_as.contains(&kind.extension()) => {
+    // A text type is UTF-8 whatever its first bytes look like (`#!/bin/sh`, `<?xml`, none).
+    let text_verdict = |expected: &KnownType| {
+        if verify && !utf8_ok {
+            Err(ContentError::NotUtf8 {
+                extension: extension.to_owned(),
+            })
+        } else {
             Ok(expected.mime.to_owned())
         }
-        (Some(expected), None) if expected.text => {
-            if verify && !utf8_ok {
-                Err(ContentError::NotUtf8 {
-                    extension: extension.to_owned(),
-                })
+    };
+    match (expected, sniffed) {
+        (Some(expected), Some(kind)) if expected.sniffed_as.contains(&kind.extension()) => {
+            if expected.text {
+                text_verdict(expected)
             } else {
                 Ok(expected.mime.to_owned())
             }
         }
+        (Some(expected), None) if expected.text => text_verdict(expected),
         (_, Some(kind)) if verify => Err(mismatch(format!(
             "{} ({})",
             describe(kind.extension()),
@@ -343,6 +349,27 @@ mod tests {
             classify("txt", ELF, false, true),
             Err(ContentError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn text_that_sniffs_as_a_script_or_markup_must_still_be_utf8() {
+        for head in [
+            &b"#!/bin/sh\necho \xff"[..],
+            b"<?xml version=\"1.0\"?>\xfe",
+            b"<html>\xff",
+        ] {
+            assert!(
+                matches!(
+                    classify("txt", head, false, true),
+                    Err(ContentError::NotUtf8 { .. })
+                ),
+                "{head:?}"
+            );
+        }
+        assert_eq!(
+            classify("txt", b"#!/bin/sh\necho hi", true, true).unwrap(),
+            "text/plain"
+        );
     }
 
     #[test]

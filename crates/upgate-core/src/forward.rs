@@ -217,7 +217,7 @@ pub async fn deliver_now(
                 finish_delivered(provider, record, path, &result).await;
                 return Ok(Delivered { result, attempts });
             }
-            Attempt::Retry(error, floor) if attempts < config.retry.max_attempts => {
+            Attempt::Retry(error, floor) if attempts < config.max_attempts() => {
                 let wait = backoff(&config.retry, attempts, floor);
                 if Instant::now() + wait >= deadline {
                     break error;
@@ -277,13 +277,24 @@ pub async fn delete_upstream(
     }
 }
 
+/// What an outbox lease adds to the longest attempt a provider may take.
+const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
+
 /// The async delivery loop: claims due uploads from the outbox and attempts each once,
 /// rescheduling failures with backoff. Runs until the process ends.
 pub async fn run_outbox(gateway: Arc<Gateway>) {
     const BATCH: usize = 32;
     loop {
         let policy = gateway.policy();
-        let lease_ms = 15 * 60 * 1000;
+        // Long enough for the slowest provider's attempt (bounded by its `timeout`) to end
+        // before a second poll could claim the same upload.
+        let longest_attempt = policy
+            .providers
+            .values()
+            .map(|provider| provider.config.timeout.0)
+            .max()
+            .unwrap_or_default();
+        let lease_ms = (longest_attempt + OUTBOX_LEASE_MARGIN).as_millis() as i64;
         match gateway.store.claim_due(now_ms(), BATCH, lease_ms).await {
             Ok(due) => {
                 let full = due.len() == BATCH;
@@ -338,11 +349,24 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
                 )
                 .await;
             match recorded {
-                Ok(()) => finish_delivered(provider, &record, &path, &result).await,
+                Ok(true) => finish_delivered(provider, &record, &path, &result).await,
+                Ok(false) => {
+                    // Deleted by its client while this attempt was in flight: the copy just
+                    // made upstream goes too.
+                    tracing::info!(upload_id = %record.id, provider = %provider.name,
+                        "deleted during delivery; deleting the delivered copy");
+                    if !result.consumed_file {
+                        remove_quietly(&path).await;
+                    }
+                    if let Err(error) = delete_upstream(gateway, provider, &record, result.remote_id).await {
+                        tracing::error!(upload_id = %record.id, provider = %provider.name, %error,
+                            "cannot delete the copy delivered after the upload was deleted");
+                    }
+                }
                 Err(error) => tracing::error!(upload_id = %record.id, %error, "cannot record a delivery"),
             }
         }
-        Attempt::Retry(error, floor) if attempts < provider.config.retry.max_attempts => {
+        Attempt::Retry(error, floor) if attempts < provider.config.max_attempts() => {
             let wait = backoff(&provider.config.retry, attempts, floor);
             metrics::retry(&provider.name);
             tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts, error = %error,
@@ -377,7 +401,7 @@ mod tests {
     #[test]
     fn backoff_grows_is_capped_and_honours_retry_after() {
         let retry = RetryConfig {
-            max_attempts: 5,
+            max_attempts: Some(5),
             initial_backoff: HumanDuration(Duration::from_millis(100)),
             max_backoff: HumanDuration(Duration::from_secs(1)),
         };

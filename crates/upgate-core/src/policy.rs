@@ -18,7 +18,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Config, DialectGrant, PlanConfig};
+use crate::config::{Config, DialectGrant, PlanConfig, RateLimitConfig};
 use crate::dialects::DialectName;
 use crate::error::{ApiError, Throttle};
 use crate::plugins::Provider;
@@ -121,7 +121,42 @@ pub struct Tenant {
     /// The provider's name in config.
     pub provider: String,
     dialects: Vec<DialectGrant>,
-    concurrency: Option<Arc<Semaphore>>,
+    concurrency: Option<Arc<Concurrency>>,
+}
+
+/// A concurrency cap and the semaphore that enforces it.
+struct Concurrency {
+    cap: usize,
+    semaphore: Arc<Semaphore>,
+}
+
+impl Concurrency {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            semaphore: Arc::new(Semaphore::new(cap)),
+        })
+    }
+}
+
+/// A key's governor bucket and the limit it was built for.
+struct KeyLimiter {
+    limit: RateLimitConfig,
+    bucket: DefaultDirectRateLimiter,
+}
+
+impl KeyLimiter {
+    /// `None` only for limits config validation refuses (a period outside what governor
+    /// can represent).
+    fn new(limit: RateLimitConfig) -> Option<Arc<Self>> {
+        let period = Duration::try_from_secs_f64(1.0 / limit.requests_per_second).ok()?;
+        let burst = NonZeroU32::new(limit.burst)?;
+        let quota = Quota::with_period(period)?.allow_burst(burst);
+        Some(Arc::new(Self {
+            limit,
+            bucket: RateLimiter::direct(quota),
+        }))
+    }
 }
 
 impl Tenant {
@@ -135,7 +170,7 @@ impl Tenant {
 
 struct KeyEntry {
     tenant: Arc<Tenant>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<Arc<KeyLimiter>>,
 }
 
 /// A request let in: the tenant, the policy snapshot it was admitted under (kept for the
@@ -160,12 +195,20 @@ pub struct Policy {
     pub providers: BTreeMap<String, Arc<Provider>>,
     tenants: BTreeMap<String, Arc<Tenant>>,
     keys: HashMap<KeyDigest, KeyEntry>,
-    global_concurrency: Option<Arc<Semaphore>>,
+    global_concurrency: Option<Arc<Concurrency>>,
 }
 
 impl Policy {
-    /// Compiles a validated config with its instantiated providers.
-    pub fn new(config: Config, providers: BTreeMap<String, Arc<Provider>>) -> Self {
+    /// Compiles a validated config with its instantiated providers. With `previous` (a
+    /// reload), limiter state whose limits did not change carries over: a key keeps its
+    /// governor bucket, a tenant and the daemon keep their concurrency semaphores (and so
+    /// the permits uploads in flight hold), so a SIGHUP neither refills buckets nor lets a
+    /// tenant past its cap.
+    pub fn new(
+        config: Config,
+        providers: BTreeMap<String, Arc<Provider>>,
+        previous: Option<&Policy>,
+    ) -> Self {
         let plans: BTreeMap<String, Arc<Plan>> = config
             .plans
             .iter()
@@ -178,28 +221,39 @@ impl Policy {
             let Some(plan) = plans.get(&tenant_config.plan) else {
                 continue;
             };
+            let cap = plan.config.max_concurrent_uploads;
+            let concurrency = previous
+                .and_then(|previous| previous.tenants.get(name))
+                .and_then(|before| {
+                    before
+                        .concurrency
+                        .as_ref()
+                        .filter(|c| Some(c.cap) == cap)
+                        .cloned()
+                })
+                .or_else(|| cap.map(Concurrency::new));
             let tenant = Arc::new(Tenant {
                 name: name.clone(),
                 plan: plan.clone(),
                 provider: tenant_config.provider.clone(),
                 dialects: tenant_config.dialects.clone(),
-                concurrency: plan
-                    .config
-                    .max_concurrent_uploads
-                    .map(|n| Arc::new(Semaphore::new(n))),
+                concurrency,
             });
             for key in &tenant_config.keys {
                 let Ok(digest) = KeyDigest::from_config(&key.0) else {
                     continue;
                 };
-                let limiter = plan.config.rate_limit.map(|limit| {
-                    let period = Duration::from_secs_f64(1.0 / limit.requests_per_second);
-                    let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-                    let quota = Quota::with_period(period)
-                        .unwrap_or(Quota::per_second(burst))
-                        .allow_burst(burst);
-                    RateLimiter::direct(quota)
-                });
+                let limit = plan.config.rate_limit;
+                let limiter = previous
+                    .and_then(|previous| previous.keys.get(&digest))
+                    .and_then(|before| {
+                        before
+                            .limiter
+                            .as_ref()
+                            .filter(|l| Some(l.limit) == limit)
+                            .cloned()
+                    })
+                    .or_else(|| limit.and_then(KeyLimiter::new));
                 keys.insert(
                     digest,
                     KeyEntry {
@@ -211,7 +265,11 @@ impl Policy {
             tenants.insert(name.clone(), tenant);
         }
         let global = config.server.max_concurrent_uploads;
-        let global_concurrency = (global > 0).then(|| Arc::new(Semaphore::new(global)));
+        let global_concurrency = previous
+            .and_then(|previous| previous.global_concurrency.as_ref())
+            .filter(|before| before.cap == global)
+            .cloned()
+            .or_else(|| (global > 0).then(|| Concurrency::new(global)));
         Self {
             config: Arc::new(config),
             providers,
@@ -235,7 +293,7 @@ impl Policy {
             return Err(ApiError::DialectNotAllowed);
         }
         if let Some(limiter) = &entry.limiter
-            && let Err(not_until) = limiter.check()
+            && let Err(not_until) = limiter.bucket.check()
         {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(ApiError::Throttled {
@@ -248,13 +306,15 @@ impl Policy {
             .into_iter()
             .flatten()
         {
-            let permit = semaphore
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::Throttled {
-                    retry_after_secs: 1,
-                    why: Throttle::Concurrency,
-                })?;
+            let permit =
+                semaphore
+                    .semaphore
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ApiError::Throttled {
+                        retry_after_secs: 1,
+                        why: Throttle::Concurrency,
+                    })?;
             permits.push(permit);
         }
         Ok(Admission {
@@ -301,6 +361,43 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
         assert_eq!(ceil_secs(Duration::ZERO), 1);
         assert_eq!(quota_day(86_400_000 + 1000), (1, 86_399));
+    }
+
+    fn compiled(text: &str, previous: Option<&Policy>) -> Arc<Policy> {
+        let config = Config::parse(text, std::path::Path::new("test.yaml")).expect("valid config");
+        Arc::new(Policy::new(config, BTreeMap::new(), previous))
+    }
+
+    const LIMITED: &str = "server: { listen: 127.0.0.1:0 }\nplans:\n  p:\n    max_file_size: 1MiB\n    max_concurrent_uploads: 1\n    rate_limit: { requests_per_second: 0.001, burst: 2 }\nproviders:\n  disk: { plugin: local }\ntenants:\n  t: { plan: p, provider: disk, keys: [k] }\n";
+
+    fn throttle(result: Result<Admission, ApiError>) -> Option<Throttle> {
+        match result {
+            Err(ApiError::Throttled { why, .. }) => Some(why),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_buckets_and_permits_whose_limits_did_not_change() {
+        let before = compiled(LIMITED, None);
+        drop(before.admit(DialectName::Dify, "k").unwrap());
+        let in_flight = before.admit(DialectName::Dify, "k").unwrap();
+        // Same limits: the bucket stays empty and the upload in flight still holds the
+        // tenant's only slot.
+        let after = compiled(LIMITED, Some(&before));
+        assert_eq!(
+            throttle(after.admit(DialectName::Dify, "k")),
+            Some(Throttle::Rate)
+        );
+        let roomier = LIMITED.replace("burst: 2", "burst: 3");
+        let after = compiled(&roomier, Some(&after));
+        assert_eq!(
+            throttle(after.admit(DialectName::Dify, "k")),
+            Some(Throttle::Concurrency)
+        );
+        drop(in_flight);
+        // A changed limit starts from a fresh bucket (and permits are given back).
+        assert!(after.admit(DialectName::Dify, "k").is_ok());
     }
 
     #[test]

@@ -249,9 +249,10 @@ async fn run(
             "removed spooled files of uploads that were never acknowledged"
         );
     }
+    store.release_outbox_leases().await?;
     metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0);
     metrics::prime(providers.keys().map(String::as_str));
-    let gateway = web::Data::new(Gateway::new(Policy::new(config, providers), store, spool));
+    let gateway = web::Data::new(Gateway::new(Policy::new(config, providers, None), store, spool));
 
     let listener = TcpListener::bind(server_config.listen).map_err(ServeError::io(format!(
         "cannot listen on {}",
@@ -387,7 +388,7 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
                 tracing::warn!("server.listen and server.data_dir changes take effect at the next restart");
             }
             metrics::prime(providers.keys().map(String::as_str));
-            gateway.replace_policy(Policy::new(config, providers));
+            gateway.replace_policy(Policy::new(config, providers, Some(&running)));
             metrics::config_reload(true);
             tracing::info!("configuration reloaded");
         }

@@ -327,27 +327,29 @@ impl Store {
         .await
     }
 
-    /// Records a delivery: state forwarded, remote id and URL.
+    /// Records an async delivery: state forwarded, remote id and URL. Only an upload still
+    /// waiting (`received`) changes; `false` means it was deleted while it was in flight.
     pub async fn mark_forwarded(
         &self,
         id: String,
         remote_id: String,
         remote_url: Option<String>,
         attempts: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.call(move |connection| {
-            connection.execute(
+            let changed = connection.execute(
                 "UPDATE uploads SET state = 'forwarded', remote_id = ?2, remote_url = ?3, attempts = ?4,
-                 last_error = NULL, next_attempt_at = NULL, updated_at = ?5 WHERE id = ?1",
+                 last_error = NULL, next_attempt_at = NULL, updated_at = ?5 WHERE id = ?1 AND state = 'received'",
                 params![id, remote_id, remote_url, attempts, now_ms()],
             )?;
-            Ok(())
+            Ok(changed == 1)
         })
         .await
     }
 
-    /// Records a failed attempt. With `retry_at`, the upload stays `received` and in the
-    /// outbox; without, it is `failed` for good.
+    /// Records a failed attempt of an upload still waiting (a deleted one stays deleted).
+    /// With `retry_at`, the upload stays `received` and in the outbox; without, it is
+    /// `failed` for good.
     pub async fn mark_attempt_failed(
         &self,
         id: String,
@@ -363,7 +365,7 @@ impl Store {
             };
             connection.execute(
                 "UPDATE uploads SET state = ?2, last_error = ?3, attempts = ?4, next_attempt_at = ?5,
-                 updated_at = ?6 WHERE id = ?1",
+                 updated_at = ?6 WHERE id = ?1 AND state = 'received'",
                 params![id, state, error, attempts, retry_at_ms, now_ms()],
             )?;
             Ok(())
@@ -431,6 +433,19 @@ impl Store {
                 lease.execute(params![record.id, now + lease_ms])?;
             }
             Ok(due)
+        })
+        .await
+    }
+
+    /// At start: the leases of a previous process are void (nothing of it is in flight any
+    /// more), so every waiting upload is due now instead of when its lease would run out.
+    pub async fn release_outbox_leases(&self) -> Result<usize, StoreError> {
+        self.call(|connection| {
+            Ok(connection.execute(
+                "UPDATE uploads SET next_attempt_at = ?1 WHERE state = 'received'
+                 AND next_attempt_at IS NOT NULL AND next_attempt_at > ?1",
+                params![now_ms()],
+            )?)
         })
         .await
     }

@@ -6,7 +6,8 @@
 //! that every ABI version keeps, so the host can refuse a plugin built for another version
 //! before touching anything else.
 //!
-//! Everything else crosses as JSON bytes: settings into `init`, a [`PutRequest`] (upload
+//! Everything else crosses as JSON bytes: an [`InitRequest`] (settings plus the host's
+//! [`InitContext`]) into `init`, a [`PutRequest`] (upload
 //! metadata plus the path of the spooled file) into `put`, a [`PutResult`] or a
 //! [`PluginError`] back. Buffers returned by the plugin are allocated by the plugin and freed
 //! by the plugin's `free_buffer`; buffers passed in by the host stay owned by the host and
@@ -91,7 +92,7 @@ impl PluginBuffer {
     }
 }
 
-/// `init(settings_json) -> instance`; on failure returns null and fills `out` with a
+/// `init(init_request_json) -> instance`; on failure returns null and fills `out` with a
 /// [`PluginError`].
 pub type InitFn =
     unsafe extern "C" fn(settings: *const u8, settings_len: usize, out: *mut PluginBuffer) -> *mut c_void;
@@ -236,13 +237,41 @@ impl std::fmt::Display for PluginError {
 
 impl std::error::Error for PluginError {}
 
+/// What the host tells a plugin about where it runs, beside its settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitContext {
+    /// Directory of the config file the settings came from: relative paths in settings
+    /// (a `root`, a `ca_file`) are relative to it, never to the daemon's working directory.
+    pub config_dir: std::path::PathBuf,
+}
+
+impl InitContext {
+    /// `path` as the operator meant it: absolute paths as they are, relative ones under
+    /// [`InitContext::config_dir`].
+    pub fn resolve(&self, path: &std::path::Path) -> std::path::PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.config_dir.join(path)
+        }
+    }
+}
+
+/// The bytes `init` receives: the provider's `settings:` map and the host's context.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub settings: Value,
+    pub context: InitContext,
+}
+
 /// What a plugin implements. Instances are shared across threads: the host calls `put`
 /// concurrently from its blocking pool.
 pub trait Provider: Send + Sync + Sized + 'static {
     /// Capability bits the plugin declares (e.g. [`FLAG_LOCAL_IO`]); none by default.
     const FLAGS: u32 = 0;
-    /// Builds an instance from its `settings` (the provider's `settings:` map in config).
-    fn init(settings: Value) -> Result<Self, PluginError>;
+    /// Builds an instance from its `settings` (the provider's `settings:` map in config);
+    /// paths in settings are resolved with [`InitContext::resolve`].
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError>;
     /// Stores one upload upstream.
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError>;
     /// Deletes one upload upstream.
@@ -360,8 +389,8 @@ pub mod trampolines {
         let bytes = unsafe { request_bytes(settings, settings_len) };
         let mut instance: *mut c_void = std::ptr::null_mut();
         let status = run(out, || {
-            let settings: Value = decode(bytes)?;
-            let provider = P::init(settings)?;
+            let request: InitRequest = decode(bytes)?;
+            let provider = P::init(&request.context, request.settings)?;
             instance = Box::into_raw(Box::new(provider)).cast();
             Ok(Value::Null)
         });
@@ -446,7 +475,7 @@ mod tests {
 
     struct Echo;
     impl Provider for Echo {
-        fn init(settings: Value) -> Result<Self, PluginError> {
+        fn init(_context: &InitContext, settings: Value) -> Result<Self, PluginError> {
             if settings.get("fail").is_some() {
                 return Err(PluginError::new(ErrorKind::Config, "told to fail"));
             }
@@ -503,7 +532,7 @@ mod tests {
             std::mem::size_of::<ProviderDescriptor>()
         );
         let mut out = PluginBuffer::empty();
-        let settings = b"{}";
+        let settings = br#"{"settings":{},"context":{"config_dir":"/etc/upgate"}}"#;
         let instance = unsafe { (descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
         assert!(!instance.is_null());
         unsafe { (descriptor.free_buffer)(out) };
@@ -539,7 +568,7 @@ mod tests {
     fn init_failure_returns_null_and_an_error() {
         let descriptor = unsafe { &*upgate_provider_v1() };
         let mut out = PluginBuffer::empty();
-        let settings = br#"{"fail":true}"#;
+        let settings = br#"{"settings":{"fail":true},"context":{"config_dir":""}}"#;
         let instance = unsafe { (descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
         assert!(instance.is_null());
         let error: PluginError = serde_json::from_slice(unsafe { out.as_slice() }).unwrap();

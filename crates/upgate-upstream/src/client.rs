@@ -348,6 +348,7 @@ mod tests {
 
     fn with_ca(path: &std::path::Path) -> Result<Upstream, PluginError> {
         let settings = UpstreamSettings::parse(
+            &upgate_plugin_api::InitContext::default(),
             json!({"base_url": "https://upstream.internal", "api_key": "k", "ca_file": path}),
             &[],
         )?;

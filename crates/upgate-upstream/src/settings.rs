@@ -1,11 +1,11 @@
 //! The settings every vendor plugin shares, and typed access to each plugin's own keys.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use upgate_plugin_api::{ErrorKind, PluginError};
+use upgate_plugin_api::{ErrorKind, InitContext, PluginError};
 
 use crate::response::sanitize;
 
@@ -53,7 +53,7 @@ impl fmt::Debug for UpstreamSettings {
 impl UpstreamSettings {
     /// Parses a plugin's settings map. `extra_keys` are the plugin's own keys; any other key
     /// that is not one of [`COMMON_KEYS`] is a [`ErrorKind::Config`] error naming it.
-    pub fn parse(settings: Value, extra_keys: &[&str]) -> Result<Self, PluginError> {
+    pub fn parse(context: &InitContext, settings: Value, extra_keys: &[&str]) -> Result<Self, PluginError> {
         let mut map = match settings {
             Value::Object(map) => map,
             Value::Null => Map::new(),
@@ -94,7 +94,7 @@ impl UpstreamSettings {
         let timeout = parse_duration("timeout", map.remove("timeout"), DEFAULT_TIMEOUT)?;
         let ca_file = match map.remove("ca_file") {
             None | Some(Value::Null) => None,
-            Some(Value::String(path)) if !path.is_empty() => Some(PathBuf::from(path)),
+            Some(Value::String(path)) if !path.is_empty() => Some(context.resolve(Path::new(&path))),
             Some(_) => return Err(config_error("setting `ca_file` must be a file path")),
         };
         Ok(Self {
@@ -247,8 +247,30 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_relative_ca_file_is_relative_to_the_config_directory() {
+        let context = InitContext {
+            config_dir: PathBuf::from("/etc/upgate"),
+        };
+        let parse = |ca_file: &str| {
+            UpstreamSettings::parse(
+                &context,
+                json!({"base_url": "https://h", "api_key": "k", "ca_file": ca_file}),
+                &[],
+            )
+            .unwrap()
+            .ca_file
+        };
+        assert_eq!(
+            parse("certs/ca.pem"),
+            Some(PathBuf::from("/etc/upgate/certs/ca.pem"))
+        );
+        assert_eq!(parse("/opt/ca.pem"), Some(PathBuf::from("/opt/ca.pem")));
+    }
+
+    #[test]
     fn parses_common_settings_and_defaults() {
         let settings = UpstreamSettings::parse(
+            &InitContext::default(),
             json!({"base_url": "https://api.dify.ai/v1/", "api_key": "k-123"}),
             &[],
         )
@@ -263,6 +285,7 @@ mod tests {
         assert!(!format!("{settings:?}").contains("k-123"));
 
         let settings = UpstreamSettings::parse(
+            &InitContext::default(),
             json!({"base_url": "http://h:1", "api_key": "k", "timeout": "5m", "connect_timeout": 3,
                    "chunk_size": "8MiB", "user": "bob"}),
             &["chunk_size", "user"],
@@ -278,7 +301,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_settings_without_leaking_the_key() {
-        let error = |value: Value, extra: &[&str]| UpstreamSettings::parse(value, extra).unwrap_err();
+        let error = |value: Value, extra: &[&str]| {
+            UpstreamSettings::parse(&InitContext::default(), value, extra).unwrap_err()
+        };
         let unknown = error(
             json!({"base_url": "http://h", "api_key": "secret", "colour": 1}),
             &[],

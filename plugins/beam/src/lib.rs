@@ -15,7 +15,9 @@
 #![deny(unsafe_code)]
 
 use serde_json::{Map, Value};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{
+    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+};
 use upgate_upstream::{
     Auth, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_str, no_delete_api, upload_form,
 };
@@ -35,8 +37,8 @@ fn rejected(message: &str) -> PluginError {
 }
 
 impl Provider for Beam {
-    fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(settings, &["workspace_id", "thread_id"])?;
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(context, settings, &["workspace_id", "thread_id"])?;
         let workspace_id = settings.string("workspace_id")?;
         if workspace_id.as_deref().is_some_and(|id| !is_header_value(id)) {
             return Err(PluginError::new(

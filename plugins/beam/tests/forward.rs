@@ -3,7 +3,7 @@
 use serde_json::json;
 use upgate_e2e::mock::checks::{self, Upload, expect_error};
 use upgate_e2e::mock::{MockUpstream, Vendor};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, Provider};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, InitContext, Provider};
 use upgate_plugin_beam::Beam;
 
 const KEY: &str = "beam-key-123456";
@@ -12,7 +12,11 @@ const THREAD: &str = "1a2036c0-d533-4636-8f51-2a811763ef5c";
 #[test]
 fn put_sends_thread_workspace_and_one_files_part() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
-    let beam = Beam::init(checks::settings(&mock, json!({"workspace_id": "ws-config"}))).unwrap();
+    let beam = Beam::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"workspace_id": "ws-config"})),
+    )
+    .unwrap();
     let metadata = json!({"threadId": THREAD, "workspaceId": "ws-42"});
     let upload = Upload::new(b"col1,col2\n1,2\n", "table.csv", "text/csv", metadata);
 
@@ -46,10 +50,10 @@ fn put_sends_thread_workspace_and_one_files_part() {
 #[test]
 fn settings_supply_thread_and_workspace() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
-    let beam = Beam::init(checks::settings(
-        &mock,
-        json!({"workspace_id": "ws-1", "thread_id": THREAD}),
-    ))
+    let beam = Beam::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"workspace_id": "ws-1", "thread_id": THREAD})),
+    )
     .unwrap();
     beam.put(Upload::new(b"x", "a.txt", "text/plain", json!({})).request)
         .unwrap();
@@ -63,7 +67,7 @@ fn settings_supply_thread_and_workspace() {
 #[test]
 fn missing_or_bad_ids_are_rejected_before_sending() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
-    let beam = Beam::init(checks::settings(&mock, json!({}))).unwrap();
+    let beam = Beam::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let put = |metadata| beam.put(Upload::new(b"x", "a.txt", "text/plain", metadata).request);
     let error = expect_error(put(json!({"threadId": THREAD})), ErrorKind::Rejected, None);
     assert!(error.message.contains("no workspace id"), "{error:?}");
@@ -81,7 +85,11 @@ fn missing_or_bad_ids_are_rejected_before_sending() {
     );
     assert!(mock.received().is_empty());
 
-    let error = Beam::init(checks::settings(&mock, json!({"thread_id": "nope"}))).unwrap_err();
+    let error = Beam::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"thread_id": "nope"})),
+    )
+    .unwrap_err();
     assert_eq!(error.kind, ErrorKind::Config);
     let error = beam
         .delete(DeleteRequest {

@@ -11,7 +11,7 @@
 #![deny(unsafe_code)]
 
 use serde_json::Value;
-use upgate_plugin_api::{DeleteRequest, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{DeleteRequest, InitContext, PluginError, Provider, PutRequest, PutResult};
 use upgate_upstream::{Auth, Upstream, UpstreamSettings, metadata_str, no_delete_api, upload_form};
 
 const VENDOR: &str = "dify";
@@ -24,8 +24,8 @@ pub struct Dify {
 }
 
 impl Provider for Dify {
-    fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(settings, &["user"])?;
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(context, settings, &["user"])?;
         let user = settings.string_or("user", "upgate")?;
         Ok(Self {
             upstream: Upstream::new(VENDOR, settings, Auth::bearer())?,

@@ -3,7 +3,7 @@
 use serde_json::json;
 use upgate_e2e::mock::checks::{self, Upload, expect_error};
 use upgate_e2e::mock::{MockUpstream, Vendor};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, Provider};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, InitContext, Provider};
 use upgate_plugin_dify::Dify;
 
 const KEY: &str = "app-dify-key-123";
@@ -11,7 +11,11 @@ const KEY: &str = "app-dify-key-123";
 #[test]
 fn put_forwards_the_file_and_the_user() {
     let mock = MockUpstream::start(Vendor::Dify, KEY);
-    let dify = Dify::init(checks::settings(&mock, json!({"user": "configured-user"}))).unwrap();
+    let dify = Dify::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"user": "configured-user"})),
+    )
+    .unwrap();
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let upload = Upload::new(
         &bytes,
@@ -59,15 +63,23 @@ fn put_forwards_the_file_and_the_user() {
 #[test]
 fn default_user_and_settings_errors() {
     let mock = MockUpstream::start(Vendor::Dify, KEY);
-    let dify = Dify::init(checks::settings(&mock, json!({}))).unwrap();
+    let dify = Dify::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     dify.put(Upload::new(b"x", "a.txt", "text/plain", json!({})).request)
         .unwrap();
     assert_eq!(mock.received()[0].field("user"), Some("upgate"));
 
-    let error = Dify::init(checks::settings(&mock, json!({"usr": "typo"}))).unwrap_err();
+    let error = Dify::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"usr": "typo"})),
+    )
+    .unwrap_err();
     assert_eq!(error.kind, ErrorKind::Config);
     assert!(error.message.contains("`usr`"), "{}", error.message);
-    let error = Dify::init(json!({"base_url": "https://api.dify.ai/v1"})).unwrap_err();
+    let error = Dify::init(
+        &InitContext::default(),
+        json!({"base_url": "https://api.dify.ai/v1"}),
+    )
+    .unwrap_err();
     assert_eq!(error.kind, ErrorKind::Config);
 }
 
@@ -80,7 +92,7 @@ fn failures_map_to_error_kinds() {
 #[test]
 fn delete_is_not_supported() {
     let mock = MockUpstream::start(Vendor::Dify, KEY);
-    let dify = Dify::init(checks::settings(&mock, json!({}))).unwrap();
+    let dify = Dify::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let error = expect_error(
         dify.delete(DeleteRequest {
             upload_id: "u".into(),
@@ -97,7 +109,7 @@ fn delete_is_not_supported() {
 #[test]
 fn a_missing_or_changed_spool_file_is_internal() {
     let mock = MockUpstream::start(Vendor::Dify, KEY);
-    let dify = Dify::init(checks::settings(&mock, json!({}))).unwrap();
+    let dify = Dify::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let mut upload = Upload::new(b"abc", "a.txt", "text/plain", json!({}));
     upload.request.size = 4;
     expect_error(dify.put(upload.request.clone()), ErrorKind::Internal, None);

@@ -14,7 +14,9 @@ use std::io::Read;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{
+    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +32,7 @@ pub struct Example {
 }
 
 impl Provider for Example {
-    fn init(settings: Value) -> Result<Self, PluginError> {
+    fn init(_context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings = if settings.is_null() {
             Settings::default()
         } else {

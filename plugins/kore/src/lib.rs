@@ -21,7 +21,7 @@
 #![deny(unsafe_code)]
 
 use serde_json::{Value, json};
-use upgate_plugin_api::{DeleteRequest, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{DeleteRequest, InitContext, PluginError, Provider, PutRequest, PutResult};
 use upgate_upstream::{
     Auth, FileRange, Multipart, Reply, Upstream, UpstreamSettings, is_path_segment, metadata_str,
     no_delete_api, upload_form, upload_range,
@@ -41,9 +41,12 @@ pub struct Kore {
 }
 
 impl Provider for Kore {
-    fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings =
-            UpstreamSettings::parse(settings, &["file_context", "single_upload_limit", "chunk_size"])?;
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(
+            context,
+            settings,
+            &["file_context", "single_upload_limit", "chunk_size"],
+        )?;
         let file_context = settings.string_or("file_context", "bulkImport")?;
         let single_upload_limit =
             settings.byte_size_or("single_upload_limit", DEFAULT_SINGLE_UPLOAD_LIMIT)?;

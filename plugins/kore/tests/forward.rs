@@ -3,7 +3,7 @@
 use serde_json::json;
 use upgate_e2e::mock::checks::{self, Upload, expect_error};
 use upgate_e2e::mock::{ChunkInfo, MockUpstream, Vendor};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, Provider};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, InitContext, Provider};
 use upgate_plugin_kore::Kore;
 
 const KEY: &str = "kore-key-123456";
@@ -15,7 +15,11 @@ fn bytes(len: usize) -> Vec<u8> {
 #[test]
 fn small_files_go_in_one_request() {
     let mock = MockUpstream::start(Vendor::Kore, KEY);
-    let kore = Kore::init(checks::settings(&mock, json!({"file_context": "agentFiles"}))).unwrap();
+    let kore = Kore::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"file_context": "agentFiles"})),
+    )
+    .unwrap();
     let data = bytes(5000);
     let upload = Upload::new(
         &data,
@@ -52,10 +56,10 @@ fn small_files_go_in_one_request() {
 #[test]
 fn large_files_go_in_a_chunked_session() {
     let mock = MockUpstream::start(Vendor::Kore, KEY);
-    let kore = Kore::init(checks::settings(
-        &mock,
-        json!({"single_upload_limit": "1KB", "chunk_size": 400}),
-    ))
+    let kore = Kore::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"single_upload_limit": "1KB", "chunk_size": 400})),
+    )
     .unwrap();
     let data = bytes(1100);
     let upload = Upload::new(&data, "clip.mp4", "video/mp4", json!({}));
@@ -109,10 +113,10 @@ fn large_files_go_in_a_chunked_session() {
 #[test]
 fn a_failing_session_step_fails_the_put() {
     let mock = MockUpstream::start(Vendor::Kore, KEY);
-    let kore = Kore::init(checks::settings(
-        &mock,
-        json!({"single_upload_limit": 10, "chunk_size": 4}),
-    ))
+    let kore = Kore::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"single_upload_limit": 10, "chunk_size": 4})),
+    )
     .unwrap();
     let upload = Upload::new(&bytes(11), "a.wav", "audio/wav", json!({}));
     mock.fail_next(1, 503);
@@ -147,11 +151,13 @@ fn settings_and_delete() {
         json!({"chunks": 1}),
     ] {
         assert_eq!(
-            Kore::init(checks::settings(&mock, bad)).unwrap_err().kind,
+            Kore::init(&InitContext::default(), checks::settings(&mock, bad))
+                .unwrap_err()
+                .kind,
             ErrorKind::Config
         );
     }
-    let kore = Kore::init(checks::settings(&mock, json!({}))).unwrap();
+    let kore = Kore::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let error = kore
         .delete(DeleteRequest {
             upload_id: "u".into(),

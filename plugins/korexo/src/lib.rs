@@ -16,7 +16,9 @@
 #![deny(unsafe_code)]
 
 use serde_json::Value;
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{
+    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+};
 use upgate_upstream::{
     Auth, Upstream, UpstreamSettings, is_path_segment, metadata_str, metadata_value, upload_form,
 };
@@ -44,8 +46,8 @@ fn path_setting(settings: &UpstreamSettings, key: &str) -> Result<String, Plugin
 }
 
 impl Provider for Korexo {
-    fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(settings, &["app_id", "env_name", "user_reference"])?;
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(context, settings, &["app_id", "env_name", "user_reference"])?;
         let app_id = path_setting(&settings, "app_id")?;
         let env_name = path_setting(&settings, "env_name")?;
         let user_reference = settings.string_or("user_reference", "upgate")?;

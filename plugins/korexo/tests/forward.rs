@@ -3,7 +3,7 @@
 use serde_json::json;
 use upgate_e2e::mock::checks::{self, Upload, expect_error};
 use upgate_e2e::mock::{MockUpstream, Vendor};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, Provider};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, InitContext, Provider};
 use upgate_plugin_korexo::Korexo;
 
 const KEY: &str = "xo-key-1234567";
@@ -15,7 +15,7 @@ fn settings(mock: &MockUpstream) -> serde_json::Value {
 #[test]
 fn put_then_delete() {
     let mock = MockUpstream::start(Vendor::Korexo, KEY);
-    let korexo = Korexo::init(settings(&mock)).unwrap();
+    let korexo = Korexo::init(&InitContext::default(), settings(&mock)).unwrap();
     let upload = Upload::new(
         b"%PDF-1.7 tiny",
         "myfile.pdf",
@@ -74,7 +74,7 @@ fn put_then_delete() {
 #[test]
 fn metadata_routes_the_upload_when_valid() {
     let mock = MockUpstream::start(Vendor::Korexo, KEY);
-    let korexo = Korexo::init(settings(&mock)).unwrap();
+    let korexo = Korexo::init(&InitContext::default(), settings(&mock)).unwrap();
     let routed = json!({"appId": "st-other", "envName": "published"});
     let upload = Upload::new(b"a", "a.txt", "text/plain", routed);
     let put = korexo.put(upload.request.clone()).unwrap();
@@ -124,12 +124,15 @@ fn app_and_environment_are_required_and_checked() {
         json!({"env_name": "e"}),
         json!({"app_id": "a/b", "env_name": "e"}),
     ] {
-        let error = Korexo::init(checks::settings(&mock, bad)).unwrap_err();
+        let error = Korexo::init(&InitContext::default(), checks::settings(&mock, bad)).unwrap_err();
         assert_eq!(error.kind, ErrorKind::Config, "{error:?}");
     }
     let settings = checks::settings(
         &mock,
         json!({"app_id": "a", "env_name": "..", "user_reference": "me"}),
     );
-    assert_eq!(Korexo::init(settings).unwrap_err().kind, ErrorKind::Config);
+    assert_eq!(
+        Korexo::init(&InitContext::default(), settings).unwrap_err().kind,
+        ErrorKind::Config
+    );
 }

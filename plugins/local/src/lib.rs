@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde_json::Value;
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{
+    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,17 +47,18 @@ impl Provider for LocalDisk {
     /// small files.
     const FLAGS: u32 = upgate_plugin_api::FLAG_LOCAL_IO;
 
-    fn init(settings: Value) -> Result<Self, PluginError> {
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings: Settings = serde_json::from_value(settings).map_err(|error| {
             PluginError::new(ErrorKind::Config, format!("local provider settings: {error}"))
         })?;
-        std::fs::create_dir_all(&settings.root).map_err(|error| {
+        let root = context.resolve(&settings.root);
+        std::fs::create_dir_all(&root).map_err(|error| {
             PluginError::new(
                 ErrorKind::Config,
-                format!("cannot create root {}: {error}", settings.root.display()),
+                format!("cannot create root {}: {error}", root.display()),
             )
         })?;
-        let root = settings.root.canonicalize().map_err(internal)?;
+        let root = root.canonicalize().map_err(internal)?;
         let public_base_url = settings
             .public_base_url
             .map(|url| url.trim_end_matches('/').to_owned());
@@ -135,9 +138,11 @@ mod tests {
     fn stores_by_id_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
-        let provider =
-            LocalDisk::init(serde_json::json!({ "root": root, "public_base_url": "https://files.example/" }))
-                .unwrap();
+        let provider = LocalDisk::init(
+            &InitContext::default(),
+            serde_json::json!({ "root": root, "public_base_url": "https://files.example/" }),
+        )
+        .unwrap();
         let result = provider.put(request(dir.path(), "abc-123")).unwrap();
         assert_eq!(result.url.as_deref(), Some("https://files.example/abc-123"));
         assert_eq!(std::fs::read(root.join("abc-123")).unwrap(), b"bytes");
@@ -161,9 +166,12 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        let error = LocalDisk::init(serde_json::json!({ "root": "/tmp/x", "colour": 1 }))
-            .err()
-            .unwrap();
+        let error = LocalDisk::init(
+            &InitContext::default(),
+            serde_json::json!({ "root": "/tmp/x", "colour": 1 }),
+        )
+        .err()
+        .unwrap();
         assert_eq!(error.kind, ErrorKind::Config);
         assert!(error.message.contains("colour"));
     }

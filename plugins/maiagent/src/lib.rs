@@ -10,7 +10,7 @@
 #![deny(unsafe_code)]
 
 use serde_json::Value;
-use upgate_plugin_api::{DeleteRequest, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{DeleteRequest, InitContext, PluginError, Provider, PutRequest, PutResult};
 use upgate_upstream::{Auth, Upstream, UpstreamSettings, no_delete_api, upload_form};
 
 const VENDOR: &str = "maiagent";
@@ -22,8 +22,8 @@ pub struct Maiagent {
 }
 
 impl Provider for Maiagent {
-    fn init(settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(settings, &[])?;
+    fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
+        let settings = UpstreamSettings::parse(context, settings, &[])?;
         Ok(Self {
             upstream: Upstream::new(VENDOR, settings, Auth::scheme("authorization", "Api-Key"))?,
         })

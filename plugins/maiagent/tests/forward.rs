@@ -3,7 +3,7 @@
 use serde_json::json;
 use upgate_e2e::mock::checks::{self, Upload, expect_error};
 use upgate_e2e::mock::{MockUpstream, Vendor};
-use upgate_plugin_api::{DeleteRequest, ErrorKind, Provider};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, InitContext, Provider};
 use upgate_plugin_maiagent::Maiagent;
 
 const KEY: &str = "mai-key-123456";
@@ -11,7 +11,7 @@ const KEY: &str = "mai-key-123456";
 #[test]
 fn put_round_trips_a_cjk_filename_and_the_bytes() {
     let mock = MockUpstream::start(Vendor::Maiagent, KEY);
-    let maiagent = Maiagent::init(checks::settings(&mock, json!({}))).unwrap();
+    let maiagent = Maiagent::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let name = "32d91c61-79b3-40e1-b47d-e35d6d30861文件.xls";
     // A few MiB, so the body crosses many buffer windows on both sides.
     let bytes: Vec<u8> = (0..3_000_000u32)
@@ -52,9 +52,13 @@ fn failures_map_to_error_kinds() {
 #[test]
 fn no_extra_settings_and_no_delete() {
     let mock = MockUpstream::start(Vendor::Maiagent, KEY);
-    let error = Maiagent::init(checks::settings(&mock, json!({"user": "x"}))).unwrap_err();
+    let error = Maiagent::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"user": "x"})),
+    )
+    .unwrap_err();
     assert_eq!(error.kind, ErrorKind::Config);
-    let maiagent = Maiagent::init(checks::settings(&mock, json!({}))).unwrap();
+    let maiagent = Maiagent::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
     let error = expect_error(
         maiagent.delete(DeleteRequest {
             upload_id: "u".into(),

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
-use upgate_plugin_api::{ErrorKind, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult};
 
 use super::{MockUpstream, sha256_hex, wrong_key_reason};
 
@@ -82,7 +82,7 @@ pub fn expect_error<T: std::fmt::Debug>(
 
 /// Runs one put through a fresh instance of `P` built from `settings`.
 pub fn put_with<P: Provider>(settings: Value, upload: &Upload) -> Result<PutResult, PluginError> {
-    P::init(settings)?.put(upload.request.clone())
+    P::init(&InitContext::default(), settings)?.put(upload.request.clone())
 }
 
 /// The failure mapping every vendor plugin shares, against `mock` (which must answer a
@@ -93,7 +93,7 @@ pub fn put_with<P: Provider>(settings: Value, upload: &Upload) -> Result<PutResu
 /// put succeeds once the faults are over.
 pub fn check_failure_mapping<P: Provider>(mock: &MockUpstream, extra: Value, metadata: Value) {
     let upload = Upload::new(b"failure mapping", "notes.txt", "text/plain", metadata);
-    let provider = P::init(settings(mock, extra.clone())).expect("init");
+    let provider = P::init(&InitContext::default(), settings(mock, extra.clone())).expect("init");
 
     let mut wrong = settings(mock, extra.clone());
     wrong["api_key"] = json!("wrong-key-0123456789");

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutRequest, PutResult, STATUS_PANIC};
+use upgate_plugin_api::{
+    DeleteRequest, ErrorKind, InitContext, InitRequest, PluginError, PutRequest, PutResult, STATUS_PANIC,
+};
 
 pub use loader::LoadedPlugin;
 use loader::{Call, RawInstance};
@@ -169,7 +171,12 @@ pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, V
     let mut providers = BTreeMap::new();
     let mut errors = Vec::new();
     for (name, provider_config) in &config.providers {
-        match instantiate_one(&config.server.plugin_dir, name, provider_config) {
+        match instantiate_one(
+            &config.server.plugin_dir,
+            config.base_dir(),
+            name,
+            provider_config,
+        ) {
             Ok(provider) => {
                 providers.insert(name.clone(), Arc::new(provider));
             }
@@ -185,12 +192,19 @@ pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, V
 
 fn instantiate_one(
     plugin_dir: &Path,
+    config_dir: &Path,
     name: &str,
     config: &ProviderConfig,
 ) -> Result<Provider, PluginHostError> {
     let plugin = load(plugin_dir, &config.plugin)?;
-    let settings = serde_json::to_vec(&config.settings.0).unwrap_or_default();
-    let instance = plugin.init(&settings).map_err(|bytes| {
+    let request = InitRequest {
+        settings: config.settings.0.clone(),
+        context: InitContext {
+            config_dir: config_dir.to_path_buf(),
+        },
+    };
+    let request = serde_json::to_vec(&request).unwrap_or_default();
+    let instance = plugin.init(&request).map_err(|bytes| {
         let message = serde_json::from_slice::<PluginError>(&bytes)
             .map(|error| error.message)
             .unwrap_or_else(|_| "init failed".to_owned());
