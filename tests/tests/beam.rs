@@ -380,3 +380,56 @@ fn one_file_failing_policy_refuses_the_whole_request() {
     assert_nest(&upload(&daemon, &[KEY, WORKSPACE], &form), 400, "Bad Request");
     nothing_kept(&daemon);
 }
+
+#[test]
+fn a_file_refused_upstream_rolls_back_the_files_of_the_same_request_already_delivered() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    // Beam in, Kore XO out (a provider that can delete): the first file is delivered, the
+    // second refused upstream. The client is told the request failed, so the first file's
+    // upstream copy goes too.
+    let mock = MockUpstream::start(Vendor::Korexo, "xo-key");
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir)
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: xo-key\n      app_id: app-1\n      env_name: draft\n",
+                    mock.base_url()
+                ),
+            )
+            .replace("    provider: disk\n", "    provider: xo\n")
+    });
+    mock.fail_after(1, 1, 400);
+    let reply = upload(
+        &daemon,
+        &[KEY, WORKSPACE],
+        &txt_files(&["first.txt", "second.txt"]),
+    );
+    assert_nest(&reply, 400, "Bad Request");
+    let methods: Vec<(String, u16)> = mock
+        .received()
+        .iter()
+        .map(|received| (received.method.clone(), received.status))
+        .collect();
+    assert_eq!(
+        methods,
+        vec![("POST".into(), 200), ("POST".into(), 400), ("DELETE".into(), 200)],
+        "{methods:?}"
+    );
+    assert!(mock.stored().is_empty(), "{:?}", mock.stored());
+    let states: Vec<(String, String)> = daemon
+        .db()
+        .prepare("SELECT filename, state FROM uploads ORDER BY filename")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("first.txt".into(), "deleted".into()),
+            ("second.txt".into(), "failed".into())
+        ]
+    );
+}

@@ -136,18 +136,23 @@ fn every_error_row() {
     let strict = ("Authorization", "Bearer strict-key");
     let txt = |name: &str| Form::new().file("file", name, "text/plain", b"text");
 
-    assert_error(
+    // DIALECTS.md's messages, word for word.
+    let message = |body: Value| body["message"].as_str().unwrap().to_owned();
+    let body = assert_error(
         &upload(&daemon, &[BEARER], &Form::new().text("user", "u")),
         400,
         "no_file_uploaded",
     );
+    assert_eq!(message(body), "Please upload your file.");
     let two = txt("a.txt").file("file", "b.txt", "text/plain", b"x");
-    assert_error(&upload(&daemon, &[BEARER], &two), 400, "too_many_files");
-    assert_error(
+    let body = assert_error(&upload(&daemon, &[BEARER], &two), 400, "too_many_files");
+    assert_eq!(message(body), "Only one file is allowed.");
+    let body = assert_error(
         &upload(&daemon, &[BEARER], &txt("")),
         400,
         "filename_not_exists_error",
     );
+    assert_eq!(message(body), "The specified filename does not exist.");
     let body = assert_error(
         &upload(&daemon, &[BEARER], &txt("../etc/passwd")),
         400,
@@ -162,21 +167,24 @@ fn every_error_row() {
     );
 
     // Policy rows, on the strict tenant (1000 bytes, png/txt).
-    assert_error(
+    let body = assert_error(
         &upload(&daemon, &[strict], &txt("tool.exe")),
         415,
         "unsupported_file_type",
     );
-    assert_error(
+    assert_eq!(message(body), "File type not allowed.");
+    let body = assert_error(
         &upload(&daemon, &[strict], &txt("README")),
         415,
         "unsupported_file_type",
     );
+    assert_eq!(message(body), "File type not allowed.");
     let at_limit = Form::new().file("file", "a.txt", "text/plain", &[b'a'; 1000]);
     assert_eq!(upload(&daemon, &[strict], &at_limit).status, 201);
     let over = Form::new().file("file", "a.txt", "text/plain", &[b'a'; 1001]);
     let body = assert_error(&upload(&daemon, &[strict], &over), 413, "file_too_large");
     assert!(body["message"].as_str().unwrap().contains("1000 bytes"), "{body}");
+    assert!(message(body).starts_with("File size exceeded."));
 
     // Auth rows.
     for headers in [

@@ -121,3 +121,109 @@ fn the_rate_limit_admits_the_burst_then_429_in_every_dialect() {
         );
     }
 }
+
+/// Plans with a concurrency cap of one and a daily quota of one upload, a tenant of each per
+/// dialect, and a daemon-wide cap of two concurrent uploads.
+fn capped_config(dir: &Path) -> String {
+    let mut config = default_config(dir)
+        .replace(
+            "  disk_free_floor: 1MiB\n",
+            "  disk_free_floor: 1MiB\n  max_concurrent_uploads: 2\n",
+        )
+        .replace(
+            "plans:\n",
+            "plans:\n  single:\n    max_file_size: 1MiB\n    max_concurrent_uploads: 1\n  daily:\n    max_file_size: 1MiB\n    daily_uploads: 1\n",
+        );
+    config.push_str("  single:\n    plan: single\n    provider: disk\n    keys: [single-key]\n");
+    for dialect in DIALECTS {
+        config.push_str(&format!(
+            "  daily-{dialect}:\n    plan: daily\n    provider: disk\n    keys: [daily-{dialect}]\n"
+        ));
+    }
+    config
+}
+
+fn assert_throttled(dialect: &str, reply: &Reply, retry_after: impl Fn(u64) -> bool) {
+    assert_eq!(reply.status, 429, "{dialect}: {}", reply.text);
+    let secs: u64 = reply.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry_after(secs), "{dialect}: Retry-After {secs}");
+    // The dialect's own shape, with a message.
+    assert!(!inbound::error_message(dialect, &reply.json()).is_empty());
+}
+
+/// Starts a Dify upload for `key` and sends only part of it, so it holds its slots.
+fn held_upload(daemon: &Daemon, key: &str) -> RawUpload {
+    let form = Form::new().file("file", "slow.txt", "text/plain", &vec![b's'; 100_000]);
+    let bearer = format!("Bearer {key}");
+    let mut upload = RawUpload::start(
+        &daemon.base_url,
+        "/v1/files/upload",
+        ("Authorization", bearer.as_str()),
+        &form,
+    );
+    upload.send(1000).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    upload
+}
+
+#[test]
+fn concurrency_caps_answer_429_in_every_dialect() {
+    let daemon = Daemon::start_with(capped_config);
+    // The tenant's one slot is taken: each dialect is refused, in its own shape.
+    let holder = held_upload(&daemon, "single-key");
+    for dialect in DIALECTS {
+        let reply = inbound::upload(&daemon, dialect, "single-key", "a.txt", b"hello");
+        assert_throttled(dialect, &reply, |secs| secs == 1);
+    }
+    // The daemon-wide cap (two): a second tenant's upload takes the other slot, and then a
+    // third tenant is refused although its own plan has no cap.
+    let second = held_upload(&daemon, "demo-key");
+    for dialect in DIALECTS {
+        let reply = inbound::upload(&daemon, dialect, &format!("daily-{dialect}"), "a.txt", b"x");
+        assert_throttled(dialect, &reply, |secs| secs == 1);
+    }
+    for upload in [holder, second] {
+        assert_eq!(upload.finish().unwrap().0, 201);
+    }
+    // Slots free again.
+    for dialect in DIALECTS {
+        let reply = inbound::upload(&daemon, dialect, "single-key", "a.txt", b"hello");
+        assert_eq!(
+            reply.status,
+            inbound::success_status(dialect),
+            "{dialect}: {}",
+            reply.text
+        );
+    }
+    assert_eq!(
+        daemon.metric("upgate_rejections_total{dialect=\"beam\",reason=\"concurrency\"}"),
+        2.0
+    );
+}
+
+#[test]
+fn daily_quotas_answer_429_in_every_dialect_and_survive_a_restart() {
+    let mut daemon = Daemon::start_with(capped_config);
+    let within_a_day = |secs: u64| (1..=86_400).contains(&secs);
+    for dialect in DIALECTS {
+        let key = format!("daily-{dialect}");
+        let first = inbound::upload(&daemon, dialect, &key, "a.txt", b"first");
+        assert_eq!(
+            first.status,
+            inbound::success_status(dialect),
+            "{dialect}: {}",
+            first.text
+        );
+        let second = inbound::upload(&daemon, dialect, &key, "b.txt", b"second");
+        assert_throttled(dialect, &second, within_a_day);
+    }
+    daemon.kill();
+    let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    for dialect in DIALECTS {
+        let reply = inbound::upload(&daemon, dialect, &format!("daily-{dialect}"), "c.txt", b"third");
+        assert_throttled(dialect, &reply, within_a_day);
+    }
+    // One upload kept per dialect; the refused ones left nothing.
+    assert_eq!(rows(&daemon), DIALECTS.len() as i64);
+    assert_eq!(stored(&daemon), DIALECTS.len());
+}

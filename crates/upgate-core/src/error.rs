@@ -57,6 +57,9 @@ pub enum ApiError {
     Throttled { retry_after_secs: u64, why: Throttle },
     #[error("not found")]
     NotFound,
+    /// A path under a dialect's prefix that no route of it serves.
+    #[error("no such endpoint")]
+    NoSuchEndpoint,
     #[error("upload session expired")]
     SessionExpired,
     #[error("chunks missing: {0:?}")]
@@ -94,7 +97,7 @@ impl ApiError {
             Self::UnsupportedType { .. } | Self::ContentMismatch(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
             Self::SessionExpired => StatusCode::GONE,
             Self::UpstreamRejected { status, .. } => StatusCode::from_u16(*status)
                 .ok()

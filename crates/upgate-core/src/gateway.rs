@@ -21,6 +21,7 @@ use crate::error::{ApiError, Throttle};
 use crate::forward;
 use crate::intake::{FormSpec, IntakeLimits, Received, Spool, SpooledFile, receive_multipart};
 use crate::metrics;
+use crate::plugins::Provider;
 use crate::policy::{Admission, Policy, quota_day};
 use crate::store::{Store, StoreError, UploadRecord, UploadState, now_ms};
 
@@ -245,6 +246,9 @@ impl Gateway {
                 }
             }
         }
+        if failure.is_some() {
+            self.roll_back_delivered(&provider, &mut records).await;
+        }
         self.store
             .insert_uploads(records.clone(), now)
             .await
@@ -252,6 +256,29 @@ impl Gateway {
         match failure {
             Some(error) => Err(error),
             None => Ok(records),
+        }
+    }
+
+    /// A multi-file request failed after some of its files were delivered: the client is told
+    /// the whole request failed, so those copies are deleted upstream too. A provider that
+    /// cannot delete keeps them; their records stay `forwarded` and say why.
+    async fn roll_back_delivered(&self, provider: &Arc<Provider>, records: &mut [UploadRecord]) {
+        for record in records.iter_mut() {
+            let (UploadState::Forwarded, Some(remote_id)) = (record.state, record.remote_id.clone()) else {
+                continue;
+            };
+            match forward::delete_upstream(self, provider, record, remote_id).await {
+                Ok(()) => {
+                    record.state = UploadState::Deleted;
+                    record.last_error = Some("rolled back: another file of the same request failed".into());
+                }
+                Err(error) => {
+                    tracing::warn!(upload_id = %record.id, provider = %provider.name, %error,
+                        "cannot roll back a delivered file of a failed request; it stays upstream");
+                    record.last_error =
+                        Some("kept upstream: another file of the same request failed, and the provider cannot delete".into());
+                }
+            }
         }
     }
 

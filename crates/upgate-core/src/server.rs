@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::{App, HttpResponse, HttpResponseBuilder, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
 use sd_notify::NotifyState;
 
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::dialects;
-use crate::error::DialectError;
+use crate::error::{ApiError, DialectError};
 use crate::forward;
 use crate::gateway::Gateway;
 use crate::intake::Spool;
@@ -157,8 +157,13 @@ async fn observe(
     Ok(response)
 }
 
-async fn not_found() -> HttpResponse {
-    HttpResponse::NotFound().json(serde_json::json!({ "message": "no such endpoint", "status": 404 }))
+/// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.
+async fn not_found(request: HttpRequest) -> Result<HttpResponse, DialectError> {
+    match dialects::of_path(request.path()) {
+        Some(dialect) => Err(DialectError::new(dialect, ApiError::NoSuchEndpoint)),
+        None => Ok(HttpResponse::NotFound()
+            .json(serde_json::json!({ "message": "no such endpoint", "status": 404 }))),
+    }
 }
 
 async fn metrics_text() -> HttpResponse {

@@ -171,6 +171,8 @@ pub struct Stored {
 #[derive(Debug, Default)]
 struct Faults {
     reset: usize,
+    /// Requests answered normally before the `fail` ones.
+    pass: usize,
     fail: usize,
     fail_status: u16,
     rate_limit: usize,
@@ -315,7 +317,13 @@ impl MockUpstream {
     /// Answers the next `n` requests with `status` (in the vendor's error shape), without
     /// acting on them.
     pub fn fail_next(&self, n: usize, status: u16) {
+        self.fail_after(0, n, status);
+    }
+
+    /// Lets `pass` requests through, then answers the `n` after them with `status`.
+    pub fn fail_after(&self, pass: usize, n: usize, status: u16) {
         let mut state = self.shared.state();
+        state.faults.pass = pass;
         state.faults.fail = n;
         state.faults.fail_status = status;
     }
@@ -571,7 +579,9 @@ fn serve_request(
 fn fault_answer(shared: &Shared) -> Option<Answer> {
     let mut state = shared.state();
     let faults = &mut state.faults;
-    if faults.fail > 0 {
+    if faults.fail > 0 && faults.pass > 0 {
+        faults.pass -= 1;
+    } else if faults.fail > 0 {
         faults.fail -= 1;
         let status = faults.fail_status;
         return Some(vendors::error(

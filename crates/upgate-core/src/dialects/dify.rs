@@ -123,7 +123,9 @@ impl Dialect for Dify {
             | ApiError::InvalidField { .. }
             | ApiError::Malformed(_)
             | ApiError::MissingChunks(_) => ("invalid_param", plain_message(error)),
-            ApiError::NotFound | ApiError::SessionExpired => ("not_found", plain_message(error)),
+            ApiError::NotFound | ApiError::NoSuchEndpoint | ApiError::SessionExpired => {
+                ("not_found", plain_message(error))
+            }
             ApiError::UpstreamRejected { .. } => ("provider_rejected", plain_message(error)),
             ApiError::UpstreamFailed(_) => ("provider_error", plain_message(error)),
             ApiError::UpstreamTimeout => ("provider_timeout", plain_message(error)),

@@ -45,13 +45,24 @@ impl DialectName {
         Self::ALL.into_iter().find(|dialect| dialect.as_str() == text)
     }
 
-    /// A new upload id in the vendor's own format.
+    /// A new upload id in the vendor's own format. Ids are time-ordered (UUIDv7; for Kore a
+    /// MongoDB ObjectId-like 4-byte seconds timestamp and 8 random bytes), so new records
+    /// land at the end of the uploads table's primary key: a commit of many uploads then
+    /// rewrites a page or two, not one random page per upload.
     pub fn new_upload_id(self) -> String {
-        let uuid = uuid::Uuid::new_v4();
         match self {
-            Self::Kore => hex::encode(&uuid.as_bytes()[..12]),
-            Self::Korexo => format!("f-{uuid}"),
-            Self::Dify | Self::Maiagent | Self::Beam => uuid.to_string(),
+            Self::Kore => {
+                let seconds = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs() as u32);
+                let random = uuid::Uuid::new_v4();
+                let mut id = [0u8; 12];
+                id[..4].copy_from_slice(&seconds.to_be_bytes());
+                id[4..].copy_from_slice(&random.as_bytes()[..8]);
+                hex::encode(id)
+            }
+            Self::Korexo => format!("f-{}", uuid::Uuid::now_v7()),
+            Self::Dify | Self::Maiagent | Self::Beam => uuid::Uuid::now_v7().to_string(),
         }
     }
 
@@ -191,6 +202,7 @@ pub fn plain_message(error: &ApiError) -> String {
             format!("Too many requests. Retry after {}.", seconds(*retry_after_secs))
         }
         ApiError::NotFound => "Not found.".into(),
+        ApiError::NoSuchEndpoint => "No such endpoint.".into(),
         ApiError::SessionExpired => "The upload session has expired.".into(),
         ApiError::MissingChunks(missing) => format!(
             "Chunks missing: {}.",
@@ -253,5 +265,19 @@ mod tests {
         assert!(!DialectName::Korexo.is_valid_upload_id("f-../../etc"));
         assert!(!DialectName::Dify.is_valid_upload_id("A1B2C3D4-5678-90AB-CDEF-1234567890AB"));
         assert!(!DialectName::Kore.is_valid_upload_id("zz0000000000000000000000"));
+    }
+
+    #[test]
+    fn ids_are_time_ordered_and_distinct() {
+        for dialect in DialectName::ALL {
+            let first = dialect.new_upload_id();
+            // Kore's timestamp counts seconds: compare across one.
+            let pause = if dialect == DialectName::Kore { 1001 } else { 2 };
+            std::thread::sleep(std::time::Duration::from_millis(pause));
+            let later: Vec<String> = (0..1000).map(|_| dialect.new_upload_id()).collect();
+            assert!(later.iter().all(|id| *id > first), "{dialect:?}");
+            let distinct: std::collections::HashSet<&String> = later.iter().collect();
+            assert_eq!(distinct.len(), later.len(), "{dialect:?}");
+        }
     }
 }
