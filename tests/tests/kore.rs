@@ -360,6 +360,10 @@ fn chunk_numbers_and_start_bodies_are_checked() {
     assert_error(&start(&daemon, &[("x-api-key", "nope")], &base), 401);
     assert_error(&start(&daemon, &[], &base), 401);
     assert_error(&start(&daemon, &[("x-api-key", "dify-only-key")], &base), 403);
+    // A path under the dialect's prefix that no endpoint serves: Kore's own 404 shape.
+    let reply = send("GET", &daemon.url("/api/public/files/nothing/here"), &[KEY], None);
+    let message = assert_error(&reply, 404);
+    assert_eq!(message, "No such endpoint.");
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 2);
     assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
 }
@@ -370,6 +374,10 @@ fn running_total_over_the_declared_size_is_413_while_chunks_arrive() {
     let content = png_of(1000);
     let session = open(&daemon, &[KEY], "a.png", 1000, 2);
     send_ok(&daemon, &session, 0, &vec![7; 600]);
+    // A key whose tenant may not use this dialect cannot touch the session either.
+    let dify_only = [("x-api-key", "dify-only-key")];
+    assert_error(&chunk(&daemon, &dify_only, &session, "1", &[7; 10]), 403);
+    assert_error(&complete(&daemon, &dify_only, &session), 403);
     let message = assert_error(&chunk(&daemon, &[KEY], &session, "1", &[7; 500]), 413);
     assert!(message.contains("1000 bytes"), "{message}");
     // The same with the number after the bytes.

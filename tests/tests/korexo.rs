@@ -318,6 +318,10 @@ fn unknown_malformed_and_other_tenants_ids_are_404_and_nothing_is_deleted() {
     let stored = daemon.files_dir().join(&id);
 
     assert_error(&delete(&daemon, &[OTHER], "app-1", "draft", &id), 404);
+    assert_error(
+        &delete(&daemon, &[("x-api-key", "dify-only-key")], "app-1", "draft", &id),
+        403,
+    );
     for bad in [
         "f-0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11",
         id.trim_start_matches("f-"),

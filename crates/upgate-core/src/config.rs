@@ -144,6 +144,11 @@ impl<'de> Deserialize<'de> for EnvString {
     }
 }
 
+/// A path in which `${VAR}` is replaced (e.g. `data_dir: ${STATE_DIRECTORY}` under systemd).
+fn env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    EnvString::deserialize(deserializer).map(|text| PathBuf::from(text.0))
+}
+
 /// Replaces each `${NAME}` in `text` with the environment variable `NAME`. `$$` is a literal
 /// `$`. An unset variable is an error naming it.
 pub fn expand_env(text: &str) -> Result<String, String> {
@@ -272,9 +277,9 @@ pub struct ServerConfig {
     /// `/metrics`, `/healthz`, `/readyz`; `null` turns the listener off.
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: Option<SocketAddr>,
-    #[serde(default = "default_data_dir")]
+    #[serde(default = "default_data_dir", deserialize_with = "env_path")]
     pub data_dir: PathBuf,
-    #[serde(default = "default_plugin_dir")]
+    #[serde(default = "default_plugin_dir", deserialize_with = "env_path")]
     pub plugin_dir: PathBuf,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -743,6 +748,18 @@ mod tests {
         );
         assert!(expand_env("${bad name}").is_err());
         assert!(expand_env("${OPEN").is_err());
+        // Server paths too (cargo sets CARGO_MANIFEST_DIR, an absolute path).
+        let config = parse(&GOOD.replace("data_dir: data", "data_dir: ${CARGO_MANIFEST_DIR}/state")).unwrap();
+        assert_eq!(
+            config.server.data_dir,
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/state"))
+        );
+        let errors =
+            parse(&GOOD.replace("data_dir: data", "data_dir: ${UPGATE_TEST_UNSET_DIR}")).unwrap_err();
+        assert!(
+            errors[0].to_string().contains("UPGATE_TEST_UNSET_DIR"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -110,14 +110,20 @@ async fn call_blocking<T: Send + 'static>(
     limit: Duration,
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, PluginError> {
-    let _slot = gateway
+    let slot = gateway
         .forward_slots
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
     let worker = provider.clone();
-    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&worker))).await;
+    // The slot goes with the call: a call the host stopped waiting for (timeout) still
+    // holds it until the plugin returns, so `forward_concurrency` bounds real threads.
+    let running = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        call(&worker)
+    });
+    let joined = tokio::time::timeout(limit, running).await;
     match joined {
         Err(_) => Err(PluginError::new(
             ErrorKind::Timeout,
