@@ -243,6 +243,10 @@ pub struct InitContext {
     /// Directory of the config file the settings came from: relative paths in settings
     /// (a `root`, a `ca_file`) are relative to it, never to the daemon's working directory.
     pub config_dir: std::path::PathBuf,
+    /// The operator asked for `durability: power_loss`: a plugin that stores files itself
+    /// makes them (and their directory entries) durable before `put` returns.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 impl InitContext {

@@ -250,6 +250,7 @@ mod tests {
     fn a_relative_ca_file_is_relative_to_the_config_directory() {
         let context = InitContext {
             config_dir: PathBuf::from("/etc/upgate"),
+            durable: false,
         };
         let parse = |ca_file: &str| {
             UpstreamSettings::parse(

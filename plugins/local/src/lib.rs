@@ -26,6 +26,8 @@ struct Settings {
 pub struct LocalDisk {
     root: PathBuf,
     public_base_url: Option<String>,
+    /// fsync what `put` writes or renames (`durability: power_loss`).
+    durable: bool,
 }
 
 fn internal(error: impl std::fmt::Display) -> PluginError {
@@ -65,6 +67,7 @@ impl Provider for LocalDisk {
         Ok(Self {
             root,
             public_base_url,
+            durable: context.durable,
         })
     }
 
@@ -77,7 +80,18 @@ impl Provider for LocalDisk {
         if !moved {
             let partial = self.root.join(format!(".{id}.part"));
             std::fs::copy(&request.path, &partial).map_err(internal)?;
+            if self.durable {
+                std::fs::File::open(&partial)
+                    .and_then(|file| file.sync_all())
+                    .map_err(internal)?;
+            }
             std::fs::rename(&partial, &target).map_err(internal)?;
+        }
+        if self.durable {
+            // The file's data was made durable in the spool; its new name must be too.
+            std::fs::File::open(&self.root)
+                .and_then(|dir| dir.sync_all())
+                .map_err(internal)?;
         }
         let url = match &self.public_base_url {
             Some(base) => format!("{base}/{id}"),
@@ -162,6 +176,19 @@ mod tests {
         assert_eq!(again.unwrap_err().kind, ErrorKind::NotFound);
         let bad = provider.put(request(dir.path(), "../x"));
         assert_eq!(bad.unwrap_err().kind, ErrorKind::Rejected);
+    }
+
+    #[test]
+    fn a_relative_root_is_under_the_config_directory_and_durable_mode_stores_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let context = InitContext {
+            config_dir: dir.path().to_path_buf(),
+            durable: true,
+        };
+        let provider = LocalDisk::init(&context, serde_json::json!({ "root": "files" })).unwrap();
+        assert!(provider.durable);
+        provider.put(request(dir.path(), "id-1")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("files/id-1")).unwrap(), b"bytes");
     }
 
     #[test]

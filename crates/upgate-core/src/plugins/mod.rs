@@ -20,7 +20,7 @@ use upgate_plugin_api::{
 pub use loader::LoadedPlugin;
 use loader::{Call, RawInstance};
 
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, Durability, ProviderConfig};
 
 /// Loading or initialising a plugin failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -170,10 +170,12 @@ fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, Plugin
 pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, Vec<PluginHostError>> {
     let mut providers = BTreeMap::new();
     let mut errors = Vec::new();
+    let durable = config.server.durability == Durability::PowerLoss;
     for (name, provider_config) in &config.providers {
         match instantiate_one(
             &config.server.plugin_dir,
             config.base_dir(),
+            durable,
             name,
             provider_config,
         ) {
@@ -193,6 +195,7 @@ pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, V
 fn instantiate_one(
     plugin_dir: &Path,
     config_dir: &Path,
+    durable: bool,
     name: &str,
     config: &ProviderConfig,
 ) -> Result<Provider, PluginHostError> {
@@ -201,6 +204,7 @@ fn instantiate_one(
         settings: config.settings.0.clone(),
         context: InitContext {
             config_dir: config_dir.to_path_buf(),
+            durable,
         },
     };
     let request = serde_json::to_vec(&request).unwrap_or_default();
