@@ -94,6 +94,28 @@ fn sync_delivery_retries_500_twice_then_delivers_on_the_third_try() {
 }
 
 #[test]
+fn sync_delivery_gives_up_after_max_attempts_with_502() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.fail_next(10, 503);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    let reply = upload(&daemon, "a.txt", b"never delivered");
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert_eq!(reply.json()["code"], "provider_error");
+    // max_attempts: 5 in this config, and not one more.
+    assert_eq!(mock.received().len(), 5);
+    let (state, attempts, remote_id) = row(&daemon);
+    assert_eq!((state.as_str(), attempts, remote_id), ("failed", 5, None));
+    assert!(mock.stored().is_empty());
+    assert_eq!(
+        std::fs::read_dir(daemon.data_dir().join("spool"))
+            .unwrap()
+            .count(),
+        0,
+        "a sync upload that was refused leaves nothing in the spool"
+    );
+}
+
+#[test]
 fn sync_delivery_honours_429_retry_after() {
     let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
     mock.rate_limit_next(1, 1);

@@ -167,6 +167,17 @@ fn the_excerpts_curl_example_succeeds() {
         )),
     );
     assert_eq!(reply.status, 200, "{}", reply.text);
+    // The excerpt's parameter table names the part `File`.
+    let table_form = Form::new()
+        .file("File", "table.pdf", "application/pdf", PDF)
+        .text("userReference", "u")
+        .text("uploadType", "runtime");
+    let reply = post_form(
+        &upload_url(&daemon, "appId", "envName"),
+        &[("x-api-key", "demo-key")],
+        &table_form,
+    );
+    assert_file(&daemon, &reply, "table.pdf", "application/pdf", PDF);
 }
 
 #[test]

@@ -111,7 +111,8 @@ fn the_excerpts_curl_example_succeeds_and_keeps_the_name_byte_for_byte() {
             ],
             Some((&Form::content_type(), form.body())),
         );
-        let id = assert_attachment(&daemon, &reply, name, "document", &content);
+        // The vendor's own example answers `"type": "other"` for this .xls.
+        let id = assert_attachment(&daemon, &reply, name, "other", &content);
         let (stored, mime): (String, String) = daemon
             .db()
             .query_row("SELECT filename, mime FROM uploads WHERE id = ?1", [&id], |row| {

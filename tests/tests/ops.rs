@@ -38,10 +38,18 @@ fn notifies_systemd_ready_reloading_and_stopping() {
     let mut daemon = Daemon::spawn(
         dir.clone(),
         config_path,
-        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            // As systemd sets it for WatchdogSec=400ms: pings every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+        ],
     );
     let mut seen = Vec::new();
     assert!(wait_for(&socket, "READY=1", &mut seen), "{seen:?}");
+    assert!(seen.last().unwrap().contains("STATUS=serving"), "{seen:?}");
+    for _ in 0..2 {
+        assert!(wait_for(&socket, "WATCHDOG=1", &mut seen), "{seen:?}");
+    }
     // Ready means serving.
     assert_eq!(get(&format!("{}/readyz", daemon.metrics_url)).status, 200);
 
@@ -53,6 +61,7 @@ fn notifies_systemd_ready_reloading_and_stopping() {
 
     daemon.signal(15);
     assert!(wait_for(&socket, "STOPPING=1", &mut seen), "{seen:?}");
+    assert!(seen.last().unwrap().contains("STATUS=draining"), "{seen:?}");
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0));
 }
 

@@ -120,7 +120,9 @@ pub fn is_text_extension(extension: &str) -> bool {
     known(extension).is_some_and(|known| known.text)
 }
 
-/// The family a MIME type belongs to, as MaiAgent's `type` field names it.
+/// The family a MIME type belongs to, as MaiAgent's `type` field names it. Documents are
+/// the vendor's "Documents" group (doc, docx, pdf and their open kin); spreadsheets and
+/// presentations are `other`, as the vendor's own example answers for an `.xls`.
 pub fn family(mime: &str, extension: &str) -> &'static str {
     let top = mime.split('/').next().unwrap_or("");
     match top {
@@ -129,9 +131,7 @@ pub fn family(mime: &str, extension: &str) -> &'static str {
         "video" => "video",
         "text" => "text",
         _ => match extension {
-            "pdf" | "doc" | "docx" | "xls" | "xlsx" | "ppt" | "pptx" | "odt" | "ods" | "odp" | "rtf" => {
-                "document"
-            }
+            "pdf" | "doc" | "docx" | "odt" | "rtf" => "document",
             "json" | "jsonl" | "ndjson" | "xml" => "text",
             _ => "other",
         },
@@ -395,6 +395,10 @@ mod tests {
         assert_eq!(family("application/pdf", "pdf"), "document");
         assert_eq!(family("application/json", "json"), "text");
         assert_eq!(family("application/octet-stream", "bin"), "other");
+        assert_eq!(family("application/vnd.ms-excel", "xls"), "other");
+        assert_eq!(family("audio/mpeg", "mp3"), "audio");
+        assert_eq!(family("video/mp4", "mp4"), "video");
+        assert_eq!(family("text/plain", "txt"), "text");
     }
 
     #[test]

@@ -73,7 +73,7 @@ enum Runs {
 
 impl Runs {
     fn for_upload(provider: &Provider, size: u64, limit: Duration) -> Self {
-        if provider.plugin.local_io() && size <= INLINE_PUT {
+        if provider.plugin.local_io() && !provider.durable && size <= INLINE_PUT {
             Self::Inline
         } else {
             Self::Blocking(limit)

@@ -24,7 +24,8 @@ use crate::store::{UploadRecord, UploadState};
 pub struct Korexo;
 
 const FORM: FormSpec = FormSpec {
-    file_fields: &["file"],
+    // The vendor's curl example sends `file`; its parameter table spells it `File`.
+    file_fields: &["file", "File"],
     max_files: 1,
     text_fields: &["userReference", "uploadType"],
 };

@@ -117,6 +117,9 @@ pub struct Provider {
     pub name: String,
     pub config: ProviderConfig,
     pub plugin: Arc<LoadedPlugin>,
+    /// Initialised with `InitContext::durable` (`durability: power_loss`): its calls may
+    /// fsync, so they never run on an async worker.
+    pub durable: bool,
     instance: RawInstance,
 }
 
@@ -222,6 +225,7 @@ fn instantiate_one(
         name: name.to_owned(),
         config: config.clone(),
         plugin,
+        durable,
         instance,
     })
 }
