@@ -216,6 +216,13 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Files in the spool (partial uploads and uploads waiting for async delivery).
+    pub fn spool_files(&self) -> usize {
+        std::fs::read_dir(self.data_dir().join("spool"))
+            .expect("the spool directory")
+            .count()
+    }
+
     /// Everything the daemon printed so far.
     pub fn log(&self) -> String {
         self.output.lock().unwrap().join("\n")

@@ -77,12 +77,7 @@ fn nothing_kept(daemon: &Daemon) {
     assert_eq!(count_uploads(daemon), 0);
     let files = std::fs::read_dir(daemon.files_dir()).map_or(0, |entries| entries.count());
     assert_eq!(files, 0);
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 fn assert_iso(text: &str) {

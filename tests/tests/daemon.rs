@@ -213,12 +213,7 @@ fn size_limit_is_enforced_mid_stream_and_nothing_is_kept() {
         assert!(text.contains("file_too_large"), "{text}");
     }
     assert_eq!(status, Some(413));
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
-        daemon.data_dir().join("spool")
-    )
-    .unwrap()
-    .count()
-        == 0));
+    assert!(eventually(Duration::from_secs(5), || daemon.spool_files() == 0));
     let rows: i64 = daemon
         .db()
         .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
@@ -246,12 +241,7 @@ fn a_stalled_client_is_dropped_and_its_partial_file_removed() {
     if let Ok((status, _)) = answer {
         assert!(status == 408 || status == 0, "{status}");
     }
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
-        daemon.data_dir().join("spool")
-    )
-    .unwrap()
-    .count()
-        == 0));
+    assert!(eventually(Duration::from_secs(5), || daemon.spool_files() == 0));
     // The daemon still serves.
     let reply = post_form(
         &daemon.url("/v1/files/upload"),

@@ -85,12 +85,7 @@ fn sync_delivery_retries_500_twice_then_delivers_on_the_third_try() {
         2.0
     );
     // The spooled copy is gone once delivered.
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]
@@ -107,9 +102,7 @@ fn sync_delivery_gives_up_after_max_attempts_with_502() {
     assert_eq!((state.as_str(), attempts, remote_id), ("failed", 5, None));
     assert!(mock.stored().is_empty());
     assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
+        daemon.spool_files(),
         0,
         "a sync upload that was refused leaves nothing in the spool"
     );
@@ -221,12 +214,7 @@ fn async_delivery_survives_an_upstream_outage_and_a_daemon_restart() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].sha256, sha256_hex(&content));
     assert_eq!(row(&daemon).2.as_deref(), Some(stored[0].id.as_str()));
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]

@@ -95,12 +95,7 @@ fn upload_returns_every_field_and_stores_the_bytes() {
     assert_eq!(sha, sha256_hex(&content));
     assert_eq!(remote_id, id);
     // Nothing left in the spool.
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 
     // The excerpt's path without /v1 is the same endpoint.
     let reply = post_form(
@@ -221,12 +216,7 @@ fn every_error_row() {
         .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
         .unwrap();
     assert_eq!(rows, 1);
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
     assert_eq!(
         daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"auth\"}"),
         5.0

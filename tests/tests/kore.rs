@@ -211,7 +211,7 @@ fn single_upload_error_rows() {
     // Only the three good uploads were kept.
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 3);
     assert_eq!(files_in(&daemon.files_dir()), 3);
-    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]
@@ -274,7 +274,7 @@ fn chunks_in_any_order_and_resent_chunks_assemble_into_one_upload() {
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 0);
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM session_chunks"), 0);
     assert!(!session_dir(&daemon, &session).exists());
-    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    assert_eq!(daemon.spool_files(), 0);
     // A completed session is gone for good.
     assert_error(&complete(&daemon, &[KEY], &session), 404);
     assert_error(&chunk(&daemon, &[KEY], &session, "0", b"x"), 404);
@@ -365,7 +365,7 @@ fn chunk_numbers_and_start_bodies_are_checked() {
     let message = assert_error(&reply, 404);
     assert_eq!(message, "No such endpoint.");
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 2);
-    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]
@@ -394,7 +394,7 @@ fn running_total_over_the_declared_size_is_413_while_chunks_arrive() {
     assert_error(&chunk(&daemon, &[KEY], &session, "1", &[7; 501]), 413);
     let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
     assert_eq!(id.len(), 24);
-    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]
@@ -466,7 +466,7 @@ fn expired_sessions_are_swept_with_their_chunks() {
     assert!(message.contains("expired"), "{message}");
     assert_error(&complete(&daemon, &[KEY], &session), 404);
     assert!(!dir.exists());
-    assert_eq!(files_in(&daemon.data_dir().join("spool")), 0);
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]

@@ -278,12 +278,7 @@ fn every_error_row() {
     assert!(reply.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
 
     assert_eq!(count_uploads(&daemon), 2);
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]

@@ -81,12 +81,7 @@ fn size_extension_and_content_limits_in_every_dialect() {
             assert!(daemon.metric(&series) >= 1.0, "{series}");
         }
     }
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]

@@ -218,12 +218,7 @@ fn every_error_row_in_drf_shapes() {
         .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
         .unwrap();
     assert_eq!(rows, 2);
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
 }
 
 #[test]

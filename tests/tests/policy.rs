@@ -41,12 +41,7 @@ fn content_must_match_the_extension() {
         assert!(body["message"].as_str().unwrap().contains(says), "{name}: {body}");
     }
     assert_eq!(files_stored(&daemon), 0);
-    assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("spool"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(daemon.spool_files(), 0);
     assert_eq!(
         daemon.metric("upgate_rejections_total{dialect=\"dify\",reason=\"content\"}"),
         6.0

@@ -246,7 +246,10 @@ pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, dura
         .requests
         .with_label_values(&[dialect_label(dialect), route, class])
         .inc();
-    if let Some(dialect) = dialect {
+    // Answered requests only: instant refusals (401, 429, ...) would hide how long uploads take.
+    if let Some(dialect) = dialect
+        && class == "2xx"
+    {
         metrics
             .upload_duration
             .with_label_values(&[dialect.as_str()])
