@@ -214,7 +214,24 @@ fn json_logs_carry_one_line_per_request_without_keys() {
     assert_eq!(fields["route"], "/v1/files/upload");
     assert_eq!(fields["tenant"], "demo");
     assert!(fields["duration_ms"].is_u64() && fields["bytes"].as_u64().unwrap() > 0);
-    assert!(!log.contains("demo-key") && !log.contains("contents-never-logged"));
+    // A refused upload is logged with its tenant and its error, never with its bytes.
+    let big = Form::new().file("file", "big.txt", "text/plain", &vec![b'z'; (1 << 20) + 1]);
+    let reply = post_form(&daemon.url("/v1/files/upload"), &[BEARER], &big);
+    assert_eq!(reply.status, 413);
+    let refused = |log: &str| {
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|entry| entry["fields"]["status"] == 413)
+    };
+    assert!(eventually(Duration::from_secs(5), || refused(&daemon.log()).is_some()));
+    let entry = refused(&daemon.log()).unwrap();
+    assert_eq!(entry["fields"]["tenant"], "demo", "{entry}");
+    assert!(
+        entry["fields"]["error"].as_str().unwrap().contains("too large"),
+        "{entry}"
+    );
+    let log = daemon.log();
+    assert!(!log.contains("demo-key") && !log.contains("contents-never-logged") && !log.contains("zzzz"));
 }
 
 #[test]

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use actix_web::HttpRequest;
 use actix_web::web::Payload;
+use actix_web::{HttpMessage, HttpRequest};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::Delivery;
@@ -68,7 +68,17 @@ impl Gateway {
     pub async fn admit(&self, dialect: &dyn Dialect, request: &HttpRequest) -> Result<Admission, ApiError> {
         let key = dialect.credentials(request)?;
         let policy = self.policy();
-        let admission = policy.admit(dialect.name(), &key)?;
+        let admission = policy.admit(dialect.name(), &key).inspect_err(|_| {
+            // Refused after all (a grant, a limit): the request log still names the tenant.
+            if let Some(tenant) = policy.tenant_of_key(&key) {
+                request
+                    .extensions_mut()
+                    .insert(RequestTenant(tenant.name.clone()));
+            }
+        })?;
+        request
+            .extensions_mut()
+            .insert(RequestTenant(admission.tenant.name.clone()));
         if metrics::data_dir_below_floor() {
             return Err(ApiError::InsufficientStorage);
         }
@@ -334,6 +344,11 @@ impl Gateway {
         Ok(record)
     }
 }
+
+/// The tenant a request was identified as, for the request log (set on the request by
+/// [`Gateway::admit`] once its key is known).
+#[derive(Debug, Clone)]
+pub struct RequestTenant(pub String);
 
 /// Logs a store failure and hides it from the client.
 pub fn internal(error: StoreError) -> ApiError {

@@ -283,6 +283,11 @@ impl Policy {
         self.tenants.get(name)
     }
 
+    /// The tenant a key belongs to, without applying anything (for logs).
+    pub fn tenant_of_key(&self, key: &str) -> Option<&Arc<Tenant>> {
+        self.keys.get(&KeyDigest::of(key)).map(|entry| &entry.tenant)
+    }
+
     /// Authenticates `key` for `dialect` and applies the rate and concurrency limits.
     pub fn admit(self: &Arc<Self>, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
         let entry = self

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::{App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
+use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
 use sd_notify::NotifyState;
 
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::dialects;
 use crate::error::{ApiError, DialectError};
 use crate::forward;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, RequestTenant};
 use crate::intake::Spool;
 use crate::metrics;
 use crate::plugins::{self, PluginHostError};
@@ -73,21 +73,20 @@ pub fn load(
     Ok((config, providers))
 }
 
-/// What the request log and metrics learn from a handler.
+/// What the request log learns from a handler.
 #[derive(Debug, Clone, Default)]
 struct UploadLog {
     ids: Vec<String>,
-    tenant: String,
+    /// Bytes of the files received (what the log reports when the request had no
+    /// Content-Length, as with chunked transfer encoding).
+    bytes: u64,
 }
 
-/// Attaches the ids and tenant of `records` to a response, for the request log.
+/// Attaches the ids and sizes of `records` to a response, for the request log.
 pub fn with_upload_ids(mut builder: HttpResponseBuilder, records: &[UploadRecord]) -> HttpResponseBuilder {
     let log = UploadLog {
         ids: records.iter().map(|record| record.id.clone()).collect(),
-        tenant: records
-            .first()
-            .map(|record| record.tenant.clone())
-            .unwrap_or_default(),
+        bytes: records.iter().map(|record| record.size).sum(),
     };
     builder.extensions_mut().insert(log);
     builder
@@ -110,12 +109,11 @@ async fn observe(
     let started = Instant::now();
     let dialect = dialects::of_path(request.path());
     let method = request.method().clone();
-    let bytes = request
+    let declared_bytes = request
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+        .and_then(|v| v.parse::<u64>().ok());
     let response = next.call(request).await?;
     let route = response
         .request()
@@ -142,6 +140,13 @@ async fn observe(
         .get::<UploadLog>()
         .cloned()
         .unwrap_or_default();
+    let tenant = response
+        .request()
+        .extensions()
+        .get::<RequestTenant>()
+        .map(|tenant| tenant.0.clone())
+        .unwrap_or_default();
+    let bytes = declared_bytes.unwrap_or(log.bytes);
     tracing::info!(
         method = %method,
         route = %route,
@@ -150,7 +155,7 @@ async fn observe(
         bytes,
         duration_ms = elapsed.as_millis() as u64,
         upload_ids = %log.ids.join(","),
-        tenant = %log.tenant,
+        tenant = %tenant,
         error = error.map(|e| e.error.to_string()).unwrap_or_default(),
         "request"
     );
