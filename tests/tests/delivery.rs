@@ -247,3 +247,21 @@ fn an_async_delivery_cut_off_by_a_crash_is_retried_as_soon_as_the_daemon_is_back
     assert_eq!(last.sha256, sha256_hex(&content));
     assert_eq!(row(&daemon).2.as_deref(), Some(last.id.as_str()));
 }
+
+#[test]
+fn an_upload_the_upstream_refused_does_not_use_up_the_daily_quota() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.fail_next(1, 400);
+    let daemon = Daemon::start_with(|dir| {
+        forwarding_config(dir, &mock.base_url(), "", "").replace(
+            "max_file_size: 1MiB\n",
+            "max_file_size: 1MiB\n    daily_uploads: 1\n",
+        )
+    });
+    assert_eq!(upload(&daemon, "a.txt", b"first try").status, 400);
+    // The client sends it again: the failed try did not count.
+    let retried = upload(&daemon, "a.txt", b"first try");
+    assert_eq!(retried.status, 201, "{}", retried.text);
+    // The quota still holds for what was kept.
+    assert_eq!(upload(&daemon, "b.txt", b"second").status, 429);
+}

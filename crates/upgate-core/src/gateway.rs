@@ -152,9 +152,13 @@ impl Gateway {
     ) -> Result<Vec<UploadRecord>, ApiError> {
         let tenant = &admission.tenant;
         let plan = &tenant.plan;
+        let provider = admission.provider().cloned().ok_or_else(|| {
+            tracing::error!(tenant = %tenant.name, "the tenant's provider is not loaded");
+            ApiError::Internal
+        })?;
+        let (day, retry_after_secs) = quota_day(now_ms());
         if plan.has_quota() {
             let total: u64 = files.iter().map(|file| file.size).sum();
-            let (day, retry_after_secs) = quota_day(now_ms());
             let added = self
                 .store
                 .try_add_usage(
@@ -173,10 +177,6 @@ impl Gateway {
                 });
             }
         }
-        let provider = admission.provider().cloned().ok_or_else(|| {
-            tracing::error!(tenant = %tenant.name, "the tenant's provider is not loaded");
-            ApiError::Internal
-        })?;
         let now = now_ms();
         let mut records: Vec<UploadRecord> = files
             .iter()
@@ -258,6 +258,23 @@ impl Gateway {
         }
         if failure.is_some() {
             self.roll_back_delivered(&provider, &mut records).await;
+            if plan.has_quota() {
+                // The client was told the request failed and will send it again: what was
+                // not kept does not count against the day's quota.
+                let not_kept = records
+                    .iter()
+                    .filter(|record| record.state != UploadState::Forwarded);
+                let (bytes, uploads) = not_kept.fold((0, 0), |(bytes, uploads), record| {
+                    (bytes + record.size, uploads + 1)
+                });
+                if let Err(error) = self
+                    .store
+                    .refund_usage(tenant.name.clone(), day, bytes, uploads)
+                    .await
+                {
+                    tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of a failed upload");
+                }
+            }
         }
         self.store
             .insert_uploads(records.clone(), now)

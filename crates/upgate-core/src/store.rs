@@ -513,6 +513,25 @@ impl Store {
         .await
     }
 
+    /// Gives back usage [`Store::try_add_usage`] counted for uploads that were not kept.
+    pub async fn refund_usage(
+        &self,
+        tenant: String,
+        day: i64,
+        bytes: u64,
+        uploads: u64,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "UPDATE usage SET bytes = max(0, bytes - ?3), uploads = max(0, uploads - ?4)
+                 WHERE tenant = ?1 AND day = ?2",
+                params![tenant, day, bytes as i64, uploads as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn insert_session(&self, session: SessionRecord) -> Result<(), StoreError> {
         self.call(move |connection| {
             connection.execute(
