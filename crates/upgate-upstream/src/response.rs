@@ -147,9 +147,18 @@ fn reason_in_object(map: &Map<String, Value>) -> Option<String> {
     })
 }
 
-/// Parses `Retry-After` as whole seconds; an HTTP-date or anything else gives `None`.
+/// Parses `Retry-After`: delay-seconds, or an HTTP-date (seconds from now until then,
+/// rounded up; a date in the past is 0). Anything else gives `None`.
 pub fn parse_retry_after(value: Option<&str>) -> Option<u64> {
-    value?.trim().parse().ok()
+    let value = value?.trim();
+    if let Ok(seconds) = value.parse() {
+        return Some(seconds);
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
 }
 
 /// Replaces the secret, when it is long enough to be recognizable, in upstream text.
@@ -286,11 +295,17 @@ mod tests {
             (ErrorKind::Unavailable, Some(429), Some(7))
         );
         assert_eq!(e.message, "v upload: HTTP 429: Request was throttled.");
+        // An HTTP-date: in the past is "now", in the future the seconds until then.
         let e = error(429, Some("Wed, 21 Oct 2015 07:28:00 GMT"), "");
         assert_eq!(
             (e.retry_after_secs, e.message.as_str()),
-            (None, "v upload: HTTP 429")
+            (Some(0), "v upload: HTTP 429")
         );
+        let later =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + std::time::Duration::from_secs(30));
+        let wait = error(503, Some(&later), "").retry_after_secs.unwrap();
+        assert!((29..=30).contains(&wait), "{wait}");
+        assert_eq!(error(429, Some("soon"), "").retry_after_secs, None);
         assert_eq!(error(502, None, "").kind, ErrorKind::Unavailable);
         assert_eq!(error(404, None, "").kind, ErrorKind::NotFound);
         assert_eq!(error(408, None, "").kind, ErrorKind::Timeout);
