@@ -343,3 +343,63 @@ fn unknown_malformed_and_other_tenants_ids_are_404_and_nothing_is_deleted() {
     assert_eq!(delete(&daemon, &[KEY], "app-1", "draft", &id).status, 200);
     assert!(!stored.exists());
 }
+
+#[test]
+fn deletes_reach_the_kore_xo_upstream_from_the_client_and_from_the_operator() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    let mock = MockUpstream::start(Vendor::Korexo, "xo-upstream-key");
+    let daemon = Daemon::start_with(|dir| {
+        config(dir)
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: xo-upstream-key\n      app_id: app-settings\n      env_name: live\n",
+                    mock.base_url()
+                ),
+            )
+            .replacen("    provider: disk\n", "    provider: xo\n", 1)
+    });
+    let first = upload(&daemon, &[KEY], &form("a.pdf", "application/pdf", PDF));
+    assert_eq!(first.status, 200, "{}", first.text);
+    let second = upload(&daemon, &[KEY], &form("b.pdf", "application/pdf", PDF));
+    let (first, second) = (
+        first.json()["fileId"].as_str().unwrap().to_owned(),
+        second.json()["fileId"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(mock.stored().len(), 2);
+
+    // The client deletes through the dialect: the upstream copy goes, in the client's own
+    // app and environment.
+    let reply = delete(&daemon, &[KEY], "app-1", "draft", &first);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let deletes: Vec<String> = mock
+        .received()
+        .iter()
+        .filter(|received| received.method == "DELETE")
+        .map(|received| received.path.clone())
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert!(
+        deletes[0].starts_with("/api/v2/apps/app-1/environments/draft/attachments/"),
+        "{deletes:?}"
+    );
+    assert_eq!(state_of(&daemon, &first), "deleted");
+
+    // The operator deletes the other one from the command line, daemon running.
+    let config_path = daemon.config_path.display().to_string();
+    let (code, stdout, stderr) = run_cli(&["uploads", "delete", &second, "--config", &config_path]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&second) && stdout.contains("provider xo"),
+        "{stdout}"
+    );
+    assert!(mock.stored().is_empty(), "{:?}", mock.stored());
+    assert_eq!(state_of(&daemon, &second), "deleted");
+    // Again: nothing left to delete. A malformed id never reaches the store.
+    let (code, _, stderr) = run_cli(&["uploads", "delete", &second, "--config", &config_path]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no upload"), "{stderr}");
+    let (code, _, stderr) = run_cli(&["uploads", "delete", "../../etc/passwd", "--config", &config_path]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not an upload id"), "{stderr}");
+}

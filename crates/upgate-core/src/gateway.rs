@@ -334,18 +334,37 @@ impl Gateway {
         dialect: DialectName,
         id: &str,
     ) -> Result<UploadRecord, ApiError> {
-        let tenant = &admission.tenant;
         let record = self
             .store
-            .upload_of(tenant.name.clone(), id.to_owned())
+            .upload_of(admission.tenant.name.clone(), id.to_owned())
             .await
-            .map_err(internal)?
+            .map_err(internal)?;
+        self.delete_record(&admission.policy, dialect, record).await
+    }
+
+    /// Deletes any tenant's upload, for the operator (`upgate uploads delete`).
+    pub async fn delete_as_operator(&self, id: &str) -> Result<UploadRecord, ApiError> {
+        let record = self.store.upload(id.to_owned()).await.map_err(internal)?;
+        let dialect = record
+            .as_ref()
+            .and_then(|record| DialectName::parse(&record.dialect))
+            .unwrap_or(DialectName::Dify);
+        self.delete_record(&self.policy(), dialect, record).await
+    }
+
+    /// What a delete does: the upstream copy (through the provider that stored it, as
+    /// configured now), the spooled bytes, then the record's state.
+    async fn delete_record(
+        &self,
+        policy: &Policy,
+        dialect: DialectName,
+        record: Option<UploadRecord>,
+    ) -> Result<UploadRecord, ApiError> {
+        let record = record
             .filter(|record| record.state != UploadState::Deleted)
             .ok_or(ApiError::NotFound)?;
         if let Some(remote_id) = record.remote_id.clone() {
-            // The provider that stored it, as configured now.
-            let provider = admission
-                .policy
+            let provider = policy
                 .providers
                 .get(&record.provider)
                 .cloned()

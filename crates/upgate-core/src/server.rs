@@ -20,7 +20,7 @@ use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder
 use sd_notify::NotifyState;
 
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::dialects;
+use crate::dialects::{self, DialectName};
 use crate::error::{ApiError, DialectError};
 use crate::forward;
 use crate::gateway::{Gateway, RequestTenant};
@@ -43,6 +43,9 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// An operator command refused (no such upload, the provider could not delete, ...).
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn join<T: std::fmt::Display>(items: &[T]) -> String {
@@ -54,7 +57,7 @@ impl ServeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Plugins(_) => 2,
-            Self::Store(_) | Self::Io { .. } => 1,
+            Self::Store(_) | Self::Io { .. } | Self::Refused(_) => 1,
         }
     }
 
@@ -226,6 +229,32 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
+/// `upgate uploads delete`: deletes one upload of any tenant, as the Kore XO `DELETE` does
+/// (the provider's copy, the spooled bytes, the record's state), from outside the daemon.
+/// SQLite's WAL lets it share the store with a running daemon.
+pub fn delete_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeError> {
+    if !DialectName::ALL
+        .iter()
+        .any(|dialect| dialect.is_valid_upload_id(id))
+    {
+        return Err(ServeError::Refused(
+            "not an upload id (a uuid, 24 hex digits or f-<uuid>)".into(),
+        ));
+    }
+    let (config, providers) = load(config_path)?;
+    let server_config = config.server.clone();
+    actix_web::rt::System::new().block_on(async move {
+        let store = Store::open(&server_config.data_dir, server_config.durability)?;
+        let spool = Spool::open(&server_config.data_dir, server_config.durability)
+            .map_err(ServeError::io("cannot prepare the spool directory"))?;
+        let gateway = Gateway::new(Policy::new(config, providers, None), store, spool);
+        gateway.delete_as_operator(id).await.map_err(|error| match error {
+            ApiError::NotFound => ServeError::Refused(format!("no upload {id} (or it was deleted already)")),
+            other => ServeError::Refused(format!("cannot delete {id}: {other}")),
+        })
+    })
+}
+
 pub fn serve(config_path: &Path) -> Result<(), ServeError> {
     let (config, providers) = load(config_path)?;
     init_logging(config.server.log_format);

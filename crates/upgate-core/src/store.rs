@@ -397,6 +397,20 @@ impl Store {
         .await
     }
 
+    /// An upload by id, whoever's it is (operator commands).
+    pub async fn upload(&self, id: String) -> Result<Option<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            Ok(connection
+                .query_row(
+                    &format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"),
+                    params![id],
+                    upload_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
     /// An upload by id, only if it belongs to `tenant`.
     pub async fn upload_of(&self, tenant: String, id: String) -> Result<Option<UploadRecord>, StoreError> {
         self.call(move |connection| {

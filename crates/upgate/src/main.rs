@@ -1,4 +1,4 @@
-//! The `upgate` command: `serve`, `check-config`, `plugins list`. Everything else lives in
+//! The `upgate` command: `serve`, `check-config`, `plugins list`, `uploads delete`. Everything else lives in
 //! upgate-core; this file only parses arguments and maps outcomes to exit codes
 //! (0 ok, 2 bad config or usage, 1 runtime failure).
 #![forbid(unsafe_code)]
@@ -37,6 +37,23 @@ enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
+    /// Upload commands for the operator.
+    Uploads {
+        #[command(subcommand)]
+        command: UploadsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UploadsCommand {
+    /// Delete one upload of any tenant: its provider's copy, its spooled bytes, its record's
+    /// state (works while the daemon runs).
+    Delete {
+        /// The upload id (as the client got it: uuid, 24 hex digits or f-<uuid>).
+        id: String,
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +88,14 @@ fn main() -> ExitCode {
         Command::Plugins {
             command: PluginsCommand::List { config },
         } => list_plugins(&config),
+        Command::Uploads {
+            command: UploadsCommand::Delete { id, config },
+        } => report(server::delete_upload(&config, &id).map(|record| {
+            println!(
+                "deleted {} (tenant {}, provider {})",
+                record.id, record.tenant, record.provider
+            );
+        })),
     };
     ExitCode::from(code)
 }
