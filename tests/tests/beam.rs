@@ -341,6 +341,31 @@ fn eleven_files_are_an_unexpected_field_and_nothing_is_stored() {
 }
 
 #[test]
+fn a_plans_max_files_per_request_is_below_beams_ten() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replace(
+            "plans:\n",
+            "plans:\n  pairs:\n    max_file_size: 1MiB\n    max_files_per_request: 2\n",
+        ) + "  pairs:\n    plan: pairs\n    provider: disk\n    keys: [pairs-key]\n"
+    });
+    let pairs = ("x-api-key", "pairs-key");
+    let message = assert_nest(
+        &upload(
+            &daemon,
+            &[pairs, WORKSPACE],
+            &txt_files(&["a.txt", "b.txt", "c.txt"]),
+        ),
+        400,
+        "Bad Request",
+    );
+    assert_eq!(message, "Unexpected field");
+    nothing_kept(&daemon);
+    let reply = upload(&daemon, &[pairs, WORKSPACE], &txt_files(&["a.txt", "b.txt"]));
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert_eq!(reply.json().as_array().unwrap().len(), 2);
+}
+
+#[test]
 fn one_file_failing_policy_refuses_the_whole_request() {
     let daemon = Daemon::start_with(config);
     let strict = ("x-api-key", "strict-key");
