@@ -90,6 +90,21 @@ tenants:\n  demo:\n    plan: default\n    provider: disk\n    keys: [demo-key]\n
     )
 }
 
+/// `config` with a provider `xo` (the `korexo` plugin) forwarding to `mock`, a Kore XO mock
+/// upstream, and the `demo` tenant moved onto it.
+pub fn with_korexo_upstream(config: &str, mock: &crate::mock::MockUpstream) -> String {
+    config
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: {}\n      app_id: app-settings\n      env_name: live\n",
+                mock.base_url(),
+                mock.api_key()
+            ),
+        )
+        .replacen("    provider: disk\n", "    provider: xo\n", 1)
+}
+
 impl Daemon {
     /// Starts with [`default_config`].
     pub fn start() -> Self {

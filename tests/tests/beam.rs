@@ -408,17 +408,7 @@ fn a_file_refused_upstream_rolls_back_the_files_of_the_same_request_already_deli
     // second refused upstream. The client is told the request failed, so the first file's
     // upstream copy goes too.
     let mock = MockUpstream::start(Vendor::Korexo, "xo-key");
-    let daemon = Daemon::start_with(|dir| {
-        default_config(dir)
-            .replace(
-                "providers:\n",
-                &format!(
-                    "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: xo-key\n      app_id: app-1\n      env_name: draft\n",
-                    mock.base_url()
-                ),
-            )
-            .replace("    provider: disk\n", "    provider: xo\n")
-    });
+    let daemon = Daemon::start_with(|dir| with_korexo_upstream(&default_config(dir), &mock));
     mock.fail_after(1, 1, 400);
     let reply = upload(
         &daemon,

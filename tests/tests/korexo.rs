@@ -348,17 +348,7 @@ fn unknown_malformed_and_other_tenants_ids_are_404_and_nothing_is_deleted() {
 fn deletes_reach_the_kore_xo_upstream_from_the_client_and_from_the_operator() {
     use upgate_e2e::mock::{MockUpstream, Vendor};
     let mock = MockUpstream::start(Vendor::Korexo, "xo-upstream-key");
-    let daemon = Daemon::start_with(|dir| {
-        config(dir)
-            .replace(
-                "providers:\n",
-                &format!(
-                    "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: xo-upstream-key\n      app_id: app-settings\n      env_name: live\n",
-                    mock.base_url()
-                ),
-            )
-            .replacen("    provider: disk\n", "    provider: xo\n", 1)
-    });
+    let daemon = Daemon::start_with(|dir| with_korexo_upstream(&config(dir), &mock));
     let first = upload(&daemon, &[KEY], &form("a.pdf", "application/pdf", PDF));
     assert_eq!(first.status, 200, "{}", first.text);
     let second = upload(&daemon, &[KEY], &form("b.pdf", "application/pdf", PDF));
