@@ -93,6 +93,40 @@ const MIGRATIONS: &[&str] = &[
         uploads INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (tenant, day)
     );",
+    // 5: the state check spelled with `=`: SQLite evaluates `state IN (...)` by building a
+    // throw-away b-tree for the list on every insert and update, which was half the cost of
+    // recording an upload. SQLite cannot alter a CHECK, so the table is rebuilt.
+    "CREATE TABLE uploads_v5 (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        dialect TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        extension TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state = 'received' OR state = 'forwarded' OR state = 'failed'
+            OR state = 'deleted'),
+        provider TEXT NOT NULL,
+        remote_id TEXT,
+        remote_url TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        next_attempt_at INTEGER
+    ) WITHOUT ROWID;
+    INSERT INTO uploads_v5 (id, tenant, dialect, filename, extension, mime, size, sha256, state,
+        provider, remote_id, remote_url, created_at, updated_at, metadata, attempts, last_error,
+        next_attempt_at)
+    SELECT id, tenant, dialect, filename, extension, mime, size, sha256, state, provider,
+        remote_id, remote_url, created_at, updated_at, metadata, attempts, last_error,
+        next_attempt_at
+    FROM uploads;
+    DROP TABLE uploads;
+    ALTER TABLE uploads_v5 RENAME TO uploads;
+    CREATE INDEX uploads_outbox ON uploads (next_attempt_at) WHERE next_attempt_at IS NOT NULL;",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -855,5 +889,63 @@ mod tests {
             vec!["s".to_string()]
         );
         assert!(store.session_of("t".into(), "s".into()).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_version_4_database_keeps_its_uploads_and_records_them_without_a_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+            for migration in &MIGRATIONS[..4] {
+                connection.execute_batch(migration).unwrap();
+            }
+            connection.pragma_update(None, "user_version", 4).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256,
+                     state, provider, created_at, updated_at, metadata, attempts, next_attempt_at)
+                     VALUES ('old', 't', 'dify', 'a.txt', 'txt', 'text/plain', 3, '00', 'received',
+                     'disk', 1, 2, '{\"user\":\"u\"}', 4, 5)",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let old = store
+            .upload("old".into())
+            .await
+            .unwrap()
+            .expect("the old row survives");
+        assert_eq!((old.size, old.attempts, old.updated_at_ms), (3, 4, 2));
+        assert_eq!(old.metadata.get("user").and_then(|v| v.as_str()), Some("u"));
+        assert_eq!(store.outbox_len().await.unwrap(), 1, "its outbox entry too");
+        drop(store);
+
+        let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        let bad_state = connection.execute(
+            "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
+             provider, created_at, updated_at) VALUES ('x', 't', 'dify', 'a', '', 'm', 0, '', 'lost', 'p', 0, 0)",
+            [],
+        );
+        assert!(bad_state.is_err(), "the state check still holds");
+        let mut explain = connection
+            .prepare(
+                "EXPLAIN INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256,
+                 state, provider, created_at, updated_at) VALUES ('y', 't', 'dify', 'a', '', 'm', 0, '', 'received', 'p', 0, 0)",
+            )
+            .unwrap();
+        let opcodes: Vec<String> = explain
+            .query_map([], |row| row.get::<_, String>(1))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            !opcodes.iter().any(|op| op == "OpenEphemeral"),
+            "an insert builds no temporary b-tree: {opcodes:?}"
+        );
     }
 }
