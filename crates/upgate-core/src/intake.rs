@@ -208,8 +208,11 @@ pub struct SpoolWriter {
     spool: Spool,
     part_path: PathBuf,
     sink: Option<Sink>,
-    pending: Option<JoinHandle<std::io::Result<Sink>>>,
+    /// The slice being written on a blocking thread; it comes back with the sink, emptied,
+    /// to be filled again (two buffers alternate: no allocation per slice).
+    pending: Option<JoinHandle<std::io::Result<(Sink, Vec<u8>)>>>,
     buffer: Vec<u8>,
+    spare: Option<Vec<u8>>,
     size: u64,
     max_size: u64,
     head: Vec<u8>,
@@ -227,6 +230,7 @@ impl SpoolWriter {
             sink: Some((None, Sha256::new())),
             pending: None,
             buffer: Vec::new(),
+            spare: None,
             size: 0,
             max_size,
             head: Vec::new(),
@@ -257,10 +261,13 @@ impl SpoolWriter {
 
     async fn sink(&mut self) -> Result<Sink, ApiError> {
         if let Some(pending) = self.pending.take() {
-            return pending
+            let (sink, mut written) = pending
                 .await
                 .map_err(|_| ApiError::Internal)?
-                .map_err(spool_io_error);
+                .map_err(spool_io_error)?;
+            written.clear();
+            self.spare = Some(written);
+            return Ok(sink);
         }
         self.sink.take().ok_or(ApiError::Internal)
     }
@@ -269,10 +276,15 @@ impl SpoolWriter {
     /// slice is done (at most two slices in memory).
     async fn flush(&mut self) -> Result<(), ApiError> {
         let sink = self.sink().await?;
-        let slice = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_SLICE));
+        let next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_SLICE));
+        let slice = std::mem::replace(&mut self.buffer, next);
         let path = self.part_path.clone();
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            write_slice(sink, &path, &slice)
+            let sink = write_slice(sink, &path, &slice)?;
+            Ok((sink, slice))
         }));
         Ok(())
     }

@@ -12,8 +12,9 @@ use upgate_core::plugins;
 use upgate_core::server::{self, ServeError};
 
 /// mimalloc instead of glibc's malloc: the request path allocates many small, short-lived
-/// buffers (headers, multipart parts, JSON), and with glibc's arenas that was about 7% of the
-/// daemon's CPU under a small-upload load (see bench/README.md).
+/// buffers (headers, multipart parts, JSON); mimalloc takes 8% fewer instructions per small
+/// upload than glibc (callgrind). Built with `no_thp`: with transparent huge pages its arenas
+/// tripled the daemon's resident memory (33 MiB instead of 12 MiB during a 1 GiB upload).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
