@@ -421,6 +421,27 @@ fn complete_names_missing_chunks_and_keeps_the_session_open() {
 }
 
 #[test]
+fn complete_refused_for_its_content_leaves_nothing_behind_and_keeps_the_session_open() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(2000);
+    let session = open(&daemon, &[KEY], "a.png", 2000, 2);
+    // The first chunk is not the start of a PNG: the assembled file does not match `.png`.
+    send_ok(&daemon, &session, 0, &[b'%'; 1000]);
+    send_ok(&daemon, &session, 1, &content[1000..]);
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 415);
+    assert!(message.to_lowercase().contains("png"), "{message}");
+    assert_eq!(daemon.spool_files(), 0, "the assembled file is removed");
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 1);
+    assert_eq!(files_in(&session_dir(&daemon, &session)), 2, "the chunks stay");
+    // The client sends the right first chunk again and completes.
+    send_ok(&daemon, &session, 0, &content[..1000]);
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+    assert!(!session_dir(&daemon, &session).exists());
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 0);
+}
+
+#[test]
 fn a_session_belongs_to_the_tenant_that_started_it() {
     let daemon = Daemon::start_with(config);
     let content = png_of(2000);
