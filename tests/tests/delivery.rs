@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use upgate_e2e::harness::*;
 use upgate_e2e::mock::{MockUpstream, Vendor};
+use upgate_e2e::tls::TlsFront;
 
 const BEARER: (&str, &str) = ("Authorization", "Bearer demo-key");
 const UPSTREAM_KEY: &str = "upstream-secret";
@@ -86,6 +87,42 @@ fn sync_delivery_retries_500_twice_then_delivers_on_the_third_try() {
     );
     // The spooled copy is gone once delivered.
     assert_eq!(daemon.spool_files(), 0);
+}
+
+#[test]
+fn sync_delivery_over_tls_trusts_the_ca_file_given_relative_to_the_config() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let front = TlsFront::start(mock.addr());
+    let base_url = format!("{}/v1", front.origin());
+    let daemon = Daemon::start_with(|dir| {
+        std::fs::copy(TlsFront::ca_file(), dir.join("upstream-ca.pem")).unwrap();
+        forwarding_config(dir, &base_url, "", "      ca_file: upstream-ca.pem\n")
+    });
+    let content = b"sent over TLS\n".repeat(5000);
+    let reply = upload(&daemon, "private.txt", &content);
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let received = mock.received();
+    assert_eq!(received.len(), 1);
+    let file = received[0].file().unwrap();
+    assert_eq!(file.sha256, sha256_hex(&content));
+    assert_eq!(
+        received[0].header("authorization"),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+    assert_eq!(row(&daemon).0, "forwarded");
+
+    // Without the private CA the same upstream is not trusted: nothing reaches the mock.
+    let untrusting = Daemon::start_with(|dir| forwarding_config(dir, &base_url, "", ""));
+    let reply = upload(&untrusting, "private.txt", &content);
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert_eq!(reply.json()["code"], "provider_error");
+    assert_eq!(
+        mock.received().len(),
+        1,
+        "no request got through the failed handshakes"
+    );
+    assert_eq!(row(&untrusting).0, "failed");
+    assert_eq!(untrusting.spool_files(), 0);
 }
 
 #[test]

@@ -202,6 +202,8 @@ pub struct Received {
 }
 
 type Sink = (Option<std::fs::File>, Sha256);
+/// A slice written on a blocking thread: the sink, and the emptied buffer to fill again.
+type WrittenSlice = JoinHandle<std::io::Result<(Sink, Vec<u8>)>>;
 
 /// Streams one file into the spool (see the module docs).
 pub struct SpoolWriter {
@@ -210,7 +212,7 @@ pub struct SpoolWriter {
     sink: Option<Sink>,
     /// The slice being written on a blocking thread; it comes back with the sink, emptied,
     /// to be filled again (two buffers alternate: no allocation per slice).
-    pending: Option<JoinHandle<std::io::Result<(Sink, Vec<u8>)>>>,
+    pending: Option<WrittenSlice>,
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
     size: u64,
