@@ -32,6 +32,11 @@ fn start() -> Matrix {
         .iter()
         .map(|vendor| MockUpstream::start(*vendor, UPSTREAM_KEY))
         .collect();
+    // The kore mock refuses single uploads over the plugin's configured limit: a file that
+    // is not sent in chunks fails.
+    for mock in mocks.iter().filter(|mock| mock.vendor() == Vendor::Kore) {
+        mock.limit_single_upload(1000);
+    }
     let daemon = Daemon::start_with(|dir: &Path| {
         let mut config = format!(
             "server:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n  data_dir: {data}\n  plugin_dir: {plugins}\n  disk_free_floor: 1MiB\n\

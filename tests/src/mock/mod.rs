@@ -196,6 +196,8 @@ struct State {
     faults: Faults,
     stored: Vec<Stored>,
     sessions: HashMap<String, KoreSession>,
+    /// Kore's single-upload limit when a test set one (else the real 25 MB).
+    kore_single_upload_limit: Option<u64>,
 }
 
 struct Shared {
@@ -329,6 +331,12 @@ impl MockUpstream {
     }
 
     /// Answers the next `n` requests with 429 and `Retry-After: retry_after_secs`.
+    /// Kore: refuse single uploads over `bytes` (the real service's limit is 25 MB) with
+    /// 413, so a test with small files can tell a chunked upload from a single one.
+    pub fn limit_single_upload(&self, bytes: u64) {
+        self.shared.state().kore_single_upload_limit = Some(bytes);
+    }
+
     pub fn rate_limit_next(&self, n: usize, retry_after_secs: u64) {
         let mut state = self.shared.state();
         state.faults.rate_limit = n;

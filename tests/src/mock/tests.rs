@@ -211,6 +211,28 @@ fn kore_sessions_take_chunks_in_any_order_and_name_missing_ones() {
     );
     let (status, _) = post_form(&mock, "/api/public/files", &[("x-api-key", "bad")], &[]);
     assert_eq!(status, 401);
+    // Single uploads stop at the limit (25 MB unless a test sets one).
+    mock.limit_single_upload(4);
+    let single = |bytes: &[u8]| {
+        post_form(
+            &mock,
+            "/api/public/files",
+            &auth,
+            &[
+                ("fileContext", None, b"bulkImport"),
+                ("file", Some("a.mp3"), bytes),
+            ],
+        )
+    };
+    assert_eq!(single(b"four").0, 200);
+    let (status, body) = single(b"fives");
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["errors"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("upload session")
+    );
 }
 
 #[test]

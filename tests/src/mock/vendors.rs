@@ -222,6 +222,9 @@ fn kore_route(path: &str) -> Option<KoreRoute<'_>> {
     }
 }
 
+/// Kore's limit for one file sent in one request; larger files go through upload sessions.
+const KORE_SINGLE_UPLOAD_LIMIT: u64 = 25_000_000;
+
 fn kore_fail(status: u16, message: &str) -> Answer {
     error(Vendor::Kore, status, "", message)
 }
@@ -255,6 +258,16 @@ fn kore_single(shared: &Shared, incoming: &Incoming) -> Answer {
     };
     if incoming.field("fileContext").is_none_or(str::is_empty) {
         return kore_fail(400, "fileContext is required");
+    }
+    let limit = shared
+        .state()
+        .kore_single_upload_limit
+        .unwrap_or(KORE_SINGLE_UPLOAD_LIMIT);
+    if file.size > limit {
+        return kore_fail(
+            413,
+            &format!("file exceeds the single upload limit of {limit} bytes; use an upload session"),
+        );
     }
     let id = kore_file_id();
     let url = format!("{}/api/public/files/{id}", shared.origin);
