@@ -8,6 +8,7 @@
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Dialect, DialectName, derived_uuid, plain_message};
@@ -48,31 +49,51 @@ async fn upload(
     Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(file_object(&records[0])))
 }
 
-fn file_object(record: &UploadRecord) -> Value {
+/// Dify's file object, as its 201 answers it. Serialized straight from the record's fields:
+/// no intermediate `serde_json::Value` map on the hot path.
+#[derive(Serialize)]
+struct FileObject<'a> {
+    id: &'a str,
+    name: &'a str,
+    size: u64,
+    extension: &'a str,
+    mime_type: &'a str,
+    created_by: String,
+    created_at: i64,
+    preview_url: Option<&'a str>,
+    source_url: Option<&'a str>,
+    original_url: Option<&'a str>,
+    user_id: String,
+    tenant_id: String,
+    conversation_id: Option<&'a str>,
+    file_key: String,
+}
+
+fn file_object(record: &UploadRecord) -> FileObject<'_> {
     let user = record.metadata.get("user").and_then(Value::as_str).unwrap_or("");
     let user_id = derived_uuid(&format!("user:{}:{user}", record.tenant));
     let tenant_id = derived_uuid(&format!("tenant:{}", record.tenant));
-    let stored_name = if record.extension.is_empty() {
-        record.id.clone()
+    let file_key = if record.extension.is_empty() {
+        format!("upload_files/{tenant_id}/{}", record.id)
     } else {
-        format!("{}.{}", record.id, record.extension)
+        format!("upload_files/{tenant_id}/{}.{}", record.id, record.extension)
     };
-    json!({
-        "id": record.id,
-        "name": record.filename,
-        "size": record.size,
-        "extension": record.extension,
-        "mime_type": record.mime,
-        "created_by": user_id,
-        "created_at": record.created_at_ms / 1000,
-        "preview_url": Value::Null,
-        "source_url": record.remote_url,
-        "original_url": Value::Null,
-        "user_id": user_id,
-        "tenant_id": tenant_id,
-        "conversation_id": Value::Null,
-        "file_key": format!("upload_files/{tenant_id}/{stored_name}"),
-    })
+    FileObject {
+        id: &record.id,
+        name: &record.filename,
+        size: record.size,
+        extension: &record.extension,
+        mime_type: &record.mime,
+        created_by: user_id.clone(),
+        created_at: record.created_at_ms / 1000,
+        preview_url: None,
+        source_url: record.remote_url.as_deref(),
+        original_url: None,
+        user_id,
+        tenant_id,
+        conversation_id: None,
+        file_key,
+    }
 }
 
 impl Dialect for Dify {
