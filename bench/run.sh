@@ -516,7 +516,18 @@ big_upload() { # $1 = server, $2 = rep
 # ---------------------------------------------------------------------------------------------
 # Workload B: many small files
 # ---------------------------------------------------------------------------------------------
-declare -A B_RATE B_P50 B_P99 B_PEAK B_OK B_BAD B_STORED
+declare -A B_RATE B_P50 B_P99 B_PEAK B_OK B_BAD B_STORED B_CPU
+CLK_TCK=$(getconf CLK_TCK)
+# CPU ticks (user + system) the server has used so far: upgate's process (all its threads),
+# or nginx's master and workers.
+server_cpu_ticks() {
+    local pids pid total=0
+    if [[ $1 == upgate ]]; then pids=$UPGATE_PID; else pids="$NGINX_PID $(nginx_workers)"; fi
+    for pid in $pids; do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
 small_load() { # $1 = server
     local server=$1 url wrkout line ok bad dur stored leftovers peak errlog=/dev/null
     fresh_fs
@@ -532,10 +543,13 @@ small_load() { # $1 = server
         set -- upgate bench-key
     fi
     wrkout="$WORK/wrk-$server.txt"
+    local cpu_before cpu_after
+    cpu_before=$(server_cpu_ticks "$server")
     phase_begin
     wrk -t"$THREADS" -c"$CONNS" -d"${LOAD_SECS}s" --latency -s "$BENCH_DIR/upload.lua" "$url" -- "$@" "$SMALL_BYTES" \
         >"$wrkout" 2>&1 || problem "B $server: wrk exited non-zero: $(tail -3 "$wrkout")"
     phase_end "B $server"
+    cpu_after=$(server_cpu_ticks "$server")
     [[ $KEEP_LOGS == 1 ]] && cp "$wrkout" "$RESULTS/logs/"
     line=$(grep '^BENCH ' "$wrkout" | head -1 || true)
     [[ -n $line ]] || {
@@ -558,6 +572,8 @@ small_load() { # $1 = server
     B_P50[$server]=$(field p50_us "$line")
     B_P99[$server]=$(field p99_us "$line")
     B_PEAK[$server]=$peak
+    B_CPU[$server]=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$CLK_TCK" -v n="$ok" \
+        'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print 0 }')
     B_OK[$server]=$ok
     B_BAD[$server]=$bad
     B_STORED[$server]=$stored
@@ -673,6 +689,7 @@ report() {
     row "$small_label" "p99 latency ms" "$(ms "${B_P99[nginx]}")" "$(ms "${B_P99[upgate]}")" "$(ratio "${B_P99[upgate]}" "${B_P99[nginx]}")"
     row "$small_label" "2xx / non-2xx" "${B_OK[nginx]}/${B_BAD[nginx]}" "${B_OK[upgate]}/${B_BAD[upgate]}" ""
     row "$small_label" "files stored" "${B_STORED[nginx]}" "${B_STORED[upgate]}" ""
+    row "$small_label" "CPU us/upload" "${B_CPU[nginx]}" "${B_CPU[upgate]}" "$(ratio "${B_CPU[upgate]}" "${B_CPU[nginx]}")"
     row "$small_label" "peak RSS MiB" "$(mib "${B_PEAK[nginx]}")" "$(mib "${B_PEAK[upgate]}")" "$(ratio "${B_PEAK[upgate]}" "${B_PEAK[nginx]}")"
     echo
     echo "nginx peak RSS = sum of its 2 workers' VmHWM; upgate = the daemon's VmHWM (fresh process per run)."
