@@ -1,15 +1,17 @@
-//! The neutral API error and the one place it becomes an HTTP response.
+//! The neutral API error: every failure the upload flow can report to a client.
 //!
-//! What flows through here: every failure the upload flow can report to a client, as an
-//! [`ApiError`] (dialect-neutral), paired with the dialect that must render it. The status
-//! code, `Retry-After` and `WWW-Authenticate` headers are decided here, once; the body shape
-//! comes from the dialect ([`crate::dialects::Dialect::error_body`]).
+//! What flows through here: an [`ApiError`] from any step (admission, intake, record,
+//! delivery), dialect-neutral. Each variant has one [`Class`], and both its HTTP status and
+//! its rejection label derive from that class, so the two can never disagree. The HTTP
+//! edge (`http::respond`) turns an `ApiError` into a response in the client's dialect;
+//! module errors below (store, spool, plugins, content) become an `ApiError` through the
+//! `From` impls here, each logging what the client is not told.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderValue};
-use actix_web::{HttpResponse, ResponseError};
+use upgate_plugin_api::{ErrorKind, PluginError};
 
-use crate::dialects::{self, DialectName};
+use crate::content::ContentError;
+use crate::store::StoreError;
 
 /// Why a request was throttled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,14 +80,46 @@ pub enum ApiError {
     Internal,
 }
 
+/// What kind of failure an [`ApiError`] is: the one classification both the status and the
+/// `upgate_rejections_total{reason}` label come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The key is missing, malformed or unknown (401).
+    Unauthenticated,
+    /// The key may not use this dialect (403).
+    Forbidden,
+    /// The request is not well formed (400).
+    Invalid,
+    /// The file's type is not allowed (415).
+    Extension,
+    /// The file's content contradicts its type (415).
+    Content,
+    /// The file is larger than the plan allows (413).
+    Size,
+    /// A limit of the plan says not now (429).
+    Throttled(Throttle),
+    /// What was asked for is not there (404).
+    NotFound,
+    /// The session is gone (410).
+    Gone,
+    /// The upstream provider refused or failed.
+    Upstream,
+    /// The client's body stalled (408).
+    BodyTimeout,
+    /// The gateway's disk is full (507).
+    Storage,
+    /// The gateway failed (500).
+    Internal,
+}
+
 impl ApiError {
-    /// The status every dialect uses unless it overrides it.
-    pub fn status(&self) -> StatusCode {
+    /// The one classification of this error.
+    pub fn class(&self) -> Class {
         match self {
             Self::MissingCredentials | Self::MalformedCredentials | Self::InvalidCredentials => {
-                StatusCode::UNAUTHORIZED
+                Class::Unauthenticated
             }
-            Self::DialectNotAllowed => StatusCode::FORBIDDEN,
+            Self::DialectNotAllowed => Class::Forbidden,
             Self::NoFile
             | Self::TooManyFiles { .. }
             | Self::EmptyFilename
@@ -93,87 +127,122 @@ impl ApiError {
             | Self::MissingField(_)
             | Self::InvalidField { .. }
             | Self::Malformed(_)
-            | Self::MissingChunks(_) => StatusCode::BAD_REQUEST,
-            Self::UnsupportedType { .. } | Self::ContentMismatch(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotFound | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
-            Self::SessionExpired => StatusCode::GONE,
-            Self::UpstreamRejected { status, .. } => StatusCode::from_u16(*status)
-                .ok()
-                .filter(|s| s.is_client_error())
-                .unwrap_or(StatusCode::BAD_GATEWAY),
-            Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            | Self::MissingChunks(_) => Class::Invalid,
+            Self::UnsupportedType { .. } => Class::Extension,
+            Self::ContentMismatch(_) => Class::Content,
+            Self::TooLarge { .. } => Class::Size,
+            Self::Throttled { why, .. } => Class::Throttled(*why),
+            Self::NotFound | Self::NoSuchEndpoint => Class::NotFound,
+            Self::SessionExpired => Class::Gone,
+            Self::UpstreamRejected { .. } | Self::UpstreamFailed(_) | Self::UpstreamTimeout => {
+                Class::Upstream
+            }
+            Self::BodyTimeout => Class::BodyTimeout,
+            Self::InsufficientStorage => Class::Storage,
+            Self::Internal => Class::Internal,
+        }
+    }
+
+    /// The status every dialect uses unless it overrides it.
+    pub fn status(&self) -> StatusCode {
+        match self.class() {
+            Class::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Class::Forbidden => StatusCode::FORBIDDEN,
+            Class::Invalid => StatusCode::BAD_REQUEST,
+            Class::Extension | Class::Content => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Class::Size => StatusCode::PAYLOAD_TOO_LARGE,
+            Class::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            Class::NotFound => StatusCode::NOT_FOUND,
+            Class::Gone => StatusCode::GONE,
+            Class::Upstream => match self {
+                Self::UpstreamRejected { status, .. } => StatusCode::from_u16(*status)
+                    .ok()
+                    .filter(|s| s.is_client_error())
+                    .unwrap_or(StatusCode::BAD_GATEWAY),
+                Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            Class::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Class::Storage => StatusCode::INSUFFICIENT_STORAGE,
+            Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// The bounded label for `upgate_rejections_total{reason}`, for policy rejections.
     pub fn rejection_reason(&self) -> Option<&'static str> {
-        Some(match self {
-            Self::MissingCredentials
-            | Self::MalformedCredentials
-            | Self::InvalidCredentials
-            | Self::DialectNotAllowed => "auth",
-            Self::TooLarge { .. } => "size",
-            Self::UnsupportedType { .. } => "extension",
-            Self::ContentMismatch(_) => "content",
-            Self::Throttled {
-                why: Throttle::Rate, ..
-            } => "rate",
-            Self::Throttled {
-                why: Throttle::Concurrency,
-                ..
-            } => "concurrency",
-            Self::Throttled {
-                why: Throttle::Quota, ..
-            } => "quota",
-            Self::NoFile
-            | Self::TooManyFiles { .. }
-            | Self::EmptyFilename
-            | Self::InvalidFilename(_)
-            | Self::MissingField(_)
-            | Self::InvalidField { .. }
-            | Self::Malformed(_) => "invalid",
+        Some(match self.class() {
+            Class::Unauthenticated | Class::Forbidden => "auth",
+            Class::Size => "size",
+            Class::Extension => "extension",
+            Class::Content => "content",
+            Class::Throttled(Throttle::Rate) => "rate",
+            Class::Throttled(Throttle::Concurrency) => "concurrency",
+            Class::Throttled(Throttle::Quota) => "quota",
+            // A missing chunk is the client's to send, not a refusal of the upload.
+            Class::Invalid if !matches!(self, Self::MissingChunks(_)) => "invalid",
             _ => return None,
         })
     }
 }
 
-/// An [`ApiError`] on its way to a client of `dialect`.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct DialectError {
-    pub dialect: DialectName,
-    pub error: ApiError,
-}
-
-impl DialectError {
-    pub fn new(dialect: DialectName, error: ApiError) -> Self {
-        Self { dialect, error }
+/// A store failure: logged here, a 500 for the client.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(%error, "store failure");
+        Self::Internal
     }
 }
 
-impl ResponseError for DialectError {
-    fn status_code(&self) -> StatusCode {
-        self.error.status()
+/// The gateway failing at its own disk work (spool, chunks): 507 when the disk is full,
+/// otherwise logged and a 500.
+impl From<std::io::Error> for ApiError {
+    fn from(error: std::io::Error) -> Self {
+        if error.raw_os_error() == Some(libc::ENOSPC) {
+            Self::InsufficientStorage
+        } else {
+            tracing::error!(%error, "spool i/o failed");
+            Self::Internal
+        }
     }
+}
 
-    fn error_response(&self) -> HttpResponse {
-        let dialect = dialects::get(self.dialect);
-        let status = self.error.status();
-        let mut response = HttpResponse::build(status);
-        if let ApiError::Throttled { retry_after_secs, .. } = self.error {
-            response.insert_header((header::RETRY_AFTER, retry_after_secs.max(1).to_string()));
+/// A content check: the client's file contradicts its type (415), or the gateway could not
+/// read its own spool file (a 500, counted as internal, never as a content rejection).
+impl From<ContentError> for ApiError {
+    fn from(error: ContentError) -> Self {
+        match error {
+            ContentError::Io(message) => {
+                tracing::error!(error = %message, "cannot read a spooled file for its content check");
+                Self::Internal
+            }
+            other => Self::ContentMismatch(other.to_string()),
         }
-        if status == StatusCode::UNAUTHORIZED
-            && let Some(challenge) = dialect.www_authenticate()
-        {
-            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
+    }
+}
+
+/// A provider failure, as the client is told it.
+impl From<&PluginError> for ApiError {
+    fn from(error: &PluginError) -> Self {
+        match error.kind {
+            // The upstream's refusal of the file reaches the client with its status; refusals
+            // of upgate's own credentials (401, 403, 407) are a gateway problem, so 502.
+            ErrorKind::Rejected => Self::UpstreamRejected {
+                status: error
+                    .status
+                    .filter(|s| (400..500).contains(s) && ![401, 403, 407, 429].contains(s))
+                    .unwrap_or(502),
+                reason: error.message.clone(),
+            },
+            ErrorKind::Timeout => Self::UpstreamTimeout,
+            _ => Self::UpstreamFailed(error.message.clone()),
         }
-        response.json(dialect.error_body(&self.error, status))
+    }
+}
+
+/// A blocking task that panicked or was cancelled: a 500.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        tracing::error!(%error, "a blocking task failed");
+        Self::Internal
     }
 }

@@ -7,14 +7,13 @@
 //! config, fixed reason and outcome words. Never a filename, key, id or client string.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::dialects::DialectName;
+use crate::vocab::DialectName;
 
 /// All series.
 pub struct Metrics {
@@ -38,8 +37,6 @@ pub struct Metrics {
     pub disk_floor: IntGauge,
     _build_info: IntGaugeVec,
 }
-
-static BELOW_FLOOR: AtomicBool = AtomicBool::new(false);
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -280,7 +277,7 @@ pub fn upload_received(dialect: DialectName, provider: &str, size: u64) {
         .observe(size as f64);
 }
 
-pub fn upload_forwarded(dialect: DialectName, provider: &str, size: u64) {
+pub fn upload_delivered(dialect: DialectName, provider: &str, size: u64) {
     upload_outcome(dialect, provider, "forwarded");
     get().forwarded_bytes.with_label_values(&[provider]).inc_by(size);
 }
@@ -319,19 +316,13 @@ pub fn config_reload(ok: bool) {
         .inc();
 }
 
-/// Measures free space in `dir` and remembers whether it is under `floor`.
-pub fn watch_disk(dir: &std::path::Path, floor: u64) -> Option<u64> {
+/// Measures free space in `dir` for the gauges; returns it.
+pub(crate) fn watch_disk(dir: &std::path::Path, floor: u64) -> Option<u64> {
     let free = free_bytes(dir)?;
     let metrics = get();
     metrics.disk_free.set(free as i64);
     metrics.disk_floor.set(floor as i64);
-    BELOW_FLOOR.store(free < floor, Ordering::Relaxed);
     Some(free)
-}
-
-/// Whether the last measurement was under the floor.
-pub fn data_dir_below_floor() -> bool {
-    BELOW_FLOOR.load(Ordering::Relaxed)
 }
 
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use upgate_core::config::Config;
+use upgate_core::daemon::{self as server, ServeError};
 use upgate_core::plugins;
-use upgate_core::server::{self, ServeError};
 
 /// mimalloc instead of glibc's malloc: the request path allocates many small, short-lived
 /// buffers (headers, multipart parts, JSON); mimalloc takes 8% fewer instructions per small

@@ -2,89 +2,29 @@
 //!
 //! What flows through here: HTTP requests on each vendor's paths. A dialect knows where its
 //! clients put their key, what its upload form looks like and how its success and error
-//! bodies are shaped; everything else (policy, intake, store, forwarding) is the shared
-//! [`crate::gateway::Gateway`]. Adding a dialect is one module: routes, a [`Dialect`] impl
-//! and its renderers.
+//! bodies are shaped; everything else (policy, intake, store, delivery) is the shared
+//! [`crate::upload::Gateway`]. Adding a dialect is one module: routes, a [`Dialect`] impl
+//! and its renderers; its handlers open with [`admit`] (or [`upload_multipart`]) and wrap
+//! their work in [`crate::http::respond::answer`].
 
-pub mod beam;
-pub mod dify;
-pub mod kore;
-pub mod korexo;
-pub mod maiagent;
+pub(crate) mod beam;
+pub(crate) mod dify;
+pub(crate) mod kore;
+pub(crate) mod korexo;
+pub(crate) mod maiagent;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, web};
+use actix_web::web::Payload;
+use actix_web::{HttpMessage, HttpRequest, web};
 use serde_json::Value;
 
+use super::request_log::RequestTenant;
 use crate::error::ApiError;
-
-/// The dialects upgate speaks, a bounded set (also used as a metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DialectName {
-    Dify,
-    Kore,
-    Maiagent,
-    Korexo,
-    Beam,
-}
-
-impl DialectName {
-    pub const ALL: [DialectName; 5] = [Self::Dify, Self::Kore, Self::Maiagent, Self::Korexo, Self::Beam];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Dify => "dify",
-            Self::Kore => "kore",
-            Self::Maiagent => "maiagent",
-            Self::Korexo => "korexo",
-            Self::Beam => "beam",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|dialect| dialect.as_str() == text)
-    }
-
-    /// A new upload id in the vendor's own format. Ids are time-ordered (UUIDv7; for Kore a
-    /// MongoDB ObjectId-like 4-byte seconds timestamp and 8 random bytes), so new records
-    /// land at the end of the uploads table's primary key: a commit of many uploads then
-    /// rewrites a page or two, not one random page per upload.
-    pub fn new_upload_id(self) -> String {
-        match self {
-            Self::Kore => {
-                let seconds = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |since| since.as_secs() as u32);
-                let random = uuid::Uuid::new_v4();
-                let mut id = [0u8; 12];
-                id[..4].copy_from_slice(&seconds.to_be_bytes());
-                id[4..].copy_from_slice(&random.as_bytes()[..8]);
-                hex::encode(id)
-            }
-            Self::Korexo => format!("f-{}", uuid::Uuid::now_v7()),
-            Self::Dify | Self::Maiagent | Self::Beam => uuid::Uuid::now_v7().to_string(),
-        }
-    }
-
-    /// Checks that a client-supplied id has this dialect's id format before any lookup.
-    pub fn is_valid_upload_id(self, id: &str) -> bool {
-        match self {
-            Self::Kore => {
-                id.len() == 24
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            }
-            Self::Korexo => id.strip_prefix("f-").is_some_and(is_uuid),
-            Self::Dify | Self::Maiagent | Self::Beam => is_uuid(id),
-        }
-    }
-}
-
-/// True for a canonical lower-case hyphenated uuid.
-pub fn is_uuid(text: &str) -> bool {
-    text.len() == 36 && uuid::Uuid::parse_str(text).is_ok_and(|uuid| uuid.hyphenated().to_string() == text)
-}
+use crate::store::UploadRecord;
+use crate::upload::admit::Admission;
+use crate::upload::intake::{FormSpec, Received};
+use crate::upload::{Gateway, Metadata};
+pub(crate) use crate::vocab::DialectName;
 
 /// What each dialect provides to the shared flow.
 pub trait Dialect: Send + Sync {
@@ -97,6 +37,47 @@ pub trait Dialect: Send + Sync {
     }
     /// The body of an error response, in the vendor's shape.
     fn error_body(&self, error: &ApiError, status: StatusCode) -> Value;
+}
+
+/// Admits a request of `dialect`: the key from where the dialect keeps it, then the
+/// gateway's checks. The tenant the key belongs to is noted for the request log, whether or
+/// not the request is let in.
+pub(crate) async fn admit(
+    gateway: &Gateway,
+    dialect: &dyn Dialect,
+    request: &HttpRequest,
+) -> Result<Admission, ApiError> {
+    let key = dialect.credentials(request)?;
+    let admitted = gateway.admit(dialect.name(), &key).await;
+    let tenant = match &admitted {
+        Ok(admission) => Some(admission.tenant.name.clone()),
+        Err(_) => gateway
+            .policy()
+            .tenant_of_key(&key)
+            .map(|tenant| tenant.name.clone()),
+    };
+    if let Some(tenant) = tenant {
+        request.extensions_mut().insert(RequestTenant(tenant));
+    }
+    admitted
+}
+
+/// Admission, intake and recording for a dialect whose upload is one multipart request;
+/// `metadata_of` picks the dialect's metadata from the received text fields.
+pub(crate) async fn upload_multipart(
+    gateway: &Gateway,
+    dialect: &dyn Dialect,
+    request: &HttpRequest,
+    payload: Payload,
+    spec: &FormSpec,
+    metadata_of: impl FnOnce(&Received) -> Result<Metadata, ApiError>,
+) -> Result<Vec<UploadRecord>, ApiError> {
+    let admission = admit(gateway, dialect, request).await?;
+    let received = gateway
+        .receive(&admission, request.headers(), payload, spec)
+        .await?;
+    let metadata = metadata_of(&received)?;
+    gateway.accept(&admission, received.files, metadata).await
 }
 
 /// The dialect object for a name.
@@ -233,7 +214,7 @@ pub fn iso_millis(epoch_ms: i64) -> String {
 /// The URL a dialect returns for an upload: the provider's URL once delivered; before that
 /// (async delivery, or a provider that gives none) `upgate://uploads/<id>`, which names the
 /// upload in upgate and is never null, so clients that require a URL keep working.
-pub fn file_url(record: &crate::store::UploadRecord) -> String {
+pub fn file_url(record: &UploadRecord) -> String {
     record
         .remote_url
         .clone()
@@ -248,36 +229,4 @@ pub fn derived_uuid(text: &str) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_follow_each_vendor_format() {
-        for dialect in DialectName::ALL {
-            let id = dialect.new_upload_id();
-            assert!(dialect.is_valid_upload_id(&id), "{dialect:?} {id}");
-        }
-        assert_eq!(DialectName::Kore.new_upload_id().len(), 24);
-        assert!(DialectName::Korexo.new_upload_id().starts_with("f-"));
-        assert!(!DialectName::Korexo.is_valid_upload_id("f-../../etc"));
-        assert!(!DialectName::Dify.is_valid_upload_id("A1B2C3D4-5678-90AB-CDEF-1234567890AB"));
-        assert!(!DialectName::Kore.is_valid_upload_id("zz0000000000000000000000"));
-    }
-
-    #[test]
-    fn ids_are_time_ordered_and_distinct() {
-        for dialect in DialectName::ALL {
-            let first = dialect.new_upload_id();
-            // Kore's timestamp counts seconds: compare across one.
-            let pause = if dialect == DialectName::Kore { 1001 } else { 2 };
-            std::thread::sleep(std::time::Duration::from_millis(pause));
-            let later: Vec<String> = (0..1000).map(|_| dialect.new_upload_id()).collect();
-            assert!(later.iter().all(|id| *id > first), "{dialect:?}");
-            let distinct: std::collections::HashSet<&String> = later.iter().collect();
-            assert_eq!(distinct.len(), later.len(), "{dialect:?}");
-        }
-    }
 }

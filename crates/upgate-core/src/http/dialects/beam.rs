@@ -15,11 +15,12 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, derived_uuid, file_url, iso_millis, plain_message};
-use crate::error::{ApiError, DialectError};
-use crate::gateway::{Gateway, Metadata};
-use crate::intake::FormSpec;
+use super::{Dialect, DialectName, admit, derived_uuid, file_url, iso_millis, plain_message};
+use crate::error::ApiError;
+use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
+use crate::upload::intake::FormSpec;
+use crate::upload::{Gateway, Metadata};
 
 pub struct Beam;
 
@@ -33,10 +34,6 @@ const WORKSPACE_HEADER: &str = "current-workspace-id";
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config.route("/agent-setup/upload", web::post().to(upload));
-}
-
-fn fail(error: ApiError) -> DialectError {
-    DialectError::new(DialectName::Beam, error)
 }
 
 /// The workspace id header: required, visible ASCII, at most 256 bytes.
@@ -64,33 +61,32 @@ async fn upload(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Beam, &request).await.map_err(fail)?;
-    let workspace = workspace_id(&request).map_err(fail)?;
-    let received = gateway
-        .receive(&admission, DialectName::Beam, &request, payload, &FORM)
-        .await
-        .map_err(fail)?;
-    let thread_id = received
-        .fields
-        .get("threadId")
-        .map(|thread| thread.trim().to_owned())
-        .filter(|thread| !thread.is_empty())
-        .ok_or_else(|| fail(ApiError::MissingField("threadId")))?;
-    if thread_id.len() != 36 || uuid::Uuid::try_parse(&thread_id).is_err() {
-        return Err(fail(ApiError::InvalidField {
-            field: "threadId",
-            message: "threadId must be a UUID".into(),
-        }));
-    }
-    let mut metadata = Metadata::new();
-    metadata.insert("threadId".into(), thread_id.into());
-    metadata.insert("workspaceId".into(), workspace.into());
-    let records = gateway
-        .accept(&admission, DialectName::Beam, received.files, metadata)
-        .await
-        .map_err(fail)?;
-    let files: Vec<Value> = records.iter().map(chat_file).collect();
-    Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(files))
+    answer(DialectName::Beam, async move {
+        let admission = admit(&gateway, &Beam, &request).await?;
+        let workspace = workspace_id(&request)?;
+        let received = gateway
+            .receive(&admission, request.headers(), payload, &FORM)
+            .await?;
+        let thread_id = received
+            .fields
+            .get("threadId")
+            .map(|thread| thread.trim().to_owned())
+            .filter(|thread| !thread.is_empty())
+            .ok_or(ApiError::MissingField("threadId"))?;
+        if thread_id.len() != 36 || uuid::Uuid::try_parse(&thread_id).is_err() {
+            return Err(ApiError::InvalidField {
+                field: "threadId",
+                message: "threadId must be a UUID".into(),
+            });
+        }
+        let mut metadata = Metadata::new();
+        metadata.insert("threadId".into(), thread_id.into());
+        metadata.insert("workspaceId".into(), workspace.into());
+        let records = gateway.accept(&admission, received.files, metadata).await?;
+        let files: Vec<Value> = records.iter().map(chat_file).collect();
+        Ok(uploaded(StatusCode::CREATED, &records, files))
+    })
+    .await
 }
 
 fn chat_file(record: &UploadRecord) -> Value {

@@ -1,12 +1,12 @@
-//! Forwarding: stored uploads handed to provider plugins, with retries.
+//! Delivery: stored uploads handed to provider plugins, with retries.
 //!
 //! What flows through here: an [`UploadRecord`] and its spool path, turned into a plugin
 //! [`PutRequest`] and run on a blocking thread (bounded by `forward_concurrency`, each call
 //! bounded by the provider's `timeout`). Failures are classified once: connection errors,
 //! timeouts, 5xx and 429 are retried with exponential backoff and jitter (honouring an
 //! upstream `Retry-After`); other refusals are not. Sync delivery retries inside the
-//! request; async delivery is the outbox worker here, which polls SQLite for due uploads and
-//! so survives restarts. Every attempt is recorded in the upload's row.
+//! request; async delivery takes one claimed outbox entry at a time (the polling loop is
+//! `daemon::workers`), so it survives restarts. Every attempt is recorded in the upload's row.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,12 +16,13 @@ use rand::Rng;
 use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutRequest, PutResult};
 
 use crate::config::RetryConfig;
-use crate::dialects::DialectName;
 use crate::error::ApiError;
-use crate::gateway::{Gateway, remove_quietly};
 use crate::metrics;
 use crate::plugins::Provider;
-use crate::store::{UploadRecord, now_ms};
+use crate::store::UploadRecord;
+use crate::vocab::now_ms;
+
+use super::{Gateway, remove_quietly};
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -54,7 +55,7 @@ fn put_request(record: &UploadRecord, path: &Path) -> PutRequest {
         sha256: record.sha256.clone(),
         path: path.display().to_string(),
         tenant: record.tenant.clone(),
-        dialect: record.dialect.clone(),
+        dialect: record.dialect.as_str().to_owned(),
         metadata: record.metadata.clone(),
     }
 }
@@ -111,7 +112,7 @@ async fn call_blocking<T: Send + 'static>(
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, PluginError> {
     let slot = gateway
-        .forward_slots
+        .delivery_slots
         .clone()
         .acquire_owned()
         .await
@@ -157,7 +158,7 @@ async fn attempt(
 
 /// Exponential backoff with full jitter for retry number `attempt` (1-based), at least
 /// `floor` (an upstream's Retry-After), at most the configured maximum.
-pub fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Duration {
+pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Duration {
     let base = retry
         .initial_backoff
         .0
@@ -169,44 +170,27 @@ pub fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Du
         .min(retry.max_backoff.0.max(floor.unwrap_or_default()))
 }
 
-/// The client-facing error for a provider failure.
-fn client_error(error: &PluginError) -> ApiError {
-    match error.kind {
-        // The upstream's refusal of the file reaches the client with its status; refusals of
-        // upgate's own credentials (401, 403, 407) are a gateway problem, so 502.
-        ErrorKind::Rejected => ApiError::UpstreamRejected {
-            status: error
-                .status
-                .filter(|s| (400..500).contains(s) && ![401, 403, 407, 429].contains(s))
-                .unwrap_or(502),
-            reason: error.message.clone(),
-        },
-        ErrorKind::Timeout => ApiError::UpstreamTimeout,
-        _ => ApiError::UpstreamFailed(error.message.clone()),
-    }
-}
-
 /// A sync delivery that worked.
 #[derive(Debug)]
-pub struct Delivered {
-    pub result: PutResult,
-    pub attempts: u32,
+pub(crate) struct Delivered {
+    pub(crate) result: PutResult,
+    pub(crate) attempts: u32,
 }
 
 /// A sync delivery that failed for good.
 #[derive(Debug)]
-pub struct NotDelivered {
+pub(crate) struct NotDelivered {
     /// What the client is told.
-    pub error: ApiError,
+    pub(crate) error: ApiError,
     /// What the record keeps (`last_error`).
-    pub reason: String,
-    pub attempts: u32,
+    pub(crate) reason: String,
+    pub(crate) attempts: u32,
 }
 
 /// Delivers one upload now (sync mode), retrying within the provider's timeout. The caller
 /// records the outcome; the spooled bytes are gone either way (delivered, or the client is
 /// told it failed).
-pub async fn deliver_now(
+pub(crate) async fn deliver_now(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: &UploadRecord,
@@ -237,30 +221,26 @@ pub async fn deliver_now(
         }
     };
     tracing::warn!(upload_id = %record.id, provider = %record.provider, attempts, error = %failed, "delivery failed");
-    remove_quietly(path).await;
-    metrics::upload_outcome(dialect_of(record), &record.provider, "failed");
+    remove_quietly(path);
+    metrics::upload_outcome(record.dialect, &record.provider, "failed");
     Err(NotDelivered {
-        error: client_error(&failed),
+        error: ApiError::from(&failed),
         reason: failed.message,
         attempts,
     })
-}
-
-fn dialect_of(record: &UploadRecord) -> DialectName {
-    DialectName::parse(&record.dialect).unwrap_or(DialectName::Dify)
 }
 
 /// After a successful put: the spool copy goes (unless the plugin moved it away, as the local
 /// provider does) and the delivery is counted.
 async fn finish_delivered(provider: &Provider, record: &UploadRecord, path: &Path, result: &PutResult) {
     if !result.consumed_file {
-        remove_quietly(path).await;
+        remove_quietly(path);
     }
-    metrics::upload_forwarded(dialect_of(record), &provider.name, record.size);
+    metrics::upload_delivered(record.dialect, &provider.name, record.size);
 }
 
 /// Asks the provider to delete an upload upstream. "Not found" upstream counts as deleted.
-pub async fn delete_upstream(
+pub(crate) async fn delete_upstream(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: &UploadRecord,
@@ -279,66 +259,16 @@ pub async fn delete_upstream(
     match call_plugin(gateway, provider, runs, move |p| p.delete(&request)).await {
         Ok(()) => Ok(()),
         Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(client_error(&error)),
+        Err(error) => Err(ApiError::from(&error)),
     }
 }
 
 /// What an outbox lease adds to the longest attempt a provider may take.
-const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
 
-/// The async delivery loop: claims due uploads from the outbox and attempts each once,
-/// rescheduling failures with backoff. Runs until the process ends.
-pub async fn run_outbox(gateway: Arc<Gateway>) {
-    const BATCH: usize = 32;
-    loop {
-        let policy = gateway.policy();
-        // Long enough for the slowest provider's attempt (bounded by its `timeout`) to end
-        // before a second poll could claim the same upload.
-        let longest_attempt = policy
-            .providers
-            .values()
-            .map(|provider| provider.config.timeout.0)
-            .max()
-            .unwrap_or_default();
-        let lease_ms = (longest_attempt + OUTBOX_LEASE_MARGIN).as_millis() as i64;
-        match gateway.store.claim_due(now_ms(), BATCH, lease_ms).await {
-            Ok(due) => {
-                let full = due.len() == BATCH;
-                for record in due {
-                    let Some(provider) = policy.providers.get(&record.provider).cloned() else {
-                        tracing::error!(upload_id = %record.id, provider = %record.provider,
-                            "provider no longer configured; upload stays in the outbox");
-                        let retry_at = now_ms() + 60_000;
-                        let _ = gateway
-                            .store
-                            .mark_attempt_failed(
-                                record.id.clone(),
-                                "provider not configured".into(),
-                                record.attempts,
-                                Some(retry_at),
-                            )
-                            .await;
-                        continue;
-                    };
-                    let gateway = gateway.clone();
-                    actix_web::rt::spawn(
-                        async move { deliver_from_outbox(&gateway, &provider, record).await },
-                    );
-                }
-                if full {
-                    continue;
-                }
-            }
-            Err(error) => tracing::error!(%error, "outbox poll failed"),
-        }
-        if let Ok(pending) = gateway.store.outbox_len().await {
-            metrics::outbox_pending(pending);
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), gateway.outbox_wake.notified()).await;
-    }
-}
-
-async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
+/// Delivers one upload claimed from the outbox, once, and records how it went: delivered,
+/// rescheduled with backoff, or failed for good (its bytes kept for the operator).
+pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
     let path: PathBuf = gateway.spool.path_of(&record.id);
     let attempts = record.attempts + 1;
     match attempt(gateway, provider, &record, &path, provider.config.timeout.0).await {
@@ -362,7 +292,7 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
                     tracing::info!(upload_id = %record.id, provider = %provider.name,
                         "deleted during delivery; deleting the delivered copy");
                     if !result.consumed_file {
-                        remove_quietly(&path).await;
+                        remove_quietly(&path);
                     }
                     if let Err(error) = delete_upstream(gateway, provider, &record, result.remote_id).await {
                         tracing::error!(upload_id = %record.id, provider = %provider.name, %error,
@@ -394,7 +324,7 @@ async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record
                 .store
                 .mark_attempt_failed(record.id.clone(), error.message, attempts, None)
                 .await;
-            metrics::upload_outcome(dialect_of(&record), &provider.name, "failed");
+            metrics::upload_outcome(record.dialect, &provider.name, "failed");
         }
     }
 }
@@ -435,7 +365,7 @@ mod tests {
         let mut rejected = PluginError::new(ErrorKind::Rejected, "bad file");
         rejected.status = Some(400);
         assert_eq!(
-            client_error(&rejected),
+            ApiError::from(&rejected),
             ApiError::UpstreamRejected {
                 status: 400,
                 reason: "bad file".into()
@@ -443,18 +373,18 @@ mod tests {
         );
         rejected.status = Some(401);
         assert_eq!(
-            client_error(&rejected),
+            ApiError::from(&rejected),
             ApiError::UpstreamRejected {
                 status: 502,
                 reason: "bad file".into()
             }
         );
         assert_eq!(
-            client_error(&PluginError::new(ErrorKind::Timeout, "slow")),
+            ApiError::from(&PluginError::new(ErrorKind::Timeout, "slow")),
             ApiError::UpstreamTimeout
         );
         assert_eq!(
-            client_error(&PluginError::new(ErrorKind::Panic, "x")),
+            ApiError::from(&PluginError::new(ErrorKind::Panic, "x")),
             ApiError::UpstreamFailed("x".into())
         );
     }

@@ -15,11 +15,12 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, errors_body, iso_millis, plain_message};
-use crate::error::{ApiError, DialectError};
-use crate::gateway::{Gateway, Metadata, internal};
-use crate::intake::FormSpec;
+use super::{Dialect, DialectName, admit, errors_body, iso_millis, plain_message};
+use crate::error::ApiError;
+use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
+use crate::upload::intake::FormSpec;
+use crate::upload::{Gateway, Metadata};
 
 pub struct Korexo;
 
@@ -36,10 +37,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route(&format!("{BASE}/upload"), web::post().to(upload))
         .route(&format!("{BASE}/{{fileId}}"), web::delete().to(delete));
-}
-
-fn fail(error: ApiError) -> DialectError {
-    DialectError::new(DialectName::Korexo, error)
 }
 
 /// An `appId` or `envName` from the path: 1 to 128 of `A-Z a-z 0-9 . _ -`, not `.` or `..`.
@@ -88,72 +85,72 @@ async fn upload(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Korexo, &request).await.map_err(fail)?;
-    let (app_id, env_name) = scope(&request).map_err(fail)?;
-    let received = gateway
-        .receive(&admission, DialectName::Korexo, &request, payload, &FORM)
-        .await
-        .map_err(fail)?;
-    let field = |name: &'static str| {
-        received
-            .fields
-            .get(name)
-            .map(|value| value.trim().to_owned())
-            .filter(|value| !value.is_empty())
-            .ok_or(ApiError::MissingField(name))
-    };
-    let user_reference = field("userReference").map_err(fail)?;
-    if field("uploadType").map_err(fail)? != "runtime" {
-        return Err(fail(ApiError::InvalidField {
-            field: "uploadType",
-            message: "must be `runtime`".into(),
-        }));
-    }
-    let mut metadata = Metadata::new();
-    metadata.insert("appId".into(), app_id.into());
-    metadata.insert("envName".into(), env_name.into());
-    metadata.insert("userReference".into(), user_reference.into());
-    let records = gateway
-        .accept(&admission, DialectName::Korexo, received.files, metadata)
-        .await
-        .map_err(fail)?;
-    Ok(crate::server::with_upload_ids(HttpResponse::Ok(), &records).json(file_object(&records[0])))
+    answer(DialectName::Korexo, async move {
+        let admission = admit(&gateway, &Korexo, &request).await?;
+        let (app_id, env_name) = scope(&request)?;
+        let received = gateway
+            .receive(&admission, request.headers(), payload, &FORM)
+            .await?;
+        let field = |name: &'static str| {
+            received
+                .fields
+                .get(name)
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+                .ok_or(ApiError::MissingField(name))
+        };
+        let user_reference = field("userReference")?;
+        if field("uploadType")? != "runtime" {
+            return Err(ApiError::InvalidField {
+                field: "uploadType",
+                message: "must be `runtime`".into(),
+            });
+        }
+        let mut metadata = Metadata::new();
+        metadata.insert("appId".into(), app_id.into());
+        metadata.insert("envName".into(), env_name.into());
+        metadata.insert("userReference".into(), user_reference.into());
+        let records = gateway.accept(&admission, received.files, metadata).await?;
+        Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))
+    })
+    .await
 }
 
 async fn delete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Korexo, &request).await.map_err(fail)?;
-    let (app_id, env_name) = scope(&request).map_err(fail)?;
-    let id = request.match_info().get("fileId").unwrap_or_default();
-    if !DialectName::Korexo.is_valid_upload_id(id) {
-        return Err(fail(ApiError::NotFound));
-    }
-    // Only the tenant's own upload, made under this app and environment.
-    let in_scope = |record: &UploadRecord| {
-        let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str);
-        record.state != UploadState::Deleted
-            && meta("appId") == Some(app_id.as_str())
-            && meta("envName") == Some(env_name.as_str())
-    };
-    let found = gateway
-        .store
-        .upload_of(admission.tenant.name.clone(), id.to_owned())
-        .await
-        .map_err(|error| fail(internal(error)))?
-        .is_some_and(|record| in_scope(&record));
-    if !found {
-        return Err(fail(ApiError::NotFound));
-    }
-    let record = gateway
-        .delete(&admission, DialectName::Korexo, id)
-        .await
-        .map_err(fail)?;
-    Ok(
-        crate::server::with_upload_ids(HttpResponse::Ok(), std::slice::from_ref(&record)).json(json!({
-            "message": "file deleted successfully",
-            "success": "true",
-            "fileId": record.id,
-        })),
-    )
+    answer(DialectName::Korexo, async move {
+        let admission = admit(&gateway, &Korexo, &request).await?;
+        let (app_id, env_name) = scope(&request)?;
+        let id = request.match_info().get("fileId").unwrap_or_default();
+        if !DialectName::Korexo.is_valid_upload_id(id) {
+            return Err(ApiError::NotFound);
+        }
+        // Only the tenant's own upload, made under this app and environment.
+        let in_scope = |record: &UploadRecord| {
+            let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str);
+            record.state != UploadState::Deleted
+                && meta("appId") == Some(app_id.as_str())
+                && meta("envName") == Some(env_name.as_str())
+        };
+        let found = gateway
+            .store
+            .upload_of(admission.tenant.name.clone(), id.to_owned())
+            .await?
+            .is_some_and(|record| in_scope(&record));
+        if !found {
+            return Err(ApiError::NotFound);
+        }
+        let record = gateway.delete(&admission, id).await?;
+        Ok(uploaded(
+            StatusCode::OK,
+            std::slice::from_ref(&record),
+            json!({
+                "message": "file deleted successfully",
+                "success": "true",
+                "fileId": record.id,
+            }),
+        ))
+    })
+    .await
 }
 
 impl Dialect for Korexo {

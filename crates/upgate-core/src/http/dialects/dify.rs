@@ -11,11 +11,12 @@ use actix_web::{HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, derived_uuid, plain_message};
-use crate::error::{ApiError, DialectError};
-use crate::gateway::{Gateway, Metadata};
-use crate::intake::FormSpec;
+use super::{Dialect, DialectName, derived_uuid, plain_message, upload_multipart};
+use crate::error::ApiError;
+use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
+use crate::upload::intake::FormSpec;
+use crate::upload::{Gateway, Metadata};
 
 pub struct Dify;
 
@@ -36,17 +37,18 @@ async fn upload(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let records = gateway
-        .upload_multipart(&Dify, &request, payload, &FORM, |received| {
+    answer(DialectName::Dify, async move {
+        let records = upload_multipart(&gateway, &Dify, &request, payload, &FORM, |received| {
             let mut metadata = Metadata::new();
             if let Some(user) = received.fields.get("user") {
                 metadata.insert("user".into(), user.clone().into());
             }
             Ok(metadata)
         })
-        .await
-        .map_err(|error| DialectError::new(DialectName::Dify, error))?;
-    Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(file_object(&records[0])))
+        .await?;
+        Ok(uploaded(StatusCode::CREATED, &records, file_object(&records[0])))
+    })
+    .await
 }
 
 /// Dify's file object, as its 201 answers it. Serialized straight from the record's fields:

@@ -1,41 +1,40 @@
-//! Chunked upload sessions: chunk files on disk, session rows in SQLite, and the sweeper.
+//! Chunked upload sessions: chunks in the spool, session rows in the store, and the sweep.
 //!
 //! What flows through here: a dialect's declared upload (name, size, number of chunks),
 //! checked against the tenant's plan and recorded as a session row that expires after
 //! `server.session_expiry`; chunks of that session, streamed through a [`SpoolWriter`] into a
 //! temporary spool file (the running total of the session checked against the declared size
-//! and the plan's limit as the bytes arrive), then renamed to
-//! `<data_dir>/sessions/<session id>/<chunk number>` (ids are upgate's uuids, numbers are
-//! integers: nothing from a client becomes a path), their sizes recorded in SQLite so a
-//! restart, even a SIGKILL between two chunks, loses nothing; at completion the chunks
-//! streamed in order through one [`SpoolWriter`] into an ordinary spooled upload, handed to
-//! [`Gateway::accept`] like any single upload. The housekeeping task deletes expired
-//! sessions and their chunks, directories and temporary chunks left behind by a crash, and
-//! keeps the gauges (sessions, spool bytes, free disk) fresh.
+//! and the plan's limit as the bytes arrive), then placed in the spool as chunk `<number>` of
+//! session `<id>` (ids are upgate's uuids, numbers are integers: nothing from a client
+//! becomes a path), their sizes recorded in the store so a restart, even a SIGKILL between
+//! two chunks, loses nothing; at completion the chunks streamed in order through one
+//! [`SpoolWriter`] into an ordinary spooled upload, handed to [`Gateway::accept`] like any
+//! single upload. [`Gateway::sweep_sessions`] deletes expired sessions and their chunks,
+//! and what a crash left behind.
 //!
 //! Everything that touches one session's chunks (a chunk's commit, completion, sweeping) holds
 //! that session's lock, so a re-sent chunk, a completion and the sweeper never interleave.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use actix_multipart::{Field, Multipart};
-use actix_web::HttpRequest;
+use actix_web::http::header::HeaderMap;
 use actix_web::web::Payload;
 use tokio::io::AsyncReadExt;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::config::{Durability, ServerConfig};
 use crate::content;
-use crate::dialects::{DialectName, is_uuid};
 use crate::error::ApiError;
-use crate::gateway::{Gateway, Metadata, internal};
-use crate::intake::{self, SpoolWriter, next_or_stall, validate_filename};
-use crate::metrics;
-use crate::policy::Admission;
-use crate::store::{SessionRecord, Store, UploadRecord, now_ms};
+use crate::spool::{Spool, SpoolWriter};
+use crate::store::{SessionRecord, Store, UploadRecord};
+use crate::vocab::{DialectName, is_uuid, now_ms};
+
+use super::admit::Admission;
+use super::intake::{self, next_or_stall, validate_filename};
+use super::{Gateway, Metadata};
 
 /// Most chunks one session may declare.
 pub const MAX_CHUNKS: u64 = 100_000;
@@ -47,15 +46,6 @@ const FRAMING: u64 = 1 << 20;
 const CHUNK_TEMP_PREFIX: &str = "chunk-";
 /// A temporary chunk this old was left behind by a crash.
 const STALE_CHUNK_TEMP: Duration = Duration::from_secs(3600);
-
-/// Where a session's chunks live.
-pub fn session_dir(data_dir: &Path, session_id: &str) -> PathBuf {
-    data_dir.join("sessions").join(session_id)
-}
-
-fn chunk_path(data_dir: &Path, session_id: &str, number: u64) -> PathBuf {
-    session_dir(data_dir, session_id).join(number.to_string())
-}
 
 /// What a dialect declares when it opens a session.
 #[derive(Debug, Clone)]
@@ -165,10 +155,9 @@ fn size_mismatch(held: u64, declared: u64) -> ApiError {
 
 impl Gateway {
     /// Opens a chunked upload session for the admitted tenant (no bytes yet).
-    pub async fn start_session(
+    pub(crate) async fn start_session(
         &self,
         admission: &Admission,
-        dialect: DialectName,
         new: NewSession,
     ) -> Result<SessionRecord, ApiError> {
         validate_filename(&new.filename)?;
@@ -185,7 +174,7 @@ impl Gateway {
         let session = SessionRecord {
             id: uuid::Uuid::new_v4().to_string(),
             tenant: admission.tenant.name.clone(),
-            dialect: dialect.as_str().to_owned(),
+            dialect: admission.dialect,
             filename: new.filename,
             extension: new.extension,
             declared_size: new.declared_size,
@@ -195,10 +184,7 @@ impl Gateway {
             expires_at_ms: now.saturating_add(expiry.as_millis().min(i64::MAX as u128) as i64),
             chunks: Vec::new(),
         };
-        self.store
-            .insert_session(session.clone())
-            .await
-            .map_err(internal)?;
+        self.store.insert_session(session.clone()).await?;
         tracing::info!(session_id = %session.id, tenant = %session.tenant, chunks = session.total_chunks,
             size = session.declared_size, "upload session started");
         Ok(session)
@@ -206,31 +192,29 @@ impl Gateway {
 
     /// The admitted tenant's open session `id` of `dialect`: 404 for a malformed id, an
     /// unknown or swept session or another tenant's; 410 for one expired but not swept yet.
-    pub async fn open_session(
+    pub(crate) async fn open_session(
         &self,
         admission: &Admission,
-        dialect: DialectName,
         id: &str,
     ) -> Result<SessionRecord, ApiError> {
         if !is_uuid(id) {
             return Err(ApiError::NotFound);
         }
-        find_session(&self.store, &admission.tenant.name, dialect, id).await
+        find_session(self.store.as_ref(), &admission.tenant.name, admission.dialect, id).await
     }
 
     /// Receives one chunk of session `id` from a multipart body (`form` names its parts) and
     /// stores it, replacing an earlier copy of the same number. Returns the chunk number and
     /// its size.
-    pub async fn receive_chunk(
+    pub(crate) async fn receive_chunk(
         &self,
         admission: &Admission,
-        dialect: DialectName,
         id: &str,
-        request: &HttpRequest,
+        headers: &HeaderMap,
         payload: Payload,
         form: &ChunkForm,
     ) -> Result<(u64, u64), ApiError> {
-        let session = self.open_session(admission, dialect, id).await?;
+        let session = self.open_session(admission, id).await?;
         let limit = session_limit(&session, admission);
         let stored = session.received_bytes();
         let size_of = |number: u64| {
@@ -242,13 +226,13 @@ impl Gateway {
         };
         // Until the chunk number is known, the chunk may replace the largest one.
         let largest = session.chunks.iter().map(|(_, size)| *size).max().unwrap_or(0);
-        if intake::content_length(request)
+        if intake::content_length(headers)
             .is_some_and(|length| length > limit.saturating_sub(stored - largest).saturating_add(FRAMING))
         {
             return Err(ApiError::TooLarge { limit });
         }
         let idle = admission.policy.config.server.idle_timeout.0;
-        let mut multipart = Multipart::new(request.headers(), payload);
+        let mut multipart = Multipart::new(headers, payload);
         let mut number: Option<u64> = None;
         let mut chunk: Option<TempChunk> = None;
         let mut other_bytes = 0usize;
@@ -294,18 +278,15 @@ impl Gateway {
         // leave the chunk file and its row disagreeing.
         let commit = ChunkCommit {
             store: self.store.clone(),
-            data_dir: self.data_dir.clone(),
-            durable: self.spool.durability == Durability::PowerLoss,
+            spool: self.spool.clone(),
             tenant: admission.tenant.name.clone(),
-            dialect,
+            dialect: admission.dialect,
             id: session.id.clone(),
             number,
             chunk,
             limit,
         };
-        actix_web::rt::spawn(commit.run())
-            .await
-            .map_err(|_| ApiError::Internal)??;
+        tokio::spawn(commit.run()).await??;
         Ok((number, size))
     }
 
@@ -333,17 +314,17 @@ impl Gateway {
     /// Assembles session `id` (every chunk present, their total the declared size) into one
     /// upload, accepts it like a single upload (quota, record, delivery), then removes the
     /// session and its chunks. Missing chunks: 400 naming them, and the session stays open.
-    pub async fn complete_session(
+    pub(crate) async fn complete_session(
         &self,
         admission: &Admission,
-        dialect: DialectName,
         id: &str,
     ) -> Result<Vec<UploadRecord>, ApiError> {
+        let dialect = admission.dialect;
         if !is_uuid(id) {
             return Err(ApiError::NotFound);
         }
         let _lock = lock_session(id).await;
-        let session = self.open_session(admission, dialect, id).await?;
+        let session = self.open_session(admission, id).await?;
         let missing = missing_chunks(&session);
         if !missing.is_empty() {
             return Err(ApiError::MissingChunks(missing));
@@ -364,7 +345,7 @@ impl Gateway {
         let mut assembled = 0u64;
         let mut buffer = vec![0u8; READ_SLICE];
         for number in 0..session.total_chunks {
-            let path = chunk_path(&self.data_dir, id, number);
+            let path = self.spool.chunk_path(id, number);
             let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
                 tracing::error!(session_id = %id, chunk = number, %error, "a recorded chunk is missing on disk");
                 ApiError::Internal
@@ -396,29 +377,28 @@ impl Gateway {
         )
         .await?;
         let records = self
-            .accept(admission, dialect, vec![file], session.metadata.clone())
+            .accept(admission, vec![file], session.metadata.clone())
             .await?;
         if let Err(error) = self.store.delete_session(id.to_owned()).await {
             // The upload is recorded; the sweeper removes the session when it expires.
             tracing::error!(session_id = %id, %error, "cannot delete a completed session");
         }
-        remove_dir_quietly(&session_dir(&self.data_dir, id)).await;
+        self.remove_session_chunks(id).await;
         tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
         Ok(records)
     }
 }
 
 async fn find_session(
-    store: &Store,
+    store: &dyn Store,
     tenant: &str,
     dialect: DialectName,
     id: &str,
 ) -> Result<SessionRecord, ApiError> {
     let session = store
         .session_of(tenant.to_owned(), id.to_owned())
-        .await
-        .map_err(internal)?
-        .filter(|session| session.dialect == dialect.as_str())
+        .await?
+        .filter(|session| session.dialect == dialect)
         .ok_or(ApiError::NotFound)?;
     if session.expires_at_ms <= now_ms() {
         return Err(ApiError::SessionExpired);
@@ -428,10 +408,8 @@ async fn find_session(
 
 /// A received chunk on its way into its session.
 struct ChunkCommit {
-    store: Store,
-    data_dir: PathBuf,
-    /// fsync the session directory after the rename.
-    durable: bool,
+    store: Arc<dyn Store>,
+    spool: Arc<dyn Spool>,
     tenant: String,
     dialect: DialectName,
     id: String,
@@ -447,8 +425,7 @@ impl ChunkCommit {
     async fn run(self) -> Result<(), ApiError> {
         let Self {
             store,
-            data_dir,
-            durable,
+            spool,
             tenant,
             dialect,
             id,
@@ -457,7 +434,7 @@ impl ChunkCommit {
             limit,
         } = self;
         let _lock = lock_session(&id).await;
-        let session = find_session(&store, &tenant, dialect, &id).await?;
+        let session = find_session(store.as_ref(), &tenant, dialect, &id).await?;
         let others: u64 = session
             .chunks
             .iter()
@@ -468,34 +445,22 @@ impl ChunkCommit {
             return Err(ApiError::TooLarge { limit });
         }
         let size = chunk.size;
-        let dir = session_dir(&data_dir, &id);
-        let target = chunk_path(&data_dir, &id, number);
-        let placed = target.clone();
+        let placing = spool.clone();
+        let session_id = id.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            // A rename replaces an earlier copy of the chunk atomically.
-            std::fs::rename(&chunk.path, &placed)?;
+            placing.place_chunk(&session_id, number, &chunk.path)?;
             chunk.keep();
-            if durable {
-                std::fs::File::open(&dir)?.sync_all()?;
-            }
             Ok(())
         })
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|error| {
-            tracing::error!(session_id = %id, chunk = number, %error, "cannot store a chunk");
-            if error.raw_os_error() == Some(libc::ENOSPC) {
-                ApiError::InsufficientStorage
-            } else {
-                ApiError::Internal
-            }
-        })?;
+        .await?
+        .inspect_err(
+            |error| tracing::error!(session_id = %id, chunk = number, %error, "cannot store a chunk"),
+        )?;
         if let Err(error) = store.put_chunk(id.clone(), number, size).await {
-            let _ = tokio::fs::remove_file(&target).await;
+            let _ = std::fs::remove_file(spool.chunk_path(&id, number));
             // The usual cause: the session was swept or completed meanwhile.
-            return match find_session(&store, &tenant, dialect, &id).await {
-                Ok(_) => Err(internal(error)),
+            return match find_session(store.as_ref(), &tenant, dialect, &id).await {
+                Ok(_) => Err(error.into()),
                 Err(gone) => Err(gone),
             };
         }
@@ -503,97 +468,48 @@ impl ChunkCommit {
     }
 }
 
-async fn remove_dir_quietly(dir: &Path) {
-    let _ = tokio::fs::remove_dir_all(dir).await;
-}
-
-/// Removes what a crash can leave behind: session directories whose session row is gone
-/// (a completion or sweep interrupted between the row and the files), and temporary chunks
-/// in the spool that never reached their session.
-async fn sweep_leftovers(gateway: &Gateway) {
-    let root = gateway.data_dir.join("sessions");
-    let spool_dir = gateway.spool.dir.clone();
-    let listed = tokio::task::spawn_blocking(move || {
-        let dirs: Vec<String> = std::fs::read_dir(&root)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|entry| entry.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let now = std::time::SystemTime::now();
-        let stale = std::fs::read_dir(&spool_dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|entry| {
-                        entry
-                            .file_name()
-                            .to_str()
-                            .is_some_and(|name| name.starts_with(CHUNK_TEMP_PREFIX))
-                    })
-                    .filter(|entry| {
-                        entry
-                            .metadata()
-                            .and_then(|m| m.modified())
-                            .ok()
-                            .and_then(|modified| now.duration_since(modified).ok())
-                            .is_some_and(|age| age > STALE_CHUNK_TEMP)
-                    })
-                    .map(|entry| entry.path())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        for path in stale {
-            let _ = std::fs::remove_file(path);
-        }
-        dirs
-    })
-    .await
-    .unwrap_or_default();
-    if listed.is_empty() {
-        return;
-    }
-    // Read after listing: a directory is only created for a session whose row exists, so a
-    // listed directory without a row now is an orphan for good.
-    let Ok(ids) = gateway.store.session_ids().await else {
-        return;
-    };
-    let ids: HashSet<String> = ids.into_iter().collect();
-    for name in listed.into_iter().filter(|name| !ids.contains(name)) {
-        let _lock = lock_session(&name).await;
-        remove_dir_quietly(&session_dir(&gateway.data_dir, &name)).await;
-        tracing::info!(session_id = %name, "orphaned session directory removed");
-    }
-}
-
-/// Sweeps expired sessions and refreshes gauges every `sweep_interval`.
-pub async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
-    loop {
-        match gateway.store.take_expired_sessions(now_ms()).await {
+impl Gateway {
+    /// Sweeps what sessions leave behind: expired sessions and their chunks, chunk
+    /// directories whose session row is gone (a completion or sweep interrupted between the
+    /// row and the files) and temporary chunks that never reached their session.
+    pub(crate) async fn sweep_sessions(&self) {
+        match self.store.take_expired_sessions(now_ms()).await {
             Ok(expired) => {
                 for id in expired {
                     let _lock = lock_session(&id).await;
-                    remove_dir_quietly(&session_dir(&gateway.data_dir, &id)).await;
+                    self.remove_session_chunks(&id).await;
                     tracing::info!(session_id = %id, "expired session swept");
                 }
             }
             Err(error) => tracing::error!(%error, "session sweep failed"),
         }
-        sweep_leftovers(&gateway).await;
-        if let Ok(active) = gateway.store.active_sessions().await {
-            metrics::get().sessions_active.set(active as i64);
-        }
-        let spool = gateway.spool.clone();
-        let data_dir = gateway.data_dir.clone();
-        let floor = server.disk_free_floor.0;
-        let _ = tokio::task::spawn_blocking(move || {
-            metrics::get().spool_bytes.set(spool.bytes_on_disk() as i64);
-            metrics::watch_disk(&data_dir, floor);
+        let spool = self.spool.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            spool.remove_stale_parts(CHUNK_TEMP_PREFIX, STALE_CHUNK_TEMP);
+            spool.sessions()
         })
-        .await;
-        tokio::time::sleep(server.sweep_interval.0.min(std::time::Duration::from_secs(60))).await;
+        .await
+        .unwrap_or_default();
+        if listed.is_empty() {
+            return;
+        }
+        // Read after listing: chunks are only placed for a session whose row exists, so a
+        // listed session without a row now is an orphan for good.
+        let Ok(ids) = self.store.session_ids().await else {
+            return;
+        };
+        let ids: HashSet<String> = ids.into_iter().collect();
+        for name in listed.into_iter().filter(|name| !ids.contains(name)) {
+            let _lock = lock_session(&name).await;
+            self.remove_session_chunks(&name).await;
+            tracing::info!(session_id = %name, "orphaned session directory removed");
+        }
+    }
+
+    async fn remove_session_chunks(&self, id: &str) {
+        let spool = self.spool.clone();
+        let id = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
     }
 }
 
@@ -605,7 +521,7 @@ mod tests {
         SessionRecord {
             id: "s".into(),
             tenant: "t".into(),
-            dialect: "kore".into(),
+            dialect: DialectName::Kore,
             filename: "f.png".into(),
             extension: "png".into(),
             declared_size: 10,
@@ -622,15 +538,6 @@ mod tests {
         assert_eq!(missing_chunks(&session(vec![])), vec![0, 1, 2, 3]);
         assert_eq!(missing_chunks(&session(vec![(0, 3), (2, 3)])), vec![1, 3]);
         assert!(missing_chunks(&session(vec![(0, 1), (1, 1), (2, 1), (3, 1)])).is_empty());
-    }
-
-    #[test]
-    fn chunk_paths_are_numbers_under_the_session() {
-        let path = chunk_path(Path::new("/d"), "0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11", 7);
-        assert_eq!(
-            path,
-            Path::new("/d/sessions/0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11/7")
-        );
     }
 
     #[tokio::test]

@@ -6,8 +6,13 @@
 //! the config file's directory, and cross-references (plans, providers, dialects) checked.
 //! Every error names the file, line and column and what was expected.
 
+pub(crate) mod keys;
+mod location;
+#[cfg(test)]
+mod tests;
+pub(crate) mod units;
+
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +20,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
-use crate::dialects::DialectName;
+use crate::vocab::DialectName;
+pub(crate) use keys::{ApiKey, KeyDigest};
+use location::locate;
+pub(crate) use units::{ByteSize, HumanDuration, PluginSettings, env_path};
 
 /// A config problem, located in the file.
 #[derive(Debug, thiserror::Error)]
@@ -39,167 +47,6 @@ impl ConfigError {
             column,
             message: message.into(),
         }
-    }
-}
-
-/// A byte count written as `10MiB`, `25MB`, `512KiB`, `1GiB` or a plain integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    /// Parses `10MiB`, `25 MB`, `1024`, `1.5GiB`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        if number.is_empty() {
-            return Err(format!("`{text}` is not a size (expected e.g. 10MiB)"));
-        }
-        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            "t" | "tb" => 1_000_000_000_000,
-            "tib" => 1 << 40,
-            other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{text}` (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)"
-                ));
-            }
-        };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a size (expected e.g. 10MiB)"))?;
-        let bytes = value * multiplier as f64;
-        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("size `{text}` is out of range"));
-        }
-        Ok(Self(bytes.round() as u64))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [
-            (1 << 40, "TiB"),
-            (1 << 30, "GiB"),
-            (1 << 20, "MiB"),
-            (1 << 10, "KiB"),
-        ];
-        for (size, unit) in UNITS {
-            if self.0 >= size && self.0.is_multiple_of(size) {
-                return write!(f, "{}{unit}", self.0 / size);
-            }
-        }
-        write!(f, "{} bytes", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)
-            .map_err(|_| de::Error::custom("expected a size such as 10MiB"))?
-        {
-            Raw::Number(bytes) => Ok(Self(bytes)),
-            Raw::Text(text) => Self::parse(&text).map_err(de::Error::custom),
-        }
-    }
-}
-
-/// A duration written as `30s`, `5m`, `24h`, `250ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim()).map(Self).map_err(|error| {
-            de::Error::custom(format!(
-                "`{text}` is not a duration ({error}); expected e.g. 30s, 5m, 24h"
-            ))
-        })
-    }
-}
-
-/// A string in which `${VAR}` is replaced from the environment when the config is read.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EnvString(pub String);
-
-impl<'de> Deserialize<'de> for EnvString {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        expand_env(&text).map(Self).map_err(de::Error::custom)
-    }
-}
-
-/// A path in which `${VAR}` is replaced (e.g. `data_dir: ${STATE_DIRECTORY}` under systemd).
-fn env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
-    EnvString::deserialize(deserializer).map(|text| PathBuf::from(text.0))
-}
-
-/// Replaces each `${NAME}` in `text` with the environment variable `NAME`. `$$` is a literal
-/// `$`. An unset variable is an error naming it.
-pub fn expand_env(text: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find('$') {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| format!("unterminated `${{` in `{text}`"))?;
-            let name = &body[..end];
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "`${{{name}}}` is not a valid environment variable reference"
-                ));
-            }
-            let value = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
-            out.push_str(&value);
-            rest = &body[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// Plugin settings: free-form, with `${VAR}` expanded in every string.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PluginSettings(pub serde_json::Value);
-
-impl<'de> Deserialize<'de> for PluginSettings {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        fn expand(value: &mut serde_json::Value) -> Result<(), String> {
-            match value {
-                serde_json::Value::String(text) => *text = expand_env(text)?,
-                serde_json::Value::Array(items) => items.iter_mut().try_for_each(expand)?,
-                serde_json::Value::Object(map) => map.values_mut().try_for_each(expand)?,
-                _ => {}
-            }
-            Ok(())
-        }
-        let mut value = serde_json::Value::deserialize(deserializer)?;
-        expand(&mut value).map_err(de::Error::custom)?;
-        Ok(Self(value))
     }
 }
 
@@ -458,8 +305,8 @@ fn default_dialects() -> Vec<DialectGrant> {
 pub struct TenantConfig {
     pub plan: String,
     pub provider: String,
-    /// API keys, plain or `sha256:<hex>` of the key.
-    pub keys: Vec<EnvString>,
+    /// API keys, plain or `sha256:<hex>` of the key: digests from the moment they are read.
+    pub keys: Vec<ApiKey>,
     #[serde(default = "default_dialects")]
     pub dialects: Vec<DialectGrant>,
 }
@@ -620,16 +467,11 @@ impl Config {
                 );
             }
             for key in &tenant.keys {
-                match crate::policy::KeyDigest::from_config(&key.0) {
-                    Err(message) => error(&["tenants", name, "keys"], message),
-                    Ok(digest) => {
-                        if !seen_keys.insert(digest) {
-                            error(
-                                &["tenants", name, "keys"],
-                                "this key is already used by another entry".into(),
-                            );
-                        }
-                    }
+                if !seen_keys.insert(key.0) {
+                    error(
+                        &["tenants", name, "keys"],
+                        "this key is already used by another entry".into(),
+                    );
                 }
             }
         }
@@ -658,189 +500,4 @@ pub fn valid_plugin_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// Finds the line and column of a nested block-style key (`tenants` > `demo` > `plan`) in
-/// YAML text; falls back to the deepest key found. 1-based.
-fn locate(text: &str, keys: &[&str]) -> (usize, usize) {
-    let mut best = (1, 1);
-    let mut depth = 0;
-    let mut parent_indent: Option<usize> = None;
-    for (number, line) in text.lines().enumerate() {
-        if depth == keys.len() {
-            break;
-        }
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let indent = line.len() - trimmed.len();
-        if parent_indent.is_some_and(|parent| indent <= parent) {
-            // Left the parent's block without finding the key.
-            break;
-        }
-        let key = trimmed
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches(['"', '\'']);
-        if key == keys[depth] && trimmed.contains(':') {
-            best = (number + 1, indent + 1);
-            parent_indent = Some(indent);
-            depth += 1;
-            // Flow style (`demo: { plan: x }`): the rest is on this line.
-            if let Some(rest_keys) = keys.get(depth..) {
-                let mut column = indent + key.len();
-                for rest in rest_keys {
-                    if let Some(found) = line[column..].find(&format!("{rest}:")) {
-                        column += found;
-                        best = (number + 1, column + 1);
-                        depth += 1;
-                    } else {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    best
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = "server:\n  listen: 127.0.0.1:0\n  data_dir: data\nplans:\n  free:\n    max_file_size: 10MiB\n    allowed_extensions: [png, txt]\n    rate_limit: { requests_per_second: 5, burst: 10 }\nproviders:\n  disk: { plugin: local, settings: { root: ./files } }\ntenants:\n  demo:\n    plan: free\n    provider: disk\n    keys: [demo-key]\n";
-
-    fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
-        Config::parse(text, Path::new("/etc/upgate/config.yaml"))
-    }
-
-    fn first_error(text: &str) -> String {
-        parse(text).unwrap_err().remove(0).to_string()
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(ByteSize::parse("10MiB").unwrap().0, 10 << 20);
-        assert_eq!(ByteSize::parse("25MB").unwrap().0, 25_000_000);
-        assert_eq!(ByteSize::parse("1.5 GiB").unwrap().0, 3 << 29);
-        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
-        assert_eq!(ByteSize::parse("0").unwrap().0, 0);
-        assert!(ByteSize::parse("10XB").unwrap_err().contains("unknown size unit"));
-        assert!(ByteSize::parse("MiB").is_err());
-        assert!(ByteSize::parse("-1MiB").is_err());
-        assert_eq!(ByteSize(10 << 20).to_string(), "10MiB");
-        assert_eq!(ByteSize(1000).to_string(), "1000 bytes");
-    }
-
-    #[test]
-    fn env_expansion() {
-        // cargo sets CARGO_PKG_NAME for the test process.
-        assert_eq!(
-            expand_env("a ${CARGO_PKG_NAME} b $$ c $x").unwrap(),
-            "a upgate-core b $ c $x"
-        );
-        assert_eq!(
-            expand_env("${UPGATE_TEST_UNSET_VAR}").unwrap_err(),
-            "environment variable UPGATE_TEST_UNSET_VAR is not set"
-        );
-        assert!(expand_env("${bad name}").is_err());
-        assert!(expand_env("${OPEN").is_err());
-        // Server paths too (cargo sets CARGO_MANIFEST_DIR, an absolute path).
-        let config = parse(&GOOD.replace("data_dir: data", "data_dir: ${CARGO_MANIFEST_DIR}/state")).unwrap();
-        assert_eq!(
-            config.server.data_dir,
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/state"))
-        );
-        let errors =
-            parse(&GOOD.replace("data_dir: data", "data_dir: ${UPGATE_TEST_UNSET_DIR}")).unwrap_err();
-        assert!(
-            errors[0].to_string().contains("UPGATE_TEST_UNSET_DIR"),
-            "{errors:?}"
-        );
-    }
-
-    #[test]
-    fn parses_the_good_config_and_resolves_paths() {
-        let config = parse(GOOD).unwrap();
-        assert_eq!(config.server.data_dir, PathBuf::from("/etc/upgate/data"));
-        assert_eq!(
-            config.server.plugin_dir,
-            PathBuf::from("/etc/upgate/./target/release")
-        );
-        assert_eq!(config.plans["free"].max_file_size.0, 10 << 20);
-        assert_eq!(config.server.idle_timeout.0, Duration::from_secs(30));
-        assert_eq!(config.tenants["demo"].dialects, vec![DialectGrant::All]);
-        assert!(config.plans["free"].verify_content);
-    }
-
-    #[test]
-    fn unknown_field_is_located() {
-        let text = GOOD.replace("    provider: disk\n", "    provider: disk\n    colour: blue\n");
-        let message = first_error(&text);
-        assert!(message.starts_with("/etc/upgate/config.yaml:15:5: "), "{message}");
-        assert!(message.contains("unknown field `colour`"), "{message}");
-    }
-
-    #[test]
-    fn bad_size_is_located() {
-        let message = first_error(&GOOD.replace("10MiB", "10XB"));
-        assert!(
-            message.starts_with("/etc/upgate/config.yaml:6:5: plans.free: "),
-            "{message}"
-        );
-        assert!(message.contains("unknown size unit"), "{message}");
-    }
-
-    #[test]
-    fn unknown_plan_is_located_and_lists_the_choices() {
-        let message = first_error(&GOOD.replace("plan: free", "plan: gold"));
-        assert_eq!(
-            message,
-            "/etc/upgate/config.yaml:13:5: unknown plan `gold`, expected one of: free"
-        );
-    }
-
-    #[test]
-    fn unknown_provider_in_flow_style() {
-        let text = GOOD.replace(
-            "  demo:\n    plan: free\n    provider: disk\n    keys: [demo-key]\n",
-            "  demo: { plan: free, provider: nowhere, keys: [k] }\n",
-        );
-        let message = first_error(&text);
-        assert!(
-            message.starts_with("/etc/upgate/config.yaml:12:23: unknown provider `nowhere`"),
-            "{message}"
-        );
-    }
-
-    #[test]
-    fn unset_variable_is_named_and_located() {
-        let text = GOOD.replace("root: ./files", "root: \"${UPGATE_TEST_NOT_SET_ROOT}\"");
-        let message = first_error(&text);
-        assert!(
-            message.contains("environment variable UPGATE_TEST_NOT_SET_ROOT is not set"),
-            "{message}"
-        );
-        assert!(message.starts_with("/etc/upgate/config.yaml:10:"), "{message}");
-    }
-
-    #[test]
-    fn bad_listen_address_and_dialect() {
-        let message = first_error(&GOOD.replace("127.0.0.1:0", "localhost"));
-        assert!(message.starts_with("/etc/upgate/config.yaml:2:11: "), "{message}");
-        let text = GOOD.replace("keys: [demo-key]", "keys: [demo-key]\n    dialects: [dify, fax]");
-        let message = first_error(&text);
-        assert!(message.contains("unknown dialect `fax`"), "{message}");
-    }
-
-    #[test]
-    fn duplicate_keys_are_refused() {
-        let text = format!("{GOOD}  other:\n    plan: free\n    provider: disk\n    keys: [demo-key]\n");
-        let message = first_error(&text);
-        assert!(message.contains("already used"), "{message}");
-        assert!(message.starts_with("/etc/upgate/config.yaml:19:5"), "{message}");
-    }
 }

@@ -18,12 +18,15 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, DialectName, errors_body, file_url, iso_millis, plain_message};
-use crate::error::{ApiError, DialectError};
-use crate::gateway::{Gateway, Metadata};
-use crate::intake::{FormSpec, extension_of, next_or_stall};
-use crate::sessions::{ChunkForm, MAX_CHUNKS, NewSession};
+use super::{
+    Dialect, DialectName, admit, errors_body, file_url, iso_millis, plain_message, upload_multipart,
+};
+use crate::error::ApiError;
+use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
+use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
+use crate::upload::intake::{FormSpec, extension_of, next_or_stall};
+use crate::upload::{Gateway, Metadata};
 
 pub struct Kore;
 
@@ -55,10 +58,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
         );
 }
 
-fn fail(error: ApiError) -> DialectError {
-    DialectError::new(DialectName::Kore, error)
-}
-
 fn file_object(record: &UploadRecord) -> Value {
     json!({ "fileId": record.id, "url": file_url(record) })
 }
@@ -68,8 +67,8 @@ async fn upload(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let records = gateway
-        .upload_multipart(&Kore, &request, payload, &FORM, |received| {
+    answer(DialectName::Kore, async move {
+        let records = upload_multipart(&gateway, &Kore, &request, payload, &FORM, |received| {
             let context = received
                 .fields
                 .get("fileContext")
@@ -80,9 +79,10 @@ async fn upload(
             metadata.insert("fileContext".into(), context.into());
             Ok(metadata)
         })
-        .await
-        .map_err(fail)?;
-    Ok(crate::server::with_upload_ids(HttpResponse::Ok(), &records).json(file_object(&records[0])))
+        .await?;
+        Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))
+    })
+    .await
 }
 
 async fn start(
@@ -90,24 +90,20 @@ async fn start(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Kore, &request).await.map_err(fail)?;
-    let idle = admission.policy.config.server.idle_timeout.0;
-    let body = read_json(payload, idle).await.map_err(fail)?;
-    let (new, declared_extension) = parse_start(&body).map_err(fail)?;
-    // Both the name's extension (checked by the session) and the declared one must be allowed.
-    admission
-        .tenant
-        .plan
-        .check_extension(&declared_extension)
-        .map_err(fail)?;
-    let session = gateway
-        .start_session(&admission, DialectName::Kore, new)
-        .await
-        .map_err(fail)?;
-    Ok(HttpResponse::Ok().json(json!({
-        "sessionId": session.id,
-        "expirationDate": iso_millis(session.expires_at_ms),
-    })))
+    answer(DialectName::Kore, async move {
+        let admission = admit(&gateway, &Kore, &request).await?;
+        let idle = admission.policy.config.server.idle_timeout.0;
+        let body = read_json(payload, idle).await?;
+        let (new, declared_extension) = parse_start(&body)?;
+        // Both the name's extension (checked by the session) and the declared one must be allowed.
+        admission.tenant.plan.check_extension(&declared_extension)?;
+        let session = gateway.start_session(&admission, new).await?;
+        Ok(HttpResponse::Ok().json(json!({
+            "sessionId": session.id,
+            "expirationDate": iso_millis(session.expires_at_ms),
+        })))
+    })
+    .await
 }
 
 async fn chunk(
@@ -115,24 +111,26 @@ async fn chunk(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Kore, &request).await.map_err(fail)?;
-    let id = request.match_info().get("sessionId").unwrap_or_default();
-    // The gateway validates the id (a uuid) before looking it up.
-    let (number, _) = gateway
-        .receive_chunk(&admission, DialectName::Kore, id, &request, payload, &CHUNK_FORM)
-        .await
-        .map_err(fail)?;
-    Ok(HttpResponse::Ok().json(json!({ "chunkNumber": number, "sessionId": id })))
+    answer(DialectName::Kore, async move {
+        let admission = admit(&gateway, &Kore, &request).await?;
+        let id = request.match_info().get("sessionId").unwrap_or_default();
+        // The gateway validates the id (a uuid) before looking it up.
+        let (number, _) = gateway
+            .receive_chunk(&admission, id, request.headers(), payload, &CHUNK_FORM)
+            .await?;
+        Ok(HttpResponse::Ok().json(json!({ "chunkNumber": number, "sessionId": id })))
+    })
+    .await
 }
 
 async fn complete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
-    let admission = gateway.admit(&Kore, &request).await.map_err(fail)?;
-    let id = request.match_info().get("sessionId").unwrap_or_default();
-    let records = gateway
-        .complete_session(&admission, DialectName::Kore, id)
-        .await
-        .map_err(fail)?;
-    Ok(crate::server::with_upload_ids(HttpResponse::Ok(), &records).json(file_object(&records[0])))
+    answer(DialectName::Kore, async move {
+        let admission = admit(&gateway, &Kore, &request).await?;
+        let id = request.match_info().get("sessionId").unwrap_or_default();
+        let records = gateway.complete_session(&admission, id).await?;
+        Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))
+    })
+    .await
 }
 
 /// Reads a small JSON body.

@@ -13,12 +13,13 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, file_url, plain_message, seconds};
+use super::{Dialect, DialectName, file_url, plain_message, seconds, upload_multipart};
 use crate::content;
-use crate::error::{ApiError, DialectError};
-use crate::gateway::{Gateway, Metadata};
-use crate::intake::FormSpec;
+use crate::error::ApiError;
+use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
+use crate::upload::intake::FormSpec;
+use crate::upload::{Gateway, Metadata};
 
 pub struct Maiagent;
 
@@ -40,11 +41,14 @@ async fn upload(
     payload: Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, DialectError> {
-    let records = gateway
-        .upload_multipart(&Maiagent, &request, payload, &FORM, |_| Ok(Metadata::new()))
-        .await
-        .map_err(|error| DialectError::new(DialectName::Maiagent, error))?;
-    Ok(crate::server::with_upload_ids(HttpResponse::Created(), &records).json(attachment(&records[0])))
+    answer(DialectName::Maiagent, async move {
+        let records = upload_multipart(&gateway, &Maiagent, &request, payload, &FORM, |_| {
+            Ok(Metadata::new())
+        })
+        .await?;
+        Ok(uploaded(StatusCode::CREATED, &records, attachment(&records[0])))
+    })
+    .await
 }
 
 fn attachment(record: &UploadRecord) -> Value {

@@ -1,0 +1,248 @@
+//! The daemon: listeners, background tasks, signals and systemd notifications.
+//!
+//! What flows through here: a config path in; out, a running actix-web server with every
+//! dialect's routes on `server.listen` and `/metrics`, `/healthz`, `/readyz` on
+//! `server.metrics_listen`, the async-delivery outbox, the session sweeper and the disk
+//! watch. SIGHUP reloads config, plans, tenants and provider instances (a config that fails
+//! validation is refused and the running one stays); SIGTERM/SIGINT stop accepting, let
+//! in-flight uploads finish within `shutdown_timeout`, and exit 0. Each request is logged
+//! once (method, route, status, bytes, duration, upload ids, tenant), never with keys.
+
+mod operator;
+mod signals;
+mod workers;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use sd_notify::NotifyState;
+
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::http::{self, ConnectionGuard};
+use crate::limits::local::LocalLimiter;
+use crate::metrics;
+use crate::plugins::{self, PluginHostError, Provider};
+use crate::policy::Policy;
+use crate::spool::local::LocalSpool;
+use crate::store::StoreError;
+use crate::store::sqlite::SqliteStore;
+use crate::upload::Gateway;
+pub use operator::delete_upload;
+
+/// Why the daemon could not start or run. [`ServeError::exit_code`] maps it to the CLI's
+/// exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{}", join(.0))]
+    Config(Vec<ConfigError>),
+    #[error("{}", join(.0))]
+    Plugins(Vec<PluginHostError>),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// An operator command refused (no such upload, the provider could not delete, ...).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(T::to_string).collect::<Vec<_>>().join("\n")
+}
+
+impl ServeError {
+    /// 2 for bad config (plugins included), 1 for failures at run time.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Plugins(_) => 2,
+            Self::Store(_) | Self::Io { .. } | Self::Refused(_) => 1,
+        }
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}
+
+/// Loads the config and instantiates its providers: everything `check-config` validates.
+pub fn load(path: &Path) -> Result<(Config, BTreeMap<String, Arc<Provider>>), ServeError> {
+    let config = Config::load(path).map_err(ServeError::Config)?;
+    let providers = plugins::instantiate(&config).map_err(ServeError::Plugins)?;
+    Ok((config, providers))
+}
+
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    let _ = sd_notify::notify(states);
+}
+
+/// The gateway over the configured store, spool and limits (the embedded defaults: SQLite
+/// and the spool in `data_dir`, limits in this process).
+fn open_gateway(config: Config, providers: BTreeMap<String, Arc<Provider>>) -> Result<Gateway, ServeError> {
+    let server = &config.server;
+    let store = Arc::new(SqliteStore::open(&server.data_dir, server.durability)?);
+    let spool = LocalSpool::open(&server.data_dir, server.durability)
+        .map_err(ServeError::io("cannot prepare the spool directory"))?;
+    let limiter = Arc::new(LocalLimiter::new(store.clone()));
+    Ok(Gateway::new(
+        Policy::new(config, providers),
+        store,
+        Arc::new(spool),
+        limiter,
+    ))
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
+pub fn serve(config_path: &Path) -> Result<(), ServeError> {
+    let (config, providers) = load(config_path)?;
+    init_logging(config.server.log_format);
+    let workers = config
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    actix_web::rt::System::new().block_on(run(config_path.to_path_buf(), config, providers, workers))
+}
+
+async fn run(
+    config_path: PathBuf,
+    config: Config,
+    providers: BTreeMap<String, Arc<Provider>>,
+    workers: usize,
+) -> Result<(), ServeError> {
+    let server_config = config.server.clone();
+    std::fs::create_dir_all(&server_config.data_dir).map_err(ServeError::io(format!(
+        "cannot create data_dir {}",
+        server_config.data_dir.display()
+    )))?;
+    metrics::prime(providers.keys().map(String::as_str));
+    let gateway = open_gateway(config, providers)?;
+    // What a crash left: parts of uploads that never finished, spooled files of uploads never
+    // acknowledged, leases of deliveries that died with the process.
+    let spool = gateway.spool.clone();
+    let keep = gateway.store.spooled_ids().await?;
+    let orphans = tokio::task::spawn_blocking(move || spool.remove_orphans(&keep))
+        .await
+        .map_err(|error| ServeError::Io {
+            what: "cannot sweep the spool".into(),
+            source: std::io::Error::other(error),
+        })?
+        .map_err(ServeError::io("cannot sweep the spool"))?;
+    if orphans > 0 {
+        tracing::info!(
+            orphans,
+            "removed spooled files of uploads that were never acknowledged"
+        );
+    }
+    gateway.store.release_outbox_leases().await?;
+    if let Some(free) = metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0) {
+        gateway.set_below_disk_floor(free < server_config.disk_free_floor.0);
+    }
+    let gateway = web::Data::new(gateway);
+
+    let listener = TcpListener::bind(server_config.listen).map_err(ServeError::io(format!(
+        "cannot listen on {}",
+        server_config.listen
+    )))?;
+    let address = listener
+        .local_addr()
+        .map_err(ServeError::io("listener address"))?;
+    let app_gateway = gateway.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_gateway.clone())
+            .wrap(actix_web::middleware::from_fn(http::request_log::observe))
+            .configure(http::routes)
+    })
+    .workers(workers)
+    .max_connections(server_config.max_connections)
+    .client_request_timeout(server_config.header_timeout.0)
+    .client_disconnect_timeout(Duration::from_secs(5))
+    .keep_alive(Duration::from_secs(75))
+    .shutdown_timeout(server_config.shutdown_timeout.0.as_secs().max(1))
+    .disable_signals()
+    .on_connect(|_, extensions| {
+        extensions.insert(ConnectionGuard::new());
+    })
+    .listen(listener)
+    .map_err(ServeError::io("cannot start the HTTP server"))?
+    .run();
+    let handle = server.handle();
+
+    let metrics_server = match server_config.metrics_listen {
+        Some(metrics_listen) => {
+            let listener = TcpListener::bind(metrics_listen).map_err(ServeError::io(format!(
+                "cannot listen on {metrics_listen} (metrics_listen)"
+            )))?;
+            let metrics_address = listener
+                .local_addr()
+                .map_err(ServeError::io("listener address"))?;
+            let metrics_gateway = gateway.clone();
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(metrics_gateway.clone())
+                    .configure(http::probes)
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .map_err(ServeError::io("cannot start the metrics server"))?
+            .run();
+            println!("upgate: metrics on http://{metrics_address}");
+            Some(server)
+        }
+        None => None,
+    };
+    println!("upgate: listening on http://{address}");
+    tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), "upgate started");
+
+    actix_web::rt::spawn(workers::run_outbox(gateway.clone().into_inner()));
+    actix_web::rt::spawn(workers::run_housekeeping(
+        gateway.clone().into_inner(),
+        server_config.clone(),
+    ));
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        actix_web::rt::spawn(async move {
+            loop {
+                notify(&[NotifyState::Watchdog]);
+                tokio::time::sleep(interval / 2).await;
+            }
+        });
+    }
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+
+    let metrics_handle = metrics_server.as_ref().map(|server| server.handle());
+    let signals_gateway = gateway.clone();
+    actix_web::rt::spawn(async move {
+        signals::wait_for_stop(&config_path, &signals_gateway).await;
+        notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("draining in-flight uploads"),
+        ]);
+        tracing::info!("stopping: draining in-flight uploads");
+        handle.stop(true).await;
+        if let Some(metrics_handle) = metrics_handle {
+            metrics_handle.stop(false).await;
+        }
+    });
+    let metrics_task = metrics_server.map(actix_web::rt::spawn);
+    server.await.map_err(ServeError::io("HTTP server"))?;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

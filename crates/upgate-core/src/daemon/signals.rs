@@ -1,0 +1,63 @@
+//! Signals: SIGHUP reloads the config and plugins; SIGTERM and SIGINT stop the daemon.
+//!
+//! What flows through here: signals in; a new policy snapshot swapped into the gateway (or a
+//! refused config logged, the running one kept), and systemd's RELOADING/READY states.
+
+use std::path::Path;
+
+use sd_notify::NotifyState;
+
+use super::{load, notify};
+use crate::metrics;
+use crate::policy::Policy;
+use crate::upload::Gateway;
+
+/// Handles SIGHUP (reload) until SIGTERM or SIGINT arrives.
+pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            _ = interrupt.recv() => return,
+            _ = hangup.recv() => reload(config_path, gateway).await,
+        }
+    }
+}
+
+async fn reload(config_path: &Path, gateway: &Gateway) {
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+    let path = config_path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || load(&path)).await;
+    match loaded {
+        Ok(Ok((config, providers))) => {
+            let running = gateway.policy();
+            if config.server.listen != running.config.server.listen
+                || config.server.data_dir != running.config.server.data_dir
+            {
+                tracing::warn!("server.listen and server.data_dir changes take effect at the next restart");
+            }
+            metrics::prime(providers.keys().map(String::as_str));
+            gateway.replace_policy(Policy::new(config, providers));
+            metrics::config_reload(true);
+            tracing::info!("configuration reloaded");
+        }
+        Ok(Err(error)) => {
+            metrics::config_reload(false);
+            tracing::error!(%error, "configuration reload refused; the running configuration stays");
+        }
+        Err(_) => metrics::config_reload(false),
+    }
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}

@@ -1,0 +1,88 @@
+//! Background workers: the loops that run beside the listeners until the process ends.
+//!
+//! What flows through here: time. The outbox loop claims due async uploads from the store
+//! and hands each to [`deliver::deliver_from_outbox`]; the housekeeping loop sweeps
+//! sessions ([`Gateway::sweep_sessions`]) and refreshes the gauges and the disk floor.
+//! The work itself lives in `upload/`; these are only its clocks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ServerConfig;
+use crate::metrics;
+use crate::upload::{Gateway, deliver};
+use crate::vocab::now_ms;
+
+/// The async delivery loop: claims due uploads from the outbox and attempts each once,
+/// rescheduling failures with backoff. Runs until the process ends.
+pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
+    const BATCH: usize = 32;
+    loop {
+        let policy = gateway.policy();
+        // Long enough for the slowest provider's attempt (bounded by its `timeout`) to end
+        // before a second poll could claim the same upload.
+        let longest_attempt = policy
+            .providers
+            .values()
+            .map(|provider| provider.config.timeout.0)
+            .max()
+            .unwrap_or_default();
+        let lease_ms = (longest_attempt + deliver::OUTBOX_LEASE_MARGIN).as_millis() as i64;
+        match gateway.store.claim_due(now_ms(), BATCH, lease_ms).await {
+            Ok(due) => {
+                let full = due.len() == BATCH;
+                for record in due {
+                    let Some(provider) = policy.providers.get(&record.provider).cloned() else {
+                        tracing::error!(upload_id = %record.id, provider = %record.provider,
+                            "provider no longer configured; upload stays in the outbox");
+                        let retry_at = now_ms() + 60_000;
+                        let _ = gateway
+                            .store
+                            .mark_attempt_failed(
+                                record.id.clone(),
+                                "provider not configured".into(),
+                                record.attempts,
+                                Some(retry_at),
+                            )
+                            .await;
+                        continue;
+                    };
+                    let gateway = gateway.clone();
+                    actix_web::rt::spawn(async move {
+                        deliver::deliver_from_outbox(&gateway, &provider, record).await
+                    });
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(error) => tracing::error!(%error, "outbox poll failed"),
+        }
+        if let Ok(pending) = gateway.store.outbox_len().await {
+            metrics::outbox_pending(pending);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), gateway.outbox_wake.notified()).await;
+    }
+}
+
+/// Sweeps expired sessions and refreshes gauges every `sweep_interval`.
+pub(crate) async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
+    loop {
+        gateway.sweep_sessions().await;
+        if let Ok(active) = gateway.store.active_sessions().await {
+            metrics::get().sessions_active.set(active as i64);
+        }
+        let spool = gateway.spool.clone();
+        let data_dir = server.data_dir.clone();
+        let floor = server.disk_free_floor.0;
+        let below = tokio::task::spawn_blocking(move || {
+            metrics::get().spool_bytes.set(spool.bytes_on_disk() as i64);
+            metrics::watch_disk(&data_dir, floor)
+        })
+        .await;
+        if let Ok(Some(free)) = below {
+            gateway.set_below_disk_floor(free < floor);
+        }
+        tokio::time::sleep(server.sweep_interval.0.min(std::time::Duration::from_secs(60))).await;
+    }
+}

@@ -1,0 +1,91 @@
+//! The HTTP edge: actix-web routes, responders, the request log and the probes.
+//!
+//! What flows through here: HTTP requests in, HTTP responses out. [`dialects`] parse each
+//! vendor's requests into calls on the shared upload flow ([`crate::upload::Gateway`]) and
+//! render its records and errors in the vendor's shape; [`respond`] is the one place an
+//! error becomes a response; [`request_log`] observes every request. Nothing below this
+//! folder knows about actix's request types; this folder knows nothing of the daemon.
+
+pub(crate) mod dialects;
+pub(crate) mod request_log;
+pub(crate) mod respond;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::error::ApiError;
+use crate::metrics;
+use crate::upload::Gateway;
+use respond::DialectError;
+
+/// Every dialect's routes, and the answer for paths no route serves.
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
+    dialects::configure(config);
+    config.default_service(web::to(not_found));
+}
+
+/// The probe listener's routes: `/metrics`, `/healthz`, `/readyz`.
+pub(crate) fn probes(config: &mut web::ServiceConfig) {
+    config
+        .route("/metrics", web::get().to(metrics_text))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
+}
+
+/// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.
+async fn not_found(request: HttpRequest) -> Result<HttpResponse, DialectError> {
+    match dialects::of_path(request.path()) {
+        Some(dialect) => Err(DialectError::new(dialect, ApiError::NoSuchEndpoint)),
+        None => Ok(HttpResponse::NotFound()
+            .json(serde_json::json!({ "message": "no such endpoint", "status": 404 }))),
+    }
+}
+
+async fn metrics_text() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics::render())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
+    let mut problems = Vec::new();
+    if let Err(error) = gateway.store.outbox_len().await {
+        problems.push(format!("store: {error}"));
+    }
+    if gateway.below_disk_floor() {
+        problems.push("data_dir is below its free-space floor".to_owned());
+    }
+    let policy = gateway.policy();
+    for provider in policy.providers.values() {
+        let checked = provider.clone();
+        let health = tokio::task::spawn_blocking(move || checked.health()).await;
+        if !matches!(health, Ok(Ok(()))) {
+            problems.push(format!("provider {} is not healthy", provider.name));
+        }
+    }
+    if problems.is_empty() {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "not ready", "problems": problems }))
+    }
+}
+
+/// Counts open connections: one guard lives in each connection's extensions.
+pub(crate) struct ConnectionGuard;
+
+impl ConnectionGuard {
+    pub(crate) fn new() -> Self {
+        metrics::get().open_connections.inc();
+        Self
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        metrics::get().open_connections.dec();
+    }
+}

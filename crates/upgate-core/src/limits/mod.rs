@@ -1,0 +1,57 @@
+//! Limits: the checks that count requests, uploads in progress and bytes per day.
+//!
+//! What flows through here: a key's digest and its plan's rate limit, a tenant's (or the
+//! daemon's) concurrency cap, and a tenant's daily usage against its quota. Out come
+//! verdicts: `Ok`, or how long to wait. The [`Limiter`] trait is the seam for where that
+//! state lives: [`local::LocalLimiter`] keeps rate and concurrency in this process
+//! (`governor` buckets, semaphores) and quotas in the store; a shared backend (Redis) is
+//! one more module beside it. Nothing here knows about HTTP or dialects.
+
+pub(crate) mod local;
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use crate::config::RateLimitConfig;
+use crate::config::keys::KeyDigest;
+use crate::store::StoreError;
+
+/// What a concurrency cap counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Scope {
+    /// Uploads in progress on this daemon (`server.max_concurrent_uploads`).
+    Daemon,
+    /// Uploads in progress of one tenant (its plan's `max_concurrent_uploads`).
+    Tenant(String),
+}
+
+/// A slot of a concurrency cap, given back when dropped.
+pub(crate) type Slot = Box<dyn Send + Sync>;
+
+/// Daily usage of a tenant: (bytes, uploads).
+pub(crate) type Usage = (u64, u64);
+
+/// Where the counters of rate limits, concurrency caps and quotas live.
+pub(crate) trait Limiter: Send + Sync {
+    /// Counts one request of `key` under `limit`; `Err` is how long until it would pass.
+    fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), Duration>>;
+
+    /// A slot of `scope` among `cap`, or `None` when all are taken.
+    fn acquire(&self, scope: Scope, cap: usize) -> BoxFuture<'_, Option<Slot>>;
+
+    /// A tenant's usage on `day` (days since the epoch).
+    fn usage(&self, tenant: String, day: i64) -> BoxFuture<'_, Result<Usage, StoreError>>;
+
+    /// Adds usage if it stays within `limits` (bytes, uploads); `false` if it would not.
+    fn try_add_usage(
+        &self,
+        tenant: String,
+        day: i64,
+        added: Usage,
+        limits: (Option<u64>, Option<u64>),
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Gives back usage of uploads the client was told failed.
+    fn refund_usage(&self, tenant: String, day: i64, refund: Usage) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -1,0 +1,273 @@
+//! The spool: bytes waiting for delivery or assembly.
+//!
+//! What flows through here: the body bytes of each file, streamed through a [`SpoolWriter`]
+//! (size capped mid-stream, sha256, the first bytes kept for content sniffing, UTF-8
+//! checked for text) into a `.part` file; complete files ([`SpooledFile`]) made durable
+//! when they must outlive the request (async delivery); chunks of sessions placed where
+//! their session keeps them. The [`Spool`] trait is the seam for where those bytes rest:
+//! [`local::LocalSpool`] (`<data_dir>/spool`, `<data_dir>/sessions`) is the embedded
+//! default; shared object storage is one more module beside it. Its methods block: callers
+//! run them off the async workers. Names are upgate's own ids and chunk numbers, never a
+//! client's string.
+
+pub(crate) mod local;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+use crate::config::Durability;
+use crate::content::{self, SNIFF_LEN, Utf8Validator};
+use crate::error::ApiError;
+
+/// Bytes gathered before one write to disk.
+const WRITE_SLICE: usize = 512 * 1024;
+/// Files up to this size are written by the async worker itself (see `finish`).
+const INLINE_WRITE: usize = 64 * 1024;
+
+/// Where spooled bytes rest. Every method may block.
+pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
+    /// How hard writes are made durable (`server.durability`).
+    fn durability(&self) -> Durability;
+    /// The local file a [`SpoolWriter`] fills for `name` (an upload id, or a temporary name).
+    fn part_path(&self, name: &str) -> PathBuf;
+    /// Makes the complete part file of upload `id` outlive the request; returns where it
+    /// now is.
+    fn persist(&self, part: &Path, id: &str) -> std::io::Result<PathBuf>;
+    /// Where the persisted bytes of upload `id` are read for delivery.
+    fn path_of(&self, id: &str) -> PathBuf;
+    /// Removes persisted files of uploads not in `keep` (never acknowledged); how many.
+    fn remove_orphans(&self, keep: &HashSet<String>) -> std::io::Result<usize>;
+    /// Removes part files named `prefix*` older than `age` (left by a crash).
+    fn remove_stale_parts(&self, prefix: &str, age: Duration);
+    /// Total bytes spooled (for the spool gauge).
+    fn bytes_on_disk(&self) -> u64;
+    /// Moves a complete part file in as chunk `number` of session `session`, replacing an
+    /// earlier copy atomically.
+    fn place_chunk(&self, session: &str, number: u64, part: &Path) -> std::io::Result<()>;
+    /// Where chunk `number` of `session` is read.
+    fn chunk_path(&self, session: &str, number: u64) -> PathBuf;
+    /// Removes every chunk of `session`.
+    fn remove_session(&self, session: &str);
+    /// Sessions that have chunks here.
+    fn sessions(&self) -> Vec<String>;
+}
+
+/// A file fully received into the spool. Removed from disk when dropped, unless
+/// [`SpooledFile::keep`] was called.
+#[derive(Debug)]
+pub(crate) struct SpooledFile {
+    pub(crate) upload_id: String,
+    pub(crate) filename: String,
+    pub(crate) extension: String,
+    pub(crate) mime: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) path: PathBuf,
+    pub(crate) keep: bool,
+}
+
+impl SpooledFile {
+    /// Gives the complete file its durable spool name, `<data_dir>/spool/<id>`, with an
+    /// atomic rename (and, with `durability: power_loss`, an fsync of the directory): for
+    /// files that outlive the request (async delivery).
+    pub(crate) fn persist(&mut self, spool: &dyn Spool) -> std::io::Result<()> {
+        self.path = spool.persist(&self.path, &self.upload_id)?;
+        Ok(())
+    }
+
+    /// The file now belongs to a record: do not remove it on drop.
+    pub(crate) fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for SpooledFile {
+    fn drop(&mut self) {
+        if !self.keep && !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+type Sink = (Option<std::fs::File>, Sha256);
+/// A slice written on a blocking thread: the sink, and the emptied buffer to fill again.
+type WrittenSlice = JoinHandle<std::io::Result<(Sink, Vec<u8>)>>;
+
+/// Streams one file into the spool (see the module docs).
+pub(crate) struct SpoolWriter {
+    spool: Arc<dyn Spool>,
+    part_path: PathBuf,
+    sink: Option<Sink>,
+    /// The slice being written on a blocking thread; it comes back with the sink, emptied,
+    /// to be filled again (two buffers alternate: no allocation per slice).
+    pending: Option<WrittenSlice>,
+    buffer: Vec<u8>,
+    spare: Option<Vec<u8>>,
+    size: u64,
+    max_size: u64,
+    head: Vec<u8>,
+    utf8: Option<Utf8Validator>,
+    finished: bool,
+}
+
+impl SpoolWriter {
+    /// Starts a spool file for upload `upload_id`. `check_utf8` turns on the streaming
+    /// UTF-8 validator.
+    pub(crate) fn new(spool: &Arc<dyn Spool>, upload_id: &str, max_size: u64, check_utf8: bool) -> Self {
+        Self {
+            spool: spool.clone(),
+            part_path: spool.part_path(upload_id),
+            sink: Some((None, Sha256::new())),
+            pending: None,
+            buffer: Vec::new(),
+            spare: None,
+            size: 0,
+            max_size,
+            head: Vec::new(),
+            utf8: check_utf8.then(Utf8Validator::default),
+            finished: false,
+        }
+    }
+
+    /// Adds bytes; refuses them once the total passes the limit.
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<(), ApiError> {
+        self.size += bytes.len() as u64;
+        if self.size > self.max_size {
+            return Err(ApiError::TooLarge { limit: self.max_size });
+        }
+        if self.head.len() < SNIFF_LEN {
+            let take = (SNIFF_LEN - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+        }
+        if let Some(validator) = &mut self.utf8 {
+            validator.feed(bytes);
+        }
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= WRITE_SLICE {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn sink(&mut self) -> Result<Sink, ApiError> {
+        if let Some(pending) = self.pending.take() {
+            let (sink, mut written) = pending.await??;
+            written.clear();
+            self.spare = Some(written);
+            return Ok(sink);
+        }
+        self.sink.take().ok_or(ApiError::Internal)
+    }
+
+    /// Hands the buffer to a blocking thread that hashes and writes it, after the previous
+    /// slice is done (at most two slices in memory).
+    async fn flush(&mut self) -> Result<(), ApiError> {
+        let sink = self.sink().await?;
+        let next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_SLICE));
+        let slice = std::mem::replace(&mut self.buffer, next);
+        let path = self.part_path.clone();
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            let sink = write_slice(sink, &path, &slice)?;
+            Ok((sink, slice))
+        }));
+        Ok(())
+    }
+
+    /// Writes the rest and returns the complete `.part` file's path, size and sha256, the
+    /// first bytes and the UTF-8 verdict. The file keeps its `.part` name until it must
+    /// outlive the request ([`SpooledFile::persist`]): a sync delivery reads it (or the local
+    /// provider renames it into place) straight away.
+    pub(crate) async fn finish(mut self) -> Result<(PathBuf, u64, String, Vec<u8>, bool), ApiError> {
+        let sink = self.sink().await?;
+        let slice = std::mem::take(&mut self.buffer);
+        let part_path = self.part_path.clone();
+        let durable = self.spool.durability() == Durability::PowerLoss;
+        // A small file that never needed a disk write so far is written right here: a few
+        // microseconds of page-cache work cost less than handing it to another thread. Large
+        // files, and anything that must be fsynced, stay off the async worker.
+        let inline = sink.0.is_none() && slice.len() <= INLINE_WRITE && !durable;
+        let path = part_path.clone();
+        let finish = move || -> std::io::Result<String> {
+            let (file, hasher) = write_slice(sink, &path, &slice)?;
+            let file = match file {
+                Some(file) => file,
+                None => std::fs::File::create(&path)?,
+            };
+            if durable {
+                file.sync_all()?;
+            }
+            Ok(hex::encode(hasher.finalize()))
+        };
+        let sha256 = if inline {
+            finish()
+        } else {
+            tokio::task::spawn_blocking(finish)
+                .await
+                .map_err(|_| ApiError::Internal)?
+        }?;
+        self.finished = true;
+        // Without a validator (not a text extension) the first bytes decide.
+        let utf8_ok = match &self.utf8 {
+            Some(validator) => validator.finish(),
+            None => content::looks_like_text(&self.head),
+        };
+        Ok((
+            part_path,
+            self.size,
+            sha256,
+            std::mem::take(&mut self.head),
+            utf8_ok,
+        ))
+    }
+}
+
+fn write_slice(sink: Sink, path: &Path, slice: &[u8]) -> std::io::Result<Sink> {
+    let (file, mut hasher) = sink;
+    if slice.is_empty() {
+        return Ok((file, hasher));
+    }
+    let mut file = match file {
+        Some(file) => file,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?,
+    };
+    hasher.update(slice);
+    file.write_all(slice)?;
+    Ok((Some(file), hasher))
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Abandoned (error or dropped connection): remove the part file, after any write
+        // still running on a blocking thread.
+        let path = std::mem::take(&mut self.part_path);
+        match (self.pending.take(), tokio::runtime::Handle::try_current()) {
+            (Some(pending), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    let _ = pending.await;
+                    let _ = tokio::fs::remove_file(path).await;
+                });
+            }
+            _ => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The store: upload records, chunked sessions, daily usage and the delivery outbox.
+//!
+//! What flows through here: the neutral records of the upload flow ([`UploadRecord`],
+//! [`SessionRecord`]) in, and the same records, counts and verdicts out, through the
+//! [`Store`] trait: the seam for where they live. [`sqlite::SqliteStore`] (one file in
+//! `data_dir`, the embedded default) implements it; a shared backend (PostgreSQL) is one
+//! more module beside it, and no caller changes. Nothing here knows about HTTP, dialect
+//! shapes or SQLite types outside `sqlite/`.
+
+pub(crate) mod sqlite;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+use crate::vocab::DialectName;
+
+/// A store failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a statement.
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("the store thread has stopped")]
+    Closed,
+    #[error("cannot open the database at {path}: {message}")]
+    Open { path: String, message: String },
+}
+
+/// Where an upload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    /// Stored here, not (yet) delivered upstream.
+    Received,
+    Forwarded,
+    Failed,
+    Deleted,
+}
+
+impl UploadState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::Forwarded => "forwarded",
+            Self::Failed => "failed",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    /// The state a stored name stands for; `None` for a name no version of upgate writes.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        [Self::Received, Self::Forwarded, Self::Failed, Self::Deleted]
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+}
+
+/// One row of `uploads`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UploadRecord {
+    pub id: String,
+    pub tenant: String,
+    pub dialect: DialectName,
+    pub filename: String,
+    pub extension: String,
+    pub mime: String,
+    pub size: u64,
+    pub sha256: String,
+    pub state: UploadState,
+    pub provider: String,
+    pub remote_id: Option<String>,
+    pub remote_url: Option<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One row of `sessions`, with the chunks received so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub tenant: String,
+    pub dialect: DialectName,
+    pub filename: String,
+    pub extension: String,
+    pub declared_size: u64,
+    pub total_chunks: u64,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// (chunk number, size), ordered by chunk number.
+    pub chunks: Vec<(u64, u64)>,
+}
+
+impl SessionRecord {
+    pub fn received_bytes(&self) -> u64 {
+        self.chunks.iter().map(|(_, size)| size).sum()
+    }
+}
+
+/// An answer of the store, when its work has been committed.
+pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// Where records, sessions, usage and the outbox live. Every method answers after its
+/// writes are committed (durable per `server.durability`).
+pub(crate) trait Store: Send + Sync {
+    // uploads
+    /// Inserts upload records. Those in state `received` enter the outbox, due at
+    /// `deliver_at_ms`; the others (a sync delivery's final state) do not.
+    fn insert_uploads(&self, records: Vec<UploadRecord>, deliver_at_ms: i64) -> StoreFuture<'_, ()>;
+    /// Ids of uploads whose bytes must stay in the spool (received, not yet delivered).
+    fn spooled_ids(&self) -> StoreFuture<'_, std::collections::HashSet<String>>;
+    /// Marks an upload deleted (and out of the outbox).
+    fn mark_deleted(&self, id: String) -> StoreFuture<'_, ()>;
+    /// Any tenant's upload.
+    fn upload(&self, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
+    /// `tenant`'s upload `id`, `None` for another tenant's.
+    fn upload_of(&self, tenant: String, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
+
+    // outbox
+    /// Records a delivery; `false` if the upload was deleted meanwhile.
+    fn mark_forwarded(
+        &self,
+        id: String,
+        remote_id: String,
+        remote_url: Option<String>,
+        attempts: u32,
+    ) -> StoreFuture<'_, bool>;
+    /// Records a failed attempt: retried at `retry_at_ms`, or failed for good with `None`.
+    fn mark_attempt_failed(
+        &self,
+        id: String,
+        error: String,
+        attempts: u32,
+        retry_at_ms: Option<i64>,
+    ) -> StoreFuture<'_, ()>;
+    /// Claims up to `limit` due uploads, each leased for `lease_ms`.
+    fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> StoreFuture<'_, Vec<UploadRecord>>;
+    /// Makes every leased upload due again (at start: this node's leases died with it).
+    fn release_outbox_leases(&self) -> StoreFuture<'_, usize>;
+    /// Uploads waiting for delivery.
+    fn outbox_len(&self) -> StoreFuture<'_, u64>;
+
+    // usage
+    /// A tenant's usage on `day`: (bytes, uploads).
+    fn usage(&self, tenant: String, day: i64) -> StoreFuture<'_, (u64, u64)>;
+    /// Adds usage if it stays within `limits`; `false` (adding nothing) if it would not.
+    fn try_add_usage(
+        &self,
+        tenant: String,
+        day: i64,
+        bytes: u64,
+        uploads: u64,
+        limits: (Option<u64>, Option<u64>),
+    ) -> StoreFuture<'_, bool>;
+    /// Gives back usage counted for uploads that were not kept.
+    fn refund_usage(&self, tenant: String, day: i64, bytes: u64, uploads: u64) -> StoreFuture<'_, ()>;
+
+    // sessions
+    fn insert_session(&self, session: SessionRecord) -> StoreFuture<'_, ()>;
+    /// `tenant`'s session `id` with its chunks, `None` for another tenant's.
+    fn session_of(&self, tenant: String, id: String) -> StoreFuture<'_, Option<SessionRecord>>;
+    /// Records chunk `chunk_number` of a session (replacing an earlier copy).
+    fn put_chunk(&self, session_id: String, chunk_number: u64, size: u64) -> StoreFuture<'_, ()>;
+    fn delete_session(&self, id: String) -> StoreFuture<'_, ()>;
+    /// Deletes sessions expired at `now` and returns their ids.
+    fn take_expired_sessions(&self, now: i64) -> StoreFuture<'_, Vec<String>>;
+    fn session_ids(&self) -> StoreFuture<'_, Vec<String>>;
+    fn active_sessions(&self) -> StoreFuture<'_, u64>;
+}

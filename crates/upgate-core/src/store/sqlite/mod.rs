@@ -1,0 +1,233 @@
+//! The SQLite store, the embedded default behind [`crate::store::Store`]: one file,
+//! `<data_dir>/upgate.db`, one table per file beside this one.
+//!
+//! What flows through here: closures over a `rusqlite::Connection`, sent from async handlers
+//! to one dedicated store thread and answered through oneshot channels, so SQLite never
+//! blocks an async worker. The thread commits in groups: it runs every job waiting in the
+//! queue inside one transaction (each job in its own savepoint, so one failing job does not
+//! undo the others) and answers the callers only after the commit. The database is in WAL
+//! mode; schema changes are versioned migrations keyed on `PRAGMA user_version`.
+
+mod migrations;
+mod outbox;
+mod sessions;
+#[cfg(test)]
+mod tests;
+mod uploads;
+mod usage;
+
+use std::path::Path;
+use std::sync::{Arc, mpsc};
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::{SessionRecord, Store, StoreError, StoreFuture, UploadRecord};
+use crate::config::Durability;
+use migrations::MIGRATIONS;
+
+/// Most jobs committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// A unit of store work. The flag says whether it shares its transaction with other jobs
+/// (then it runs in its own savepoint, so its failure undoes only its own writes).
+type Job = Box<dyn FnOnce(&Connection, bool) -> Reply + Send>;
+
+/// Handle to the store thread. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    /// Dropped with the last handle: tells the checkpoint thread to stop.
+    _checkpoints: Arc<mpsc::Sender<()>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) `upgate.db` in `data_dir` and starts the store thread.
+    pub(crate) fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let path = data_dir.join("upgate.db");
+        let open_error = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        let mut connection = Connection::open(&path).map_err(|e| open_error(e.to_string()))?;
+        let synchronous = match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        connection
+            .execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 5000; PRAGMA cache_size = -8192;"
+            ))
+            .map_err(|e| open_error(e.to_string()))?;
+        migrate(&mut connection).map_err(|e| open_error(e.to_string()))?;
+        // Checkpoints (which fsync the database file) run on their own connection and
+        // thread, so a slow disk never stalls the commits clients are waiting for.
+        connection
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| open_error(e.to_string()))?;
+        let checkpointer = Connection::open(&path).map_err(|e| open_error(e.to_string()))?;
+        let (checkpoints, stop) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("upgate-checkpoint".into())
+            .spawn(move || run_checkpoints(checkpointer, stop))
+            .map_err(|e| open_error(e.to_string()))?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("upgate-store".into())
+            .spawn(move || run_store_thread(connection, queue))
+            .map_err(|e| open_error(e.to_string()))?;
+        Ok(Self {
+            jobs,
+            _checkpoints: Arc::new(checkpoints),
+        })
+    }
+
+    /// Runs `work` on the store thread inside the current group transaction and returns its
+    /// result once that transaction has committed.
+    pub(crate) async fn call<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |connection, shared| {
+            let result = if shared {
+                run_in_savepoint(connection, work)
+            } else {
+                work(connection)
+            };
+            Box::new(move |commit_error| {
+                let result = match commit_error {
+                    Some(error) => Err(error.clone()),
+                    None => result,
+                };
+                let _ = answer.send(result);
+            })
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        answered.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize =
+        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+        transaction.commit()?;
+    }
+    Ok(())
+}
+
+fn run_in_savepoint<T>(
+    connection: &Connection,
+    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    run(connection, "SAVEPOINT job")?;
+    let result = work(connection);
+    if result.is_err() {
+        run(connection, "ROLLBACK TO job")?;
+    }
+    run(connection, "RELEASE job")?;
+    result
+}
+
+/// Runs a statement from the connection's cache of prepared statements.
+fn run(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`] without blocking the
+/// writer (PASSIVE), until every [`SqliteStore`] handle is gone.
+fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
+    let _ = connection.busy_timeout(std::time::Duration::from_secs(5));
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "WAL checkpoint failed");
+        }
+    }
+}
+
+fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_GROUP);
+    while let Ok(first) = queue.recv() {
+        jobs.push(first);
+        while jobs.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let shared = jobs.len() > 1;
+        let began = run(&connection, "BEGIN IMMEDIATE");
+        let replies: Vec<Reply> = jobs.drain(..).map(|job| job(&connection, shared)).collect();
+        let committed = began
+            .and_then(|()| run(&connection, "COMMIT"))
+            .map_err(StoreError::from);
+        if committed.is_err() {
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        let commit_error = committed.err();
+        for reply in replies {
+            reply(commit_error.as_ref());
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(error.to_string())
+    }
+}
+
+/// A text column that must hold one of a known set of names (a dialect, a state): a value
+/// no version of upgate writes is an error, never a silent default.
+fn parse_column<T>(column: usize, text: &str, parse: impl Fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    parse(text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("unknown value `{}`", text.chars().take(32).collect::<String>()).into(),
+        )
+    })
+}
+
+/// The trait's methods are the inherent ones of the table files, boxed.
+macro_rules! delegate {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
+        $(fn $name(&self, $($arg: $ty),*) -> StoreFuture<'_, $out> {
+            Box::pin(SqliteStore::$name(self, $($arg),*))
+        })*
+    };
+}
+
+impl Store for SqliteStore {
+    delegate! {
+        insert_uploads(records: Vec<UploadRecord>, deliver_at_ms: i64) -> ();
+        spooled_ids() -> std::collections::HashSet<String>;
+        mark_deleted(id: String) -> ();
+        upload(id: String) -> Option<UploadRecord>;
+        upload_of(tenant: String, id: String) -> Option<UploadRecord>;
+        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
+        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
+        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<UploadRecord>;
+        release_outbox_leases() -> usize;
+        outbox_len() -> u64;
+        usage(tenant: String, day: i64) -> (u64, u64);
+        try_add_usage(tenant: String, day: i64, bytes: u64, uploads: u64, limits: (Option<u64>, Option<u64>)) -> bool;
+        refund_usage(tenant: String, day: i64, bytes: u64, uploads: u64) -> ();
+        insert_session(session: SessionRecord) -> ();
+        session_of(tenant: String, id: String) -> Option<SessionRecord>;
+        put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
+        delete_session(id: String) -> ();
+        take_expired_sessions(now: i64) -> Vec<String>;
+        session_ids() -> Vec<String>;
+        active_sessions() -> u64;
+    }
+}

@@ -1,0 +1,107 @@
+//! The outbox: uploads in state `received` with a due time, claimed under a lease.
+
+use rusqlite::params;
+
+use super::SqliteStore;
+use super::uploads::{UPLOAD_COLUMNS, upload_from_row};
+use crate::store::{StoreError, UploadRecord};
+use crate::vocab::now_ms;
+
+impl SqliteStore {
+    /// Records an async delivery: state forwarded, remote id and URL. Only an upload still
+    /// waiting (`received`) changes; `false` means it was deleted while it was in flight.
+    pub(super) async fn mark_forwarded(
+        &self,
+        id: String,
+        remote_id: String,
+        remote_url: Option<String>,
+        attempts: u32,
+    ) -> Result<bool, StoreError> {
+        self.call(move |connection| {
+            let changed = connection.execute(
+                "UPDATE uploads SET state = 'forwarded', remote_id = ?2, remote_url = ?3, attempts = ?4,
+                 last_error = NULL, next_attempt_at = NULL, updated_at = ?5 WHERE id = ?1 AND state = 'received'",
+                params![id, remote_id, remote_url, attempts, now_ms()],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    /// Records a failed attempt of an upload still waiting (a deleted one stays deleted).
+    /// With `retry_at`, the upload stays `received` and in the outbox; without, it is
+    /// `failed` for good.
+    pub(super) async fn mark_attempt_failed(
+        &self,
+        id: String,
+        error: String,
+        attempts: u32,
+        retry_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            let state = if retry_at_ms.is_some() {
+                "received"
+            } else {
+                "failed"
+            };
+            connection.execute(
+                "UPDATE uploads SET state = ?2, last_error = ?3, attempts = ?4, next_attempt_at = ?5,
+                 updated_at = ?6 WHERE id = ?1 AND state = 'received'",
+                params![id, state, error, attempts, retry_at_ms, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so a
+    /// second poll does not pick them up while they are in flight.
+    pub(super) async fn claim_due(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE next_attempt_at IS NOT NULL
+                 AND next_attempt_at <= ?1 AND state = 'received' ORDER BY next_attempt_at LIMIT ?2"
+            ))?;
+            let due = statement
+                .query_map(params![now, limit as i64], upload_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut lease =
+                connection.prepare_cached("UPDATE uploads SET next_attempt_at = ?2 WHERE id = ?1")?;
+            for record in &due {
+                lease.execute(params![record.id, now + lease_ms])?;
+            }
+            Ok(due)
+        })
+        .await
+    }
+
+    /// At start: the leases of a previous process are void (nothing of it is in flight any
+    /// more), so every waiting upload is due now instead of when its lease would run out.
+    pub(super) async fn release_outbox_leases(&self) -> Result<usize, StoreError> {
+        self.call(|connection| {
+            Ok(connection.execute(
+                "UPDATE uploads SET next_attempt_at = ?1 WHERE state = 'received'
+                 AND next_attempt_at IS NOT NULL AND next_attempt_at > ?1",
+                params![now_ms()],
+            )?)
+        })
+        .await
+    }
+
+    /// Number of uploads waiting in the outbox.
+    pub(super) async fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.call(|connection| {
+            Ok(connection.query_row(
+                "SELECT COUNT(*) FROM uploads WHERE next_attempt_at IS NOT NULL AND state = 'received'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )? as u64)
+        })
+        .await
+    }
+}

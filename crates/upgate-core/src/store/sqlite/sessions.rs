@@ -1,0 +1,135 @@
+//! The `sessions` and `session_chunks` tables: chunked uploads in progress.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, parse_column};
+use crate::store::{SessionRecord, StoreError};
+use crate::vocab::DialectName;
+
+impl SqliteStore {
+    pub(super) async fn insert_session(&self, session: SessionRecord) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "INSERT INTO sessions (id, tenant, dialect, filename, extension, declared_size, total_chunks,
+                 metadata, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    session.id,
+                    session.tenant,
+                    session.dialect.as_str(),
+                    session.filename,
+                    session.extension,
+                    session.declared_size as i64,
+                    session.total_chunks as i64,
+                    serde_json::Value::Object(session.metadata).to_string(),
+                    session.created_at_ms,
+                    session.expires_at_ms,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A session by id, only if it belongs to `tenant`.
+    pub(super) async fn session_of(
+        &self,
+        tenant: String,
+        id: String,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.call(move |connection| {
+            let session = connection
+                .query_row(
+                    "SELECT id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata,
+                     created_at, expires_at FROM sessions WHERE id = ?1 AND tenant = ?2",
+                    params![id, tenant],
+                    |row| {
+                        let metadata: String = row.get(7)?;
+                        Ok(SessionRecord {
+                            id: row.get(0)?,
+                            tenant: row.get(1)?,
+                            dialect: parse_column(2, &row.get::<_, String>(2)?, DialectName::parse)?,
+                            filename: row.get(3)?,
+                            extension: row.get(4)?,
+                            declared_size: row.get::<_, i64>(5)? as u64,
+                            total_chunks: row.get::<_, i64>(6)? as u64,
+                            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+                            created_at_ms: row.get(8)?,
+                            expires_at_ms: row.get(9)?,
+                            chunks: Vec::new(),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut session) = session else {
+                return Ok(None);
+            };
+            let mut statement = connection.prepare_cached(
+                "SELECT chunk_number, size FROM session_chunks WHERE session_id = ?1 ORDER BY chunk_number",
+            )?;
+            session.chunks = statement
+                .query_map(params![session.id], |row| {
+                    Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(Some(session))
+        })
+        .await
+    }
+
+    /// Records a chunk (replacing an earlier copy of the same number).
+    pub(super) async fn put_chunk(
+        &self,
+        session_id: String,
+        chunk_number: u64,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "INSERT INTO session_chunks (session_id, chunk_number, size) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (session_id, chunk_number) DO UPDATE SET size = ?3",
+                params![session_id, chunk_number as i64, size as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn delete_session(&self, id: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute("DELETE FROM sessions WHERE id = ?1", params![id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes the sessions expired at `now` and returns their ids (their chunk files are
+    /// the caller's to remove).
+    pub(super) async fn take_expired_sessions(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.call(move |connection| {
+            let mut statement =
+                connection.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1 RETURNING id")?;
+            Ok(statement
+                .query_map(params![now], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// All session ids (for cleaning chunk directories left without a session).
+    pub(super) async fn session_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|connection| {
+            let mut statement = connection.prepare_cached("SELECT id FROM sessions")?;
+            Ok(statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn active_sessions(&self) -> Result<u64, StoreError> {
+        self.call(|connection| {
+            Ok(connection.query_row("SELECT COUNT(*) FROM sessions", [], |row| row.get::<_, i64>(0))? as u64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,180 @@
+//! Tests of the SQLite store.
+
+use super::*;
+use crate::store::UploadState;
+use crate::vocab::DialectName;
+
+fn record(id: &str, tenant: &str) -> UploadRecord {
+    UploadRecord {
+        id: id.into(),
+        tenant: tenant.into(),
+        dialect: DialectName::Dify,
+        filename: "a.txt".into(),
+        extension: "txt".into(),
+        mime: "text/plain".into(),
+        size: 3,
+        sha256: "00".into(),
+        state: UploadState::Received,
+        provider: "disk".into(),
+        remote_id: None,
+        remote_url: None,
+        metadata: Default::default(),
+        attempts: 0,
+        last_error: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    }
+}
+
+#[tokio::test]
+async fn records_follow_their_state_and_stay_with_their_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    store.insert_uploads(vec![record("a", "t1")], 1).await.unwrap();
+    // A duplicate id fails alone; the group's other jobs still commit.
+    let (dup, other) = tokio::join!(
+        store.insert_uploads(vec![record("a", "t1")], 1),
+        store.insert_uploads(vec![record("b", "t1")], 1)
+    );
+    assert!(dup.is_err());
+    other.unwrap();
+    assert_eq!(store.outbox_len().await.unwrap(), 2);
+    store
+        .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1)
+        .await
+        .unwrap();
+    let got = store.upload_of("t1".into(), "a".into()).await.unwrap().unwrap();
+    assert_eq!(got.state, UploadState::Forwarded);
+    assert_eq!(got.remote_id.as_deref(), Some("r1"));
+    assert!(store.upload_of("t2".into(), "a".into()).await.unwrap().is_none());
+    assert_eq!(store.outbox_len().await.unwrap(), 1);
+    let due = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(store.claim_due(0, 10, 5).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn usage_limits_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(dir.path(), Durability::PowerLoss).unwrap();
+        assert!(
+            store
+                .try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5)))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .try_add_usage("t".into(), 5, 10, 1, (Some(15), Some(5)))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .try_add_usage("t".into(), 5, 5, 1, (Some(15), Some(5)))
+                .await
+                .unwrap()
+        );
+    }
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    assert_eq!(store.usage("t".into(), 5).await.unwrap(), (15, 2));
+}
+
+#[tokio::test]
+async fn sessions_and_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let session = SessionRecord {
+        id: "s".into(),
+        tenant: "t".into(),
+        dialect: DialectName::Kore,
+        filename: "f.mp3".into(),
+        extension: "mp3".into(),
+        declared_size: 10,
+        total_chunks: 2,
+        metadata: Default::default(),
+        created_at_ms: 0,
+        expires_at_ms: 100,
+        chunks: vec![],
+    };
+    store.insert_session(session).await.unwrap();
+    store.put_chunk("s".into(), 1, 4).await.unwrap();
+    store.put_chunk("s".into(), 1, 5).await.unwrap();
+    let got = store.session_of("t".into(), "s".into()).await.unwrap().unwrap();
+    assert_eq!(got.chunks, vec![(1, 5)]);
+    assert!(
+        store
+            .session_of("other".into(), "s".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.take_expired_sessions(99).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store.take_expired_sessions(100).await.unwrap(),
+        vec!["s".to_string()]
+    );
+    assert!(store.session_of("t".into(), "s".into()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_version_4_database_keeps_its_uploads_and_records_them_without_a_temporary_btree() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+        for migration in &MIGRATIONS[..4] {
+            connection.execute_batch(migration).unwrap();
+        }
+        connection.pragma_update(None, "user_version", 4).unwrap();
+        connection
+            .execute(
+                "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256,
+                 state, provider, created_at, updated_at, metadata, attempts, next_attempt_at)
+                 VALUES ('old', 't', 'dify', 'a.txt', 'txt', 'text/plain', 3, '00', 'received',
+                 'disk', 1, 2, '{\"user\":\"u\"}', 4, 5)",
+                [],
+            )
+            .unwrap();
+    }
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let old = store
+        .upload("old".into())
+        .await
+        .unwrap()
+        .expect("the old row survives");
+    assert_eq!((old.size, old.attempts, old.updated_at_ms), (3, 4, 2));
+    assert_eq!(old.metadata.get("user").and_then(|v| v.as_str()), Some("u"));
+    assert_eq!(store.outbox_len().await.unwrap(), 1, "its outbox entry too");
+    drop(store);
+
+    let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+    let version: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version as usize, MIGRATIONS.len());
+    let bad_state = connection.execute(
+        "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
+         provider, created_at, updated_at) VALUES ('x', 't', 'dify', 'a', '', 'm', 0, '', 'lost', 'p', 0, 0)",
+        [],
+    );
+    assert!(bad_state.is_err(), "the state check still holds");
+    let mut explain = connection
+        .prepare(
+            "EXPLAIN INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256,
+             state, provider, created_at, updated_at) VALUES ('y', 't', 'dify', 'a', '', 'm', 0, '', 'received', 'p', 0, 0)",
+        )
+        .unwrap();
+    let opcodes: Vec<String> = explain
+        .query_map([], |row| row.get::<_, String>(1))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        !opcodes.iter().any(|op| op == "OpenEphemeral"),
+        "an insert builds no temporary b-tree: {opcodes:?}"
+    );
+}

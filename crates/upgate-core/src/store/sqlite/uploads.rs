@@ -1,0 +1,132 @@
+//! The `uploads` table: one row per upload, its state and its delivery.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, parse_column};
+use crate::store::{StoreError, UploadRecord, UploadState};
+use crate::vocab::{DialectName, now_ms};
+
+pub(super) const UPLOAD_COLUMNS: &str = "id, tenant, dialect, filename, extension, mime, size, sha256, state, provider, \
+     remote_id, remote_url, metadata, attempts, last_error, created_at, updated_at";
+
+pub(super) fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
+    let metadata: String = row.get(12)?;
+    Ok(UploadRecord {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        dialect: parse_column(2, &row.get::<_, String>(2)?, DialectName::parse)?,
+        filename: row.get(3)?,
+        extension: row.get(4)?,
+        mime: row.get(5)?,
+        size: row.get::<_, i64>(6)? as u64,
+        sha256: row.get(7)?,
+        state: parse_column(8, &row.get::<_, String>(8)?, UploadState::parse)?,
+        provider: row.get(9)?,
+        remote_id: row.get(10)?,
+        remote_url: row.get(11)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        attempts: row.get::<_, i64>(13)? as u32,
+        last_error: row.get(14)?,
+        created_at_ms: row.get(15)?,
+        updated_at_ms: row.get(16)?,
+    })
+}
+
+impl SqliteStore {
+    /// Inserts upload records. Those in state `received` enter the outbox, due at
+    /// `deliver_at_ms`; the others (a sync delivery's final state) do not.
+    pub(super) async fn insert_uploads(
+        &self,
+        records: Vec<UploadRecord>,
+        deliver_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
+                 provider, remote_id, remote_url, metadata, attempts, last_error, created_at, updated_at,
+                 next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            )?;
+            for record in &records {
+                statement.execute(params![
+                    record.id,
+                    record.tenant,
+                    record.dialect.as_str(),
+                    record.filename,
+                    record.extension,
+                    record.mime,
+                    record.size as i64,
+                    record.sha256,
+                    record.state.as_str(),
+                    record.provider,
+                    record.remote_id,
+                    record.remote_url,
+                    serde_json::Value::Object(record.metadata.clone()).to_string(),
+                    record.attempts,
+                    record.last_error,
+                    record.created_at_ms,
+                    record.updated_at_ms,
+                    (record.state == UploadState::Received).then_some(deliver_at_ms),
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ids of the uploads whose bytes belong in the spool: waiting for async delivery, or
+    /// failed after it (kept for the operator).
+    pub(super) async fn spooled_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.call(|connection| {
+            let mut statement =
+                connection.prepare_cached("SELECT id FROM uploads WHERE state IN ('received', 'failed')")?;
+            Ok(statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn mark_deleted(&self, id: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "UPDATE uploads SET state = 'deleted', next_attempt_at = NULL, updated_at = ?2 WHERE id = ?1",
+                params![id, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// An upload by id, whoever's it is (operator commands).
+    pub(super) async fn upload(&self, id: String) -> Result<Option<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            Ok(connection
+                .query_row(
+                    &format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"),
+                    params![id],
+                    upload_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// An upload by id, only if it belongs to `tenant`.
+    pub(super) async fn upload_of(
+        &self,
+        tenant: String,
+        id: String,
+    ) -> Result<Option<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            Ok(connection
+                .query_row(
+                    &format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1 AND tenant = ?2"),
+                    params![id, tenant],
+                    upload_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,88 @@
+//! Admission: the checks a request passes before its body is read.
+//!
+//! What flows through here: the dialect and the key a dialect's edge extracted. In order:
+//! the key's tenant and its dialect grant ([`Policy::authenticate`]), the key's rate, the
+//! daemon's and the tenant's concurrency caps (slots held until the [`Admission`] drops), the
+//! disk floor, and room in the day's quota. Out comes an [`Admission`], or the
+//! [`ApiError`] that refused the request.
+
+use std::sync::Arc;
+
+use crate::error::{ApiError, Throttle};
+use crate::limits::{Scope, Slot};
+use crate::plugins::Provider;
+use crate::policy::{Policy, Tenant, ceil_secs, quota_day};
+use crate::vocab::{DialectName, now_ms};
+
+use super::Gateway;
+
+/// A request let in: its dialect, its tenant, the policy snapshot it was admitted under
+/// (kept for the whole request, so a reload does not change its plan or provider halfway),
+/// and the concurrency slots it holds until dropped.
+pub struct Admission {
+    pub(crate) dialect: DialectName,
+    pub(crate) tenant: Arc<Tenant>,
+    pub(crate) policy: Arc<Policy>,
+    _slots: Vec<Slot>,
+}
+
+impl Admission {
+    /// The tenant's provider instance.
+    pub(crate) fn provider(&self) -> Option<&Arc<Provider>> {
+        self.policy.providers.get(&self.tenant.provider)
+    }
+}
+
+const BUSY: ApiError = ApiError::Throttled {
+    retry_after_secs: 1,
+    why: Throttle::Concurrency,
+};
+
+impl Gateway {
+    /// Authenticates `key` for `dialect` and applies the limits that do not need the body.
+    pub(crate) async fn admit(&self, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
+        let policy = self.policy();
+        let (digest, tenant) = policy.authenticate(dialect, key)?;
+        let tenant = tenant.clone();
+        let plan = &tenant.plan;
+        if let Some(limit) = plan.config.rate_limit
+            && let Err(wait) = self.limiter.take(digest, limit).await
+        {
+            return Err(ApiError::Throttled {
+                retry_after_secs: ceil_secs(wait),
+                why: Throttle::Rate,
+            });
+        }
+        let mut slots = Vec::with_capacity(2);
+        let global = policy.config.server.max_concurrent_uploads;
+        if global > 0 {
+            slots.push(self.limiter.acquire(Scope::Daemon, global).await.ok_or(BUSY)?);
+        }
+        if let Some(cap) = plan.config.max_concurrent_uploads {
+            let scope = Scope::Tenant(tenant.name.clone());
+            slots.push(self.limiter.acquire(scope, cap).await.ok_or(BUSY)?);
+        }
+        if self.below_disk_floor() {
+            return Err(ApiError::InsufficientStorage);
+        }
+        if plan.has_quota() {
+            let (day, retry_after_secs) = quota_day(now_ms());
+            let (bytes, uploads) = self.limiter.usage(tenant.name.clone(), day).await?;
+            let (byte_limit, upload_limit) = plan.quota_limits();
+            if byte_limit.is_some_and(|limit| bytes >= limit)
+                || upload_limit.is_some_and(|limit| uploads >= limit)
+            {
+                return Err(ApiError::Throttled {
+                    retry_after_secs,
+                    why: Throttle::Quota,
+                });
+            }
+        }
+        Ok(Admission {
+            dialect,
+            tenant,
+            policy,
+            _slots: slots,
+        })
+    }
+}

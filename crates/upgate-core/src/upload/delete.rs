@@ -1,0 +1,55 @@
+//! Deletes: an upload's upstream copy, its spooled bytes and its record's state.
+//!
+//! What flows through here: an upload id of the admitted tenant (a dialect's `DELETE`) or
+//! of any tenant (the operator's `upgate uploads delete`); the provider that stored it, as
+//! configured now, deletes its copy; then the spooled bytes go and the record says
+//! `deleted`.
+
+use crate::error::ApiError;
+use crate::metrics;
+use crate::policy::Policy;
+use crate::store::{UploadRecord, UploadState};
+
+use super::admit::Admission;
+use super::{Gateway, deliver, remove_quietly};
+
+impl Gateway {
+    /// Deletes an upload of the admitted tenant: local bytes, upstream copy, record state.
+    pub(crate) async fn delete(&self, admission: &Admission, id: &str) -> Result<UploadRecord, ApiError> {
+        let record = self
+            .store
+            .upload_of(admission.tenant.name.clone(), id.to_owned())
+            .await?;
+        self.delete_record(&admission.policy, record).await
+    }
+
+    /// Deletes any tenant's upload, for the operator (`upgate uploads delete`).
+    pub(crate) async fn delete_as_operator(&self, id: &str) -> Result<UploadRecord, ApiError> {
+        let record = self.store.upload(id.to_owned()).await?;
+        self.delete_record(&self.policy(), record).await
+    }
+
+    /// What a delete does: the upstream copy (through the provider that stored it, as
+    /// configured now), the spooled bytes, then the record's state.
+    async fn delete_record(
+        &self,
+        policy: &Policy,
+        record: Option<UploadRecord>,
+    ) -> Result<UploadRecord, ApiError> {
+        let record = record
+            .filter(|record| record.state != UploadState::Deleted)
+            .ok_or(ApiError::NotFound)?;
+        if let Some(remote_id) = record.remote_id.clone() {
+            let provider = policy
+                .providers
+                .get(&record.provider)
+                .cloned()
+                .ok_or(ApiError::Internal)?;
+            deliver::delete_upstream(self, &provider, &record, remote_id).await?;
+        }
+        remove_quietly(&self.spool.path_of(&record.id));
+        self.store.mark_deleted(record.id.clone()).await?;
+        metrics::upload_outcome(record.dialect, &record.provider, "deleted");
+        Ok(record)
+    }
+}

@@ -1,0 +1,360 @@
+//! Intake: a multipart request body streamed into the spool at constant memory.
+//!
+//! What flows through here: the request body, part by part. Text fields are read into small
+//! bounded strings; each file part is checked (filename, extension allowlist) before its
+//! first byte is stored, then streamed through a [`SpoolWriter`]: bytes are counted against
+//! the plan's size limit as they arrive (413 mid-stream, nothing kept), hashed with sha256
+//! and written to `<data_dir>/spool/<id>.part` on a blocking thread in 512 KiB slices
+//! (small files by the worker itself), while the first bytes are kept for content sniffing
+//! and text is checked as UTF-8. A file that must outlive the request is then renamed
+//! atomically to `<data_dir>/spool/<id>`. Any error, a stalled body (idle timeout) or a
+//! dropped connection removes what was written.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_multipart::{Field, Multipart, MultipartError};
+use actix_web::http::header::HeaderMap;
+use actix_web::web::Payload;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use crate::content;
+use crate::error::ApiError;
+use crate::policy::Plan;
+use crate::spool::{Spool, SpoolWriter, SpooledFile};
+
+use super::Gateway;
+use super::admit::Admission;
+/// Largest text field.
+const MAX_TEXT_FIELD: usize = 64 * 1024;
+/// Largest total of all non-file parts of one request.
+const MAX_NON_FILE_BYTES: usize = 1024 * 1024;
+
+/// Names are metadata only; these rules keep them safe to store, log and forward.
+pub fn validate_filename(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::EmptyFilename);
+    }
+    if name.len() > 255 {
+        return Err(ApiError::InvalidFilename(
+            "the filename is longer than 255 bytes".into(),
+        ));
+    }
+    if name.contains(['/', '\\']) {
+        return Err(ApiError::InvalidFilename(
+            "the filename may not contain `/` or `\\`".into(),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidFilename(
+            "the filename may not contain control characters".into(),
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(ApiError::InvalidFilename(
+            "the filename may not be `.` or `..`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The lower-case last extension of a filename, without the dot; empty when there is none
+/// (a leading dot does not start an extension: `.env` has none).
+pub fn extension_of(name: &str) -> String {
+    match name.rsplit_once('.') {
+        Some((stem, extension)) if !stem.is_empty() => extension.to_ascii_lowercase(),
+        _ => String::new(),
+    }
+}
+
+/// What a dialect's upload form looks like.
+#[derive(Debug, Clone, Copy)]
+pub struct FormSpec {
+    /// The names file parts may have: the documented one first, then aliases that the
+    /// vendor's own generated examples use (Beam's `files.items`).
+    pub file_fields: &'static [&'static str],
+    /// Most file parts the dialect allows.
+    pub max_files: usize,
+    /// Text fields kept as metadata; others are drained and ignored.
+    pub text_fields: &'static [&'static str],
+}
+
+/// Limits and settings for one request's intake.
+pub struct IntakeLimits<'a> {
+    pub plan: &'a Plan,
+    pub max_files: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Gateway {
+    /// Receives a multipart body for an admitted request (files spooled, not yet recorded).
+    pub(crate) async fn receive(
+        &self,
+        admission: &Admission,
+        headers: &HeaderMap,
+        payload: Payload,
+        spec: &FormSpec,
+    ) -> Result<Received, ApiError> {
+        let dialect = admission.dialect;
+        let plan = &admission.tenant.plan;
+        let max_files = plan.max_files_per_request(spec.max_files);
+        if let Some(length) = content_length(headers) {
+            // The whole body cannot be legitimate if it exceeds every allowed file plus room
+            // for the form's framing.
+            let ceiling = plan
+                .max_file_size()
+                .saturating_mul(max_files as u64)
+                .saturating_add(1 << 20);
+            if length > ceiling {
+                return Err(ApiError::TooLarge {
+                    limit: plan.max_file_size(),
+                });
+            }
+        }
+        let limits = IntakeLimits {
+            plan,
+            max_files,
+            idle_timeout: admission.policy.config.server.idle_timeout.0,
+        };
+        let received = receive_multipart(headers, payload, spec, &limits, &self.spool, &|| {
+            dialect.new_upload_id()
+        })
+        .await?;
+        if received.files.is_empty() {
+            return Err(ApiError::NoFile);
+        }
+        Ok(received)
+    }
+}
+
+/// What a multipart request carried.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub files: Vec<SpooledFile>,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Turns the spooled bytes of one file into a [`SpooledFile`]: content classified and, for
+/// JSON types, parsed.
+pub async fn complete_file(
+    writer: SpoolWriter,
+    upload_id: String,
+    filename: String,
+    extension: String,
+    verify_content: bool,
+) -> Result<SpooledFile, ApiError> {
+    let (path, size, sha256, head, utf8_ok) = writer.finish().await?;
+    let mut file = SpooledFile {
+        upload_id,
+        filename,
+        extension,
+        mime: String::new(),
+        size,
+        sha256,
+        path,
+        keep: false,
+    };
+    file.mime = content::classify(&file.extension, &head, utf8_ok, verify_content)?;
+    if verify_content && content::needs_json_check(&file.extension) {
+        let (extension, path) = (file.extension.clone(), file.path.clone());
+        tokio::task::spawn_blocking(move || content::verify_json_file(&extension, &path)).await??;
+    }
+    Ok(file)
+}
+
+/// Waits for the next item of a body stream, dropping a client that stalls.
+pub async fn next_or_stall<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
+where
+    S: Stream<Item = T> + Unpin,
+{
+    tokio::time::timeout(idle, stream.next())
+        .await
+        .map_err(|_| ApiError::BodyTimeout)
+}
+
+/// The client-facing error for a broken multipart body.
+pub(crate) fn multipart_error(error: MultipartError) -> ApiError {
+    match error {
+        MultipartError::ContentTypeMissing
+        | MultipartError::ContentTypeParse
+        | MultipartError::ContentTypeIncompatible
+        | MultipartError::BoundaryMissing => ApiError::NoFile,
+        other => ApiError::Malformed(format!("multipart body: {other}")),
+    }
+}
+
+/// Reads a whole multipart body per `spec`, spooling file parts. `new_id` names each file.
+pub async fn receive_multipart(
+    headers: &HeaderMap,
+    payload: Payload,
+    spec: &FormSpec,
+    limits: &IntakeLimits<'_>,
+    spool: &Arc<dyn Spool>,
+    new_id: &dyn Fn() -> String,
+) -> Result<Received, ApiError> {
+    let mut multipart = Multipart::new(headers, payload);
+    let mut received = Received::default();
+    let mut file_parts = 0usize;
+    let mut non_file_bytes = 0usize;
+    while let Some(field) = next_or_stall(&mut multipart, limits.idle_timeout).await? {
+        let mut field = field.map_err(multipart_error)?;
+        let (name, filename) = part_names(&field);
+        match filename {
+            Some(filename) => {
+                file_parts += 1;
+                if file_parts > limits.max_files {
+                    return Err(ApiError::TooManyFiles {
+                        max: limits.max_files,
+                    });
+                }
+                if !name
+                    .as_deref()
+                    .is_some_and(|name| spec.file_fields.contains(&name))
+                {
+                    drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
+                    continue;
+                }
+                received
+                    .files
+                    .push(receive_file(&mut field, filename, limits, spool, new_id()).await?);
+            }
+            None => {
+                let value = read_text(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
+                if let Some(name) = name.filter(|name| spec.text_fields.contains(&name.as_str())) {
+                    received.fields.insert(name, value);
+                }
+            }
+        }
+    }
+    Ok(received)
+}
+
+/// The request's declared body length, if any.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(actix_web::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The part's field name and, for file parts, its filename (RFC 5987 `filename*` first).
+fn part_names(field: &Field) -> (Option<String>, Option<String>) {
+    let Some(disposition) = field.content_disposition() else {
+        return (None, None);
+    };
+    let name = disposition.get_name().map(str::to_owned);
+    let filename = disposition
+        .get_filename_ext()
+        .and_then(|ext| String::from_utf8(ext.value.clone()).ok())
+        .or_else(|| disposition.get_filename().map(str::to_owned));
+    (name, filename)
+}
+
+async fn receive_file(
+    field: &mut Field,
+    filename: String,
+    limits: &IntakeLimits<'_>,
+    spool: &Arc<dyn Spool>,
+    upload_id: String,
+) -> Result<SpooledFile, ApiError> {
+    validate_filename(&filename)?;
+    let extension = extension_of(&filename);
+    limits.plan.check_extension(&extension)?;
+    let mut writer = SpoolWriter::new(
+        spool,
+        &upload_id,
+        limits.plan.max_file_size(),
+        content::is_text_extension(&extension),
+    );
+    while let Some(chunk) = next_or_stall(field, limits.idle_timeout).await? {
+        let chunk: Bytes = chunk.map_err(multipart_error)?;
+        writer.write(&chunk).await?;
+    }
+    complete_file(
+        writer,
+        upload_id,
+        filename,
+        extension,
+        limits.plan.config.verify_content,
+    )
+    .await
+}
+
+/// Reads a small text part (bounded by [`MAX_TEXT_FIELD`] and, with every other non-file part
+/// of the request, by [`MAX_NON_FILE_BYTES`]).
+pub(crate) async fn read_text(
+    field: &mut Field,
+    idle: Duration,
+    total: &mut usize,
+) -> Result<String, ApiError> {
+    let mut value = Vec::new();
+    while let Some(chunk) = next_or_stall(field, idle).await? {
+        let chunk = chunk.map_err(multipart_error)?;
+        *total += chunk.len();
+        if value.len() + chunk.len() > MAX_TEXT_FIELD || *total > MAX_NON_FILE_BYTES {
+            return Err(ApiError::Malformed("a form field is too long".into()));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    String::from_utf8(value).map_err(|_| ApiError::Malformed("a form field is not UTF-8".into()))
+}
+
+/// Reads and discards a part nobody asked for (bounded like [`read_text`]).
+pub(crate) async fn drain(field: &mut Field, idle: Duration, total: &mut usize) -> Result<(), ApiError> {
+    while let Some(chunk) = next_or_stall(field, idle).await? {
+        *total += chunk.map_err(multipart_error)?.len();
+        if *total > MAX_NON_FILE_BYTES {
+            return Err(ApiError::Malformed("unexpected parts are too large".into()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames() {
+        assert!(validate_filename("report 2024.pdf").is_ok());
+        assert!(validate_filename("產品說明書.pdf").is_ok());
+        assert_eq!(validate_filename(""), Err(ApiError::EmptyFilename));
+        assert!(matches!(
+            validate_filename("../etc/passwd"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("a\\b.txt"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("a\0b"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename("line\nbreak.txt"),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename(".."),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(matches!(
+            validate_filename(&"a".repeat(256)),
+            Err(ApiError::InvalidFilename(_))
+        ));
+        assert!(validate_filename(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn extensions() {
+        assert_eq!(extension_of("a.tar.GZ"), "gz");
+        assert_eq!(extension_of("README"), "");
+        assert_eq!(extension_of(".env"), "");
+        assert_eq!(extension_of("a."), "");
+    }
+}

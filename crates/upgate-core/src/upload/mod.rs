@@ -1,0 +1,92 @@
+//! The upload flow every dialect shares, one file per step.
+//!
+//! What flows through here, in order: a dialect's request, as calls on the [`Gateway`]:
+//! [`admit`] (key, dialect grant, rate, concurrency, disk floor, quota room) gives an
+//! [`admit::Admission`]; [`intake`] streams a multipart body into the spool; [`record`]
+//! accounts quota, writes the records and hands each file to [`deliver`] (sync: the
+//! provider plugin now, with retries; async: the outbox); [`chunked`] keeps sessions of
+//! chunks and joins them into one upload at completion; [`delete`] undoes an upload. Out
+//! come the stored [`UploadRecord`](crate::store::UploadRecord)s for the dialect to
+//! render, or an [`ApiError`](crate::error::ApiError). The gateway reaches its state only
+//! through the seams: [`Store`], [`Spool`], [`Limiter`]. This folder knows nothing of
+//! actix's request type or of any dialect's shapes.
+
+pub(crate) mod admit;
+pub(crate) mod chunked;
+pub(crate) mod delete;
+pub(crate) mod deliver;
+pub(crate) mod intake;
+pub(crate) mod record;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Notify, Semaphore};
+
+use crate::limits::Limiter;
+use crate::policy::Policy;
+use crate::spool::Spool;
+use crate::store::Store;
+
+/// Metadata a dialect passes along with its files (string values).
+pub(crate) type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// Shared state of the running daemon.
+pub struct Gateway {
+    policy: RwLock<Arc<Policy>>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) spool: Arc<dyn Spool>,
+    pub(crate) limiter: Arc<dyn Limiter>,
+    /// Plugin calls in flight (each holds a blocking thread): `forward_concurrency`.
+    pub(crate) delivery_slots: Arc<Semaphore>,
+    /// Wakes the outbox worker when an async upload is accepted.
+    pub(crate) outbox_wake: Notify,
+    /// Whether the last measurement of `data_dir` was under `disk_free_floor`.
+    below_disk_floor: AtomicBool,
+}
+
+impl Gateway {
+    pub(crate) fn new(
+        policy: Policy,
+        store: Arc<dyn Store>,
+        spool: Arc<dyn Spool>,
+        limiter: Arc<dyn Limiter>,
+    ) -> Self {
+        let slots = policy.config.server.forward_concurrency.max(1);
+        Self {
+            policy: RwLock::new(Arc::new(policy)),
+            store,
+            spool,
+            limiter,
+            delivery_slots: Arc::new(Semaphore::new(slots)),
+            outbox_wake: Notify::new(),
+            below_disk_floor: AtomicBool::new(false),
+        }
+    }
+
+    /// The current policy snapshot.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in a new policy; requests in flight keep the old one.
+    pub(crate) fn replace_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Records a measurement of free space in `data_dir` against its floor.
+    pub(crate) fn set_below_disk_floor(&self, below: bool) {
+        self.below_disk_floor.store(below, Ordering::Relaxed);
+    }
+
+    /// Whether uploads are refused for lack of disk space.
+    pub(crate) fn below_disk_floor(&self) -> bool {
+        self.below_disk_floor.load(Ordering::Relaxed)
+    }
+}
+
+/// Removes a file if it is there. A single unlink: cheaper inline than on another thread.
+pub(crate) fn remove_quietly(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

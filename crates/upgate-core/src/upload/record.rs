@@ -1,0 +1,179 @@
+//! Recording: received files become upload records, and each is delivered or queued.
+//!
+//! What flows through here: the spooled files of one admitted request and the dialect's
+//! metadata. The day's quota takes their bytes (or refuses them); with async delivery they
+//! get durable spool names and their records (state `received`) are the outbox entries;
+//! with sync delivery each is delivered first, then recorded once in the state its delivery
+//! ended in, and a multi-file request that failed part-way is rolled back upstream. Out come
+//! the records, or the error the client is told.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::Delivery;
+use crate::error::{ApiError, Throttle};
+use crate::metrics;
+use crate::plugins::Provider;
+use crate::policy::quota_day;
+use crate::spool::SpooledFile;
+use crate::store::{UploadRecord, UploadState};
+use crate::vocab::now_ms;
+
+use super::admit::Admission;
+use super::{Gateway, Metadata, deliver, remove_quietly};
+
+impl Gateway {
+    /// Records received files and delivers them per the tenant's provider settings.
+    pub(crate) async fn accept(
+        &self,
+        admission: &Admission,
+        files: Vec<SpooledFile>,
+        metadata: Metadata,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let dialect = admission.dialect;
+        let tenant = &admission.tenant;
+        let plan = &tenant.plan;
+        let provider = admission.provider().cloned().ok_or_else(|| {
+            tracing::error!(tenant = %tenant.name, "the tenant's provider is not loaded");
+            ApiError::Internal
+        })?;
+        let (day, retry_after_secs) = quota_day(now_ms());
+        if plan.has_quota() {
+            let total: u64 = files.iter().map(|file| file.size).sum();
+            let added = self
+                .limiter
+                .try_add_usage(
+                    tenant.name.clone(),
+                    day,
+                    (total, files.len() as u64),
+                    plan.quota_limits(),
+                )
+                .await?;
+            if !added {
+                return Err(ApiError::Throttled {
+                    retry_after_secs,
+                    why: Throttle::Quota,
+                });
+            }
+        }
+        let now = now_ms();
+        let mut records: Vec<UploadRecord> = files
+            .iter()
+            .map(|file| UploadRecord {
+                id: file.upload_id.clone(),
+                tenant: tenant.name.clone(),
+                dialect,
+                filename: file.filename.clone(),
+                extension: file.extension.clone(),
+                mime: file.mime.clone(),
+                size: file.size,
+                sha256: file.sha256.clone(),
+                state: UploadState::Received,
+                provider: provider.name.clone(),
+                remote_id: None,
+                remote_url: None,
+                metadata: metadata.clone(),
+                attempts: 0,
+                last_error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .collect();
+        for record in &records {
+            metrics::upload_received(dialect, &provider.name, record.size);
+        }
+        if provider.config.delivery == Delivery::Async {
+            // The files get their durable names and the records (state `received`) are the
+            // outbox entries; the client is answered once both are done.
+            let spool = self.spool.clone();
+            let files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<SpooledFile>> {
+                let mut files = files;
+                for file in &mut files {
+                    file.persist(spool.as_ref())?;
+                }
+                Ok(files)
+            })
+            .await??;
+            self.store.insert_uploads(records.clone(), now).await?;
+            files.into_iter().for_each(|file| drop(file.keep()));
+            self.outbox_wake.notify_one();
+            return Ok(records);
+        }
+        // Sync: deliver, then record each upload once, in the state its delivery ended in: one
+        // SQLite write per upload. An upload whose delivery the daemon did not live to finish
+        // was never acknowledged; its spooled bytes are swept at the next start.
+        let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
+        let mut failure = None;
+        for (record, path) in records.iter_mut().zip(&paths) {
+            if failure.is_some() {
+                // The client is told the request failed: the files after it fail too.
+                record.state = UploadState::Failed;
+                record.last_error = Some("an earlier file of the same request failed".into());
+                remove_quietly(path);
+                continue;
+            }
+            match deliver::deliver_now(self, &provider, record, path).await {
+                Ok(delivered) => {
+                    record.state = UploadState::Forwarded;
+                    record.attempts = delivered.attempts;
+                    record.remote_id = Some(delivered.result.remote_id);
+                    record.remote_url = delivered.result.url;
+                }
+                Err(not_delivered) => {
+                    record.state = UploadState::Failed;
+                    record.attempts = not_delivered.attempts;
+                    record.last_error = Some(not_delivered.reason);
+                    failure = Some(not_delivered.error);
+                }
+            }
+        }
+        if failure.is_some() {
+            self.roll_back_delivered(&provider, &mut records).await;
+            if plan.has_quota() {
+                // The client was told the request failed and will send it again: what was
+                // not kept does not count against the day's quota.
+                let not_kept = records
+                    .iter()
+                    .filter(|record| record.state != UploadState::Forwarded);
+                let (bytes, uploads) = not_kept.fold((0, 0), |(bytes, uploads), record| {
+                    (bytes + record.size, uploads + 1)
+                });
+                if let Err(error) = self
+                    .limiter
+                    .refund_usage(tenant.name.clone(), day, (bytes, uploads))
+                    .await
+                {
+                    tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of a failed upload");
+                }
+            }
+        }
+        self.store.insert_uploads(records.clone(), now).await?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(records),
+        }
+    }
+
+    /// A multi-file request failed after some of its files were delivered: the client is told
+    /// the whole request failed, so those copies are deleted upstream too. A provider that
+    /// cannot delete keeps them; their records stay `forwarded` and say why.
+    async fn roll_back_delivered(&self, provider: &Arc<Provider>, records: &mut [UploadRecord]) {
+        for record in records.iter_mut() {
+            let (UploadState::Forwarded, Some(remote_id)) = (record.state, record.remote_id.clone()) else {
+                continue;
+            };
+            match deliver::delete_upstream(self, provider, record, remote_id).await {
+                Ok(()) => {
+                    record.state = UploadState::Deleted;
+                    record.last_error = Some("rolled back: another file of the same request failed".into());
+                }
+                Err(error) => {
+                    tracing::warn!(upload_id = %record.id, provider = %provider.name, %error,
+                        "cannot roll back a delivered file of a failed request; it stays upstream");
+                    record.last_error =
+                        Some("kept upstream: another file of the same request failed, and the provider cannot delete".into());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Vocabulary below everything: the names and id formats every layer shares.
+//!
+//! What flows through here: nothing but values. [`DialectName`] (the bounded set of
+//! dialects, also a metrics label and a config grant), the vendors' upload id formats
+//! (generated and validated here, before any id reaches a lookup or a path) and the clock
+//! in epoch milliseconds. It imports nothing from the crate.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The dialects upgate speaks, a bounded set (also used as a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DialectName {
+    Dify,
+    Kore,
+    Maiagent,
+    Korexo,
+    Beam,
+}
+
+impl DialectName {
+    pub const ALL: [DialectName; 5] = [Self::Dify, Self::Kore, Self::Maiagent, Self::Korexo, Self::Beam];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dify => "dify",
+            Self::Kore => "kore",
+            Self::Maiagent => "maiagent",
+            Self::Korexo => "korexo",
+            Self::Beam => "beam",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|dialect| dialect.as_str() == text)
+    }
+
+    /// A new upload id in the vendor's own format. Ids are time-ordered (UUIDv7; for Kore a
+    /// MongoDB ObjectId-like 4-byte seconds timestamp and 8 random bytes), so new records
+    /// land at the end of the uploads table's primary key: a commit of many uploads then
+    /// rewrites a page or two, not one random page per upload.
+    pub fn new_upload_id(self) -> String {
+        match self {
+            Self::Kore => {
+                let seconds = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs() as u32);
+                let random = uuid::Uuid::new_v4();
+                let mut id = [0u8; 12];
+                id[..4].copy_from_slice(&seconds.to_be_bytes());
+                id[4..].copy_from_slice(&random.as_bytes()[..8]);
+                hex::encode(id)
+            }
+            Self::Korexo => format!("f-{}", uuid::Uuid::now_v7()),
+            Self::Dify | Self::Maiagent | Self::Beam => uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// Checks that a client-supplied id has this dialect's id format before any lookup.
+    pub fn is_valid_upload_id(self, id: &str) -> bool {
+        match self {
+            Self::Kore => {
+                id.len() == 24
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            }
+            Self::Korexo => id.strip_prefix("f-").is_some_and(is_uuid),
+            Self::Dify | Self::Maiagent | Self::Beam => is_uuid(id),
+        }
+    }
+}
+
+/// True for a canonical lower-case hyphenated uuid.
+pub fn is_uuid(text: &str) -> bool {
+    text.len() == 36 && uuid::Uuid::parse_str(text).is_ok_and(|uuid| uuid.hyphenated().to_string() == text)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_each_vendor_format() {
+        for dialect in DialectName::ALL {
+            let id = dialect.new_upload_id();
+            assert!(dialect.is_valid_upload_id(&id), "{dialect:?} {id}");
+        }
+        assert_eq!(DialectName::Kore.new_upload_id().len(), 24);
+        assert!(DialectName::Korexo.new_upload_id().starts_with("f-"));
+        assert!(!DialectName::Korexo.is_valid_upload_id("f-../../etc"));
+        assert!(!DialectName::Dify.is_valid_upload_id("A1B2C3D4-5678-90AB-CDEF-1234567890AB"));
+        assert!(!DialectName::Kore.is_valid_upload_id("zz0000000000000000000000"));
+    }
+
+    #[test]
+    fn ids_are_time_ordered_and_distinct() {
+        for dialect in DialectName::ALL {
+            let first = dialect.new_upload_id();
+            // Kore's timestamp counts seconds: compare across one.
+            let pause = if dialect == DialectName::Kore { 1001 } else { 2 };
+            std::thread::sleep(std::time::Duration::from_millis(pause));
+            let later: Vec<String> = (0..1000).map(|_| dialect.new_upload_id()).collect();
+            assert!(later.iter().all(|id| *id > first), "{dialect:?}");
+            let distinct: std::collections::HashSet<&String> = later.iter().collect();
+            assert_eq!(distinct.len(), later.len(), "{dialect:?}");
+        }
+    }
+}
