@@ -15,6 +15,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::upload::Gateway;
+use crate::vocab::DialectName;
+use dialects::Dialect;
 use respond::DialectError;
 
 /// Every dialect's routes, and the answer for paths no route serves.
@@ -31,9 +33,38 @@ pub(crate) fn probes(config: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz));
 }
 
+/// The dialect object for a name.
+pub(crate) fn dialect(name: DialectName) -> &'static dyn Dialect {
+    match name {
+        DialectName::Dify => &dialects::dify::Dify,
+        DialectName::Kore => &dialects::kore::Kore,
+        DialectName::Maiagent => &dialects::maiagent::Maiagent,
+        DialectName::Korexo => &dialects::korexo::Korexo,
+        DialectName::Beam => &dialects::beam::Beam,
+    }
+}
+
+/// Which dialect a request path belongs to (for metrics and logs of requests that never
+/// reached a handler).
+pub(crate) fn dialect_of_path(path: &str) -> Option<DialectName> {
+    if path.starts_with("/v1/files/") || path.starts_with("/files/") {
+        Some(DialectName::Dify)
+    } else if path.starts_with("/api/public/files") {
+        Some(DialectName::Kore)
+    } else if path.starts_with("/api/v1/attachments-upload") {
+        Some(DialectName::Maiagent)
+    } else if path.starts_with("/api/v2/apps/") {
+        Some(DialectName::Korexo)
+    } else if path.starts_with("/agent-setup/") {
+        Some(DialectName::Beam)
+    } else {
+        None
+    }
+}
+
 /// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.
 async fn not_found(request: HttpRequest) -> Result<HttpResponse, DialectError> {
-    match dialects::of_path(request.path()) {
+    match dialect_of_path(request.path()) {
         Some(dialect) => Err(DialectError::new(dialect, ApiError::NoSuchEndpoint)),
         None => Ok(HttpResponse::NotFound()
             .json(serde_json::json!({ "message": "no such endpoint", "status": 404 }))),

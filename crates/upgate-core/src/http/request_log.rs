@@ -26,7 +26,7 @@ pub(crate) async fn observe(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let dialect = super::dialects::of_path(request.path());
+    let dialect = super::dialect_of_path(request.path());
     let method = request.method().clone();
     let declared_bytes = request
         .headers()

@@ -2,7 +2,8 @@
 //!
 //! What flows through here: a handler's [`ApiError`] paired with its dialect (a
 //! [`DialectError`]), whose status, `Retry-After` and `WWW-Authenticate` headers are decided
-//! here once while the body shape comes from the dialect ([`Dialect::error_body`]); and the
+//! here once while the body shape comes from the dialect
+//! ([`super::dialects::Dialect::error_body`]); and the
 //! records of a successful upload, attached to the response for the request log
 //! ([`uploaded`]).
 
@@ -13,7 +14,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, HttpResponseBuilder, ResponseError};
 use serde::Serialize;
 
-use super::dialects;
+use super::dialect;
 use crate::error::ApiError;
 use crate::store::UploadRecord;
 use crate::vocab::DialectName;
@@ -38,7 +39,7 @@ impl ResponseError for DialectError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let dialect = dialects::get(self.dialect);
+        let dialect = dialect(self.dialect);
         let status = self.error.status();
         let mut response = HttpResponse::build(status);
         if let ApiError::Throttled { retry_after_secs, .. } = self.error {

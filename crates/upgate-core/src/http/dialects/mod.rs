@@ -80,17 +80,6 @@ pub(crate) async fn upload_multipart(
     gateway.accept(&admission, received.files, metadata).await
 }
 
-/// The dialect object for a name.
-pub fn get(name: DialectName) -> &'static dyn Dialect {
-    match name {
-        DialectName::Dify => &dify::Dify,
-        DialectName::Kore => &kore::Kore,
-        DialectName::Maiagent => &maiagent::Maiagent,
-        DialectName::Korexo => &korexo::Korexo,
-        DialectName::Beam => &beam::Beam,
-    }
-}
-
 /// Registers every dialect's routes.
 pub fn configure(config: &mut web::ServiceConfig) {
     dify::routes(config);
@@ -98,24 +87,6 @@ pub fn configure(config: &mut web::ServiceConfig) {
     maiagent::routes(config);
     korexo::routes(config);
     beam::routes(config);
-}
-
-/// Which dialect a request path belongs to (for metrics and logs of requests that never
-/// reached a handler).
-pub fn of_path(path: &str) -> Option<DialectName> {
-    if path.starts_with("/v1/files/") || path.starts_with("/files/") {
-        Some(DialectName::Dify)
-    } else if path.starts_with("/api/public/files") {
-        Some(DialectName::Kore)
-    } else if path.starts_with("/api/v1/attachments-upload") {
-        Some(DialectName::Maiagent)
-    } else if path.starts_with("/api/v2/apps/") {
-        Some(DialectName::Korexo)
-    } else if path.starts_with("/agent-setup/") {
-        Some(DialectName::Beam)
-    } else {
-        None
-    }
 }
 
 /// The value of a key header (`X-api-key` and friends): present, non-empty, visible ASCII.
