@@ -15,6 +15,20 @@
 //!
 //! Plugin authors never write `unsafe`: they implement [`Provider`] and call
 //! [`export_provider!`], which generates the entry symbol and panic-catching trampolines.
+//! The plugin crates can therefore `#![deny(unsafe_code)]`: the one unsafe attribute the macro
+//! emits carries its own `#[allow(unsafe_code)]`.
+//!
+//! This crate denies `unsafe_code` too and allows it item by item, only where the ABI needs
+//! it: the descriptor's `Sync`, [`PluginBuffer::as_slice`], the [`trampolines`] and the entry
+//! symbol. Every `unsafe` block says which invariant makes it sound (`// SAFETY:`), every
+//! `unsafe fn` what its caller must guarantee (`# Safety`).
+//!
+//! [`units`] parses and formats byte sizes (`10MiB`, `25MB`) for the host's config and the
+//! plugins' settings alike.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod units;
 
 use std::ffi::{c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -81,12 +95,20 @@ impl PluginBuffer {
     /// Views the bytes.
     ///
     /// # Safety
-    /// `self` must have been filled by a plugin call and not yet freed.
+    /// `self` is [`PluginBuffer::empty`] or a buffer that a plugin function (`init`, `put`,
+    /// `delete`, `health`) wrote into its out-parameter, with its fields unchanged, not yet
+    /// given to `free_buffer`, and the plugin library is still loaded (the bytes belong to
+    /// the plugin's allocator). `free_buffer` takes the buffer by value, so it cannot run while
+    /// the returned slice borrows `self`.
+    #[allow(unsafe_code)]
     pub unsafe fn as_slice(&self) -> &[u8] {
         if self.ptr.is_null() {
             &[]
         } else {
-            // SAFETY: the plugin created ptr/len from a live Vec (see `from_vec`).
+            // SAFETY: by the contract above, `ptr` and `len` are those of a `Vec<u8>` that
+            // `PluginBuffer::from_vec` leaked in the plugin: `len` initialized bytes in one
+            // live allocation (u8 needs no alignment), which nothing writes to or frees before
+            // `free_buffer`, and that cannot happen while `&self` is borrowed for the slice.
             unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
         }
     }
@@ -94,9 +116,20 @@ impl PluginBuffer {
 
 /// `init(init_request_json) -> instance`; on failure returns null and fills `out` with a
 /// [`PluginError`].
+///
+/// What the caller guarantees: `settings` points at `settings_len` initialized bytes (an
+/// [`InitRequest`] as JSON) that stay alive and unchanged for the call, or `settings_len` is
+/// 0; `out` is null or points at a writable [`PluginBuffer`] that owns nothing (it is
+/// overwritten, not freed: pass [`PluginBuffer::empty`]). A buffer written into `out` goes back
+/// to the same descriptor's `free_buffer`.
 pub type InitFn =
     unsafe extern "C" fn(settings: *const u8, settings_len: usize, out: *mut PluginBuffer) -> *mut c_void;
 /// `put`, `delete` and `health`: request JSON in, status code out, JSON result in `out`.
+///
+/// What the caller guarantees: `instance` is a non-null instance returned by the same
+/// descriptor's `init` and not yet given to `drop_instance` (calls may run concurrently on
+/// several threads, never concurrently with or after `drop_instance`); `request`,
+/// `request_len` and `out` as for [`InitFn`]'s `settings`, `settings_len` and `out`.
 pub type CallFn = unsafe extern "C" fn(
     instance: *mut c_void,
     request: *const u8,
@@ -104,8 +137,14 @@ pub type CallFn = unsafe extern "C" fn(
     out: *mut PluginBuffer,
 ) -> i32;
 /// Drops an instance created by `init`.
+///
+/// What the caller guarantees: `instance` is null or came from the same descriptor's `init`,
+/// is dropped once, with no call on it in flight and none after.
 pub type DropInstanceFn = unsafe extern "C" fn(instance: *mut c_void);
 /// Frees a buffer that the plugin returned.
+///
+/// What the caller guarantees: `buffer` is one that this descriptor's functions wrote into an
+/// out-parameter, with its fields unchanged, freed once.
 pub type FreeBufferFn = unsafe extern "C" fn(buffer: PluginBuffer);
 
 /// What `upgate_provider_v1` returns a pointer to. Static for the library's lifetime.
@@ -126,8 +165,13 @@ pub struct ProviderDescriptor {
     pub free_buffer: FreeBufferFn,
 }
 
-// SAFETY: the descriptor is immutable static data: two pointers to static strings and
-// function pointers.
+// SAFETY: `Sync` lets threads share `&ProviderDescriptor` (needed for the `static` that
+// `export_provider!` builds). The type has no interior mutability: plain integers, fn
+// pointers and two `*const c_char` that are only ever read, never written through, and
+// dereferencing them takes `unsafe` code that answers for their validity itself. In the
+// descriptors the macro builds they point at NUL-terminated string literals, 'static and
+// immutable, so any thread may read them.
+#[allow(unsafe_code)]
 unsafe impl Sync for ProviderDescriptor {}
 
 /// The entry function's type.
@@ -291,9 +335,23 @@ pub trait Provider: Send + Sync + Sized + 'static {
 /// ```text
 /// upgate_plugin_api::export_provider!(MyProvider, "my-provider");
 /// ```
+///
+/// Once per plugin library. The entry symbol needs `#[unsafe(no_mangle)]`, which the
+/// expansion allows itself (`#[allow(unsafe_code)]`), so the plugin crate can
+/// `#![deny(unsafe_code)]`; `#![forbid(unsafe_code)]` rejects that `allow` (E0453), as it
+/// should: the crate does export an unmangled symbol.
 #[macro_export]
 macro_rules! export_provider {
     ($provider:ty, $name:literal) => {
+        // SAFETY: `no_mangle` exports this function unmangled as `upgate_provider_v1`
+        // (`ENTRY_SYMBOL`), the one symbol the host looks up. That is sound as long as nothing
+        // else linked into the library defines the same symbol: one `export_provider!` per
+        // plugin library (a second one in the same crate fails to compile). The function is
+        // safe to call: it returns a pointer to an immutable `static`, valid while the library
+        // is loaded, whose `name` and `version` point at NUL-terminated string literals and
+        // whose functions are the trampolines for `$provider`, all for the same type, so an
+        // instance made by its `init` is the type its `put` expects.
+        // The `allow` keeps this working in plugin crates that `#![deny(unsafe_code)]`.
         #[allow(unsafe_code)]
         #[unsafe(no_mangle)]
         pub extern "C" fn upgate_provider_v1() -> *const $crate::ProviderDescriptor {
@@ -332,10 +390,22 @@ pub mod trampolines {
         }
     }
 
-    fn write_json<T: Serialize>(out: *mut PluginBuffer, value: &T) {
-        let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    /// Serializes `value` for the host; `null` if that fails.
+    fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+        serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())
+    }
+
+    /// Hands `bytes` to the host through its out-parameter (dropped if `out` is null).
+    ///
+    /// # Safety
+    /// `out` is null or valid for writing one [`PluginBuffer`] (non-null, aligned, into memory
+    /// the host keeps for the call, such as its `&mut PluginBuffer`), and what `out` holds
+    /// owns nothing: it is overwritten without being dropped or freed.
+    #[allow(unsafe_code)]
+    unsafe fn write_out(out: *mut PluginBuffer, bytes: Vec<u8>) {
         if !out.is_null() {
-            // SAFETY: the host passes a valid, writable out-parameter.
+            // SAFETY: `out` is non-null here and valid for the write by the contract above;
+            // `write` neither reads nor drops the old value, which owns nothing.
             unsafe { out.write(PluginBuffer::from_vec(bytes)) };
         }
     }
@@ -343,12 +413,16 @@ pub mod trampolines {
     /// Borrows the host's request bytes.
     ///
     /// # Safety
-    /// `ptr` must point at `len` readable bytes for the duration of the call.
+    /// `len` is 0 or `ptr` points at `len` initialized bytes that stay alive and unchanged for
+    /// `'a`, which the caller keeps within the FFI call the host passed them to.
+    #[allow(unsafe_code)]
     unsafe fn request_bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
         if ptr.is_null() || len == 0 {
             &[]
         } else {
-            // SAFETY: guaranteed by the caller.
+            // SAFETY: `ptr` is non-null here and, by the contract above, points at `len`
+            // initialized bytes of one host allocation (so `len` <= isize::MAX) that nobody
+            // mutates or frees during `'a`; u8 needs no alignment.
             unsafe { std::slice::from_raw_parts(ptr, len) }
         }
     }
@@ -362,42 +436,42 @@ pub mod trampolines {
         })
     }
 
-    /// Runs `body`, writing its JSON result or error into `out`.
-    fn run<T: Serialize>(out: *mut PluginBuffer, body: impl FnOnce() -> Result<T, PluginError>) -> i32 {
+    /// Runs `body`, catching a panic; returns the status and the JSON (result or error) for
+    /// the out-parameter.
+    fn run<T: Serialize>(body: impl FnOnce() -> Result<T, PluginError>) -> (i32, Vec<u8>) {
         match catch_unwind(AssertUnwindSafe(body)) {
-            Ok(Ok(value)) => {
-                write_json(out, &value);
-                STATUS_OK
-            }
-            Ok(Err(error)) => {
-                write_json(out, &error);
-                STATUS_ERROR
-            }
+            Ok(Ok(value)) => (STATUS_OK, to_json(&value)),
+            Ok(Err(error)) => (STATUS_ERROR, to_json(&error)),
             Err(payload) => {
                 let error = PluginError::new(ErrorKind::Panic, panic_message(payload));
                 // Serializing a plain struct cannot panic.
-                write_json(out, &error);
-                STATUS_PANIC
+                (STATUS_PANIC, to_json(&error))
             }
         }
     }
 
     /// # Safety
-    /// Called by the host with valid settings bytes and out-parameter.
+    /// The [`InitFn`] contract: `settings` readable for `settings_len` bytes during the call,
+    /// `out` null or a writable out-parameter that owns nothing.
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn init<P: Provider>(
         settings: *const u8,
         settings_len: usize,
         out: *mut PluginBuffer,
     ) -> *mut c_void {
-        // SAFETY: forwarded from the caller's contract.
+        // SAFETY: the host's settings bytes stay alive and unchanged for this call (`InitFn`
+        // contract), and `bytes` does not outlive it.
         let bytes = unsafe { request_bytes(settings, settings_len) };
         let mut instance: *mut c_void = std::ptr::null_mut();
-        let status = run(out, || {
+        let (status, json) = run(|| {
             let request: InitRequest = decode(bytes)?;
             let provider = P::init(&request.context, request.settings)?;
             instance = Box::into_raw(Box::new(provider)).cast();
             Ok(Value::Null)
         });
+        // SAFETY: `out` is the host's out-parameter, null or writable and owning nothing
+        // (`InitFn` contract).
+        unsafe { write_out(out, json) };
         if status == STATUS_OK {
             instance
         } else {
@@ -406,69 +480,111 @@ pub mod trampolines {
     }
 
     /// # Safety
-    /// `instance` must come from `init::<P>` and not be dropped yet.
+    /// `instance` is non-null and is the `Box::into_raw` of a `Box<P>` made by `init::<P>`
+    /// (the same `P`), and `drop_instance` does not free it during `'a`, which the caller
+    /// keeps within one FFI call (the host never drops an instance with calls in flight).
+    #[allow(unsafe_code)]
     unsafe fn provider<'a, P: Provider>(instance: *mut c_void) -> &'a P {
-        // SAFETY: guaranteed by the caller.
+        // SAFETY: by the contract above the pointer is a live, aligned, initialized `P` for
+        // `'a`. Only shared references to it exist until `drop_instance` (the trampolines
+        // never make a `&mut`), and `P: Sync`, so concurrent calls may each hold one.
         unsafe { &*instance.cast::<P>() }
     }
 
     /// # Safety
-    /// See [`CallFn`]: a live instance, valid request bytes and out-parameter.
+    /// The [`CallFn`] contract: a live instance from this descriptor's `init`, request bytes
+    /// readable during the call, `out` null or a writable out-parameter that owns nothing.
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn put<P: Provider>(
         instance: *mut c_void,
         request: *const u8,
         request_len: usize,
         out: *mut PluginBuffer,
     ) -> i32 {
-        // SAFETY: forwarded from the caller's contract.
-        let (provider, bytes) = unsafe { (provider::<P>(instance), request_bytes(request, request_len)) };
-        run(out, || provider.put(decode(bytes)?))
+        // SAFETY: `instance` came from this descriptor's `init`, whose `P` is this `P` (one
+        // `export_provider!` instantiates them all), and is not dropped during the call
+        // (`CallFn` contract); `provider` does not outlive the call.
+        let provider = unsafe { provider::<P>(instance) };
+        // SAFETY: the host's request bytes stay alive and unchanged for this call (`CallFn`
+        // contract), and `bytes` does not outlive it.
+        let bytes = unsafe { request_bytes(request, request_len) };
+        let (status, json) = run(|| provider.put(decode(bytes)?));
+        // SAFETY: `out` is the host's out-parameter, null or writable and owning nothing
+        // (`CallFn` contract).
+        unsafe { write_out(out, json) };
+        status
     }
 
     /// # Safety
-    /// See [`CallFn`].
+    /// The [`CallFn`] contract, as for [`put`].
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn delete<P: Provider>(
         instance: *mut c_void,
         request: *const u8,
         request_len: usize,
         out: *mut PluginBuffer,
     ) -> i32 {
-        // SAFETY: forwarded from the caller's contract.
-        let (provider, bytes) = unsafe { (provider::<P>(instance), request_bytes(request, request_len)) };
-        run(out, || provider.delete(decode(bytes)?).map(|()| Value::Null))
+        // SAFETY: `instance` came from this descriptor's `init`, whose `P` is this `P`, and is
+        // not dropped during the call (`CallFn` contract); `provider` does not outlive it.
+        let provider = unsafe { provider::<P>(instance) };
+        // SAFETY: the host's request bytes stay alive and unchanged for this call (`CallFn`
+        // contract), and `bytes` does not outlive it.
+        let bytes = unsafe { request_bytes(request, request_len) };
+        let (status, json) = run(|| provider.delete(decode(bytes)?).map(|()| Value::Null));
+        // SAFETY: `out` is the host's out-parameter, null or writable and owning nothing
+        // (`CallFn` contract).
+        unsafe { write_out(out, json) };
+        status
     }
 
     /// # Safety
-    /// See [`CallFn`]; the request bytes are ignored.
+    /// The [`CallFn`] contract, as for [`put`]; the request bytes are not read.
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn health<P: Provider>(
         instance: *mut c_void,
         _request: *const u8,
         _request_len: usize,
         out: *mut PluginBuffer,
     ) -> i32 {
-        // SAFETY: forwarded from the caller's contract.
+        // SAFETY: `instance` came from this descriptor's `init`, whose `P` is this `P`, and is
+        // not dropped during the call (`CallFn` contract); `provider` does not outlive it.
         let provider = unsafe { provider::<P>(instance) };
-        run(out, || provider.health().map(|()| Value::Null))
+        let (status, json) = run(|| provider.health().map(|()| Value::Null));
+        // SAFETY: `out` is the host's out-parameter, null or writable and owning nothing
+        // (`CallFn` contract).
+        unsafe { write_out(out, json) };
+        status
     }
 
     /// # Safety
-    /// `instance` must come from `init::<P>`; it is dropped here and must not be used again.
+    /// The [`DropInstanceFn`] contract: `instance` is null or came from `init::<P>`, is
+    /// dropped once, with no call on it in flight and none after.
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn drop_instance<P: Provider>(instance: *mut c_void) {
         if instance.is_null() {
             return;
         }
-        // SAFETY: created by Box::into_raw in `init::<P>`.
+        // SAFETY: `instance` is the `Box::into_raw` of a `Box<P>` made in `init::<P>`, not
+        // freed before, and no `&P` from `provider` is alive (no call in flight), so this
+        // takes back sole ownership of the box.
         let boxed = unsafe { Box::from_raw(instance.cast::<P>()) };
         let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
     }
 
     /// # Safety
-    /// `buffer` must have been returned by this plugin and not freed yet.
+    /// The [`FreeBufferFn`] contract: `buffer` was written into an out-parameter by this
+    /// library's trampolines (reached through its descriptor), its fields are unchanged, and
+    /// it is freed once. It must come back to the `free_buffer` of the library that made it,
+    /// never to another copy of this function (the host links this crate too, with its own
+    /// allocator).
+    #[allow(unsafe_code)]
     pub unsafe extern "C" fn free_buffer(buffer: PluginBuffer) {
         if buffer.ptr.is_null() {
             return;
         }
-        // SAFETY: ptr/len/capacity come from a Vec<u8> leaked in `PluginBuffer::from_vec`.
+        // SAFETY: ptr, len and capacity are those of a `Vec<u8>` that `PluginBuffer::from_vec`
+        // leaked in this same library, so they describe an allocation of the global allocator
+        // that `Vec::from_raw_parts` frees with here; nothing else frees it (contract above).
         drop(unsafe { Vec::from_raw_parts(buffer.ptr, buffer.len, buffer.capacity) });
     }
 }
@@ -502,13 +618,54 @@ mod tests {
     }
     export_provider!(Echo, "echo");
 
-    fn call(function: CallFn, instance: *mut c_void, request: &[u8]) -> (i32, Vec<u8>) {
-        let descriptor = unsafe { &*upgate_provider_v1() };
-        let mut out = PluginBuffer::empty();
-        let status = unsafe { function(instance, request.as_ptr(), request.len(), &mut out) };
+    // The helpers below call the descriptor the way the host's loader does; the tests
+    // themselves stay safe code.
+
+    /// The descriptor `export_provider!` generated above.
+    #[allow(unsafe_code)]
+    fn descriptor() -> &'static ProviderDescriptor {
+        // SAFETY: the entry function returns a pointer to its `static DESCRIPTOR`, which lives
+        // as long as the test binary it is linked into.
+        unsafe { &*upgate_provider_v1() }
+    }
+
+    /// Copies a buffer the plugin wrote and frees it through the descriptor.
+    #[allow(unsafe_code)]
+    fn take(out: PluginBuffer) -> Vec<u8> {
+        // SAFETY: `out` was just written by one of the descriptor's functions (or is still
+        // empty) and is freed only below, after the copy.
         let bytes = unsafe { out.as_slice() }.to_vec();
-        unsafe { (descriptor.free_buffer)(out) };
-        (status, bytes)
+        // SAFETY: the buffer came from this descriptor's functions, unchanged, and is freed
+        // once, here, by the same library's `free_buffer`.
+        unsafe { (descriptor().free_buffer)(out) };
+        bytes
+    }
+
+    /// `init` with `settings`: the instance (null on failure) and the output JSON.
+    #[allow(unsafe_code)]
+    fn init(settings: &[u8]) -> (*mut c_void, Vec<u8>) {
+        let mut out = PluginBuffer::empty();
+        // SAFETY: `settings` outlives the call; `out` is a local empty buffer.
+        let instance = unsafe { (descriptor().init)(settings.as_ptr(), settings.len(), &mut out) };
+        (instance, take(out))
+    }
+
+    /// One `put`, `delete` or `health` call on `instance` (from [`init`], not dropped yet).
+    #[allow(unsafe_code)]
+    fn call(function: CallFn, instance: *mut c_void, request: &[u8]) -> (i32, Vec<u8>) {
+        let mut out = PluginBuffer::empty();
+        // SAFETY: `instance` is a live instance of this descriptor (the tests drop it only
+        // after their last call); `request` outlives the call; `out` is a local empty buffer.
+        let status = unsafe { function(instance, request.as_ptr(), request.len(), &mut out) };
+        (status, take(out))
+    }
+
+    /// Drops an instance from [`init`]; the tests make no call on it afterwards.
+    #[allow(unsafe_code)]
+    fn drop_instance(instance: *mut c_void) {
+        // SAFETY: `instance` came from this descriptor's `init`, no call on it is in flight,
+        // and it is not used again.
+        unsafe { (descriptor().drop_instance)(instance) };
     }
 
     fn request(filename: &str) -> Vec<u8> {
@@ -529,17 +686,14 @@ mod tests {
 
     #[test]
     fn descriptor_round_trip_and_panics_are_caught() {
-        let descriptor = unsafe { &*upgate_provider_v1() };
+        let descriptor = descriptor();
         assert_eq!(descriptor.header.abi_version, ABI_VERSION);
         assert_eq!(
             descriptor.header.struct_size as usize,
             std::mem::size_of::<ProviderDescriptor>()
         );
-        let mut out = PluginBuffer::empty();
-        let settings = br#"{"settings":{},"context":{"config_dir":"/etc/upgate"}}"#;
-        let instance = unsafe { (descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
+        let (instance, _) = init(br#"{"settings":{},"context":{"config_dir":"/etc/upgate"}}"#);
         assert!(!instance.is_null());
-        unsafe { (descriptor.free_buffer)(out) };
 
         let (status, body) = call(descriptor.put, instance, &request("ok.txt"));
         assert_eq!(status, STATUS_OK);
@@ -565,18 +719,17 @@ mod tests {
 
         let (status, _) = call(descriptor.put, instance, b"not json");
         assert_eq!(status, STATUS_ERROR);
-        unsafe { (descriptor.drop_instance)(instance) };
+
+        let (status, body) = call(descriptor.health, instance, b"");
+        assert_eq!((status, body.as_slice()), (STATUS_OK, b"null".as_slice()));
+        drop_instance(instance);
     }
 
     #[test]
     fn init_failure_returns_null_and_an_error() {
-        let descriptor = unsafe { &*upgate_provider_v1() };
-        let mut out = PluginBuffer::empty();
-        let settings = br#"{"settings":{"fail":true},"context":{"config_dir":""}}"#;
-        let instance = unsafe { (descriptor.init)(settings.as_ptr(), settings.len(), &mut out) };
+        let (instance, body) = init(br#"{"settings":{"fail":true},"context":{"config_dir":""}}"#);
         assert!(instance.is_null());
-        let error: PluginError = serde_json::from_slice(unsafe { out.as_slice() }).unwrap();
+        let error: PluginError = serde_json::from_slice(&body).unwrap();
         assert_eq!(error.kind, ErrorKind::Config);
-        unsafe { (descriptor.free_buffer)(out) };
     }
 }

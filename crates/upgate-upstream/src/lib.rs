@@ -26,7 +26,7 @@ pub use multipart::{FileRange, Multipart, MultipartBody};
 pub use response::{
     MAX_REASON_CHARS, Reply, classify, extract_reason, json_str, parse_retry_after, sanitize,
 };
-pub use settings::{COMMON_KEYS, UpstreamSettings, parse_byte_size};
+pub use settings::{COMMON_KEYS, UpstreamSettings};
 
 use upgate_plugin_api::{ErrorKind, PluginError, PutRequest};
 

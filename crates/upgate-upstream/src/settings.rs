@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use upgate_plugin_api::units::parse_byte_size;
 use upgate_plugin_api::{ErrorKind, InitContext, PluginError};
 
 use crate::response::sanitize;
@@ -143,13 +144,14 @@ impl UpstreamSettings {
             .ok_or_else(|| config_error(format!("setting `{key}` is required")))
     }
 
-    /// One of the plugin's own keys as a positive byte count: an integer, or a string such as
-    /// `"25MB"` (10^6) or `"8MiB"` (2^20).
+    /// One of the plugin's own keys as a positive byte count: an integer, or a string in the
+    /// grammar of [`upgate_plugin_api::units::parse_byte_size`] (the host config's), such as
+    /// `"25MB"` (10^6), `"8MiB"` (2^20), `"1.5GiB"` or `"1g"`.
     pub fn byte_size_or(&self, key: &str, default: u64) -> Result<u64, PluginError> {
         let size = match self.extra.get(key) {
             None | Some(Value::Null) => return Ok(default),
             Some(Value::Number(number)) => number.as_u64(),
-            Some(Value::String(text)) => parse_byte_size(text),
+            Some(Value::String(text)) => parse_byte_size(text).ok(),
             Some(_) => None,
         };
         match size {
@@ -219,26 +221,6 @@ fn parse_duration(key: &str, value: Option<Value>, default: Duration) -> Result<
             "setting `{key}` must be a positive duration such as \"30s\", \"5m\" or a number of seconds"
         ))),
     }
-}
-
-/// Parses `"1024"`, `"25MB"`, `"25 mb"`, `"8MiB"`, `"1g"`... into bytes.
-pub fn parse_byte_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let number: u64 = text[..digits_end].parse().ok()?;
-    let multiplier: u64 = match text[digits_end..].trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        _ => return None,
-    };
-    number.checked_mul(multiplier)
 }
 
 #[cfg(test)]
@@ -346,14 +328,28 @@ mod tests {
     }
 
     #[test]
-    fn byte_sizes() {
-        assert_eq!(parse_byte_size("25MB"), Some(25_000_000));
-        assert_eq!(parse_byte_size("25 mb"), Some(25_000_000));
-        assert_eq!(parse_byte_size("8MiB"), Some(8 << 20));
-        assert_eq!(parse_byte_size("1024"), Some(1024));
-        assert_eq!(parse_byte_size("3kib"), Some(3072));
-        assert_eq!(parse_byte_size("MB"), None);
-        assert_eq!(parse_byte_size("2.5MB"), None);
-        assert_eq!(parse_byte_size("99999999999999999TiB"), None);
+    fn byte_size_settings() {
+        // The grammar itself is tested with `upgate_plugin_api::units`.
+        let settings = UpstreamSettings::parse(
+            &InitContext::default(),
+            json!({"base_url": "http://h", "api_key": "k", "a": "2.5MB", "b": 1024, "c": "1g",
+                   "zero": "0", "unit": "10XB", "float": 1.5, "list": [1]}),
+            &["a", "b", "c", "zero", "unit", "float", "list"],
+        )
+        .unwrap();
+        assert_eq!(settings.byte_size_or("a", 1).unwrap(), 2_500_000);
+        assert_eq!(settings.byte_size_or("b", 1).unwrap(), 1024);
+        assert_eq!(settings.byte_size_or("c", 1).unwrap(), 1_000_000_000);
+        for key in ["zero", "unit", "float", "list"] {
+            let error = settings.byte_size_or(key, 1).unwrap_err();
+            assert_eq!(error.kind, ErrorKind::Config);
+            assert!(
+                error
+                    .message
+                    .contains(&format!("`{key}` must be a positive byte size")),
+                "{}",
+                error.message
+            );
+        }
     }
 }
