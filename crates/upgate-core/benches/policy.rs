@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use upgate_core::config::Config;
-use upgate_core::policy::Policy;
-use upgate_core::vocab::DialectName;
+use upgate_core::{Config, DialectName, Policy};
 
 fn policy(rate_limited: bool, tenants: usize) -> Arc<Policy> {
     let rate = if rate_limited {

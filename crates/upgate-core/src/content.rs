@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 /// How many leading bytes are kept for sniffing.
-pub const SNIFF_LEN: usize = 8192;
+pub(crate) const SNIFF_LEN: usize = 8192;
 
 /// Why content was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,14 +116,14 @@ fn known(extension: &str) -> Option<&'static KnownType> {
 }
 
 /// True when the file must be checked as UTF-8 while it streams.
-pub fn is_text_extension(extension: &str) -> bool {
+pub(crate) fn is_text_extension(extension: &str) -> bool {
     known(extension).is_some_and(|known| known.text)
 }
 
 /// The family a MIME type belongs to, as MaiAgent's `type` field names it. Documents are
 /// the vendor's "Documents" group (doc, docx, pdf and their open kin); spreadsheets and
 /// presentations are `other`, as the vendor's own example answers for an `.xls`.
-pub fn family(mime: &str, extension: &str) -> &'static str {
+pub(crate) fn family(mime: &str, extension: &str) -> &'static str {
     let top = mime.split('/').next().unwrap_or("");
     match top {
         "audio" => "audio",
@@ -140,7 +140,12 @@ pub fn family(mime: &str, extension: &str) -> &'static str {
 
 /// Decides the MIME type of a file from its extension and first bytes, refusing
 /// contradictions when `verify` is on. `utf8_ok` is the streaming validator's verdict.
-pub fn classify(extension: &str, head: &[u8], utf8_ok: bool, verify: bool) -> Result<String, ContentError> {
+pub(crate) fn classify(
+    extension: &str,
+    head: &[u8],
+    utf8_ok: bool,
+    verify: bool,
+) -> Result<String, ContentError> {
     let sniffed = infer::get(head);
     let expected = known(extension);
     let mismatch = |detected: String| ContentError::Mismatch {
@@ -191,7 +196,7 @@ fn describe(kind: &str) -> &str {
 
 /// Checks that a spooled `json` file parses, or each line of a `jsonl` file does. Reads the
 /// file with bounded memory: run it on a blocking thread.
-pub fn verify_json_file(extension: &str, path: &Path) -> Result<(), ContentError> {
+pub(crate) fn verify_json_file(extension: &str, path: &Path) -> Result<(), ContentError> {
     let invalid = |detail: String| ContentError::InvalidJson {
         extension: extension.to_owned(),
         detail,
@@ -238,7 +243,7 @@ impl DeserializeFrom for serde::de::IgnoredAny {
 
 /// Whether the first bytes of a file look like UTF-8 text (a character cut at the end of
 /// the sample is fine; NUL bytes are not text).
-pub fn looks_like_text(head: &[u8]) -> bool {
+pub(crate) fn looks_like_text(head: &[u8]) -> bool {
     !head.contains(&0)
         && match std::str::from_utf8(head) {
             Ok(_) => true,
@@ -247,19 +252,19 @@ pub fn looks_like_text(head: &[u8]) -> bool {
 }
 
 /// Whether a file needs [`verify_json_file`] after it is spooled.
-pub fn needs_json_check(extension: &str) -> bool {
+pub(crate) fn needs_json_check(extension: &str) -> bool {
     matches!(extension, "json" | "jsonl" | "ndjson")
 }
 
 /// Streaming UTF-8 validation across chunk boundaries, holding at most 3 pending bytes.
 #[derive(Debug, Default)]
-pub struct Utf8Validator {
+pub(crate) struct Utf8Validator {
     pending: Vec<u8>,
     invalid: bool,
 }
 
 impl Utf8Validator {
-    pub fn feed(&mut self, mut chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, mut chunk: &[u8]) {
         if self.invalid {
             return;
         }
@@ -291,7 +296,7 @@ impl Utf8Validator {
     }
 
     /// True when everything fed so far is complete, valid UTF-8.
-    pub fn finish(&self) -> bool {
+    pub(crate) fn finish(&self) -> bool {
         !self.invalid && self.pending.is_empty()
     }
 }

@@ -15,17 +15,26 @@
 //!
 //! `unsafe` is denied everywhere except the plugin loader (`plugins::loader`).
 #![deny(unsafe_code)]
+// Everything is crate-private but what the CLI and the benches use, re-exported below.
+#![warn(unreachable_pub)]
 
-pub mod config;
-pub(crate) mod content;
-pub mod daemon;
-pub(crate) mod error;
-pub(crate) mod http;
-pub(crate) mod limits;
-pub mod metrics;
-pub mod plugins;
-pub mod policy;
-pub(crate) mod spool;
-pub(crate) mod store;
-pub(crate) mod upload;
-pub mod vocab;
+mod config;
+mod content;
+mod daemon;
+mod error;
+mod http;
+mod limits;
+mod metrics;
+mod plugins;
+mod policy;
+mod spool;
+mod store;
+mod upload;
+mod vocab;
+
+pub use config::{Config, ConfigError};
+pub use daemon::{ServeError, delete_upload, load, serve};
+pub use plugins::{LoadedPlugin, PluginHostError, discover};
+pub use policy::{Policy, Tenant};
+pub use store::{UploadRecord, UploadState};
+pub use vocab::DialectName;

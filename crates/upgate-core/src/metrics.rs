@@ -16,7 +16,7 @@ use prometheus::{
 use crate::vocab::DialectName;
 
 /// All series.
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
     uploads: IntCounterVec,
@@ -177,7 +177,7 @@ impl Metrics {
 }
 
 /// The process-wide metrics.
-pub fn get() -> &'static Metrics {
+pub(crate) fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }
@@ -188,7 +188,7 @@ fn dialect_label(dialect: Option<DialectName>) -> &'static str {
 
 /// Creates every known label combination at 0, so `increase()` sees the first event and
 /// dashboards show zeros rather than gaps.
-pub fn prime<'a>(providers: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn prime<'a>(providers: impl IntoIterator<Item = &'a str>) {
     let metrics = get();
     for result in ["ok", "error"] {
         metrics.config_reloads.with_label_values(&[result]);
@@ -231,7 +231,7 @@ pub fn prime<'a>(providers: impl IntoIterator<Item = &'a str>) {
     }
 }
 
-pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, duration: Duration) {
+pub(crate) fn http_request(dialect: Option<DialectName>, route: &str, status: u16, duration: Duration) {
     let class = match status {
         200..=299 => "2xx",
         300..=399 => "3xx",
@@ -254,14 +254,14 @@ pub fn http_request(dialect: Option<DialectName>, route: &str, status: u16, dura
     }
 }
 
-pub fn rejection(dialect: DialectName, reason: &'static str) {
+pub(crate) fn rejection(dialect: DialectName, reason: &'static str) {
     get()
         .rejections
         .with_label_values(&[dialect.as_str(), reason])
         .inc();
 }
 
-pub fn upload_received(dialect: DialectName, provider: &str, size: u64) {
+pub(crate) fn upload_received(dialect: DialectName, provider: &str, size: u64) {
     let metrics = get();
     metrics
         .uploads
@@ -277,39 +277,39 @@ pub fn upload_received(dialect: DialectName, provider: &str, size: u64) {
         .observe(size as f64);
 }
 
-pub fn upload_delivered(dialect: DialectName, provider: &str, size: u64) {
+pub(crate) fn upload_delivered(dialect: DialectName, provider: &str, size: u64) {
     upload_outcome(dialect, provider, "forwarded");
     get().forwarded_bytes.with_label_values(&[provider]).inc_by(size);
 }
 
 /// `outcome` is one of forwarded, failed, deleted.
-pub fn upload_outcome(dialect: DialectName, provider: &str, outcome: &'static str) {
+pub(crate) fn upload_outcome(dialect: DialectName, provider: &str, outcome: &'static str) {
     get()
         .uploads
         .with_label_values(&[dialect.as_str(), provider, outcome])
         .inc();
 }
 
-pub fn upstream_duration(provider: &str, outcome: &'static str, duration: Duration) {
+pub(crate) fn upstream_duration(provider: &str, outcome: &'static str, duration: Duration) {
     get()
         .upstream_duration
         .with_label_values(&[provider, outcome])
         .observe(duration.as_secs_f64());
 }
 
-pub fn retry(provider: &str) {
+pub(crate) fn retry(provider: &str) {
     get().retries.with_label_values(&[provider]).inc();
 }
 
-pub fn plugin_error(provider: &str, kind: &'static str) {
+pub(crate) fn plugin_error(provider: &str, kind: &'static str) {
     get().plugin_errors.with_label_values(&[provider, kind]).inc();
 }
 
-pub fn outbox_pending(pending: u64) {
+pub(crate) fn outbox_pending(pending: u64) {
     get().outbox_pending.set(pending as i64);
 }
 
-pub fn config_reload(ok: bool) {
+pub(crate) fn config_reload(ok: bool) {
     get()
         .config_reloads
         .with_label_values(&[if ok { "ok" } else { "error" }])
@@ -331,7 +331,7 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
 }
 
 /// Text exposition of every series.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&get().registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()

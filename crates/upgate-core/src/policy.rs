@@ -161,13 +161,13 @@ impl Policy {
 }
 
 /// Whole seconds, rounded up, at least 1.
-pub fn ceil_secs(wait: Duration) -> u64 {
+pub(crate) fn ceil_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     secs.max(1)
 }
 
 /// Days since the epoch (UTC), the unit of daily quotas, and seconds until the next day.
-pub fn quota_day(now_ms: i64) -> (i64, u64) {
+pub(crate) fn quota_day(now_ms: i64) -> (i64, u64) {
     let day_ms = 86_400_000;
     let day = now_ms.div_euclid(day_ms);
     let left = ((day + 1) * day_ms - now_ms) as u64;

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use upgate_core::config::Config;
-use upgate_core::daemon::{self as server, ServeError};
-use upgate_core::plugins;
+use upgate_core::{Config, ServeError};
 
 /// mimalloc instead of glibc's malloc: the request path allocates many small, short-lived
 /// buffers (headers, multipart parts, JSON); mimalloc takes 8% fewer instructions per small
@@ -82,8 +80,8 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Serve { config } => report(server::serve(&config)),
-        Command::CheckConfig { config } => report(server::load(&config).map(|(config, providers)| {
+        Command::Serve { config } => report(upgate_core::serve(&config)),
+        Command::CheckConfig { config } => report(upgate_core::load(&config).map(|(config, providers)| {
             println!(
                 "{}: ok ({} plans, {} providers, {} tenants)",
                 config.source.display(),
@@ -97,7 +95,7 @@ fn main() -> ExitCode {
         } => list_plugins(&config),
         Command::Uploads {
             command: UploadsCommand::Delete { id, config },
-        } => report(server::delete_upload(&config, &id).map(|record| {
+        } => report(upgate_core::delete_upload(&config, &id).map(|record| {
             println!(
                 "deleted {} (tenant {}, provider {})",
                 record.id, record.tenant, record.provider
@@ -123,7 +121,7 @@ fn list_plugins(config_path: &Path) -> u8 {
         Err(errors) => return report(Err(ServeError::Config(errors))),
     };
     let dir = &config.server.plugin_dir;
-    let found = match plugins::discover(dir) {
+    let found = match upgate_core::discover(dir) {
         Ok(found) => found,
         Err(error) => {
             eprintln!("upgate: cannot read plugin_dir {}: {error}", dir.display());

@@ -165,8 +165,8 @@ pub struct ServerConfig {
 
 /// Bounds of `rate_limit.requests_per_second`: one request a day up to one a microsecond,
 /// so the replenish period is always a whole, representable number of nanoseconds.
-pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
-pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+pub(crate) const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+pub(crate) const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
 /// `rate_limit:` inside a plan.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -494,7 +494,7 @@ fn names<V>(map: &BTreeMap<String, V>) -> String {
 }
 
 /// Plugin names become file names, so they are restricted.
-pub fn valid_plugin_name(name: &str) -> bool {
+pub(crate) fn valid_plugin_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

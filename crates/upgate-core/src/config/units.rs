@@ -15,57 +15,15 @@ use serde::de::{self, Deserializer};
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    /// Parses `10MiB`, `25 MB`, `1024`, `1.5GiB`.
+    /// Parses `10MiB`, `25 MB`, `1024`, `1.5GiB`: the grammar plugin settings share.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        if number.is_empty() {
-            return Err(format!("`{text}` is not a size (expected e.g. 10MiB)"));
-        }
-        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            "t" | "tb" => 1_000_000_000_000,
-            "tib" => 1 << 40,
-            other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{text}` (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)"
-                ));
-            }
-        };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a size (expected e.g. 10MiB)"))?;
-        let bytes = value * multiplier as f64;
-        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("size `{text}` is out of range"));
-        }
-        Ok(Self(bytes.round() as u64))
+        upgate_plugin_api::units::parse_byte_size(text).map(Self)
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [
-            (1 << 40, "TiB"),
-            (1 << 30, "GiB"),
-            (1 << 20, "MiB"),
-            (1 << 10, "KiB"),
-        ];
-        for (size, unit) in UNITS {
-            if self.0 >= size && self.0.is_multiple_of(size) {
-                return write!(f, "{}{unit}", self.0 / size);
-            }
-        }
-        write!(f, "{} bytes", self.0)
+        f.write_str(&upgate_plugin_api::units::format_byte_size(self.0))
     }
 }
 
@@ -103,7 +61,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 
 /// A string in which `${VAR}` is replaced from the environment when the config is read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EnvString(pub String);
+pub(crate) struct EnvString(pub String);
 
 impl<'de> Deserialize<'de> for EnvString {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -119,7 +77,7 @@ pub(crate) fn env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pat
 
 /// Replaces each `${NAME}` in `text` with the environment variable `NAME`. `$$` is a literal
 /// `$`. An unset variable is an error naming it.
-pub fn expand_env(text: &str) -> Result<String, String> {
+pub(crate) fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find('$') {

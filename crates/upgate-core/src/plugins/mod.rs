@@ -48,7 +48,7 @@ pub enum PluginHostError {
 }
 
 /// The file name a plugin called `name` has on this platform.
-pub fn plugin_file_name(name: &str) -> String {
+pub(crate) fn plugin_file_name(name: &str) -> String {
     format!(
         "{}upgate_plugin_{}{}",
         std::env::consts::DLL_PREFIX,
@@ -74,7 +74,7 @@ fn open_cached(path: &Path) -> Result<Arc<LoadedPlugin>, PluginHostError> {
 }
 
 /// Loads the plugin called `name` from `plugin_dir`.
-pub fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHostError> {
+pub(crate) fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHostError> {
     let path = plugin_dir.join(plugin_file_name(name));
     if !path.is_file() {
         return Err(PluginHostError::Missing {
@@ -86,7 +86,7 @@ pub fn load(plugin_dir: &Path, name: &str) -> Result<Arc<LoadedPlugin>, PluginHo
 }
 
 /// A plugin file, loaded and checked, or why not.
-pub type Loaded = Result<Arc<LoadedPlugin>, PluginHostError>;
+pub(crate) type Loaded = Result<Arc<LoadedPlugin>, PluginHostError>;
 
 /// Every plugin file in `plugin_dir`, loaded and checked (for `upgate plugins list`).
 pub fn discover(plugin_dir: &Path) -> std::io::Result<Vec<(PathBuf, Loaded)>> {
@@ -170,7 +170,7 @@ fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, Plugin
 
 /// Instantiates every provider in `config`. Collects all problems rather than stopping at
 /// the first.
-pub fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, Vec<PluginHostError>> {
+pub(crate) fn instantiate(config: &Config) -> Result<BTreeMap<String, Arc<Provider>>, Vec<PluginHostError>> {
     let mut providers = BTreeMap::new();
     let mut errors = Vec::new();
     let durable = config.server.durability == Durability::PowerLoss;

@@ -79,7 +79,7 @@ pub struct UploadRecord {
 
 /// One row of `sessions`, with the chunks received so far.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SessionRecord {
+pub(crate) struct SessionRecord {
     pub id: String,
     pub tenant: String,
     pub dialect: DialectName,
@@ -95,7 +95,7 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
-    pub fn received_bytes(&self) -> u64 {
+    pub(crate) fn received_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, size)| size).sum()
     }
 }

@@ -19,7 +19,7 @@ use super::Gateway;
 /// A request let in: its dialect, its tenant, the policy snapshot it was admitted under
 /// (kept for the whole request, so a reload does not change its plan or provider halfway),
 /// and the concurrency slots it holds until dropped.
-pub struct Admission {
+pub(crate) struct Admission {
     pub(crate) dialect: DialectName,
     pub(crate) tenant: Arc<Tenant>,
     pub(crate) policy: Arc<Policy>,

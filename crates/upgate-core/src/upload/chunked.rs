@@ -37,7 +37,7 @@ use super::intake::{self, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
 /// Most chunks one session may declare.
-pub const MAX_CHUNKS: u64 = 100_000;
+pub(crate) const MAX_CHUNKS: u64 = 100_000;
 /// Bytes read from a chunk file at a time when assembling.
 const READ_SLICE: usize = 256 * 1024;
 /// Room for the multipart framing around a chunk.
@@ -49,7 +49,7 @@ const STALE_CHUNK_TEMP: Duration = Duration::from_secs(3600);
 
 /// What a dialect declares when it opens a session.
 #[derive(Debug, Clone)]
-pub struct NewSession {
+pub(crate) struct NewSession {
     /// The client's filename (metadata only; checked like any filename).
     pub filename: String,
     /// Lower-case extension, checked against the plan's allowlist.
@@ -63,7 +63,7 @@ pub struct NewSession {
 
 /// The names of a chunk request's multipart parts.
 #[derive(Debug, Clone, Copy)]
-pub struct ChunkForm {
+pub(crate) struct ChunkForm {
     /// The part carrying the chunk's bytes.
     pub file_field: &'static str,
     /// The text field carrying the chunk number.
@@ -75,14 +75,14 @@ type LockMap = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
 static LOCKS: LazyLock<Mutex<LockMap>> = LazyLock::new(Default::default);
 
 /// Holds a session's lock; removes the lock from the registry when nobody else uses it.
-pub struct SessionLock {
+pub(crate) struct SessionLock {
     id: String,
     mutex: Option<Arc<tokio::sync::Mutex<()>>>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 /// Waits for the lock of session `id`.
-pub async fn lock_session(id: &str) -> SessionLock {
+pub(crate) async fn lock_session(id: &str) -> SessionLock {
     let mutex = LOCKS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -140,7 +140,7 @@ fn session_limit(session: &SessionRecord, admission: &Admission) -> u64 {
 }
 
 /// Chunk numbers of `0..total_chunks` not received yet.
-pub fn missing_chunks(session: &SessionRecord) -> Vec<u64> {
+pub(crate) fn missing_chunks(session: &SessionRecord) -> Vec<u64> {
     let present: HashSet<u64> = session.chunks.iter().map(|(number, _)| *number).collect();
     (0..session.total_chunks)
         .filter(|number| !present.contains(number))

@@ -33,7 +33,7 @@ const MAX_TEXT_FIELD: usize = 64 * 1024;
 const MAX_NON_FILE_BYTES: usize = 1024 * 1024;
 
 /// Names are metadata only; these rules keep them safe to store, log and forward.
-pub fn validate_filename(name: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_filename(name: &str) -> Result<(), ApiError> {
     if name.is_empty() {
         return Err(ApiError::EmptyFilename);
     }
@@ -62,7 +62,7 @@ pub fn validate_filename(name: &str) -> Result<(), ApiError> {
 
 /// The lower-case last extension of a filename, without the dot; empty when there is none
 /// (a leading dot does not start an extension: `.env` has none).
-pub fn extension_of(name: &str) -> String {
+pub(crate) fn extension_of(name: &str) -> String {
     match name.rsplit_once('.') {
         Some((stem, extension)) if !stem.is_empty() => extension.to_ascii_lowercase(),
         _ => String::new(),
@@ -71,7 +71,7 @@ pub fn extension_of(name: &str) -> String {
 
 /// What a dialect's upload form looks like.
 #[derive(Debug, Clone, Copy)]
-pub struct FormSpec {
+pub(crate) struct FormSpec {
     /// The names file parts may have: the documented one first, then aliases that the
     /// vendor's own generated examples use (Beam's `files.items`).
     pub file_fields: &'static [&'static str],
@@ -82,7 +82,7 @@ pub struct FormSpec {
 }
 
 /// Limits and settings for one request's intake.
-pub struct IntakeLimits<'a> {
+pub(crate) struct IntakeLimits<'a> {
     pub plan: &'a Plan,
     pub max_files: usize,
     pub idle_timeout: Duration,
@@ -131,14 +131,14 @@ impl Gateway {
 
 /// What a multipart request carried.
 #[derive(Debug, Default)]
-pub struct Received {
+pub(crate) struct Received {
     pub files: Vec<SpooledFile>,
     pub fields: BTreeMap<String, String>,
 }
 
 /// Turns the spooled bytes of one file into a [`SpooledFile`]: content classified and, for
 /// JSON types, parsed.
-pub async fn complete_file(
+pub(crate) async fn complete_file(
     writer: SpoolWriter,
     upload_id: String,
     filename: String,
@@ -165,7 +165,7 @@ pub async fn complete_file(
 }
 
 /// Waits for the next item of a body stream, dropping a client that stalls.
-pub async fn next_or_stall<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
+pub(crate) async fn next_or_stall<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
 where
     S: Stream<Item = T> + Unpin,
 {
@@ -186,7 +186,7 @@ pub(crate) fn multipart_error(error: MultipartError) -> ApiError {
 }
 
 /// Reads a whole multipart body per `spec`, spooling file parts. `new_id` names each file.
-pub async fn receive_multipart(
+pub(crate) async fn receive_multipart(
     headers: &HeaderMap,
     payload: Payload,
     spec: &FormSpec,

@@ -33,7 +33,7 @@ use crate::store::Store;
 pub(crate) type Metadata = serde_json::Map<String, serde_json::Value>;
 
 /// Shared state of the running daemon.
-pub struct Gateway {
+pub(crate) struct Gateway {
     policy: RwLock<Arc<Policy>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) spool: Arc<dyn Spool>,

@@ -22,7 +22,7 @@ use crate::store::{UploadRecord, UploadState};
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
 
-pub struct Beam;
+pub(crate) struct Beam;
 
 const FORM: FormSpec = FormSpec {
     file_fields: &["files", "files.items"],
@@ -32,7 +32,7 @@ const FORM: FormSpec = FormSpec {
 
 const WORKSPACE_HEADER: &str = "current-workspace-id";
 
-pub fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
     config.route("/agent-setup/upload", web::post().to(upload));
 }
 

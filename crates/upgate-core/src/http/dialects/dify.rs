@@ -18,7 +18,7 @@ use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
 
-pub struct Dify;
+pub(crate) struct Dify;
 
 const FORM: FormSpec = FormSpec {
     file_fields: &["file"],
@@ -26,7 +26,7 @@ const FORM: FormSpec = FormSpec {
     text_fields: &["user"],
 };
 
-pub fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/v1/files/upload", web::post().to(upload))
         .route("/files/upload", web::post().to(upload));

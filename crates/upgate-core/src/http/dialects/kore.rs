@@ -28,7 +28,7 @@ use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
 use crate::upload::intake::{FormSpec, extension_of, next_or_stall};
 use crate::upload::{Gateway, Metadata};
 
-pub struct Kore;
+pub(crate) struct Kore;
 
 const FORM: FormSpec = FormSpec {
     file_fields: &["file"],
@@ -46,7 +46,7 @@ const MAX_JSON_BODY: usize = 64 * 1024;
 /// Most missing chunk numbers named in one error message.
 const MISSING_NAMED: usize = 100;
 
-pub fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
     // `start` before `{sessionId}`: routes match in registration order.
     config
         .route("/api/public/files", web::post().to(upload))

@@ -22,7 +22,7 @@ use crate::store::{UploadRecord, UploadState};
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
 
-pub struct Korexo;
+pub(crate) struct Korexo;
 
 const FORM: FormSpec = FormSpec {
     // The vendor's curl example sends `file`; its parameter table spells it `File`.
@@ -33,7 +33,7 @@ const FORM: FormSpec = FormSpec {
 
 const BASE: &str = "/api/v2/apps/{appId}/environments/{envName}/attachments";
 
-pub fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
     config
         .route(&format!("{BASE}/upload"), web::post().to(upload))
         .route(&format!("{BASE}/{{fileId}}"), web::delete().to(delete));

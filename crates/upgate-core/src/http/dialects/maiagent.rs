@@ -21,7 +21,7 @@ use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
 
-pub struct Maiagent;
+pub(crate) struct Maiagent;
 
 const FORM: FormSpec = FormSpec {
     file_fields: &["file"],
@@ -29,7 +29,7 @@ const FORM: FormSpec = FormSpec {
     text_fields: &[],
 };
 
-pub fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(config: &mut web::ServiceConfig) {
     // Django would redirect the path without the slash; answering it directly is kinder.
     config
         .route("/api/v1/attachments-upload/", web::post().to(upload))

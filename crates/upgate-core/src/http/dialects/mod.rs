@@ -27,7 +27,7 @@ use crate::upload::{Gateway, Metadata};
 pub(crate) use crate::vocab::DialectName;
 
 /// What each dialect provides to the shared flow.
-pub trait Dialect: Send + Sync {
+pub(crate) trait Dialect: Send + Sync {
     fn name(&self) -> DialectName;
     /// The API key from the request, or why there is none.
     fn credentials(&self, request: &HttpRequest) -> Result<String, ApiError>;
@@ -81,7 +81,7 @@ pub(crate) async fn upload_multipart(
 }
 
 /// Registers every dialect's routes.
-pub fn configure(config: &mut web::ServiceConfig) {
+pub(crate) fn configure(config: &mut web::ServiceConfig) {
     dify::routes(config);
     kore::routes(config);
     maiagent::routes(config);
@@ -90,7 +90,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
 }
 
 /// The value of a key header (`X-api-key` and friends): present, non-empty, visible ASCII.
-pub fn header_key(request: &HttpRequest, name: &str) -> Result<String, ApiError> {
+pub(crate) fn header_key(request: &HttpRequest, name: &str) -> Result<String, ApiError> {
     let value = request.headers().get(name).ok_or(ApiError::MissingCredentials)?;
     let text = value.to_str().map_err(|_| ApiError::MalformedCredentials)?.trim();
     if text.is_empty() {
@@ -101,7 +101,7 @@ pub fn header_key(request: &HttpRequest, name: &str) -> Result<String, ApiError>
 
 /// The credential after `scheme` in `Authorization: <scheme> <key>` (scheme compared
 /// case-insensitively).
-pub fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, ApiError> {
+pub(crate) fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, ApiError> {
     let value = request
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -116,7 +116,7 @@ pub fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, 
 }
 
 /// Seconds in a human sentence, for messages that say when to retry.
-pub fn seconds(n: u64) -> String {
+pub(crate) fn seconds(n: u64) -> String {
     if n == 1 {
         "1 second".into()
     } else {
@@ -125,13 +125,13 @@ pub fn seconds(n: u64) -> String {
 }
 
 /// A plan limit in words, e.g. "15MiB".
-pub fn limit_text(limit: u64) -> String {
+pub(crate) fn limit_text(limit: u64) -> String {
     crate::config::ByteSize(limit).to_string()
 }
 
 /// A plain-words message for errors every dialect renders the same way apart from its body
 /// shape (the dialects add their own codes around it).
-pub fn plain_message(error: &ApiError) -> String {
+pub(crate) fn plain_message(error: &ApiError) -> String {
     match error {
         ApiError::MissingCredentials => "API key missing.".into(),
         ApiError::MalformedCredentials => "API key header malformed.".into(),
@@ -172,12 +172,12 @@ pub fn plain_message(error: &ApiError) -> String {
 }
 
 /// `{"errors": [{"msg", "code"}]}`, the error body of kore and korexo (code = HTTP status).
-pub fn errors_body(message: String, status: StatusCode) -> Value {
+pub(crate) fn errors_body(message: String, status: StatusCode) -> Value {
     serde_json::json!({ "errors": [{ "msg": message, "code": status.as_u16() }] })
 }
 
 /// An epoch-milliseconds time as ISO 8601 UTC with milliseconds (`2025-04-23T12:05:45.782Z`).
-pub fn iso_millis(epoch_ms: i64) -> String {
+pub(crate) fn iso_millis(epoch_ms: i64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
@@ -185,7 +185,7 @@ pub fn iso_millis(epoch_ms: i64) -> String {
 /// The URL a dialect returns for an upload: the provider's URL once delivered; before that
 /// (async delivery, or a provider that gives none) `upgate://uploads/<id>`, which names the
 /// upload in upgate and is never null, so clients that require a URL keep working.
-pub fn file_url(record: &UploadRecord) -> String {
+pub(crate) fn file_url(record: &UploadRecord) -> String {
     record
         .remote_url
         .clone()
@@ -194,7 +194,7 @@ pub fn file_url(record: &UploadRecord) -> String {
 
 /// A stable uuid derived from `text`, for vendor fields that are uuids of things upgate does
 /// not have (users, tenants).
-pub fn derived_uuid(text: &str) -> String {
+pub(crate) fn derived_uuid(text: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(text.as_bytes());
     let mut bytes = [0u8; 16];
