@@ -76,6 +76,21 @@ pub enum ApiError {
     BodyTimeout,
     #[error("not enough disk space")]
     InsufficientStorage,
+    /// A resumable upload's request at another offset than the upload's.
+    #[error("the upload is at offset {offset}")]
+    OffsetMismatch { offset: u64 },
+    /// A resumable upload's body does not match the checksum its request gave.
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+    /// A protocol version upgate does not speak (tus `Tus-Resumable`).
+    #[error("unsupported protocol version")]
+    UnsupportedVersion,
+    /// A body of another media type than the protocol requires.
+    #[error("wrong content type")]
+    WrongContentType,
+    /// A request that would change an upload that cannot change (a final concatenation).
+    #[error("the upload cannot be changed")]
+    ImmutableUpload,
     #[error("internal error")]
     Internal,
 }
@@ -110,6 +125,16 @@ pub enum Class {
     Storage,
     /// The gateway failed (500).
     Internal,
+    /// The request is at another state of the resource than the client thinks (409).
+    Conflict,
+    /// The body does not match its checksum (460, tus).
+    Checksum,
+    /// The protocol version is not spoken (412).
+    Version,
+    /// The body's media type is not the one required (415).
+    MediaType,
+    /// The resource may not be changed (403).
+    Immutable,
 }
 
 impl ApiError {
@@ -140,6 +165,11 @@ impl ApiError {
             Self::BodyTimeout => Class::BodyTimeout,
             Self::InsufficientStorage => Class::Storage,
             Self::Internal => Class::Internal,
+            Self::OffsetMismatch { .. } => Class::Conflict,
+            Self::ChecksumMismatch => Class::Checksum,
+            Self::UnsupportedVersion => Class::Version,
+            Self::WrongContentType => Class::MediaType,
+            Self::ImmutableUpload => Class::Immutable,
         }
     }
 
@@ -165,6 +195,11 @@ impl ApiError {
             Class::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Class::Storage => StatusCode::INSUFFICIENT_STORAGE,
             Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Class::Conflict => StatusCode::CONFLICT,
+            Class::Checksum => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
+            Class::Version => StatusCode::PRECONDITION_FAILED,
+            Class::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Class::Immutable => StatusCode::FORBIDDEN,
         }
     }
 
@@ -180,6 +215,7 @@ impl ApiError {
             Class::Throttled(Throttle::Quota) => "quota",
             // A missing chunk is the client's to send, not a refusal of the upload.
             Class::Invalid if !matches!(self, Self::MissingChunks(_)) => "invalid",
+            Class::Checksum | Class::Version | Class::MediaType => "invalid",
             _ => return None,
         })
     }

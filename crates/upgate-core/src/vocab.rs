@@ -16,10 +16,19 @@ pub enum DialectName {
     Maiagent,
     Korexo,
     Beam,
+    /// The tus 1.0 resumable upload protocol.
+    Tus,
 }
 
 impl DialectName {
-    pub const ALL: [DialectName; 5] = [Self::Dify, Self::Kore, Self::Maiagent, Self::Korexo, Self::Beam];
+    pub const ALL: [DialectName; 6] = [
+        Self::Dify,
+        Self::Kore,
+        Self::Maiagent,
+        Self::Korexo,
+        Self::Beam,
+        Self::Tus,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +37,7 @@ impl DialectName {
             Self::Maiagent => "maiagent",
             Self::Korexo => "korexo",
             Self::Beam => "beam",
+            Self::Tus => "tus",
         }
     }
 
@@ -52,6 +62,8 @@ impl DialectName {
                 hex::encode(id)
             }
             Self::Korexo => format!("f-{}", uuid::Uuid::now_v7()),
+            // 32 hex digits, as tusd's: never `upload`, Dify's alias path under `/files/`.
+            Self::Tus => uuid::Uuid::now_v7().simple().to_string(),
             Self::Dify | Self::Maiagent | Self::Beam => uuid::Uuid::now_v7().to_string(),
         }
     }
@@ -66,6 +78,12 @@ impl DialectName {
                         .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             }
             Self::Korexo => id.strip_prefix("f-").is_some_and(is_uuid),
+            Self::Tus => {
+                id.len() == 32
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            }
             Self::Dify | Self::Maiagent | Self::Beam => is_uuid(id),
         }
     }

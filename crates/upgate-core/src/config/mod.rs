@@ -161,6 +161,38 @@ pub struct ServerConfig {
     pub forward_concurrency: usize,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Browsers of these origins may call every dialect (absent: no CORS headers at all).
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+}
+
+/// `server.cors:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example.com`, `http://localhost:3000`), or `"*"`.
+    pub allowed_origins: Vec<String>,
+}
+
+impl CorsConfig {
+    /// Whether a request's `Origin` may read the answers.
+    pub(crate) fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed == origin)
+    }
+}
+
+/// An origin as a browser sends it: `scheme://host[:port]`, nothing after.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// Bounds of `rate_limit.requests_per_second`: one request a day up to one a microsecond,
@@ -471,6 +503,18 @@ impl Config {
                     error(
                         &["tenants", name, "keys"],
                         "this key is already used by another entry".into(),
+                    );
+                }
+            }
+        }
+        if let Some(cors) = &self.server.cors {
+            for origin in &cors.allowed_origins {
+                if origin != "*" && !valid_origin(origin) {
+                    error(
+                        &["server", "cors", "allowed_origins"],
+                        format!(
+                            "origin `{origin}` must be `scheme://host[:port]` with no path or trailing slash (or \"*\")"
+                        ),
                     );
                 }
             }

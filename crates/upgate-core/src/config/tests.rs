@@ -134,3 +134,31 @@ fn duplicate_keys_are_refused() {
     assert!(message.contains("already used"), "{message}");
     assert!(message.starts_with("/etc/upgate/config.yaml:19:5"), "{message}");
 }
+
+#[test]
+fn cors_origins_are_exact_origins() {
+    let with = |origins: &str| {
+        let text = GOOD.replace(
+            "server:\n  listen: 127.0.0.1:0\n",
+            &format!("server:\n  listen: 127.0.0.1:0\n  cors: {{ allowed_origins: {origins} }}\n"),
+        );
+        parse(&text)
+    };
+    let config = with("[\"https://app.example.com\", \"http://localhost:3000\"]").unwrap();
+    let cors = config.server.cors.unwrap();
+    assert!(cors.allows("https://app.example.com"));
+    assert!(!cors.allows("https://evil.example.com"));
+    assert!(
+        with("[\"*\"]")
+            .unwrap()
+            .server
+            .cors
+            .unwrap()
+            .allows("https://any.example")
+    );
+    let error = with("[\"https://app.example.com/\"]").unwrap_err()[0].to_string();
+    assert!(
+        error.contains("allowed_origins") || error.contains("origin"),
+        "{error}"
+    );
+}

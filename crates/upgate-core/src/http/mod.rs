@@ -6,6 +6,7 @@
 //! error becomes a response; [`request_log`] observes every request. Nothing below this
 //! folder knows about actix's request types; this folder knows nothing of the daemon.
 
+pub(crate) mod cors;
 pub(crate) mod dialects;
 pub(crate) mod request_log;
 pub(crate) mod respond;
@@ -41,14 +42,17 @@ pub(crate) fn dialect(name: DialectName) -> &'static dyn Dialect {
         DialectName::Maiagent => &dialects::maiagent::Maiagent,
         DialectName::Korexo => &dialects::korexo::Korexo,
         DialectName::Beam => &dialects::beam::Beam,
+        DialectName::Tus => &dialects::tus::Tus,
     }
 }
 
 /// Which dialect a request path belongs to (for metrics and logs of requests that never
 /// reached a handler).
 pub(crate) fn dialect_of_path(path: &str) -> Option<DialectName> {
-    if path.starts_with("/v1/files/") || path.starts_with("/files/") {
+    if path.starts_with("/v1/files/") || path == "/files/upload" {
         Some(DialectName::Dify)
+    } else if path == "/files" || path.starts_with(dialects::tus::BASE) {
+        Some(DialectName::Tus)
     } else if path.starts_with("/api/public/files") {
         Some(DialectName::Kore)
     } else if path.starts_with("/api/v1/attachments-upload") {

@@ -50,7 +50,7 @@ impl ResponseError for DialectError {
         {
             response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
         }
-        response.json(dialect.error_body(&self.error, status))
+        dialect.render_error(&self.error, status, response)
     }
 }
 
@@ -75,11 +75,19 @@ pub(crate) struct UploadLog {
 
 /// A JSON answer for stored `records`, which the request log names.
 pub(crate) fn uploaded(status: StatusCode, records: &[UploadRecord], body: impl Serialize) -> HttpResponse {
+    let mut builder = HttpResponseBuilder::new(status);
+    log_uploads(&mut builder, records);
+    builder.json(body)
+}
+
+/// Names `records` in the request log line of this response.
+pub(crate) fn log_uploads(builder: &mut HttpResponseBuilder, records: &[UploadRecord]) {
+    if records.is_empty() {
+        return;
+    }
     let log = UploadLog {
         ids: records.iter().map(|record| record.id.clone()).collect(),
         bytes: records.iter().map(|record| record.size).sum(),
     };
-    let mut builder = HttpResponseBuilder::new(status);
     builder.extensions_mut().insert(log);
-    builder.json(body)
 }

@@ -54,6 +54,16 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     fn place_chunk(&self, session: &str, number: u64, part: &Path) -> std::io::Result<()>;
     /// Where chunk `number` of `session` is read.
     fn chunk_path(&self, session: &str, number: u64) -> PathBuf;
+    /// The file of a resumable upload `session` (its chunk 0), open for writing at `offset`:
+    /// created if needed, and cut to `offset` (a tail a crash left after the last
+    /// acknowledged offset goes).
+    fn open_at(&self, session: &str, offset: u64) -> std::io::Result<std::fs::File>;
+    /// A spooled part file for upload `name` holding the resumable upload `session`'s bytes,
+    /// without copying them; the session keeps its own.
+    fn link_part(&self, session: &str, name: &str) -> std::io::Result<PathBuf>;
+    /// Joins the files of resumable uploads `sources`, in order, as `target`'s; the bytes
+    /// joined.
+    fn join(&self, target: &str, sources: &[String]) -> std::io::Result<u64>;
     /// Removes every chunk of `session`.
     fn remove_session(&self, session: &str);
     /// Sessions that have chunks here.

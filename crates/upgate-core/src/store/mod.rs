@@ -85,13 +85,45 @@ pub(crate) struct SessionRecord {
     pub dialect: DialectName,
     pub filename: String,
     pub extension: String,
+    /// The whole file's size (for a resumable upload whose length is deferred: 0).
     pub declared_size: u64,
+    /// A resumable upload whose length the client will say later.
+    pub length_deferred: bool,
     pub total_chunks: u64,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,
-    /// (chunk number, size), ordered by chunk number.
+    /// (chunk number, size), ordered by chunk number. A resumable upload has one chunk,
+    /// whose size is its durable offset.
     pub chunks: Vec<(u64, u64)>,
+    /// A resumable upload that is part of a concatenation.
+    pub concat: Option<Concat>,
+    /// The upload record a resumable upload became, once delivered or queued.
+    pub upload_id: Option<String>,
+}
+
+/// The role of a resumable upload in a concatenation (tus `Upload-Concat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Concat {
+    /// A part, never recorded itself.
+    Partial,
+    /// The join of parts, recorded like any upload.
+    Final,
+}
+
+impl Concat {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Partial => "partial",
+            Self::Final => "final",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        [Self::Partial, Self::Final]
+            .into_iter()
+            .find(|concat| concat.as_str() == text)
+    }
 }
 
 impl SessionRecord {
@@ -165,6 +197,10 @@ pub(crate) trait Store: Send + Sync {
     /// Records chunk `chunk_number` of a session (replacing an earlier copy).
     fn put_chunk(&self, session_id: String, chunk_number: u64, size: u64) -> StoreFuture<'_, ()>;
     fn delete_session(&self, id: String) -> StoreFuture<'_, ()>;
+    /// Sets the length of a session whose length was deferred.
+    fn set_session_length(&self, id: String, length: u64) -> StoreFuture<'_, ()>;
+    /// Notes the upload record a session became.
+    fn mark_session_delivered(&self, id: String, upload_id: String) -> StoreFuture<'_, ()>;
     /// Deletes sessions expired at `now` and returns their ids.
     fn take_expired_sessions(&self, now: i64) -> StoreFuture<'_, Vec<String>>;
     fn session_ids(&self) -> StoreFuture<'_, Vec<String>>;

@@ -183,6 +183,9 @@ impl Gateway {
             created_at_ms: now,
             expires_at_ms: now.saturating_add(expiry.as_millis().min(i64::MAX as u128) as i64),
             chunks: Vec::new(),
+            length_deferred: false,
+            concat: None,
+            upload_id: None,
         };
         self.store.insert_session(session.clone()).await?;
         tracing::info!(session_id = %session.id, tenant = %session.tenant, chunks = session.total_chunks,

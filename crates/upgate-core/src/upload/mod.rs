@@ -17,6 +17,7 @@ pub(crate) mod delete;
 pub(crate) mod deliver;
 pub(crate) mod intake;
 pub(crate) mod record;
+pub(crate) mod resumable;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -133,6 +133,10 @@ impl Dialect for Beam {
         super::header_key(request, "x-api-key")
     }
 
+    fn request_headers(&self) -> &'static [&'static str] {
+        &["x-api-key", WORKSPACE_HEADER]
+    }
+
     fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
         let message = match error {
             ApiError::MissingCredentials | ApiError::MalformedCredentials | ApiError::InvalidCredentials => {

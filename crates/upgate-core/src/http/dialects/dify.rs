@@ -155,6 +155,11 @@ impl Dialect for Dify {
             ApiError::BodyTimeout => ("request_timeout", plain_message(error)),
             ApiError::InsufficientStorage => ("insufficient_storage", plain_message(error)),
             ApiError::Internal => ("internal_server_error", plain_message(error)),
+            ApiError::OffsetMismatch { .. }
+            | ApiError::ChecksumMismatch
+            | ApiError::UnsupportedVersion
+            | ApiError::WrongContentType
+            | ApiError::ImmutableUpload => ("invalid_param", plain_message(error)),
         };
         json!({ "code": code, "message": message, "status": status.as_u16() })
     }

@@ -251,6 +251,10 @@ impl Dialect for Kore {
         super::header_key(request, "x-api-key")
     }
 
+    fn request_headers(&self) -> &'static [&'static str] {
+        &["x-api-key"]
+    }
+
     fn error_body(&self, error: &ApiError, status: StatusCode) -> Value {
         let message = match error {
             ApiError::NoFile => "file is required.".to_owned(),

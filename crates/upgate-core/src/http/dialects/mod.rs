@@ -12,10 +12,11 @@ pub(crate) mod dify;
 pub(crate) mod kore;
 pub(crate) mod korexo;
 pub(crate) mod maiagent;
+pub(crate) mod tus;
 
 use actix_web::http::StatusCode;
 use actix_web::web::Payload;
-use actix_web::{HttpMessage, HttpRequest, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::Value;
 
 use super::request_log::RequestTenant;
@@ -31,12 +32,27 @@ pub(crate) trait Dialect: Send + Sync {
     fn name(&self) -> DialectName;
     /// The API key from the request, or why there is none.
     fn credentials(&self, request: &HttpRequest) -> Result<String, ApiError>;
+    /// The request headers the dialect reads beyond `Authorization` and `Content-Type` (its
+    /// key header, ...), for CORS preflights.
+    fn request_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// The `WWW-Authenticate` challenge sent with 401s, if the vendor sends one.
     fn www_authenticate(&self) -> Option<&'static str> {
         None
     }
     /// The body of an error response, in the vendor's shape.
     fn error_body(&self, error: &ApiError, status: StatusCode) -> Value;
+    /// The whole error response, status and headers already set: JSON of
+    /// [`Dialect::error_body`] unless the dialect answers otherwise.
+    fn render_error(
+        &self,
+        error: &ApiError,
+        status: StatusCode,
+        mut response: HttpResponseBuilder,
+    ) -> HttpResponse {
+        response.json(self.error_body(error, status))
+    }
 }
 
 /// Admits a request of `dialect`: the key from where the dialect keeps it, then the
@@ -87,6 +103,8 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
     maiagent::routes(config);
     korexo::routes(config);
     beam::routes(config);
+    // After Dify's, whose `POST /files/upload` shares tus's base path.
+    tus::routes(config);
 }
 
 /// The value of a key header (`X-api-key` and friends): present, non-empty, visible ASCII.
@@ -168,6 +186,11 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
         ApiError::BodyTimeout => "The request body stalled; the upload was dropped.".into(),
         ApiError::InsufficientStorage => "Not enough storage space on the gateway.".into(),
         ApiError::Internal => "Internal error.".into(),
+        ApiError::OffsetMismatch { offset } => format!("The upload is at offset {offset}."),
+        ApiError::ChecksumMismatch => "The body does not match its checksum.".into(),
+        ApiError::UnsupportedVersion => "Unsupported protocol version.".into(),
+        ApiError::WrongContentType => "Wrong content type.".into(),
+        ApiError::ImmutableUpload => "This upload cannot be changed.".into(),
     }
 }
 

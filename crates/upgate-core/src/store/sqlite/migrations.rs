@@ -87,4 +87,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP TABLE uploads;
     ALTER TABLE uploads_v5 RENAME TO uploads;
     CREATE INDEX uploads_outbox ON uploads (next_attempt_at) WHERE next_attempt_at IS NOT NULL;",
+    // 6: resumable uploads (tus) as sessions of one growing chunk.
+    "ALTER TABLE sessions ADD COLUMN length_deferred INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN concat TEXT;
+    ALTER TABLE sessions ADD COLUMN upload_id TEXT;",
 ];

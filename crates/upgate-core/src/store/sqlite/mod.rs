@@ -226,6 +226,8 @@ impl Store for SqliteStore {
         session_of(tenant: String, id: String) -> Option<SessionRecord>;
         put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
         delete_session(id: String) -> ();
+        set_session_length(id: String, length: u64) -> ();
+        mark_session_delivered(id: String, upload_id: String) -> ();
         take_expired_sessions(now: i64) -> Vec<String>;
         session_ids() -> Vec<String>;
         active_sessions() -> u64;

@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, parse_column};
-use crate::store::{SessionRecord, StoreError};
+use crate::store::{Concat, SessionRecord, StoreError};
 use crate::vocab::DialectName;
 
 impl SqliteStore {
@@ -11,7 +11,8 @@ impl SqliteStore {
         self.call(move |connection| {
             connection.execute(
                 "INSERT INTO sessions (id, tenant, dialect, filename, extension, declared_size, total_chunks,
-                 metadata, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 metadata, created_at, expires_at, length_deferred, concat, upload_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     session.id,
                     session.tenant,
@@ -23,6 +24,9 @@ impl SqliteStore {
                     serde_json::Value::Object(session.metadata).to_string(),
                     session.created_at_ms,
                     session.expires_at_ms,
+                    session.length_deferred,
+                    session.concat.map(Concat::as_str),
+                    session.upload_id,
                 ],
             )?;
             Ok(())
@@ -40,7 +44,8 @@ impl SqliteStore {
             let session = connection
                 .query_row(
                     "SELECT id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata,
-                     created_at, expires_at FROM sessions WHERE id = ?1 AND tenant = ?2",
+                     created_at, expires_at, length_deferred, concat, upload_id
+                     FROM sessions WHERE id = ?1 AND tenant = ?2",
                     params![id, tenant],
                     |row| {
                         let metadata: String = row.get(7)?;
@@ -56,6 +61,12 @@ impl SqliteStore {
                             created_at_ms: row.get(8)?,
                             expires_at_ms: row.get(9)?,
                             chunks: Vec::new(),
+                            length_deferred: row.get(10)?,
+                            concat: row
+                                .get::<_, Option<String>>(11)?
+                                .map(|text| parse_column(11, &text, Concat::parse))
+                                .transpose()?,
+                            upload_id: row.get(12)?,
                         })
                     },
                 )
@@ -97,6 +108,32 @@ impl SqliteStore {
     pub(super) async fn delete_session(&self, id: String) -> Result<(), StoreError> {
         self.call(move |connection| {
             connection.execute("DELETE FROM sessions WHERE id = ?1", params![id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn set_session_length(&self, id: String, length: u64) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "UPDATE sessions SET declared_size = ?2, length_deferred = 0 WHERE id = ?1",
+                params![id, length as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn mark_session_delivered(
+        &self,
+        id: String,
+        upload_id: String,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "UPDATE sessions SET upload_id = ?2 WHERE id = ?1",
+                params![id, upload_id],
+            )?;
             Ok(())
         })
         .await

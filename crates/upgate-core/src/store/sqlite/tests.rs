@@ -97,6 +97,9 @@ async fn sessions_and_chunks() {
         created_at_ms: 0,
         expires_at_ms: 100,
         chunks: vec![],
+        length_deferred: false,
+        concat: None,
+        upload_id: None,
     };
     store.insert_session(session).await.unwrap();
     store.put_chunk("s".into(), 1, 4).await.unwrap();
@@ -177,4 +180,39 @@ async fn a_version_4_database_keeps_its_uploads_and_records_them_without_a_tempo
         !opcodes.iter().any(|op| op == "OpenEphemeral"),
         "an insert builds no temporary b-tree: {opcodes:?}"
     );
+}
+
+#[tokio::test]
+async fn resumable_sessions_keep_their_length_role_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let session = SessionRecord {
+        id: "r".into(),
+        tenant: "t".into(),
+        dialect: DialectName::Tus,
+        filename: "f.txt".into(),
+        extension: "txt".into(),
+        declared_size: 0,
+        total_chunks: 1,
+        metadata: Default::default(),
+        created_at_ms: 0,
+        expires_at_ms: 100,
+        chunks: vec![],
+        length_deferred: true,
+        concat: Some(crate::store::Concat::Partial),
+        upload_id: None,
+    };
+    store.insert_session(session.clone()).await.unwrap();
+    let got = store.session_of("t".into(), "r".into()).await.unwrap().unwrap();
+    assert_eq!(got, session);
+    store.set_session_length("r".into(), 7).await.unwrap();
+    store.put_chunk("r".into(), 0, 7).await.unwrap();
+    store
+        .mark_session_delivered("r".into(), "u".into())
+        .await
+        .unwrap();
+    let got = store.session_of("t".into(), "r".into()).await.unwrap().unwrap();
+    assert_eq!((got.declared_size, got.length_deferred), (7, false));
+    assert_eq!(got.chunks, vec![(0, 7)]);
+    assert_eq!(got.upload_id.as_deref(), Some("u"));
 }

@@ -15,6 +15,9 @@ fn session(chunks: Vec<(u64, u64)>) -> SessionRecord {
         created_at_ms: 0,
         expires_at_ms: 1,
         chunks,
+        length_deferred: false,
+        concat: None,
+        upload_id: None,
     }
 }
 

@@ -1,0 +1,522 @@
+//! Resumable uploads (tus): one file that grows in place, request after request.
+//!
+//! What flows through here: a declared upload (its length, or a length deferred until a
+//! later request; its name and metadata), kept as a session row of one chunk whose size is
+//! the durable offset; then bodies appended at that offset. Each body is counted against
+//! the declared length and the plan's limit as it arrives (never past either, a deferred
+//! length included), hashed for the client's `Upload-Checksum` if it sent one, written in
+//! place in the spool (no assembly copy), made durable per `server.durability`, and only
+//! then recorded as the new offset: an offset the store reports is never more than the bytes
+//! on disk, and a tail that was never acknowledged is cut at the next append. The first
+//! bytes are sniffed as soon as they are there. When the offset reaches the length, the
+//! file is hashed in one read pass and enters [`Gateway::accept`] like any upload; the bytes
+//! stay until it is delivered, so a failed delivery can be retried by a final request with
+//! an empty body. Partial uploads (concatenation) stop there; a final upload joins its
+//! partials in the spool, then completes. Every step on one upload holds its lock.
+
+use std::io::{Read, Write};
+
+use actix_web::web::Payload;
+use md5::Md5;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+use crate::content::{self, SNIFF_LEN, Utf8Validator};
+use crate::error::ApiError;
+use crate::spool::SpooledFile;
+use crate::store::{Concat, SessionRecord, UploadRecord};
+use crate::vocab::{DialectName, now_ms};
+
+use super::admit::Admission;
+use super::chunked::lock_session;
+use super::intake::{extension_of, next_or_stall, validate_filename};
+use super::{Gateway, Metadata};
+
+/// Bytes gathered before one write.
+const WRITE_SLICE: usize = 512 * 1024;
+/// Bytes read at a time when hashing a complete upload.
+const READ_SLICE: usize = 256 * 1024;
+/// Most partial uploads one final upload may join.
+pub(crate) const MAX_PARTS: usize = 1000;
+
+/// What a client declares when it creates an upload.
+#[derive(Debug, Clone)]
+pub(crate) struct Creation {
+    /// The whole length, or `None` when the client defers it.
+    pub(crate) length: Option<u64>,
+    /// The client's filename (checked like any filename); the upload's id when it gave none.
+    pub(crate) filename: Option<String>,
+    pub(crate) metadata: Metadata,
+    /// A partial upload, to be joined by a final one.
+    pub(crate) partial: bool,
+}
+
+/// A checksum the client sent for one request's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Checksum {
+    Sha1(Vec<u8>),
+    Md5(Vec<u8>),
+    Sha256(Vec<u8>),
+}
+
+/// The running digest of a [`Checksum`]'s algorithm.
+enum Hasher {
+    Sha1(Sha1),
+    Md5(Md5),
+    Sha256(Sha256),
+}
+
+impl Hasher {
+    fn for_checksum(checksum: &Checksum) -> Self {
+        match checksum {
+            Checksum::Sha1(_) => Self::Sha1(Sha1::new()),
+            Checksum::Md5(_) => Self::Md5(Md5::new()),
+            Checksum::Sha256(_) => Self::Sha256(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Sha1(hasher) => hasher.update(bytes),
+            Self::Md5(hasher) => hasher.update(bytes),
+            Self::Sha256(hasher) => hasher.update(bytes),
+        }
+    }
+
+    fn matches(self, checksum: &Checksum) -> bool {
+        let digest = match self {
+            Self::Sha1(hasher) => hasher.finalize().to_vec(),
+            Self::Md5(hasher) => hasher.finalize().to_vec(),
+            Self::Sha256(hasher) => hasher.finalize().to_vec(),
+        };
+        let expected = match checksum {
+            Checksum::Sha1(bytes) | Checksum::Md5(bytes) | Checksum::Sha256(bytes) => bytes,
+        };
+        digest == *expected
+    }
+}
+
+/// What one request appends.
+#[derive(Debug, Clone)]
+pub(crate) struct Append {
+    /// Where the client believes the upload is (`Upload-Offset`).
+    pub(crate) offset: u64,
+    /// The length, for an upload whose length was deferred (`Upload-Length`).
+    pub(crate) length: Option<u64>,
+    pub(crate) checksum: Option<Checksum>,
+}
+
+/// Where an upload stands after a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    pub(crate) upload: SessionRecord,
+    /// The records made when this request completed the upload.
+    pub(crate) records: Vec<UploadRecord>,
+}
+
+impl SessionRecord {
+    /// The durable offset of a resumable upload.
+    pub(crate) fn offset(&self) -> u64 {
+        self.received_bytes()
+    }
+
+    /// The declared length, `None` while it is deferred.
+    pub(crate) fn length(&self) -> Option<u64> {
+        (!self.length_deferred).then_some(self.declared_size)
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.length() == Some(self.offset())
+    }
+}
+
+impl Gateway {
+    /// Creates a resumable upload for the admitted tenant (no bytes yet).
+    pub(crate) async fn create_resumable(
+        &self,
+        admission: &Admission,
+        creation: Creation,
+    ) -> Result<SessionRecord, ApiError> {
+        let id = admission.dialect.new_upload_id();
+        let filename = creation.filename.unwrap_or_else(|| id.clone());
+        validate_filename(&filename)?;
+        let extension = extension_of(&filename);
+        let plan = &admission.tenant.plan;
+        plan.check_extension(&extension)?;
+        if let Some(length) = creation.length {
+            plan.check_size(length)?;
+        }
+        let concat = creation.partial.then_some(Concat::Partial);
+        self.insert_resumable(
+            admission,
+            id,
+            filename,
+            extension,
+            creation.length,
+            creation.metadata,
+            concat,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_resumable(
+        &self,
+        admission: &Admission,
+        id: String,
+        filename: String,
+        extension: String,
+        length: Option<u64>,
+        metadata: Metadata,
+        concat: Option<Concat>,
+    ) -> Result<SessionRecord, ApiError> {
+        let now = now_ms();
+        let expiry = admission.policy.config.server.session_expiry.0;
+        let upload = SessionRecord {
+            id,
+            tenant: admission.tenant.name.clone(),
+            dialect: admission.dialect,
+            filename,
+            extension,
+            declared_size: length.unwrap_or(0),
+            length_deferred: length.is_none(),
+            total_chunks: 1,
+            metadata,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(expiry.as_millis().min(i64::MAX as u128) as i64),
+            chunks: Vec::new(),
+            concat,
+            upload_id: None,
+        };
+        self.store.insert_session(upload.clone()).await?;
+        tracing::info!(upload_id = %upload.id, tenant = %upload.tenant, length = ?length, "resumable upload created");
+        Ok(upload)
+    }
+
+    /// The admitted tenant's resumable upload `id`: 404 for a malformed id, an unknown one
+    /// or another tenant's; 410 for one expired but not swept yet.
+    pub(crate) async fn resumable(&self, admission: &Admission, id: &str) -> Result<SessionRecord, ApiError> {
+        if !admission.dialect.is_valid_upload_id(id) {
+            return Err(ApiError::NotFound);
+        }
+        let upload = self
+            .store
+            .session_of(admission.tenant.name.clone(), id.to_owned())
+            .await?
+            .filter(|upload| upload.dialect == admission.dialect)
+            .ok_or(ApiError::NotFound)?;
+        if upload.expires_at_ms <= now_ms() {
+            return Err(ApiError::SessionExpired);
+        }
+        Ok(upload)
+    }
+
+    /// Appends a request's body to upload `id` at `append.offset` (see the module docs).
+    pub(crate) async fn append_resumable(
+        &self,
+        admission: &Admission,
+        id: &str,
+        append: Append,
+        body: Payload,
+    ) -> Result<Progress, ApiError> {
+        let _lock = lock_session(id).await;
+        let mut upload = self.resumable(admission, id).await?;
+        if upload.concat == Some(Concat::Final) && !upload.is_complete() {
+            return Err(ApiError::ImmutableUpload);
+        }
+        if append.offset != upload.offset() {
+            return Err(ApiError::OffsetMismatch {
+                offset: upload.offset(),
+            });
+        }
+        let plan = &admission.tenant.plan;
+        if let Some(length) = append.length {
+            match upload.length() {
+                Some(declared) if declared != length => {
+                    return Err(ApiError::Malformed(
+                        "Upload-Length cannot change once it is set".into(),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    plan.check_size(length)?;
+                    if length < upload.offset() {
+                        return Err(ApiError::Malformed(
+                            "Upload-Length is shorter than the bytes already received".into(),
+                        ));
+                    }
+                    self.store.set_session_length(id.to_owned(), length).await?;
+                    upload.declared_size = length;
+                    upload.length_deferred = false;
+                }
+            }
+        }
+        // The most this upload may ever hold: its length, within the plan's limit (which a
+        // reload may have lowered since it was created).
+        let limit = upload.length().unwrap_or(u64::MAX).min(plan.max_file_size());
+        let offset = upload.offset();
+        let written = self
+            .write_at(&upload, offset, limit, append.checksum.as_ref(), body, admission)
+            .await?;
+        let new_offset = offset + written;
+        if written > 0 {
+            if offset < SNIFF_LEN as u64 && plan.config.verify_content {
+                self.sniff(&upload, new_offset)
+                    .await
+                    .inspect_err(|_| self.cut(&upload.id, offset))?;
+            }
+            self.store.put_chunk(id.to_owned(), 0, new_offset).await?;
+            upload.chunks = vec![(0, new_offset)];
+        }
+        let mut records = Vec::new();
+        if upload.is_complete() && upload.concat != Some(Concat::Partial) && upload.upload_id.is_none() {
+            records = self.complete_resumable(admission, &mut upload).await?;
+        }
+        Ok(Progress { upload, records })
+    }
+
+    /// Streams `body` into the upload's file at `offset`, at most `limit - offset` bytes;
+    /// returns how many were written. On any error, what this request wrote is cut again.
+    async fn write_at(
+        &self,
+        upload: &SessionRecord,
+        offset: u64,
+        limit: u64,
+        checksum: Option<&Checksum>,
+        mut body: Payload,
+        admission: &Admission,
+    ) -> Result<u64, ApiError> {
+        let idle = admission.policy.config.server.idle_timeout.0;
+        let spool = self.spool.clone();
+        let id = upload.id.clone();
+        // Opening also cuts a tail a crash left after the last acknowledged offset.
+        let mut file = Some(tokio::task::spawn_blocking(move || spool.open_at(&id, offset)).await??);
+        let mut hasher = checksum.map(Hasher::for_checksum);
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut written = 0u64;
+        let outcome: Result<(), ApiError> = async {
+            while let Some(bytes) = next_or_stall(&mut body, idle).await? {
+                let bytes = bytes.map_err(|error| ApiError::Malformed(format!("request body: {error}")))?;
+                written += bytes.len() as u64;
+                if offset + written > limit {
+                    return Err(ApiError::TooLarge {
+                        limit: admission.tenant.plan.max_file_size().min(limit),
+                    });
+                }
+                if let Some(hasher) = &mut hasher {
+                    hasher.update(&bytes);
+                }
+                buffer.extend_from_slice(&bytes);
+                if buffer.len() >= WRITE_SLICE {
+                    let (returned, emptied) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
+                    file = Some(returned);
+                    buffer = emptied;
+                }
+            }
+            let (returned, _) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
+            if let (Some(hasher), Some(checksum)) = (hasher.take(), checksum)
+                && !hasher.matches(checksum)
+            {
+                return Err(ApiError::ChecksumMismatch);
+            }
+            if self.spool.durability() == crate::config::Durability::PowerLoss {
+                tokio::task::spawn_blocking(move || returned.sync_data()).await??;
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => Ok(written),
+            Err(error) => {
+                self.cut(&upload.id, offset);
+                Err(error)
+            }
+        }
+    }
+
+    /// Cuts the upload's file back to `offset` (bytes of a refused request).
+    fn cut(&self, id: &str, offset: u64) {
+        if let Err(error) = self.spool.open_at(id, offset) {
+            tracing::error!(upload_id = %id, %error, "cannot cut a refused request's bytes");
+        }
+    }
+
+    /// Checks the first bytes against the upload's extension once they are there (or the
+    /// upload is shorter and complete).
+    async fn sniff(&self, upload: &SessionRecord, offset: u64) -> Result<(), ApiError> {
+        if offset < SNIFF_LEN as u64 && upload.length() != Some(offset) {
+            return Ok(());
+        }
+        let path = self.spool.chunk_path(&upload.id, 0);
+        let head = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut head = Vec::with_capacity(SNIFF_LEN);
+            std::fs::File::open(path)?
+                .take(SNIFF_LEN as u64)
+                .read_to_end(&mut head)?;
+            Ok(head)
+        })
+        .await??;
+        // Text is checked whole at completion; here the head only has to look like it.
+        content::classify(&upload.extension, &head, content::looks_like_text(&head), true)?;
+        Ok(())
+    }
+
+    /// A complete upload enters the record flow: hashed in one read pass, its content
+    /// checked, linked into the spool as an ordinary spooled file (the upload's own bytes
+    /// stay until delivery succeeded), and accepted.
+    async fn complete_resumable(
+        &self,
+        admission: &Admission,
+        upload: &mut SessionRecord,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let upload_id = DialectName::Tus.new_upload_id();
+        let spool = self.spool.clone();
+        let (session, name) = (upload.id.clone(), upload_id.clone());
+        let text = content::is_text_extension(&upload.extension);
+        let (path, sha256, head, utf8_ok) = tokio::task::spawn_blocking(move || {
+            let path = spool.link_part(&session, &name)?;
+            let mut file = std::fs::File::open(&path)?;
+            let mut hasher = Sha256::new();
+            let mut head = Vec::with_capacity(SNIFF_LEN);
+            let mut utf8 = text.then(Utf8Validator::default);
+            let mut buffer = vec![0u8; READ_SLICE];
+            loop {
+                let read = file.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                let bytes = &buffer[..read];
+                hasher.update(bytes);
+                if head.len() < SNIFF_LEN {
+                    let take = (SNIFF_LEN - head.len()).min(read);
+                    head.extend_from_slice(&bytes[..take]);
+                }
+                if let Some(validator) = &mut utf8 {
+                    validator.feed(bytes);
+                }
+            }
+            let utf8_ok = match &utf8 {
+                Some(validator) => validator.finish(),
+                None => content::looks_like_text(&head),
+            };
+            std::io::Result::Ok((path, hex::encode(hasher.finalize()), head, utf8_ok))
+        })
+        .await??;
+        let mut file = SpooledFile {
+            upload_id,
+            filename: upload.filename.clone(),
+            extension: upload.extension.clone(),
+            mime: String::new(),
+            size: upload.declared_size,
+            sha256,
+            path,
+            keep: false,
+        };
+        let verify = admission.tenant.plan.config.verify_content;
+        file.mime = content::classify(&file.extension, &head, utf8_ok, verify)?;
+        if verify && content::needs_json_check(&file.extension) {
+            let (extension, path) = (file.extension.clone(), file.path.clone());
+            tokio::task::spawn_blocking(move || content::verify_json_file(&extension, &path)).await??;
+        }
+        let records = self
+            .accept(admission, vec![file], upload.metadata.clone())
+            .await?;
+        let delivered = records[0].id.clone();
+        self.store
+            .mark_session_delivered(upload.id.clone(), delivered.clone())
+            .await?;
+        upload.upload_id = Some(delivered);
+        // Recorded (and delivered, or durable in the spool for the outbox): the upload's own
+        // copy of the bytes goes.
+        let spool = self.spool.clone();
+        let session = upload.id.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&session)).await;
+        tracing::info!(upload_id = %upload.id, record = %records[0].id, "resumable upload completed");
+        Ok(records)
+    }
+
+    /// Creates a final upload joining the tenant's complete partial uploads `parts` in
+    /// order, then completes it like any upload.
+    pub(crate) async fn concatenate(
+        &self,
+        admission: &Admission,
+        parts: Vec<String>,
+        filename: Option<String>,
+        metadata: Metadata,
+    ) -> Result<Progress, ApiError> {
+        if parts.is_empty() || parts.len() > MAX_PARTS {
+            return Err(ApiError::Malformed(format!(
+                "a final upload joins 1 to {MAX_PARTS} partial uploads"
+            )));
+        }
+        let mut length = 0u64;
+        for part in &parts {
+            let partial = self.resumable(admission, part).await?;
+            if partial.concat != Some(Concat::Partial) || !partial.is_complete() {
+                return Err(ApiError::Malformed(format!(
+                    "{part} is not a complete partial upload"
+                )));
+            }
+            length = length.saturating_add(partial.declared_size);
+        }
+        let plan = &admission.tenant.plan;
+        plan.check_size(length)?;
+        let id = admission.dialect.new_upload_id();
+        let filename = filename.unwrap_or_else(|| id.clone());
+        validate_filename(&filename)?;
+        let extension = extension_of(&filename);
+        plan.check_extension(&extension)?;
+        let _lock = lock_session(&id).await;
+        let mut upload = self
+            .insert_resumable(
+                admission,
+                id.clone(),
+                filename,
+                extension,
+                Some(length),
+                metadata,
+                Some(Concat::Final),
+            )
+            .await?;
+        let spool = self.spool.clone();
+        let (target, sources) = (id.clone(), parts.clone());
+        let joined = tokio::task::spawn_blocking(move || spool.join(&target, &sources)).await??;
+        if joined != length {
+            return Err(ApiError::Malformed(
+                "the partial uploads changed while they were joined".into(),
+            ));
+        }
+        self.store.put_chunk(id.clone(), 0, length).await?;
+        upload.chunks = vec![(0, length)];
+        let records = self.complete_resumable(admission, &mut upload).await?;
+        Ok(Progress { upload, records })
+    }
+
+    /// Terminates upload `id`: its bytes and its row go (a record it completed stays).
+    pub(crate) async fn terminate_resumable(&self, admission: &Admission, id: &str) -> Result<(), ApiError> {
+        let _lock = lock_session(id).await;
+        self.resumable(admission, id).await?;
+        self.store.delete_session(id.to_owned()).await?;
+        let spool = self.spool.clone();
+        let id = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+        Ok(())
+    }
+}
+
+/// Writes a slice on a blocking thread; gives the file and the emptied buffer back.
+async fn write_slice(
+    file: Option<std::fs::File>,
+    mut slice: Vec<u8>,
+) -> Result<(std::fs::File, Vec<u8>), ApiError> {
+    let mut file = file.ok_or(ApiError::Internal)?;
+    if slice.is_empty() {
+        return Ok((file, slice));
+    }
+    Ok(tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        file.write_all(&slice)?;
+        slice.clear();
+        Ok((file, slice))
+    })
+    .await??)
+}
