@@ -468,6 +468,11 @@ impl RawUpload {
         self.body.len()
     }
 
+    /// Bytes of the body sent so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
     pub fn is_empty(&self) -> bool {
         self.body.is_empty()
     }

@@ -86,6 +86,15 @@ fn default_sweep_interval() -> HumanDuration {
 fn default_disk_free_floor() -> ByteSize {
     ByteSize(512 << 20)
 }
+/// Kestrel's `MinRequestBodyDataRate` default: 240 bytes/s after a 5 s grace; upgate gives
+/// slow links 10 s.
+fn default_min_body_rate() -> ByteSize {
+    ByteSize(240)
+}
+fn default_min_body_rate_grace() -> HumanDuration {
+    secs(10)
+}
+
 fn default_forward_concurrency() -> usize {
     64
 }
@@ -161,6 +170,12 @@ pub struct ServerConfig {
     pub forward_concurrency: usize,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The slowest average a request body may arrive at, per second, once
+    /// `min_body_rate_grace` has passed (0: no minimum).
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: ByteSize,
+    #[serde(default = "default_min_body_rate_grace")]
+    pub min_body_rate_grace: HumanDuration,
     /// Browsers of these origins may call every dialect (absent: no CORS headers at all).
     #[serde(default)]
     pub cors: Option<CorsConfig>,

@@ -164,6 +164,7 @@ async fn run(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_gateway.clone())
+            .wrap(actix_web::middleware::from_fn(http::body_rate::enforce))
             .wrap(actix_web::middleware::from_fn(http::cors::cors))
             .wrap(actix_web::middleware::from_fn(http::request_log::observe))
             .configure(http::routes)

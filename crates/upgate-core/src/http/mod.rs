@@ -6,6 +6,7 @@
 //! error becomes a response; [`request_log`] observes every request. Nothing below this
 //! folder knows about actix's request types; this folder knows nothing of the daemon.
 
+pub(crate) mod body_rate;
 pub(crate) mod cors;
 pub(crate) mod dialects;
 pub(crate) mod request_log;

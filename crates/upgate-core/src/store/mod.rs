@@ -144,8 +144,8 @@ pub(crate) trait Store: Send + Sync {
     fn insert_uploads(&self, records: Vec<UploadRecord>, deliver_at_ms: i64) -> StoreFuture<'_, ()>;
     /// Ids of uploads whose bytes must stay in the spool (received, not yet delivered).
     fn spooled_ids(&self) -> StoreFuture<'_, std::collections::HashSet<String>>;
-    /// Marks an upload deleted (and out of the outbox).
-    fn mark_deleted(&self, id: String) -> StoreFuture<'_, ()>;
+    /// Marks an upload deleted (and out of the outbox); `false` if it was deleted already.
+    fn mark_deleted(&self, id: String) -> StoreFuture<'_, bool>;
     /// Any tenant's upload.
     fn upload(&self, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
     /// `tenant`'s upload `id`, `None` for another tenant's.

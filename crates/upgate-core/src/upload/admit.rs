@@ -2,8 +2,9 @@
 //!
 //! What flows through here: the dialect and the key a dialect's edge extracted. In order:
 //! the key's tenant and its dialect grant ([`Policy::authenticate`]), the key's rate, the
-//! daemon's and the tenant's concurrency caps (slots held until the [`Admission`] drops), the
-//! disk floor, and room in the day's quota. Out comes an [`Admission`], or the
+//! daemon's and the tenant's concurrency caps (slots held until the [`Admission`] drops), and
+//! room in the day's quota. The disk floor is not checked here: it refuses what adds bytes
+//! ([`Gateway::check_disk_floor`], at each step that writes), never a `DELETE` or a `HEAD`. Out comes an [`Admission`], or the
 //! [`ApiError`] that refused the request.
 
 use std::sync::Arc;
@@ -39,6 +40,15 @@ const BUSY: ApiError = ApiError::Throttled {
 };
 
 impl Gateway {
+    /// Refuses a step that adds bytes while `data_dir` is below `disk_free_floor` (507).
+    pub(crate) fn check_disk_floor(&self) -> Result<(), ApiError> {
+        if self.below_disk_floor() {
+            Err(ApiError::InsufficientStorage)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Authenticates `key` for `dialect` and applies the limits that do not need the body.
     pub(crate) async fn admit(&self, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
         let policy = self.policy();
@@ -61,9 +71,6 @@ impl Gateway {
         if let Some(cap) = plan.config.max_concurrent_uploads {
             let scope = Scope::Tenant(tenant.name.clone());
             slots.push(self.limiter.acquire(scope, cap).await.ok_or(BUSY)?);
-        }
-        if self.below_disk_floor() {
-            return Err(ApiError::InsufficientStorage);
         }
         if plan.has_quota() {
             let (day, retry_after_secs) = quota_day(now_ms());

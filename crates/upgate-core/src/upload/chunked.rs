@@ -160,6 +160,7 @@ impl Gateway {
         admission: &Admission,
         new: NewSession,
     ) -> Result<SessionRecord, ApiError> {
+        self.check_disk_floor()?;
         validate_filename(&new.filename)?;
         let plan = &admission.tenant.plan;
         plan.check_extension(&new.extension)?;
@@ -217,6 +218,7 @@ impl Gateway {
         payload: Payload,
         form: &ChunkForm,
     ) -> Result<(u64, u64), ApiError> {
+        self.check_disk_floor()?;
         let session = self.open_session(admission, id).await?;
         let limit = session_limit(&session, admission);
         let stored = session.received_bytes();
@@ -326,6 +328,7 @@ impl Gateway {
         if !is_uuid(id) {
             return Err(ApiError::NotFound);
         }
+        self.check_disk_floor()?;
         let _lock = lock_session(id).await;
         let session = self.open_session(admission, id).await?;
         let missing = missing_chunks(&session);

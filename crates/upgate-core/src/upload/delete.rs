@@ -3,7 +3,7 @@
 //! What flows through here: an upload id of the admitted tenant (a dialect's `DELETE`) or
 //! of any tenant (the operator's `upgate uploads delete`); the provider that stored it, as
 //! configured now, deletes its copy; then the spooled bytes go and the record says
-//! `deleted`.
+//! `deleted`. Deletes of one upload are serialized: exactly one succeeds.
 
 use crate::error::ApiError;
 use crate::metrics;
@@ -11,6 +11,7 @@ use crate::policy::Policy;
 use crate::store::{UploadRecord, UploadState};
 
 use super::admit::Admission;
+use super::chunked::lock_session;
 use super::{Gateway, deliver, remove_quietly};
 
 impl Gateway {
@@ -39,6 +40,15 @@ impl Gateway {
         let record = record
             .filter(|record| record.state != UploadState::Deleted)
             .ok_or(ApiError::NotFound)?;
+        // One delete at a time per upload: the others, once they get the lock, find it
+        // deleted and answer 404, and the upstream copy is deleted once.
+        let _lock = lock_session(&record.id).await;
+        let record = self
+            .store
+            .upload(record.id.clone())
+            .await?
+            .filter(|current| current.state != UploadState::Deleted)
+            .ok_or(ApiError::NotFound)?;
         if let Some(remote_id) = record.remote_id.clone() {
             let provider = policy
                 .providers
@@ -48,7 +58,9 @@ impl Gateway {
             deliver::delete_upstream(self, &provider, &record, remote_id).await?;
         }
         remove_quietly(&self.spool.path_of(&record.id));
-        self.store.mark_deleted(record.id.clone()).await?;
+        if !self.store.mark_deleted(record.id.clone()).await? {
+            return Err(ApiError::NotFound);
+        }
         metrics::upload_outcome(record.dialect, &record.provider, "deleted");
         Ok(record)
     }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_multipart::{Field, Multipart, MultipartError};
+use actix_web::error::PayloadError;
 use actix_web::http::header::HeaderMap;
 use actix_web::web::Payload;
 use bytes::Bytes;
@@ -43,9 +44,7 @@ pub(crate) fn validate_filename(name: &str) -> Result<(), ApiError> {
         ));
     }
     if name.contains(['/', '\\']) {
-        return Err(ApiError::InvalidFilename(
-            "the filename may not contain `/` or `\\`".into(),
-        ));
+        return Err(slash_in_filename());
     }
     if name.chars().any(char::is_control) {
         return Err(ApiError::InvalidFilename(
@@ -58,6 +57,10 @@ pub(crate) fn validate_filename(name: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+fn slash_in_filename() -> ApiError {
+    ApiError::InvalidFilename("the filename may not contain `/` or `\\`".into())
 }
 
 /// The lower-case last extension of a filename, without the dot; empty when there is none
@@ -97,6 +100,7 @@ impl Gateway {
         payload: Payload,
         spec: &FormSpec,
     ) -> Result<Received, ApiError> {
+        self.check_disk_floor()?;
         let dialect = admission.dialect;
         let plan = &admission.tenant.plan;
         let max_files = plan.max_files_per_request(spec.max_files);
@@ -174,9 +178,19 @@ where
         .map_err(|_| ApiError::BodyTimeout)
 }
 
+/// The client-facing error for a body that could not be read: a body below the minimum
+/// data rate (`http::body_rate`) is a stall (408); anything else a malformed request.
+pub(crate) fn body_error(error: PayloadError) -> ApiError {
+    match error {
+        PayloadError::Io(error) if error.kind() == std::io::ErrorKind::TimedOut => ApiError::BodyTimeout,
+        other => ApiError::Malformed(format!("request body: {other}")),
+    }
+}
+
 /// The client-facing error for a broken multipart body.
 pub(crate) fn multipart_error(error: MultipartError) -> ApiError {
     match error {
+        MultipartError::Payload(error) => body_error(error),
         MultipartError::ContentTypeMissing
         | MultipartError::ContentTypeParse
         | MultipartError::ContentTypeIncompatible
@@ -261,6 +275,16 @@ async fn receive_file(
     spool: &Arc<dyn Spool>,
     upload_id: String,
 ) -> Result<SpooledFile, ApiError> {
+    // The multipart parser reads `\` in a quoted filename as an escape and drops it: a name
+    // is recorded as the client sent it or refused, so a backslash anywhere in the part's
+    // Content-Disposition refuses it, as `validate_filename` refuses one in the name.
+    if field
+        .headers()
+        .get(actix_web::http::header::CONTENT_DISPOSITION)
+        .is_some_and(|value| value.as_bytes().contains(&b'\\'))
+    {
+        return Err(slash_in_filename());
+    }
     validate_filename(&filename)?;
     let extension = extension_of(&filename);
     limits.plan.check_extension(&extension)?;

@@ -29,7 +29,7 @@ use crate::vocab::{DialectName, now_ms};
 
 use super::admit::Admission;
 use super::chunked::lock_session;
-use super::intake::{extension_of, next_or_stall, validate_filename};
+use super::intake::{body_error, extension_of, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
 /// Bytes gathered before one write.
@@ -137,6 +137,7 @@ impl Gateway {
         admission: &Admission,
         creation: Creation,
     ) -> Result<SessionRecord, ApiError> {
+        self.check_disk_floor()?;
         let id = admission.dialect.new_upload_id();
         let filename = creation.filename.unwrap_or_else(|| id.clone());
         validate_filename(&filename)?;
@@ -219,6 +220,7 @@ impl Gateway {
         append: Append,
         body: Payload,
     ) -> Result<Progress, ApiError> {
+        self.check_disk_floor()?;
         let _lock = lock_session(id).await;
         let mut upload = self.resumable(admission, id).await?;
         if upload.concat == Some(Concat::Final) && !upload.is_complete() {
@@ -296,7 +298,7 @@ impl Gateway {
         let mut written = 0u64;
         let outcome: Result<(), ApiError> = async {
             while let Some(bytes) = next_or_stall(&mut body, idle).await? {
-                let bytes = bytes.map_err(|error| ApiError::Malformed(format!("request body: {error}")))?;
+                let bytes = bytes.map_err(body_error)?;
                 written += bytes.len() as u64;
                 if offset + written > limit {
                     return Err(ApiError::TooLarge {
@@ -444,6 +446,7 @@ impl Gateway {
         filename: Option<String>,
         metadata: Metadata,
     ) -> Result<Progress, ApiError> {
+        self.check_disk_floor()?;
         if parts.is_empty() || parts.len() > MAX_PARTS {
             return Err(ApiError::Malformed(format!(
                 "a final upload joins 1 to {MAX_PARTS} partial uploads"

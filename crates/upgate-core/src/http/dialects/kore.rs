@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
-use crate::upload::intake::{FormSpec, extension_of, next_or_stall};
+use crate::upload::intake::{FormSpec, body_error, extension_of, next_or_stall};
 use crate::upload::{Gateway, Metadata};
 
 pub(crate) struct Kore;
@@ -137,7 +137,7 @@ async fn complete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<H
 async fn read_json(mut payload: Payload, idle: Duration) -> Result<Value, ApiError> {
     let mut body = Vec::new();
     while let Some(bytes) = next_or_stall(&mut payload, idle).await? {
-        let bytes = bytes.map_err(|error| ApiError::Malformed(format!("request body: {error}")))?;
+        let bytes = bytes.map_err(body_error)?;
         if body.len() + bytes.len() > MAX_JSON_BODY {
             return Err(ApiError::Malformed("the JSON body is too long".into()));
         }

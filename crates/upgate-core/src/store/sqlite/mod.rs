@@ -211,7 +211,7 @@ impl Store for SqliteStore {
     delegate! {
         insert_uploads(records: Vec<UploadRecord>, deliver_at_ms: i64) -> ();
         spooled_ids() -> std::collections::HashSet<String>;
-        mark_deleted(id: String) -> ();
+        mark_deleted(id: String) -> bool;
         upload(id: String) -> Option<UploadRecord>;
         upload_of(tenant: String, id: String) -> Option<UploadRecord>;
         mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;

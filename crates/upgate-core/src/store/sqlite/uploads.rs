@@ -87,13 +87,14 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn mark_deleted(&self, id: String) -> Result<(), StoreError> {
+    pub(super) async fn mark_deleted(&self, id: String) -> Result<bool, StoreError> {
         self.call(move |connection| {
-            connection.execute(
-                "UPDATE uploads SET state = 'deleted', next_attempt_at = NULL, updated_at = ?2 WHERE id = ?1",
+            let changed = connection.execute(
+                "UPDATE uploads SET state = 'deleted', next_attempt_at = NULL, updated_at = ?2
+                 WHERE id = ?1 AND state != 'deleted'",
                 params![id, now_ms()],
             )?;
-            Ok(())
+            Ok(changed == 1)
         })
         .await
     }
