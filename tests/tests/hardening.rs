@@ -167,3 +167,57 @@ fn a_slow_but_steady_body_is_kept() {
     let (status, text) = upload.finish().unwrap();
     assert_eq!(status, 201, "{text}");
 }
+
+#[test]
+fn a_client_that_leaves_during_a_sync_delivery_leaves_a_record_and_no_spool_file() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    let mock = MockUpstream::start(Vendor::Dify, "upstream-secret");
+    mock.hang(Duration::from_secs(3));
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir)
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  up:\n    plugin: dify\n    settings:\n      base_url: {}\n      api_key: upstream-secret\n",
+                    mock.base_url()
+                ),
+            )
+            .replace("    provider: disk\n", "    provider: up\n")
+    });
+    let content = vec![b'x'; 1 << 20];
+    let form = Form::new().file("file", "big.txt", "text/plain", &content);
+    let mut upload = RawUpload::start(
+        &daemon.url(""),
+        "/v1/files/upload",
+        ("Authorization", "Bearer demo-key"),
+        &form,
+    );
+    upload.send(usize::MAX).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // Reset: the client is gone while the upstream holds its answer.
+    let socket = socket2::SockRef::from(&upload.stream);
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(upload);
+    let recorded = || -> Option<String> {
+        daemon
+            .db()
+            .query_row("SELECT state FROM uploads", [], |row| row.get(0))
+            .ok()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || recorded().as_deref()
+            == Some("forwarded")),
+        "{:?} {}",
+        recorded(),
+        daemon.log()
+    );
+    assert_eq!(mock.stored().len(), 1);
+    assert!(eventually(Duration::from_secs(2), || daemon.spool_files() == 0));
+    assert!(
+        eventually(Duration::from_secs(2), || daemon
+            .log()
+            .contains("route=/v1/files/upload dialect=\"dify\" status=201")),
+        "{}",
+        daemon.log()
+    );
+}

@@ -21,10 +21,22 @@ use crate::metrics;
 #[derive(Debug, Clone)]
 pub(crate) struct RequestTenant(pub(crate) String);
 
-pub(crate) async fn observe(
+/// Runs the request in a task of its own: a client that goes away (a reset connection drops
+/// the request's future) does not cut a delivery, its record, its cleanup or its log line
+/// short; the work ends as if the client were still there, and only the answer is lost.
+pub(crate) async fn observe<B: MessageBody + 'static>(
     request: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    next: Next<B>,
+) -> Result<ServiceResponse<B>, actix_web::Error> {
+    actix_web::rt::spawn(observed(request, next))
+        .await
+        .map_err(|_| actix_web::error::ErrorInternalServerError("the request's task failed"))?
+}
+
+async fn observed<B: MessageBody + 'static>(
+    request: ServiceRequest,
+    next: Next<B>,
+) -> Result<ServiceResponse<B>, actix_web::Error> {
     let started = Instant::now();
     let dialect = super::dialect_of_path(request.path());
     let method = request.method().clone();
