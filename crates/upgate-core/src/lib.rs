@@ -33,8 +33,10 @@ mod upload;
 mod vocab;
 
 pub use config::{Config, ConfigError};
-pub use daemon::{ServeError, delete_upload, load, serve};
+pub use daemon::{
+    ServeError, delete_upload, list_sessions, list_uploads, load, retry_upload, serve, show_upload,
+};
 pub use plugins::{LoadedPlugin, PluginHostError, discover};
 pub use policy::{Policy, Tenant};
-pub use store::{UploadRecord, UploadState};
+pub use store::{Concat, SessionRecord, UploadFilter, UploadRecord, UploadState};
 pub use vocab::DialectName;

@@ -1,4 +1,5 @@
-//! The `upgate` command: `serve`, `check-config`, `plugins list`, `uploads delete`. Everything else lives in
+//! The `upgate` command: `serve`, `check-config`, `plugins list`, `uploads list|show|retry|delete`,
+//! `sessions list`. Everything else lives in
 //! upgate-core; this file only parses arguments and maps outcomes to exit codes
 //! (0 ok, 2 bad config or usage, 1 runtime failure).
 #![forbid(unsafe_code)]
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use upgate_core::{Config, ServeError};
+use upgate_core::{Config, ServeError, UploadFilter, UploadRecord, UploadState};
 
 /// mimalloc instead of glibc's malloc: the request path allocates many small, short-lived
 /// buffers (headers, multipart parts, JSON); mimalloc takes 8% fewer instructions per small
@@ -42,15 +43,67 @@ enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
-    /// Upload commands for the operator.
+    /// Upload commands for the operator (safe while the daemon runs).
     Uploads {
         #[command(subcommand)]
         command: UploadsCommand,
+    },
+    /// Session commands for the operator (chunked sessions and tus uploads in progress).
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// List sessions in progress: id, tenant, dialect, bytes received of declared, expiry.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
     },
 }
 
 #[derive(Subcommand)]
 enum UploadsCommand {
+    /// List uploads, newest first.
+    List {
+        /// Only uploads in this state: received, forwarded, failed, deleted.
+        #[arg(long)]
+        state: Option<UploadState>,
+        /// Only this tenant's uploads.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only uploads created within this long (e.g. 1h, 2d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Show one upload: its record, attempts, last error, and where its bytes are.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Re-queue a failed delivery whose bytes are still spooled; the running daemon delivers
+    /// it within a second.
+    Retry {
+        id: String,
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
     /// Delete one upload of any tenant: its provider's copy, its spooled bytes, its record's
     /// state (works while the daemon runs).
     Delete {
@@ -94,6 +147,85 @@ fn main() -> ExitCode {
             command: PluginsCommand::List { config },
         } => list_plugins(&config),
         Command::Uploads {
+            command:
+                UploadsCommand::List {
+                    state,
+                    tenant,
+                    since,
+                    limit,
+                    json,
+                    config,
+                },
+        } => {
+            let since_ms = since.map(|since| {
+                let cutoff = std::time::SystemTime::now()
+                    .checked_sub(since)
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                cutoff
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_millis() as i64)
+            });
+            let filter = UploadFilter {
+                state,
+                tenant,
+                since_ms,
+                limit,
+            };
+            report(upgate_core::list_uploads(&config, filter).map(|records| print_uploads(&records, json)))
+        }
+        Command::Uploads {
+            command: UploadsCommand::Show { id, json, config },
+        } => report(upgate_core::show_upload(&config, &id).map(|(record, spooled)| {
+            if json {
+                let mut value = serde_json::to_value(&record).unwrap_or_default();
+                value["spooled_at"] = spooled.map(|path| path.display().to_string()).into();
+                println!("{value:#}");
+            } else {
+                print_upload(&record, spooled.as_deref());
+            }
+        })),
+        Command::Uploads {
+            command: UploadsCommand::Retry { id, config },
+        } => report(upgate_core::retry_upload(&config, &id).map(|record| {
+            println!(
+                "re-queued {} (tenant {}, provider {}): state {}",
+                record.id,
+                record.tenant,
+                record.provider,
+                record.state.as_str()
+            );
+        })),
+        Command::Sessions {
+            command: SessionsCommand::List { json, config },
+        } => report(upgate_core::list_sessions(&config).map(|sessions| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions).unwrap_or_default());
+                return;
+            }
+            println!(
+                "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} FILENAME",
+                "ID", "TENANT", "DIALECT", "RECEIVED", "DECLARED", "EXPIRES"
+            );
+            for session in &sessions {
+                let received: u64 = session.chunks.iter().map(|(_, size)| size).sum();
+                let declared = if session.length_deferred {
+                    "deferred".to_owned()
+                } else {
+                    session.declared_size.to_string()
+                };
+                println!(
+                    "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} {}",
+                    session.id,
+                    session.tenant,
+                    session.dialect.as_str(),
+                    received,
+                    declared,
+                    time_text(session.expires_at_ms),
+                    session.filename
+                );
+            }
+        })),
+        Command::Uploads {
             command: UploadsCommand::Delete { id, config },
         } => report(upgate_core::delete_upload(&config, &id).map(|record| {
             println!(
@@ -103,6 +235,66 @@ fn main() -> ExitCode {
         })),
     };
     ExitCode::from(code)
+}
+
+fn time_text(epoch_ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn print_uploads(records: &[UploadRecord], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(records).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<36} {:<12} {:<9} {:<10} {:>10} {:>8} {:<20} {:<24} LAST ERROR",
+        "ID", "TENANT", "DIALECT", "STATE", "SIZE", "ATTEMPTS", "CREATED", "FILENAME"
+    );
+    for record in records {
+        println!(
+            "{:<36} {:<12} {:<9} {:<10} {:>10} {:>8} {:<20} {:<24} {}",
+            record.id,
+            record.tenant,
+            record.dialect.as_str(),
+            record.state.as_str(),
+            record.size,
+            record.attempts,
+            time_text(record.created_at_ms),
+            record.filename,
+            record.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn print_upload(record: &UploadRecord, spooled: Option<&Path>) {
+    let rows: [(&str, String); 14] = [
+        ("id", record.id.clone()),
+        ("tenant", record.tenant.clone()),
+        ("dialect", record.dialect.as_str().to_owned()),
+        ("state", record.state.as_str().to_owned()),
+        ("filename", record.filename.clone()),
+        ("mime", record.mime.clone()),
+        ("size", record.size.to_string()),
+        ("sha256", record.sha256.clone()),
+        ("provider", record.provider.clone()),
+        ("remote_id", record.remote_id.clone().unwrap_or_default()),
+        ("remote_url", record.remote_url.clone().unwrap_or_default()),
+        ("attempts", record.attempts.to_string()),
+        ("last_error", record.last_error.clone().unwrap_or_default()),
+        (
+            "bytes",
+            spooled.map_or_else(
+                || "not held by upgate (delivered, deleted, or not kept)".to_owned(),
+                |path| path.display().to_string(),
+            ),
+        ),
+    ];
+    for (name, value) in rows {
+        println!("{name:<11} {value}");
+    }
+    println!("{:<11} {}", "created", time_text(record.created_at_ms));
+    println!("{:<11} {}", "updated", time_text(record.updated_at_ms));
 }
 
 fn report(outcome: Result<(), ServeError>) -> u8 {

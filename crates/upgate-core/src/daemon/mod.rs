@@ -31,7 +31,7 @@ use crate::spool::local::LocalSpool;
 use crate::store::StoreError;
 use crate::store::sqlite::SqliteStore;
 use crate::upload::Gateway;
-pub use operator::delete_upload;
+pub use operator::{delete_upload, list_sessions, list_uploads, retry_upload, show_upload};
 
 /// Why the daemon could not start or run. [`ServeError::exit_code`] maps it to the CLI's
 /// exit codes.

@@ -1,29 +1,101 @@
-//! Operator commands: what `upgate uploads ...` does from outside the running daemon.
+//! Operator commands: what `upgate uploads ...` and `upgate sessions ...` do from outside
+//! the running daemon, safely while it runs.
 //!
-//! What flows through here: an upload id from the command line, validated against every
-//! dialect's id format before any lookup, and the same upload flow the daemon runs
-//! (opened on the same store and spool: SQLite's WAL lets both share them).
+//! What flows through here: filters and upload ids from the command line (ids validated
+//! against every dialect's id format before any lookup), and the store and spool the daemon
+//! uses (SQLite's WAL lets both share them). Listings only read; `retry` puts a failed
+//! upload whose bytes are still spooled back in the outbox, where the running daemon's
+//! worker delivers it within a second; `delete` runs the same flow as a dialect's delete.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{ServeError, load, open_gateway};
+use crate::config::Config;
 use crate::error::ApiError;
-use crate::store::UploadRecord;
+use crate::spool::Spool;
+use crate::spool::local::LocalSpool;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{SessionRecord, Store, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::DialectName;
+
+fn check_id(id: &str) -> Result<(), ServeError> {
+    if DialectName::ALL
+        .iter()
+        .any(|dialect| dialect.is_valid_upload_id(id))
+    {
+        Ok(())
+    } else {
+        Err(ServeError::Refused(
+            "not an upload id (a uuid, 24 hex digits, f-<uuid> or 32 hex digits)".into(),
+        ))
+    }
+}
+
+/// The store and spool of a config, without loading any plugin (listings need none).
+fn open_store(config_path: &Path) -> Result<(Config, Arc<dyn Store>, LocalSpool), ServeError> {
+    let config = Config::load(config_path).map_err(ServeError::Config)?;
+    let server = &config.server;
+    let store = Arc::new(SqliteStore::open(&server.data_dir, server.durability)?);
+    let spool = LocalSpool::open(&server.data_dir, server.durability)
+        .map_err(ServeError::io("cannot open the spool directory"))?;
+    Ok((config, store, spool))
+}
+
+fn block_on<T>(work: impl std::future::Future<Output = T>) -> T {
+    actix_web::rt::System::new().block_on(work)
+}
+
+/// `upgate uploads list`: uploads per `filter`, newest first.
+pub fn list_uploads(config_path: &Path, filter: UploadFilter) -> Result<Vec<UploadRecord>, ServeError> {
+    let (_, store, _) = open_store(config_path)?;
+    Ok(block_on(store.list_uploads(filter))?)
+}
+
+/// `upgate uploads show`: one upload, and where its bytes are while upgate holds them.
+pub fn show_upload(config_path: &Path, id: &str) -> Result<(UploadRecord, Option<PathBuf>), ServeError> {
+    check_id(id)?;
+    let (_, store, spool) = open_store(config_path)?;
+    let record = block_on(store.upload(id.to_owned()))?
+        .ok_or_else(|| ServeError::Refused(format!("no upload {id}")))?;
+    let spooled = Some(spool.path_of(id)).filter(|path| path.is_file());
+    Ok((record, spooled))
+}
+
+/// `upgate uploads retry`: a failed delivery whose bytes are still spooled goes back in the
+/// outbox, due now.
+pub fn retry_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeError> {
+    let (record, spooled) = show_upload(config_path, id)?;
+    if record.state != UploadState::Failed {
+        return Err(ServeError::Refused(format!(
+            "{id} is {}, not failed: only a failed delivery is retried",
+            record.state.as_str()
+        )));
+    }
+    if spooled.is_none() {
+        return Err(ServeError::Refused(format!(
+            "the bytes of {id} are not kept (a sync delivery's client was told it failed and sends it again)"
+        )));
+    }
+    let (_, store, _) = open_store(config_path)?;
+    if !block_on(store.retry_upload(id.to_owned()))? {
+        return Err(ServeError::Refused(format!("{id} changed meanwhile; look again")));
+    }
+    Ok(block_on(store.upload(id.to_owned()))?.unwrap_or(record))
+}
+
+/// `upgate sessions list`: chunked sessions and tus uploads in progress.
+pub fn list_sessions(config_path: &Path) -> Result<Vec<SessionRecord>, ServeError> {
+    let (_, store, _) = open_store(config_path)?;
+    Ok(block_on(store.list_sessions())?)
+}
 
 /// `upgate uploads delete`: deletes one upload of any tenant, as the Kore XO `DELETE` does
 /// (the provider's copy, the spooled bytes, the record's state).
 pub fn delete_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeError> {
-    if !DialectName::ALL
-        .iter()
-        .any(|dialect| dialect.is_valid_upload_id(id))
-    {
-        return Err(ServeError::Refused(
-            "not an upload id (a uuid, 24 hex digits or f-<uuid>)".into(),
-        ));
-    }
+    check_id(id)?;
     let (config, providers) = load(config_path)?;
-    actix_web::rt::System::new().block_on(async move {
+    block_on(async move {
         let gateway = open_gateway(config, providers)?;
         gateway.delete_as_operator(id).await.map_err(|error| match error {
             ApiError::NotFound => ServeError::Refused(format!("no upload {id} (or it was deleted already)")),

@@ -37,6 +37,15 @@ pub enum UploadState {
     Deleted,
 }
 
+impl std::str::FromStr for UploadState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::parse(text)
+            .ok_or_else(|| format!("`{text}` is not a state (received, forwarded, failed, deleted)"))
+    }
+}
+
 impl UploadState {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -77,9 +86,20 @@ pub struct UploadRecord {
     pub updated_at_ms: i64,
 }
 
+/// Which uploads an operator lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadFilter {
+    pub state: Option<UploadState>,
+    pub tenant: Option<String>,
+    /// Only uploads created at or after this time (epoch milliseconds).
+    pub since_ms: Option<i64>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
 /// One row of `sessions`, with the chunks received so far.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct SessionRecord {
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionRecord {
     pub id: String,
     pub tenant: String,
     pub dialect: DialectName,
@@ -103,8 +123,9 @@ pub(crate) struct SessionRecord {
 }
 
 /// The role of a resumable upload in a concatenation (tus `Upload-Concat`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Concat {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Concat {
     /// A part, never recorded itself.
     Partial,
     /// The join of parts, recorded like any upload.
@@ -148,6 +169,10 @@ pub(crate) trait Store: Send + Sync {
     fn mark_deleted(&self, id: String) -> StoreFuture<'_, bool>;
     /// Any tenant's upload.
     fn upload(&self, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
+    /// Uploads per `filter`, newest first (operator listings).
+    fn list_uploads(&self, filter: UploadFilter) -> StoreFuture<'_, Vec<UploadRecord>>;
+    /// Puts a failed upload back in the outbox, due now; `false` if it is not failed.
+    fn retry_upload(&self, id: String) -> StoreFuture<'_, bool>;
     /// `tenant`'s upload `id`, `None` for another tenant's.
     fn upload_of(&self, tenant: String, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
 
@@ -204,5 +229,7 @@ pub(crate) trait Store: Send + Sync {
     /// Deletes sessions expired at `now` and returns their ids.
     fn take_expired_sessions(&self, now: i64) -> StoreFuture<'_, Vec<String>>;
     fn session_ids(&self) -> StoreFuture<'_, Vec<String>>;
+    /// Every session with its chunks (operator listings).
+    fn list_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>>;
     fn active_sessions(&self) -> StoreFuture<'_, u64>;
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, mpsc};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{SessionRecord, Store, StoreError, StoreFuture, UploadRecord};
+use super::{SessionRecord, Store, StoreError, StoreFuture, UploadFilter, UploadRecord};
 use crate::config::Durability;
 use migrations::MIGRATIONS;
 
@@ -214,6 +214,8 @@ impl Store for SqliteStore {
         mark_deleted(id: String) -> bool;
         upload(id: String) -> Option<UploadRecord>;
         upload_of(tenant: String, id: String) -> Option<UploadRecord>;
+        list_uploads(filter: UploadFilter) -> Vec<UploadRecord>;
+        retry_upload(id: String) -> bool;
         mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
         mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
         claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<UploadRecord>;
@@ -230,6 +232,7 @@ impl Store for SqliteStore {
         mark_session_delivered(id: String, upload_id: String) -> ();
         take_expired_sessions(now: i64) -> Vec<String>;
         session_ids() -> Vec<String>;
+        list_sessions() -> Vec<SessionRecord>;
         active_sessions() -> u64;
     }
 }

@@ -6,6 +6,48 @@ use super::{SqliteStore, parse_column};
 use crate::store::{Concat, SessionRecord, StoreError};
 use crate::vocab::DialectName;
 
+const SESSION_COLUMNS: &str = "id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata, \
+     created_at, expires_at, length_deferred, concat, upload_id";
+
+fn session_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let metadata: String = row.get(7)?;
+    Ok(SessionRecord {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        dialect: parse_column(2, &row.get::<_, String>(2)?, DialectName::parse)?,
+        filename: row.get(3)?,
+        extension: row.get(4)?,
+        declared_size: row.get::<_, i64>(5)? as u64,
+        total_chunks: row.get::<_, i64>(6)? as u64,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        created_at_ms: row.get(8)?,
+        expires_at_ms: row.get(9)?,
+        chunks: Vec::new(),
+        length_deferred: row.get(10)?,
+        concat: row
+            .get::<_, Option<String>>(11)?
+            .map(|text| parse_column(11, &text, Concat::parse))
+            .transpose()?,
+        upload_id: row.get(12)?,
+    })
+}
+
+/// The session with its chunks, ordered by number.
+fn with_chunks(
+    connection: &rusqlite::Connection,
+    mut session: SessionRecord,
+) -> Result<SessionRecord, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT chunk_number, size FROM session_chunks WHERE session_id = ?1 ORDER BY chunk_number",
+    )?;
+    session.chunks = statement
+        .query_map(params![session.id], |row| {
+            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(session)
+}
+
 impl SqliteStore {
     pub(super) async fn insert_session(&self, session: SessionRecord) -> Result<(), StoreError> {
         self.call(move |connection| {
@@ -43,46 +85,30 @@ impl SqliteStore {
         self.call(move |connection| {
             let session = connection
                 .query_row(
-                    "SELECT id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata,
-                     created_at, expires_at, length_deferred, concat, upload_id
-                     FROM sessions WHERE id = ?1 AND tenant = ?2",
+                    &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1 AND tenant = ?2"),
                     params![id, tenant],
-                    |row| {
-                        let metadata: String = row.get(7)?;
-                        Ok(SessionRecord {
-                            id: row.get(0)?,
-                            tenant: row.get(1)?,
-                            dialect: parse_column(2, &row.get::<_, String>(2)?, DialectName::parse)?,
-                            filename: row.get(3)?,
-                            extension: row.get(4)?,
-                            declared_size: row.get::<_, i64>(5)? as u64,
-                            total_chunks: row.get::<_, i64>(6)? as u64,
-                            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
-                            created_at_ms: row.get(8)?,
-                            expires_at_ms: row.get(9)?,
-                            chunks: Vec::new(),
-                            length_deferred: row.get(10)?,
-                            concat: row
-                                .get::<_, Option<String>>(11)?
-                                .map(|text| parse_column(11, &text, Concat::parse))
-                                .transpose()?,
-                            upload_id: row.get(12)?,
-                        })
-                    },
+                    session_from_row,
                 )
                 .optional()?;
-            let Some(mut session) = session else {
-                return Ok(None);
-            };
-            let mut statement = connection.prepare_cached(
-                "SELECT chunk_number, size FROM session_chunks WHERE session_id = ?1 ORDER BY chunk_number",
-            )?;
-            session.chunks = statement
-                .query_map(params![session.id], |row| {
-                    Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
-                })?
+            session
+                .map(|session| with_chunks(connection, session))
+                .transpose()
+        })
+        .await
+    }
+
+    pub(super) async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions ORDER BY created_at"
+            ))?;
+            let sessions: Vec<SessionRecord> = statement
+                .query_map([], session_from_row)?
                 .collect::<Result<_, _>>()?;
-            Ok(Some(session))
+            sessions
+                .into_iter()
+                .map(|session| with_chunks(connection, session))
+                .collect()
         })
         .await
     }

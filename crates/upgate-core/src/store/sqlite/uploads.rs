@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, parse_column};
-use crate::store::{StoreError, UploadRecord, UploadState};
+use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::{DialectName, now_ms};
 
 pub(super) const UPLOAD_COLUMNS: &str = "id, tenant, dialect, filename, extension, mime, size, sha256, state, provider, \
@@ -109,6 +109,40 @@ impl SqliteStore {
                     upload_from_row,
                 )
                 .optional()?)
+        })
+        .await
+    }
+
+    pub(super) async fn list_uploads(&self, filter: UploadFilter) -> Result<Vec<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR created_at >= ?3)
+                 ORDER BY created_at DESC, id DESC LIMIT ?4"
+            ))?;
+            let rows = statement.query_map(
+                params![
+                    filter.state.map(UploadState::as_str),
+                    filter.tenant,
+                    filter.since_ms,
+                    filter.limit.min(i64::MAX as usize) as i64
+                ],
+                upload_from_row,
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) async fn retry_upload(&self, id: String) -> Result<bool, StoreError> {
+        self.call(move |connection| {
+            let now = now_ms();
+            let changed = connection.execute(
+                "UPDATE uploads SET state = 'received', next_attempt_at = ?2, attempts = 0, updated_at = ?2
+                 WHERE id = ?1 AND state = 'failed'",
+                params![id, now],
+            )?;
+            Ok(changed == 1)
         })
         .await
     }
