@@ -934,6 +934,8 @@ where
                     match msg {
                         Message::Item(mut req) => {
                             // head timer only applies to first request on connection
+                            // (upgate patch: it is armed again for each later head, see
+                            // `Dispatcher::poll`)
                             this.head_timer.clear(line!());
 
                             req.head_mut().peer_addr = *this.peer_addr;
@@ -1078,7 +1080,11 @@ where
                     BoxBody::new(()),
                 );
 
-                self.project().flags.insert(Flags::SHUTDOWN);
+                let this = self.project();
+                this.flags.insert(Flags::SHUTDOWN);
+                // upgate patch: fire once (an elapsed `Sleep` stays ready, and a later poll
+                // while the 408 is still being flushed would queue another one).
+                this.head_timer.clear(line!());
             }
         };
 
@@ -1434,6 +1440,33 @@ where
 
                         if !flush_was_ready || !drain {
                             break;
+                        }
+                    }
+
+                    // upgate patch (header_timeout for every request): upstream arms the head
+                    // timer only on a connection's first poll, and a kept-alive connection's
+                    // keep-alive timer is cleared by the first byte of the next request, so
+                    // that head could then trickle in forever. Arm it again, with a full
+                    // timeout, from the moment the connection waits for a request head (none
+                    // in progress or queued, no body being read) and has a byte of one. A
+                    // kept-alive connection without a byte stays under the keep-alive timer.
+                    {
+                        let inner = inner.as_mut().project();
+                        let waiting_for_head = inner.state.is_none()
+                            && inner.messages.is_empty()
+                            && inner.payload.is_none()
+                            && !inner.flags.intersects(Flags::SHUTDOWN | Flags::LINGER);
+                        if waiting_for_head
+                            && !inner.read_buf.is_empty()
+                            && !matches!(inner.head_timer, TimerState::Active { .. })
+                        {
+                            if let Some(deadline) = inner.config.client_request_deadline() {
+                                inner.head_timer.set_and_init(
+                                    cx,
+                                    sleep_until(deadline.into()),
+                                    line!(),
+                                );
+                            }
                         }
                     }
 
