@@ -1,6 +1,7 @@
-//! Slow request heads over raw sockets: every request head on a connection must arrive within
-//! `server.header_timeout` (a kept-alive connection's later requests as much as its first),
-//! and an idle kept-alive connection waits the keep-alive time instead.
+//! Slow and pipelined request heads over raw sockets: every request head on a connection must
+//! arrive within `server.header_timeout` (a kept-alive connection's later requests as much as
+//! its first), an idle kept-alive connection waits the keep-alive time instead, and nothing
+//! sent after a request that closes the connection is processed (RFC 9112 §9.6).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -78,6 +79,30 @@ fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
         }
     };
     (String::from_utf8_lossy(&received).into_owned(), closed)
+}
+
+/// The status lines of a run of answers on one connection, each answer cut off by its
+/// `Content-Length` (the next one follows its body directly); what is left over too.
+fn status_lines(text: &str) -> (Vec<&str>, &str) {
+    let mut statuses = Vec::new();
+    let mut rest = text;
+    while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+        let Some(status) = head.lines().next().filter(|line| line.starts_with("HTTP/1.")) else {
+            break;
+        };
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        statuses.push(status);
+        rest = after.get(length.min(after.len())..).unwrap_or("");
+    }
+    (statuses, rest)
 }
 
 struct Trickled {
@@ -199,4 +224,81 @@ fn an_idle_kept_alive_connection_waits_the_keep_alive_time_not_header_timeout() 
         idle >= KEEP_ALIVE - Duration::from_secs(2) && idle <= KEEP_ALIVE + Duration::from_secs(5),
         "closed after {idle:?} idle, keep-alive is {KEEP_ALIVE:?}"
     );
+}
+
+/// Sends `first` and a second upload (`second.txt`) in one write, and checks that only
+/// `first` was answered and processed and that the daemon then closed the connection.
+fn assert_nothing_after_the_closing_request_is_processed(first: Vec<u8>, address: &str, daemon: &Daemon) {
+    let (mut stream, _) = connect(daemon);
+    let mut both = first;
+    both.extend_from_slice(&upload(address, "HTTP/1.1", "second.txt", ""));
+    stream.write_all(&both).unwrap();
+    let (answers, closed) = read_to_close(&mut stream, Duration::from_secs(10));
+    let (statuses, rest) = status_lines(&answers);
+    assert_eq!(statuses.len(), 1, "{answers}");
+    assert!(rest.is_empty(), "{answers}");
+    assert!(statuses[0].ends_with(" 201 Created"), "{answers}");
+    assert!(answers.contains("first.txt"), "{answers}");
+    // The answer says the connection closes (HTTP/1.0: by not offering keep-alive).
+    let lower = answers.to_ascii_lowercase();
+    if statuses[0].starts_with("HTTP/1.1 ") {
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{answers}");
+    } else {
+        assert!(!lower.contains("\r\nconnection: keep-alive"), "{answers}");
+    }
+    assert!(closed, "the connection stayed open: {answers}");
+    let names: Vec<String> = daemon
+        .db()
+        .prepare("SELECT filename FROM uploads ORDER BY filename")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(names, ["first.txt"]);
+}
+
+#[test]
+fn a_request_pipelined_after_connection_close_is_not_processed() {
+    let daemon = start();
+    let address = daemon.base_url.trim_start_matches("http://").to_owned();
+    let first = upload(&address, "HTTP/1.1", "first.txt", "Connection: close\r\n");
+    assert_nothing_after_the_closing_request_is_processed(first, &address, &daemon);
+}
+
+#[test]
+fn a_request_pipelined_after_an_http_1_0_request_is_not_processed() {
+    let daemon = start();
+    let address = daemon.base_url.trim_start_matches("http://").to_owned();
+    // HTTP/1.0 without `Connection: keep-alive` closes after its answer.
+    let first = upload(&address, "HTTP/1.0", "first.txt", "");
+    assert_nothing_after_the_closing_request_is_processed(first, &address, &daemon);
+}
+
+#[test]
+fn pipelined_kept_alive_requests_are_all_answered_in_order() {
+    let daemon = start();
+    let (mut stream, address) = connect(&daemon);
+    let mut all = Vec::new();
+    for name in ["one.txt", "two.txt"] {
+        all.extend_from_slice(&upload(&address, "HTTP/1.1", name, ""));
+    }
+    // The last asks to close, so the run ends with the connection.
+    all.extend_from_slice(&upload(
+        &address,
+        "HTTP/1.1",
+        "three.txt",
+        "Connection: close\r\n",
+    ));
+    stream.write_all(&all).unwrap();
+    let (answers, closed) = read_to_close(&mut stream, Duration::from_secs(10));
+    let (statuses, rest) = status_lines(&answers);
+    assert_eq!(statuses.len(), 3, "{answers}");
+    assert!(rest.is_empty(), "{answers}");
+    assert!(statuses.iter().all(|s| s.ends_with(" 201 Created")), "{answers}");
+    let one = answers.find("one.txt").expect("one.txt answered");
+    let two = answers.find("two.txt").expect("two.txt answered");
+    let three = answers.find("three.txt").expect("three.txt answered");
+    assert!(one < two && two < three, "{answers}");
+    assert!(closed, "{answers}");
 }

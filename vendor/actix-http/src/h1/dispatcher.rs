@@ -45,7 +45,7 @@ const WRITE_BUFFER_RETENTION_LIMIT: usize = 1024 * 128;
 
 bitflags! {
     #[derive(Debug, Clone, Copy)]
-    pub struct Flags: u8 {
+    pub struct Flags: u16 {
         /// Set when stream is read for first time.
         const STARTED          = 0b0000_0001;
 
@@ -74,6 +74,11 @@ bitflags! {
         /// after the current response finishes. [`LINGER`](Self::LINGER) remains separate and is
         /// used only to close cleanly after a response to an unread request payload.
         const DRAINING         = 0b1000_0000;
+
+        /// upgate patch (RFC 9112 §9.6): set once a request that closes the connection
+        /// (`Connection: close`, or HTTP/1.0 without keep-alive) has been decoded. Nothing
+        /// after it and its body is decoded as a request.
+        const CLOSE_REQUESTED  = 0b1_0000_0000;
     }
 }
 
@@ -927,6 +932,13 @@ where
 
         // decode from read buf as many full requests as possible
         loop {
+            // upgate patch (RFC 9112 §9.6): once a request that closes the connection and its
+            // body are read, what follows is not a request: it is dropped, never processed.
+            if this.flags.contains(Flags::CLOSE_REQUESTED) && this.payload.is_none() {
+                this.read_buf.clear();
+                break;
+            }
+
             match this.codec.decode(this.read_buf) {
                 Ok(Some(msg)) => {
                     updated = true;
@@ -937,6 +949,12 @@ where
                             // (upgate patch: it is armed again for each later head, see
                             // `Dispatcher::poll`)
                             this.head_timer.clear(line!());
+
+                            // upgate patch (RFC 9112 §9.6): the codec has just read this
+                            // request's connection type.
+                            if !this.codec.keep_alive() && !this.codec.upgrade() {
+                                this.flags.insert(Flags::CLOSE_REQUESTED);
+                            }
 
                             req.head_mut().peer_addr = *this.peer_addr;
 
@@ -1250,7 +1268,11 @@ where
                 Poll::Ready(Ok(n)) => {
                     // When draining a dropped request payload, keep FINISHED set so the
                     // disconnect/keep-alive decision can be made once the payload is fully drained.
-                    if !this.payload.as_ref().is_some_and(|pl| pl.is_dropped()) {
+                    // upgate patch: after a closing request no new request starts, so bytes
+                    // read (and dropped) then must not hold off the close either.
+                    if !this.payload.as_ref().is_some_and(|pl| pl.is_dropped())
+                        && !this.flags.contains(Flags::CLOSE_REQUESTED)
+                    {
                         this.flags.remove(Flags::FINISHED);
                     }
 
@@ -1455,7 +1477,9 @@ where
                         let waiting_for_head = inner.state.is_none()
                             && inner.messages.is_empty()
                             && inner.payload.is_none()
-                            && !inner.flags.intersects(Flags::SHUTDOWN | Flags::LINGER);
+                            && !inner.flags.intersects(
+                                Flags::CLOSE_REQUESTED | Flags::SHUTDOWN | Flags::LINGER,
+                            );
                         if waiting_for_head
                             && !inner.read_buf.is_empty()
                             && !matches!(inner.head_timer, TimerState::Active { .. })
