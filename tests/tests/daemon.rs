@@ -190,16 +190,32 @@ fn the_shipped_config_lists_the_workspace_plugins_and_no_test_fixture() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(!stdout.contains("abi_mismatch"), "{stdout}");
     for name in ["beam", "dify", "example", "kore", "korexo", "local", "maiagent"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}: {stdout}"));
+        // The relative plugin_dir, joined to the config's directory (`.`) without `././`.
         assert!(
-            stdout
-                .lines()
-                .any(|line| line.starts_with(&format!("{name} ")) && line.ends_with(&plugin_file(name))),
-            "no {name}: {stdout}"
+            line.ends_with(&format!(" ./target/release/{}", plugin_file(name))),
+            "{line}"
         );
     }
     assert_eq!(stdout.lines().count(), 8, "a header and seven plugins: {stdout}");
     let (code, stdout, stderr) = run(&["check-config"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    // A missing plugin is named by a clean path too.
+    let text = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        text.replace("plugin: local", "plugin: nosuch"),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["check-config"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(" no file ./target/release/{} ", plugin_file("nosuch"))),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -514,7 +514,7 @@ impl Config {
         let base = config.base_dir().to_path_buf();
         for dir in [&mut config.server.data_dir, &mut config.server.plugin_dir] {
             if dir.is_relative() {
-                *dir = base.join(&*dir);
+                *dir = base.join(dir.strip_prefix(".").unwrap_or(dir));
             }
         }
         let errors = config.validate(text);
@@ -768,7 +768,7 @@ mod tests {
         assert_eq!(config.server.data_dir, PathBuf::from("/etc/upgate/data"));
         assert_eq!(
             config.server.plugin_dir,
-            PathBuf::from("/etc/upgate/./target/release")
+            PathBuf::from("/etc/upgate/target/release")
         );
         assert_eq!(config.plans["free"].max_file_size.0, 10 << 20);
         assert_eq!(config.server.idle_timeout.0, Duration::from_secs(30));
