@@ -36,6 +36,11 @@ pub fn build_workspace() -> &'static Path {
             .parent()
             .expect("workspace root")
             .join("Cargo.toml");
+        // The ABI-mismatch fixture used to be a workspace member, built into this very
+        // directory; a copy left by such a build would show as a broken plugin here. Removed
+        // before building: were it a member again, the build would put it back.
+        let stale = profile_dir.join(plugin_file("abi-mismatch"));
+        let _ = std::fs::remove_file(stale);
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
         command
@@ -62,6 +67,39 @@ pub fn build_workspace() -> &'static Path {
 /// Path of the built daemon.
 pub fn upgate_binary() -> PathBuf {
     build_workspace().join("upgate")
+}
+
+/// The file name of the plugin called `name` (`libupgate_plugin_<name>.so` on Linux).
+pub fn plugin_file(name: &str) -> String {
+    format!(
+        "{}upgate_plugin_{}{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    )
+}
+
+/// The ABI-mismatch fixture (`tests/fixtures/abi-mismatch`: a plugin whose descriptor claims
+/// ABI version 2), built once per test process into `target/fixtures`. It is not a workspace
+/// member, so no build of the workspace puts it where the daemon looks for plugins.
+pub fn abi_mismatch_plugin() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = target_dir().parent().expect("target dir").join("fixtures");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/abi-mismatch/Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--locked", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of {} failed", manifest.display());
+        let built = target.join("debug").join(plugin_file("abi-mismatch"));
+        assert!(built.is_file(), "{} was not built", built.display());
+        built
+    })
 }
 
 /// A running daemon. Killed (SIGKILL) when dropped, unless stopped first.

@@ -97,6 +97,26 @@ fn config_errors_name_file_line_and_column() {
     );
 }
 
+/// `dir/plugins`: the workspace's plugins (linked) and the ABI-mismatch fixture beside them;
+/// returns `config` with that as its plugin_dir.
+fn with_the_abi_mismatch_fixture(dir: &Path, config: &str) -> String {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for entry in std::fs::read_dir(build_workspace()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let prefix = format!("{}upgate_plugin_", std::env::consts::DLL_PREFIX);
+        if name.starts_with(&prefix) && name.ends_with(std::env::consts::DLL_SUFFIX) {
+            std::os::unix::fs::symlink(&path, plugins.join(&name)).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(abi_mismatch_plugin(), plugins.join(plugin_file("abi-mismatch"))).unwrap();
+    config.replace(
+        &format!("plugin_dir: {}\n", build_workspace().display()),
+        &format!("plugin_dir: {}\n", plugins.display()),
+    )
+}
+
 #[test]
 fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,7 +124,7 @@ fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
         "plugin: local\n    settings:\n      root: ",
         "plugin: abi-mismatch\n    settings:\n      root: ",
     );
-    let path = write_config(dir.path(), &config);
+    let path = write_config(dir.path(), &with_the_abi_mismatch_fixture(dir.path(), &config));
     for command in ["check-config", "serve"] {
         let (code, _, stderr) = run_cli(&[command, "--config", &path]);
         assert_eq!(code, 2, "{stderr}");
@@ -115,7 +135,13 @@ fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
         );
     }
     // `plugins list` shows the good ones and flags the bad one.
-    let path = write_config(dir.path(), &default_config(dir.path()));
+    let path = write_config(
+        dir.path(),
+        &default_config(dir.path()).replace(
+            &format!("plugin_dir: {}\n", build_workspace().display()),
+            &format!("plugin_dir: {}\n", dir.path().join("plugins").display()),
+        ),
+    );
     let (code, stdout, _) = run_cli(&["plugins", "list", "--config", &path]);
     assert_eq!(
         code, 1,
@@ -134,6 +160,61 @@ fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
     assert!(
         stdout.contains("libupgate_plugin_abi_mismatch") && stdout.contains("ABI version 2"),
         "{stdout}"
+    );
+}
+
+#[test]
+fn the_shipped_config_lists_the_workspace_plugins_and_no_test_fixture() {
+    // What a newcomer runs after the quick start's `cargo build --release --workspace`:
+    // `upgate plugins list` beside the shipped config.yaml, whose plugin_dir is
+    // ./target/release. Here ./target/release is the directory this test process's workspace
+    // build filled (target/release itself under `cargo test --release`).
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.yaml");
+    std::fs::copy(&shipped, dir.path().join("config.yaml")).unwrap();
+    std::fs::create_dir(dir.path().join("target")).unwrap();
+    std::os::unix::fs::symlink(build_workspace(), dir.path().join("target/release")).unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(upgate_binary())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["plugins", "list"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(!stdout.contains("abi_mismatch"), "{stdout}");
+    for name in ["beam", "dify", "example", "kore", "korexo", "local", "maiagent"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}: {stdout}"));
+        // The relative plugin_dir, joined to the config's directory (`.`) without `././`.
+        assert!(
+            line.ends_with(&format!(" ./target/release/{}", plugin_file(name))),
+            "{line}"
+        );
+    }
+    assert_eq!(stdout.lines().count(), 8, "a header and seven plugins: {stdout}");
+    let (code, stdout, stderr) = run(&["check-config"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // A missing plugin is named by a clean path too.
+    let text = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        text.replace("plugin: local", "plugin: nosuch"),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["check-config"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(" no file ./target/release/{} ", plugin_file("nosuch"))),
+        "{stderr}"
     );
 }
 

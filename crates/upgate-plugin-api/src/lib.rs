@@ -295,12 +295,12 @@ pub struct InitContext {
 
 impl InitContext {
     /// `path` as the operator meant it: absolute paths as they are, relative ones under
-    /// [`InitContext::config_dir`].
+    /// [`InitContext::config_dir`] (`./x` under `.` is `./x`, not `././x`).
     pub fn resolve(&self, path: &std::path::Path) -> std::path::PathBuf {
         if path.is_absolute() {
             path.to_path_buf()
         } else {
-            self.config_dir.join(path)
+            self.config_dir.join(path.strip_prefix(".").unwrap_or(path))
         }
     }
 }
@@ -591,6 +591,8 @@ pub mod trampolines {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     struct Echo;
@@ -682,6 +684,26 @@ mod tests {
             metadata: Default::default(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn relative_settings_paths_join_the_config_dir_without_a_doubled_dot() {
+        let here = InitContext {
+            config_dir: ".".into(),
+            durable: false,
+        };
+        assert_eq!(here.resolve("./data/files".as_ref()), Path::new("./data/files"));
+        assert_eq!(here.resolve("ca.pem".as_ref()), Path::new("./ca.pem"));
+        let etc = InitContext {
+            config_dir: "/etc/upgate".into(),
+            durable: false,
+        };
+        assert_eq!(etc.resolve("./ca.pem".as_ref()), Path::new("/etc/upgate/ca.pem"));
+        assert_eq!(
+            etc.resolve("../ca.pem".as_ref()),
+            Path::new("/etc/upgate/../ca.pem")
+        );
+        assert_eq!(etc.resolve("/srv/ca.pem".as_ref()), Path::new("/srv/ca.pem"));
     }
 
     #[test]

@@ -408,7 +408,7 @@ impl Config {
         let base = config.base_dir().to_path_buf();
         for dir in [&mut config.server.data_dir, &mut config.server.plugin_dir] {
             if dir.is_relative() {
-                *dir = base.join(&*dir);
+                *dir = base.join(dir.strip_prefix(".").unwrap_or(dir));
             }
         }
         let errors = config.validate(text);

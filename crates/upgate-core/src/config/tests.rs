@@ -59,7 +59,7 @@ fn parses_the_good_config_and_resolves_paths() {
     assert_eq!(config.server.data_dir, PathBuf::from("/etc/upgate/data"));
     assert_eq!(
         config.server.plugin_dir,
-        PathBuf::from("/etc/upgate/./target/release")
+        PathBuf::from("/etc/upgate/target/release")
     );
     assert_eq!(config.plans["free"].max_file_size.0, 10 << 20);
     assert_eq!(config.server.idle_timeout.0, Duration::from_secs(30));

@@ -45,7 +45,7 @@ const WRITE_BUFFER_RETENTION_LIMIT: usize = 1024 * 128;
 
 bitflags! {
     #[derive(Debug, Clone, Copy)]
-    pub struct Flags: u8 {
+    pub struct Flags: u16 {
         /// Set when stream is read for first time.
         const STARTED          = 0b0000_0001;
 
@@ -74,6 +74,11 @@ bitflags! {
         /// after the current response finishes. [`LINGER`](Self::LINGER) remains separate and is
         /// used only to close cleanly after a response to an unread request payload.
         const DRAINING         = 0b1000_0000;
+
+        /// upgate patch (RFC 9112 §9.6): set once a request that closes the connection
+        /// (`Connection: close`, or HTTP/1.0 without keep-alive) has been decoded. Nothing
+        /// after it and its body is decoded as a request.
+        const CLOSE_REQUESTED  = 0b1_0000_0000;
     }
 }
 
@@ -927,6 +932,13 @@ where
 
         // decode from read buf as many full requests as possible
         loop {
+            // upgate patch (RFC 9112 §9.6): once a request that closes the connection and its
+            // body are read, what follows is not a request: it is dropped, never processed.
+            if this.flags.contains(Flags::CLOSE_REQUESTED) && this.payload.is_none() {
+                this.read_buf.clear();
+                break;
+            }
+
             match this.codec.decode(this.read_buf) {
                 Ok(Some(msg)) => {
                     updated = true;
@@ -934,7 +946,15 @@ where
                     match msg {
                         Message::Item(mut req) => {
                             // head timer only applies to first request on connection
+                            // (upgate patch: it is armed again for each later head, see
+                            // `Dispatcher::poll`)
                             this.head_timer.clear(line!());
+
+                            // upgate patch (RFC 9112 §9.6): the codec has just read this
+                            // request's connection type.
+                            if !this.codec.keep_alive() && !this.codec.upgrade() {
+                                this.flags.insert(Flags::CLOSE_REQUESTED);
+                            }
 
                             req.head_mut().peer_addr = *this.peer_addr;
 
@@ -1078,7 +1098,11 @@ where
                     BoxBody::new(()),
                 );
 
-                self.project().flags.insert(Flags::SHUTDOWN);
+                let this = self.project();
+                this.flags.insert(Flags::SHUTDOWN);
+                // upgate patch: fire once (an elapsed `Sleep` stays ready, and a later poll
+                // while the 408 is still being flushed would queue another one).
+                this.head_timer.clear(line!());
             }
         };
 
@@ -1244,7 +1268,11 @@ where
                 Poll::Ready(Ok(n)) => {
                     // When draining a dropped request payload, keep FINISHED set so the
                     // disconnect/keep-alive decision can be made once the payload is fully drained.
-                    if !this.payload.as_ref().is_some_and(|pl| pl.is_dropped()) {
+                    // upgate patch: after a closing request no new request starts, so bytes
+                    // read (and dropped) then must not hold off the close either.
+                    if !this.payload.as_ref().is_some_and(|pl| pl.is_dropped())
+                        && !this.flags.contains(Flags::CLOSE_REQUESTED)
+                    {
                         this.flags.remove(Flags::FINISHED);
                     }
 
@@ -1434,6 +1462,35 @@ where
 
                         if !flush_was_ready || !drain {
                             break;
+                        }
+                    }
+
+                    // upgate patch (header_timeout for every request): upstream arms the head
+                    // timer only on a connection's first poll, and a kept-alive connection's
+                    // keep-alive timer is cleared by the first byte of the next request, so
+                    // that head could then trickle in forever. Arm it again, with a full
+                    // timeout, from the moment the connection waits for a request head (none
+                    // in progress or queued, no body being read) and has a byte of one. A
+                    // kept-alive connection without a byte stays under the keep-alive timer.
+                    {
+                        let inner = inner.as_mut().project();
+                        let waiting_for_head = inner.state.is_none()
+                            && inner.messages.is_empty()
+                            && inner.payload.is_none()
+                            && !inner.flags.intersects(
+                                Flags::CLOSE_REQUESTED | Flags::SHUTDOWN | Flags::LINGER,
+                            );
+                        if waiting_for_head
+                            && !inner.read_buf.is_empty()
+                            && !matches!(inner.head_timer, TimerState::Active { .. })
+                        {
+                            if let Some(deadline) = inner.config.client_request_deadline() {
+                                inner.head_timer.set_and_init(
+                                    cx,
+                                    sleep_until(deadline.into()),
+                                    line!(),
+                                );
+                            }
                         }
                     }
 
