@@ -55,6 +55,25 @@ pub fn build_workspace() -> &'static Path {
             ])
             .arg(&manifest);
         command.arg("--target-dir").arg(&target);
+        // The variables cargo sets for this test process are not the build's: a build script
+        // that tracks one (ring's tracks CARGO_MANIFEST_DIR) would rebuild, and then the outer
+        // `cargo test` would rebuild it back, on every run.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            {
+                command.env_remove(&name);
+            }
+        }
         if profile_dir.file_name().is_some_and(|name| name == "release") {
             command.arg("--release");
         }
