@@ -4,4 +4,5 @@
 pub mod harness;
 pub mod inbound;
 pub mod mock;
+pub mod postgres;
 pub mod tls;

@@ -91,9 +91,15 @@ pub enum ApiError {
     /// A request that would change an upload that cannot change (a final concatenation).
     #[error("the upload cannot be changed")]
     ImmutableUpload,
+    /// The store cannot be reached (a shared database down or restarting): 503, retry later.
+    #[error("the store is unavailable, retry after {retry_after_secs} s")]
+    Unavailable { retry_after_secs: u64 },
     #[error("internal error")]
     Internal,
 }
+
+/// What a client is told to wait when the store is unavailable.
+pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 5;
 
 /// What kind of failure an [`ApiError`] is: the one classification both the status and the
 /// `upgate_rejections_total{reason}` label come from.
@@ -125,6 +131,8 @@ pub enum Class {
     Storage,
     /// The gateway failed (500).
     Internal,
+    /// What the gateway depends on is down for now (503).
+    Unavailable,
     /// The request is at another state of the resource than the client thinks (409).
     Conflict,
     /// The body does not match its checksum (460, tus).
@@ -165,6 +173,7 @@ impl ApiError {
             Self::BodyTimeout => Class::BodyTimeout,
             Self::InsufficientStorage => Class::Storage,
             Self::Internal => Class::Internal,
+            Self::Unavailable { .. } => Class::Unavailable,
             Self::OffsetMismatch { .. } => Class::Conflict,
             Self::ChecksumMismatch => Class::Checksum,
             Self::UnsupportedVersion => Class::Version,
@@ -195,11 +204,23 @@ impl ApiError {
             Class::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Class::Storage => StatusCode::INSUFFICIENT_STORAGE,
             Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Conflict => StatusCode::CONFLICT,
             Class::Checksum => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
             Class::Version => StatusCode::PRECONDITION_FAILED,
             Class::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Class::Immutable => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The seconds a client should wait before trying again (`Retry-After`), for the errors
+    /// that say "not now".
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Throttled { retry_after_secs, .. } | Self::Unavailable { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
+            _ => None,
         }
     }
 
@@ -221,9 +242,16 @@ impl ApiError {
     }
 }
 
-/// A store failure: logged here, a 500 for the client.
+/// A store failure: logged here; a 503 with `Retry-After` for the client when the store is
+/// unavailable (it comes back by itself), a 500 otherwise.
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::Unavailable(_) = error {
+            tracing::warn!(%error, "store unavailable");
+            return Self::Unavailable {
+                retry_after_secs: STORE_RETRY_AFTER_SECS,
+            };
+        }
         tracing::error!(%error, "store failure");
         Self::Internal
     }

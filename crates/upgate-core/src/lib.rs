@@ -7,8 +7,8 @@
 //! - [`upload`]: the shared flow, one file per step: admit, intake, record, deliver,
 //!   chunked, delete;
 //! - the seams the flow reaches its state through: [`store`] (records, sessions, outbox,
-//!   usage; SQLite), [`spool`] (bytes waiting; local disk), [`limits`] (rate, concurrency,
-//!   quota; in-process), and the provider [`plugins`];
+//!   usage; SQLite, or PostgreSQL shared by several nodes), [`spool`] (bytes waiting; local
+//!   disk), [`limits`] (rate, concurrency, quota; in-process), and the provider [`plugins`];
 //! - [`policy`] (tenants, plans, keys compiled from [`config`]), [`content`] checks,
 //!   [`metrics`], the neutral [`error`], and [`vocab`] (dialect names, id formats, the
 //!   clock) below everything.
@@ -34,7 +34,7 @@ mod vocab;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{
-    ServeError, delete_upload, list_sessions, list_uploads, load, retry_upload, serve, show_upload,
+    ServeError, check, delete_upload, list_sessions, list_uploads, load, retry_upload, serve, show_upload,
 };
 pub use plugins::{LoadedPlugin, PluginHostError, discover};
 pub use policy::{Policy, Tenant};

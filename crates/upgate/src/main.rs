@@ -134,15 +134,20 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Serve { config } => report(upgate_core::serve(&config)),
-        Command::CheckConfig { config } => report(upgate_core::load(&config).map(|(config, providers)| {
-            println!(
-                "{}: ok ({} plans, {} providers, {} tenants)",
-                config.source.display(),
-                config.plans.len(),
-                providers.len(),
-                config.tenants.len()
-            );
-        })),
+        Command::CheckConfig { config } => {
+            report(upgate_core::check(&config).map(|(config, providers, store)| {
+                println!(
+                    "{}: ok ({} plans, {} providers, {} tenants)",
+                    config.source.display(),
+                    config.plans.len(),
+                    providers.len(),
+                    config.tenants.len()
+                );
+                if let Some(store) = store {
+                    println!("{store}");
+                }
+            }))
+        }
         Command::Plugins {
             command: PluginsCommand::List { config },
         } => list_plugins(&config),

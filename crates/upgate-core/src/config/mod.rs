@@ -8,6 +8,7 @@
 
 pub(crate) mod keys;
 mod location;
+mod store;
 #[cfg(test)]
 mod tests;
 pub(crate) mod units;
@@ -23,6 +24,7 @@ use serde::de::{self, Deserializer};
 use crate::vocab::DialectName;
 pub(crate) use keys::{ApiKey, KeyDigest};
 use location::locate;
+pub(crate) use store::{PostgresUrl, StoreConfig};
 pub(crate) use units::{ByteSize, HumanDuration, PluginSettings, env_path};
 
 /// A config problem, located in the file.
@@ -179,6 +181,9 @@ pub struct ServerConfig {
     /// Browsers of these origins may call every dialect (absent: no CORS headers at all).
     #[serde(default)]
     pub cors: Option<CorsConfig>,
+    /// A shared store (PostgreSQL) for cluster mode; absent: SQLite in `data_dir`.
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
 }
 
 /// `server.cors:`.
@@ -417,6 +422,13 @@ impl Config {
         } else {
             Err(errors)
         }
+    }
+
+    /// An error about the key at `keys`, located in the file the config was read from.
+    pub(crate) fn error_at(&self, keys: &[&str], message: impl Into<String>) -> ConfigError {
+        let text = std::fs::read_to_string(&self.source).unwrap_or_default();
+        let (line, column) = locate(&text, keys);
+        ConfigError::at(&self.source, line, column, message)
     }
 
     /// Cross-reference checks, each located at the key it is about.

@@ -28,8 +28,9 @@ use crate::metrics;
 use crate::plugins::{self, PluginHostError, Provider};
 use crate::policy::Policy;
 use crate::spool::local::LocalSpool;
-use crate::store::StoreError;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
 use crate::upload::Gateway;
 pub use operator::{delete_upload, list_sessions, list_uploads, retry_upload, show_upload};
 
@@ -69,11 +70,48 @@ impl ServeError {
     }
 }
 
-/// Loads the config and instantiates its providers: everything `check-config` validates.
-pub fn load(path: &Path) -> Result<(Config, BTreeMap<String, Arc<Provider>>), ServeError> {
+/// The provider instances of a config, by name.
+pub(crate) type Providers = BTreeMap<String, Arc<Provider>>;
+
+/// Loads the config and instantiates its providers.
+pub fn load(path: &Path) -> Result<(Config, Providers), ServeError> {
     let config = Config::load(path).map_err(ServeError::Config)?;
     let providers = plugins::instantiate(&config).map_err(ServeError::Plugins)?;
     Ok((config, providers))
+}
+
+/// Everything `check-config` validates: [`load`], and that a shared store (`server.store`)
+/// answers and has a schema this upgate can use (an error located at `server.store.url`,
+/// its password never shown). Returns the store's description for the report, if any.
+pub fn check(path: &Path) -> Result<(Config, Providers, Option<String>), ServeError> {
+    let (config, providers) = load(path)?;
+    let store = match &config.server.store {
+        Some(store) => {
+            let probed = actix_web::rt::System::new().block_on(PostgresStore::probe(&store.url));
+            let version = probed.map_err(|error| {
+                ServeError::Config(vec![config.error_at(
+                    &["server", "store", "url"],
+                    format!("cannot use the PostgreSQL store at {}: {error}", store.url),
+                )])
+            })?;
+            Some(match version {
+                0 => format!("store {}: reachable, not yet migrated", store.url),
+                version => format!("store {}: reachable, schema version {version}", store.url),
+            })
+        }
+        None => None,
+    };
+    Ok((config, providers, store))
+}
+
+/// The configured store: PostgreSQL at `server.store.url` (migrated, waiting while another
+/// node migrates), or SQLite in `data_dir`.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    let server = &config.server;
+    Ok(match &server.store {
+        Some(store) => Arc::new(PostgresStore::open(&store.url).await?),
+        None => Arc::new(SqliteStore::open(&server.data_dir, server.durability)?),
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -91,10 +129,14 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// The gateway over the configured store, spool and limits (the embedded defaults: SQLite
-/// and the spool in `data_dir`, limits in this process).
-fn open_gateway(config: Config, providers: BTreeMap<String, Arc<Provider>>) -> Result<Gateway, ServeError> {
+/// and the spool in `data_dir`, limits in this process; with `server.store`, PostgreSQL,
+/// which the limiter's quotas then share with every node).
+async fn open_gateway(
+    config: Config,
+    providers: BTreeMap<String, Arc<Provider>>,
+) -> Result<Gateway, ServeError> {
+    let store = open_store(&config).await?;
     let server = &config.server;
-    let store = Arc::new(SqliteStore::open(&server.data_dir, server.durability)?);
     let spool = LocalSpool::open(&server.data_dir, server.durability)
         .map_err(ServeError::io("cannot prepare the spool directory"))?;
     let limiter = Arc::new(LocalLimiter::new(store.clone()));
@@ -129,7 +171,18 @@ async fn run(
         server_config.data_dir.display()
     )))?;
     metrics::prime(providers.keys().map(String::as_str));
-    let gateway = open_gateway(config, providers)?;
+    if config.server.store.is_some()
+        && config
+            .providers
+            .values()
+            .any(|provider| provider.delivery == crate::config::Delivery::Async)
+    {
+        tracing::warn!(
+            "server.store is shared but async uploads are spooled on this node's disk: with several nodes, \
+             another node's outbox may claim an upload whose bytes are here (see README, Cluster mode)"
+        );
+    }
+    let gateway = open_gateway(config, providers).await?;
     // What a crash left: parts of uploads that never finished, spooled files of uploads never
     // acknowledged, leases of deliveries that died with the process.
     let spool = gateway.spool.clone();

@@ -15,7 +15,6 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::spool::Spool;
 use crate::spool::local::LocalSpool;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{SessionRecord, Store, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::DialectName;
 
@@ -35,8 +34,8 @@ fn check_id(id: &str) -> Result<(), ServeError> {
 /// The store and spool of a config, without loading any plugin (listings need none).
 fn open_store(config_path: &Path) -> Result<(Config, Arc<dyn Store>, LocalSpool), ServeError> {
     let config = Config::load(config_path).map_err(ServeError::Config)?;
+    let store = block_on(super::open_store(&config))?;
     let server = &config.server;
-    let store = Arc::new(SqliteStore::open(&server.data_dir, server.durability)?);
     let spool = LocalSpool::open(&server.data_dir, server.durability)
         .map_err(ServeError::io("cannot open the spool directory"))?;
     Ok((config, store, spool))
@@ -96,7 +95,7 @@ pub fn delete_upload(config_path: &Path, id: &str) -> Result<UploadRecord, Serve
     check_id(id)?;
     let (config, providers) = load(config_path)?;
     block_on(async move {
-        let gateway = open_gateway(config, providers)?;
+        let gateway = open_gateway(config, providers).await?;
         gateway.delete_as_operator(id).await.map_err(|error| match error {
             ApiError::NotFound => ServeError::Refused(format!("no upload {id} (or it was deleted already)")),
             other => ServeError::Refused(format!("cannot delete {id}: {other}")),

@@ -42,7 +42,7 @@ impl ResponseError for DialectError {
         let dialect = dialect(self.dialect);
         let status = self.error.status();
         let mut response = HttpResponse::build(status);
-        if let ApiError::Throttled { retry_after_secs, .. } = self.error {
+        if let Some(retry_after_secs) = self.error.retry_after_secs() {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.max(1).to_string()));
         }
         if status == StatusCode::UNAUTHORIZED

@@ -3,10 +3,11 @@
 //! What flows through here: the neutral records of the upload flow ([`UploadRecord`],
 //! [`SessionRecord`]) in, and the same records, counts and verdicts out, through the
 //! [`Store`] trait: the seam for where they live. [`sqlite::SqliteStore`] (one file in
-//! `data_dir`, the embedded default) implements it; a shared backend (PostgreSQL) is one
-//! more module beside it, and no caller changes. Nothing here knows about HTTP, dialect
-//! shapes or SQLite types outside `sqlite/`.
+//! `data_dir`, the embedded default) and [`postgres::PostgresStore`] (a database several
+//! nodes share, `server.store.url`) implement it, and no caller knows which. Nothing here
+//! knows about HTTP, dialect shapes, or SQLite and PostgreSQL types outside their folders.
 
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 
 use futures_util::future::BoxFuture;
@@ -24,6 +25,10 @@ pub enum StoreError {
     Closed,
     #[error("cannot open the database at {path}: {message}")]
     Open { path: String, message: String },
+    /// The database cannot be reached or did not answer in time (a shared store that is
+    /// down, restarting or overloaded): worth retrying later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Where an upload is.

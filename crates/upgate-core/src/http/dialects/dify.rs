@@ -155,6 +155,7 @@ impl Dialect for Dify {
             ApiError::BodyTimeout => ("request_timeout", plain_message(error)),
             ApiError::InsufficientStorage => ("insufficient_storage", plain_message(error)),
             ApiError::Internal => ("internal_server_error", plain_message(error)),
+            ApiError::Unavailable { .. } => ("service_unavailable", plain_message(error)),
             ApiError::OffsetMismatch { .. }
             | ApiError::ChecksumMismatch
             | ApiError::UnsupportedVersion

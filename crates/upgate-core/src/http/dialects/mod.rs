@@ -186,6 +186,10 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
         ApiError::BodyTimeout => "The request body stalled; the upload was dropped.".into(),
         ApiError::InsufficientStorage => "Not enough storage space on the gateway.".into(),
         ApiError::Internal => "Internal error.".into(),
+        ApiError::Unavailable { retry_after_secs } => format!(
+            "The service is temporarily unavailable. Retry after {}.",
+            seconds(*retry_after_secs)
+        ),
         ApiError::OffsetMismatch { offset } => format!("The upload is at offset {offset}."),
         ApiError::ChecksumMismatch => "The body does not match its checksum.".into(),
         ApiError::UnsupportedVersion => "Unsupported protocol version.".into(),

@@ -1,0 +1,366 @@
+//! The PostgreSQL store behind [`crate::store::Store`]: the database several upgate nodes
+//! share (`server.store.url`), one table per file beside this one, with the same semantics
+//! as `sqlite/`.
+//!
+//! What flows through here: each store call takes a connection from a small pool of its own
+//! (at most [`POOL_SIZE`], opened when needed, dropped when the server closes them, so a
+//! node reconnects by itself when PostgreSQL comes back), runs its statements (prepared once
+//! per connection) and answers after commit. The connections' I/O runs on a dedicated
+//! thread with its own Tokio runtime, so no HTTP worker's runtime owns a socket another one
+//! uses. Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`STATEMENT_TIMEOUT`] per
+//! statement on the server, [`CALL_TIMEOUT`] for the whole call here; a database that is
+//! down, restarting or overloaded is [`StoreError::Unavailable`] (the client gets 503 and
+//! `Retry-After`). No TLS (`NoTls`): reach PostgreSQL on a trusted network or a local
+//! socket. Schema changes are versioned migrations ([`migrations`]), applied by one node
+//! under an advisory lock while the others wait.
+
+mod migrations;
+mod outbox;
+mod sessions;
+#[cfg(test)]
+mod tests;
+mod uploads;
+mod usage;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use super::{SessionRecord, Store, StoreError, StoreFuture, UploadFilter, UploadRecord};
+use crate::config::PostgresUrl;
+
+/// Most connections one node holds.
+const POOL_SIZE: usize = 16;
+/// Longest wait for a new connection (TCP and startup) before the call fails.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one statement may run on the server (`statement_timeout`).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a whole store call may take here (a free connection, connecting, its statements):
+/// past it the call is [`StoreError::Unavailable`], whatever the network does.
+const CALL_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Handle to the pool. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct PostgresStore {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+    /// The runtime the connections' I/O runs on.
+    driver: tokio::runtime::Handle,
+    /// Dropped with the pool: the driver thread ends and closes the connections.
+    _stop: oneshot::Sender<()>,
+}
+
+/// One open connection and the statements prepared on it.
+pub(super) struct Connection {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Connection {
+    /// `sql`, prepared on this connection once.
+    pub(super) async fn prepare(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    pub(super) fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// A connection taken from the pool, given back when dropped if it is still good.
+struct Lease {
+    pool: Arc<Pool>,
+    connection: Option<Connection>,
+    reusable: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take()
+            && self.reusable
+            && !connection.client.is_closed()
+        {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(connection);
+        }
+    }
+}
+
+impl Pool {
+    async fn lease(self: &Arc<Self>) -> Result<Lease, StoreError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let reused = loop {
+            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
+                Some(connection) if connection.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        let connection = match reused {
+            Some(connection) => connection,
+            None => Connection {
+                client: self.connect().await?,
+                statements: HashMap::new(),
+            },
+        };
+        Ok(Lease {
+            pool: self.clone(),
+            connection: Some(connection),
+            reusable: false,
+            _permit: permit,
+        })
+    }
+
+    /// A new connection, its I/O on the driver runtime.
+    async fn connect(&self) -> Result<Client, StoreError> {
+        connect_on(&self.driver, self.config.clone()).await
+    }
+}
+
+async fn connect_on(
+    driver: &tokio::runtime::Handle,
+    config: tokio_postgres::Config,
+) -> Result<Client, StoreError> {
+    let connecting = driver.spawn(async move {
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(error = %describe(&error), "PostgreSQL connection lost");
+            }
+        });
+        Ok::<_, tokio_postgres::Error>(client)
+    });
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(connected)) => Ok(connected?),
+        Ok(Err(_)) => Err(StoreError::Closed),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no connection within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The driver's settings for `url`: upgate's timeouts unless the URL sets its own
+/// `connect_timeout`, the statement timeout added to the URL's `options`.
+fn driver_config(url: &PostgresUrl) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url.expose().parse().map_err(|error| StoreError::Open {
+        path: url.to_string(),
+        message: describe(&error),
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    let options = match config.get_options() {
+        Some(options) if !options.is_empty() => format!("{options} {statement_timeout}"),
+        _ => statement_timeout,
+    };
+    config.options(options);
+    if config.get_application_name().is_none() {
+        config.application_name("upgate");
+    }
+    Ok(config)
+}
+
+/// Starts the runtime the connections' I/O runs on, on a thread of its own that ends when
+/// `stop`'s sender is dropped.
+fn start_driver() -> Result<(tokio::runtime::Handle, oneshot::Sender<()>), std::io::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("upgate-postgres".into())
+        .spawn(move || {
+            let _ = runtime.block_on(stopped);
+        })?;
+    Ok((handle, stop))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` and brings its schema up to date (waiting while
+    /// another node does), then serves calls from the pool.
+    pub(crate) async fn open(url: &PostgresUrl) -> Result<Self, StoreError> {
+        let open_error = |message: String| StoreError::Open {
+            path: url.to_string(),
+            message,
+        };
+        let config = driver_config(url)?;
+        let (driver, stop) = start_driver().map_err(|e| open_error(e.to_string()))?;
+        let mut client = connect_on(&driver, config.clone())
+            .await
+            .map_err(|e| open_error(e.to_string()))?;
+        migrations::migrate(&mut client)
+            .await
+            .map_err(|e| open_error(e.to_string()))?;
+        let first = Connection {
+            client,
+            statements: HashMap::new(),
+        };
+        Ok(Self {
+            pool: Arc::new(Pool {
+                config,
+                idle: Mutex::new(vec![first]),
+                permits: Arc::new(Semaphore::new(POOL_SIZE)),
+                driver,
+                _stop: stop,
+            }),
+        })
+    }
+
+    /// What `check-config` asks: the database at `url` answers, and its schema is one this
+    /// upgate can use. Returns the schema version (0 for a database upgate never used).
+    pub(crate) async fn probe(url: &PostgresUrl) -> Result<usize, StoreError> {
+        let config = driver_config(url)?;
+        let (driver, _stop) = start_driver().map_err(|e| StoreError::Database(e.to_string()))?;
+        let client = connect_on(&driver, config).await?;
+        let checked = tokio::time::timeout(CALL_TIMEOUT, migrations::check_version(&client)).await;
+        checked.unwrap_or_else(|_| Err(StoreError::Unavailable("no answer in time".into())))
+    }
+
+    /// Runs `work` on a pooled connection, within [`CALL_TIMEOUT`]. A connection that failed
+    /// or was cut off mid-call is not given back.
+    pub(super) async fn call<T, W>(&self, work: W) -> Result<T, StoreError>
+    where
+        T: Send,
+        W: for<'c> FnOnce(&'c mut Connection) -> BoxFuture<'c, Result<T, StoreError>> + Send,
+    {
+        let pool = self.pool.clone();
+        let run = async move {
+            let mut lease = pool.lease().await?;
+            let result = match lease.connection.as_mut() {
+                Some(connection) => work(connection).await,
+                None => Err(StoreError::Closed),
+            };
+            lease.reusable = !matches!(result, Err(StoreError::Unavailable(_)));
+            result
+        };
+        tokio::time::timeout(CALL_TIMEOUT, run).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            )))
+        })
+    }
+}
+
+/// An error with its cause (the driver's own text is only its kind: "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+/// SQLSTATE classes and codes that say the database is down, restarting, out of resources
+/// or too slow, rather than that a statement is wrong.
+fn is_unavailable_code(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources (too many connections, disk full)
+        || code.starts_with("57P") // admin or crash shutdown, cannot connect now
+        || code == "57014" // query canceled: statement_timeout
+        || code == "40001" // serialization failure
+        || code == "40P01" // deadlock detected
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        let unavailable = match error.as_db_error() {
+            Some(db) => is_unavailable_code(db.code().code()),
+            None => {
+                error.is_closed()
+                    || std::error::Error::source(&error).is_some_and(|cause| cause.is::<std::io::Error>())
+                    || error.to_string() == "timeout waiting for server"
+            }
+        };
+        let message = describe(&error);
+        if unavailable {
+            Self::Unavailable(message)
+        } else {
+            Self::Database(message)
+        }
+    }
+}
+
+/// A text column that must hold one of a known set of names (a dialect, a state): a value
+/// no version of upgate writes is an error, never a silent default.
+fn parse_column<T>(row: &Row, column: usize, parse: impl Fn(&str) -> Option<T>) -> Result<T, StoreError> {
+    let text: &str = row.try_get(column)?;
+    parse(text).ok_or_else(|| {
+        StoreError::Database(format!(
+            "column {column}: unknown value `{}`",
+            text.chars().take(32).collect::<String>()
+        ))
+    })
+}
+
+/// A count or size as PostgreSQL's `bigint`.
+fn big(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The trait's methods are the inherent ones of the table files, boxed.
+macro_rules! delegate {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
+        $(fn $name(&self, $($arg: $ty),*) -> StoreFuture<'_, $out> {
+            Box::pin(PostgresStore::$name(self, $($arg),*))
+        })*
+    };
+}
+
+impl Store for PostgresStore {
+    delegate! {
+        insert_uploads(records: Vec<UploadRecord>, deliver_at_ms: i64) -> ();
+        spooled_ids() -> std::collections::HashSet<String>;
+        mark_deleted(id: String) -> bool;
+        upload(id: String) -> Option<UploadRecord>;
+        upload_of(tenant: String, id: String) -> Option<UploadRecord>;
+        list_uploads(filter: UploadFilter) -> Vec<UploadRecord>;
+        retry_upload(id: String) -> bool;
+        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
+        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
+        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<UploadRecord>;
+        release_outbox_leases() -> usize;
+        outbox_len() -> u64;
+        usage(tenant: String, day: i64) -> (u64, u64);
+        try_add_usage(tenant: String, day: i64, bytes: u64, uploads: u64, limits: (Option<u64>, Option<u64>)) -> bool;
+        refund_usage(tenant: String, day: i64, bytes: u64, uploads: u64) -> ();
+        insert_session(session: SessionRecord) -> ();
+        session_of(tenant: String, id: String) -> Option<SessionRecord>;
+        put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
+        delete_session(id: String) -> ();
+        set_session_length(id: String, length: u64) -> ();
+        mark_session_delivered(id: String, upload_id: String) -> ();
+        take_expired_sessions(now: i64) -> Vec<String>;
+        session_ids() -> Vec<String>;
+        list_sessions() -> Vec<SessionRecord>;
+        active_sessions() -> u64;
+    }
+}

@@ -1,0 +1,137 @@
+//! The outbox: uploads in state `received` with a due time, claimed under a lease. Nodes
+//! claim with `FOR UPDATE SKIP LOCKED`, so two polls never take the same upload.
+
+use super::uploads::{upload_columns, upload_from_row};
+use super::{PostgresStore, big};
+use crate::store::{StoreError, UploadRecord};
+use crate::vocab::now_ms;
+
+impl PostgresStore {
+    /// Records an async delivery: state forwarded, remote id and URL. Only an upload still
+    /// waiting (`received`) changes; `false` means it was deleted while it was in flight.
+    pub(super) async fn mark_forwarded(
+        &self,
+        id: String,
+        remote_id: String,
+        remote_url: Option<String>,
+        attempts: u32,
+    ) -> Result<bool, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let update = connection
+                    .prepare(
+                        "UPDATE uploads SET state = 'forwarded', remote_id = $2, remote_url = $3, attempts = $4,
+                         last_error = NULL, next_attempt_at = NULL, updated_at = $5
+                         WHERE id = $1 AND state = 'received'",
+                    )
+                    .await?;
+                let changed = connection
+                    .client()
+                    .execute(
+                        &update,
+                        &[&id, &remote_id, &remote_url, &i64::from(attempts), &now_ms()],
+                    )
+                    .await?;
+                Ok(changed == 1)
+            })
+        })
+        .await
+    }
+
+    /// Records a failed attempt of an upload still waiting (a deleted one stays deleted).
+    /// With `retry_at`, the upload stays `received` and in the outbox; without, it is
+    /// `failed` for good.
+    pub(super) async fn mark_attempt_failed(
+        &self,
+        id: String,
+        error: String,
+        attempts: u32,
+        retry_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let state = if retry_at_ms.is_some() {
+                    "received"
+                } else {
+                    "failed"
+                };
+                let update = connection
+                    .prepare(
+                        "UPDATE uploads SET state = $2, last_error = $3, attempts = $4, next_attempt_at = $5,
+                         updated_at = $6 WHERE id = $1 AND state = 'received'",
+                    )
+                    .await?;
+                connection
+                    .client()
+                    .execute(
+                        &update,
+                        &[&id, &state, &error, &i64::from(attempts), &retry_at_ms, &now_ms()],
+                    )
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so no
+    /// poll (of this node or another) picks them up while they are in flight. Rows another
+    /// node is claiming at this moment are skipped, not waited for.
+    pub(super) async fn claim_due(
+        &self,
+        now: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let claim = connection
+                    .prepare(concat!(
+                        "WITH due AS (
+                            SELECT id AS due_id, next_attempt_at AS due_at FROM uploads
+                            WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 AND state = 'received'
+                            ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                         )
+                         UPDATE uploads SET next_attempt_at = $3 FROM due WHERE id = due_id
+                         RETURNING ",
+                        upload_columns!(),
+                        ", due_at"
+                    ))
+                    .await?;
+                let rows = connection
+                    .client()
+                    .query(&claim, &[&now, &big(limit as u64), &now.saturating_add(lease_ms)])
+                    .await?;
+                let mut due = rows
+                    .iter()
+                    .map(|row| Ok((row.try_get::<_, i64>(17)?, upload_from_row(row)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                // Oldest due first, as they were chosen.
+                due.sort_by(|(a, first), (b, second)| a.cmp(b).then_with(|| first.id.cmp(&second.id)));
+                Ok(due.into_iter().map(|(_, record)| record).collect())
+            })
+        })
+        .await
+    }
+
+    /// Unlike SQLite's, this releases nothing: with a shared store the leases may be other
+    /// live nodes' (making them due would deliver twice), so a dead node's leases run out by
+    /// themselves, after the provider's timeout plus the lease margin.
+    pub(super) async fn release_outbox_leases(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    /// Number of uploads waiting in the outbox.
+    pub(super) async fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.call(|connection| {
+            Box::pin(async move {
+                let count = connection
+                    .prepare("SELECT COUNT(*) FROM uploads WHERE next_attempt_at IS NOT NULL AND state = 'received'")
+                    .await?;
+                let row = connection.client().query_one(&count, &[]).await?;
+                Ok(row.try_get::<_, i64>(0)? as u64)
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,226 @@
+//! The `sessions` and `session_chunks` tables: chunked and resumable uploads in progress.
+
+use tokio_postgres::Row;
+
+use super::{PostgresStore, big, parse_column};
+use crate::store::{Concat, SessionRecord, StoreError};
+use crate::vocab::DialectName;
+
+/// The columns [`session_from_row`] reads, the session's chunks in the same snapshot.
+macro_rules! session_select {
+    () => {
+        "SELECT id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata,
+         created_at, expires_at, length_deferred, concat, upload_id,
+         ARRAY(SELECT chunk_number FROM session_chunks WHERE session_id = s.id ORDER BY chunk_number),
+         ARRAY(SELECT size FROM session_chunks WHERE session_id = s.id ORDER BY chunk_number)
+         FROM sessions s"
+    };
+}
+
+fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
+    let metadata: &str = row.try_get(7)?;
+    let numbers: Vec<i64> = row.try_get(13)?;
+    let sizes: Vec<i64> = row.try_get(14)?;
+    Ok(SessionRecord {
+        id: row.try_get(0)?,
+        tenant: row.try_get(1)?,
+        dialect: parse_column(row, 2, DialectName::parse)?,
+        filename: row.try_get(3)?,
+        extension: row.try_get(4)?,
+        declared_size: row.try_get::<_, i64>(5)? as u64,
+        total_chunks: row.try_get::<_, i64>(6)? as u64,
+        metadata: serde_json::from_str(metadata).unwrap_or_default(),
+        created_at_ms: row.try_get(8)?,
+        expires_at_ms: row.try_get(9)?,
+        chunks: numbers
+            .into_iter()
+            .zip(sizes)
+            .map(|(number, size)| (number as u64, size as u64))
+            .collect(),
+        length_deferred: row.try_get(10)?,
+        concat: match row.try_get::<_, Option<&str>>(11)? {
+            Some(_) => Some(parse_column(row, 11, Concat::parse)?),
+            None => None,
+        },
+        upload_id: row.try_get(12)?,
+    })
+}
+
+impl PostgresStore {
+    pub(super) async fn insert_session(&self, session: SessionRecord) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let insert = connection
+                    .prepare(
+                        "INSERT INTO sessions (id, tenant, dialect, filename, extension, declared_size, total_chunks,
+                         metadata, created_at, expires_at, length_deferred, concat, upload_id)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                    )
+                    .await?;
+                let metadata = serde_json::Value::Object(session.metadata).to_string();
+                connection
+                    .client()
+                    .execute(
+                        &insert,
+                        &[
+                            &session.id,
+                            &session.tenant,
+                            &session.dialect.as_str(),
+                            &session.filename,
+                            &session.extension,
+                            &big(session.declared_size),
+                            &big(session.total_chunks),
+                            &metadata,
+                            &session.created_at_ms,
+                            &session.expires_at_ms,
+                            &session.length_deferred,
+                            &session.concat.map(Concat::as_str),
+                            &session.upload_id,
+                        ],
+                    )
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// A session by id with its chunks, only if it belongs to `tenant`.
+    pub(super) async fn session_of(
+        &self,
+        tenant: String,
+        id: String,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let select = connection
+                    .prepare(concat!(session_select!(), " WHERE id = $1 AND tenant = $2"))
+                    .await?;
+                let row = connection.client().query_opt(&select, &[&id, &tenant]).await?;
+                row.as_ref().map(session_from_row).transpose()
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.call(|connection| {
+            Box::pin(async move {
+                let select = connection
+                    .prepare(concat!(session_select!(), " ORDER BY created_at, id"))
+                    .await?;
+                let rows = connection.client().query(&select, &[]).await?;
+                rows.iter().map(session_from_row).collect()
+            })
+        })
+        .await
+    }
+
+    /// Records a chunk (replacing an earlier copy of the same number).
+    pub(super) async fn put_chunk(
+        &self,
+        session_id: String,
+        chunk_number: u64,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let upsert = connection
+                    .prepare(
+                        "INSERT INTO session_chunks (session_id, chunk_number, size) VALUES ($1, $2, $3)
+                         ON CONFLICT (session_id, chunk_number) DO UPDATE SET size = EXCLUDED.size",
+                    )
+                    .await?;
+                connection
+                    .client()
+                    .execute(&upsert, &[&session_id, &big(chunk_number), &big(size)])
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn delete_session(&self, id: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let delete = connection.prepare("DELETE FROM sessions WHERE id = $1").await?;
+                connection.client().execute(&delete, &[&id]).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn set_session_length(&self, id: String, length: u64) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let update = connection
+                    .prepare("UPDATE sessions SET declared_size = $2, length_deferred = FALSE WHERE id = $1")
+                    .await?;
+                connection.client().execute(&update, &[&id, &big(length)]).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn mark_session_delivered(
+        &self,
+        id: String,
+        upload_id: String,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let update = connection
+                    .prepare("UPDATE sessions SET upload_id = $2 WHERE id = $1")
+                    .await?;
+                connection.client().execute(&update, &[&id, &upload_id]).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the sessions expired at `now` and returns their ids (their chunk files are
+    /// the caller's to remove, on the node that has them).
+    pub(super) async fn take_expired_sessions(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let delete = connection
+                    .prepare("DELETE FROM sessions WHERE expires_at <= $1 RETURNING id")
+                    .await?;
+                let rows = connection.client().query(&delete, &[&now]).await?;
+                rows.iter()
+                    .map(|row| row.try_get(0).map_err(StoreError::from))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// All session ids (for cleaning chunk directories left without a session).
+    pub(super) async fn session_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|connection| {
+            Box::pin(async move {
+                let select = connection.prepare("SELECT id FROM sessions").await?;
+                let rows = connection.client().query(&select, &[]).await?;
+                rows.iter()
+                    .map(|row| row.try_get(0).map_err(StoreError::from))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn active_sessions(&self) -> Result<u64, StoreError> {
+        self.call(|connection| {
+            Box::pin(async move {
+                let count = connection.prepare("SELECT COUNT(*) FROM sessions").await?;
+                let row = connection.client().query_one(&count, &[]).await?;
+                Ok(row.try_get::<_, i64>(0)? as u64)
+            })
+        })
+        .await
+    }
+}

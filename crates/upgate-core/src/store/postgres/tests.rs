@@ -1,0 +1,352 @@
+//! Tests of the PostgreSQL store, against a real server of their own
+//! ([`upgate_e2e::postgres::PostgresServer`]): the SQLite store's tests, and what only a
+//! shared store must hold (concurrent claims, quotas, migrations; an outage).
+
+use std::time::{Duration, Instant};
+
+use upgate_e2e::postgres::PostgresServer;
+
+use super::*;
+use crate::store::{Concat, UploadState};
+use crate::vocab::DialectName;
+
+fn url(server: &PostgresServer, database: &str) -> PostgresUrl {
+    server.create_database(database);
+    PostgresUrl::parse(&server.url(database)).unwrap()
+}
+
+fn record(id: &str, tenant: &str) -> UploadRecord {
+    UploadRecord {
+        id: id.into(),
+        tenant: tenant.into(),
+        dialect: DialectName::Dify,
+        filename: "a.txt".into(),
+        extension: "txt".into(),
+        mime: "text/plain".into(),
+        size: 3,
+        sha256: "00".into(),
+        state: UploadState::Received,
+        provider: "disk".into(),
+        remote_id: None,
+        remote_url: None,
+        metadata: Default::default(),
+        attempts: 0,
+        last_error: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    }
+}
+
+fn session(id: &str, dialect: DialectName) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        tenant: "t".into(),
+        dialect,
+        filename: "f.mp3".into(),
+        extension: "mp3".into(),
+        declared_size: 10,
+        total_chunks: 2,
+        metadata: Default::default(),
+        created_at_ms: 0,
+        expires_at_ms: 100,
+        chunks: vec![],
+        length_deferred: false,
+        concat: None,
+        upload_id: None,
+    }
+}
+
+/// One server for the tests of one function (each test has its own databases).
+#[tokio::test]
+async fn the_store_behaves_as_sqlite_does() {
+    let server = PostgresServer::start();
+    records_follow_their_state_and_stay_with_their_tenant(&url(&server, "records")).await;
+    usage_limits_and_reopen(&url(&server, "usage")).await;
+    sessions_and_chunks(&url(&server, "sessions")).await;
+    resumable_sessions_keep_their_length_role_and_record(&url(&server, "resumable")).await;
+    listings_and_retries(&url(&server, "listings")).await;
+}
+
+async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl) {
+    let store = PostgresStore::open(url).await.unwrap();
+    let mut with_metadata = record("a", "t1");
+    with_metadata
+        .metadata
+        .insert("user".into(), serde_json::Value::String("u".into()));
+    store.insert_uploads(vec![with_metadata], 1).await.unwrap();
+    // A duplicate id fails, alone, and inserts nothing of its request.
+    let (dup, other) = tokio::join!(
+        store.insert_uploads(vec![record("c", "t1"), record("a", "t1")], 1),
+        store.insert_uploads(vec![record("b", "t1")], 1)
+    );
+    assert!(matches!(dup, Err(StoreError::Database(_))), "{dup:?}");
+    other.unwrap();
+    assert!(store.upload("c".into()).await.unwrap().is_none());
+    assert_eq!(store.outbox_len().await.unwrap(), 2);
+    assert!(
+        store
+            .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1)
+            .await
+            .unwrap()
+    );
+    let got = store.upload_of("t1".into(), "a".into()).await.unwrap().unwrap();
+    assert_eq!(got.state, UploadState::Forwarded);
+    assert_eq!(got.remote_id.as_deref(), Some("r1"));
+    assert_eq!(got.metadata.get("user").and_then(|v| v.as_str()), Some("u"));
+    assert!(store.upload_of("t2".into(), "a".into()).await.unwrap().is_none());
+    assert_eq!(store.outbox_len().await.unwrap(), 1);
+    let due = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(store.claim_due(0, 10, 5).await.unwrap().is_empty());
+    assert!(store.mark_deleted("b".into()).await.unwrap());
+    assert!(!store.mark_deleted("b".into()).await.unwrap(), "deleted once");
+    assert!(
+        !store
+            .mark_forwarded("b".into(), "r2".into(), None, 1)
+            .await
+            .unwrap(),
+        "a deleted upload stays deleted"
+    );
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    assert!(store.spooled_ids().await.unwrap().is_empty());
+}
+
+async fn usage_limits_and_reopen(url: &PostgresUrl) {
+    {
+        let store = PostgresStore::open(url).await.unwrap();
+        let limits = (Some(15), Some(5));
+        assert!(store.try_add_usage("t".into(), 5, 10, 1, limits).await.unwrap());
+        assert!(!store.try_add_usage("t".into(), 5, 10, 1, limits).await.unwrap());
+        assert!(store.try_add_usage("t".into(), 5, 5, 1, limits).await.unwrap());
+        // Larger than the limit on a day with no usage yet: refused too.
+        assert!(!store.try_add_usage("t".into(), 6, 16, 1, limits).await.unwrap());
+        assert!(
+            store
+                .try_add_usage("t".into(), 6, 1, 1, (None, None))
+                .await
+                .unwrap()
+        );
+        store.refund_usage("t".into(), 6, 5, 5).await.unwrap();
+        assert_eq!(store.usage("t".into(), 6).await.unwrap(), (0, 0), "never below 0");
+    }
+    let store = PostgresStore::open(url).await.unwrap();
+    assert_eq!(store.usage("t".into(), 5).await.unwrap(), (15, 2));
+    assert_eq!(store.usage("other".into(), 5).await.unwrap(), (0, 0));
+}
+
+async fn sessions_and_chunks(url: &PostgresUrl) {
+    let store = PostgresStore::open(url).await.unwrap();
+    store
+        .insert_session(session("s", DialectName::Kore))
+        .await
+        .unwrap();
+    store.put_chunk("s".into(), 1, 4).await.unwrap();
+    store.put_chunk("s".into(), 1, 5).await.unwrap();
+    store.put_chunk("s".into(), 0, 2).await.unwrap();
+    let got = store.session_of("t".into(), "s".into()).await.unwrap().unwrap();
+    assert_eq!(got.chunks, vec![(0, 2), (1, 5)]);
+    assert!(
+        store
+            .session_of("other".into(), "s".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store.put_chunk("nope".into(), 0, 1).await.is_err(),
+        "a chunk needs its session"
+    );
+    assert_eq!(store.session_ids().await.unwrap(), vec!["s".to_string()]);
+    assert_eq!(store.active_sessions().await.unwrap(), 1);
+    assert_eq!(store.list_sessions().await.unwrap(), vec![got]);
+    assert_eq!(
+        store.take_expired_sessions(99).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store.take_expired_sessions(100).await.unwrap(),
+        vec!["s".to_string()]
+    );
+    assert!(store.session_of("t".into(), "s".into()).await.unwrap().is_none());
+    store
+        .insert_session(session("d", DialectName::Kore))
+        .await
+        .unwrap();
+    store.put_chunk("d".into(), 0, 1).await.unwrap();
+    store.delete_session("d".into()).await.unwrap();
+    assert_eq!(store.active_sessions().await.unwrap(), 0);
+}
+
+async fn resumable_sessions_keep_their_length_role_and_record(url: &PostgresUrl) {
+    let store = PostgresStore::open(url).await.unwrap();
+    let resumable = SessionRecord {
+        declared_size: 0,
+        total_chunks: 1,
+        length_deferred: true,
+        concat: Some(Concat::Partial),
+        ..session("r", DialectName::Tus)
+    };
+    store.insert_session(resumable.clone()).await.unwrap();
+    let got = store.session_of("t".into(), "r".into()).await.unwrap().unwrap();
+    assert_eq!(got, resumable);
+    store.set_session_length("r".into(), 7).await.unwrap();
+    store.put_chunk("r".into(), 0, 7).await.unwrap();
+    store
+        .mark_session_delivered("r".into(), "u".into())
+        .await
+        .unwrap();
+    let got = store.session_of("t".into(), "r".into()).await.unwrap().unwrap();
+    assert_eq!((got.declared_size, got.length_deferred), (7, false));
+    assert_eq!(got.chunks, vec![(0, 7)]);
+    assert_eq!(got.upload_id.as_deref(), Some("u"));
+}
+
+async fn listings_and_retries(url: &PostgresUrl) {
+    let store = PostgresStore::open(url).await.unwrap();
+    let mut records = Vec::new();
+    for (index, tenant) in ["t1", "t2", "t1"].into_iter().enumerate() {
+        let mut record = record(&format!("u{index}"), tenant);
+        record.created_at_ms = 10 * index as i64;
+        records.push(record);
+    }
+    store.insert_uploads(records, 0).await.unwrap();
+    store
+        .mark_attempt_failed("u0".into(), "boom".into(), 3, None)
+        .await
+        .unwrap();
+    let ids = |records: Vec<UploadRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let all = UploadFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_uploads(all.clone()).await.unwrap()),
+        ["u2", "u1", "u0"]
+    );
+    let failed = UploadFilter {
+        state: Some(UploadState::Failed),
+        ..all.clone()
+    };
+    let listed = store.list_uploads(failed.clone()).await.unwrap();
+    assert_eq!(ids(listed.clone()), ["u0"]);
+    assert_eq!(
+        (listed[0].attempts, listed[0].last_error.as_deref()),
+        (3, Some("boom"))
+    );
+    let of_t1_since_5 = UploadFilter {
+        tenant: Some("t1".into()),
+        since_ms: Some(5),
+        ..all.clone()
+    };
+    assert_eq!(ids(store.list_uploads(of_t1_since_5).await.unwrap()), ["u2"]);
+    let one = UploadFilter { limit: 1, ..all };
+    assert_eq!(ids(store.list_uploads(one).await.unwrap()), ["u2"]);
+    assert!(
+        store.spooled_ids().await.unwrap().contains("u0"),
+        "failed bytes are kept"
+    );
+    assert!(store.retry_upload("u0".into()).await.unwrap());
+    assert!(
+        !store.retry_upload("u0".into()).await.unwrap(),
+        "no longer failed"
+    );
+    assert!(store.list_uploads(failed).await.unwrap().is_empty());
+    // A retried upload is due now; the leases of a restarted node are left to run out.
+    assert_eq!(store.release_outbox_leases().await.unwrap(), 0);
+    let due = store.claim_due(now(), 10, 60_000).await.unwrap();
+    assert_eq!(ids(due), ["u1", "u2", "u0"], "oldest due first");
+}
+
+fn now() -> i64 {
+    crate::vocab::now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_claims_quotas_and_one_migration() {
+    let server = PostgresServer::start();
+    let url = url(&server, "shared");
+    // Four nodes start at once on an empty database: one migrates, the others wait.
+    let opened = futures_util::future::join_all((0..4).map(|_| PostgresStore::open(&url))).await;
+    let nodes: Vec<PostgresStore> = opened.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        server.psql(
+            "shared",
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_version"
+        ),
+        (1..=migrations::MIGRATIONS.len())
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        "each version applied once"
+    );
+
+    // Claims: 40 due uploads, polled by every node at once, each claimed exactly once.
+    let records: Vec<UploadRecord> = (0..40).map(|i| record(&format!("o{i:02}"), "t")).collect();
+    nodes[0].insert_uploads(records, 0).await.unwrap();
+    let claims = futures_util::future::join_all(
+        nodes
+            .iter()
+            .flat_map(|node| (0..3).map(move |_| node.claim_due(now(), 5, 60_000))),
+    )
+    .await;
+    let mut claimed: Vec<String> = claims
+        .into_iter()
+        .flat_map(|claim| claim.unwrap())
+        .map(|record| record.id)
+        .collect();
+    let total = claimed.len();
+    claimed.sort();
+    claimed.dedup();
+    assert_eq!(claimed.len(), total, "no upload claimed twice");
+    assert_eq!(total, 40, "12 polls of 5 claim all 40");
+
+    // Quotas: 40 uploads race for a limit of 7 across the nodes.
+    let adds = futures_util::future::join_all(
+        (0..40).map(|i| nodes[i % nodes.len()].try_add_usage("q".into(), 1, 10, 1, (Some(1_000), Some(7)))),
+    )
+    .await;
+    let passed = adds.into_iter().filter(|added| *added.as_ref().unwrap()).count();
+    assert_eq!(passed, 7);
+    assert_eq!(nodes[3].usage("q".into(), 1).await.unwrap(), (70, 7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_unavailable_within_bounds_and_the_pool_reconnects() {
+    let mut server = PostgresServer::start();
+    let url = url(&server, "outage");
+    let store = PostgresStore::open(&url).await.unwrap();
+    store
+        .insert_uploads(vec![record("before", "t")], 0)
+        .await
+        .unwrap();
+    server.stop();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let answer = store.upload("before".into()).await;
+        assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answer:?}");
+        assert!(started.elapsed() <= CALL_TIMEOUT + Duration::from_secs(1));
+    }
+    server.start_again();
+    let got = store.upload("before".into()).await.unwrap();
+    assert_eq!(got.map(|record| record.id).as_deref(), Some("before"));
+    // A database that does not answer at all (a port that accepts and says nothing) is
+    // unavailable within the bounds too.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = PostgresUrl::parse(&format!(
+        "postgres://u:secret@127.0.0.1:{}/db",
+        silent.local_addr().unwrap().port()
+    ))
+    .unwrap();
+    let started = Instant::now();
+    let opened = PostgresStore::open(&silent_url).await;
+    let Err(StoreError::Open { path, message }) = opened else {
+        panic!("a silent server cannot be opened");
+    };
+    assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
+    assert!(
+        !path.contains("secret") && !message.contains("secret"),
+        "{path}: {message}"
+    );
+    assert!(PostgresStore::probe(&silent_url).await.is_err());
+    drop(silent);
+}
