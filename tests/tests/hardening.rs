@@ -8,7 +8,7 @@ use serde_json::json;
 use upgate_e2e::harness::*;
 
 const KEY: (&str, &str) = ("x-api-key", "demo-key");
-const PDF: &[u8] = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n";
+const PDF: &[u8] = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n%%EOF\n";
 
 fn korexo_upload(daemon: &Daemon) -> String {
     let form = Form::new()

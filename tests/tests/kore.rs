@@ -83,12 +83,38 @@ fn complete(daemon: &Daemon, headers: &[(&str, &str)], session: &str) -> Reply {
     )
 }
 
-/// A PNG (so content checks pass) padded to `size` bytes with a pattern.
+/// A valid PNG (so content checks pass) of exactly `size` bytes (at least 80): the harness's
+/// PNG with a private ancillary chunk of a pattern before its IEND, its CRC computed (the
+/// content check walks every chunk and refuses anything after IEND).
 fn png_of(size: usize) -> Vec<u8> {
-    let mut bytes = PNG.to_vec();
-    bytes.extend((0..size.saturating_sub(PNG.len())).map(|i| (i * 31 % 251) as u8));
-    bytes.truncate(size);
+    let iend = PNG.len() - 12;
+    assert!(size >= PNG.len() + 12, "a PNG of {size} bytes");
+    let pattern: Vec<u8> = (0..size - PNG.len() - 12).map(|i| (i * 31 % 251) as u8).collect();
+    let mut covered = b"upGt".to_vec();
+    covered.extend_from_slice(&pattern);
+    let mut bytes = PNG[..iend].to_vec();
+    bytes.extend_from_slice(&(pattern.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&covered);
+    bytes.extend_from_slice(&crc32(&covered).to_be_bytes());
+    bytes.extend_from_slice(&PNG[iend..]);
+    assert_eq!(bytes.len(), size);
     bytes
+}
+
+/// CRC-32 (ISO-HDLC), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                0xedb8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 fn count(daemon: &Daemon, sql: &str) -> i64 {

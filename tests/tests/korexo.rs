@@ -9,7 +9,7 @@ use upgate_e2e::harness::*;
 
 const KEY: (&str, &str) = ("x-api-key", "demo-key");
 const OTHER: (&str, &str) = ("x-api-key", "other-key");
-const PDF: &[u8] = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n";
+const PDF: &[u8] = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n%%EOF\n";
 
 fn config(dir: &Path) -> String {
     default_config(dir).replace(

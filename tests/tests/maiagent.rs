@@ -54,7 +54,7 @@ fn upload_answers_201_with_the_attachment_and_its_family() {
         (
             "report.pdf",
             "application/pdf",
-            b"%PDF-1.4\n%\xe2\xe3\n",
+            b"%PDF-1.4\n%\xe2\xe3\n%%EOF\n",
             "document",
         ),
         ("notes.txt", "text/plain", b"plain text\n", "text"),

@@ -22,6 +22,14 @@ fn files_stored(daemon: &Daemon) -> usize {
         .unwrap_or(0)
 }
 
+/// The smallest package a `.docx` is checked for: a stored zip whose central directory lists
+/// `[Content_Types].xml` and `word/document.xml` (both empty here).
+const DOCX: &[u8] = b"PK\x03\x04\x14\0\0\0\0\0\0\0\x21\0\0\0\0\0\0\0\0\0\0\0\0\0\x13\0\0\0[Content_Types].xml\
+PK\x03\x04\x14\0\0\0\0\0\0\0\x21\0\0\0\0\0\0\0\0\0\0\0\0\0\x11\0\0\0word/document.xml\
+PK\x01\x02\x14\x03\x14\0\0\0\0\0\0\0\x21\0\0\0\0\0\0\0\0\0\0\0\0\0\x13\0\0\0\0\0\0\0\0\0\0\0\x80\x01\0\0\0\0[Content_Types].xml\
+PK\x01\x02\x14\x03\x14\0\0\0\0\0\0\0\x21\0\0\0\0\0\0\0\0\0\0\0\0\0\x11\0\0\0\0\0\0\0\0\0\0\0\x80\x01\x31\0\0\0word/document.xml\
+PK\x05\x06\0\0\0\0\x02\0\x02\0\x80\0\0\0\x60\0\0\0\0\0";
+
 #[test]
 fn content_must_match_the_extension() {
     let daemon = Daemon::start();
@@ -53,7 +61,7 @@ fn content_must_match_the_extension() {
         ("rows.jsonl", b"{\"a\":1}\n[2]\n".to_vec(), "application/jsonl"),
         (
             "doc.docx",
-            b"PK\x03\x04\x14\0\0\0\0\0".repeat(8),
+            DOCX.to_vec(),
             "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
         ),
         (

@@ -64,7 +64,10 @@ fn slash_in_filename() -> ApiError {
 }
 
 /// The lower-case last extension of a filename, without the dot; empty when there is none
-/// (a leading dot does not start an extension: `.env` has none).
+/// (a leading dot does not start an extension: `.env` has none). Only the last one counts,
+/// for allowlists and content checks alike: `backup.tar.gz` is `gz` (allowed by a plan that
+/// allows `gz`, checked as gzip), `backup.tgz` is `tgz` (also gzip). Plans' allowlists are
+/// written per last extension, so a compound one (`tar.gz`) never matches: write `gz`.
 pub(crate) fn extension_of(name: &str) -> String {
     match name.rsplit_once('.') {
         Some((stem, extension)) if !stem.is_empty() => extension.to_ascii_lowercase(),
@@ -140,8 +143,9 @@ pub(crate) struct Received {
     pub fields: BTreeMap<String, String>,
 }
 
-/// Turns the spooled bytes of one file into a [`SpooledFile`]: content classified and, for
-/// JSON types, parsed.
+/// Turns the spooled bytes of one file into a [`SpooledFile`]: content classified by its
+/// first bytes and, for the types whose structure is checked (JSON, PNG, GIF, PDF, OOXML),
+/// the whole file read again on a blocking thread ([`content::verify_file`]).
 pub(crate) async fn complete_file(
     writer: SpoolWriter,
     upload_id: String,
@@ -161,9 +165,9 @@ pub(crate) async fn complete_file(
         keep: false,
     };
     file.mime = content::classify(&file.extension, &head, utf8_ok, verify_content)?;
-    if verify_content && content::needs_json_check(&file.extension) {
+    if verify_content && content::needs_file_check(&file.extension) {
         let (extension, path) = (file.extension.clone(), file.path.clone());
-        tokio::task::spawn_blocking(move || content::verify_json_file(&extension, &path)).await??;
+        tokio::task::spawn_blocking(move || content::verify_file(&extension, &path)).await??;
     }
     Ok(file)
 }

@@ -416,9 +416,9 @@ impl Gateway {
         };
         let verify = admission.tenant.plan.config.verify_content;
         file.mime = content::classify(&file.extension, &head, utf8_ok, verify)?;
-        if verify && content::needs_json_check(&file.extension) {
+        if verify && content::needs_file_check(&file.extension) {
             let (extension, path) = (file.extension.clone(), file.path.clone());
-            tokio::task::spawn_blocking(move || content::verify_json_file(&extension, &path)).await??;
+            tokio::task::spawn_blocking(move || content::verify_file(&extension, &path)).await??;
         }
         let records = self
             .accept(admission, vec![file], upload.metadata.clone())
