@@ -185,6 +185,42 @@ impl PostgresServer {
         self.running = false;
     }
 
+    /// Freezes the server (SIGSTOP to the postmaster and every backend): connections stay
+    /// open and nothing answers, as with a hung host. [`PostgresServer::thaw`] resumes it.
+    pub fn freeze(&self) {
+        assert!(self.signal_all("STOP"), "cannot freeze PostgreSQL");
+    }
+
+    pub fn thaw(&self) {
+        assert!(self.signal_all("CONT"), "cannot thaw PostgreSQL");
+    }
+
+    /// Sends `signal` to the postmaster and its children; whether that worked.
+    fn signal_all(&self, signal: &str) -> bool {
+        let Ok(pid_file) = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+        else {
+            return false;
+        };
+        let postmaster = pid_file.lines().next().unwrap_or_default().trim().to_owned();
+        // The postmaster's children, from /proc (no procps needed).
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the comm may hold spaces, so split after its `)`.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{signal} {}", pids.join(" ")))
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -236,6 +272,8 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         if self.running {
+            // A test that failed while the server was frozen must not leave it stopped.
+            self.signal_all("CONT");
             let _ = server_command("pg_ctl")
                 .arg("-D")
                 .arg(self.dir.path().join("data"))

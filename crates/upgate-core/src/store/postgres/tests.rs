@@ -329,6 +329,19 @@ async fn an_outage_is_unavailable_within_bounds_and_the_pool_reconnects() {
     server.start_again();
     let got = store.upload("before".into()).await.unwrap();
     assert_eq!(got.map(|record| record.id).as_deref(), Some("before"));
+    // A server that hangs with the connection open: the call gives up within its bound, and
+    // the connection it was on is not reused.
+    server.freeze();
+    let started = Instant::now();
+    let answer = store.outbox_len().await;
+    let took = started.elapsed();
+    server.thaw();
+    assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answer:?}");
+    assert!(
+        took >= CALL_TIMEOUT && took <= CALL_TIMEOUT + Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert_eq!(store.outbox_len().await.unwrap(), 1);
     // A database that does not answer at all (a port that accepts and says nothing) is
     // unavailable within the bounds too.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
