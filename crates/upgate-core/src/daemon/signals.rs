@@ -43,10 +43,20 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
     match loaded {
         Ok(Ok((config, providers))) => {
             let running = gateway.policy();
+            let store_url = |config: &crate::config::Config| {
+                config
+                    .server
+                    .store
+                    .as_ref()
+                    .map(|store| store.url.expose().to_owned())
+            };
             if config.server.listen != running.config.server.listen
                 || config.server.data_dir != running.config.server.data_dir
+                || store_url(&config) != store_url(&running.config)
             {
-                tracing::warn!("server.listen and server.data_dir changes take effect at the next restart");
+                tracing::warn!(
+                    "server.listen, server.data_dir and server.store changes take effect at the next restart"
+                );
             }
             metrics::prime(providers.keys().map(String::as_str));
             gateway.replace_policy(Policy::new(config, providers));
