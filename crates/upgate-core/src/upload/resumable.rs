@@ -143,7 +143,11 @@ impl Gateway {
         validate_filename(&filename)?;
         let extension = extension_of(&filename);
         let plan = &admission.tenant.plan;
-        plan.check_extension(&extension)?;
+        // A partial upload is a slice of a file, nameless as clients send it: the final upload
+        // that joins it is the file, and is checked as one.
+        if !creation.partial {
+            plan.check_extension(&extension)?;
+        }
         if let Some(length) = creation.length {
             plan.check_size(length)?;
         }
@@ -262,7 +266,9 @@ impl Gateway {
             .await?;
         let new_offset = offset + written;
         if written > 0 {
-            if offset < SNIFF_LEN as u64 && plan.config.verify_content {
+            // A partial's bytes are sniffed as part of its final upload, not on their own.
+            let sniffed = plan.config.verify_content && upload.concat != Some(Concat::Partial);
+            if offset < SNIFF_LEN as u64 && sniffed {
                 self.sniff(&upload, new_offset)
                     .await
                     .inspect_err(|_| self.cut(&upload.id, offset))?;

@@ -231,11 +231,12 @@ fn content_type_is_offset_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.split(';').next().unwrap_or("").trim() == OFFSET_STREAM)
 }
 
-/// Whether the request has a body (a non-zero Content-Length, or chunked).
+/// Whether the request has a body: a non-zero Content-Length, or a chunked body that says
+/// what it is (an empty POST that a client sends chunked, with no Content-Type, is none).
 fn has_body(headers: &HeaderMap) -> bool {
     match headers.get(header::CONTENT_LENGTH) {
         Some(length) => length.as_bytes() != b"0",
-        None => headers.contains_key(header::TRANSFER_ENCODING),
+        None => headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_TYPE),
     }
 }
 
@@ -350,9 +351,18 @@ async fn create(
                     length: None,
                     checksum,
                 };
-                gateway
+                match gateway
                     .append_resumable(&admission, &upload.id, append, payload)
-                    .await?
+                    .await
+                {
+                    Ok(progress) => progress,
+                    Err(error) => {
+                        // Refused, the answer carries no Location: nobody could resume or
+                        // terminate the upload, so it goes now instead of at its expiry.
+                        let _ = gateway.terminate_resumable(&admission, &upload.id).await;
+                        return Err(error);
+                    }
+                }
             } else {
                 Progress {
                     upload,
