@@ -1556,3 +1556,36 @@ Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: 1000\r\nCon
     assert_eq!(offset_of(&daemon, "demo-key", &id), 1000);
     assert_eq!(std::fs::read(session_file(&daemon, &id)).unwrap(), first);
 }
+
+#[test]
+fn a_patch_cut_off_mid_body_keeps_what_arrived_and_resumes_from_there() {
+    let daemon = Daemon::start_with(config);
+    let content = text_of(600_000);
+    let id = create(&daemon, "demo-key", content.len() as u64, "cut.txt");
+    let address = daemon.base_url.trim_start_matches("http://");
+    let mut cut = std::net::TcpStream::connect(address).unwrap();
+    let head = format!(
+        "PATCH /files/{id} HTTP/1.1\r\nHost: {address}\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer demo-key\r\n\
+Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        content.len()
+    );
+    cut.write_all(head.as_bytes()).unwrap();
+    cut.write_all(&content[..400_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The connection goes away mid-body.
+    drop(cut);
+    let kept = || offset_of(&daemon, "demo-key", &id);
+    assert!(
+        eventually(Duration::from_secs(5), || kept() > 0),
+        "nothing of the cut PATCH was kept: {}",
+        daemon.log()
+    );
+    let offset = kept();
+    assert!(offset <= 400_000, "{offset}");
+    assert_eq!(
+        std::fs::read(session_file(&daemon, &id)).unwrap()[..offset as usize],
+        content[..offset as usize]
+    );
+    let done = patch_ok(&daemon, "demo-key", &id, offset, &content[offset as usize..]);
+    assert_completed(&daemon, &done, &content, "cut.txt");
+}

@@ -261,7 +261,10 @@ impl Gateway {
         // reload may have lowered since it was created).
         let limit = upload.length().unwrap_or(u64::MAX).min(plan.max_file_size());
         let offset = upload.offset();
-        let written = self
+        let Written {
+            bytes: written,
+            cut_short,
+        } = self
             .write_at(&upload, offset, limit, append.checksum.as_ref(), body, admission)
             .await?;
         let new_offset = offset + written;
@@ -275,6 +278,10 @@ impl Gateway {
             }
             self.store.put_chunk(id.to_owned(), 0, new_offset).await?;
             upload.chunks = vec![(0, new_offset)];
+        }
+        if let Some(error) = cut_short {
+            // What arrived is kept and recorded; the client resumes from HEAD's offset.
+            return Err(error);
         }
         let mut records = Vec::new();
         if upload.is_complete() && upload.concat != Some(Concat::Partial) && upload.upload_id.is_none() {
@@ -293,7 +300,7 @@ impl Gateway {
         checksum: Option<&Checksum>,
         mut body: Payload,
         admission: &Admission,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<Written, ApiError> {
         let idle = admission.policy.config.server.idle_timeout.0;
         let spool = self.spool.clone();
         let id = upload.id.clone();
@@ -302,9 +309,25 @@ impl Gateway {
         let mut hasher = checksum.map(Hasher::for_checksum);
         let mut buffer: Vec<u8> = Vec::new();
         let mut written = 0u64;
+        // A body cut short (the client went away, or stalled) keeps what arrived, as the
+        // protocol asks, unless the request carried a checksum, which only the whole body
+        // can match.
+        let mut cut_short = None;
         let outcome: Result<(), ApiError> = async {
-            while let Some(bytes) = next_or_stall(&mut body, idle).await? {
-                let bytes = bytes.map_err(body_error)?;
+            loop {
+                let next = match next_or_stall(&mut body, idle).await {
+                    Ok(Some(Ok(bytes))) => bytes,
+                    Ok(None) => break,
+                    Ok(Some(Err(error))) => {
+                        cut_short = Some(body_error(error));
+                        break;
+                    }
+                    Err(stalled) => {
+                        cut_short = Some(stalled);
+                        break;
+                    }
+                };
+                let bytes = next;
                 written += bytes.len() as u64;
                 if offset + written > limit {
                     return Err(ApiError::TooLarge {
@@ -321,6 +344,9 @@ impl Gateway {
                     buffer = emptied;
                 }
             }
+            if let (Some(error), Some(_)) = (&cut_short, checksum) {
+                return Err(error.clone());
+            }
             let (returned, _) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
             if let (Some(hasher), Some(checksum)) = (hasher.take(), checksum)
                 && !hasher.matches(checksum)
@@ -334,7 +360,10 @@ impl Gateway {
         }
         .await;
         match outcome {
-            Ok(()) => Ok(written),
+            Ok(()) => Ok(Written {
+                bytes: written,
+                cut_short,
+            }),
             Err(error) => {
                 self.cut(&upload.id, offset);
                 Err(error)
@@ -511,6 +540,13 @@ impl Gateway {
         let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
         Ok(())
     }
+}
+
+/// What one request's body left in the file.
+struct Written {
+    bytes: u64,
+    /// Why the body ended before its end, its bytes so far kept.
+    cut_short: Option<ApiError>,
 }
 
 /// Writes a slice on a blocking thread; gives the file and the emptied buffer back.
