@@ -221,3 +221,30 @@ fn a_client_that_leaves_during_a_sync_delivery_leaves_a_record_and_no_spool_file
         daemon.log()
     );
 }
+
+#[test]
+fn a_delivered_file_whose_record_cannot_be_written_is_rolled_back() {
+    let daemon = Daemon::start_with(default_config);
+    // The store refuses every new record from now on (as a full disk would).
+    daemon
+        .db()
+        .execute_batch(
+            "CREATE TRIGGER refuse_uploads BEFORE INSERT ON uploads BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let form = Form::new().file("file", "a.txt", "text/plain", b"hello");
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[("Authorization", "Bearer demo-key")],
+        &form,
+    );
+    assert_eq!(reply.status, 500, "{}", reply.text);
+    let kept: Vec<_> = std::fs::read_dir(daemon.files_dir())
+        .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        kept.is_empty(),
+        "the provider's copy stayed without a record: {kept:?}"
+    );
+    assert_eq!(daemon.spool_files(), 0);
+}

@@ -252,6 +252,10 @@ impl From<StoreError> for ApiError {
                 retry_after_secs: STORE_RETRY_AFTER_SECS,
             };
         }
+        if let StoreError::Full = error {
+            tracing::error!(%error, "store failure: disk full");
+            return Self::InsufficientStorage;
+        }
         tracing::error!(%error, "store failure");
         Self::Internal
     }

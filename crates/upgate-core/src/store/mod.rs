@@ -29,6 +29,9 @@ pub enum StoreError {
     /// down, restarting or overloaded): worth retrying later.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The database's disk is full.
+    #[error("the database's disk is full")]
+    Full,
 }
 
 /// Where an upload is.

@@ -147,7 +147,25 @@ impl Gateway {
                 }
             }
         }
-        self.store.insert_uploads(records.clone(), now).await?;
+        if let Err(error) = self.store.insert_uploads(records.clone(), now).await {
+            // Delivered but not recorded: nothing may stay upstream that no record explains,
+            // and the client, told the request failed, sends it again.
+            self.roll_back_delivered(&provider, &mut records).await;
+            // (A request that failed already gave back what it did not keep, above.)
+            if plan.has_quota() && failure.is_none() {
+                let (bytes, uploads) = records.iter().fold((0, 0), |(bytes, uploads), record| {
+                    (bytes + record.size, uploads + 1)
+                });
+                if let Err(error) = self
+                    .limiter
+                    .refund_usage(tenant.name.clone(), day, (bytes, uploads))
+                    .await
+                {
+                    tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of an unrecorded upload");
+                }
+            }
+            return Err(error.into());
+        }
         match failure {
             Some(error) => Err(error),
             None => Ok(records),

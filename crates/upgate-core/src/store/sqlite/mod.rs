@@ -182,7 +182,10 @@ fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>) {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
-        Self::Database(error.to_string())
+        match error.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::Full,
+            _ => Self::Database(error.to_string()),
+        }
     }
 }
 

@@ -216,3 +216,17 @@ async fn resumable_sessions_keep_their_length_role_and_record() {
     assert_eq!(got.chunks, vec![(0, 7)]);
     assert_eq!(got.upload_id.as_deref(), Some("u"));
 }
+
+#[test]
+fn a_full_disk_is_its_own_error_and_a_507() {
+    let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+    let error = StoreError::from(full);
+    assert!(matches!(error, StoreError::Full), "{error:?}");
+    assert_eq!(
+        crate::error::ApiError::from(error).status(),
+        actix_web::http::StatusCode::INSUFFICIENT_STORAGE
+    );
+    let other =
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT), None);
+    assert!(matches!(StoreError::from(other), StoreError::Database(_)));
+}
