@@ -11,6 +11,8 @@ pub(crate) mod cors;
 pub(crate) mod dialects;
 pub(crate) mod request_log;
 pub(crate) mod respond;
+#[cfg(test)]
+mod tests;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
