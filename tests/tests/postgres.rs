@@ -469,6 +469,8 @@ fn postgresql_stopped_is_503_with_retry_after_and_the_node_recovers_by_itself() 
     );
     assert_eq!(get(&ready).status, 200);
 
+    let files = || std::fs::read_dir(daemon.files_dir()).unwrap().count();
+    assert_eq!(files(), 1);
     server.stop();
     for key in ["demo-key", "daily-key"] {
         let started = Instant::now();
@@ -485,6 +487,9 @@ fn postgresql_stopped_is_503_with_retry_after_and_the_node_recovers_by_itself() 
         assert!((1..=60).contains(&retry_after), "{retry_after}");
         assert_eq!(reply.json()["code"], "service_unavailable", "{}", reply.text);
     }
+    // The sync delivery made before the record failed was rolled back: nothing unrecorded
+    // stays with the provider.
+    assert_eq!(files(), 1);
     // The other dialects' shapes: Kore's errors list.
     let started = Instant::now();
     let kore = post_json(

@@ -279,11 +279,14 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// SQLSTATE `disk_full`: [`StoreError::Full`], as SQLite's full disk is.
+const DISK_FULL: &str = "53100";
+
 /// SQLSTATE classes and codes that say the database is down, restarting, out of resources
 /// or too slow, rather than that a statement is wrong.
 fn is_unavailable_code(code: &str) -> bool {
     code.starts_with("08") // connection exception
-        || code.starts_with("53") // insufficient resources (too many connections, disk full)
+        || (code.starts_with("53") && code != DISK_FULL) // insufficient resources (too many connections)
         || code.starts_with("57P") // admin or crash shutdown, cannot connect now
         || code == "57014" // query canceled: statement_timeout
         || code == "40001" // serialization failure
@@ -292,6 +295,12 @@ fn is_unavailable_code(code: &str) -> bool {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
+        if error
+            .as_db_error()
+            .is_some_and(|db| db.code().code() == DISK_FULL)
+        {
+            return Self::Full;
+        }
         let unavailable = match error.as_db_error() {
             Some(db) => is_unavailable_code(db.code().code()),
             None => {
