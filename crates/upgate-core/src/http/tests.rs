@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
@@ -27,12 +27,13 @@ const LIMIT: usize = 1024;
 /// [`LIMIT`] as the dialects' messages name it.
 const LIMIT_TEXT: &str = "1KiB";
 const BOUNDARY: &str = "upgate-test-boundary-7MA4YWxkTrZu0gW";
-/// A rate of one request every 1000 seconds: the second request of a burst of 1 waits.
-const SLOW_KEY: &str = "slow-key";
+/// The rate-limited plan's rate: one request every 1000 seconds, so the second request of
+/// a burst of 1 waits.
 const SLOW_PERIOD_SECS: u64 = 1000;
 
 /// The config every test runs under: one tenant per dialect, allowed that dialect only
-/// (`key-<dialect>`), and a rate-limited tenant allowed every dialect.
+/// (`key-<dialect>`), and a rate-limited tenant allowed every dialect, with a key per
+/// dialect (`slow-<dialect>`) so that each dialect's burst is its own.
 fn config_text(data_dir: &Path) -> String {
     let mut text = format!(
         "server:\n  listen: 127.0.0.1:0\n  data_dir: {}\n\
@@ -42,9 +43,10 @@ fn config_text(data_dir: &Path) -> String {
          rate_limit: {{ requests_per_second: {}, burst: 1 }}\n\
          providers:\n  nowhere: {{ plugin: nowhere }}\n\
          tenants:\n\
-         \x20 slow:\n    plan: slow\n    provider: nowhere\n    keys: [{SLOW_KEY}]\n",
+         \x20 slow:\n    plan: slow\n    provider: nowhere\n    keys: [{}]\n",
         data_dir.display(),
         1.0 / SLOW_PERIOD_SECS as f64,
+        DialectName::ALL.map(slow_key_of).join(", "),
     );
     for dialect in DialectName::ALL {
         let name = dialect.as_str();
@@ -61,6 +63,11 @@ fn key_of(dialect: DialectName) -> String {
     format!("key-{}", dialect.as_str())
 }
 
+/// The rate-limited tenant's key for requests of `dialect`.
+fn slow_key_of(dialect: DialectName) -> String {
+    format!("slow-{}", dialect.as_str())
+}
+
 /// What the app answered.
 #[derive(Debug)]
 struct Answer {
@@ -75,24 +82,36 @@ impl Answer {
     }
 }
 
-/// Sends `requests` in order to one fresh app, built as the daemon builds it, over a
-/// gateway in a temporary data directory.
+/// The gateway every test here shares, over a temporary data directory. It is built once
+/// and never dropped (nor is its directory removed): the bundled SQLite 3.51.1 can deadlock
+/// when a store's two connections close at the same moment (rusqlite issue #1860, fixed in
+/// SQLite 3.51.2), and a gateway per request closed a store dozens of times a run. Tests
+/// sharing it do not meet: no plan limits concurrency, and each dialect has its own
+/// rate-limited key.
+fn gateway() -> web::Data<Gateway> {
+    static GATEWAY: LazyLock<web::Data<Gateway>> = LazyLock::new(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let config = Config::parse(&config_text(&dir), &dir.join("config.yaml")).unwrap();
+        let durability = config.server.durability;
+        let store = Arc::new(SqliteStore::open(&dir, durability).unwrap());
+        let spool = LocalSpool::open(&dir, durability).unwrap();
+        let limiter = Arc::new(LocalLimiter::new(store.clone()));
+        web::Data::new(Gateway::new(
+            Policy::new(config, BTreeMap::new()),
+            store,
+            Arc::new(spool),
+            limiter,
+        ))
+    });
+    GATEWAY.clone()
+}
+
+/// Sends `requests` in order to an app built as the daemon builds it, over the shared
+/// [`gateway`].
 async fn exchange(requests: Vec<TestRequest>) -> Vec<Answer> {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::parse(&config_text(dir.path()), &dir.path().join("config.yaml")).unwrap();
-    let durability = config.server.durability;
-    let store = Arc::new(SqliteStore::open(dir.path(), durability).unwrap());
-    let spool = LocalSpool::open(dir.path(), durability).unwrap();
-    let limiter = Arc::new(LocalLimiter::new(store.clone()));
-    let gateway = Gateway::new(
-        Policy::new(config, BTreeMap::new()),
-        store,
-        Arc::new(spool),
-        limiter,
-    );
     let app = init_service(
         App::new()
-            .app_data(web::Data::new(gateway))
+            .app_data(gateway())
             .wrap(actix_web::middleware::from_fn(super::body_rate::enforce))
             .wrap(actix_web::middleware::from_fn(super::cors::cors))
             .wrap(actix_web::middleware::from_fn(super::request_log::observe))
@@ -178,7 +197,7 @@ enum Key {
     OtherDialect,
     /// The key of the tenant granted this dialect only.
     Own,
-    /// The key of the rate-limited tenant.
+    /// The rate-limited tenant's key for this dialect.
     Slow,
 }
 
@@ -421,7 +440,7 @@ impl Dialect {
             Key::Unknown => request.insert_header((self.key)("no-such-key")),
             Key::OtherDialect => request.insert_header((self.key)(&key_of(other))),
             Key::Own => request.insert_header((self.key)(&key_of(self.name))),
-            Key::Slow => request.insert_header((self.key)(SLOW_KEY)),
+            Key::Slow => request.insert_header((self.key)(&slow_key_of(self.name))),
         };
         let hello: &[u8] = b"hello";
         let large = vec![b'a'; LIMIT + 1];
