@@ -17,7 +17,7 @@ mod uploads;
 mod usage;
 
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -39,9 +39,8 @@ type Job = Box<dyn FnOnce(&Connection, bool) -> Reply + Send>;
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct SqliteStore {
+    /// Dropped with the last handle: the store thread ends, then the checkpoint thread.
     jobs: mpsc::Sender<Job>,
-    /// Dropped with the last handle: tells the checkpoint thread to stop.
-    _checkpoints: Arc<mpsc::Sender<()>>,
 }
 
 impl SqliteStore {
@@ -78,11 +77,11 @@ impl SqliteStore {
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("upgate-store".into())
-            .spawn(move || run_store_thread(connection, queue))
+            .spawn(move || run_store_thread(connection, queue, checkpoints))
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Self {
             jobs,
-            _checkpoints: Arc::new(checkpoints),
+
         })
     }
 
@@ -154,7 +153,10 @@ fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
-fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>) {
+/// Runs jobs until the last handle is gone, then closes its connection and only then lets the
+/// checkpoint thread close its own: the bundled SQLite (3.51.1) can deadlock when two
+/// connections of one database close at the same moment (fixed in 3.51.2).
+fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>, checkpoints: mpsc::Sender<()>) {
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = queue.recv() {
         jobs.push(first);
@@ -178,6 +180,8 @@ fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>) {
             reply(commit_error.as_ref());
         }
     }
+    drop(connection);
+    drop(checkpoints);
 }
 
 impl From<rusqlite::Error> for StoreError {
