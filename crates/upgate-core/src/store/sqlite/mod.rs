@@ -79,10 +79,7 @@ impl SqliteStore {
             .name("upgate-store".into())
             .spawn(move || run_store_thread(connection, queue, checkpoints))
             .map_err(|e| open_error(e.to_string()))?;
-        Ok(Self {
-            jobs,
-
-        })
+        Ok(Self { jobs })
     }
 
     /// Runs `work` on the store thread inside the current group transaction and returns its
