@@ -241,3 +241,45 @@ pub(crate) trait Store: Send + Sync {
     fn list_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>>;
     fn active_sessions(&self) -> StoreFuture<'_, u64>;
 }
+
+/// `impl Store for $store`, each method the backend's inherent async method of the same name,
+/// boxed: one list of the trait's methods for every backend.
+macro_rules! store_by_inherent_methods {
+    ($store:ident) => {
+        $crate::store::store_by_inherent_methods!(@methods $store {
+        insert_uploads(records: Vec<$crate::store::UploadRecord>, deliver_at_ms: i64) -> ();
+        spooled_ids() -> std::collections::HashSet<String>;
+        mark_deleted(id: String) -> bool;
+        upload(id: String) -> Option<$crate::store::UploadRecord>;
+        upload_of(tenant: String, id: String) -> Option<$crate::store::UploadRecord>;
+        list_uploads(filter: $crate::store::UploadFilter) -> Vec<$crate::store::UploadRecord>;
+        retry_upload(id: String) -> bool;
+        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
+        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
+        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<$crate::store::UploadRecord>;
+        release_outbox_leases() -> usize;
+        outbox_len() -> u64;
+        usage(tenant: String, day: i64) -> (u64, u64);
+        try_add_usage(tenant: String, day: i64, bytes: u64, uploads: u64, limits: (Option<u64>, Option<u64>)) -> bool;
+        refund_usage(tenant: String, day: i64, bytes: u64, uploads: u64) -> ();
+        insert_session(session: $crate::store::SessionRecord) -> ();
+        session_of(tenant: String, id: String) -> Option<$crate::store::SessionRecord>;
+        put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
+        delete_session(id: String) -> ();
+        set_session_length(id: String, length: u64) -> ();
+        mark_session_delivered(id: String, upload_id: String) -> ();
+        take_expired_sessions(now: i64) -> Vec<String>;
+        session_ids() -> Vec<String>;
+        list_sessions() -> Vec<$crate::store::SessionRecord>;
+        active_sessions() -> u64;
+        });
+    };
+    (@methods $store:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)* }) => {
+        impl $crate::store::Store for $store {
+            $(fn $name(&self, $($arg: $ty),*) -> $crate::store::StoreFuture<'_, $out> {
+                Box::pin($store::$name(self, $($arg),*))
+            })*
+        }
+    };
+}
+pub(crate) use store_by_inherent_methods;

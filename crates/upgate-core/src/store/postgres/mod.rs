@@ -30,7 +30,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use super::{SessionRecord, Store, StoreError, StoreFuture, UploadFilter, UploadRecord};
+use super::StoreError;
 use crate::config::PostgresUrl;
 
 /// Most connections one node holds.
@@ -335,41 +335,4 @@ fn big(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// The trait's methods are the inherent ones of the table files, boxed.
-macro_rules! delegate {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
-        $(fn $name(&self, $($arg: $ty),*) -> StoreFuture<'_, $out> {
-            Box::pin(PostgresStore::$name(self, $($arg),*))
-        })*
-    };
-}
-
-impl Store for PostgresStore {
-    delegate! {
-        insert_uploads(records: Vec<UploadRecord>, deliver_at_ms: i64) -> ();
-        spooled_ids() -> std::collections::HashSet<String>;
-        mark_deleted(id: String) -> bool;
-        upload(id: String) -> Option<UploadRecord>;
-        upload_of(tenant: String, id: String) -> Option<UploadRecord>;
-        list_uploads(filter: UploadFilter) -> Vec<UploadRecord>;
-        retry_upload(id: String) -> bool;
-        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
-        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
-        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<UploadRecord>;
-        release_outbox_leases() -> usize;
-        outbox_len() -> u64;
-        usage(tenant: String, day: i64) -> (u64, u64);
-        try_add_usage(tenant: String, day: i64, bytes: u64, uploads: u64, limits: (Option<u64>, Option<u64>)) -> bool;
-        refund_usage(tenant: String, day: i64, bytes: u64, uploads: u64) -> ();
-        insert_session(session: SessionRecord) -> ();
-        session_of(tenant: String, id: String) -> Option<SessionRecord>;
-        put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
-        delete_session(id: String) -> ();
-        set_session_length(id: String, length: u64) -> ();
-        mark_session_delivered(id: String, upload_id: String) -> ();
-        take_expired_sessions(now: i64) -> Vec<String>;
-        session_ids() -> Vec<String>;
-        list_sessions() -> Vec<SessionRecord>;
-        active_sessions() -> u64;
-    }
-}
+crate::store::store_by_inherent_methods!(PostgresStore);

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use upgate_e2e::postgres::PostgresServer;
 
 use super::*;
+#[allow(unused_imports)]
+use crate::store::*;
 use crate::store::{Concat, UploadState};
 use crate::vocab::DialectName;
 

@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{SessionRecord, Store, StoreError, StoreFuture, UploadFilter, UploadRecord};
+use super::StoreError;
 use crate::config::Durability;
 use migrations::MIGRATIONS;
 
@@ -202,41 +202,4 @@ fn parse_column<T>(column: usize, text: &str, parse: impl Fn(&str) -> Option<T>)
     })
 }
 
-/// The trait's methods are the inherent ones of the table files, boxed.
-macro_rules! delegate {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
-        $(fn $name(&self, $($arg: $ty),*) -> StoreFuture<'_, $out> {
-            Box::pin(SqliteStore::$name(self, $($arg),*))
-        })*
-    };
-}
-
-impl Store for SqliteStore {
-    delegate! {
-        insert_uploads(records: Vec<UploadRecord>, deliver_at_ms: i64) -> ();
-        spooled_ids() -> std::collections::HashSet<String>;
-        mark_deleted(id: String) -> bool;
-        upload(id: String) -> Option<UploadRecord>;
-        upload_of(tenant: String, id: String) -> Option<UploadRecord>;
-        list_uploads(filter: UploadFilter) -> Vec<UploadRecord>;
-        retry_upload(id: String) -> bool;
-        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
-        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
-        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<UploadRecord>;
-        release_outbox_leases() -> usize;
-        outbox_len() -> u64;
-        usage(tenant: String, day: i64) -> (u64, u64);
-        try_add_usage(tenant: String, day: i64, bytes: u64, uploads: u64, limits: (Option<u64>, Option<u64>)) -> bool;
-        refund_usage(tenant: String, day: i64, bytes: u64, uploads: u64) -> ();
-        insert_session(session: SessionRecord) -> ();
-        session_of(tenant: String, id: String) -> Option<SessionRecord>;
-        put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
-        delete_session(id: String) -> ();
-        set_session_length(id: String, length: u64) -> ();
-        mark_session_delivered(id: String, upload_id: String) -> ();
-        take_expired_sessions(now: i64) -> Vec<String>;
-        session_ids() -> Vec<String>;
-        list_sessions() -> Vec<SessionRecord>;
-        active_sessions() -> u64;
-    }
-}
+crate::store::store_by_inherent_methods!(SqliteStore);

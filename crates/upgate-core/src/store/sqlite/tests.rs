@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::store::UploadState;
+#[allow(unused_imports)]
+use crate::store::*;
 use crate::vocab::DialectName;
 
 fn record(id: &str, tenant: &str) -> UploadRecord {
