@@ -1,5 +1,6 @@
 //! Hardening found by attacking the daemon, kept found: deletes below the disk floor,
-//! concurrent deletes of one upload, backslashes in filenames, bodies that trickle.
+//! concurrent deletes of one upload, backslashes in filenames, bodies that trickle, records
+//! of sync deliveries a crash or a full disk interrupted, rejections before routing.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -223,28 +224,169 @@ fn a_client_that_leaves_during_a_sync_delivery_leaves_a_record_and_no_spool_file
 }
 
 #[test]
-fn a_delivered_file_whose_record_cannot_be_written_is_rolled_back() {
+fn a_record_that_cannot_be_written_leaves_nothing_upstream() {
     let daemon = Daemon::start_with(default_config);
-    // The store refuses every new record from now on (as a full disk would).
+    let upload = || {
+        let form = Form::new().file("file", "a.txt", "text/plain", b"hello");
+        post_form(
+            &daemon.url("/v1/files/upload"),
+            &[("Authorization", "Bearer demo-key")],
+            &form,
+        )
+    };
+    let kept = || -> Vec<_> {
+        std::fs::read_dir(daemon.files_dir())
+            .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+            .unwrap_or_default()
+    };
+    // The record of the delivery cannot be written before it (as with a full disk): the
+    // provider is never called.
     daemon
         .db()
         .execute_batch(
             "CREATE TRIGGER refuse_uploads BEFORE INSERT ON uploads BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
         )
         .unwrap();
+    let reply = upload();
+    assert_eq!(reply.status, 500, "{}", reply.text);
+    assert!(kept().is_empty(), "{:?}", kept());
+    // Its outcome cannot be written after it: the delivered copy is rolled back.
+    daemon
+        .db()
+        .execute_batch(
+            "DROP TRIGGER refuse_uploads;
+             CREATE TRIGGER refuse_outcomes BEFORE UPDATE ON uploads WHEN NEW.state = 'forwarded'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let reply = upload();
+    assert_eq!(reply.status, 500, "{}", reply.text);
+    assert!(
+        kept().is_empty(),
+        "the provider's copy stayed without a record: {:?}",
+        kept()
+    );
+    assert_eq!(daemon.spool_files(), 0);
+    let state: String = daemon
+        .db()
+        .query_row("SELECT state FROM uploads", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(state, "delivering", "failed by the sweep once its lease ends");
+}
+
+#[test]
+fn a_daemon_killed_during_a_sync_delivery_leaves_a_record_of_it() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    let mock = MockUpstream::start(Vendor::Dify, "upstream-secret");
+    mock.hang(Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let config = default_config(dir.path())
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  up:\n    plugin: dify\n    settings:\n      base_url: {}\n      api_key: upstream-secret\n",
+                mock.base_url()
+            ),
+        )
+        .replace("    provider: disk\n", "    provider: up\n");
+    let mut daemon = Daemon::start_in(dir.path().to_path_buf(), &config);
+    let form = Form::new().file("file", "report.txt", "text/plain", b"delivered, never answered");
+    let mut upload = RawUpload::start(
+        &daemon.url(""),
+        "/v1/files/upload",
+        ("Authorization", "Bearer demo-key"),
+        &form,
+    );
+    upload.send(usize::MAX).unwrap();
+    // The upstream has the file and holds its answer: the daemon dies in the provider call.
+    assert!(eventually(Duration::from_secs(10), || mock.stored().len() == 1));
+    daemon.kill();
+    drop(upload);
+    drop(daemon);
+    let daemon = Daemon::start_in(dir.path().to_path_buf(), &config);
+    let (state, error): (String, String) = daemon
+        .db()
+        .query_row("SELECT state, last_error FROM uploads", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .expect("a record explains the copy upstream");
+    assert_eq!(state, "failed");
+    assert!(error.starts_with("interrupted"), "{error}");
+    assert_eq!(daemon.spool_files(), 0);
+    let (code, shown, _) = run_cli(&[
+        "uploads",
+        "list",
+        "--state",
+        "failed",
+        "--config",
+        dir.path().join("config.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("report.txt"), "{shown}");
+}
+
+/// Sends `request` on a new connection and reads the answer (status, whole text).
+fn raw_exchange(daemon: &Daemon, request: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let address = daemon.url("").trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The daemon may answer and close before it has read all of a head too large.
+    let _ = stream.write_all(request);
+    RawUpload::read_answer(&mut stream).unwrap()
+}
+
+fn body_of(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+#[test]
+fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace("  idle_timeout: 2s\n", "  idle_timeout: 2s\n  header_timeout: 1s\n")
+    });
+    // A head larger than the HTTP layer reads (128 KiB): 431, in Dify's JSON.
+    let huge = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(131_072)
+    );
+    let (status, answer) = raw_exchange(&daemon, huge.as_bytes());
+    assert_eq!(status, 431, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(body["status"], 431, "{body}");
+    assert_eq!(body["code"], "invalid_param", "{body}");
+    // A header that does not parse, on a Kore route: 400, in Kore's shape.
+    let (status, answer) = raw_exchange(
+        &daemon,
+        b"POST /api/public/files HTTP/1.1\r\nHost: x\r\nContent-Length: twelve\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(body["errors"][0]["code"], 400, "{body}");
+    assert!(body["errors"][0]["msg"].as_str().unwrap().contains("Malformed"), "{body}");
+    // tus answers in plain text; a query string does not hide the path.
+    let (status, answer) = raw_exchange(
+        &daemon,
+        b"PATCH /files/abc?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("content-type: text/plain"), "{answer}");
+    assert!(!body_of(&answer).is_empty(), "{answer}");
+    // A head that does not arrive in time on a MaiAgent route: 408, in MaiAgent's shape.
+    let (status, answer) = raw_exchange(&daemon, b"POST /api/v1/attachments-upload/ HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(status, 408, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert!(body["detail"].as_str().is_some(), "{body}");
+    // Outside every dialect's prefix: an empty body, as before.
+    let (status, answer) = raw_exchange(&daemon, b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n");
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(body_of(&answer), "", "{answer}");
+    // The daemon still serves.
     let form = Form::new().file("file", "a.txt", "text/plain", b"hello");
     let reply = post_form(
         &daemon.url("/v1/files/upload"),
         &[("Authorization", "Bearer demo-key")],
         &form,
     );
-    assert_eq!(reply.status, 500, "{}", reply.text);
-    let kept: Vec<_> = std::fs::read_dir(daemon.files_dir())
-        .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
-        .unwrap_or_default();
-    assert!(
-        kept.is_empty(),
-        "the provider's copy stayed without a record: {kept:?}"
-    );
-    assert_eq!(daemon.spool_files(), 0);
+    assert_eq!(reply.status, 201, "{}", reply.text);
 }

@@ -74,6 +74,13 @@ pub enum ApiError {
     UpstreamTimeout,
     #[error("the request body stalled")]
     BodyTimeout,
+    /// A request head that did not arrive within `server.header_timeout` (refused by the HTTP
+    /// layer before routing).
+    #[error("the request head did not arrive in time")]
+    HeadTimeout,
+    /// A request head larger than the HTTP layer reads (refused before routing).
+    #[error("the request head is too large")]
+    HeadTooLarge,
     #[error("not enough disk space")]
     InsufficientStorage,
     /// A resumable upload's request at another offset than the upload's.
@@ -125,8 +132,10 @@ pub enum Class {
     Gone,
     /// The upstream provider refused or failed.
     Upstream,
-    /// The client's body stalled (408).
+    /// The client's head or body stalled (408).
     BodyTimeout,
+    /// The request head is larger than the gateway reads (431).
+    HeadTooLarge,
     /// The gateway's disk is full (507).
     Storage,
     /// The gateway failed (500).
@@ -170,7 +179,8 @@ impl ApiError {
             Self::UpstreamRejected { .. } | Self::UpstreamFailed(_) | Self::UpstreamTimeout => {
                 Class::Upstream
             }
-            Self::BodyTimeout => Class::BodyTimeout,
+            Self::BodyTimeout | Self::HeadTimeout => Class::BodyTimeout,
+            Self::HeadTooLarge => Class::HeadTooLarge,
             Self::InsufficientStorage => Class::Storage,
             Self::Internal => Class::Internal,
             Self::Unavailable { .. } => Class::Unavailable,
@@ -202,6 +212,7 @@ impl ApiError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             Class::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Class::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Class::Storage => StatusCode::INSUFFICIENT_STORAGE,
             Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -236,7 +247,7 @@ impl ApiError {
             Class::Throttled(Throttle::Quota) => "quota",
             // A missing chunk is the client's to send, not a refusal of the upload.
             Class::Invalid if !matches!(self, Self::MissingChunks(_)) => "invalid",
-            Class::Checksum | Class::Version | Class::MediaType => "invalid",
+            Class::Checksum | Class::Version | Class::MediaType | Class::HeadTooLarge => "invalid",
             _ => return None,
         })
     }

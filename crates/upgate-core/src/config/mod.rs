@@ -64,6 +64,10 @@ fn default_data_dir() -> PathBuf {
 fn default_plugin_dir() -> PathBuf {
     PathBuf::from("./target/release")
 }
+fn default_intake_memory() -> ByteSize {
+    ByteSize(32 << 20)
+}
+
 fn default_max_connections() -> usize {
     10_000
 }
@@ -164,6 +168,10 @@ pub struct ServerConfig {
     /// `/readyz` fails and uploads are refused below this much free space in `data_dir`.
     #[serde(default = "default_disk_free_floor")]
     pub disk_free_floor: ByteSize,
+    /// The memory the spool writers of all uploads in progress share for large write slices
+    /// (see README, "Memory"): past it, uploads write in 64 KiB slices.
+    #[serde(default = "default_intake_memory")]
+    pub intake_memory: ByteSize,
     /// Global cap on uploads in progress (0 = none).
     #[serde(default)]
     pub max_concurrent_uploads: usize,

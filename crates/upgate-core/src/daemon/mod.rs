@@ -201,6 +201,7 @@ async fn run(
         );
     }
     gateway.store.release_outbox_leases().await?;
+    gateway.fail_interrupted_deliveries().await;
     if let Some(free) = metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0) {
         gateway.set_below_disk_floor(free < server_config.disk_free_floor.0);
     }
@@ -214,6 +215,7 @@ async fn run(
         .local_addr()
         .map_err(ServeError::io("listener address"))?;
     let app_gateway = gateway.clone();
+    actix_http::h1::set_rejection_body(http::rejection_body);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_gateway.clone())

@@ -2,7 +2,8 @@
 //!
 //! What flows through here: time. The outbox loop claims due async uploads from the store
 //! and hands each to [`deliver::deliver_from_outbox`]; the housekeeping loop sweeps
-//! sessions ([`Gateway::sweep_sessions`]) and refreshes the gauges and the disk floor.
+//! sessions ([`Gateway::sweep_sessions`]) and interrupted sync deliveries
+//! ([`Gateway::fail_interrupted_deliveries`]) and refreshes the gauges and the disk floor.
 //! The work itself lives in `upload/`; these are only its clocks.
 
 use std::sync::Arc;
@@ -65,10 +66,12 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
     }
 }
 
-/// Sweeps expired sessions and refreshes gauges every `sweep_interval`.
+/// Sweeps expired sessions and interrupted sync deliveries and refreshes gauges every
+/// `sweep_interval`.
 pub(crate) async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
     loop {
         gateway.sweep_sessions().await;
+        gateway.fail_interrupted_deliveries().await;
         if let Ok(active) = gateway.store.active_sessions().await {
             metrics::get().sessions_active.set(active as i64);
         }

@@ -14,6 +14,10 @@ pub(crate) mod respond;
 #[cfg(test)]
 mod tests;
 
+use actix_web::body::MessageBody;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::error::ApiError;
@@ -67,6 +71,24 @@ pub(crate) fn dialect_of_path(path: &str) -> Option<DialectName> {
     } else {
         None
     }
+}
+
+/// The body of an answer to a request the HTTP layer refused before routing (a head that
+/// does not parse, 400; too large, 431; too slow, 408), given the start of its target: in
+/// the shape of the dialect whose prefix the path has, as its handlers would answer; `None`
+/// (an empty body) elsewhere. Registered with the vendored actix-http at start.
+pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option<(HeaderValue, Bytes)> {
+    let path = target?.split(['?', '#']).next()?;
+    let dialect = dialect(dialect_of_path(path)?);
+    let error = match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ApiError::HeadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ApiError::HeadTimeout,
+        _ => ApiError::Malformed("the request head is not valid HTTP/1.1".into()),
+    };
+    let response = dialect.render_error(&error, status, HttpResponse::build(status));
+    let content_type = response.headers().get(header::CONTENT_TYPE)?.clone();
+    let body = response.into_body().try_into_bytes().ok()?;
+    Some((content_type, body))
 }
 
 /// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.

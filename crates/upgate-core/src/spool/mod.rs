@@ -27,8 +27,76 @@ use crate::config::Durability;
 use crate::content::{self, SNIFF_LEN, Utf8Validator};
 use crate::error::ApiError;
 
-/// Bytes gathered before one write to disk.
-const WRITE_SLICE: usize = 512 * 1024;
+/// Bytes gathered before one write to disk, by a writer that holds a share of the
+/// [`IntakeBudget`].
+pub(crate) const WRITE_SLICE: usize = 512 * 1024;
+/// Bytes gathered before one write to disk by a writer without that share (and by every
+/// writer until it has that much).
+pub(crate) const SMALL_SLICE: usize = 64 * 1024;
+
+/// The memory intake buffers may take beyond [`SMALL_SLICE`]s (`server.intake_memory`):
+/// every upload in progress writes in small slices; one that fills a small slice asks once
+/// for room for two [`WRITE_SLICE`]s (the one filling and the one being written) and writes
+/// large slices if it got it, small ones for the rest of its body if not. So intake buffers
+/// take at most `intake_memory` plus two small slices per upload in progress, and under
+/// load the uploads that came last write in smaller pieces instead of growing the daemon.
+#[derive(Debug, Clone)]
+pub(crate) struct IntakeBudget {
+    /// Units of [`SMALL_SLICE`] bytes.
+    units: Arc<tokio::sync::Semaphore>,
+}
+
+impl IntakeBudget {
+    const UNITS_PER_WRITER: u32 = (2 * WRITE_SLICE / SMALL_SLICE) as u32;
+
+    pub(crate) fn new(bytes: u64) -> Self {
+        let units = (bytes / SMALL_SLICE as u64).min(tokio::sync::Semaphore::MAX_PERMITS as u64);
+        Self {
+            units: Arc::new(tokio::sync::Semaphore::new(units as usize)),
+        }
+    }
+
+    /// Room for one writer's two large slices, if the budget has it now (never waits).
+    fn large_slices(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.units
+            .clone()
+            .try_acquire_many_owned(Self::UNITS_PER_WRITER)
+            .ok()
+    }
+}
+
+/// The slice size of one writer: small until it has filled one, then large while it holds
+/// a share of the budget (given back when dropped).
+#[derive(Debug)]
+pub(crate) struct SliceSize {
+    budget: IntakeBudget,
+    size: usize,
+    asked: bool,
+    _share: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl SliceSize {
+    pub(crate) fn new(budget: &IntakeBudget) -> Self {
+        Self {
+            budget: budget.clone(),
+            size: SMALL_SLICE,
+            asked: false,
+            _share: None,
+        }
+    }
+
+    /// The size of the slice being filled, which holds `filled` bytes so far.
+    pub(crate) fn get(&mut self, filled: usize) -> usize {
+        if filled >= SMALL_SLICE && !self.asked {
+            self.asked = true;
+            self._share = self.budget.large_slices();
+            if self._share.is_some() {
+                self.size = WRITE_SLICE;
+            }
+        }
+        self.size
+    }
+}
 /// Files up to this size are written by the async worker itself (see `finish`).
 const INLINE_WRITE: usize = 64 * 1024;
 
@@ -122,6 +190,7 @@ pub(crate) struct SpoolWriter {
     pending: Option<WrittenSlice>,
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
+    slice: SliceSize,
     size: u64,
     max_size: u64,
     head: Vec<u8>,
@@ -132,7 +201,13 @@ pub(crate) struct SpoolWriter {
 impl SpoolWriter {
     /// Starts a spool file for upload `upload_id`. `check_utf8` turns on the streaming
     /// UTF-8 validator.
-    pub(crate) fn new(spool: &Arc<dyn Spool>, upload_id: &str, max_size: u64, check_utf8: bool) -> Self {
+    pub(crate) fn new(
+        spool: &Arc<dyn Spool>,
+        budget: &IntakeBudget,
+        upload_id: &str,
+        max_size: u64,
+        check_utf8: bool,
+    ) -> Self {
         Self {
             spool: spool.clone(),
             part_path: spool.part_path(upload_id),
@@ -140,6 +215,7 @@ impl SpoolWriter {
             pending: None,
             buffer: Vec::new(),
             spare: None,
+            slice: SliceSize::new(budget),
             size: 0,
             max_size,
             head: Vec::new(),
@@ -161,9 +237,16 @@ impl SpoolWriter {
         if let Some(validator) = &mut self.utf8 {
             validator.feed(bytes);
         }
-        self.buffer.extend_from_slice(bytes);
-        if self.buffer.len() >= WRITE_SLICE {
-            self.flush().await?;
+        // Slices are filled to their size exactly, so a buffer never grows past it.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let size = self.slice.get(self.buffer.len());
+            let take = (size - self.buffer.len()).min(rest.len());
+            self.buffer.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buffer.len() >= self.slice.get(self.buffer.len()) {
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -185,7 +268,7 @@ impl SpoolWriter {
         let next = self
             .spare
             .take()
-            .unwrap_or_else(|| Vec::with_capacity(WRITE_SLICE));
+            .unwrap_or_else(|| Vec::with_capacity(self.slice.size));
         let slice = std::mem::replace(&mut self.buffer, next);
         let path = self.part_path.clone();
         self.pending = Some(tokio::task::spawn_blocking(move || {

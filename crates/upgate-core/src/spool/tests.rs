@@ -9,7 +9,7 @@ async fn spool_writer_hashes_limits_and_cleans_up() {
     let local = LocalSpool::open(dir.path(), Durability::PowerLoss).unwrap();
     let spool: Arc<dyn Spool> = Arc::new(local.clone());
     let data: Vec<u8> = (0..(WRITE_SLICE * 2 + 17)).map(|i| (i % 251) as u8).collect();
-    let mut writer = SpoolWriter::new(&spool, "u1", data.len() as u64, false);
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "u1", data.len() as u64, false);
     for chunk in data.chunks(7000) {
         writer.write(chunk).await.unwrap();
     }
@@ -19,11 +19,11 @@ async fn spool_writer_hashes_limits_and_cleans_up() {
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(head.len(), SNIFF_LEN);
 
-    let mut writer = SpoolWriter::new(&spool, "u2", 10, false);
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "u2", 10, false);
     writer.write(b"0123456789").await.unwrap();
     assert_eq!(writer.write(b"x").await, Err(ApiError::TooLarge { limit: 10 }));
     drop(writer);
-    let mut writer = SpoolWriter::new(&spool, "u3", u64::MAX, false);
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "u3", u64::MAX, false);
     writer.write(&data).await.unwrap();
     drop(writer);
     tokio::time::sleep(Duration::from_millis(200)).await;

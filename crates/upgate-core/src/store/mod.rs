@@ -40,6 +40,10 @@ pub enum StoreError {
 pub enum UploadState {
     /// Stored here, not (yet) delivered upstream.
     Received,
+    /// Being delivered now (sync delivery), under a lease: the record is written before the
+    /// provider is called, so a daemon that dies during the call leaves a record of it (failed
+    /// once the lease ends), never a copy upstream that no record explains.
+    Delivering,
     Forwarded,
     Failed,
     Deleted,
@@ -50,7 +54,7 @@ impl std::str::FromStr for UploadState {
 
     fn from_str(text: &str) -> Result<Self, String> {
         Self::parse(text)
-            .ok_or_else(|| format!("`{text}` is not a state (received, forwarded, failed, deleted)"))
+            .ok_or_else(|| format!("`{text}` is not a state (received, delivering, forwarded, failed, deleted)"))
     }
 }
 
@@ -58,15 +62,28 @@ impl UploadState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Received => "received",
+            Self::Delivering => "delivering",
             Self::Forwarded => "forwarded",
             Self::Failed => "failed",
             Self::Deleted => "deleted",
         }
     }
 
+    /// Whether a record in this state waits for a time (`next_attempt_at`): the outbox's due
+    /// time of a `received` upload, the lease end of a `delivering` one.
+    pub(crate) fn waits(self) -> bool {
+        matches!(self, Self::Received | Self::Delivering)
+    }
+
     /// The state a stored name stands for; `None` for a name no version of upgate writes.
     pub(crate) fn parse(text: &str) -> Option<Self> {
-        [Self::Received, Self::Forwarded, Self::Failed, Self::Deleted]
+        [
+            Self::Received,
+            Self::Delivering,
+            Self::Forwarded,
+            Self::Failed,
+            Self::Deleted,
+        ]
             .into_iter()
             .find(|state| state.as_str() == text)
     }
@@ -168,9 +185,15 @@ pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 /// writes are committed (durable per `server.durability`).
 pub(crate) trait Store: Send + Sync {
     // uploads
-    /// Inserts upload records. Those in state `received` enter the outbox, due at
-    /// `deliver_at_ms`; the others (a sync delivery's final state) do not.
-    fn insert_uploads(&self, records: Vec<UploadRecord>, deliver_at_ms: i64) -> StoreFuture<'_, ()>;
+    /// Inserts upload records. Those in state `received` enter the outbox, due at `due_ms`;
+    /// those `delivering` are leased until `due_ms`; the others do not wait for anything.
+    fn insert_uploads(&self, records: Vec<UploadRecord>, due_ms: i64) -> StoreFuture<'_, ()>;
+    /// Writes the outcome of sync deliveries (state, attempts, remote id and URL, last error)
+    /// over their `delivering` records; the number of records that were still `delivering`.
+    fn record_outcomes(&self, records: Vec<UploadRecord>) -> StoreFuture<'_, usize>;
+    /// Fails the sync deliveries whose lease ended before `now` (their daemon died during the
+    /// provider call) with `reason`, and returns them.
+    fn fail_interrupted_deliveries(&self, now: i64, reason: String) -> StoreFuture<'_, Vec<UploadRecord>>;
     /// Ids of uploads whose bytes must stay in the spool (received, not yet delivered).
     fn spooled_ids(&self) -> StoreFuture<'_, std::collections::HashSet<String>>;
     /// Marks an upload deleted (and out of the outbox); `false` if it was deleted already.
@@ -203,7 +226,8 @@ pub(crate) trait Store: Send + Sync {
     ) -> StoreFuture<'_, ()>;
     /// Claims up to `limit` due uploads, each leased for `lease_ms`.
     fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> StoreFuture<'_, Vec<UploadRecord>>;
-    /// Makes every leased upload due again (at start: this node's leases died with it).
+    /// Makes every leased upload due again and ends every sync delivery's lease (at start:
+    /// this node's leases died with it; a no-op where nodes share the store).
     fn release_outbox_leases(&self) -> StoreFuture<'_, usize>;
     /// Uploads waiting for delivery.
     fn outbox_len(&self) -> StoreFuture<'_, u64>;
@@ -247,7 +271,9 @@ pub(crate) trait Store: Send + Sync {
 macro_rules! store_by_inherent_methods {
     ($store:ident) => {
         $crate::store::store_by_inherent_methods!(@methods $store {
-        insert_uploads(records: Vec<$crate::store::UploadRecord>, deliver_at_ms: i64) -> ();
+        insert_uploads(records: Vec<$crate::store::UploadRecord>, due_ms: i64) -> ();
+        record_outcomes(records: Vec<$crate::store::UploadRecord>) -> usize;
+        fail_interrupted_deliveries(now: i64, reason: String) -> Vec<$crate::store::UploadRecord>;
         spooled_ids() -> std::collections::HashSet<String>;
         mark_deleted(id: String) -> bool;
         upload(id: String) -> Option<$crate::store::UploadRecord>;

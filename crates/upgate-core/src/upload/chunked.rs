@@ -303,7 +303,7 @@ impl Gateway {
         idle: Duration,
     ) -> Result<TempChunk, ApiError> {
         let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
-        let mut writer = SpoolWriter::new(&self.spool, &temp_id, room, false);
+        let mut writer = SpoolWriter::new(&self.spool, &self.intake_budget, &temp_id, room, false);
         while let Some(bytes) = next_or_stall(field, idle).await? {
             let bytes = bytes.map_err(intake::multipart_error)?;
             writer.write(&bytes).await.map_err(|error| match error {
@@ -344,6 +344,7 @@ impl Gateway {
         let upload_id = dialect.new_upload_id();
         let mut writer = SpoolWriter::new(
             &self.spool,
+            &self.intake_budget,
             &upload_id,
             session_limit(&session, admission),
             content::is_text_extension(&session.extension),

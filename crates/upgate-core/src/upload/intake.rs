@@ -24,7 +24,7 @@ use futures_util::{Stream, StreamExt};
 use crate::content;
 use crate::error::ApiError;
 use crate::policy::Plan;
-use crate::spool::{Spool, SpoolWriter, SpooledFile};
+use crate::spool::{IntakeBudget, Spool, SpoolWriter, SpooledFile};
 
 use super::Gateway;
 use super::admit::Admission;
@@ -92,6 +92,8 @@ pub(crate) struct IntakeLimits<'a> {
     pub plan: &'a Plan,
     pub max_files: usize,
     pub idle_timeout: Duration,
+    /// The memory the spool writers of all requests share.
+    pub budget: &'a IntakeBudget,
 }
 
 impl Gateway {
@@ -124,6 +126,7 @@ impl Gateway {
             plan,
             max_files,
             idle_timeout: admission.policy.config.server.idle_timeout.0,
+            budget: &self.intake_budget,
         };
         let received = receive_multipart(headers, payload, spec, &limits, &self.spool, &|| {
             dialect.new_upload_id()
@@ -294,6 +297,7 @@ async fn receive_file(
     limits.plan.check_extension(&extension)?;
     let mut writer = SpoolWriter::new(
         spool,
+        limits.budget,
         &upload_id,
         limits.plan.max_file_size(),
         content::is_text_extension(&extension),

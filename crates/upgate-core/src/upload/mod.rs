@@ -27,7 +27,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::limits::Limiter;
 use crate::policy::Policy;
-use crate::spool::Spool;
+use crate::spool::{IntakeBudget, Spool};
 use crate::store::Store;
 
 /// Metadata a dialect passes along with its files (string values).
@@ -43,6 +43,8 @@ pub(crate) struct Gateway {
     pub(crate) delivery_slots: Arc<Semaphore>,
     /// Wakes the outbox worker when an async upload is accepted.
     pub(crate) outbox_wake: Notify,
+    /// The memory the spool writers share (`server.intake_memory`).
+    pub(crate) intake_budget: IntakeBudget,
     /// Whether the last measurement of `data_dir` was under `disk_free_floor`.
     below_disk_floor: AtomicBool,
 }
@@ -55,6 +57,7 @@ impl Gateway {
         limiter: Arc<dyn Limiter>,
     ) -> Self {
         let slots = policy.config.server.forward_concurrency.max(1);
+        let intake_budget = IntakeBudget::new(policy.config.server.intake_memory.0);
         Self {
             policy: RwLock::new(Arc::new(policy)),
             store,
@@ -62,6 +65,7 @@ impl Gateway {
             limiter,
             delivery_slots: Arc::new(Semaphore::new(slots)),
             outbox_wake: Notify::new(),
+            intake_budget,
             below_disk_floor: AtomicBool::new(false),
         }
     }

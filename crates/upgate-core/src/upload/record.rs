@@ -3,9 +3,9 @@
 //! What flows through here: the spooled files of one admitted request and the dialect's
 //! metadata. The day's quota takes their bytes (or refuses them); with async delivery they
 //! get durable spool names and their records (state `received`) are the outbox entries;
-//! with sync delivery each is delivered first, then recorded once in the state its delivery
-//! ended in, and a multi-file request that failed part-way is rolled back upstream. Out come
-//! the records, or the error the client is told.
+//! with sync delivery they are recorded `delivering` under a lease, delivered, then given
+//! the state their delivery ended in, and a multi-file request that failed part-way is
+//! rolled back upstream. Out come the records, or the error the client is told.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +20,21 @@ use crate::store::{UploadRecord, UploadState};
 use crate::vocab::now_ms;
 
 use super::admit::Admission;
+use crate::policy::Tenant;
 use super::{Gateway, Metadata, deliver, remove_quietly};
+
+/// What the record of an interrupted sync delivery says.
+const INTERRUPTED: &str =
+    "interrupted: the daemon stopped during the sync delivery, before the client was answered; the provider may hold a copy";
+
+/// How long a sync delivery may take (the provider's timeout, within which it retries) plus
+/// a margin for a plugin call that overruns it: its record's lease.
+fn sync_delivery_lease_ms(provider: &Provider) -> i64 {
+    const MARGIN_MS: i64 = 60_000;
+    i64::try_from(provider.config.timeout.0.as_millis())
+        .unwrap_or(i64::MAX)
+        .saturating_add(MARGIN_MS)
+}
 
 impl Gateway {
     /// Records received files and delivers them per the tenant's provider settings.
@@ -99,9 +113,20 @@ impl Gateway {
             self.outbox_wake.notify_one();
             return Ok(records);
         }
-        // Sync: deliver, then record each upload once, in the state its delivery ended in: one
-        // SQLite write per upload. An upload whose delivery the daemon did not live to finish
-        // was never acknowledged; its spooled bytes are swept at the next start.
+        // Sync: the records are written first, `delivering` under a lease as long as the
+        // delivery may take, so that a daemon that dies during the provider call leaves a
+        // record of it (failed when the lease ends, see `fail_interrupted_deliveries`), never
+        // a copy upstream that no record explains. Then each is delivered, and the outcomes
+        // are written over them.
+        for record in &mut records {
+            record.state = UploadState::Delivering;
+        }
+        let lease_end = now.saturating_add(sync_delivery_lease_ms(&provider));
+        if let Err(error) = self.store.insert_uploads(records.clone(), lease_end).await {
+            // Nothing was delivered: the spooled files go with `files`, the quota comes back.
+            self.refund(tenant, plan.has_quota(), day, &records).await;
+            return Err(error.into());
+        }
         let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
         let mut failure = None;
         for (record, path) in records.iter_mut().zip(&paths) {
@@ -129,46 +154,70 @@ impl Gateway {
         }
         if failure.is_some() {
             self.roll_back_delivered(&provider, &mut records).await;
-            if plan.has_quota() {
-                // The client was told the request failed and will send it again: what was
-                // not kept does not count against the day's quota.
-                let not_kept = records
-                    .iter()
-                    .filter(|record| record.state != UploadState::Forwarded);
-                let (bytes, uploads) = not_kept.fold((0, 0), |(bytes, uploads), record| {
-                    (bytes + record.size, uploads + 1)
-                });
-                if let Err(error) = self
-                    .limiter
-                    .refund_usage(tenant.name.clone(), day, (bytes, uploads))
-                    .await
-                {
-                    tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of a failed upload");
-                }
-            }
+            // The client was told the request failed and will send it again: what was not
+            // kept does not count against the day's quota.
+            let not_kept: Vec<UploadRecord> = records
+                .iter()
+                .filter(|record| record.state != UploadState::Forwarded)
+                .cloned()
+                .collect();
+            self.refund(tenant, plan.has_quota(), day, &not_kept).await;
         }
-        if let Err(error) = self.store.insert_uploads(records.clone(), now).await {
-            // Delivered but not recorded: nothing may stay upstream that no record explains,
-            // and the client, told the request failed, sends it again.
+        if let Err(error) = self.store.record_outcomes(records.clone()).await {
+            // Delivered but the outcome not recorded: the client, told the request failed,
+            // sends it again, so nothing may stay upstream. The records stay `delivering` and
+            // fail when their lease ends, which gives back their quota.
             self.roll_back_delivered(&provider, &mut records).await;
-            // (A request that failed already gave back what it did not keep, above.)
-            if plan.has_quota() && failure.is_none() {
-                let (bytes, uploads) = records.iter().fold((0, 0), |(bytes, uploads), record| {
-                    (bytes + record.size, uploads + 1)
-                });
-                if let Err(error) = self
-                    .limiter
-                    .refund_usage(tenant.name.clone(), day, (bytes, uploads))
-                    .await
-                {
-                    tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of an unrecorded upload");
-                }
-            }
             return Err(error.into());
         }
         match failure {
             Some(error) => Err(error),
             None => Ok(records),
+        }
+    }
+
+    /// Gives back the quota `records` took, when the plan has one.
+    async fn refund(&self, tenant: &Tenant, has_quota: bool, day: i64, records: &[UploadRecord]) {
+        if !has_quota || records.is_empty() {
+            return;
+        }
+        let (bytes, uploads) = records.iter().fold((0, 0), |(bytes, uploads), record| {
+            (bytes + record.size, uploads + 1)
+        });
+        if let Err(error) = self
+            .limiter
+            .refund_usage(tenant.name.clone(), day, (bytes, uploads))
+            .await
+        {
+            tracing::error!(%error, tenant = %tenant.name, "cannot give back quota of uploads not kept");
+        }
+    }
+
+    /// Fails the sync deliveries whose lease has ended (their daemon died during the provider
+    /// call; the client was never answered) and gives back their quota. At start, and then
+    /// with the housekeeping sweep (with a shared store, another node's dead deliveries).
+    pub(crate) async fn fail_interrupted_deliveries(&self) {
+        let failed = match self
+            .store
+            .fail_interrupted_deliveries(now_ms(), INTERRUPTED.to_owned())
+            .await
+        {
+            Ok(failed) => failed,
+            Err(error) => {
+                tracing::warn!(%error, "cannot sweep interrupted deliveries");
+                return;
+            }
+        };
+        let policy = self.policy();
+        for record in &failed {
+            tracing::warn!(upload_id = %record.id, provider = %record.provider,
+                "a sync delivery was interrupted (the daemon stopped during it); the upload is failed");
+            metrics::upload_outcome(record.dialect, &record.provider, "failed");
+            if let Some(tenant) = policy.tenant(&record.tenant) {
+                let (day, _) = quota_day(record.created_at_ms);
+                self.refund(tenant, tenant.plan.has_quota(), day, std::slice::from_ref(record))
+                    .await;
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::content::{self, SNIFF_LEN, Utf8Validator};
 use crate::error::ApiError;
-use crate::spool::SpooledFile;
+use crate::spool::{SliceSize, SpooledFile};
 use crate::store::{Concat, SessionRecord, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
@@ -32,8 +32,6 @@ use super::chunked::lock_session;
 use super::intake::{body_error, extension_of, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
-/// Bytes gathered before one write.
-const WRITE_SLICE: usize = 512 * 1024;
 /// Bytes read at a time when hashing a complete upload.
 const READ_SLICE: usize = 256 * 1024;
 /// Most partial uploads one final upload may join.
@@ -308,6 +306,7 @@ impl Gateway {
         let mut file = Some(tokio::task::spawn_blocking(move || spool.open_at(&id, offset)).await??);
         let mut hasher = checksum.map(Hasher::for_checksum);
         let mut buffer: Vec<u8> = Vec::new();
+        let mut slice = SliceSize::new(&self.intake_budget);
         let mut written = 0u64;
         // A body cut short (the client went away, or stalled) keeps what arrived, as the
         // protocol asks, unless the request carried a checksum, which only the whole body
@@ -337,11 +336,17 @@ impl Gateway {
                 if let Some(hasher) = &mut hasher {
                     hasher.update(&bytes);
                 }
-                buffer.extend_from_slice(&bytes);
-                if buffer.len() >= WRITE_SLICE {
-                    let (returned, emptied) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
-                    file = Some(returned);
-                    buffer = emptied;
+                // Slices are filled to their size exactly, so the buffer never grows past it.
+                let mut rest = &bytes[..];
+                while !rest.is_empty() {
+                    let take = (slice.get(buffer.len()) - buffer.len()).min(rest.len());
+                    buffer.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if buffer.len() >= slice.get(buffer.len()) {
+                        let (returned, emptied) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
+                        file = Some(returned);
+                        buffer = emptied;
+                    }
                 }
             }
             if let (Some(error), Some(_)) = (&cut_short, checksum) {

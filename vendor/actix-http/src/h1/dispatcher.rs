@@ -25,6 +25,7 @@ use super::{
     codec::Codec,
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
+    rejection::{self, RequestTarget},
     timer::TimerState,
     Message, MessageType,
 };
@@ -204,7 +205,8 @@ pin_project! {
 enum DispatcherMessage {
     Item(Request),
     Upgrade(Request),
-    Error(Response<()>),
+    // upgate patch: the body too (see `rejection`).
+    Error(Response<()>, BoxBody),
 }
 
 pin_project! {
@@ -635,11 +637,11 @@ where
                     }
 
                     // handle error message
-                    Some(DispatcherMessage::Error(res)) => {
+                    Some(DispatcherMessage::Error(res, body)) => {
                         // send_response would update InnerDispatcher state to SendPayload or None
                         // (If response body is empty)
                         // continue loop to poll it
-                        self.as_mut().send_error_response(res, BoxBody::new(()))?;
+                        self.as_mut().send_error_response(res, body)?;
                     }
 
                     // return with upgrade request and poll it exclusively
@@ -939,6 +941,14 @@ where
                 break;
             }
 
+            // upgate patch: the target of a head about to be decoded, for the body of a 400
+            // or 431 (a head whose headers fail is consumed before the error).
+            let target = if this.payload.is_none() {
+                RequestTarget::peek(this.read_buf)
+            } else {
+                RequestTarget::NONE
+            };
+
             match this.codec.decode(this.read_buf) {
                 Ok(Some(msg)) => {
                     updated = true;
@@ -1004,6 +1014,7 @@ where
                                 this.flags.insert(Flags::READ_DISCONNECT);
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
+                                    BoxBody::new(()),
                                 ));
                                 *this.error = Some(DispatchError::InternalError);
                                 break;
@@ -1019,6 +1030,7 @@ where
                                 this.flags.insert(Flags::READ_DISCONNECT);
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
+                                    BoxBody::new(()),
                                 ));
                                 *this.error = Some(DispatchError::InternalError);
                                 break;
@@ -1047,11 +1059,10 @@ where
                     }
 
                     // request heads that overflow buffer size return a 431 error
+                    let (res, body) =
+                        rejection::response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, &target);
                     this.messages
-                        .push_back(DispatcherMessage::Error(Response::with_body(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            (),
-                        )));
+                        .push_back(DispatcherMessage::Error(res, BoxBody::new(body)));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
                     *this.error = Some(ParseError::TooLarge.into());
@@ -1067,9 +1078,9 @@ where
                     }
 
                     // malformed requests should be responded with 400
-                    this.messages.push_back(DispatcherMessage::Error(
-                        Response::bad_request().drop_body(),
-                    ));
+                    let (res, body) = rejection::response(StatusCode::BAD_REQUEST, &target);
+                    this.messages
+                        .push_back(DispatcherMessage::Error(res, BoxBody::new(body)));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
                     *this.error = Some(err.into());
@@ -1093,10 +1104,20 @@ where
 
                 trace!("timed out on slow request; replying with 408 and closing connection");
 
-                let _ = self.as_mut().send_error_response(
-                    Response::with_body(StatusCode::REQUEST_TIMEOUT, ()),
-                    BoxBody::new(()),
-                );
+                // upgate patch: the body too (see `rejection`), written with the head: the
+                // connection shuts down next, before a body state would be polled.
+                let target = RequestTarget::peek(this.read_buf);
+                let (res, body) = rejection::response(StatusCode::REQUEST_TIMEOUT, &target);
+                let written = self.as_mut().send_response_inner(res, &body);
+                let mut this = self.as_mut().project();
+                if written.is_ok() && !body.is_empty() {
+                    let _ = this
+                        .codec
+                        .encode(Message::Chunk(Some(body)), this.write_buf)
+                        .and_then(|()| this.codec.encode(Message::Chunk(None), this.write_buf));
+                }
+                this.flags.insert(Flags::FINISHED);
+                this.state.set(State::None);
 
                 let this = self.project();
                 this.flags.insert(Flags::SHUTDOWN);

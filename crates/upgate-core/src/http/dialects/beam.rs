@@ -93,7 +93,7 @@ fn chat_file(record: &UploadRecord) -> Value {
     let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str).unwrap_or("");
     let status = match record.state {
         UploadState::Forwarded => "uploaded",
-        UploadState::Received => "processing",
+        UploadState::Received | UploadState::Delivering => "processing",
         UploadState::Failed | UploadState::Deleted => "failed",
     };
     let key = if record.extension.is_empty() {

@@ -184,6 +184,8 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
         ApiError::UpstreamFailed(_) => "The upstream provider failed; the file was not delivered.".into(),
         ApiError::UpstreamTimeout => "The upstream provider did not answer in time.".into(),
         ApiError::BodyTimeout => "The request body stalled; the upload was dropped.".into(),
+        ApiError::HeadTimeout => "The request head did not arrive in time.".into(),
+        ApiError::HeadTooLarge => "The request head is too large.".into(),
         ApiError::InsufficientStorage => "Not enough storage space on the gateway.".into(),
         ApiError::Internal => "Internal error.".into(),
         ApiError::Unavailable { retry_after_secs } => format!(

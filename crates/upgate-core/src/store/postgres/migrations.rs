@@ -68,6 +68,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         uploads BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (tenant, day)
     );",
+    // 2: state `delivering` (a sync delivery in progress, under a lease in next_attempt_at).
+    "ALTER TABLE uploads DROP CONSTRAINT uploads_state_check;
+    ALTER TABLE uploads ADD CONSTRAINT uploads_state_check
+        CHECK (state IN ('received', 'delivering', 'forwarded', 'failed', 'deleted'));",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

@@ -40,12 +40,8 @@ pub(super) fn upload_from_row(row: &Row) -> Result<UploadRecord, StoreError> {
 
 impl PostgresStore {
     /// Inserts upload records, all or none. Those in state `received` enter the outbox, due
-    /// at `deliver_at_ms`; the others (a sync delivery's final state) do not.
-    pub(super) async fn insert_uploads(
-        &self,
-        records: Vec<UploadRecord>,
-        deliver_at_ms: i64,
-    ) -> Result<(), StoreError> {
+    /// at `due_ms`; those `delivering` are leased until `due_ms`; the others wait for nothing.
+    pub(super) async fn insert_uploads(&self, records: Vec<UploadRecord>, due_ms: i64) -> Result<(), StoreError> {
         self.call(move |connection| {
             Box::pin(async move {
                 let insert = connection
@@ -59,7 +55,7 @@ impl PostgresStore {
                 let transaction = connection.client().transaction().await?;
                 for record in &records {
                     let metadata = serde_json::Value::Object(record.metadata.clone()).to_string();
-                    let due = (record.state == UploadState::Received).then_some(deliver_at_ms);
+                    let due = record.state.waits().then_some(due_ms);
                     transaction
                         .execute(
                             &insert,
@@ -88,6 +84,66 @@ impl PostgresStore {
                 }
                 transaction.commit().await?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Writes sync deliveries' outcomes over their `delivering` records, all or none.
+    pub(super) async fn record_outcomes(&self, records: Vec<UploadRecord>) -> Result<usize, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let update = connection
+                    .prepare(
+                        "UPDATE uploads SET state = $2, remote_id = $3, remote_url = $4, attempts = $5,
+                         last_error = $6, next_attempt_at = NULL, updated_at = $7
+                         WHERE id = $1 AND state = 'delivering'",
+                    )
+                    .await?;
+                let transaction = connection.client().transaction().await?;
+                let mut changed = 0;
+                for record in &records {
+                    changed += transaction
+                        .execute(
+                            &update,
+                            &[
+                                &record.id,
+                                &record.state.as_str(),
+                                &record.remote_id,
+                                &record.remote_url,
+                                &i64::from(record.attempts),
+                                &record.last_error,
+                                &now_ms(),
+                            ],
+                        )
+                        .await? as usize;
+                }
+                transaction.commit().await?;
+                Ok(changed)
+            })
+        })
+        .await
+    }
+
+    /// Fails the sync deliveries whose lease ended before `now` (any node's: a live node's
+    /// lease has not ended).
+    pub(super) async fn fail_interrupted_deliveries(
+        &self,
+        now: i64,
+        reason: String,
+    ) -> Result<Vec<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let fail = connection
+                    .prepare(concat!(
+                        "UPDATE uploads SET state = 'failed', last_error = $2, next_attempt_at = NULL, updated_at = $1
+                         WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 AND state = 'delivering'
+                         RETURNING ",
+                        upload_columns!()
+                    ))
+                    .await?;
+                let rows = connection.client().query(&fail, &[&now, &reason]).await?;
+                rows.iter().map(upload_from_row).collect()
             })
         })
         .await

@@ -91,4 +91,33 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sessions ADD COLUMN length_deferred INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE sessions ADD COLUMN concat TEXT;
     ALTER TABLE sessions ADD COLUMN upload_id TEXT;",
+    // 7: state `delivering` (a sync delivery in progress, under a lease in next_attempt_at).
+    // SQLite cannot alter a CHECK: the table is rebuilt, as in 5.
+    "CREATE TABLE uploads_v7 (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        dialect TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        extension TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state = 'received' OR state = 'delivering' OR state = 'forwarded'
+            OR state = 'failed' OR state = 'deleted'),
+        provider TEXT NOT NULL,
+        remote_id TEXT,
+        remote_url TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        next_attempt_at INTEGER
+    ) WITHOUT ROWID;
+    INSERT INTO uploads_v7 SELECT id, tenant, dialect, filename, extension, mime, size, sha256,
+        state, provider, remote_id, remote_url, created_at, updated_at, metadata, attempts,
+        last_error, next_attempt_at FROM uploads;
+    DROP TABLE uploads;
+    ALTER TABLE uploads_v7 RENAME TO uploads;
+    CREATE INDEX uploads_outbox ON uploads (next_attempt_at) WHERE next_attempt_at IS NOT NULL;",
 ];

@@ -81,11 +81,12 @@ impl SqliteStore {
     }
 
     /// At start: the leases of a previous process are void (nothing of it is in flight any
-    /// more), so every waiting upload is due now instead of when its lease would run out.
+    /// more), so every waiting upload is due now instead of when its lease would run out, and
+    /// every sync delivery's lease has ended.
     pub(super) async fn release_outbox_leases(&self) -> Result<usize, StoreError> {
         self.call(|connection| {
             Ok(connection.execute(
-                "UPDATE uploads SET next_attempt_at = ?1 WHERE state = 'received'
+                "UPDATE uploads SET next_attempt_at = ?1 WHERE (state = 'received' OR state = 'delivering')
                  AND next_attempt_at IS NOT NULL AND next_attempt_at > ?1",
                 params![now_ms()],
             )?)

@@ -33,13 +33,9 @@ pub(super) fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Uploa
 }
 
 impl SqliteStore {
-    /// Inserts upload records. Those in state `received` enter the outbox, due at
-    /// `deliver_at_ms`; the others (a sync delivery's final state) do not.
-    pub(super) async fn insert_uploads(
-        &self,
-        records: Vec<UploadRecord>,
-        deliver_at_ms: i64,
-    ) -> Result<(), StoreError> {
+    /// Inserts upload records. Those in state `received` enter the outbox, due at `due_ms`;
+    /// those `delivering` are leased until `due_ms`; the others do not wait for anything.
+    pub(super) async fn insert_uploads(&self, records: Vec<UploadRecord>, due_ms: i64) -> Result<(), StoreError> {
         self.call(move |connection| {
             let mut statement = connection.prepare_cached(
                 "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
@@ -66,10 +62,54 @@ impl SqliteStore {
                     record.last_error,
                     record.created_at_ms,
                     record.updated_at_ms,
-                    (record.state == UploadState::Received).then_some(deliver_at_ms),
+                    record.state.waits().then_some(due_ms),
                 ])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// Writes sync deliveries' outcomes over their `delivering` records.
+    pub(super) async fn record_outcomes(&self, records: Vec<UploadRecord>) -> Result<usize, StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "UPDATE uploads SET state = ?2, remote_id = ?3, remote_url = ?4, attempts = ?5,
+                 last_error = ?6, next_attempt_at = NULL, updated_at = ?7 WHERE id = ?1 AND state = 'delivering'",
+            )?;
+            let mut changed = 0;
+            for record in &records {
+                changed += statement.execute(params![
+                    record.id,
+                    record.state.as_str(),
+                    record.remote_id,
+                    record.remote_url,
+                    record.attempts,
+                    record.last_error,
+                    now_ms(),
+                ])?;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Fails the sync deliveries whose lease ended before `now`.
+    pub(super) async fn fail_interrupted_deliveries(
+        &self,
+        now: i64,
+        reason: String,
+    ) -> Result<Vec<UploadRecord>, StoreError> {
+        self.call(move |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "UPDATE uploads SET state = 'failed', last_error = ?2, next_attempt_at = NULL, updated_at = ?1
+                 WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ?1 AND state = 'delivering'
+                 RETURNING {UPLOAD_COLUMNS}"
+            ))?;
+            let failed = statement
+                .query_map(params![now, reason], upload_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(failed)
         })
         .await
     }
