@@ -343,7 +343,10 @@ fn body_of(answer: &str) -> &str {
 #[test]
 fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
     let daemon = Daemon::start_with(|dir| {
-        default_config(dir).replace("  idle_timeout: 2s\n", "  idle_timeout: 2s\n  header_timeout: 1s\n")
+        default_config(dir).replace(
+            "  idle_timeout: 2s\n",
+            "  idle_timeout: 2s\n  header_timeout: 1s\n",
+        )
     });
     // A head larger than the HTTP layer reads (128 KiB): 431, in Dify's JSON.
     let huge = format!(
@@ -352,7 +355,8 @@ fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
     );
     let (status, answer) = raw_exchange(&daemon, huge.as_bytes());
     assert_eq!(status, 431, "{answer}");
-    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let body: serde_json::Value =
+        serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
     assert_eq!(body["status"], 431, "{body}");
     assert_eq!(body["code"], "invalid_param", "{body}");
     // A header that does not parse, on a Kore route: 400, in Kore's shape.
@@ -361,24 +365,38 @@ fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
         b"POST /api/public/files HTTP/1.1\r\nHost: x\r\nContent-Length: twelve\r\n\r\n",
     );
     assert_eq!(status, 400, "{answer}");
-    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let body: serde_json::Value =
+        serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
     assert_eq!(body["errors"][0]["code"], 400, "{body}");
-    assert!(body["errors"][0]["msg"].as_str().unwrap().contains("Malformed"), "{body}");
+    assert!(
+        body["errors"][0]["msg"].as_str().unwrap().contains("Malformed"),
+        "{body}"
+    );
     // tus answers in plain text; a query string does not hide the path.
     let (status, answer) = raw_exchange(
         &daemon,
         b"PATCH /files/abc?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
     assert_eq!(status, 400, "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("content-type: text/plain"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("content-type: text/plain"),
+        "{answer}"
+    );
     assert!(!body_of(&answer).is_empty(), "{answer}");
     // A head that does not arrive in time on a MaiAgent route: 408, in MaiAgent's shape.
-    let (status, answer) = raw_exchange(&daemon, b"POST /api/v1/attachments-upload/ HTTP/1.1\r\nHost: x\r\n");
+    let (status, answer) = raw_exchange(
+        &daemon,
+        b"POST /api/v1/attachments-upload/ HTTP/1.1\r\nHost: x\r\n",
+    );
     assert_eq!(status, 408, "{answer}");
-    let body: serde_json::Value = serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let body: serde_json::Value =
+        serde_json::from_str(body_of(&answer)).unwrap_or_else(|e| panic!("{e}: {answer}"));
     assert!(body["detail"].as_str().is_some(), "{body}");
     // Outside every dialect's prefix: an empty body, as before.
-    let (status, answer) = raw_exchange(&daemon, b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n");
+    let (status, answer) = raw_exchange(
+        &daemon,
+        b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+    );
     assert_eq!(status, 400, "{answer}");
     assert_eq!(body_of(&answer), "", "{answer}");
     // The daemon still serves.

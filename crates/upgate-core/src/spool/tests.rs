@@ -9,7 +9,13 @@ async fn spool_writer_hashes_limits_and_cleans_up() {
     let local = LocalSpool::open(dir.path(), Durability::PowerLoss).unwrap();
     let spool: Arc<dyn Spool> = Arc::new(local.clone());
     let data: Vec<u8> = (0..(WRITE_SLICE * 2 + 17)).map(|i| (i % 251) as u8).collect();
-    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "u1", data.len() as u64, false);
+    let mut writer = SpoolWriter::new(
+        &spool,
+        &IntakeBudget::new(1 << 20),
+        "u1",
+        data.len() as u64,
+        false,
+    );
     for chunk in data.chunks(7000) {
         writer.write(chunk).await.unwrap();
     }
@@ -18,6 +24,14 @@ async fn spool_writer_hashes_limits_and_cleans_up() {
     assert_eq!(sha256, hex::encode(Sha256::digest(&data)));
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(head.len(), SNIFF_LEN);
+    // Without a share of the budget, in small slices: the same bytes.
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(0), "small", data.len() as u64, false);
+    for chunk in data.chunks(100_000) {
+        writer.write(chunk).await.unwrap();
+    }
+    let (small, _, small_sha256, _, _) = writer.finish().await.unwrap();
+    assert_eq!(small_sha256, sha256);
+    std::fs::remove_file(small).unwrap();
 
     let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "u2", 10, false);
     writer.write(b"0123456789").await.unwrap();
@@ -45,5 +59,24 @@ fn chunk_paths_are_numbers_under_the_session() {
     assert_eq!(
         path,
         std::env::temp_dir().join("sessions/0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11/7")
+    );
+}
+
+#[test]
+fn the_intake_budget_gives_large_slices_while_it_has_room() {
+    // Room for one writer's two large slices.
+    let budget = IntakeBudget::new(2 * WRITE_SLICE as u64);
+    let mut first = SliceSize::new(&budget);
+    assert_eq!(first.get(0), SMALL_SLICE, "small until one is filled");
+    assert_eq!(first.get(SMALL_SLICE), WRITE_SLICE);
+    let mut second = SliceSize::new(&budget);
+    assert_eq!(second.get(SMALL_SLICE), SMALL_SLICE, "the budget is taken");
+    drop(first);
+    assert_eq!(second.get(SMALL_SLICE), SMALL_SLICE, "a writer asks once");
+    let mut third = SliceSize::new(&budget);
+    assert_eq!(
+        third.get(SMALL_SLICE),
+        WRITE_SLICE,
+        "given back when the first ended"
     );
 }

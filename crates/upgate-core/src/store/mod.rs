@@ -53,8 +53,9 @@ impl std::str::FromStr for UploadState {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        Self::parse(text)
-            .ok_or_else(|| format!("`{text}` is not a state (received, delivering, forwarded, failed, deleted)"))
+        Self::parse(text).ok_or_else(|| {
+            format!("`{text}` is not a state (received, delivering, forwarded, failed, deleted)")
+        })
     }
 }
 
@@ -84,8 +85,8 @@ impl UploadState {
             Self::Failed,
             Self::Deleted,
         ]
-            .into_iter()
-            .find(|state| state.as_str() == text)
+        .into_iter()
+        .find(|state| state.as_str() == text)
     }
 }
 

@@ -20,12 +20,11 @@ use crate::store::{UploadRecord, UploadState};
 use crate::vocab::now_ms;
 
 use super::admit::Admission;
-use crate::policy::Tenant;
 use super::{Gateway, Metadata, deliver, remove_quietly};
+use crate::policy::Tenant;
 
 /// What the record of an interrupted sync delivery says.
-const INTERRUPTED: &str =
-    "interrupted: the daemon stopped during the sync delivery, before the client was answered; the provider may hold a copy";
+const INTERRUPTED: &str = "interrupted: the daemon stopped during the sync delivery, before the client was answered; the provider may hold a copy";
 
 /// How long a sync delivery may take (the provider's timeout, within which it retries) plus
 /// a margin for a plugin call that overruns it: its record's lease.

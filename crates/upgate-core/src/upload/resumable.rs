@@ -343,7 +343,8 @@ impl Gateway {
                     buffer.extend_from_slice(&rest[..take]);
                     rest = &rest[take..];
                     if buffer.len() >= slice.get(buffer.len()) {
-                        let (returned, emptied) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
+                        let (returned, emptied) =
+                            write_slice(file.take(), std::mem::take(&mut buffer)).await?;
                         file = Some(returned);
                         buffer = emptied;
                     }

@@ -41,7 +41,11 @@ pub(super) fn upload_from_row(row: &Row) -> Result<UploadRecord, StoreError> {
 impl PostgresStore {
     /// Inserts upload records, all or none. Those in state `received` enter the outbox, due
     /// at `due_ms`; those `delivering` are leased until `due_ms`; the others wait for nothing.
-    pub(super) async fn insert_uploads(&self, records: Vec<UploadRecord>, due_ms: i64) -> Result<(), StoreError> {
+    pub(super) async fn insert_uploads(
+        &self,
+        records: Vec<UploadRecord>,
+        due_ms: i64,
+    ) -> Result<(), StoreError> {
         self.call(move |connection| {
             Box::pin(async move {
                 let insert = connection

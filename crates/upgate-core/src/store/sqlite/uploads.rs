@@ -35,7 +35,11 @@ pub(super) fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Uploa
 impl SqliteStore {
     /// Inserts upload records. Those in state `received` enter the outbox, due at `due_ms`;
     /// those `delivering` are leased until `due_ms`; the others do not wait for anything.
-    pub(super) async fn insert_uploads(&self, records: Vec<UploadRecord>, due_ms: i64) -> Result<(), StoreError> {
+    pub(super) async fn insert_uploads(
+        &self,
+        records: Vec<UploadRecord>,
+        due_ms: i64,
+    ) -> Result<(), StoreError> {
         self.call(move |connection| {
             let mut statement = connection.prepare_cached(
                 "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
