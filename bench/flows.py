@@ -5,11 +5,16 @@
            plugin forwarding to the dify mock) vs the same file sent straight to that mock.
   kore:    one file through Kore chunked sessions (8 MiB chunks) vs the same file as one
            Dify upload, both to the local provider.
+  memory:  the daemon's RSS with idle connections (a partial request head each) and then
+           with concurrent 5 MiB uploads on top, with the default `intake_memory` vs with
+           the budget lifted (every upload writing 512 KiB slices): what an idle connection
+           and an upload in progress cost, and what the budget bounds.
 
 Prints time, MiB/s, the ratio, and the daemon's peak RSS (VmHWM) for each run. Needs a
 release build (`cargo build --release --workspace`) and curl. Usage:
 
-  bench/flows.py [forward|kore|all] [--size-mib 1024] [--workdir DIR]
+  bench/flows.py [forward|kore|memory|all] [--size-mib 1024] [--workdir DIR]
+                 [--connections 320] [--uploads 200]
 """
 import argparse
 import contextlib
@@ -75,14 +80,14 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
-def upgate_argv(workdir, provider_yaml):
+def upgate_argv(workdir, provider_yaml, server_yaml=""):
     data = os.path.join(workdir, "data")
     shutil.rmtree(data, ignore_errors=True)
     config = os.path.join(workdir, "config.yaml")
     with open(config, "w") as out:
         out.write(
             f"server:\n  listen: 127.0.0.1:0\n  metrics_listen: null\n  data_dir: {data}\n"
-            f"  plugin_dir: {RELEASE}\n  disk_free_floor: 64MiB\n"
+            f"  plugin_dir: {RELEASE}\n  disk_free_floor: 64MiB\n{server_yaml}"
             f"plans:\n  big: {{ max_file_size: 64GiB }}\n"
             f"providers:\n{provider_yaml}"
             f"tenants:\n  bench: {{ plan: big, provider: up, keys: [{KEY}] }}\n"
@@ -175,6 +180,87 @@ def bench_kore(workdir, path, size_mib):
         sys.exit("the assembled file differs from the original")
 
 
+def rss_mib(pid, field="VmRSS:"):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_run(workdir, connections, uploads, intake_memory):
+    """(idle RSS, RSS with idle connections, peak with uploads on top) of one fresh daemon."""
+    import socket
+    import threading
+
+    files = os.path.join(workdir, "files")
+    shutil.rmtree(files, ignore_errors=True)
+    provider = f"  up: {{ plugin: local, settings: {{ root: {files} }} }}\n"
+    server = (f"  header_timeout: 120s\n  idle_timeout: 120s\n  max_connections: 100000\n"
+              f"  intake_memory: {intake_memory}\n")
+    with running(upgate_argv(workdir, provider, server), r"upgate: listening on (http://\S+)") as (proc, url):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        time.sleep(0.5)
+        idle = rss_mib(proc.pid)
+        idle_sockets = []
+        for _ in range(connections):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/files/upload HTTP/1.1\r\nHost: bench\r\n")
+            idle_sockets.append(sock)
+        time.sleep(1.0)
+        with_idle = rss_mib(proc.pid)
+        size = 5 << 20
+        boundary = uuid.uuid4().hex
+        head_of_body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.bin\"\r\n"
+                        f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        length = len(head_of_body) + size + len(tail)
+        piece = os.urandom(64 << 10)
+        ready = threading.Barrier(uploads + 1)
+        statuses = []
+
+        def one_upload():
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall((f"POST /v1/files/upload HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n"
+                          f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                          f"Content-Length: {length}\r\n\r\n").encode() + head_of_body)
+            ready.wait()
+            for _ in range(size // len(piece)):
+                sock.sendall(piece)
+            sock.sendall(tail)
+            answer = sock.recv(65536).decode(errors="replace")
+            statuses.append(answer.split(" ", 2)[1] if " " in answer else "none")
+            sock.close()
+
+        threads = [threading.Thread(target=one_upload) for _ in range(uploads)]
+        for thread in threads:
+            thread.start()
+        ready.wait()
+        for thread in threads:
+            thread.join()
+        peak = rss_mib(proc.pid, "VmHWM:")
+        for sock in idle_sockets:
+            sock.close()
+        bad = [status for status in statuses if not status.startswith("2")]
+        if bad:
+            sys.exit(f"memory: {len(bad)} of {uploads} uploads failed: {bad[:5]}")
+        return idle, with_idle, peak
+
+
+def bench_memory(workdir, connections, uploads):
+    print(f"memory: {connections} idle connections, then {uploads} concurrent 5 MiB uploads (Dify, local provider)")
+    results = []
+    for label, budget in (("budget lifted (baseline: 512 KiB slices for all)", "1TiB"),
+                          ("default intake_memory (32 MiB)", "32MiB")):
+        idle, with_idle, peak = memory_run(workdir, connections, uploads, budget)
+        per_connection = (with_idle - idle) * 1024 / connections
+        per_upload = (peak - with_idle) * 1024 / uploads
+        results.append(peak)
+        print(f"  {label:<52} idle {idle:6.1f} MiB  +conns {with_idle:6.1f} MiB "
+              f"({per_connection:5.1f} KiB each)  peak {peak:6.1f} MiB ({per_upload:6.1f} KiB per upload)")
+    print(f"  ratio peak RSS default/lifted: {results[1] / results[0]:.2f}x\n")
+
+
 def sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as source:
@@ -185,8 +271,10 @@ def sha256(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="?", default="all", choices=["forward", "kore", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["forward", "kore", "memory", "all"])
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--connections", type=int, default=320)
+    parser.add_argument("--uploads", type=int, default=200)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     for binary in (UPGATE, MOCK):
@@ -195,7 +283,8 @@ def main():
     workdir = args.workdir or tempfile.mkdtemp(prefix="upgate-flows-")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "big.bin")
-    if not os.path.exists(path) or os.path.getsize(path) != args.size_mib << 20:
+    needs_file = args.which != "memory"
+    if needs_file and (not os.path.exists(path) or os.path.getsize(path) != args.size_mib << 20):
         with open(path, "wb") as out:
             for _ in range(args.size_mib):
                 out.write(os.urandom(1 << 20))
@@ -204,6 +293,8 @@ def main():
             bench_forward(workdir, path, args.size_mib)
         if args.which in ("kore", "all"):
             bench_kore(workdir, path, args.size_mib)
+        if args.which in ("memory", "all"):
+            bench_memory(workdir, args.connections, args.uploads)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,13 +1,14 @@
-//! One client per inbound dialect, so tests can run the same scenario through all five:
-//! each sends a single-file upload the way that vendor's own clients do and reads back the
-//! id, the URL field and the error message from that dialect's shapes.
+//! One client per inbound dialect, so tests can run the same scenario through all six:
+//! each sends a single-file upload the way that vendor's own clients do (tus: one creation
+//! request carrying the whole file) and reads back the id, the URL and the error message
+//! from that dialect's shapes.
 
 use serde_json::Value;
 
-use crate::harness::{Daemon, Form, Reply, post_form};
+use crate::harness::{Daemon, Form, Reply, post_form, send};
 
-/// The five dialects, by name.
-pub const DIALECTS: [&str; 5] = ["dify", "kore", "maiagent", "korexo", "beam"];
+/// The six dialects, by name.
+pub const DIALECTS: [&str; 6] = ["dify", "kore", "maiagent", "korexo", "beam", "tus"];
 
 /// The status each dialect answers a successful upload with.
 pub fn success_status(dialect: &str) -> u16 {
@@ -15,6 +16,26 @@ pub fn success_status(dialect: &str) -> u16 {
         "kore" | "korexo" => 200,
         _ => 201,
     }
+}
+
+/// Standard base64 with padding, as tus's `Upload-Metadata` and `Upload-Checksum` carry it.
+pub fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A Beam thread id used by the inbound Beam client.
@@ -59,6 +80,17 @@ pub fn upload(daemon: &Daemon, dialect: &str, key: &str, name: &str, bytes: &[u8
                 .text("threadId", BEAM_THREAD)
                 .file("files", name, "application/octet-stream", bytes),
         ),
+        "tus" => send(
+            "POST",
+            &daemon.url("/files/"),
+            &[
+                ("Authorization", &format!("Bearer {key}")),
+                ("Tus-Resumable", "1.0.0"),
+                ("Upload-Length", &bytes.len().to_string()),
+                ("Upload-Metadata", &format!("filename {}", b64(name.as_bytes()))),
+            ],
+            Some(("application/offset+octet-stream", bytes.to_vec())),
+        ),
         other => panic!("unknown dialect {other}"),
     }
 }
@@ -72,8 +104,15 @@ pub fn record(dialect: &str, body: &Value) -> Value {
     }
 }
 
-/// The upload id in a success body.
-pub fn id(dialect: &str, body: &Value) -> String {
+/// The upload id of a successful upload (tus: the `Upgate-Upload-Id` header).
+pub fn id(dialect: &str, reply: &Reply) -> String {
+    if dialect == "tus" {
+        return reply
+            .header("upgate-upload-id")
+            .unwrap_or_else(|| panic!("tus: no Upgate-Upload-Id: {reply:?}"))
+            .to_owned();
+    }
+    let body = &reply.json();
     let record = record(dialect, body);
     let key = if matches!(dialect, "kore" | "korexo") {
         "fileId"
@@ -86,9 +125,16 @@ pub fn id(dialect: &str, body: &Value) -> String {
         .to_owned()
 }
 
-/// The URL field of a success body (the upstream's URL when forwarded); `None` for Kore XO,
-/// whose answer has no URL field (`filePath` is a fixed vendor-side name).
-pub fn url(dialect: &str, body: &Value) -> Option<Value> {
+/// The URL of a successful upload (the upstream's URL when forwarded; tus: the
+/// `Upgate-Upload-Url` header); `None` for Kore XO, whose answer has no URL field
+/// (`filePath` is a fixed vendor-side name).
+pub fn url(dialect: &str, reply: &Reply) -> Option<Value> {
+    if dialect == "tus" {
+        return reply
+            .header("upgate-upload-url")
+            .map(|url| Value::String(url.to_owned()));
+    }
+    let body = &reply.json();
     let record = record(dialect, body);
     match dialect {
         "dify" => Some(record["source_url"].clone()),
@@ -99,8 +145,18 @@ pub fn url(dialect: &str, body: &Value) -> Option<Value> {
     }
 }
 
-/// The human message of an error body, whatever the dialect's shape.
-pub fn error_message(dialect: &str, body: &Value) -> String {
+/// The human message of an error answer, whatever the dialect's shape (tus: plain text).
+pub fn error_message(dialect: &str, reply: &Reply) -> String {
+    if dialect == "tus" {
+        assert!(
+            reply
+                .header("content-type")
+                .is_some_and(|value| value.starts_with("text/plain")),
+            "tus: {reply:?}"
+        );
+        return reply.text.trim().to_owned();
+    }
+    let body = &reply.json();
     let text = match dialect {
         "dify" => body["message"].as_str().map(str::to_owned),
         "kore" | "korexo" => body["errors"][0]["msg"].as_str().map(str::to_owned),

@@ -48,7 +48,7 @@ fn size_extension_and_content_limits_in_every_dialect() {
         let refuse = |name: &str, bytes: &[u8], status: u16, says: &str| {
             let reply = inbound::upload(&daemon, dialect, &key, name, bytes);
             assert_eq!(reply.status, status, "{dialect} {name}: {}", reply.text);
-            let message = inbound::error_message(dialect, &reply.json());
+            let message = inbound::error_message(dialect, &reply);
             let lower = message.to_lowercase();
             let said = says.split('|').any(|word| lower.contains(&word.to_lowercase()));
             assert!(said, "{dialect} {name}: {message}");
@@ -70,7 +70,7 @@ fn size_extension_and_content_limits_in_every_dialect() {
             "{dialect} at the limit: {}",
             reply.text
         );
-        let id = inbound::id(dialect, &reply.json());
+        let id = inbound::id(dialect, &reply);
         assert_eq!(
             std::fs::metadata(daemon.files_dir().join(id)).unwrap().len(),
             LIMIT as u64
@@ -102,7 +102,7 @@ fn the_rate_limit_admits_the_burst_then_429_in_every_dialect() {
             .parse()
             .unwrap();
         assert!((1..=2).contains(&retry_after), "{dialect}: {retry_after}");
-        let message = inbound::error_message(dialect, &refused.json());
+        let message = inbound::error_message(dialect, &refused);
         assert!(
             message.contains(&retry_after.to_string()),
             "{dialect} says when to retry: {message}"
@@ -143,7 +143,7 @@ fn assert_throttled(dialect: &str, reply: &Reply, retry_after: impl Fn(u64) -> b
     let secs: u64 = reply.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!(retry_after(secs), "{dialect}: Retry-After {secs}");
     // The dialect's own shape, with a message.
-    assert!(!inbound::error_message(dialect, &reply.json()).is_empty());
+    assert!(!inbound::error_message(dialect, &reply).is_empty());
 }
 
 /// Starts a Dify upload for `key` and sends only part of it, so it holds its slots.

@@ -1,4 +1,4 @@
-//! The dialect x provider matrix: every inbound dialect uploads through every provider (the
+//! The dialect x provider matrix: every inbound dialect (tus included) uploads through every provider (the
 //! local disk and the five vendor plugins against their mock upstreams). The bytes arrive
 //! intact (sha256 at the far end) and the client gets its own dialect's shape.
 
@@ -82,8 +82,7 @@ fn check_dialect(matrix: &Matrix, dialect: &str) {
         "{dialect} -> local: {}",
         reply.text
     );
-    let body = reply.json();
-    let (id, url) = (inbound::id(dialect, &body), inbound::url(dialect, &body));
+    let (id, url) = (inbound::id(dialect, &reply), inbound::url(dialect, &reply));
     assert_eq!(
         sha256_file(&daemon.files_dir().join(&id)),
         sha256_hex(&content),
@@ -92,7 +91,7 @@ fn check_dialect(matrix: &Matrix, dialect: &str) {
     if let Some(url) = url {
         assert!(
             url.as_str().is_some_and(|u| u.starts_with("file://")),
-            "{dialect} -> local: {body}"
+            "{dialect} -> local: {url}"
         );
     }
 
@@ -106,7 +105,6 @@ fn check_dialect(matrix: &Matrix, dialect: &str) {
             "{dialect} -> {vendor}: {}",
             reply.text
         );
-        let body = reply.json();
         let stored = mock.stored();
         assert_eq!(stored.len(), before + 1, "{dialect} -> {vendor}");
         let last = stored.last().unwrap();
@@ -120,7 +118,7 @@ fn check_dialect(matrix: &Matrix, dialect: &str) {
             name.as_bytes(),
             "{dialect} -> {vendor}: the name byte for byte"
         );
-        let (id, url) = (inbound::id(dialect, &body), inbound::url(dialect, &body));
+        let (id, url) = (inbound::id(dialect, &reply), inbound::url(dialect, &reply));
         if let Some(url) = url {
             assert_eq!(
                 url,

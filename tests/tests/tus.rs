@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use upgate_e2e::harness::*;
+use upgate_e2e::inbound::b64;
 
 const TUS: (&str, &str) = ("Tus-Resumable", "1.0.0");
 const OFFSET_STREAM: &str = "application/offset+octet-stream";
@@ -36,26 +37,6 @@ fn with_server(config: String, lines: &str) -> String {
 
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
-}
-
-/// Standard base64 with padding, as `Upload-Metadata` and `Upload-Checksum` carry it.
-fn b64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// `Upload-Metadata` for a filename (and a type).
