@@ -143,7 +143,7 @@ fn assert_throttled(dialect: &str, reply: &Reply, retry_after: impl Fn(u64) -> b
     let secs: u64 = reply.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!(retry_after(secs), "{dialect}: Retry-After {secs}");
     // The dialect's own shape, with a message.
-    assert!(!inbound::error_message(dialect, &reply).is_empty());
+    assert!(!inbound::error_message(dialect, reply).is_empty());
 }
 
 /// Starts a Dify upload for `key` and sends only part of it, so it holds its slots.
