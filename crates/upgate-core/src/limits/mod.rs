@@ -2,13 +2,15 @@
 //!
 //! What flows through here: a key's digest and its plan's rate limit, a tenant's (or the
 //! daemon's) concurrency cap, and a tenant's daily usage against its quota. Out come
-//! verdicts: `Ok`, or a [`LimitError`] (how long to wait, or every slot taken). The
-//! [`Limiter`] trait is the seam for where that state lives: [`local::LocalLimiter`] keeps
-//! rate and concurrency in this process (`governor` buckets, semaphores) and quotas in the
-//! store; a shared backend (Redis) is one more module beside it. Nothing here knows about
-//! HTTP or dialects.
+//! verdicts: `Ok`, or a [`LimitError`] (how long to wait, every slot taken, or the shared
+//! limits unavailable). The [`Limiter`] trait is the seam for where that state lives:
+//! [`local::LocalLimiter`] keeps rate and concurrency in this process (`governor` buckets,
+//! semaphores) and quotas in the store; [`redis::RedisLimiter`] shares key rates and tenant
+//! concurrency between nodes through Redis (`server.limits`), and leaves the rest to a
+//! `LocalLimiter`. Nothing here knows about HTTP or dialects.
 
 pub(crate) mod local;
+pub(crate) mod redis;
 
 use std::time::Duration;
 
@@ -36,6 +38,10 @@ pub(crate) enum LimitError {
     /// Every slot of the cap is taken.
     #[error("every slot of the concurrency cap is taken")]
     Busy,
+    /// The shared limits could not be asked, and this node may not count on its own
+    /// (`server.limits.fault_tolerant: false`).
+    #[error("the shared limits are unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A slot of a concurrency cap, given back when dropped.
