@@ -1,8 +1,10 @@
-//! Test support for upgate: the end-to-end harness (the real daemon and plugins) and
-//! faithful mock servers for the five vendor APIs, and a TLS front to put before them.
+//! Test support for upgate: the end-to-end harness (the real daemon and plugins),
+//! faithful mock servers for the five vendor APIs, a TLS front to put before them, and a
+//! real PostgreSQL and Redis of the tests' own for cluster mode.
 
 pub mod harness;
 pub mod inbound;
 pub mod mock;
 pub mod postgres;
+pub mod redis;
 pub mod tls;

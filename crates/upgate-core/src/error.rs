@@ -4,13 +4,17 @@
 //! delivery), dialect-neutral. Each variant has one [`Class`], and both its HTTP status and
 //! its rejection label derive from that class, so the two can never disagree. The HTTP
 //! edge (`http::respond`) turns an `ApiError` into a response in the client's dialect;
-//! module errors below (store, spool, plugins, content) become an `ApiError` through the
-//! `From` impls here, each logging what the client is not told.
+//! module errors below (store, limits, spool, plugins, content) become an `ApiError` through
+//! the `From` impls here, each logging what the client is not told (a refusal by a limit is
+//! no failure: nothing to log; an unreachable Redis is logged by the limiter).
+
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use upgate_plugin_api::{ErrorKind, PluginError};
 
 use crate::content::ContentError;
+use crate::limits::LimitError;
 use crate::store::StoreError;
 
 /// Why a request was throttled.
@@ -98,8 +102,9 @@ pub enum ApiError {
     /// A request that would change an upload that cannot change (a final concatenation).
     #[error("the upload cannot be changed")]
     ImmutableUpload,
-    /// The store cannot be reached (a shared database down or restarting): 503, retry later.
-    #[error("the store is unavailable, retry after {retry_after_secs} s")]
+    /// A shared engine cannot be reached (the store's database, or the limits' Redis with
+    /// `fault_tolerant: false`, down or restarting): 503, retry later.
+    #[error("a shared engine is unavailable, retry after {retry_after_secs} s")]
     Unavailable { retry_after_secs: u64 },
     #[error("internal error")]
     Internal,
@@ -107,6 +112,15 @@ pub enum ApiError {
 
 /// What a client is told to wait when the store is unavailable.
 pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 5;
+/// What a client is told to wait when the shared limits are unavailable (`fault_tolerant:
+/// false`): the limiter asks Redis again after a second, so a short outage is short.
+pub(crate) const LIMITS_RETRY_AFTER_SECS: u64 = 2;
+
+/// Whole seconds, rounded up, at least 1: a wait as `Retry-After` says it.
+pub(crate) fn ceil_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
 
 /// What kind of failure an [`ApiError`] is: the one classification both the status and the
 /// `upgate_rejections_total{reason}` label come from.
@@ -269,6 +283,29 @@ impl From<StoreError> for ApiError {
         }
         tracing::error!(%error, "store failure");
         Self::Internal
+    }
+}
+
+/// A limit that said no: 429 with how long to wait (a rate: until the key's next request
+/// would pass; a concurrency cap: a second), or, when the shared limits cannot be asked and
+/// the node may not count on its own (`fault_tolerant: false`), 503 with `Retry-After`, as
+/// for an unavailable store. Not logged here: the limiter logs an unreachable Redis itself,
+/// at most every few seconds rather than once per request.
+impl From<LimitError> for ApiError {
+    fn from(error: LimitError) -> Self {
+        match error {
+            LimitError::Rate(wait) => Self::Throttled {
+                retry_after_secs: ceil_secs(wait),
+                why: Throttle::Rate,
+            },
+            LimitError::Busy => Self::Throttled {
+                retry_after_secs: 1,
+                why: Throttle::Concurrency,
+            },
+            LimitError::Unavailable(_) => Self::Unavailable {
+                retry_after_secs: LIMITS_RETRY_AFTER_SECS,
+            },
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //!   chunked, delete;
 //! - the seams the flow reaches its state through: [`store`] (records, sessions, outbox,
 //!   usage; SQLite, or PostgreSQL shared by several nodes), [`spool`] (bytes waiting; local
-//!   disk), [`limits`] (rate, concurrency, quota; in-process), and the provider [`plugins`];
+//!   disk), [`limits`] (rate, concurrency, quota; in-process, or rate and tenant concurrency
+//!   in Redis shared by several nodes), and the provider [`plugins`];
 //! - [`policy`] (tenants, plans, keys compiled from [`config`]), [`content`] checks,
 //!   [`metrics`], the neutral [`error`], and [`vocab`] (dialect names, id formats, the
 //!   clock) below everything.

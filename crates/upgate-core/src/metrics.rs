@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     pub outbox_pending: IntGauge,
     plugin_errors: IntCounterVec,
     config_reloads: IntCounterVec,
+    limits_fallback: IntCounterVec,
+    limits_unavailable: IntCounterVec,
     pub disk_free: IntGauge,
     pub disk_floor: IntGauge,
     _build_info: IntGaugeVec,
@@ -159,6 +161,18 @@ impl Metrics {
                 "upgate_config_reloads_total",
                 "Configuration reloads",
                 &["result"],
+            ),
+            limits_fallback: counter(
+                r,
+                "upgate_limits_fallback_total",
+                "Checks of a shared limit (Redis) answered by this node's own limits while Redis was unreachable",
+                &["limit"],
+            ),
+            limits_unavailable: counter(
+                r,
+                "upgate_limits_unavailable_total",
+                "Requests refused with 503 while the shared limits (Redis) were unreachable (fault_tolerant: false)",
+                &["limit"],
             ),
             disk_free: gauge(
                 r,
@@ -314,6 +328,28 @@ pub(crate) fn config_reload(ok: bool) {
         .config_reloads
         .with_label_values(&[if ok { "ok" } else { "error" }])
         .inc();
+}
+
+/// The shared limits' series at 0 for both limits (`rate`, `concurrency`), once Redis is
+/// configured.
+pub(crate) fn prime_limits() {
+    let metrics = get();
+    for limit in ["rate", "concurrency"] {
+        metrics.limits_fallback.with_label_values(&[limit]);
+        metrics.limits_unavailable.with_label_values(&[limit]);
+    }
+}
+
+/// A check of a shared limit (`limit`: rate or concurrency) Redis could not answer: answered
+/// by this node's own limits (`fell_back`), or refused with 503.
+pub(crate) fn limits_unreachable(limit: &'static str, fell_back: bool) {
+    let metrics = get();
+    let counter = if fell_back {
+        &metrics.limits_fallback
+    } else {
+        &metrics.limits_unavailable
+    };
+    counter.with_label_values(&[limit]).inc();
 }
 
 /// Measures free space in `dir` for the gauges; returns it.

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::{Config, DialectGrant, KeyDigest, PlanConfig};
 use crate::error::ApiError;
@@ -158,12 +157,6 @@ impl Policy {
         }
         Ok((digest, tenant))
     }
-}
-
-/// Whole seconds, rounded up, at least 1.
-pub(crate) fn ceil_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
 }
 
 /// Days since the epoch (UTC), the unit of daily quotas, and seconds until the next day.

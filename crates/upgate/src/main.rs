@@ -135,7 +135,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve { config } => report(upgate_core::serve(&config)),
         Command::CheckConfig { config } => {
-            report(upgate_core::check(&config).map(|(config, providers, store)| {
+            report(upgate_core::check(&config).map(|(config, providers, engines)| {
                 println!(
                     "{}: ok ({} plans, {} providers, {} tenants)",
                     config.source.display(),
@@ -143,8 +143,8 @@ fn main() -> ExitCode {
                     providers.len(),
                     config.tenants.len()
                 );
-                if let Some(store) = store {
-                    println!("{store}");
+                for engine in engines {
+                    println!("{engine}");
                 }
             }))
         }

@@ -20,6 +20,12 @@ impl KeyDigest {
         Self(Sha256::digest(key.as_bytes()).into())
     }
 
+    /// The digest in hex: how a shared limiter (Redis) names the key's counters, so the key
+    /// itself never leaves the process.
+    pub(crate) fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
     /// A key as written in config: plain, or `sha256:<64 hex digits>`.
     pub fn from_config(entry: &str) -> Result<Self, String> {
         match entry.strip_prefix("sha256:") {

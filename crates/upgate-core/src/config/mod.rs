@@ -7,6 +7,7 @@
 //! Every error names the file, line and column and what was expected.
 
 pub(crate) mod keys;
+mod limits;
 mod location;
 mod store;
 #[cfg(test)]
@@ -23,6 +24,9 @@ use serde::de::{self, Deserializer};
 
 use crate::vocab::DialectName;
 pub(crate) use keys::{ApiKey, KeyDigest};
+pub(crate) use limits::LimitsConfig;
+#[cfg(test)]
+pub(crate) use limits::RedisUrl;
 use location::locate;
 pub(crate) use store::{PostgresUrl, StoreConfig};
 pub(crate) use units::{ByteSize, HumanDuration, PluginSettings, env_path};
@@ -192,6 +196,10 @@ pub struct ServerConfig {
     /// A shared store (PostgreSQL) for cluster mode; absent: SQLite in `data_dir`.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// Rate limits and tenant concurrency shared by several nodes (Redis); absent: counted
+    /// in this process.
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
 }
 
 /// `server.cors:`.

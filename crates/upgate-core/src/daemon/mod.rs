@@ -23,7 +23,9 @@ use sd_notify::NotifyState;
 
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::http::{self, ConnectionGuard};
+use crate::limits::Limiter;
 use crate::limits::local::LocalLimiter;
+use crate::limits::redis::RedisLimiter;
 use crate::metrics;
 use crate::plugins::{self, PluginHostError, Provider};
 use crate::policy::Policy;
@@ -80,28 +82,52 @@ pub fn load(path: &Path) -> Result<(Config, Providers), ServeError> {
     Ok((config, providers))
 }
 
-/// Everything `check-config` validates: [`load`], and that a shared store (`server.store`)
+/// Everything `check-config` validates: [`load`], that a shared store (`server.store`)
 /// answers and has a schema this upgate can use (an error located at `server.store.url`,
-/// its password never shown). Returns the store's description for the report, if any.
-pub fn check(path: &Path) -> Result<(Config, Providers, Option<String>), ServeError> {
+/// its password never shown), and that the shared limits' Redis (`server.limits`) answers
+/// `PING` (an error located at `server.limits.url`). Returns a line about each engine for the
+/// report.
+pub fn check(path: &Path) -> Result<(Config, Providers, Vec<String>), ServeError> {
     let (config, providers) = load(path)?;
-    let store = match &config.server.store {
-        Some(store) => {
-            let probed = actix_web::rt::System::new().block_on(PostgresStore::probe(&store.url));
-            let version = probed.map_err(|error| {
-                ServeError::Config(vec![config.error_at(
-                    &["server", "store", "url"],
-                    format!("cannot use the PostgreSQL store at {}: {error}", store.url),
-                )])
-            })?;
-            Some(match version {
-                0 => format!("store {}: reachable, not yet migrated", store.url),
-                version => format!("store {}: reachable, schema version {version}", store.url),
-            })
+    let mut engines = Vec::new();
+    let mut errors = Vec::new();
+    let runtime = actix_web::rt::System::new();
+    if let Some(store) = &config.server.store {
+        match runtime.block_on(PostgresStore::probe(&store.url)) {
+            Ok(0) => engines.push(format!("store {}: reachable, not yet migrated", store.url)),
+            Ok(version) => engines.push(format!(
+                "store {}: reachable, schema version {version}",
+                store.url
+            )),
+            Err(error) => errors.push(config.error_at(
+                &["server", "store", "url"],
+                format!("cannot use the PostgreSQL store at {}: {error}", store.url),
+            )),
         }
-        None => None,
-    };
-    Ok((config, providers, store))
+    }
+    if let Some(limits) = &config.server.limits {
+        match runtime.block_on(RedisLimiter::probe(limits)) {
+            Ok(()) => engines.push(format!("limits {}: reachable", limits.url)),
+            Err(error) => {
+                let meanwhile = if limits.fault_tolerant {
+                    "the daemon would count limits on each node's own until it answers (fault_tolerant)"
+                } else {
+                    "the daemon would answer 503 until it answers (fault_tolerant: false)"
+                };
+                errors.push(config.error_at(
+                    &["server", "limits", "url"],
+                    format!(
+                        "cannot reach the Redis of the shared limits at {}: {error}; {meanwhile}",
+                        limits.url
+                    ),
+                ));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ServeError::Config(errors));
+    }
+    Ok((config, providers, engines))
 }
 
 /// The configured store: PostgreSQL at `server.store.url` (migrated, waiting while another
@@ -130,7 +156,8 @@ fn notify(states: &[NotifyState<'_>]) {
 
 /// The gateway over the configured store, spool and limits (the embedded defaults: SQLite
 /// and the spool in `data_dir`, limits in this process; with `server.store`, PostgreSQL,
-/// which the limiter's quotas then share with every node).
+/// which the limiter's quotas then share with every node; with `server.limits`, rates and
+/// tenant concurrency in Redis).
 async fn open_gateway(
     config: Config,
     providers: BTreeMap<String, Arc<Provider>>,
@@ -139,7 +166,17 @@ async fn open_gateway(
     let server = &config.server;
     let spool = LocalSpool::open(&server.data_dir, server.durability)
         .map_err(ServeError::io("cannot prepare the spool directory"))?;
-    let limiter = Arc::new(LocalLimiter::new(store.clone()));
+    let limiter: Arc<dyn Limiter> = match &server.limits {
+        Some(limits) => {
+            Arc::new(
+                RedisLimiter::new(limits, store.clone()).map_err(|error| ServeError::Io {
+                    what: format!("cannot set up the shared limits at {}", limits.url),
+                    source: std::io::Error::other(error.to_string()),
+                })?,
+            )
+        }
+        None => Arc::new(LocalLimiter::new(store.clone())),
+    };
     Ok(Gateway::new(
         Policy::new(config, providers),
         store,

@@ -17,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Semaphore;
 
-use super::{Limiter, Scope, Slot, Usage};
+use super::{LimitError, Limiter, Scope, Slot, Usage};
 use crate::config::RateLimitConfig;
 use crate::config::keys::KeyDigest;
 use crate::store::{Store, StoreError};
@@ -90,17 +90,18 @@ impl LocalLimiter {
     }
 
     /// Counts a request against the key's bucket, right now.
-    fn take_now(&self, key: KeyDigest, limit: RateLimitConfig) -> Result<(), Duration> {
+    pub(crate) fn take_now(&self, key: KeyDigest, limit: RateLimitConfig) -> Result<(), LimitError> {
         let Some(bucket) = self.bucket(key, limit) else {
             return Ok(());
         };
         bucket
             .bucket
             .check()
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| LimitError::Rate(not_until.wait_time_from(DefaultClock::default().now())))
     }
 
-    fn acquire_now(&self, scope: Scope, cap: usize) -> Option<Slot> {
+    /// A slot of `scope` among `cap` in this process, right now.
+    pub(crate) fn acquire_now(&self, scope: Scope, cap: usize) -> Result<Slot, LimitError> {
         let semaphore = {
             let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
             let entry = caps.entry(scope).or_insert_with(|| new_cap(cap));
@@ -109,8 +110,8 @@ impl LocalLimiter {
             }
             entry.semaphore.clone()
         };
-        let permit = semaphore.try_acquire_owned().ok()?;
-        Some(Box::new(permit))
+        let permit = semaphore.try_acquire_owned().map_err(|_| LimitError::Busy)?;
+        Ok(Box::new(permit))
     }
 }
 
@@ -122,11 +123,11 @@ fn new_cap(cap: usize) -> Arc<Cap> {
 }
 
 impl Limiter for LocalLimiter {
-    fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), Duration>> {
+    fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), LimitError>> {
         Box::pin(future::ready(self.take_now(key, limit)))
     }
 
-    fn acquire(&self, scope: Scope, cap: usize) -> BoxFuture<'_, Option<Slot>> {
+    fn acquire(&self, scope: Scope, cap: usize) -> BoxFuture<'_, Result<Slot, LimitError>> {
         Box::pin(future::ready(self.acquire_now(scope, cap)))
     }
 
@@ -172,17 +173,17 @@ mod tests {
         let in_flight = limiter.acquire(tenant(), 1).await.unwrap();
         // Same limits (a reload that did not change them): the bucket stays empty and the
         // upload in flight still holds the tenant's only slot.
-        assert!(limiter.take(key, limit).await.is_err());
+        assert!(matches!(limiter.take(key, limit).await, Err(LimitError::Rate(_))));
         let roomier = RateLimitConfig { burst: 3, ..limit };
         // A changed limit starts from a fresh bucket...
         limiter.take(key, roomier).await.unwrap();
         // ...while the cap, unchanged, is still taken.
-        assert!(limiter.acquire(tenant(), 1).await.is_none());
+        assert_eq!(limiter.acquire(tenant(), 1).await.err(), Some(LimitError::Busy));
         drop(in_flight);
-        assert!(limiter.acquire(tenant(), 1).await.is_some());
+        assert!(limiter.acquire(tenant(), 1).await.is_ok());
         // Another tenant has its own slots; a changed cap starts afresh.
         let other = limiter.acquire(Scope::Tenant("u".into()), 1).await.unwrap();
-        assert!(limiter.acquire(Scope::Tenant("u".into()), 2).await.is_some());
+        assert!(limiter.acquire(Scope::Tenant("u".into()), 2).await.is_ok());
         drop(other);
     }
 }

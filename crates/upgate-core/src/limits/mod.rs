@@ -2,12 +2,15 @@
 //!
 //! What flows through here: a key's digest and its plan's rate limit, a tenant's (or the
 //! daemon's) concurrency cap, and a tenant's daily usage against its quota. Out come
-//! verdicts: `Ok`, or how long to wait. The [`Limiter`] trait is the seam for where that
-//! state lives: [`local::LocalLimiter`] keeps rate and concurrency in this process
-//! (`governor` buckets, semaphores) and quotas in the store; a shared backend (Redis) is
-//! one more module beside it. Nothing here knows about HTTP or dialects.
+//! verdicts: `Ok`, or a [`LimitError`] (how long to wait, every slot taken, or the shared
+//! limits unavailable). The [`Limiter`] trait is the seam for where that state lives:
+//! [`local::LocalLimiter`] keeps rate and concurrency in this process (`governor` buckets,
+//! semaphores) and quotas in the store; [`redis::RedisLimiter`] shares key rates and tenant
+//! concurrency between nodes through Redis (`server.limits`), and leaves the rest to a
+//! `LocalLimiter`. Nothing here knows about HTTP or dialects.
 
 pub(crate) mod local;
+pub(crate) mod redis;
 
 use std::time::Duration;
 
@@ -26,6 +29,21 @@ pub(crate) enum Scope {
     Tenant(String),
 }
 
+/// Why a limit did not let a request through.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum LimitError {
+    /// Over the key's rate: how long until it would pass.
+    #[error("over the rate limit for {0:?}")]
+    Rate(Duration),
+    /// Every slot of the cap is taken.
+    #[error("every slot of the concurrency cap is taken")]
+    Busy,
+    /// The shared limits could not be asked, and this node may not count on its own
+    /// (`server.limits.fault_tolerant: false`).
+    #[error("the shared limits are unavailable: {0}")]
+    Unavailable(String),
+}
+
 /// A slot of a concurrency cap, given back when dropped.
 pub(crate) type Slot = Box<dyn Send + Sync>;
 
@@ -34,11 +52,12 @@ pub(crate) type Usage = (u64, u64);
 
 /// Where the counters of rate limits, concurrency caps and quotas live.
 pub(crate) trait Limiter: Send + Sync {
-    /// Counts one request of `key` under `limit`; `Err` is how long until it would pass.
-    fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), Duration>>;
+    /// Counts one request of `key` under `limit`: [`LimitError::Rate`] says how long until
+    /// it would pass.
+    fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), LimitError>>;
 
-    /// A slot of `scope` among `cap`, or `None` when all are taken.
-    fn acquire(&self, scope: Scope, cap: usize) -> BoxFuture<'_, Option<Slot>>;
+    /// A slot of `scope` among `cap`: [`LimitError::Busy`] when all are taken.
+    fn acquire(&self, scope: Scope, cap: usize) -> BoxFuture<'_, Result<Slot, LimitError>>;
 
     /// A tenant's usage on `day` (days since the epoch).
     fn usage(&self, tenant: String, day: i64) -> BoxFuture<'_, Result<Usage, StoreError>>;

@@ -1,6 +1,9 @@
 //! Tests of policy: second rounding, quota days and a plan's extension and size checks.
 
+use std::time::Duration;
+
 use super::*;
+use crate::error::ceil_secs;
 
 #[test]
 fn rounding_and_days() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::error::{ApiError, Throttle};
 use crate::limits::{Scope, Slot};
 use crate::plugins::Provider;
-use crate::policy::{Policy, Tenant, ceil_secs, quota_day};
+use crate::policy::{Policy, Tenant, quota_day};
 use crate::vocab::{DialectName, now_ms};
 
 use super::Gateway;
@@ -34,11 +34,6 @@ impl Admission {
     }
 }
 
-const BUSY: ApiError = ApiError::Throttled {
-    retry_after_secs: 1,
-    why: Throttle::Concurrency,
-};
-
 impl Gateway {
     /// Refuses a step that adds bytes while `data_dir` is below `disk_free_floor` (507).
     pub(crate) fn check_disk_floor(&self) -> Result<(), ApiError> {
@@ -55,22 +50,17 @@ impl Gateway {
         let (digest, tenant) = policy.authenticate(dialect, key)?;
         let tenant = tenant.clone();
         let plan = &tenant.plan;
-        if let Some(limit) = plan.config.rate_limit
-            && let Err(wait) = self.limiter.take(digest, limit).await
-        {
-            return Err(ApiError::Throttled {
-                retry_after_secs: ceil_secs(wait),
-                why: Throttle::Rate,
-            });
+        if let Some(limit) = plan.config.rate_limit {
+            self.limiter.take(digest, limit).await?;
         }
         let mut slots = Vec::with_capacity(2);
         let global = policy.config.server.max_concurrent_uploads;
         if global > 0 {
-            slots.push(self.limiter.acquire(Scope::Daemon, global).await.ok_or(BUSY)?);
+            slots.push(self.limiter.acquire(Scope::Daemon, global).await?);
         }
         if let Some(cap) = plan.config.max_concurrent_uploads {
             let scope = Scope::Tenant(tenant.name.clone());
-            slots.push(self.limiter.acquire(scope, cap).await.ok_or(BUSY)?);
+            slots.push(self.limiter.acquire(scope, cap).await?);
         }
         if plan.has_quota() {
             let (day, retry_after_secs) = quota_day(now_ms());
