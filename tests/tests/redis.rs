@@ -214,8 +214,13 @@ fn redis_stopped_without_fault_tolerance_is_503_with_retry_after_until_it_is_bac
     let refused =
         |limit: &str| daemon.metric(&format!("upgate_limits_unavailable_total{{limit=\"{limit}\"}}"));
     assert_eq!(dify(&daemon, "bursty-key", "before.txt").status, 201);
+    let ready = || get(&format!("{}/readyz", daemon.metrics_url));
+    assert_eq!(ready().status, 200, "{}", ready().text);
 
     redis.stop();
+    let unready = ready();
+    assert_eq!(unready.status, 503, "{}", unready.text);
+    assert!(unready.text.contains("Redis"), "{}", unready.text);
     for (key, limit) in [("bursty-key", "rate"), ("single-key", "concurrency")] {
         let started = Instant::now();
         let reply = dify(&daemon, key, "during.txt");
@@ -254,6 +259,7 @@ fn redis_stopped_without_fault_tolerance_is_503_with_retry_after_until_it_is_bac
         "uploads pass once Redis is back"
     );
     eprintln!("Redis back: uploads pass after {:?}", started.elapsed());
+    assert_eq!(ready().status, 200, "{}", ready().text);
     assert_eq!(dify(&daemon, "bursty-key", "after.txt").status, 201);
     assert_eq!(
         daemon.metric("upgate_limits_fallback_total{limit=\"rate\"}"),

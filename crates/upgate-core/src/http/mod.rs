@@ -115,6 +115,9 @@ async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
     if let Err(error) = gateway.store.outbox_len().await {
         problems.push(format!("store: {error}"));
     }
+    if let Some(problem) = gateway.limiter.unready().await {
+        problems.push(problem);
+    }
     if gateway.below_disk_floor() {
         problems.push("data_dir is below its free-space floor".to_owned());
     }

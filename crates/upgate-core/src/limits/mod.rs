@@ -73,4 +73,10 @@ pub(crate) trait Limiter: Send + Sync {
 
     /// Gives back usage of uploads the client was told failed.
     fn refund_usage(&self, tenant: String, day: i64, refund: Usage) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Why `/readyz` should fail because of the limits' backend, if it should (a shared one
+    /// that cannot answer, when requests would be refused for it).
+    fn unready(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
 }

@@ -531,6 +531,23 @@ impl SharedSlot {
 }
 
 impl Limiter for RedisLimiter {
+    fn unready(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            if self.fault_tolerant {
+                // Checks fall back to this node's own limits: requests are served.
+                return None;
+            }
+            let ping = Call::Command {
+                name: "PING",
+                args: Vec::new(),
+            };
+            match self.shared.call::<String>(ping).await {
+                Ok(_) => None,
+                Err(error) => Some(format!("limits: Redis at {}: {error}", self.shared.shown)),
+            }
+        })
+    }
+
     fn take(&self, key: KeyDigest, limit: RateLimitConfig) -> BoxFuture<'_, Result<(), LimitError>> {
         Box::pin(async move {
             match self.shared.take(&key, limit).await {
