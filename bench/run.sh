@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# upgate vs nginx (WebDAV PUT) upload benchmark. See bench/README.md.
+# upgate vs nginx (WebDAV PUT) upload benchmark; with --tus, upgate's tus endpoint vs rustus
+# and @tus/server (bench/tus.sh). See bench/README.md.
 #
-#   bench/run.sh [--quick] [--skip-build] [--keep-logs]
+#   bench/run.sh [--tus] [--quick] [--skip-build] [--keep-logs]
 #
 # Needs root (apt-get, loop-mounted scratch filesystem); re-runs itself with sudo when it can.
 # Environment overrides: BENCH_UPGATE_PORT (18080), BENCH_METRICS_PORT (19464),
-# BENCH_NGINX_PORT (18081), BENCH_MNT (/mnt/upgate-bench), BENCH_IMG_DIR (/var/tmp),
-# BENCH_IMG_SIZE (8G), BENCH_REPS (2), BENCH_CONNS (32), BENCH_THREADS (2),
+# BENCH_NGINX_PORT (18081), BENCH_RUSTUS_PORT (18082), BENCH_TUSNODE_PORT (18083),
+# BENCH_MNT (/mnt/upgate-bench), BENCH_IMG_DIR (/var/tmp), BENCH_IMG_SIZE (8G), BENCH_REPS (2),
+# BENCH_CONNS (32), BENCH_THREADS (2), BENCH_IDLE_WAIT (90),
 # BENCH_DURABILITY (process_crash | power_loss), BENCH_RATE_LIMIT (1: give the plan a governor
 # rate limit that is never reached, to measure its cost).
 set -euo pipefail
@@ -14,13 +16,15 @@ set -euo pipefail
 QUICK=0
 SKIP_BUILD=0
 KEEP_LOGS=0
+MODE=nginx
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
         --keep-logs) KEEP_LOGS=1 ;;
+        --tus) MODE=tus ;;
         -h | --help)
-            sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -48,18 +52,28 @@ build() {
     cargo build --release -p upgate -p upgate-plugin-local
 }
 
+# The tus workloads and servers (functions only; run directly, bench/tus.sh runs this script).
+# shellcheck source=bench/tus.sh
+source "$BENCH_DIR/tus.sh"
+
 # Not root: build as the calling user (cargo/rustup live in their home), then re-run as root.
 if [[ $EUID -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then
         [[ $SKIP_BUILD == 1 ]] || build
+        # rustus and npm ci as the calling user too (cargo and npm caches live in their home).
+        [[ $MODE == tus ]] && ensure_tus_servers
         args=(--skip-build)
         [[ $QUICK == 1 ]] && args+=(--quick)
         [[ $KEEP_LOGS == 1 ]] && args+=(--keep-logs)
+        [[ $MODE == tus ]] && args+=(--tus)
         log "re-running as root via sudo"
         exec sudo env "PATH=$PATH" \
             ${BENCH_UPGATE_PORT:+BENCH_UPGATE_PORT=$BENCH_UPGATE_PORT} \
             ${BENCH_METRICS_PORT:+BENCH_METRICS_PORT=$BENCH_METRICS_PORT} \
             ${BENCH_NGINX_PORT:+BENCH_NGINX_PORT=$BENCH_NGINX_PORT} \
+            ${BENCH_RUSTUS_PORT:+BENCH_RUSTUS_PORT=$BENCH_RUSTUS_PORT} \
+            ${BENCH_TUSNODE_PORT:+BENCH_TUSNODE_PORT=$BENCH_TUSNODE_PORT} \
+            ${BENCH_IDLE_WAIT:+BENCH_IDLE_WAIT=$BENCH_IDLE_WAIT} \
             ${BENCH_MNT:+BENCH_MNT=$BENCH_MNT} ${BENCH_IMG_DIR:+BENCH_IMG_DIR=$BENCH_IMG_DIR} \
             ${BENCH_IMG_SIZE:+BENCH_IMG_SIZE=$BENCH_IMG_SIZE} ${BENCH_REPS:+BENCH_REPS=$BENCH_REPS} \
             ${BENCH_CONNS:+BENCH_CONNS=$BENCH_CONNS} ${BENCH_THREADS:+BENCH_THREADS=$BENCH_THREADS} \
@@ -71,6 +85,8 @@ fi
 UPGATE_PORT=${BENCH_UPGATE_PORT:-18080}
 METRICS_PORT=${BENCH_METRICS_PORT:-19464}
 NGINX_PORT=${BENCH_NGINX_PORT:-18081}
+RUSTUS_PORT=${BENCH_RUSTUS_PORT:-18082}
+TUSNODE_PORT=${BENCH_TUSNODE_PORT:-18083}
 MNT=${BENCH_MNT:-/mnt/upgate-bench}
 IMG_DIR=${BENCH_IMG_DIR:-/var/tmp}
 IMG_SIZE=${BENCH_IMG_SIZE:-8G}
@@ -115,6 +131,12 @@ ensure_tools() {
     command -v wrk >/dev/null 2>&1 || missing+=(wrk)
     command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
     command -v sha256sum >/dev/null 2>&1 || missing+=(coreutils)
+    command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+    if [[ $MODE == tus ]]; then
+        if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+        ensure_tus_servers
+        return 0
+    fi
     command -v nginx >/dev/null 2>&1 || missing+=(nginx)
     if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
     if ! nginx_has_dav; then
@@ -202,6 +224,8 @@ cleanup() {
     stop_samplers
     stop_upgate
     stop_nginx
+    stop_rustus
+    stop_tusnode
     release_fs
     if [[ $USE_LOOP == 1 ]]; then rmdir "$MNT" 2>/dev/null; fi
     [[ -n $WORK ]] && rm -rf "$WORK"
@@ -362,22 +386,47 @@ hwm_kib() { # VmHWM of a pid, 0 when gone
     awk '/^VmHWM:/ {print $2; found=1} END {if (!found) print 0}' "/proc/$1/status" 2>/dev/null || echo 0
 }
 
-# Peak RSS in KiB of the running server: upgate's VmHWM; for nginx the sum of its workers'.
+# Peak RSS in KiB of the running server: upgate's and rustus' VmHWM; for nginx and
+# @tus/server the sum of their workers'.
 server_peak_kib() {
-    local which=$1 total=0 w
-    if [[ $which == upgate ]]; then
-        hwm_kib "$UPGATE_PID"
-    else
-        for w in $(nginx_workers); do total=$((total + $(hwm_kib "$w"))); done
-        echo "$total"
-    fi
+    local total=0 w workers
+    case $1 in
+        upgate) hwm_kib "$UPGATE_PID" ;;
+        rustus) hwm_kib "$RUSTUS_PID" ;;
+        *)
+            if [[ $1 == nginx ]]; then workers=$(nginx_workers); else workers=$(tusnode_workers); fi
+            for w in $workers; do total=$((total + $(hwm_kib "$w"))); done
+            echo "$total"
+            ;;
+    esac
 }
 
-start_server() { # $1 = nginx|upgate, $2 = upgate stderr file
-    if [[ $1 == upgate ]]; then start_upgate "$2"; else start_nginx; fi
+# The processes of a running server (for CPU time): upgate's and rustus' one process, nginx's
+# master and workers, @tus/server's cluster primary and workers.
+server_pids() { # $1 = server
+    case $1 in
+        upgate) echo "$UPGATE_PID" ;;
+        rustus) echo "$RUSTUS_PID" ;;
+        nginx) [[ -z $NGINX_PID ]] || echo "$NGINX_PID $(nginx_workers | tr '\n' ' ')" ;;
+        tusnode) [[ -z $TUSNODE_PID ]] || echo "$TUSNODE_PID $(pgrep -P "$TUSNODE_PID" 2>/dev/null | tr '\n' ' ')" ;;
+    esac
+}
+
+start_server() { # $1 = nginx|upgate|rustus|tusnode, $2 = file for the server's log (or /dev/null)
+    case $1 in
+        upgate) start_upgate "$2" ;;
+        nginx) start_nginx ;;
+        rustus) start_rustus "$2" ;;
+        tusnode) start_tusnode "$2" ;;
+    esac
 }
 stop_server() {
-    if [[ $1 == upgate ]]; then stop_upgate; else stop_nginx; fi
+    case $1 in
+        upgate) stop_upgate ;;
+        nginx) stop_nginx ;;
+        rustus) stop_rustus ;;
+        tusnode) stop_tusnode ;;
+    esac
     stop_samplers
 }
 
@@ -404,9 +453,8 @@ problem() {
 # the RSS samplers. What is left of the busy time was used by someone else.
 # ---------------------------------------------------------------------------------------------
 cpu_snapshot() {
-    local ours=" $$ ${SAMPLER_PIDS[*]} "
-    if [[ -n $UPGATE_PID ]]; then ours+=" $UPGATE_PID "; fi
-    if [[ -n $NGINX_PID ]]; then ours+=" $NGINX_PID $(nginx_workers | tr '\n' ' ') "; fi
+    local ours=" $$ ${SAMPLER_PIDS[*]} " server
+    for server in upgate nginx rustus tusnode; do ours+=" $(server_pids "$server" | tr '\n' ' ') "; done
     # (Processes come and go while this reads them: cat skips the vanished ones.)
     { head -1 /proc/stat; cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v ours="$ours" '
         $1 == "cpu" {
@@ -443,58 +491,81 @@ phase_end() { # $1 = phase name; prints the foreign CPU share and remembers nois
 # Workload A: one big file
 # ---------------------------------------------------------------------------------------------
 declare -A A_RATE A_PEAK A_RUNS
+# Phase names in messages and the NOISY line.
+if [[ $MODE == tus ]]; then PHASE_A="tus big" PHASE_B="tus small" LOG_PREFIX=tus-; else PHASE_A=A PHASE_B=B LOG_PREFIX=""; fi
+
+# The warm-up before a measured big upload: one 1 MiB upload of the same kind, not measured.
+warm_up_big() { # $1 = server
+    case $MODE:$1 in
+        nginx:nginx) curl -sS -o /dev/null -T "$WARM" "http://127.0.0.1:$NGINX_PORT/bench/warm.bin" || true ;;
+        nginx:upgate)
+            curl -sS -o /dev/null -H 'Authorization: Bearer bench-key' -F "file=@$WARM" \
+                "http://127.0.0.1:$UPGATE_PORT/v1/files/upload" || true
+            ;;
+        tus:*) tus_send_big "$1" "$WARM" warm.bin "$PHASE_A warm-up" ;;
+    esac
+}
+
+# Uploads $SRC. Sets BIG_CODE and BIG_TIME (HTTP status and curl's time_total of the upload)
+# and BIG_STORED (the stored file's path once the upload succeeded; "" when unknown).
+send_big() { # $1 = server, $2 = rep
+    local out id rsize
+    BIG_STORED=""
+    case $MODE:$1 in
+        nginx:nginx)
+            out=$(curl -sS -o "$WORK/resp" -w '%{http_code} %{time_total} %{size_upload}' -T "$SRC" \
+                "http://127.0.0.1:$NGINX_PORT/bench/big-$2.bin") || true
+            BIG_STORED="$DATA/nginx/bench/big-$2.bin"
+            ;;
+        nginx:upgate)
+            out=$(curl -sS -o "$WORK/resp" -w '%{http_code} %{time_total} %{size_upload}' \
+                -H 'Authorization: Bearer bench-key' -F "file=@$SRC" "http://127.0.0.1:$UPGATE_PORT/v1/files/upload") || true
+            id=$(grep -o '"id":"[^"]*"' "$WORK/resp" | head -1 | cut -d'"' -f4)
+            BIG_STORED="$DATA/upgate-data/files/$id"
+            rsize=$(grep -o '"size":[0-9]*' "$WORK/resp" | head -1 | cut -d: -f2)
+            if [[ $out == 2* && $rsize != "$SRC_BYTES" ]]; then
+                problem "A upgate run $2: response size $rsize != $SRC_BYTES"
+            fi
+            ;;
+        tus:*)
+            tus_send_big "$1" "$SRC" "big-$2.bin" "$PHASE_A run $2"
+            return 0
+            ;;
+    esac
+    read -r BIG_CODE BIG_TIME _ <<<"${out:-000 0 0}"
+}
+
 big_upload() { # $1 = server, $2 = rep
-    local server=$1 rep=$2 url out code time stored rate peak id
+    local server=$1 rep=$2 code time stored rate peak
+    local name=${TUS_NAME[$server]:-$server}
     fresh_fs
-    local errlog="$WORK/upgate-A-$rep.log"
-    wait_idle "A $server run $rep"
+    local errlog="$WORK/$server-A-$rep.log"
+    wait_idle "$PHASE_A $name run $rep"
     start_server "$server" "$errlog"
-    # Warm-up: one 1 MiB upload, not measured.
-    if [[ $server == nginx ]]; then
-        curl -sS -o /dev/null -T "$WARM" "http://127.0.0.1:$NGINX_PORT/bench/warm.bin" || true
-    else
-        curl -sS -o /dev/null -H 'Authorization: Bearer bench-key' -F "file=@$WARM" \
-            "http://127.0.0.1:$UPGATE_PORT/v1/files/upload" || true
-    fi
+    warm_up_big "$server"
     sync
     phase_begin
-    if [[ $server == nginx ]]; then
-        url="http://127.0.0.1:$NGINX_PORT/bench/big-$rep.bin"
-        out=$(curl -sS -o "$WORK/resp" -w '%{http_code} %{time_total} %{size_upload}' -T "$SRC" "$url") || true
-    else
-        url="http://127.0.0.1:$UPGATE_PORT/v1/files/upload"
-        out=$(curl -sS -o "$WORK/resp" -w '%{http_code} %{time_total} %{size_upload}' \
-            -H 'Authorization: Bearer bench-key' -F "file=@$SRC" "$url") || true
-    fi
-    phase_end "A $server run $rep"
-    read -r code time _ <<<"${out:-000 0 0}"
+    send_big "$server" "$rep"
+    phase_end "$PHASE_A $name run $rep"
+    code=$BIG_CODE time=$BIG_TIME stored=$BIG_STORED
     peak=$(server_peak_kib "$server")
     rate=$(awk -v b="$SRC_BYTES" -v t="$time" 'BEGIN { if (t > 0) printf "%.1f", b / 1048576 / t; else print 0 }')
-    if [[ $code != 2* ]]; then
-        problem "A $server run $rep: HTTP $code: $(head -c 300 "$WORK/resp" 2>/dev/null)"
+    if [[ $code != 2?? ]]; then
+        [[ $MODE == tus ]] || problem "A $server run $rep: HTTP $code: $(head -c 300 "$WORK/resp" 2>/dev/null)"
         rate=0
     else
-        if [[ $server == nginx ]]; then
-            stored="$DATA/nginx/bench/big-$rep.bin"
-        else
-            id=$(grep -o '"id":"[^"]*"' "$WORK/resp" | head -1 | cut -d'"' -f4)
-            stored="$DATA/upgate-data/files/$id"
-            local rsize
-            rsize=$(grep -o '"size":[0-9]*' "$WORK/resp" | head -1 | cut -d: -f2)
-            [[ $rsize == "$SRC_BYTES" ]] || problem "A upgate run $rep: response size $rsize != $SRC_BYTES"
-        fi
         stop_server "$server" # drain before verifying what is on disk
         if [[ ! -f $stored ]]; then
-            problem "A $server run $rep: stored file $stored missing"
+            problem "$PHASE_A $name run $rep: stored file ${stored:-?} missing"
             rate=0
         else
             local sum
             sum=$(sha256sum "$stored" | cut -d' ' -f1)
             if [[ $sum != "$SRC_SHA" ]]; then
-                problem "A $server run $rep: sha256 mismatch ($sum != $SRC_SHA)"
+                problem "$PHASE_A $name run $rep: sha256 mismatch ($sum != $SRC_SHA)"
                 rate=0
             else
-                echo "    sha256 ok" >&2
+                echo "    sha256 ok ($stored)" >&2
             fi
         fi
     fi
@@ -504,10 +575,10 @@ big_upload() { # $1 = server, $2 = rep
             warn "upgate logged warnings/errors in run A$rep:"
             grep -iE ' (ERROR|WARN) ' "$errlog" | head -5 >&2
         fi
-        [[ $KEEP_LOGS == 1 ]] && cp "$errlog" "$RESULTS/logs/upgate-A-$rep.log"
     fi
-    printf '    %-6s run %d: HTTP %s, %s s, %s MiB/s, peak RSS %s MiB\n' \
-        "$server" "$rep" "$code" "$time" "$rate" "$(mib "$peak")" >&2
+    [[ $KEEP_LOGS == 1 && -f $errlog ]] && cp "$errlog" "$RESULTS/logs/$LOG_PREFIX$server-A-$rep.log"
+    printf '    %-11s run %d: HTTP %s, %s s, %s MiB/s, peak RSS %s MiB\n' \
+        "$name" "$rep" "$code" "$time" "$rate" "$(mib "$peak")" >&2
     A_RUNS[$server]+="${A_RUNS[$server]:+ / }$rate"
     if awk -v a="$rate" -v b="${A_RATE[$server]:-0}" 'BEGIN { exit !(a > b) }'; then A_RATE[$server]=$rate; fi
     if ((peak > ${A_PEAK[$server]:-0})); then A_PEAK[$server]=$peak; fi
@@ -518,56 +589,81 @@ big_upload() { # $1 = server, $2 = rep
 # ---------------------------------------------------------------------------------------------
 declare -A B_RATE B_P50 B_P99 B_PEAK B_OK B_BAD B_STORED B_CPU
 CLK_TCK=$(getconf CLK_TCK)
-# CPU ticks (user + system) the server has used so far: upgate's process (all its threads),
-# or nginx's master and workers.
+# CPU ticks (user + system) the server has used so far: all its processes (server_pids).
 server_cpu_ticks() {
-    local pids pid total=0
-    if [[ $1 == upgate ]]; then pids=$UPGATE_PID; else pids="$NGINX_PID $(nginx_workers)"; fi
-    for pid in $pids; do
+    local pid total=0
+    for pid in $(server_pids "$1"); do
         total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
     done
     echo "$total"
 }
+
+# What wrk loads: sets LOAD_URL, LOAD_SCRIPT and LOAD_ARGS (the Lua script's arguments).
+load_target() { # $1 = server
+    case $MODE:$1 in
+        nginx:nginx) LOAD_URL="http://127.0.0.1:$NGINX_PORT" LOAD_SCRIPT=upload.lua LOAD_ARGS=(nginx "$SMALL_BYTES") ;;
+        nginx:upgate) LOAD_URL="http://127.0.0.1:$UPGATE_PORT" LOAD_SCRIPT=upload.lua LOAD_ARGS=(upgate bench-key "$SMALL_BYTES") ;;
+        tus:upgate) LOAD_URL="http://127.0.0.1:$UPGATE_PORT" LOAD_SCRIPT=tus.lua LOAD_ARGS=(/files/ "$SMALL_BYTES" bench-key) ;;
+        tus:*) LOAD_URL="http://127.0.0.1:$(tus_port "$1")" LOAD_SCRIPT=tus.lua LOAD_ARGS=(/files/ "$SMALL_BYTES") ;;
+    esac
+}
+
+# The files a server stored for the small uploads, once stopped: prints "ALL COMPLETE LEFTOVERS"
+# (COMPLETE: the files of the full size; LEFTOVERS: temp/spool files that must not stay).
+small_stored() { # $1 = server
+    local all leftovers
+    case $MODE:$1 in
+        nginx:nginx)
+            all=$(find "$DATA/nginx/bench" -type f | wc -l)
+            leftovers=$(find "$DATA/nginx-body" -type f | wc -l)
+            echo "$all $all $leftovers"
+            ;;
+        nginx:upgate)
+            all=$(find "$DATA/upgate-data/files" -type f | wc -l)
+            leftovers=$(find "$DATA/upgate-data/spool" -type f 2>/dev/null | wc -l)
+            echo "$all $all $leftovers"
+            ;;
+        tus:*) tus_stored_counts "$1" ;;
+    esac
+}
+
 small_load() { # $1 = server
-    local server=$1 url wrkout line ok bad dur stored leftovers peak errlog=/dev/null
+    local server=$1 wrkout line ok bad dur all stored leftovers peak errlog=/dev/null warm=0
+    local name=${TUS_NAME[$server]:-$server}
     fresh_fs
-    [[ $KEEP_LOGS == 1 && $server == upgate ]] && errlog="$RESULTS/logs/upgate-B.log"
-    wait_idle "B $server"
+    [[ $KEEP_LOGS == 1 && ($server != nginx) ]] && errlog="$RESULTS/logs/$LOG_PREFIX$server-B.log"
+    wait_idle "$PHASE_B $name"
     start_server "$server" "$errlog"
-    sync
-    if [[ $server == nginx ]]; then
-        url="http://127.0.0.1:$NGINX_PORT"
-        set -- nginx
-    else
-        url="http://127.0.0.1:$UPGATE_PORT"
-        set -- upgate bench-key
+    if [[ $MODE == tus ]]; then
+        # Warm-up, and a check of the answer's shape: one upload like wrk's, not measured (and
+        # not counted: its file is taken off the files stored).
+        tus_extensions "$server"
+        tus_create_with_upload "$server" "$SMALL" warm.bin "$PHASE_B warm-up"
+        warm=1
     fi
-    wrkout="$WORK/wrk-$server.txt"
+    sync
+    load_target "$server"
+    wrkout="$WORK/wrk-$LOG_PREFIX$server.txt"
     local cpu_before cpu_after
     cpu_before=$(server_cpu_ticks "$server")
     phase_begin
-    wrk -t"$THREADS" -c"$CONNS" -d"${LOAD_SECS}s" --latency -s "$BENCH_DIR/upload.lua" "$url" -- "$@" "$SMALL_BYTES" \
-        >"$wrkout" 2>&1 || problem "B $server: wrk exited non-zero: $(tail -3 "$wrkout")"
-    phase_end "B $server"
+    wrk -t"$THREADS" -c"$CONNS" -d"${LOAD_SECS}s" --latency -s "$BENCH_DIR/$LOAD_SCRIPT" "$LOAD_URL" -- "${LOAD_ARGS[@]}" \
+        >"$wrkout" 2>&1 || problem "$PHASE_B $name: wrk exited non-zero: $(tail -3 "$wrkout")"
+    phase_end "$PHASE_B $name"
     cpu_after=$(server_cpu_ticks "$server")
     [[ $KEEP_LOGS == 1 ]] && cp "$wrkout" "$RESULTS/logs/"
     line=$(grep '^BENCH ' "$wrkout" | head -1 || true)
     [[ -n $line ]] || {
         cat "$wrkout" >&2
-        die "B $server: no BENCH line in wrk output"
+        die "$PHASE_B $name: no BENCH line in wrk output"
     }
     peak=$(server_peak_kib "$server")
     stop_server "$server" # graceful: requests in flight at the cut-off finish first
     ok=$(field ok "$line")
     bad=$(field bad "$line")
     dur=$(field duration_us "$line")
-    if [[ $server == nginx ]]; then
-        stored=$(find "$DATA/nginx/bench" -type f | wc -l)
-        leftovers=$(find "$DATA/nginx-body" -type f | wc -l)
-    else
-        stored=$(find "$DATA/upgate-data/files" -type f | wc -l)
-        leftovers=$(find "$DATA/upgate-data/spool" -type f 2>/dev/null | wc -l)
-    fi
+    read -r all stored leftovers <<<"$(small_stored "$server")"
+    all=$((all - warm)) stored=$((stored - warm))
     B_RATE[$server]=$(awk -v n="$ok" -v d="$dur" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
     B_P50[$server]=$(field p50_us "$line")
     B_P99[$server]=$(field p99_us "$line")
@@ -578,25 +674,26 @@ small_load() { # $1 = server
     B_BAD[$server]=$bad
     B_STORED[$server]=$stored
     printf '    %-6s %s uploads/s, 2xx %s, non-2xx %s, files stored %s, temp/spool leftovers %s, p50 %s ms, p99 %s ms, peak RSS %s MiB\n' \
-        "$server" "${B_RATE[$server]}" "$ok" "$bad" "$stored" "$leftovers" "$(ms "${B_P50[$server]}")" \
+        "$name" "${B_RATE[$server]}" "$ok" "$bad" "$stored" "$leftovers" "$(ms "${B_P50[$server]}")" \
         "$(ms "${B_P99[$server]}")" "$(mib "$peak")" >&2
-    printf '    %-6s wrk: %s\n' "$server" "${line#BENCH }" >&2
+    printf '    %-6s wrk: %s\n' "$name" "${line#BENCH }" >&2
     if ((bad > 0)); then
-        problem "B $server: $bad non-2xx responses (first: HTTP $(field first_bad_status "$line")): $(grep '^BENCH_FIRST_BAD_BODY' "$wrkout" | cut -d' ' -f2-)"
+        problem "$PHASE_B $name: $bad bad answers (first: HTTP $(field first_bad_status "$line")): $(grep '^BENCH_FIRST_BAD_BODY' "$wrkout" | cut -d' ' -f2-)"
     fi
     local socket_errors
     socket_errors=$(($(field err_connect "$line") + $(field err_read "$line") + $(field err_write "$line") + $(field err_timeout "$line")))
-    ((socket_errors == 0)) || warn "B $server: wrk socket errors: connect=$(field err_connect "$line") read=$(field err_read "$line") write=$(field err_write "$line") timeout=$(field err_timeout "$line")"
+    ((socket_errors == 0)) || warn "$PHASE_B $name: wrk socket errors: connect=$(field err_connect "$line") read=$(field err_read "$line") write=$(field err_write "$line") timeout=$(field err_timeout "$line")"
     # wrk drops the connections that are mid-request when the time is up; the server may still
-    # finish those uploads, so up to one extra file per connection is expected.
+    # finish those uploads, so up to one extra file per connection is expected (for a tus server
+    # that writes as the body arrives, possibly a short one).
     if ((stored < ok)); then
-        problem "B $server: LOST FILES: $ok uploads answered 2xx but only $stored files are stored"
-    elif ((stored > ok + CONNS)); then
-        problem "B $server: LEAKED FILES: $stored files stored for $ok 2xx answers (more than the $CONNS in flight at the cut-off)"
-    elif ((stored > ok)); then
-        echo "    ($((stored - ok)) more files than 2xx answers: uploads in flight when wrk stopped)" >&2
+        problem "$PHASE_B $name: LOST FILES: $ok uploads answered 2xx but only $stored complete files are stored"
+    elif ((all > ok + CONNS)); then
+        problem "$PHASE_B $name: LEAKED FILES: $all files stored for $ok 2xx answers (more than the $CONNS in flight at the cut-off)"
+    elif ((all > ok)); then
+        echo "    ($((all - ok)) more files than 2xx answers, $((all - stored)) of them short: uploads in flight when wrk stopped)" >&2
     fi
-    ((leftovers == 0)) || problem "B $server: $leftovers temp/spool files left behind after a graceful stop"
+    ((leftovers == 0)) || problem "$PHASE_B $name: $leftovers temp/spool files left behind after a graceful stop"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -611,8 +708,15 @@ ensure_tools
 if [[ $SKIP_BUILD == 0 ]]; then build; fi
 [[ -x $UPGATE_BIN ]] || die "$UPGATE_BIN missing (build it, or drop --skip-build)"
 [[ -f $PLUGIN_DIR/libupgate_plugin_local.so ]] || die "$PLUGIN_DIR/libupgate_plugin_local.so missing"
-for port in "$UPGATE_PORT" "$METRICS_PORT" "$NGINX_PORT"; do
-    port_busy "$port" && die "port $port is in use (set BENCH_UPGATE_PORT / BENCH_METRICS_PORT / BENCH_NGINX_PORT)"
+if [[ $MODE == tus ]]; then
+    SERVERS=(upgate rustus tusnode)
+    PORTS=("$UPGATE_PORT" "$METRICS_PORT" "$RUSTUS_PORT" "$TUSNODE_PORT")
+else
+    SERVERS=(nginx upgate)
+    PORTS=("$UPGATE_PORT" "$METRICS_PORT" "$NGINX_PORT")
+fi
+for port in "${PORTS[@]}"; do
+    port_busy "$port" && die "port $port is in use (set BENCH_UPGATE_PORT / BENCH_METRICS_PORT / BENCH_NGINX_PORT / BENCH_RUSTUS_PORT / BENCH_TUSNODE_PORT)"
 done
 
 # How busy the machine is without us: CPU use over one second, from /proc/stat.
@@ -656,14 +760,33 @@ SRC_BYTES=$(stat -c %s "$SRC")
 SRC_SHA=$(sha256sum "$SRC" | cut -d' ' -f1) # also leaves it in the page cache
 WARM="$WORK/warm.bin"
 head -c 1048576 "$SRC" >"$WARM"
+SMALL="$WORK/small.bin"
+head -c "$SMALL_BYTES" "$SRC" >"$SMALL"
 
-log "workload A: one $BIG_LABEL upload, $REPS runs per server, fresh filesystem and server each run"
+if [[ $MODE == tus ]]; then
+    log "tus big: one $BIG_LABEL upload (creation POST + one PATCH), $REPS runs per server, fresh filesystem and server each run"
+else
+    log "workload A: one $BIG_LABEL upload, $REPS runs per server, fresh filesystem and server each run"
+fi
 for rep in $(seq 1 "$REPS"); do
-    for server in nginx upgate; do big_upload "$server" "$rep"; done
+    for server in "${SERVERS[@]}"; do big_upload "$server" "$rep"; done
 done
 
-log "workload B: $SMALL_BYTES-byte uploads, $CONNS connections, $THREADS wrk threads, ${LOAD_SECS} s"
-for server in nginx upgate; do small_load "$server"; done
+if [[ $MODE == tus ]]; then
+    log "tus small: $SMALL_BYTES-byte creation-with-upload POSTs, $CONNS connections, $THREADS wrk threads, ${LOAD_SECS} s"
+else
+    log "workload B: $SMALL_BYTES-byte uploads, $CONNS connections, $THREADS wrk threads, ${LOAD_SECS} s"
+fi
+for server in "${SERVERS[@]}"; do small_load "$server"; done
+
+if [[ $MODE == tus ]]; then
+    echo
+    tus_report | tee "$RESULTS/latest-tus.txt"
+    echo
+    log "written to ${RESULTS#"$REPO"/}/latest-tus.txt"
+    [[ $INTEGRITY_OK == 1 ]]
+    exit
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Report
