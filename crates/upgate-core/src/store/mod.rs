@@ -249,6 +249,8 @@ pub(crate) trait Store: Send + Sync {
     fn refund_usage(&self, tenant: String, day: i64, bytes: u64, uploads: u64) -> StoreFuture<'_, ()>;
 
     // sessions
+    /// Inserts a session with its chunks (none for a new one; a resumable upload received
+    /// whole in its creation request comes with its one chunk and its upload record).
     fn insert_session(&self, session: SessionRecord) -> StoreFuture<'_, ()>;
     /// `tenant`'s session `id` with its chunks, `None` for another tenant's.
     fn session_of(&self, tenant: String, id: String) -> StoreFuture<'_, Option<SessionRecord>>;

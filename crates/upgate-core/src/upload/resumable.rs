@@ -23,13 +23,13 @@ use sha2::{Digest, Sha256};
 
 use crate::content::{self, SNIFF_LEN, Utf8Validator};
 use crate::error::ApiError;
-use crate::spool::{SliceSize, SpooledFile};
+use crate::spool::{SliceSize, SpoolWriter, SpooledFile};
 use crate::store::{Concat, SessionRecord, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
 use super::admit::Admission;
 use super::chunked::lock_session;
-use super::intake::{body_error, extension_of, next_or_stall, validate_filename};
+use super::intake::{body_error, complete_file, extension_of, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
 /// Bytes read at a time when hashing a complete upload.
@@ -162,8 +162,86 @@ impl Gateway {
         .await
     }
 
+    /// Creates a resumable upload from a creation request that carries all of it (its body is
+    /// its `Upload-Length`, with no checksum): the body is received like a single upload (one
+    /// spool file, size-capped, hashed and content-checked as it streams, no upload file of
+    /// its own), accepted, and the upload recorded complete with the record it became, so
+    /// HEAD and termination see it as any completed upload. The same answers as creating
+    /// and appending, in three store writes instead of five. A refusal or a failed delivery
+    /// keeps nothing (the answer carries no Location to resume from).
+    pub(crate) async fn create_whole_resumable(
+        &self,
+        admission: &Admission,
+        creation: Creation,
+        mut body: Payload,
+    ) -> Result<Progress, ApiError> {
+        self.check_disk_floor()?;
+        let length = creation.length.ok_or(ApiError::MissingField("Upload-Length"))?;
+        let id = admission.dialect.new_upload_id();
+        let filename = creation.filename.unwrap_or_else(|| id.clone());
+        validate_filename(&filename)?;
+        let extension = extension_of(&filename);
+        let plan = &admission.tenant.plan;
+        plan.check_extension(&extension)?;
+        plan.check_size(length)?;
+        let idle = admission.policy.config.server.idle_timeout.0;
+        let record_id = DialectName::Tus.new_upload_id();
+        let mut writer = SpoolWriter::new(
+            &self.spool,
+            &self.intake_budget,
+            &record_id,
+            length,
+            content::is_text_extension(&extension),
+        );
+        while let Some(bytes) = next_or_stall(&mut body, idle).await? {
+            writer.write(&bytes.map_err(body_error)?).await?;
+        }
+        let file = complete_file(
+            writer,
+            record_id.clone(),
+            filename.clone(),
+            extension.clone(),
+            plan.config.verify_content,
+        )
+        .await?;
+        if file.size != length {
+            return Err(ApiError::Malformed(format!(
+                "the body has {} bytes, Upload-Length says {length}",
+                file.size
+            )));
+        }
+        let mut upload = self.new_resumable(
+            admission,
+            id,
+            filename,
+            extension,
+            Some(length),
+            creation.metadata,
+            None,
+        );
+        upload.chunks = vec![(0, length)];
+        upload.upload_id = Some(record_id);
+        // Recorded before the upload is accepted, so that no record exists whose upload
+        // does not; if the accept fails, the upload goes again.
+        self.store.insert_session(upload.clone()).await?;
+        match self.accept(admission, vec![file], upload.metadata.clone()).await {
+            Ok(records) => {
+                tracing::info!(upload_id = %upload.id, record = %records[0].id, "resumable upload received whole");
+                Ok(Progress { upload, records })
+            }
+            Err(error) => {
+                if let Err(store_error) = self.store.delete_session(upload.id.clone()).await {
+                    tracing::warn!(upload_id = %upload.id, error = %store_error,
+                        "cannot remove a refused upload; it expires with the sessions");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// A new resumable upload's row, not yet stored.
     #[allow(clippy::too_many_arguments)]
-    async fn insert_resumable(
+    fn new_resumable(
         &self,
         admission: &Admission,
         id: String,
@@ -172,10 +250,10 @@ impl Gateway {
         length: Option<u64>,
         metadata: Metadata,
         concat: Option<Concat>,
-    ) -> Result<SessionRecord, ApiError> {
+    ) -> SessionRecord {
         let now = now_ms();
         let expiry = admission.policy.config.server.session_expiry.0;
-        let upload = SessionRecord {
+        SessionRecord {
             id,
             tenant: admission.tenant.name.clone(),
             dialect: admission.dialect,
@@ -190,7 +268,21 @@ impl Gateway {
             chunks: Vec::new(),
             concat,
             upload_id: None,
-        };
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_resumable(
+        &self,
+        admission: &Admission,
+        id: String,
+        filename: String,
+        extension: String,
+        length: Option<u64>,
+        metadata: Metadata,
+        concat: Option<Concat>,
+    ) -> Result<SessionRecord, ApiError> {
+        let upload = self.new_resumable(admission, id, filename, extension, length, metadata, concat);
         self.store.insert_session(upload.clone()).await?;
         tracing::info!(upload_id = %upload.id, tenant = %upload.tenant, length = ?length, "resumable upload created");
         Ok(upload)

@@ -344,29 +344,40 @@ async fn create(
                 metadata,
                 partial,
             };
-            let upload = gateway.create_resumable(&admission, creation).await?;
-            if body {
-                let append = Append {
-                    offset: 0,
-                    length: None,
-                    checksum,
-                };
-                match gateway
-                    .append_resumable(&admission, &upload.id, append, payload)
-                    .await
-                {
-                    Ok(progress) => progress,
-                    Err(error) => {
-                        // Refused, the answer carries no Location: nobody could resume or
-                        // terminate the upload, so it goes now instead of at its expiry.
-                        let _ = gateway.terminate_resumable(&admission, &upload.id).await;
-                        return Err(error);
-                    }
-                }
+            let whole = body
+                && !creation.partial
+                && checksum.is_none()
+                && creation.length.is_some()
+                && crate::upload::intake::content_length(headers) == creation.length;
+            if whole {
+                gateway
+                    .create_whole_resumable(&admission, creation, payload)
+                    .await?
             } else {
-                Progress {
-                    upload,
-                    records: Vec::new(),
+                let upload = gateway.create_resumable(&admission, creation).await?;
+                if body {
+                    let append = Append {
+                        offset: 0,
+                        length: None,
+                        checksum,
+                    };
+                    match gateway
+                        .append_resumable(&admission, &upload.id, append, payload)
+                        .await
+                    {
+                        Ok(progress) => progress,
+                        Err(error) => {
+                            // Refused, the answer carries no Location: nobody could resume or
+                            // terminate the upload, so it goes now instead of at its expiry.
+                            let _ = gateway.terminate_resumable(&admission, &upload.id).await;
+                            return Err(error);
+                        }
+                    }
+                } else {
+                    Progress {
+                        upload,
+                        records: Vec::new(),
+                    }
                 }
             }
         };

@@ -58,8 +58,11 @@ impl PostgresStore {
                     )
                     .await?;
                 let metadata = serde_json::Value::Object(session.metadata).to_string();
-                connection
-                    .client()
+                let chunk = connection
+                    .prepare("INSERT INTO session_chunks (session_id, chunk_number, size) VALUES ($1, $2, $3)")
+                    .await?;
+                let transaction = connection.client().transaction().await?;
+                transaction
                     .execute(
                         &insert,
                         &[
@@ -79,6 +82,12 @@ impl PostgresStore {
                         ],
                     )
                     .await?;
+                for (number, size) in &session.chunks {
+                    transaction
+                        .execute(&chunk, &[&session.id, &big(*number), &big(*size)])
+                        .await?;
+                }
+                transaction.commit().await?;
                 Ok(())
             })
         })

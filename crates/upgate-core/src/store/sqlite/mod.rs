@@ -33,8 +33,10 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A unit of store work. The flag says whether it shares its transaction with other jobs
-/// (then it runs in its own savepoint, so its failure undoes only its own writes).
-type Job = Box<dyn FnOnce(&Connection, bool) -> Reply + Send>;
+/// (then it runs in its own savepoint, so its failure undoes only its own writes); it
+/// returns its reply and whether it failed (a job alone in its transaction that failed is
+/// rolled back whole).
+type Job = Box<dyn FnOnce(&Connection, bool) -> (Reply, bool) + Send>;
 
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
@@ -83,7 +85,8 @@ impl SqliteStore {
     }
 
     /// Runs `work` on the store thread inside the current group transaction and returns its
-    /// result once that transaction has committed.
+    /// result once that transaction has committed; a `work` that fails leaves none of its
+    /// writes behind.
     pub(crate) async fn call<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -96,13 +99,15 @@ impl SqliteStore {
             } else {
                 work(connection)
             };
-            Box::new(move |commit_error| {
-                let result = match commit_error {
-                    Some(error) => Err(error.clone()),
-                    None => result,
+            let failed = result.is_err();
+            let reply: Reply = Box::new(move |commit_error| {
+                let result = match (result, commit_error) {
+                    (Ok(_), Some(error)) => Err(error.clone()),
+                    (result, _) => result,
                 };
                 let _ = answer.send(result);
-            })
+            });
+            (reply, failed)
         });
         self.jobs.send(job).map_err(|_| StoreError::Closed)?;
         answered.await.map_err(|_| StoreError::Closed)?
@@ -165,13 +170,22 @@ fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>, checkpoi
         }
         let shared = jobs.len() > 1;
         let began = run(&connection, "BEGIN IMMEDIATE");
-        let replies: Vec<Reply> = jobs.drain(..).map(|job| job(&connection, shared)).collect();
-        let committed = began
-            .and_then(|()| run(&connection, "COMMIT"))
-            .map_err(StoreError::from);
-        if committed.is_err() {
+        let (replies, failed): (Vec<Reply>, Vec<bool>) =
+            jobs.drain(..).map(|job| job(&connection, shared)).unzip();
+        // A failed job that shared the transaction undid its own writes (its savepoint); one
+        // alone in it is undone by rolling the transaction back.
+        let committed = if !shared && failed.first() == Some(&true) {
             let _ = connection.execute_batch("ROLLBACK");
-        }
+            began.map_err(StoreError::from)
+        } else {
+            let committed = began
+                .and_then(|()| run(&connection, "COMMIT"))
+                .map_err(StoreError::from);
+            if committed.is_err() {
+                let _ = connection.execute_batch("ROLLBACK");
+            }
+            committed
+        };
         let commit_error = committed.err();
         for reply in replies {
             reply(commit_error.as_ref());

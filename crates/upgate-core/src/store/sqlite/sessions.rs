@@ -71,6 +71,13 @@ impl SqliteStore {
                     session.upload_id,
                 ],
             )?;
+            // In the job's transaction (see `SqliteStore::call`): all or nothing.
+            for (number, size) in &session.chunks {
+                connection.execute(
+                    "INSERT INTO session_chunks (session_id, chunk_number, size) VALUES (?1, ?2, ?3)",
+                    params![session.id, *number as i64, *size as i64],
+                )?;
+            }
             Ok(())
         })
         .await
