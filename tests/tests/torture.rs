@@ -2735,6 +2735,73 @@ fn a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record() {
     );
 }
 
+/// An async upload is acknowledged once it is spooled; a kill while the outbox delivers it
+/// must not turn it into a failure after the restart (its delivery runs again).
+#[test]
+fn a_kill_9_during_async_deliveries_fails_no_acknowledged_upload() {
+    let (run, mut rng) = Run::begin("a_kill_9_during_async_deliveries_fails_no_acknowledged_upload");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start_in(dir.path().to_path_buf(), &kill_config(dir.path()));
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut found = Vec::new();
+    let rounds = run.knobs.rounds * 4;
+    for round in 0..rounds {
+        let stop = AtomicBool::new(false);
+        let kill_after = Duration::from_millis(rng.between(150, 700) as u64);
+        let base = daemon.base_url.clone();
+        let loads: Vec<Load> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|thread| {
+                    let worker_rng = rng.fork();
+                    let (base, stop) = (&base, &stop);
+                    let label = format!("a{round}t{thread}");
+                    scope.spawn(move || load_worker(base, worker_rng, stop, &label, &["lazy-key"]))
+                })
+                .collect();
+            std::thread::sleep(kill_after);
+            daemon.kill();
+            stop.store(true, Ordering::SeqCst);
+            workers.into_iter().map(|worker| worker.join().unwrap()).collect()
+        });
+        for load in loads {
+            assert!(load.problems.is_empty(), "{}", load.problems.join("\n"));
+            acked.extend(load.acked);
+        }
+        let (dir, config_path) = (daemon.dir.clone(), daemon.config_path.clone());
+        daemon = Daemon::spawn(dir, config_path, &[]);
+        eventually(Duration::from_secs(30), || {
+            rows(&daemon).values().all(|(state, ..)| state != "received")
+        });
+        let known = rows(&daemon);
+        acked.retain(|upload| match known.get(&upload.id) {
+            Some((state, ..)) if state == "forwarded" => true,
+            other => {
+                let on_disk = daemon.files_dir().join(&upload.id).exists();
+                found.push(format!(
+                    "round {round} (SIGKILL after {kill_after:?}): {} ({}) acknowledged, its record {other:?}, \
+                     its file {} the provider's root",
+                    upload.how,
+                    upload.id,
+                    if on_disk { "in" } else { "not in" }
+                ));
+                false
+            }
+        });
+    }
+    assert!(
+        found.is_empty(),
+        "after {rounds} kills during async deliveries, {} acknowledged uploads not delivered:\n{}\n--- daemon log (failures):\n{}",
+        found.len(),
+        found.join("\n"),
+        daemon
+            .log()
+            .lines()
+            .filter(|line| line.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. A small tmpfs filled to full
 // ---------------------------------------------------------------------------------------------
