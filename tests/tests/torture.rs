@@ -1,13 +1,17 @@
 //! Torture: the real daemon and its real plugins attacked the way a hostile network and a
 //! hostile machine would. A seeded raw-socket fuzzer over every dialect's requests (bit flips,
-//! truncation, broken framing, multipart and header abuse, path traversal, pipelined garbage);
-//! the answers of requests the HTTP parser refuses before any route (issue #10); `kill -9`
-//! under concurrent load, restarts on the same data_dir; a small tmpfs filled to the last byte;
-//! many slowloris connections at once and a trickled body on a kept-alive connection (what
-//! `slowloris.rs` and `hardening.rs` do not already cover); races on one upload, one chunk,
-//! one session and one tus offset, in rounds.
+//! truncation, broken framing, multipart and header abuse, path traversal, pipelined garbage)
+//! and what it found (pipelined answers framed for the wrong request, plain text taken for a
+//! binary format); the answers of requests the HTTP parser refuses before any route (issue
+//! #10); `kill -9` under concurrent load and during sync and async deliveries, restarts on the
+//! same data_dir; a small tmpfs filled to the last byte; many slowloris connections at once
+//! and a trickled body on a kept-alive connection (what `slowloris.rs` and `hardening.rs` do
+//! not already cover); races on one upload, one chunk, one session and one tus offset, in
+//! rounds.
 //!
-//! Every test is deterministic for its seed and prints it when it fails. Knobs (environment):
+//! Every draw (requests, mutations, sizes, contents, kill moments) comes from the seed, which
+//! a failing test prints with the command that reruns it; where a kill lands in the daemon's
+//! work, and how threads interleave, is up to the machine. Knobs (environment):
 //! `UPGATE_TORTURE_SEED` (decimal or `0x` hex; a fixed default), `UPGATE_TORTURE_CASES` (fuzz
 //! cases, default 3000), `UPGATE_TORTURE_SECS` (fuzz for this many seconds instead of a fixed
 //! number of cases), `UPGATE_TORTURE_ROUNDS` (kill -9 rounds, tmpfs fill cycles and race
