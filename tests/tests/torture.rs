@@ -2318,6 +2318,82 @@ fn answer_text(answer: &Answer) -> String {
     String::from_utf8_lossy(&answer.body).into_owned()
 }
 
+/// Found by the tmpfs test: a client may shut its side of the connection once its request is
+/// sent whole (a half-close); the daemon must still read the body it has received. Under load
+/// (other uploads at once), a tus creation whose body arrived whole then met the end of the
+/// stream was answered 400 "payload reached EOF before completing".
+#[test]
+fn a_request_sent_whole_then_half_closed_is_served() {
+    let (_run, mut rng) = Run::begin("a_request_sent_whole_then_half_closed_is_served");
+    let daemon = Daemon::start_with(default_config);
+    let address = address(&daemon);
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4)
+            .map(|thread| {
+                let (mut rng, address) = (rng.fork(), &address);
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for n in 0..16 {
+                        let name = format!("half-{thread}-{n}.txt");
+                        if n % 2 == 1 {
+                            // Load beside: a Kore XO upload sent the ordinary way.
+                            let content = rng.text_between(128 * 1024, 1_000_000);
+                            let body = korexo_form(&name, &content).body();
+                            let multipart = Form::content_type();
+                            let headers = [("x-api-key", KEY), ("Content-Type", multipart.as_str())];
+                            raw_request(address, "POST", &format!("{KOREXO_BASE}/upload"), &headers, &body);
+                            continue;
+                        }
+                        let content = rng.text_between(100 * 1024, 600 * 1024);
+                        let draft = Draft::new(
+                            "POST",
+                            "/files/",
+                            address,
+                            &[
+                                TUS,
+                                ("Authorization", "Bearer demo-key"),
+                                ("Upload-Length", "1000000"),
+                                ("Upload-Metadata", &tus_metadata(&name)),
+                                ("Content-Type", OFFSET_STREAM),
+                                ("Connection", "close"),
+                            ],
+                            content.clone(),
+                        );
+                        let exchange = exchange(address, &draft.bytes(), Duration::from_secs(30), true);
+                        let answer = parse_answers(&exchange.received, &[])
+                            .ok()
+                            .and_then(|(answers, _)| answers.into_iter().next());
+                        let offset = content.len().to_string();
+                        match answer {
+                            Some(answer)
+                                if answer.status == 201
+                                    && answer.header("upload-offset") == Some(offset.as_str()) => {}
+                            Some(answer) => failures.push(format!(
+                                "{name} ({} bytes, all sent, then SHUT_WR): {} {}",
+                                content.len(),
+                                answer.status,
+                                answer_text(&answer).trim()
+                            )),
+                            None => failures.push(format!("{name}: no answer")),
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of 32 whole requests refused after a half-close:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. kill -9 under concurrent load
 // ---------------------------------------------------------------------------------------------
