@@ -97,9 +97,14 @@ impl Drop for Run {
                 .knobs
                 .secs
                 .map_or(String::new(), |s| format!(" UPGATE_TORTURE_SECS={s}"));
+            let release = if target_dir().ends_with("release") {
+                " --release"
+            } else {
+                ""
+            };
             eprintln!(
                 "\n*** {} failed with seed {:#x}. Reproduce with:\n    UPGATE_TORTURE_SEED={:#x} UPGATE_TORTURE_ROUNDS={} UPGATE_TORTURE_CASES={}{secs} \
-                 cargo test -p upgate-e2e --test torture -- --exact {}\n",
+                 cargo test{release} -p upgate-e2e --test torture -- --exact {}\n",
                 self.name, self.knobs.seed, self.knobs.seed, self.knobs.rounds, self.knobs.cases, self.name
             );
         }
