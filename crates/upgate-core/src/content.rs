@@ -188,6 +188,11 @@ pub(crate) fn classify(
             }
         }
         (Some(expected), None) if expected.text => text_verdict(expected),
+        // Text whose first letters happen to be a short binary signature ("BC Hydro", "BMW",
+        // "MZ", "ID3"): valid UTF-8 with no NUL is text, not that binary type.
+        (Some(expected), Some(_)) if expected.text && utf8_ok && looks_like_text(head) => {
+            text_verdict(expected)
+        }
         (_, Some(kind)) if verify => Err(mismatch(format!(
             "{} ({})",
             describe(kind.extension()),

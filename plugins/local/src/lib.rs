@@ -76,7 +76,19 @@ impl Provider for LocalDisk {
         let target = self.root.join(id);
         // The host no longer needs the spooled file: move it into place (one rename), or,
         // across file systems, copy it and make the copy appear atomically.
-        let moved = std::fs::rename(&request.path, &target).is_ok();
+        let moved = match std::fs::rename(&request.path, &target) {
+            Ok(()) => true,
+            // A put again after one that moved the file before its host could record it (the
+            // daemon killed in between; the outbox delivers again): the spooled file is gone
+            // and its bytes are in place. The same put succeeds again (idempotent per id).
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::metadata(&target).is_ok_and(|meta| meta.len() == request.size) =>
+            {
+                true
+            }
+            Err(_) => false,
+        };
         if !moved {
             let partial = self.root.join(format!(".{id}.part"));
             std::fs::copy(&request.path, &partial).map_err(internal)?;
@@ -157,9 +169,17 @@ mod tests {
             serde_json::json!({ "root": root, "public_base_url": "https://files.example/" }),
         )
         .unwrap();
-        let result = provider.put(request(dir.path(), "abc-123")).unwrap();
+        let first = request(dir.path(), "abc-123");
+        let result = provider.put(first.clone()).unwrap();
         assert_eq!(result.url.as_deref(), Some("https://files.example/abc-123"));
         assert_eq!(std::fs::read(root.join("abc-123")).unwrap(), b"bytes");
+        // The same put again (its host died before recording the first): done already.
+        assert!(!std::path::Path::new(&first.path).exists());
+        let again = provider.put(first.clone()).unwrap();
+        assert_eq!(again.remote_id, "abc-123");
+        // Not with another size: the bytes in place are not this upload's.
+        let other = PutRequest { size: 6, ..first };
+        assert!(provider.put(other).is_err());
         assert!(!dir.path().join("evil.txt").exists());
         provider
             .delete(DeleteRequest {

@@ -76,6 +76,23 @@ fn text_that_sniffs_as_a_script_or_markup_must_still_be_utf8() {
 }
 
 #[test]
+fn text_that_starts_like_a_short_binary_signature_is_text() {
+    for text in ["BC Hydro invoice, March", "BMW service plan", "MZ postcodes", "ID3 tags", "OggS notes"] {
+        assert_eq!(
+            classify("txt", text.as_bytes(), true, true).unwrap(),
+            "text/plain",
+            "{text}"
+        );
+    }
+    // A binary with such a signature is still not text.
+    let exe = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00";
+    assert!(matches!(
+        classify("txt", exe, true, true),
+        Err(ContentError::Mismatch { .. })
+    ));
+}
+
+#[test]
 fn verify_off_trusts_the_extension() {
     assert_eq!(classify("png", ELF, false, false).unwrap(), "image/png");
     assert_eq!(classify("txt", &[0xff], false, false).unwrap(), "text/plain");

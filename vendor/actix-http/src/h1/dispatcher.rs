@@ -80,6 +80,11 @@ bitflags! {
         /// (`Connection: close`, or HTTP/1.0 without keep-alive) has been decoded. Nothing
         /// after it and its body is decoded as a request.
         const CLOSE_REQUESTED  = 0b1_0000_0000;
+
+        /// upgate patch: set when the peer closed its sending half (EOF) while the read
+        /// buffer may still hold the rest of a request body: no more reads, but what was read
+        /// is still decoded; the read half counts as disconnected once nothing of it is left.
+        const READ_EOF         = 0b10_0000_0000;
     }
 }
 
@@ -1237,7 +1242,8 @@ where
     fn read_available(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<bool, DispatchError> {
         let this = self.project();
 
-        if this.flags.contains(Flags::READ_DISCONNECT) {
+        // upgate patch: nothing more comes after the peer's EOF either (see `READ_EOF`).
+        if this.flags.intersects(Flags::READ_DISCONNECT | Flags::READ_EOF) {
             return Ok(false);
         };
 
@@ -1426,7 +1432,21 @@ where
 
                     inner.as_mut().poll_request(cx)?;
 
+                    // upgate patch: at the peer's EOF, a body whose rest is still in the read
+                    // buffer (its handler was not reading yet, so decoding paused) is decoded
+                    // to its end as the handler reads it: a client that sent its whole request
+                    // and half-closed is served. The read half counts as disconnected, and an
+                    // unfinished body fails as incomplete, once nothing of it is left to decode.
                     if should_disconnect {
+                        inner.as_mut().project().flags.insert(Flags::READ_EOF);
+                    }
+                    let drained = {
+                        let inner = inner.as_mut().project();
+                        inner.flags.contains(Flags::READ_EOF)
+                            && !inner.flags.contains(Flags::READ_DISCONNECT)
+                            && (inner.read_buf.is_empty() || inner.payload.is_none())
+                    };
+                    if drained {
                         // I/O stream should to be closed
                         let inner = inner.as_mut().project();
                         inner.flags.insert(Flags::READ_DISCONNECT);

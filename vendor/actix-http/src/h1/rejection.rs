@@ -44,12 +44,16 @@ impl RequestTarget {
     };
 
     /// The target of the request line at the start of `head`: `METHOD SP target SP`, the
-    /// target of visible ASCII only; [`Self::NONE`] otherwise.
+    /// target of visible ASCII only; [`Self::NONE`] otherwise, and for a `HEAD` request
+    /// (whose answer has no body).
     pub(crate) fn peek(head: &[u8]) -> Self {
         let window = &head[..head.len().min(2048)];
         let Some(start) = window.iter().position(|&byte| byte == b' ') else {
             return Self::NONE;
         };
+        if &window[..start] == b"HEAD" {
+            return Self::NONE;
+        }
         let rest = &window[start + 1..];
         let Some(end) = rest.iter().position(|&byte| byte == b' ') else {
             return Self::NONE;
