@@ -794,12 +794,26 @@ fn names_in(dir: &Path) -> BTreeSet<String> {
 
 /// Files in the provider's `root` without a `forwarded` record (the store does not know them:
 /// nothing ever deletes them).
+/// Files in `root` that no record explains: a record explains a file when it is `forwarded`,
+/// or `failed` as an interrupted sync delivery (the daemon died in the provider call, which
+/// may have put the file in place).
 fn orphan_files(daemon: &Daemon, root: &Path) -> Vec<String> {
     let rows = rows(daemon);
+    let interrupted = |name: &str| -> bool {
+        daemon
+            .db()
+            .query_row("SELECT last_error FROM uploads WHERE id = ?1", [name], |row| {
+                row.get::<_, Option<String>>(0)
+            })
+            .ok()
+            .flatten()
+            .is_some_and(|error| error.starts_with("interrupted:"))
+    };
     names_in(root)
         .into_iter()
         .filter_map(|name| match rows.get(&name) {
             Some((state, ..)) if state == "forwarded" => None,
+            Some((state, ..)) if state == "failed" && interrupted(&name) => None,
             Some((state, ..)) => Some(format!("file {name} in the root, its record is {state}")),
             None => Some(format!("file {name} in the root without a record")),
         })
@@ -2775,8 +2789,9 @@ fn kill_9_under_concurrent_load_loses_nothing_acknowledged() {
     assert_serving(&mut daemon, "after the last restart");
 }
 
-/// A sync delivery puts the provider's copy in place before its record is written: a kill in
-/// between must not leave a copy nobody knows (the restart's sweep cleans the spool only).
+/// A sync delivery puts the provider's copy in place before its outcome is written: a kill
+/// in between must not leave a copy nobody knows (its record, written before the delivery,
+/// says it was interrupted).
 #[test]
 fn a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record() {
     let (run, mut rng) = Run::begin("a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record");

@@ -77,7 +77,13 @@ fn text_that_sniffs_as_a_script_or_markup_must_still_be_utf8() {
 
 #[test]
 fn text_that_starts_like_a_short_binary_signature_is_text() {
-    for text in ["BC Hydro invoice, March", "BMW service plan", "MZ postcodes", "ID3 tags", "OggS notes"] {
+    for text in [
+        "BC Hydro invoice, March",
+        "BMW service plan",
+        "MZ postcodes",
+        "ID3 tags",
+        "OggS notes",
+    ] {
         assert_eq!(
             classify("txt", text.as_bytes(), true, true).unwrap(),
             "text/plain",

@@ -1,4 +1,4 @@
-use std::{fmt, io};
+use std::{collections::VecDeque, fmt, io};
 
 use bitflags::bitflags;
 use bytes::BytesMut;
@@ -27,6 +27,11 @@ pub struct Codec {
     payload: Option<PayloadDecoder>,
     version: Version,
     conn_type: ConnectionType,
+    /// upgate patch: (HEAD, version, connection type) of each decoded request not answered
+    /// yet, oldest first. Upstream encoded every answer with the last decoded request's, so
+    /// with pipelining the answer to a `HEAD` followed by a `GET` carried a body (and the
+    /// reverse lost one): the client read the next answer from the middle of a body.
+    unanswered: VecDeque<(bool, Version, ConnectionType)>,
 
     // encoder part
     flags: Flags,
@@ -65,6 +70,7 @@ impl Codec {
             payload: None,
             version: Version::HTTP_11,
             conn_type: ConnectionType::Close,
+            unanswered: VecDeque::new(),
             encoder: encoder::MessageEncoder::default(),
         }
     }
@@ -130,6 +136,11 @@ impl Decoder for Codec {
             {
                 self.conn_type = ConnectionType::Close
             }
+            self.unanswered.push_back((
+                self.flags.contains(Flags::HEAD),
+                self.version,
+                self.conn_type,
+            ));
 
             match payload {
                 PayloadType::None => self.payload = None,
@@ -156,6 +167,17 @@ impl Encoder<Message<(Response<()>, BodySize)>> for Codec {
     ) -> Result<(), Self::Error> {
         match item {
             Message::Item((mut res, length)) => {
+                // upgate patch: the request this answers (see `unanswered`); an answer to no
+                // decoded request (a head that failed to parse) has a body.
+                match self.unanswered.pop_front() {
+                    Some((head, version, conn_type)) => {
+                        self.flags.set(Flags::HEAD, head);
+                        self.version = version;
+                        self.conn_type = conn_type;
+                    }
+                    None => self.flags.remove(Flags::HEAD),
+                }
+
                 // set response version
                 res.head_mut().version = self.version;
 
