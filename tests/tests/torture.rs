@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use upgate_e2e::harness::*;
+use upgate_e2e::inbound::b64;
 
 // ---------------------------------------------------------------------------------------------
 // Knobs, seeds and the PRNG
@@ -255,26 +256,6 @@ fn try_send(
         headers,
         text,
     })
-}
-
-/// Standard base64 with padding, as `Upload-Metadata` carries it.
-fn b64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn tus_metadata(name: &str) -> String {
