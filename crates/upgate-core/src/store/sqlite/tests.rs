@@ -232,3 +232,58 @@ fn a_full_disk_is_its_own_error_and_a_507() {
         rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT), None);
     assert!(matches!(StoreError::from(other), StoreError::Database(_)));
 }
+
+#[tokio::test]
+async fn a_job_that_fails_leaves_none_of_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    store.insert_uploads(vec![record("a", "t1")], 1).await.unwrap();
+    // Alone in its transaction: the first record is written, the duplicate fails, neither stays.
+    let failed = store
+        .insert_uploads(vec![record("b", "t1"), record("a", "t1")], 1)
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(store.upload("b".into()).await.unwrap(), None, "rolled back whole");
+    // A delivery's outcome is written over its `delivering` record only.
+    let mut delivering = record("c", "t1");
+    delivering.state = UploadState::Delivering;
+    store.insert_uploads(vec![delivering.clone()], 10).await.unwrap();
+    delivering.state = UploadState::Forwarded;
+    delivering.remote_id = Some("r".into());
+    assert_eq!(
+        store
+            .record_outcomes(vec![delivering.clone(), record("a", "t1")])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.upload("c".into()).await.unwrap().unwrap().state,
+        UploadState::Forwarded
+    );
+    // One whose lease ended is failed by the sweep, once.
+    let mut interrupted = record("d", "t1");
+    interrupted.state = UploadState::Delivering;
+    store.insert_uploads(vec![interrupted], 10).await.unwrap();
+    assert!(
+        store
+            .fail_interrupted_deliveries(9, "interrupted: x".into())
+            .await
+            .unwrap()
+            .is_empty(),
+        "lease still running"
+    );
+    let failed = store
+        .fail_interrupted_deliveries(10, "interrupted: x".into())
+        .await
+        .unwrap();
+    assert_eq!(failed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["d"]);
+    assert_eq!(failed[0].state, UploadState::Failed);
+    assert!(
+        store
+            .fail_interrupted_deliveries(i64::MAX, "again".into())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
