@@ -44,14 +44,15 @@ impl RequestTarget {
     };
 
     /// The target of the request line at the start of `head`: `METHOD SP target SP`, the
-    /// target of visible ASCII only; [`Self::NONE`] otherwise, and for a `HEAD` request
-    /// (whose answer has no body).
+    /// method a token of letters, the target of visible ASCII only; [`Self::NONE`]
+    /// otherwise, and for a `HEAD` request (whose answer has no body).
     pub(crate) fn peek(head: &[u8]) -> Self {
         let window = &head[..head.len().min(2048)];
         let Some(start) = window.iter().position(|&byte| byte == b' ') else {
             return Self::NONE;
         };
-        if &window[..start] == b"HEAD" {
+        let method = &window[..start];
+        if method.is_empty() || !method.iter().all(u8::is_ascii_alphabetic) || method == b"HEAD" {
             return Self::NONE;
         }
         let rest = &window[start + 1..];
