@@ -593,3 +593,19 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Installs Debian `package` with apt-get (updating the package lists once if the first try
+/// fails); panics with `why` when it cannot be had: a test fails, never skips.
+pub fn apt_install(package: &str, why: &str) {
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        assert!(install(), "{why}: `apt-get install {package}` failed");
+    }
+}

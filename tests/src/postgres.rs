@@ -21,20 +21,7 @@ pub fn bin_dir() -> &'static Path {
         if let Some(found) = find_bin_dir() {
             return found;
         }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends", "postgresql"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|status| status.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            assert!(
-                install(),
-                "PostgreSQL is not installed and `apt-get install postgresql` failed: install Debian's postgresql package"
-            );
-        }
+        crate::harness::apt_install("postgresql", "PostgreSQL is not installed");
         find_bin_dir().expect("apt-get installed postgresql, but no /usr/lib/postgresql/*/bin/initdb")
     })
 }

@@ -21,20 +21,7 @@ pub fn server_binary() -> &'static Path {
         if let Some(found) = find("redis-server") {
             return found;
         }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends", "redis-server"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|status| status.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            assert!(
-                install(),
-                "Redis is not installed and `apt-get install redis-server` failed: install Debian's redis-server package"
-            );
-        }
+        crate::harness::apt_install("redis-server", "Redis is not installed");
         find("redis-server").expect("apt-get installed redis-server, but there is no redis-server")
     })
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use upgate_e2e::harness::*;
+use upgate_e2e::inbound::b64;
 use upgate_e2e::postgres::PostgresServer;
 
 const KORE: (&str, &str) = ("x-api-key", "demo-key");
@@ -93,26 +94,6 @@ fn korexo_id(reply: &Reply) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no fileId in {body}"));
     id.to_owned()
-}
-
-/// Standard base64 with padding (tus `Upload-Metadata`).
-fn b64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn no_password_in(what: &str, text: &str) {

@@ -22,6 +22,7 @@
 mod config;
 mod content;
 mod daemon;
+mod driver;
 mod error;
 mod http;
 mod limits;

@@ -196,28 +196,12 @@ pub(crate) struct RedisLimiter {
     fault_tolerant: bool,
 }
 
-/// Starts the runtime the connection's I/O runs on, on a thread of its own that ends when
-/// `stop`'s sender is dropped.
-fn start_driver() -> Result<(tokio::runtime::Handle, oneshot::Sender<()>), std::io::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = runtime.handle().clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("upgate-redis".into())
-        .spawn(move || {
-            let _ = runtime.block_on(stopped);
-        })?;
-    Ok((handle, stop))
-}
-
 impl RedisLimiter {
     /// A limiter on the Redis of `config` (connected at the first check, so a node starts
     /// while Redis is down), with quotas in `store`.
     pub(crate) fn new(config: &LimitsConfig, store: Arc<dyn Store>) -> Result<Self, RedisLimitError> {
         let client = redis::Client::open(config.url.expose())?;
-        let (driver, stop) = start_driver().map_err(|_| RedisLimitError::Stopped)?;
+        let (driver, stop) = crate::driver::start("upgate-redis").map_err(|_| RedisLimitError::Stopped)?;
         metrics::prime_limits();
         Ok(Self {
             shared: Arc::new(Shared {

@@ -185,22 +185,6 @@ fn driver_config(url: &PostgresUrl) -> Result<tokio_postgres::Config, StoreError
     Ok(config)
 }
 
-/// Starts the runtime the connections' I/O runs on, on a thread of its own that ends when
-/// `stop`'s sender is dropped.
-fn start_driver() -> Result<(tokio::runtime::Handle, oneshot::Sender<()>), std::io::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = runtime.handle().clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("upgate-postgres".into())
-        .spawn(move || {
-            let _ = runtime.block_on(stopped);
-        })?;
-    Ok((handle, stop))
-}
-
 impl PostgresStore {
     /// Connects to the database at `url` and brings its schema up to date (waiting while
     /// another node does), then serves calls from the pool.
@@ -210,7 +194,8 @@ impl PostgresStore {
             message,
         };
         let config = driver_config(url)?;
-        let (driver, stop) = start_driver().map_err(|e| open_error(e.to_string()))?;
+        let (driver, stop) =
+            crate::driver::start("upgate-postgres").map_err(|e| open_error(e.to_string()))?;
         let mut client = connect_on(&driver, config.clone())
             .await
             .map_err(|e| open_error(e.to_string()))?;
@@ -236,7 +221,8 @@ impl PostgresStore {
     /// upgate can use. Returns the schema version (0 for a database upgate never used).
     pub(crate) async fn probe(url: &PostgresUrl) -> Result<usize, StoreError> {
         let config = driver_config(url)?;
-        let (driver, _stop) = start_driver().map_err(|e| StoreError::Database(e.to_string()))?;
+        let (driver, _stop) =
+            crate::driver::start("upgate-postgres").map_err(|e| StoreError::Database(e.to_string()))?;
         let client = connect_on(&driver, config).await?;
         let checked = tokio::time::timeout(CALL_TIMEOUT, migrations::check_version(&client)).await;
         checked.unwrap_or_else(|_| Err(StoreError::Unavailable("no answer in time".into())))
