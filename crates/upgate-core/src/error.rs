@@ -115,6 +115,8 @@ pub(crate) const STORE_RETRY_AFTER_SECS: u64 = 5;
 /// What a client is told to wait when the shared limits are unavailable (`fault_tolerant:
 /// false`): the limiter asks Redis again after a second, so a short outage is short.
 pub(crate) const LIMITS_RETRY_AFTER_SECS: u64 = 2;
+/// What a client is told to wait while the shared spool's object storage is unreachable.
+pub(crate) const SPOOL_RETRY_AFTER_SECS: u64 = 5;
 
 /// Whole seconds, rounded up, at least 1: a wait as `Retry-After` says it.
 pub(crate) fn ceil_secs(wait: Duration) -> u64 {
@@ -309,12 +311,27 @@ impl From<LimitError> for ApiError {
     }
 }
 
-/// The gateway failing at its own disk work (spool, chunks): 507 when the disk is full,
-/// otherwise logged and a 500.
+/// The gateway failing at its own spool work (files, chunks): 507 when the disk is full;
+/// 503 with `Retry-After` when the shared spool's object storage cannot be reached (its
+/// client reports that as a connection error, after its own retries); otherwise logged and
+/// a 500.
 impl From<std::io::Error> for ApiError {
     fn from(error: std::io::Error) -> Self {
+        use std::io::ErrorKind as Kind;
         if error.raw_os_error() == Some(libc::ENOSPC) {
             Self::InsufficientStorage
+        } else if matches!(
+            error.kind(),
+            Kind::NotConnected
+                | Kind::ConnectionRefused
+                | Kind::ConnectionReset
+                | Kind::ConnectionAborted
+                | Kind::TimedOut
+        ) {
+            tracing::warn!(%error, "spool unavailable");
+            Self::Unavailable {
+                retry_after_secs: SPOOL_RETRY_AFTER_SECS,
+            }
         } else {
             tracing::error!(%error, "spool i/o failed");
             Self::Internal

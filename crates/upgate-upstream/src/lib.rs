@@ -19,6 +19,7 @@
 mod client;
 mod multipart;
 mod response;
+pub mod s3;
 mod settings;
 
 pub use client::{Auth, Upstream};

@@ -183,7 +183,7 @@ fn main() -> ExitCode {
         } => report(upgate_core::show_upload(&config, &id).map(|(record, spooled)| {
             if json {
                 let mut value = serde_json::to_value(&record).unwrap_or_default();
-                value["spooled_at"] = spooled.map(|path| path.display().to_string()).into();
+                value["spooled_at"] = spooled.clone().into();
                 println!("{value:#}");
             } else {
                 print_upload(&record, spooled.as_deref());
@@ -272,7 +272,7 @@ fn print_uploads(records: &[UploadRecord], json: bool) {
     }
 }
 
-fn print_upload(record: &UploadRecord, spooled: Option<&Path>) {
+fn print_upload(record: &UploadRecord, spooled: Option<&str>) {
     let rows: [(&str, String); 14] = [
         ("id", record.id.clone()),
         ("tenant", record.tenant.clone()),
@@ -291,7 +291,7 @@ fn print_upload(record: &UploadRecord, spooled: Option<&Path>) {
             "bytes",
             spooled.map_or_else(
                 || "not held by upgate (delivered, deleted, or not kept)".to_owned(),
-                |path| path.display().to_string(),
+                str::to_owned,
             ),
         ),
     ];

@@ -9,6 +9,7 @@
 pub(crate) mod keys;
 mod limits;
 mod location;
+mod spool;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ pub(crate) use limits::LimitsConfig;
 #[cfg(test)]
 pub(crate) use limits::RedisUrl;
 use location::locate;
+pub(crate) use spool::SpoolConfig;
 pub(crate) use store::{PostgresUrl, StoreConfig};
 pub(crate) use units::{ByteSize, HumanDuration, PluginSettings, env_path};
 
@@ -196,6 +198,10 @@ pub struct ServerConfig {
     /// A shared store (PostgreSQL) for cluster mode; absent: SQLite in `data_dir`.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// Shared object storage (S3) for the bytes that must outlive a node: acknowledged async
+    /// uploads, session chunks, tus uploads; absent: `data_dir/spool` on local disk.
+    #[serde(default)]
+    pub spool: Option<SpoolConfig>,
     /// Rate limits and tenant concurrency shared by several nodes (Redis); absent: counted
     /// in this process.
     #[serde(default)]

@@ -29,7 +29,9 @@ use crate::limits::redis::RedisLimiter;
 use crate::metrics;
 use crate::plugins::{self, PluginHostError, Provider};
 use crate::policy::Policy;
+use crate::spool::Spool;
 use crate::spool::local::LocalSpool;
+use crate::spool::s3::S3Spool;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -105,6 +107,26 @@ pub fn check(path: &Path) -> Result<(Config, Providers, Vec<String>), ServeError
             )),
         }
     }
+    if let Some(shared) = &config.server.spool {
+        let checked = S3Spool::open(&config.server.data_dir, config.server.durability, shared)
+            .map_err(|error| error.to_string())
+            .and_then(|spool| spool.check().map_err(|error| error.to_string()));
+        match checked {
+            Ok(()) => engines.push(format!(
+                "spool {} at {}: reachable",
+                shared.url,
+                shared.endpoint()
+            )),
+            Err(error) => errors.push(config.error_at(
+                &["server", "spool", "url"],
+                format!(
+                    "cannot use the shared spool {} at {}: {error}",
+                    shared.url,
+                    shared.endpoint()
+                ),
+            )),
+        }
+    }
     if let Some(limits) = &config.server.limits {
         match runtime.block_on(RedisLimiter::probe(limits)) {
             Ok(()) => engines.push(format!("limits {}: reachable", limits.url)),
@@ -140,6 +162,24 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     })
 }
 
+/// The configured spool: S3-compatible object storage at `server.spool.url` (with this
+/// node's `data_dir/spool` for what arrives), or `data_dir/spool` alone.
+fn open_spool(config: &Config) -> Result<Arc<dyn Spool>, ServeError> {
+    let server = &config.server;
+    Ok(match &server.spool {
+        Some(shared) => Arc::new(
+            S3Spool::open(&server.data_dir, server.durability, shared).map_err(ServeError::io(format!(
+                "cannot set up the shared spool {}",
+                shared.url
+            )))?,
+        ),
+        None => Arc::new(
+            LocalSpool::open(&server.data_dir, server.durability)
+                .map_err(ServeError::io("cannot prepare the spool directory"))?,
+        ),
+    })
+}
+
 fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -163,9 +203,8 @@ async fn open_gateway(
     providers: BTreeMap<String, Arc<Provider>>,
 ) -> Result<Gateway, ServeError> {
     let store = open_store(&config).await?;
+    let spool = open_spool(&config)?;
     let server = &config.server;
-    let spool = LocalSpool::open(&server.data_dir, server.durability)
-        .map_err(ServeError::io("cannot prepare the spool directory"))?;
     let limiter: Arc<dyn Limiter> = match &server.limits {
         Some(limits) => {
             Arc::new(
@@ -180,7 +219,7 @@ async fn open_gateway(
     Ok(Gateway::new(
         Policy::new(config, providers),
         store,
-        Arc::new(spool),
+        spool,
         limiter,
     ))
 }
@@ -208,15 +247,11 @@ async fn run(
         server_config.data_dir.display()
     )))?;
     metrics::prime(providers.keys().map(String::as_str));
-    if config.server.store.is_some()
-        && config
-            .providers
-            .values()
-            .any(|provider| provider.delivery == crate::config::Delivery::Async)
-    {
+    if config.server.store.is_some() && config.server.spool.is_none() {
         tracing::warn!(
-            "server.store is shared but async uploads are spooled on this node's disk: with several nodes, \
-             another node's outbox may claim an upload whose bytes are here (see README, Cluster mode)"
+            "server.store is shared but the spool is this node's disk: with several nodes, another node's \
+             outbox may claim an async upload whose bytes are here, and sessions started here continue only \
+             here (set server.spool; see README, Running several nodes)"
         );
     }
     let gateway = open_gateway(config, providers).await?;

@@ -7,14 +7,13 @@
 //! upload whose bytes are still spooled back in the outbox, where the running daemon's
 //! worker delivers it within a second; `delete` runs the same flow as a dialect's delete.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::{ServeError, load, open_gateway};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::spool::Spool;
-use crate::spool::local::LocalSpool;
 use crate::store::{SessionRecord, Store, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::DialectName;
 
@@ -32,12 +31,13 @@ fn check_id(id: &str) -> Result<(), ServeError> {
 }
 
 /// The store and spool of a config, without loading any plugin (listings need none).
-fn open_store(config_path: &Path) -> Result<(Config, Arc<dyn Store>, LocalSpool), ServeError> {
+/// A config's store and spool, as the daemon opens them.
+type Opened = (Config, Arc<dyn Store>, Arc<dyn Spool>);
+
+fn open_store(config_path: &Path) -> Result<Opened, ServeError> {
     let config = Config::load(config_path).map_err(ServeError::Config)?;
     let store = block_on(super::open_store(&config))?;
-    let server = &config.server;
-    let spool = LocalSpool::open(&server.data_dir, server.durability)
-        .map_err(ServeError::io("cannot open the spool directory"))?;
+    let spool = super::open_spool(&config)?;
     Ok((config, store, spool))
 }
 
@@ -52,12 +52,14 @@ pub fn list_uploads(config_path: &Path, filter: UploadFilter) -> Result<Vec<Uplo
 }
 
 /// `upgate uploads show`: one upload, and where its bytes are while upgate holds them.
-pub fn show_upload(config_path: &Path, id: &str) -> Result<(UploadRecord, Option<PathBuf>), ServeError> {
+pub fn show_upload(config_path: &Path, id: &str) -> Result<(UploadRecord, Option<String>), ServeError> {
     check_id(id)?;
     let (_, store, spool) = open_store(config_path)?;
     let record = block_on(store.upload(id.to_owned()))?
         .ok_or_else(|| ServeError::Refused(format!("no upload {id}")))?;
-    let spooled = Some(spool.path_of(id)).filter(|path| path.is_file());
+    let spooled = spool.locate(id).map_err(ServeError::io(format!(
+        "cannot look for the spooled bytes of {id}"
+    )))?;
     Ok((record, spooled))
 }
 

@@ -11,6 +11,7 @@
 //! client's string.
 
 pub(crate) mod local;
+pub(crate) mod s3;
 #[cfg(test)]
 mod tests;
 
@@ -100,42 +101,112 @@ impl SliceSize {
 /// Files up to this size are written by the async worker itself (see `finish`).
 const INLINE_WRITE: usize = 64 * 1024;
 
-/// Where spooled bytes rest. Every method may block.
+/// Where spooled bytes rest. Every method may block. Bytes arrive in local part files
+/// (`part_path`); what must outlive the request is then handed over (`persist`,
+/// `place_chunk`, `commit_append`) and read back as local files (`fetch`, `fetch_chunk`,
+/// `link_part`), which a shared spool downloads first when this node does not hold them.
 pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     /// How hard writes are made durable (`server.durability`).
     fn durability(&self) -> Durability;
     /// The local file a [`SpoolWriter`] fills for `name` (an upload id, or a temporary name).
     fn part_path(&self, name: &str) -> PathBuf;
-    /// Makes the complete part file of upload `id` outlive the request; returns where it
-    /// now is.
+    /// Makes the complete part file of upload `id` outlive the request (and this node, for
+    /// a shared spool); returns where this node now reads it.
     fn persist(&self, part: &Path, id: &str) -> std::io::Result<PathBuf>;
-    /// Where the persisted bytes of upload `id` are read for delivery.
-    fn path_of(&self, id: &str) -> PathBuf;
+    /// A local file holding the persisted bytes of upload `id`, for its delivery.
+    fn fetch(&self, id: &str) -> std::io::Result<PathBuf>;
+    /// Where the persisted bytes of upload `id` are, for an operator; `None` when gone.
+    fn locate(&self, id: &str) -> std::io::Result<Option<String>>;
+    /// Removes the persisted bytes of upload `id` (delivered, or deleted), wherever they are.
+    fn remove(&self, id: &str) -> std::io::Result<()>;
     /// Removes persisted files of uploads not in `keep` (never acknowledged); how many.
     fn remove_orphans(&self, keep: &HashSet<String>) -> std::io::Result<usize>;
     /// Removes part files named `prefix*` older than `age` (left by a crash).
     fn remove_stale_parts(&self, prefix: &str, age: Duration);
-    /// Total bytes spooled (for the spool gauge).
+    /// Total bytes spooled on this node's disk (for the spool gauge).
     fn bytes_on_disk(&self) -> u64;
     /// Moves a complete part file in as chunk `number` of session `session`, replacing an
     /// earlier copy atomically.
     fn place_chunk(&self, session: &str, number: u64, part: &Path) -> std::io::Result<()>;
-    /// Where chunk `number` of `session` is read.
-    fn chunk_path(&self, session: &str, number: u64) -> PathBuf;
-    /// The file of a resumable upload `session` (its chunk 0), open for writing at `offset`:
-    /// created if needed, and cut to `offset` (a tail a crash left after the last
-    /// acknowledged offset goes).
-    fn open_at(&self, session: &str, offset: u64) -> std::io::Result<std::fs::File>;
-    /// A spooled part file for upload `name` holding the resumable upload `session`'s bytes,
-    /// without copying them; the session keeps its own.
-    fn link_part(&self, session: &str, name: &str) -> std::io::Result<PathBuf>;
-    /// Joins the files of resumable uploads `sources`, in order, as `target`'s; the bytes
-    /// joined.
-    fn join(&self, target: &str, sources: &[String]) -> std::io::Result<u64>;
+    /// A local file holding chunk `number` of `session`.
+    fn fetch_chunk(&self, session: &str, number: u64) -> std::io::Result<Fetched>;
+    /// Removes chunk `number` of `session`.
+    fn remove_chunk(&self, session: &str, number: u64);
+    /// Where one request's bytes of the resumable upload `session` go, starting at its
+    /// acknowledged `offset`. What a crash left after that offset is cut.
+    fn open_append(&self, session: &str, offset: u64) -> std::io::Result<AppendFile>;
+    /// Makes the `written` bytes of an [`AppendFile`] at `offset` part of the upload, durably:
+    /// after this, `offset + written` may be acknowledged.
+    fn commit_append(
+        &self,
+        session: &str,
+        offset: u64,
+        written: u64,
+        append: AppendFile,
+    ) -> std::io::Result<()>;
+    /// Drops what a refused request of `session` wrote after `offset`.
+    fn cut(&self, session: &str, offset: u64) -> std::io::Result<()>;
+    /// The first `len` bytes of the resumable upload `session`, which holds `length` (fewer
+    /// if it holds fewer).
+    fn head(&self, session: &str, length: u64, len: u64) -> std::io::Result<Vec<u8>>;
+    /// A spooled part file for upload `name` holding the `length` bytes of the resumable
+    /// upload `session` (without copying them where the spool can); the session keeps its
+    /// own.
+    fn link_part(&self, session: &str, length: u64, name: &str) -> std::io::Result<PathBuf>;
+    /// Joins the resumable uploads `sources` (each with its length), in order, as
+    /// `target`'s bytes; the bytes joined.
+    fn join(&self, target: &str, sources: &[(String, u64)]) -> std::io::Result<u64>;
     /// Removes every chunk of `session`.
     fn remove_session(&self, session: &str);
     /// Sessions that have chunks here.
     fn sessions(&self) -> Vec<String>;
+}
+
+/// The file one request of a resumable upload writes into, and, for a spool that keeps
+/// each request's bytes apart, the staged file behind it (removed when dropped).
+#[derive(Debug)]
+pub(crate) struct AppendFile {
+    /// Taken by the writer while it writes, given back for the commit.
+    pub(crate) file: Option<std::fs::File>,
+    staged: Option<Fetched>,
+}
+
+/// A local file read from the spool; a temporary copy (of bytes that rest elsewhere) is
+/// removed when dropped.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl Fetched {
+    /// The spool's own file: stays when dropped.
+    pub(crate) fn kept(path: PathBuf) -> Self {
+        Self {
+            path,
+            temporary: false,
+        }
+    }
+
+    /// A copy made for one reader: removed when dropped.
+    pub(crate) fn temporary(path: PathBuf) -> Self {
+        Self {
+            path,
+            temporary: true,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// A file fully received into the spool. Removed from disk when dropped, unless

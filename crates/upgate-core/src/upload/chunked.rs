@@ -352,8 +352,14 @@ impl Gateway {
         let mut assembled = 0u64;
         let mut buffer = vec![0u8; READ_SLICE];
         for number in 0..session.total_chunks {
-            let path = self.spool.chunk_path(id, number);
-            let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
+            let spool = self.spool.clone();
+            let session_id = id.to_owned();
+            let chunk = tokio::task::spawn_blocking(move || spool.fetch_chunk(&session_id, number))
+                .await?
+                .inspect_err(|error| {
+                    tracing::error!(session_id = %id, chunk = number, %error, "cannot fetch a recorded chunk");
+                })?;
+            let mut file = tokio::fs::File::open(chunk.path()).await.map_err(|error| {
                 tracing::error!(session_id = %id, chunk = number, %error, "a recorded chunk is missing on disk");
                 ApiError::Internal
             })?;
@@ -464,7 +470,9 @@ impl ChunkCommit {
             |error| tracing::error!(session_id = %id, chunk = number, %error, "cannot store a chunk"),
         )?;
         if let Err(error) = store.put_chunk(id.clone(), number, size).await {
-            let _ = std::fs::remove_file(spool.chunk_path(&id, number));
+            let removing = spool.clone();
+            let session_id = id.clone();
+            let _ = tokio::task::spawn_blocking(move || removing.remove_chunk(&session_id, number)).await;
             // The usual cause: the session was swept or completed meanwhile.
             return match find_session(store.as_ref(), &tenant, dialect, &id).await {
                 Ok(_) => Err(error.into()),

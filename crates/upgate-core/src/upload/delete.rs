@@ -12,7 +12,7 @@ use crate::store::{UploadRecord, UploadState};
 
 use super::admit::Admission;
 use super::chunked::lock_session;
-use super::{Gateway, deliver, remove_quietly};
+use super::{Gateway, deliver};
 
 impl Gateway {
     /// Deletes an upload of the admitted tenant: local bytes, upstream copy, record state.
@@ -57,7 +57,7 @@ impl Gateway {
                 .ok_or(ApiError::Internal)?;
             deliver::delete_upstream(self, &provider, &record, remote_id).await?;
         }
-        remove_quietly(&self.spool.path_of(&record.id));
+        deliver::remove_persisted(self, &record.id).await;
         if !self.store.mark_deleted(record.id.clone()).await? {
             return Err(ApiError::NotFound);
         }

@@ -239,6 +239,17 @@ async fn finish_delivered(provider: &Provider, record: &UploadRecord, path: &Pat
     metrics::upload_delivered(record.dialect, &provider.name, record.size);
 }
 
+/// Removes the persisted bytes of a delivered or deleted upload (this node's copy, and the
+/// shared spool's object); a failure is logged (the starting node's orphan sweep retries).
+pub(crate) async fn remove_persisted(gateway: &Gateway, id: &str) {
+    let (spool, owned) = (gateway.spool.clone(), id.to_owned());
+    match tokio::task::spawn_blocking(move || spool.remove(&owned)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(upload_id = %id, %error, "cannot remove the spooled bytes"),
+        Err(error) => tracing::warn!(upload_id = %id, %error, "cannot remove the spooled bytes"),
+    }
+}
+
 /// Asks the provider to delete an upload upstream. "Not found" upstream counts as deleted.
 pub(crate) async fn delete_upstream(
     gateway: &Gateway,
@@ -269,9 +280,38 @@ pub(crate) const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
 /// Delivers one upload claimed from the outbox, once, and records how it went: delivered,
 /// rescheduled with backoff, or failed for good (its bytes kept for the operator).
 pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
-    let path: PathBuf = gateway.spool.path_of(&record.id);
     let attempts = record.attempts + 1;
-    match attempt(gateway, provider, &record, &path, provider.config.timeout.0).await {
+    // A shared spool downloads the bytes first when another node received them.
+    let (spool, id) = (gateway.spool.clone(), record.id.clone());
+    let fetched = tokio::task::spawn_blocking(move || spool.fetch(&id)).await;
+    let (path, outcome) = match fetched {
+        Ok(Ok(path)) => {
+            let outcome = attempt(gateway, provider, &record, &path, provider.config.timeout.0).await;
+            (path, outcome)
+        }
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => (
+            PathBuf::new(),
+            Attempt::Fatal(PluginError::new(
+                ErrorKind::Internal,
+                format!("the spooled bytes are gone: {error}"),
+            )),
+        ),
+        Ok(Err(error)) => (
+            PathBuf::new(),
+            Attempt::Retry(
+                PluginError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot fetch the spooled bytes: {error}"),
+                ),
+                None,
+            ),
+        ),
+        Err(error) => (
+            PathBuf::new(),
+            Attempt::Retry(PluginError::new(ErrorKind::Internal, error.to_string()), None),
+        ),
+    };
+    match outcome {
         Attempt::Delivered(result) => {
             // Recorded before the spool copy goes: a crash in between re-delivers rather
             // than loses.
@@ -285,15 +325,16 @@ pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provid
                 )
                 .await;
             match recorded {
-                Ok(true) => finish_delivered(provider, &record, &path, &result).await,
+                Ok(true) => {
+                    finish_delivered(provider, &record, &path, &result).await;
+                    remove_persisted(gateway, &record.id).await;
+                }
                 Ok(false) => {
                     // Deleted by its client while this attempt was in flight: the copy just
                     // made upstream goes too.
                     tracing::info!(upload_id = %record.id, provider = %provider.name,
                         "deleted during delivery; deleting the delivered copy");
-                    if !result.consumed_file {
-                        remove_quietly(&path);
-                    }
+                    remove_persisted(gateway, &record.id).await;
                     if let Err(error) = delete_upstream(gateway, provider, &record, result.remote_id).await {
                         tracing::error!(upload_id = %record.id, provider = %provider.name, %error,
                             "cannot delete the copy delivered after the upload was deleted");

@@ -99,15 +99,34 @@ impl Gateway {
             // The files get their durable names and the records (state `received`) are the
             // outbox entries; the client is answered once both are done.
             let spool = self.spool.clone();
-            let files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<SpooledFile>> {
+            let persisted = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<SpooledFile>> {
                 let mut files = files;
                 for file in &mut files {
                     file.persist(spool.as_ref())?;
                 }
                 Ok(files)
             })
-            .await??;
-            self.store.insert_uploads(records.clone(), now).await?;
+            .await?;
+            let files = match persisted {
+                Ok(files) => files,
+                Err(error) => {
+                    // Not acknowledged: what was put before the failure goes (or the sweep of
+                    // orphans takes it), the quota comes back.
+                    for record in &records {
+                        deliver::remove_persisted(self, &record.id).await;
+                    }
+                    self.refund(tenant, plan.has_quota(), day, &records).await;
+                    return Err(error.into());
+                }
+            };
+            if let Err(error) = self.store.insert_uploads(records.clone(), now).await {
+                drop(files);
+                for record in &records {
+                    deliver::remove_persisted(self, &record.id).await;
+                }
+                self.refund(tenant, plan.has_quota(), day, &records).await;
+                return Err(error.into());
+            }
             files.into_iter().for_each(|file| drop(file.keep()));
             self.outbox_wake.notify_one();
             return Ok(records);

@@ -395,7 +395,8 @@ impl Gateway {
         let spool = self.spool.clone();
         let id = upload.id.clone();
         // Opening also cuts a tail a crash left after the last acknowledged offset.
-        let mut file = Some(tokio::task::spawn_blocking(move || spool.open_at(&id, offset)).await??);
+        let mut target = tokio::task::spawn_blocking(move || spool.open_append(&id, offset)).await??;
+        let mut file = target.file.take();
         let mut hasher = checksum.map(Hasher::for_checksum);
         let mut buffer: Vec<u8> = Vec::new();
         let mut slice = SliceSize::new(&self.intake_budget);
@@ -451,9 +452,10 @@ impl Gateway {
             {
                 return Err(ApiError::ChecksumMismatch);
             }
-            if self.spool.durability() == crate::config::Durability::PowerLoss {
-                tokio::task::spawn_blocking(move || returned.sync_data()).await??;
-            }
+            // Durable (in place, or put in the shared spool) before the offset is recorded.
+            target.file = Some(returned);
+            let (spool, id) = (self.spool.clone(), upload.id.clone());
+            tokio::task::spawn_blocking(move || spool.commit_append(&id, offset, written, target)).await??;
             Ok(())
         }
         .await;
@@ -471,7 +473,7 @@ impl Gateway {
 
     /// Cuts the upload's file back to `offset` (bytes of a refused request).
     fn cut(&self, id: &str, offset: u64) {
-        if let Err(error) = self.spool.open_at(id, offset) {
+        if let Err(error) = self.spool.cut(id, offset) {
             tracing::error!(upload_id = %id, %error, "cannot cut a refused request's bytes");
         }
     }
@@ -482,15 +484,8 @@ impl Gateway {
         if offset < SNIFF_LEN as u64 && upload.length() != Some(offset) {
             return Ok(());
         }
-        let path = self.spool.chunk_path(&upload.id, 0);
-        let head = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut head = Vec::with_capacity(SNIFF_LEN);
-            std::fs::File::open(path)?
-                .take(SNIFF_LEN as u64)
-                .read_to_end(&mut head)?;
-            Ok(head)
-        })
-        .await??;
+        let (spool, id) = (self.spool.clone(), upload.id.clone());
+        let head = tokio::task::spawn_blocking(move || spool.head(&id, offset, SNIFF_LEN as u64)).await??;
         // Text is checked whole at completion; here the head only has to look like it.
         content::classify(&upload.extension, &head, content::looks_like_text(&head), true)?;
         Ok(())
@@ -507,9 +502,10 @@ impl Gateway {
         let upload_id = DialectName::Tus.new_upload_id();
         let spool = self.spool.clone();
         let (session, name) = (upload.id.clone(), upload_id.clone());
+        let length = upload.declared_size;
         let text = content::is_text_extension(&upload.extension);
         let (path, sha256, head, utf8_ok) = tokio::task::spawn_blocking(move || {
-            let path = spool.link_part(&session, &name)?;
+            let path = spool.link_part(&session, length, &name)?;
             let mut file = std::fs::File::open(&path)?;
             let mut hasher = Sha256::new();
             let mut head = Vec::with_capacity(SNIFF_LEN);
@@ -586,6 +582,7 @@ impl Gateway {
             )));
         }
         let mut length = 0u64;
+        let mut sources = Vec::with_capacity(parts.len());
         for part in &parts {
             let partial = self.resumable(admission, part).await?;
             if partial.concat != Some(Concat::Partial) || !partial.is_complete() {
@@ -594,6 +591,7 @@ impl Gateway {
                 )));
             }
             length = length.saturating_add(partial.declared_size);
+            sources.push((part.clone(), partial.declared_size));
         }
         let plan = &admission.tenant.plan;
         plan.check_size(length)?;
@@ -615,7 +613,7 @@ impl Gateway {
             )
             .await?;
         let spool = self.spool.clone();
-        let (target, sources) = (id.clone(), parts.clone());
+        let target = id.clone();
         let joined = tokio::task::spawn_blocking(move || spool.join(&target, &sources)).await??;
         if joined != length {
             return Err(ApiError::Malformed(

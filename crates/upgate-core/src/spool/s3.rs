@@ -1,0 +1,316 @@
+//! The shared spool (`server.spool.url: s3://BUCKET/PREFIX/`): bytes that must outlive a
+//! node rest in S3-compatible object storage, so that any node continues or delivers them.
+//!
+//! What flows through here: part files received on this node's disk (as with the local
+//! spool), then put as objects before the client is answered: an async upload as
+//! `PREFIX/uploads/<id>` (kept on this node's disk too, for its own outbox), a chunk of a
+//! session as `PREFIX/sessions/<session>/<n>`, each request's bytes of a tus upload as a
+//! segment `PREFIX/sessions/<session>/tus/<offset, 20 digits>`. Reads come back as local
+//! files: a node that does not hold an upload downloads it; chunks and segments are
+//! downloaded into temporary files for one reader. Keys are built from upgate's own ids and
+//! numbers only. The object storage client retries with backoff; when it gives up, the error
+//! is an I/O `NotConnected`, which the gateway answers with 503 and `Retry-After`.
+//!
+//! A tus upload's bytes are the chain of segments from offset 0, each starting where the one
+//! before ends, up to the offset the store acknowledged; a segment a crash left past that
+//! offset is not in the chain, and the next request at its offset replaces it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use upgate_upstream::s3::{ObjectStore, S3Error, S3Settings};
+
+use super::local::LocalSpool;
+use super::{AppendFile, Fetched, Spool};
+use crate::config::{Durability, SpoolConfig};
+
+/// How long an object of an upload no record names is left alone before a starting node
+/// removes it: another node may have put it and not yet written its record.
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+/// Object storage for what outlives a node, with this node's disk for what arrives.
+#[derive(Debug, Clone)]
+pub(crate) struct S3Spool {
+    local: LocalSpool,
+    objects: Arc<ObjectStore>,
+    /// `PREFIX/` of the URL (empty, or ending in `/`).
+    prefix: String,
+}
+
+impl S3Spool {
+    /// Prepares the local part directory and the client (no request is sent).
+    pub(crate) fn open(data_dir: &Path, durability: Durability, config: &SpoolConfig) -> io::Result<Self> {
+        let settings = S3Settings {
+            endpoint: config.endpoint(),
+            region: config.region.0.clone(),
+            bucket: config.url.bucket.clone(),
+            access_key_id: config.access_key_id.0.clone(),
+            secret_access_key: config.secret_access_key.expose().to_owned(),
+            connect_timeout: Duration::from_secs(2),
+            answer_timeout: Duration::from_secs(5),
+        };
+        let objects = ObjectStore::new(&settings).map_err(io::Error::other)?;
+        Ok(Self {
+            local: LocalSpool::open(data_dir, durability)?,
+            objects: Arc::new(objects),
+            prefix: config.url.prefix.clone(),
+        })
+    }
+
+    /// The bucket answers and the credentials may list it (check-config, readiness).
+    pub(crate) fn check(&self) -> Result<(), S3Error> {
+        self.objects.check()
+    }
+
+    fn upload_key(&self, id: &str) -> String {
+        format!("{}uploads/{id}", self.prefix)
+    }
+
+    fn session_prefix(&self, session: &str) -> String {
+        format!("{}sessions/{session}/", self.prefix)
+    }
+
+    fn chunk_key(&self, session: &str, number: u64) -> String {
+        format!("{}{number}", self.session_prefix(session))
+    }
+
+    fn segment_key(&self, session: &str, offset: u64) -> String {
+        format!("{}tus/{offset:020}", self.session_prefix(session))
+    }
+
+    /// A new temporary file name on this node's disk.
+    fn temp_path(&self, what: &str) -> PathBuf {
+        self.local
+            .part_path(&format!("{what}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Downloads `key` into a temporary file.
+    fn download(&self, key: &str) -> io::Result<Fetched> {
+        let fetched = Fetched::temporary(self.temp_path("fetch"));
+        self.objects.get_to_file(key, fetched.path())?;
+        Ok(fetched)
+    }
+
+    /// The segments holding the first `length` bytes of the tus upload `session`, in order.
+    fn chain(&self, session: &str, length: u64) -> io::Result<Vec<(String, u64)>> {
+        let prefix = format!("{}tus/", self.session_prefix(session));
+        let segments: BTreeMap<u64, (String, u64)> = self
+            .objects
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|entry| {
+                let offset = entry.key.strip_prefix(&prefix)?.parse::<u64>().ok()?;
+                Some((offset, (entry.key, entry.size)))
+            })
+            .collect();
+        let mut chain = Vec::new();
+        let mut at = 0;
+        while at < length {
+            match segments.get(&at) {
+                Some((key, size)) if *size > 0 => {
+                    chain.push((key.clone(), *size));
+                    at += size;
+                }
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("upload {session} has no segment at offset {at}"),
+                    ));
+                }
+            }
+        }
+        if at != length {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the segments of upload {session} hold {at} bytes, not {length}"),
+            ));
+        }
+        Ok(chain)
+    }
+
+    /// Appends the first `length` bytes of tus upload `session` to `out`.
+    fn copy_chain(&self, session: &str, length: u64, out: &mut std::fs::File) -> io::Result<u64> {
+        let mut total = 0;
+        for (key, _) in self.chain(session, length)? {
+            let segment = self.download(&key)?;
+            total += io::copy(&mut std::fs::File::open(segment.path())?, out)?;
+        }
+        Ok(total)
+    }
+}
+
+impl Spool for S3Spool {
+    fn durability(&self) -> Durability {
+        self.local.durability()
+    }
+
+    fn part_path(&self, name: &str) -> PathBuf {
+        self.local.part_path(name)
+    }
+
+    /// Put in the bucket first (acknowledged only then), then kept under its spool name on
+    /// this node's disk for this node's own delivery attempt.
+    fn persist(&self, part: &Path, id: &str) -> io::Result<PathBuf> {
+        self.objects.put_file(&self.upload_key(id), part)?;
+        self.local.persist(part, id)
+    }
+
+    fn fetch(&self, id: &str) -> io::Result<PathBuf> {
+        let path = self.local.fetch(id)?;
+        if path.is_file() {
+            return Ok(path);
+        }
+        let fetched = self.download(&self.upload_key(id))?;
+        std::fs::rename(fetched.path(), &path)?;
+        Ok(path)
+    }
+
+    fn locate(&self, id: &str) -> io::Result<Option<String>> {
+        let key = self.upload_key(id);
+        let found = self.objects.list(&key)?.into_iter().any(|entry| entry.key == key);
+        Ok(found.then(|| format!("s3://{}/{key}", self.objects.bucket_name())))
+    }
+
+    fn remove(&self, id: &str) -> io::Result<()> {
+        self.local.remove(id)?;
+        self.objects.delete(&self.upload_key(id))?;
+        Ok(())
+    }
+
+    /// This node's copies of uploads no record names, and objects of such uploads older
+    /// than [`ORPHAN_AGE`].
+    fn remove_orphans(&self, keep: &HashSet<String>) -> io::Result<usize> {
+        let mut removed = self.local.remove_orphans(keep)?;
+        let prefix = format!("{}uploads/", self.prefix);
+        let cutoff = humantime::format_rfc3339_seconds(SystemTime::now() - ORPHAN_AGE).to_string();
+        for entry in self.objects.list(&prefix)? {
+            let Some(id) = entry.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            // Both are RFC 3339 in UTC: their first 19 characters compare as times.
+            let old = entry.last_modified.get(..19) < cutoff.get(..19);
+            if !keep.contains(id) && old && self.objects.delete(&entry.key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn remove_stale_parts(&self, prefix: &str, age: Duration) {
+        self.local.remove_stale_parts(prefix, age);
+    }
+
+    fn bytes_on_disk(&self) -> u64 {
+        self.local.bytes_on_disk()
+    }
+
+    /// A put replaces an earlier copy of the chunk atomically.
+    fn place_chunk(&self, session: &str, number: u64, part: &Path) -> io::Result<()> {
+        self.objects.put_file(&self.chunk_key(session, number), part)?;
+        let _ = std::fs::remove_file(part);
+        Ok(())
+    }
+
+    fn fetch_chunk(&self, session: &str, number: u64) -> io::Result<Fetched> {
+        self.download(&self.chunk_key(session, number))
+    }
+
+    fn remove_chunk(&self, session: &str, number: u64) {
+        if let Err(error) = self.objects.delete(&self.chunk_key(session, number)) {
+            tracing::warn!(session_id = %session, chunk = number, %error, "cannot remove a chunk");
+        }
+    }
+
+    /// A staged file of this request's bytes alone, put as one segment at commit.
+    fn open_append(&self, _session: &str, _offset: u64) -> io::Result<AppendFile> {
+        let staged = Fetched::temporary(self.temp_path("append"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(staged.path())?;
+        Ok(AppendFile {
+            file: Some(file),
+            staged: Some(staged),
+        })
+    }
+
+    fn commit_append(&self, session: &str, offset: u64, written: u64, append: AppendFile) -> io::Result<()> {
+        let AppendFile { file, staged } = append;
+        drop(file);
+        let staged =
+            staged.ok_or_else(|| io::Error::other("a shared-spool append without its staged file"))?;
+        if written > 0 {
+            self.objects
+                .put_file(&self.segment_key(session, offset), staged.path())?;
+        }
+        Ok(())
+    }
+
+    /// Nothing of a refused request left this node: its staged file went with its
+    /// [`AppendFile`].
+    fn cut(&self, _session: &str, _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn head(&self, session: &str, length: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut head = Vec::new();
+        for (key, _) in self.chain(session, length)? {
+            let wanted = len.min(length) - head.len() as u64;
+            if wanted == 0 {
+                break;
+            }
+            head.extend(self.objects.get_head(&key, wanted)?);
+        }
+        Ok(head)
+    }
+
+    fn link_part(&self, session: &str, length: u64, name: &str) -> io::Result<PathBuf> {
+        let part = self.part_path(name);
+        let mut out = std::fs::File::create(&part)?;
+        let copied = self.copy_chain(session, length, &mut out);
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&part);
+        }
+        copied?;
+        Ok(part)
+    }
+
+    /// Downloads the sources' chains into one staged file and puts it as the target's one
+    /// segment.
+    fn join(&self, target: &str, sources: &[(String, u64)]) -> io::Result<u64> {
+        let staged = Fetched::temporary(self.temp_path("join"));
+        let mut out = std::fs::File::create(staged.path())?;
+        let mut total = 0;
+        for (source, length) in sources {
+            total += self.copy_chain(source, *length, &mut out)?;
+        }
+        drop(out);
+        if total > 0 {
+            self.objects
+                .put_file(&self.segment_key(target, 0), staged.path())?;
+        }
+        Ok(total)
+    }
+
+    fn remove_session(&self, session: &str) {
+        if let Err(error) = self.objects.delete_prefix(&self.session_prefix(session)) {
+            tracing::warn!(session_id = %session, %error, "cannot remove a session's objects");
+        }
+    }
+
+    fn sessions(&self) -> Vec<String> {
+        let prefix = format!("{}sessions/", self.prefix);
+        let Ok(entries) = self.objects.list(&prefix) else {
+            return Vec::new();
+        };
+        let names: HashSet<String> = entries
+            .iter()
+            .filter_map(|entry| entry.key.strip_prefix(&prefix)?.split('/').next())
+            .map(str::to_owned)
+            .collect();
+        names.into_iter().collect()
+    }
+}

@@ -1,0 +1,571 @@
+//! S3-compatible object storage over blocking HTTP: the shared spool's engine, and the
+//! client a future S3 provider plugin reuses.
+//!
+//! What flows through here: whole local files going up as objects (one `PUT` up to
+//! [`PART_SIZE`], a multipart upload of [`PART_SIZE`] parts above it, each part streamed from
+//! its range of the file: never buffered whole), objects coming down into local files or as
+//! their first bytes, listings and deletes. Requests are signed by `rusty-s3` (SigV4 in the
+//! query string, payload unsigned) and sent by ureq. A transport failure, a 5xx or a 429 is
+//! retried with backoff ([`ATTEMPTS`] attempts), then reported as [`S3Error::Unavailable`];
+//! every other refusal is [`S3Error::Refused`] with the service's error code. The secret key
+//! never appears in an error or a `Debug`.
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+use std::time::Duration;
+
+use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, S3Action};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+use ureq::http::{Method, Request, Response};
+use ureq::{Agent, Body, SendBody};
+
+/// Files up to this size go up in one `PUT`; larger ones as multipart parts of this size
+/// (the memory a part costs is ureq's send buffer, not the part).
+pub const PART_SIZE: u64 = 16 << 20;
+/// Attempts per request before the storage counts as unavailable.
+pub const ATTEMPTS: u32 = 3;
+/// The wait before the second attempt; it grows fourfold per attempt.
+const FIRST_BACKOFF: Duration = Duration::from_millis(150);
+/// How long a signed URL stays valid (it is used at once).
+const SIGNATURE_LIFETIME: Duration = Duration::from_secs(600);
+/// Largest listing or error document read.
+const MAX_DOCUMENT_BYTES: u64 = 8 << 20;
+
+/// Where the objects are and who may touch them.
+#[derive(Clone)]
+pub struct S3Settings {
+    /// `http(s)://host:port` of the service (path-style requests).
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Connecting, and waiting for an answer's headers after the request was sent.
+    pub connect_timeout: Duration,
+    pub answer_timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an object operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The service did not answer, or answered 5xx/429, every attempt.
+    #[error("object storage unavailable ({what}): {detail}")]
+    Unavailable { what: String, detail: String },
+    /// The service refused the request (credentials, bucket, policy).
+    #[error("object storage refused {what}: HTTP {status} {code}")]
+    Refused { what: String, status: u16, code: String },
+    #[error("no such object: {0}")]
+    NotFound(String),
+    /// The local side of a transfer failed (the file being sent or written).
+    #[error("local file: {0}")]
+    Local(#[from] io::Error),
+    #[error("object storage settings: {0}")]
+    Settings(String),
+}
+
+impl S3Error {
+    /// `true` when trying again later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// As an `io::Error` for callers whose interface is I/O: unavailable storage is
+/// `NotConnected` (the kind a caller maps to "try again later"), a missing object
+/// `NotFound`, a full local disk keeps its own error.
+impl From<S3Error> for io::Error {
+    fn from(error: S3Error) -> Self {
+        match error {
+            S3Error::Local(local) => local,
+            S3Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, error.to_string()),
+            other => io::Error::new(io::ErrorKind::NotConnected, other.to_string()),
+        }
+    }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectEntry {
+    pub key: String,
+    pub size: u64,
+    /// RFC 3339, as the service gave it.
+    pub last_modified: String,
+}
+
+/// A bucket and the credentials to use it. Shared by all threads that use it.
+pub struct ObjectStore {
+    bucket: Bucket,
+    credentials: Credentials,
+    agent: Agent,
+}
+
+impl std::fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStore")
+            .field("bucket", &self.bucket.name())
+            .field("endpoint", &self.bucket.base_url().as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one attempt came to.
+enum Outcome<T> {
+    Done(T),
+    /// Worth another attempt.
+    Transient(String),
+    Failed(S3Error),
+}
+
+impl ObjectStore {
+    pub fn new(settings: &S3Settings) -> Result<Self, S3Error> {
+        let endpoint = url::Url::parse(&settings.endpoint)
+            .map_err(|error| S3Error::Settings(format!("endpoint {:?}: {error}", settings.endpoint)))?;
+        let bucket = Bucket::new(
+            endpoint,
+            UrlStyle::Path,
+            settings.bucket.clone(),
+            settings.region.clone(),
+        )
+        .map_err(|error| S3Error::Settings(format!("bucket {:?}: {error}", settings.bucket)))?;
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_recv_response(Some(settings.answer_timeout))
+            .user_agent(concat!("upgate/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Self {
+            bucket,
+            credentials: Credentials::new(settings.access_key_id.clone(), settings.secret_access_key.clone()),
+            agent: config.new_agent(),
+        })
+    }
+
+    pub fn bucket_name(&self) -> &str {
+        self.bucket.name()
+    }
+
+    /// The bucket exists and the credentials may list it.
+    pub fn check(&self) -> Result<(), S3Error> {
+        let mut list = self.bucket.list_objects_v2(Some(&self.credentials));
+        list.with_max_keys(1);
+        let url = list.sign(SIGNATURE_LIFETIME);
+        self.with_retries("list the bucket", || {
+            let response = self.send(Method::GET, url.as_str(), &[], SendBody::none())?;
+            Ok(response.map(|_| ()))
+        })
+    }
+
+    /// Uploads the whole of the local file `path` as `key`, replacing any earlier object.
+    pub fn put_file(&self, key: &str, path: &Path) -> Result<u64, S3Error> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len <= PART_SIZE {
+            self.put_range(key, &mut file, 0, len, None)?;
+        } else {
+            self.put_multipart(key, &mut file, len)?;
+        }
+        Ok(len)
+    }
+
+    /// Uploads `len` bytes of `file` from `start` as `key`: as part `part` of multipart upload
+    /// `upload_id` when given; returns the ETag.
+    fn put_range(
+        &self,
+        key: &str,
+        file: &mut std::fs::File,
+        start: u64,
+        len: u64,
+        part: Option<(u16, &str)>,
+    ) -> Result<String, S3Error> {
+        let url = match part {
+            Some((number, upload_id)) => self
+                .bucket
+                .upload_part(Some(&self.credentials), key, number, upload_id)
+                .sign(SIGNATURE_LIFETIME),
+            None => self
+                .bucket
+                .put_object(Some(&self.credentials), key)
+                .sign(SIGNATURE_LIFETIME),
+        };
+        self.with_retries(&format!("put {key}"), || {
+            file.seek(SeekFrom::Start(start)).map_err(S3Error::Local)?;
+            let mut range = Read::take(&mut *file, len);
+            let body = SendBody::from_reader(&mut range);
+            let length = len.to_string();
+            let response = self.send(
+                Method::PUT,
+                url.as_str(),
+                &[("content-length", length.as_str())],
+                body,
+            )?;
+            Ok(response.map(|response| {
+                response
+                    .headers()
+                    .get("etag")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            }))
+        })
+    }
+
+    fn put_multipart(&self, key: &str, file: &mut std::fs::File, len: u64) -> Result<(), S3Error> {
+        let url = self
+            .bucket
+            .create_multipart_upload(Some(&self.credentials), key)
+            .sign(SIGNATURE_LIFETIME);
+        let document = self.with_retries(&format!("start a multipart upload of {key}"), || {
+            let response = self.send(Method::POST, url.as_str(), &[], SendBody::none())?;
+            Ok(match response {
+                Outcome::Done(response) => read_document(response)
+                    .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
+                Outcome::Transient(why) => Outcome::Transient(why),
+                Outcome::Failed(error) => Outcome::Failed(error),
+            })
+        })?;
+        let created = CreateMultipartUpload::parse_response(&document).map_err(|error| S3Error::Refused {
+            what: format!("start a multipart upload of {key}"),
+            status: 200,
+            code: format!("unreadable answer: {error}"),
+        })?;
+        let upload_id = created.upload_id().to_owned();
+        let sent = (|| -> Result<Vec<String>, S3Error> {
+            let mut etags = Vec::new();
+            let mut start = 0u64;
+            while start < len {
+                let part_len = PART_SIZE.min(len - start);
+                let number = u16::try_from(etags.len() + 1)
+                    .map_err(|_| S3Error::Settings(format!("{key} needs more than 65535 parts")))?;
+                etags.push(self.put_range(key, file, start, part_len, Some((number, &upload_id)))?);
+                start += part_len;
+            }
+            Ok(etags)
+        })();
+        let completed = sent.and_then(|etags| {
+            let action = self.bucket.complete_multipart_upload(
+                Some(&self.credentials),
+                key,
+                &upload_id,
+                etags.iter().map(String::as_str),
+            );
+            let url = action.sign(SIGNATURE_LIFETIME);
+            let body = action.body();
+            self.with_retries(&format!("complete the multipart upload of {key}"), || {
+                let length = body.len().to_string();
+                let response = self.send(
+                    Method::POST,
+                    url.as_str(),
+                    &[("content-length", length.as_str())],
+                    SendBody::from_reader(&mut io::Cursor::new(body.as_bytes())),
+                )?;
+                // A 200 can still carry an error document (the service failed while joining).
+                Ok(match response {
+                    Outcome::Done(response) => match read_document(response) {
+                        Ok(document) if document.contains("<Error>") => {
+                            Outcome::Transient(error_code(&document))
+                        }
+                        Ok(_) => Outcome::Done(()),
+                        Err(error) => Outcome::Transient(error.to_string()),
+                    },
+                    Outcome::Transient(why) => Outcome::Transient(why),
+                    Outcome::Failed(error) => Outcome::Failed(error),
+                })
+            })
+        });
+        if completed.is_err() {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
+                .sign(SIGNATURE_LIFETIME);
+            let _ = self.send(Method::DELETE, url.as_str(), &[], SendBody::none());
+        }
+        completed
+    }
+
+    /// Downloads object `key` into a new local file at `path` (created, or replaced);
+    /// returns its size.
+    pub fn get_to_file(&self, key: &str, path: &Path) -> Result<u64, S3Error> {
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGNATURE_LIFETIME);
+        self.with_retries(&format!("get {key}"), || {
+            let response = match self.send(Method::GET, url.as_str(), &[], SendBody::none())? {
+                Outcome::Done(response) => response,
+                Outcome::Transient(why) => return Ok(Outcome::Transient(why)),
+                Outcome::Failed(error) => return Ok(Outcome::Failed(error)),
+            };
+            let mut file = std::fs::File::create(path).map_err(S3Error::Local)?;
+            let mut body = response.into_body();
+            match io::copy(&mut body.as_reader(), &mut file) {
+                Ok(copied) => Ok(Outcome::Done(copied)),
+                // The service broke off: the next attempt starts the file again.
+                Err(error) if error.raw_os_error().is_none() => Ok(Outcome::Transient(error.to_string())),
+                Err(error) => Err(S3Error::Local(error)),
+            }
+        })
+    }
+
+    /// The first `len` bytes of object `key` (fewer when it is shorter).
+    pub fn get_head(&self, key: &str, len: u64) -> Result<Vec<u8>, S3Error> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGNATURE_LIFETIME);
+        let range = format!("bytes=0-{}", len - 1);
+        self.with_retries(&format!("get {key}"), || {
+            let response = match self.send(
+                Method::GET,
+                url.as_str(),
+                &[("range", range.as_str())],
+                SendBody::none(),
+            )? {
+                Outcome::Done(response) => response,
+                Outcome::Transient(why) => return Ok(Outcome::Transient(why)),
+                Outcome::Failed(error) => return Ok(Outcome::Failed(error)),
+            };
+            let mut bytes = Vec::new();
+            let mut body = response.into_body();
+            match body.as_reader().take(len).read_to_end(&mut bytes) {
+                Ok(_) => Ok(Outcome::Done(bytes)),
+                Err(error) => Ok(Outcome::Transient(error.to_string())),
+            }
+        })
+    }
+
+    /// Deletes object `key`; a missing object counts as deleted.
+    pub fn delete(&self, key: &str) -> Result<(), S3Error> {
+        let url = self
+            .bucket
+            .delete_object(Some(&self.credentials), key)
+            .sign(SIGNATURE_LIFETIME);
+        self.with_retries(&format!("delete {key}"), || {
+            match self.send(Method::DELETE, url.as_str(), &[], SendBody::none())? {
+                Outcome::Failed(S3Error::NotFound(_)) => Ok(Outcome::Done(())),
+                other => Ok(other.map(|_| ())),
+            }
+        })
+    }
+
+    /// Every object whose key starts with `prefix`, in key order.
+    pub fn list(&self, prefix: &str) -> Result<Vec<ObjectEntry>, S3Error> {
+        let mut entries = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.credentials));
+            action.with_prefix(prefix);
+            if let Some(token) = &token {
+                action.with_continuation_token(token.clone());
+            }
+            let url = action.sign(SIGNATURE_LIFETIME);
+            let document = self.with_retries(&format!("list {prefix}"), || {
+                Ok(
+                    match self.send(Method::GET, url.as_str(), &[], SendBody::none())? {
+                        Outcome::Done(response) => read_document(response)
+                            .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
+                        Outcome::Transient(why) => Outcome::Transient(why),
+                        Outcome::Failed(error) => Outcome::Failed(error),
+                    },
+                )
+            })?;
+            let page = ListObjectsV2::parse_response(&document).map_err(|error| S3Error::Refused {
+                what: format!("list {prefix}"),
+                status: 200,
+                code: format!("unreadable answer: {error}"),
+            })?;
+            entries.extend(page.contents.into_iter().map(|content| ObjectEntry {
+                key: content.key,
+                size: content.size,
+                last_modified: content.last_modified,
+            }));
+            match page.next_continuation_token {
+                Some(next) if !next.is_empty() => token = Some(next),
+                _ => return Ok(entries),
+            }
+        }
+    }
+
+    /// Deletes every object under `prefix`; how many.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<usize, S3Error> {
+        let entries = self.list(prefix)?;
+        for entry in &entries {
+            self.delete(&entry.key)?;
+        }
+        Ok(entries.len())
+    }
+
+    /// Runs `attempt` until it is done, failed for good, or out of attempts.
+    fn with_retries<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> Result<Outcome<T>, S3Error>,
+    ) -> Result<T, S3Error> {
+        let mut wait = FIRST_BACKOFF;
+        let mut last = String::new();
+        for number in 1..=ATTEMPTS {
+            match attempt()? {
+                Outcome::Done(value) => return Ok(value),
+                Outcome::Failed(S3Error::Refused { status, code, .. }) => {
+                    return Err(S3Error::Refused {
+                        what: what.to_owned(),
+                        status,
+                        code,
+                    });
+                }
+                Outcome::Failed(S3Error::NotFound(_)) => return Err(S3Error::NotFound(what.to_owned())),
+                Outcome::Failed(error) => return Err(error),
+                Outcome::Transient(why) => last = why,
+            }
+            if number < ATTEMPTS {
+                std::thread::sleep(wait);
+                wait *= 4;
+            }
+        }
+        Err(S3Error::Unavailable {
+            what: what.to_owned(),
+            detail: last,
+        })
+    }
+
+    /// Sends one signed request; sorts the answer into done, transient or failed.
+    fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: SendBody<'_>,
+    ) -> Result<Outcome<Response<Body>>, S3Error> {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(body)
+            .map_err(|error| S3Error::Settings(error.to_string()))?;
+        let response = match self.agent.run(request) {
+            Ok(response) => response,
+            Err(ureq::Error::Io(error)) if error.raw_os_error().is_some_and(is_local_errno) => {
+                return Err(S3Error::Local(error));
+            }
+            Err(error) => return Ok(Outcome::Transient(error.to_string())),
+        };
+        let status = response.status().as_u16();
+        Ok(match status {
+            200..=299 => Outcome::Done(response),
+            404 => Outcome::Failed(S3Error::NotFound(String::new())),
+            429 | 500..=599 => Outcome::Transient(format!("HTTP {status}")),
+            _ => {
+                let code = read_document(response)
+                    .map(|document| error_code(&document))
+                    .unwrap_or_default();
+                Outcome::Failed(S3Error::Refused {
+                    what: String::new(),
+                    status,
+                    code,
+                })
+            }
+        })
+    }
+}
+
+impl<T> Outcome<T> {
+    fn map<U>(self, change: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Self::Done(value) => Outcome::Done(change(value)),
+            Self::Transient(why) => Outcome::Transient(why),
+            Self::Failed(error) => Outcome::Failed(error),
+        }
+    }
+}
+
+/// Errors of the local side of a transfer (the file being read), as opposed to the network.
+fn is_local_errno(errno: i32) -> bool {
+    // EIO, ENOSPC, EBADF: a disk or a file, never a socket.
+    matches!(errno, 5 | 9 | 28)
+}
+
+fn read_document(response: Response<Body>) -> io::Result<String> {
+    let mut text = String::new();
+    response
+        .into_body()
+        .as_reader()
+        .take(MAX_DOCUMENT_BYTES)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The `<Code>` of an S3 error document, or what the document starts with.
+fn error_code(document: &str) -> String {
+    let between = |open: &str, close: &str| {
+        let start = document.find(open)? + open.len();
+        let end = document[start..].find(close)? + start;
+        Some(document[start..end].to_owned())
+    };
+    between("<Code>", "</Code>").unwrap_or_else(|| document.chars().take(80).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_code_reads_the_code_element() {
+        let document =
+            "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>x</Message></Error>";
+        assert_eq!(error_code(document), "SignatureDoesNotMatch");
+        assert_eq!(error_code("not xml"), "not xml");
+    }
+
+    #[test]
+    fn settings_never_show_the_secret() {
+        let settings = S3Settings {
+            endpoint: "http://127.0.0.1:1".into(),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: "very-secret".into(),
+            connect_timeout: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(1),
+        };
+        assert!(!format!("{settings:?}").contains("very-secret"));
+        let store = ObjectStore::new(&settings).expect("valid settings");
+        assert!(!format!("{store:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn an_unreachable_service_is_unavailable_after_its_attempts() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let store = ObjectStore::new(&S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: "very-secret".into(),
+            connect_timeout: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(1),
+        })
+        .expect("valid settings");
+        let error = store.delete("k").expect_err("nothing listens");
+        assert!(error.is_unavailable(), "{error}");
+        assert_eq!(io::Error::from(error).kind(), io::ErrorKind::NotConnected);
+    }
+}
