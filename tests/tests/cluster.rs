@@ -365,3 +365,75 @@ fn check_config_reports_the_shared_spool_and_locates_its_failure() {
     );
     assert!(!text.contains("upgate-test-secret"), "{text}");
 }
+
+#[test]
+fn a_patch_on_one_node_holds_the_upload_and_the_same_offset_on_another_is_a_conflict() {
+    use std::io::Write;
+    let cluster = Cluster::start("race");
+    let a = cluster.node();
+    let b = cluster.node();
+    let content = text_of(200_000, 5);
+    let created = send(
+        "POST",
+        &a.url("/files/"),
+        &[
+            TUS,
+            BEARER,
+            ("Upload-Length", &content.len().to_string()),
+            ("Upload-Metadata", &format!("filename {}", b64(b"race.txt"))),
+        ],
+        None,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let location = created.header("location").unwrap().to_owned();
+    let id = location.strip_prefix("/files/").unwrap().to_owned();
+
+    // A's PATCH: its head and the first half of its body sent, the rest held back.
+    let address = a
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    let head = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer demo-key\r\n\
+         Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {}\r\n\r\n",
+        content.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&content[..100_000]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || cluster.psql(&format!(
+            "SELECT COUNT(*) FROM session_leases WHERE session_id = '{id}'"
+        )) == "1"),
+        "A holds the upload's lease in the store"
+    );
+    // The same offset on B while A works on it: 409, to be tried again, nothing written.
+    let raced = send(
+        "PATCH",
+        &b.url(&location),
+        &[TUS, BEARER, ("Upload-Offset", "0")],
+        Some(("application/offset+octet-stream", b"other bytes".to_vec())),
+    );
+    assert_eq!(raced.status, 409, "{raced:?}");
+    assert!(raced.header("retry-after").is_some(), "{raced:?}");
+    assert_eq!(raced.header("tus-resumable"), Some("1.0.0"));
+    // A finishes: its bytes are the upload's, whole.
+    stream.write_all(&content[100_000..]).unwrap();
+    let (status, answer) = RawUpload::read_answer(&mut stream).unwrap();
+    assert_eq!(status, 204, "{answer}");
+    let head = send("HEAD", &b.url(&location), &[TUS, BEARER], None);
+    assert_eq!(head.header("upload-offset"), Some("200000"), "{head:?}");
+    let record = cluster.psql(&format!("SELECT upload_id FROM sessions WHERE id = '{id}'"));
+    assert_eq!(
+        sha256_file(&cluster.files.path().join(&record)),
+        sha256_hex(&content),
+        "the upload holds A's bytes and nothing of B's"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || cluster
+            .psql("SELECT COUNT(*) FROM session_leases")
+            == "0"),
+        "the lease is released"
+    );
+}

@@ -90,6 +90,10 @@ pub enum ApiError {
     /// A resumable upload's request at another offset than the upload's.
     #[error("the upload is at offset {offset}")]
     OffsetMismatch { offset: u64 },
+    /// Another request (on this node or another) is working on the same session or upload:
+    /// 409, to be tried again in a moment.
+    #[error("another request is working on this upload")]
+    SessionBusy,
     /// A resumable upload's body does not match the checksum its request gave.
     #[error("checksum mismatch")]
     ChecksumMismatch,
@@ -200,7 +204,7 @@ impl ApiError {
             Self::InsufficientStorage => Class::Storage,
             Self::Internal => Class::Internal,
             Self::Unavailable { .. } => Class::Unavailable,
-            Self::OffsetMismatch { .. } => Class::Conflict,
+            Self::OffsetMismatch { .. } | Self::SessionBusy => Class::Conflict,
             Self::ChecksumMismatch => Class::Checksum,
             Self::UnsupportedVersion => Class::Version,
             Self::WrongContentType => Class::MediaType,
@@ -247,6 +251,7 @@ impl ApiError {
             Self::Throttled { retry_after_secs, .. } | Self::Unavailable { retry_after_secs } => {
                 Some(*retry_after_secs)
             }
+            Self::SessionBusy => Some(1),
             _ => None,
         }
     }

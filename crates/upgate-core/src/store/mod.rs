@@ -259,6 +259,14 @@ pub(crate) trait Store: Send + Sync {
     fn delete_session(&self, id: String) -> StoreFuture<'_, ()>;
     /// Sets the length of a session whose length was deferred.
     fn set_session_length(&self, id: String, length: u64) -> StoreFuture<'_, ()>;
+    /// Takes (or, for the same `holder`, renews) the lease on session `id` until `until_ms`;
+    /// `false` while another holder's lease runs at `now`. A store that one process uses
+    /// alone grants every lease.
+    fn lease_session(&self, id: String, holder: String, now: i64, until_ms: i64) -> StoreFuture<'_, bool>;
+    /// Ends `holder`'s lease on session `id`.
+    fn release_session_lease(&self, id: String, holder: String) -> StoreFuture<'_, ()>;
+    /// Whether other processes share this store (and leases mean something).
+    fn is_shared(&self) -> bool;
     /// Notes the upload record a session became.
     fn mark_session_delivered(&self, id: String, upload_id: String) -> StoreFuture<'_, ()>;
     /// Deletes sessions expired at `now` and returns their ids.
@@ -296,6 +304,8 @@ macro_rules! store_by_inherent_methods {
         put_chunk(session_id: String, chunk_number: u64, size: u64) -> ();
         delete_session(id: String) -> ();
         set_session_length(id: String, length: u64) -> ();
+        lease_session(id: String, holder: String, now: i64, until_ms: i64) -> bool;
+        release_session_lease(id: String, holder: String) -> ();
         mark_session_delivered(id: String, upload_id: String) -> ();
         take_expired_sessions(now: i64) -> Vec<String>;
         session_ids() -> Vec<String>;
@@ -305,6 +315,9 @@ macro_rules! store_by_inherent_methods {
     };
     (@methods $store:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)* }) => {
         impl $crate::store::Store for $store {
+            fn is_shared(&self) -> bool {
+                $store::SHARED
+            }
             $(fn $name(&self, $($arg: $ty),*) -> $crate::store::StoreFuture<'_, $out> {
                 Box::pin($store::$name(self, $($arg),*))
             })*

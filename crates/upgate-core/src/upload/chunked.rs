@@ -13,18 +13,18 @@
 //! and what a crash left behind.
 //!
 //! Everything that touches one session's chunks (a chunk's commit, completion, sweeping) holds
-//! that session's lock, so a re-sent chunk, a completion and the sweeper never interleave.
+//! that session (see `hold.rs`: this process's lock, and with a shared store its lease), so a
+//! re-sent chunk, a completion and the sweeper never interleave, on one node or several.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_multipart::{Field, Multipart};
 use actix_web::http::header::HeaderMap;
 use actix_web::web::Payload;
 use tokio::io::AsyncReadExt;
-use tokio::sync::OwnedMutexGuard;
 
 use crate::content;
 use crate::error::ApiError;
@@ -33,6 +33,7 @@ use crate::store::{SessionRecord, Store, UploadRecord};
 use crate::vocab::{DialectName, is_uuid, now_ms};
 
 use super::admit::Admission;
+use super::hold::{holding, lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
@@ -68,49 +69,6 @@ pub(crate) struct ChunkForm {
     pub file_field: &'static str,
     /// The text field carrying the chunk number.
     pub number_field: &'static str,
-}
-
-/// One lock per session id, created on demand and dropped with its last user.
-type LockMap = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
-static LOCKS: LazyLock<Mutex<LockMap>> = LazyLock::new(Default::default);
-
-/// Holds a session's lock; removes the lock from the registry when nobody else uses it.
-pub(crate) struct SessionLock {
-    id: String,
-    mutex: Option<Arc<tokio::sync::Mutex<()>>>,
-    guard: Option<OwnedMutexGuard<()>>,
-}
-
-/// Waits for the lock of session `id`.
-pub(crate) async fn lock_session(id: &str) -> SessionLock {
-    let mutex = LOCKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(id.to_owned())
-        .or_default()
-        .clone();
-    // Built before waiting, so a cancelled wait still cleans the registry up.
-    let mut lock = SessionLock {
-        id: id.to_owned(),
-        mutex: Some(mutex.clone()),
-        guard: None,
-    };
-    lock.guard = Some(mutex.lock_owned().await);
-    lock
-}
-
-impl Drop for SessionLock {
-    fn drop(&mut self) {
-        self.guard.take();
-        self.mutex.take();
-        let mut locks = LOCKS.lock().unwrap_or_else(|e| e.into_inner());
-        if locks
-            .get(&self.id)
-            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
-        {
-            locks.remove(&self.id);
-        }
-    }
 }
 
 /// A chunk spooled but not yet in its session: removed when dropped, unless kept.
@@ -324,12 +282,20 @@ impl Gateway {
         admission: &Admission,
         id: &str,
     ) -> Result<Vec<UploadRecord>, ApiError> {
-        let dialect = admission.dialect;
         if !is_uuid(id) {
             return Err(ApiError::NotFound);
         }
         self.check_disk_floor()?;
-        let _lock = lock_session(id).await;
+        holding(&self.store, id, self.complete_held_session(admission, id)).await
+    }
+
+    /// [`Gateway::complete_session`], the session held.
+    async fn complete_held_session(
+        &self,
+        admission: &Admission,
+        id: &str,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let dialect = admission.dialect;
         let session = self.open_session(admission, id).await?;
         let missing = missing_chunks(&session);
         if !missing.is_empty() {
@@ -436,6 +402,12 @@ impl ChunkCommit {
     /// Moves the chunk into its session under the session's lock, after checking the running
     /// total again against the session's current chunks.
     async fn run(self) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let id = self.id.clone();
+        holding(&store, &id, self.run_held()).await
+    }
+
+    async fn run_held(self) -> Result<(), ApiError> {
         let Self {
             store,
             spool,
@@ -446,7 +418,6 @@ impl ChunkCommit {
             chunk,
             limit,
         } = self;
-        let _lock = lock_session(&id).await;
         let session = find_session(store.as_ref(), &tenant, dialect, &id).await?;
         let others: u64 = session
             .chunks

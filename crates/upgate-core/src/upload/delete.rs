@@ -11,7 +11,7 @@ use crate::policy::Policy;
 use crate::store::{UploadRecord, UploadState};
 
 use super::admit::Admission;
-use super::chunked::lock_session;
+use super::hold::lock_session;
 use super::{Gateway, deliver};
 
 impl Gateway {

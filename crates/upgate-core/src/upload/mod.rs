@@ -15,6 +15,7 @@ pub(crate) mod admit;
 pub(crate) mod chunked;
 pub(crate) mod delete;
 pub(crate) mod deliver;
+pub(crate) mod hold;
 pub(crate) mod intake;
 pub(crate) mod record;
 pub(crate) mod resumable;

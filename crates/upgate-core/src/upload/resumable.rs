@@ -12,7 +12,8 @@
 //! file is hashed in one read pass and enters [`Gateway::accept`] like any upload; the bytes
 //! stay until it is delivered, so a failed delivery can be retried by a final request with
 //! an empty body. Partial uploads (concatenation) stop there; a final upload joins its
-//! partials in the spool, then completes. Every step on one upload holds its lock.
+//! partials in the spool, then completes. Every step on one upload holds it (`hold.rs`: on
+//! several nodes, one request at a time; another gets 409).
 
 use std::io::{Read, Write};
 
@@ -28,7 +29,7 @@ use crate::store::{Concat, SessionRecord, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
 use super::admit::Admission;
-use super::chunked::lock_session;
+use super::hold::{holding, lock_session};
 use super::intake::{body_error, complete_file, extension_of, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
 
@@ -315,7 +316,17 @@ impl Gateway {
         body: Payload,
     ) -> Result<Progress, ApiError> {
         self.check_disk_floor()?;
-        let _lock = lock_session(id).await;
+        holding(&self.store, id, self.append_held(admission, id, append, body)).await
+    }
+
+    /// [`Gateway::append_resumable`], the upload held.
+    async fn append_held(
+        &self,
+        admission: &Admission,
+        id: &str,
+        append: Append,
+        body: Payload,
+    ) -> Result<Progress, ApiError> {
         let mut upload = self.resumable(admission, id).await?;
         if upload.concat == Some(Concat::Final) && !upload.is_complete() {
             return Err(ApiError::ImmutableUpload);
@@ -628,13 +639,15 @@ impl Gateway {
 
     /// Terminates upload `id`: its bytes and its row go (a record it completed stays).
     pub(crate) async fn terminate_resumable(&self, admission: &Admission, id: &str) -> Result<(), ApiError> {
-        let _lock = lock_session(id).await;
-        self.resumable(admission, id).await?;
-        self.store.delete_session(id.to_owned()).await?;
-        let spool = self.spool.clone();
-        let id = id.to_owned();
-        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
-        Ok(())
+        holding(&self.store, id, async {
+            self.resumable(admission, id).await?;
+            self.store.delete_session(id.to_owned()).await?;
+            let spool = self.spool.clone();
+            let id = id.to_owned();
+            let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -158,6 +158,7 @@ impl Dialect for Dify {
             ApiError::Internal => ("internal_server_error", plain_message(error)),
             ApiError::Unavailable { .. } => ("service_unavailable", plain_message(error)),
             ApiError::OffsetMismatch { .. }
+            | ApiError::SessionBusy
             | ApiError::ChecksumMismatch
             | ApiError::UnsupportedVersion
             | ApiError::WrongContentType

@@ -193,6 +193,7 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
             seconds(*retry_after_secs)
         ),
         ApiError::OffsetMismatch { offset } => format!("The upload is at offset {offset}."),
+        ApiError::SessionBusy => "Another request is working on this upload; try again in a moment.".into(),
         ApiError::ChecksumMismatch => "The body does not match its checksum.".into(),
         ApiError::UnsupportedVersion => "Unsupported protocol version.".into(),
         ApiError::WrongContentType => "Wrong content type.".into(),

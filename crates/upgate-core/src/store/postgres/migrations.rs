@@ -72,6 +72,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE uploads DROP CONSTRAINT uploads_state_check;
     ALTER TABLE uploads ADD CONSTRAINT uploads_state_check
         CHECK (state IN ('received', 'delivering', 'forwarded', 'failed', 'deleted'));",
+    // 3: leases on sessions, so that one node at a time works on a session (its holder, and
+    // when a holder that died stops counting).
+    "CREATE TABLE session_leases (
+        session_id TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until_ms BIGINT NOT NULL
+    );",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

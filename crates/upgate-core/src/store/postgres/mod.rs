@@ -186,6 +186,9 @@ fn driver_config(url: &PostgresUrl) -> Result<tokio_postgres::Config, StoreError
 }
 
 impl PostgresStore {
+    /// Several nodes share one database.
+    pub(super) const SHARED: bool = true;
+
     /// Connects to the database at `url` and brings its schema up to date (waiting while
     /// another node does), then serves calls from the pool.
     pub(crate) async fn open(url: &PostgresUrl) -> Result<Self, StoreError> {

@@ -161,6 +161,47 @@ impl PostgresStore {
         .await
     }
 
+    /// Takes (or renews) the lease of session `id` for `holder` until `until_ms`, unless
+    /// another holder's lease runs at `now`.
+    pub(super) async fn lease_session(
+        &self,
+        id: String,
+        holder: String,
+        now: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let lease = connection
+                    .prepare(
+                        "INSERT INTO session_leases (session_id, holder, until_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT (session_id) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms
+                         WHERE session_leases.until_ms < $4 OR session_leases.holder = EXCLUDED.holder",
+                    )
+                    .await?;
+                let taken = connection
+                    .client()
+                    .execute(&lease, &[&id, &holder, &until_ms, &now])
+                    .await?;
+                Ok(taken == 1)
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn release_session_lease(&self, id: String, holder: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let release = connection
+                    .prepare("DELETE FROM session_leases WHERE session_id = $1 AND holder = $2")
+                    .await?;
+                connection.client().execute(&release, &[&id, &holder]).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     pub(super) async fn set_session_length(&self, id: String, length: u64) -> Result<(), StoreError> {
         self.call(move |connection| {
             Box::pin(async move {

@@ -310,6 +310,62 @@ async fn nodes_share_claims_quotas_and_one_migration() {
     let passed = adds.into_iter().filter(|added| *added.as_ref().unwrap()).count();
     assert_eq!(passed, 7);
     assert_eq!(nodes[3].usage("q".into(), 1).await.unwrap(), (70, 7));
+
+    // Session leases: 8 holders race for one session across the nodes, one gets it; it is
+    // renewed by its holder only; released, or run out, another may take it.
+    let t = now();
+    let leases = futures_util::future::join_all(
+        (0..8).map(|i| nodes[i % nodes.len()].lease_session("s-1".into(), format!("h{i}"), t, t + 30_000)),
+    )
+    .await;
+    let winners: Vec<usize> = leases
+        .into_iter()
+        .enumerate()
+        .filter(|(_, taken)| *taken.as_ref().unwrap())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = format!("h{}", winners[0]);
+    assert!(
+        nodes[1]
+            .lease_session("s-1".into(), winner.clone(), t + 1, t + 40_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !nodes[2]
+            .lease_session("s-1".into(), "other".into(), t + 39_999, t + 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        nodes[2]
+            .lease_session("s-1".into(), "other".into(), t + 40_001, t + 60_000)
+            .await
+            .unwrap(),
+        "a lease that ran out is taken over"
+    );
+    nodes[0]
+        .release_session_lease("s-1".into(), winner)
+        .await
+        .unwrap();
+    assert!(
+        !nodes[0]
+            .lease_session("s-1".into(), "third".into(), t + 40_002, t + 60_000)
+            .await
+            .unwrap(),
+        "a former holder's release leaves the new holder's lease alone"
+    );
+    nodes[3]
+        .release_session_lease("s-1".into(), "other".into())
+        .await
+        .unwrap();
+    assert!(
+        nodes[0]
+            .lease_session("s-1".into(), "third".into(), t + 40_003, t + 60_000)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,9 @@ pub(crate) struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// One process (and its operator commands, which take no session) uses the file.
+    pub(super) const SHARED: bool = false;
+
     /// Opens (creating and migrating) `upgate.db` in `data_dir` and starts the store thread.
     pub(crate) fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         let path = data_dir.join("upgate.db");

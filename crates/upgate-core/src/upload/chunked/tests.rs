@@ -1,4 +1,4 @@
-//! Tests of chunked sessions: missing chunk numbers and the per-session locks.
+//! Tests of chunked sessions: missing chunk numbers.
 
 use super::*;
 
@@ -26,20 +26,4 @@ fn missing_chunk_numbers() {
     assert_eq!(missing_chunks(&session(vec![])), vec![0, 1, 2, 3]);
     assert_eq!(missing_chunks(&session(vec![(0, 3), (2, 3)])), vec![1, 3]);
     assert!(missing_chunks(&session(vec![(0, 1), (1, 1), (2, 1), (3, 1)])).is_empty());
-}
-
-#[tokio::test]
-async fn session_locks_exclude_each_other_and_clean_up() {
-    let first = lock_session("a").await;
-    let waiting = tokio::spawn(async {
-        let _second = lock_session("a").await;
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!waiting.is_finished());
-    // Another session is not blocked.
-    drop(lock_session("b").await);
-    drop(first);
-    waiting.await.unwrap();
-    assert!(!LOCKS.lock().unwrap().contains_key("a"));
-    assert!(!LOCKS.lock().unwrap().contains_key("b"));
 }
