@@ -299,7 +299,16 @@ fn object_storage_stopped_is_503_with_retry_after_and_the_node_works_again_when_
     assert_eq!(start.status, 200, "{}", start.text);
     let session = start.json()["sessionId"].as_str().unwrap().to_owned();
 
+    let ready = format!("{}/readyz", daemon.metrics_url);
+    assert_eq!(get(&ready).status, 200);
     cluster.s3.stop();
+    let unready = get(&ready);
+    assert_eq!(unready.status, 503, "{}", unready.text);
+    assert!(
+        unready.text.contains("spool"),
+        "names the spool: {}",
+        unready.text
+    );
     let chunk = kore_chunk(&daemon, &session, 0, b"hello");
     assert_eq!(chunk.status, 503, "{}", chunk.text);
     assert!(chunk.header("retry-after").is_some(), "{chunk:?}");
@@ -323,6 +332,7 @@ fn object_storage_stopped_is_503_with_retry_after_and_the_node_works_again_when_
     );
 
     cluster.s3.start_again();
+    assert_eq!(get(&ready).status, 200, "ready again by itself");
     let chunk = kore_chunk(&daemon, &session, 0, b"hello");
     assert_eq!(chunk.status, 200, "{}", chunk.text);
     let reply = dify_upload(&daemon, "b.txt", b"stored at last");

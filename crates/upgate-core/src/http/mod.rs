@@ -118,6 +118,12 @@ async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
     if let Some(problem) = gateway.limiter.unready().await {
         problems.push(problem);
     }
+    let spool = gateway.spool.clone();
+    match tokio::task::spawn_blocking(move || spool.unready()).await {
+        Ok(None) => {}
+        Ok(Some(problem)) => problems.push(problem),
+        Err(_) => problems.push("spool: its check did not finish".to_owned()),
+    }
     if gateway.below_disk_floor() {
         problems.push("data_dir is below its free-space floor".to_owned());
     }

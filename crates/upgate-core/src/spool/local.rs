@@ -252,4 +252,9 @@ impl Spool for LocalSpool {
             })
             .unwrap_or_default()
     }
+
+    /// The local disk's free-space floor is checked on its own (`disk_free_floor`).
+    fn unready(&self) -> Option<String> {
+        None
+    }
 }

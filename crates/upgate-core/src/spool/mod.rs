@@ -160,6 +160,8 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     fn remove_session(&self, session: &str);
     /// Sessions that have chunks here.
     fn sessions(&self) -> Vec<String>;
+    /// Why the spool cannot take uploads now (for `/readyz`); `None` when it can.
+    fn unready(&self) -> Option<String>;
 }
 
 /// The file one request of a resumable upload writes into, and, for a spool that keeps

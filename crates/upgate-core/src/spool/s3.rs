@@ -313,4 +313,8 @@ impl Spool for S3Spool {
             .collect();
         names.into_iter().collect()
     }
+
+    fn unready(&self) -> Option<String> {
+        self.check().err().map(|error| format!("spool: {error}"))
+    }
 }
