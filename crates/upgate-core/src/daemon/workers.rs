@@ -29,7 +29,10 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
             .max()
             .unwrap_or_default();
         let lease_ms = (longest_attempt + deliver::OUTBOX_LEASE_MARGIN).as_millis() as i64;
-        match gateway.store.claim_due(now_ms(), BATCH, lease_ms).await {
+        let now = now_ms();
+        // The claim's fencing token: what a delivery under it records must match.
+        let lease_until = now.saturating_add(lease_ms);
+        match gateway.store.claim_due(now, BATCH, lease_ms).await {
             Ok(due) => {
                 let full = due.len() == BATCH;
                 for record in due {
@@ -44,13 +47,14 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
                                 "provider not configured".into(),
                                 record.attempts,
                                 Some(retry_at),
+                                lease_until,
                             )
                             .await;
                         continue;
                     };
                     let gateway = gateway.clone();
                     actix_web::rt::spawn(async move {
-                        deliver::deliver_from_outbox(&gateway, &provider, record).await
+                        deliver::deliver_from_outbox(&gateway, &provider, record, lease_until).await
                     });
                 }
                 if full {

@@ -209,23 +209,33 @@ pub(crate) trait Store: Send + Sync {
     fn upload_of(&self, tenant: String, id: String) -> StoreFuture<'_, Option<UploadRecord>>;
 
     // outbox
-    /// Records a delivery; `false` if the upload was deleted meanwhile.
+    /// Records a delivery made under the claim whose lease ends at `lease_until` (the
+    /// claim's fencing token); `false` if the upload was deleted meanwhile, or its lease
+    /// ran out and another claim took it over.
     fn mark_forwarded(
         &self,
         id: String,
         remote_id: String,
         remote_url: Option<String>,
         attempts: u32,
+        lease_until: i64,
     ) -> StoreFuture<'_, bool>;
-    /// Records a failed attempt: retried at `retry_at_ms`, or failed for good with `None`.
+    /// Records a failed attempt under the claim ending at `lease_until`: retried at
+    /// `retry_at_ms`, or failed for good with `None`; `false` (nothing written) if the
+    /// upload was deleted or claimed again meanwhile.
     fn mark_attempt_failed(
         &self,
         id: String,
         error: String,
         attempts: u32,
         retry_at_ms: Option<i64>,
-    ) -> StoreFuture<'_, ()>;
-    /// Claims up to `limit` due uploads, each leased for `lease_ms`.
+        lease_until: i64,
+    ) -> StoreFuture<'_, bool>;
+    /// Notes on upload `id` that a delivery was made twice because a lease ran out (kept
+    /// by the delivery that is recorded).
+    fn note_superseded(&self, id: String, note: String) -> StoreFuture<'_, ()>;
+    /// Claims up to `limit` due uploads, each leased for `lease_ms`: until `now + lease_ms`,
+    /// the claim's fencing token.
     fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> StoreFuture<'_, Vec<UploadRecord>>;
     /// Makes every leased upload due again and ends every sync delivery's lease (at start:
     /// this node's leases died with it; a no-op where nodes share the store).
@@ -291,8 +301,9 @@ macro_rules! store_by_inherent_methods {
         upload_of(tenant: String, id: String) -> Option<$crate::store::UploadRecord>;
         list_uploads(filter: $crate::store::UploadFilter) -> Vec<$crate::store::UploadRecord>;
         retry_upload(id: String) -> bool;
-        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32) -> bool;
-        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>) -> ();
+        mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32, lease_until: i64) -> bool;
+        mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>, lease_until: i64) -> bool;
+        note_superseded(id: String, note: String) -> ();
         claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<$crate::store::UploadRecord>;
         release_outbox_leases() -> usize;
         outbox_len() -> u64;

@@ -277,9 +277,17 @@ pub(crate) async fn delete_upstream(
 /// What an outbox lease adds to the longest attempt a provider may take.
 pub(crate) const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
 
-/// Delivers one upload claimed from the outbox, once, and records how it went: delivered,
-/// rescheduled with backoff, or failed for good (its bytes kept for the operator).
-pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provider>, record: UploadRecord) {
+/// Delivers one upload claimed from the outbox (under the claim whose lease ends at
+/// `lease_until`), once, and records how it went: delivered, rescheduled with backoff, or
+/// failed for good (its bytes kept for the operator). An attempt that outlived its lease
+/// while another node (or poll) claimed the upload again records nothing over that claim:
+/// its delivered copy is deleted upstream and the record gets a note of it.
+pub(crate) async fn deliver_from_outbox(
+    gateway: &Gateway,
+    provider: &Arc<Provider>,
+    record: UploadRecord,
+    lease_until: i64,
+) {
     let attempts = record.attempts + 1;
     // A shared spool downloads the bytes first when another node received them.
     let (spool, id) = (gateway.spool.clone(), record.id.clone());
@@ -322,6 +330,7 @@ pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provid
                     result.remote_id.clone(),
                     result.url.clone(),
                     attempts,
+                    lease_until,
                 )
                 .await;
             match recorded {
@@ -330,14 +339,36 @@ pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provid
                     remove_persisted(gateway, &record.id).await;
                 }
                 Ok(false) => {
-                    // Deleted by its client while this attempt was in flight: the copy just
-                    // made upstream goes too.
-                    tracing::info!(upload_id = %record.id, provider = %provider.name,
-                        "deleted during delivery; deleting the delivered copy");
-                    remove_persisted(gateway, &record.id).await;
+                    let deleted = matches!(
+                        gateway.store.upload(record.id.clone()).await,
+                        Ok(Some(current)) if current.state == crate::store::UploadState::Deleted
+                    );
+                    if deleted {
+                        // Deleted by its client while this attempt was in flight: the copy
+                        // just made upstream goes too.
+                        tracing::info!(upload_id = %record.id, provider = %provider.name,
+                            "deleted during delivery; deleting the delivered copy");
+                    } else {
+                        // The lease ran out during the attempt and the upload was claimed
+                        // again: that claim's delivery is the one recorded; this copy goes.
+                        tracing::warn!(upload_id = %record.id, provider = %provider.name,
+                            "the outbox lease ran out during this delivery and the upload was claimed again; \
+                             deleting this delivery's copy");
+                        let note = format!(
+                            "a delivery that outlived its outbox lease also reached {} (remote id {}) and was deleted there",
+                            provider.name, result.remote_id
+                        );
+                        if let Err(error) = gateway.store.note_superseded(record.id.clone(), note).await {
+                            tracing::error!(upload_id = %record.id, %error, "cannot note a superseded delivery");
+                        }
+                    }
+                    if deleted {
+                        remove_persisted(gateway, &record.id).await;
+                    }
+                    // Otherwise the spooled bytes belong to the claim that is recorded.
                     if let Err(error) = delete_upstream(gateway, provider, &record, result.remote_id).await {
                         tracing::error!(upload_id = %record.id, provider = %provider.name, %error,
-                            "cannot delete the copy delivered after the upload was deleted");
+                            "cannot delete a copy whose delivery is not the recorded one");
                     }
                 }
                 Err(error) => tracing::error!(upload_id = %record.id, %error, "cannot record a delivery"),
@@ -349,12 +380,21 @@ pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provid
             tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts, error = %error,
                 "async delivery failed, next try in {wait:?}");
             let retry_at = now_ms() + wait.as_millis() as i64;
-            if let Err(store_error) = gateway
+            match gateway
                 .store
-                .mark_attempt_failed(record.id.clone(), error.message, attempts, Some(retry_at))
+                .mark_attempt_failed(
+                    record.id.clone(),
+                    error.message,
+                    attempts,
+                    Some(retry_at),
+                    lease_until,
+                )
                 .await
             {
-                tracing::error!(%store_error, "cannot reschedule a delivery");
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(upload_id = %record.id,
+                    "deleted or claimed again during the attempt; nothing recorded of it"),
+                Err(store_error) => tracing::error!(%store_error, "cannot reschedule a delivery"),
             }
         }
         Attempt::Retry(error, _) | Attempt::Fatal(error) => {
@@ -363,7 +403,7 @@ pub(crate) async fn deliver_from_outbox(gateway: &Gateway, provider: &Arc<Provid
                 "async delivery failed for good; the file stays in the spool");
             let _ = gateway
                 .store
-                .mark_attempt_failed(record.id.clone(), error.message, attempts, None)
+                .mark_attempt_failed(record.id.clone(), error.message, attempts, None, lease_until)
                 .await;
             metrics::upload_outcome(record.dialect, &provider.name, "failed");
         }

@@ -8,28 +8,32 @@ use crate::vocab::now_ms;
 
 impl PostgresStore {
     /// Records an async delivery: state forwarded, remote id and URL. Only an upload still
-    /// waiting (`received`) changes; `false` means it was deleted while it was in flight.
+    /// waiting (`received`) under the claim ending at `lease_until` changes; `false` means
+    /// it was deleted while it was in flight, or its lease ran out and another node claimed
+    /// it. A note of a superseded delivery stays.
     pub(super) async fn mark_forwarded(
         &self,
         id: String,
         remote_id: String,
         remote_url: Option<String>,
         attempts: u32,
+        lease_until: i64,
     ) -> Result<bool, StoreError> {
         self.call(move |connection| {
             Box::pin(async move {
                 let update = connection
                     .prepare(
                         "UPDATE uploads SET state = 'forwarded', remote_id = $2, remote_url = $3, attempts = $4,
-                         last_error = NULL, next_attempt_at = NULL, updated_at = $5
-                         WHERE id = $1 AND state = 'received'",
+                         last_error = CASE WHEN last_error LIKE 'superseded:%' THEN last_error END,
+                         next_attempt_at = NULL, updated_at = $5
+                         WHERE id = $1 AND state = 'received' AND next_attempt_at = $6",
                     )
                     .await?;
                 let changed = connection
                     .client()
                     .execute(
                         &update,
-                        &[&id, &remote_id, &remote_url, &i64::from(attempts), &now_ms()],
+                        &[&id, &remote_id, &remote_url, &i64::from(attempts), &now_ms(), &lease_until],
                     )
                     .await?;
                 Ok(changed == 1)
@@ -47,7 +51,8 @@ impl PostgresStore {
         error: String,
         attempts: u32,
         retry_at_ms: Option<i64>,
-    ) -> Result<(), StoreError> {
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
         self.call(move |connection| {
             Box::pin(async move {
                 let state = if retry_at_ms.is_some() {
@@ -58,15 +63,39 @@ impl PostgresStore {
                 let update = connection
                     .prepare(
                         "UPDATE uploads SET state = $2, last_error = $3, attempts = $4, next_attempt_at = $5,
-                         updated_at = $6 WHERE id = $1 AND state = 'received'",
+                         updated_at = $6 WHERE id = $1 AND state = 'received' AND next_attempt_at = $7",
                     )
                     .await?;
-                connection
+                let changed = connection
                     .client()
                     .execute(
                         &update,
-                        &[&id, &state, &error, &i64::from(attempts), &retry_at_ms, &now_ms()],
+                        &[
+                            &id,
+                            &state,
+                            &error,
+                            &i64::from(attempts),
+                            &retry_at_ms,
+                            &now_ms(),
+                            &lease_until,
+                        ],
                     )
+                    .await?;
+                Ok(changed == 1)
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn note_superseded(&self, id: String, note: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let update = connection
+                    .prepare("UPDATE uploads SET last_error = $2 WHERE id = $1")
+                    .await?;
+                connection
+                    .client()
+                    .execute(&update, &[&id, &format!("superseded: {note}")])
                     .await?;
                 Ok(())
             })

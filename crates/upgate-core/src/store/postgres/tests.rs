@@ -87,7 +87,7 @@ async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl
     assert_eq!(store.outbox_len().await.unwrap(), 2);
     assert!(
         store
-            .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1)
+            .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1, 1)
             .await
             .unwrap()
     );
@@ -104,7 +104,7 @@ async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl
     assert!(!store.mark_deleted("b".into()).await.unwrap(), "deleted once");
     assert!(
         !store
-            .mark_forwarded("b".into(), "r2".into(), None, 1)
+            .mark_forwarded("b".into(), "r2".into(), None, 1, 1)
             .await
             .unwrap(),
         "a deleted upload stays deleted"
@@ -213,7 +213,7 @@ async fn listings_and_retries(url: &PostgresUrl) {
     }
     store.insert_uploads(records, 0).await.unwrap();
     store
-        .mark_attempt_failed("u0".into(), "boom".into(), 3, None)
+        .mark_attempt_failed("u0".into(), "boom".into(), 3, None, 0)
         .await
         .unwrap();
     let ids = |records: Vec<UploadRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
@@ -310,6 +310,52 @@ async fn nodes_share_claims_quotas_and_one_migration() {
     let passed = adds.into_iter().filter(|added| *added.as_ref().unwrap()).count();
     assert_eq!(passed, 7);
     assert_eq!(nodes[3].usage("q".into(), 1).await.unwrap(), (70, 7));
+
+    // Outbox fencing: a claim whose lease ran out and was claimed again records nothing.
+    nodes[0]
+        .insert_uploads(vec![record("fenced", "t")], 0)
+        .await
+        .unwrap();
+    let first = now();
+    assert_eq!(nodes[0].claim_due(first, 1, 50).await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = now();
+    let again = nodes[1].claim_due(second, 10, 60_000).await.unwrap();
+    assert_eq!(
+        again.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["fenced"]
+    );
+    assert!(
+        !nodes[0]
+            .mark_attempt_failed("fenced".into(), "late".into(), 1, Some(0), first + 50)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !nodes[0]
+            .mark_forwarded("fenced".into(), "from-a".into(), None, 1, first + 50)
+            .await
+            .unwrap(),
+        "the first claim's delivery is not recorded over the second claim"
+    );
+    nodes[0]
+        .note_superseded("fenced".into(), "a late copy was deleted".into())
+        .await
+        .unwrap();
+    assert!(
+        nodes[1]
+            .mark_forwarded("fenced".into(), "from-b".into(), None, 1, second + 60_000)
+            .await
+            .unwrap()
+    );
+    let fenced = nodes[2].upload("fenced".into()).await.unwrap().unwrap();
+    assert_eq!(fenced.state, UploadState::Forwarded);
+    assert_eq!(fenced.remote_id.as_deref(), Some("from-b"));
+    assert_eq!(
+        fenced.last_error.as_deref(),
+        Some("superseded: a late copy was deleted"),
+        "the record says what happened"
+    );
 
     // Session leases: 8 holders race for one session across the nodes, one gets it; it is
     // renewed by its holder only; released, or run out, another may take it.

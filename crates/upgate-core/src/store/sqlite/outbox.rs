@@ -9,19 +9,24 @@ use crate::vocab::now_ms;
 
 impl SqliteStore {
     /// Records an async delivery: state forwarded, remote id and URL. Only an upload still
-    /// waiting (`received`) changes; `false` means it was deleted while it was in flight.
+    /// waiting (`received`) under the claim ending at `lease_until` changes; `false` means it
+    /// was deleted while it was in flight, or claimed again. A note of a superseded
+    /// delivery stays.
     pub(super) async fn mark_forwarded(
         &self,
         id: String,
         remote_id: String,
         remote_url: Option<String>,
         attempts: u32,
+        lease_until: i64,
     ) -> Result<bool, StoreError> {
         self.call(move |connection| {
             let changed = connection.execute(
                 "UPDATE uploads SET state = 'forwarded', remote_id = ?2, remote_url = ?3, attempts = ?4,
-                 last_error = NULL, next_attempt_at = NULL, updated_at = ?5 WHERE id = ?1 AND state = 'received'",
-                params![id, remote_id, remote_url, attempts, now_ms()],
+                 last_error = CASE WHEN last_error LIKE 'superseded:%' THEN last_error END,
+                 next_attempt_at = NULL, updated_at = ?5
+                 WHERE id = ?1 AND state = 'received' AND next_attempt_at = ?6",
+                params![id, remote_id, remote_url, attempts, now_ms(), lease_until],
             )?;
             Ok(changed == 1)
         })
@@ -37,17 +42,29 @@ impl SqliteStore {
         error: String,
         attempts: u32,
         retry_at_ms: Option<i64>,
-    ) -> Result<(), StoreError> {
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
         self.call(move |connection| {
             let state = if retry_at_ms.is_some() {
                 "received"
             } else {
                 "failed"
             };
-            connection.execute(
+            let changed = connection.execute(
                 "UPDATE uploads SET state = ?2, last_error = ?3, attempts = ?4, next_attempt_at = ?5,
-                 updated_at = ?6 WHERE id = ?1 AND state = 'received'",
-                params![id, state, error, attempts, retry_at_ms, now_ms()],
+                 updated_at = ?6 WHERE id = ?1 AND state = 'received' AND next_attempt_at = ?7",
+                params![id, state, error, attempts, retry_at_ms, now_ms(), lease_until],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    pub(super) async fn note_superseded(&self, id: String, note: String) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            connection.execute(
+                "UPDATE uploads SET last_error = ?2 WHERE id = ?1",
+                params![id, format!("superseded: {note}")],
             )?;
             Ok(())
         })

@@ -42,7 +42,7 @@ async fn records_follow_their_state_and_stay_with_their_tenant() {
     other.unwrap();
     assert_eq!(store.outbox_len().await.unwrap(), 2);
     store
-        .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1)
+        .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1, 1)
         .await
         .unwrap();
     let got = store.upload_of("t1".into(), "a".into()).await.unwrap().unwrap();
@@ -53,6 +53,26 @@ async fn records_follow_their_state_and_stay_with_their_tenant() {
     let due = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
     assert_eq!(due.len(), 1);
     assert!(store.claim_due(0, 10, 5).await.unwrap().is_empty());
+    // A claim's delivery is recorded only under that claim (its lease end): once claimed
+    // again, the first claim's outcome is not written.
+    assert!(
+        !store
+            .mark_forwarded("b".into(), "late".into(), None, 1, 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_attempt_failed("b".into(), "late".into(), 1, None, 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .mark_forwarded("b".into(), "r2".into(), None, 1, i64::MAX - 5)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
