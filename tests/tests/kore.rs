@@ -279,7 +279,15 @@ fn chunks_in_any_order_and_resent_chunks_assemble_into_one_upload() {
             .collect()
     };
     assert_eq!(sizes, vec![(0, 100_000), (1, 100_000), (2, 50_000)]);
-    assert_eq!(files_in(&session_dir(&daemon, &session)), 3);
+    // Out of order or re-sent, each chunk is kept in a file of its own.
+    let dir = session_dir(&daemon, &session);
+    for number in ["0", "1", "2"] {
+        assert!(
+            dir.join(number).is_file(),
+            "chunk {number} apart: {:?}",
+            std::fs::read_dir(&dir)
+        );
+    }
 
     let reply = complete(&daemon, &[KEY], &session);
     let id = assert_stored(&daemon, &reply, &content);
@@ -459,7 +467,13 @@ fn complete_refused_for_its_content_leaves_nothing_behind_and_keeps_the_session_
     assert_eq!(daemon.spool_files(), 0, "the assembled file is removed");
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 1);
-    assert_eq!(files_in(&session_dir(&daemon, &session)), 2, "the chunks stay");
+    let in_place = session_dir(&daemon, &session).join("data");
+    assert_eq!(
+        std::fs::metadata(&in_place).map(|m| m.len()).ok(),
+        Some(2000),
+        "the chunks stay, in order in the session's in-place file"
+    );
+    assert_eq!(files_in(&session_dir(&daemon, &session)), 1);
     // The client sends the right first chunk again and completes.
     send_ok(&daemon, &session, 0, &content[..1000]);
     assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
@@ -502,7 +516,7 @@ fn expired_sessions_are_swept_with_their_chunks() {
     let session = reply.json()["sessionId"].as_str().unwrap().to_owned();
     send_ok(&daemon, &session, 0, &png_of(1000));
     let dir = session_dir(&daemon, &session);
-    assert!(dir.join("0").is_file());
+    assert!(dir.join("data").is_file());
     assert!(
         eventually(Duration::from_secs(5), || !dir.exists()),
         "chunk dir not swept"
@@ -554,4 +568,38 @@ fn a_session_survives_sigkill_between_chunks() {
     let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
     assert_eq!(sha256_file(&daemon.files_dir().join(&id)), sha256_hex(&content));
     assert!(!session_dir(&daemon, &session).exists());
+}
+
+#[test]
+fn chunks_sent_in_order_are_written_once_and_survive_a_kill_9_between_them() {
+    use std::os::unix::fs::MetadataExt;
+    let mut daemon = Daemon::start_with(config);
+    let content = png_of(300_000);
+    let parts: Vec<&[u8]> = content.chunks(100_000).collect();
+    let session = open(&daemon, &[KEY], "photo.png", content.len(), 3);
+    send_ok(&daemon, &session, 0, parts[0]);
+    send_ok(&daemon, &session, 1, parts[1]);
+    let in_place = session_dir(&daemon, &session).join("data");
+    assert_eq!(std::fs::metadata(&in_place).unwrap().len(), 200_000);
+    assert_eq!(
+        files_in(&session_dir(&daemon, &session)),
+        1,
+        "no chunk file of its own"
+    );
+
+    // Killed between two chunks, started again: the session goes on where it was.
+    daemon.kill();
+    let mut daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    send_ok(&daemon, &session, 2, parts[2]);
+    let inode = std::fs::metadata(&in_place).unwrap().ino();
+    let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+    // The stored file is the in-place file itself: no second copy of the upload was written.
+    assert_eq!(
+        std::fs::metadata(daemon.files_dir().join(&id)).unwrap().ino(),
+        inode,
+        "the upload was linked, not copied"
+    );
+    assert!(!session_dir(&daemon, &session).exists());
+    assert_eq!(daemon.spool_files(), 0);
+    daemon.kill();
 }

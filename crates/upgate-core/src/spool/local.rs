@@ -1,6 +1,7 @@
 //! The local-disk spool, the embedded default: `<data_dir>/spool/<id>` for files waiting
-//! for delivery (`<id>.part` while they arrive) and `<data_dir>/sessions/<session>/<n>` for
-//! the chunks of a session.
+//! for delivery (`<id>.part` while they arrive), `<data_dir>/sessions/<session>/<n>` for the
+//! chunks of a session kept apart and `<data_dir>/sessions/<session>/data` for those written
+//! in place, back to back.
 //!
 //! What flows through here: renames and unlinks of files whose names are upgate's ids and
 //! chunk numbers; with `durability: power_loss`, an fsync of the directory after each rename.
@@ -11,6 +12,9 @@ use std::time::Duration;
 
 use super::{AppendFile, Fetched, Spool};
 use crate::config::Durability;
+
+/// The name of a session's in-place file, beside its chunks' own files (named by number).
+const IN_PLACE_FILE: &str = "data";
 
 /// The spool and session directories under `data_dir`.
 #[derive(Debug, Clone)]
@@ -48,6 +52,10 @@ impl LocalSpool {
     /// as file names.
     fn path_of(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    fn in_place_path(&self, session: &str) -> PathBuf {
+        self.session_dir(session).join(IN_PLACE_FILE)
     }
 
     fn chunk_path(&self, session: &str, number: u64) -> PathBuf {
@@ -180,6 +188,79 @@ impl Spool for LocalSpool {
 
     fn remove_chunk(&self, session: &str, number: u64) {
         let _ = std::fs::remove_file(self.chunk_path(session, number));
+    }
+
+    fn open_in_place(&self, session: &str, offset: u64) -> std::io::Result<Option<(std::fs::File, PathBuf)>> {
+        use std::io::{Seek, SeekFrom};
+        let dir = self.session_dir(session);
+        let created = !dir.exists();
+        std::fs::create_dir_all(&dir)?;
+        let path = self.in_place_path(session);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        file.set_len(offset)?;
+        file.seek(SeekFrom::Start(offset))?;
+        if created {
+            self.sync_dir(&dir)?;
+        }
+        Ok(Some((file, path)))
+    }
+
+    fn chunk_layout(&self, session: &str) -> std::io::Result<(HashSet<u64>, Option<u64>)> {
+        let mut separate = HashSet::new();
+        let mut in_place = 0;
+        let entries = match std::fs::read_dir(self.session_dir(session)) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((separate, Some(0))),
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == IN_PLACE_FILE {
+                in_place = entry.metadata()?.len();
+            } else if let Ok(number) = name.parse::<u64>() {
+                separate.insert(number);
+            }
+        }
+        Ok((separate, Some(in_place)))
+    }
+
+    fn move_out_of_place(&self, session: &str, number: u64, offset: u64, len: u64) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut source = std::fs::File::open(self.in_place_path(session))?;
+        source.seek(SeekFrom::Start(offset))?;
+        let staged = self.session_dir(session).join(format!("{number}.moving"));
+        let mut target = std::fs::File::create(&staged)?;
+        let copied = std::io::copy(&mut source.take(len), &mut target)?;
+        if copied != len {
+            let _ = std::fs::remove_file(&staged);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the in-place file of {session} ends inside chunk {number}"),
+            ));
+        }
+        if self.durability == Durability::PowerLoss {
+            target.sync_data()?;
+        }
+        std::fs::rename(&staged, self.chunk_path(session, number))?;
+        self.sync_dir(&self.session_dir(session))
+    }
+
+    fn link_in_place(&self, session: &str, len: u64, name: &str) -> std::io::Result<PathBuf> {
+        let path = self.in_place_path(session);
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        if file.metadata()?.len() != len {
+            file.set_len(len)?;
+        }
+        let part = self.part_path(name);
+        let _ = std::fs::remove_file(&part);
+        std::fs::hard_link(&path, &part)?;
+        Ok(part)
     }
 
     /// The upload's one file, written in place.

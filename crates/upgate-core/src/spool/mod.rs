@@ -132,6 +132,20 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     fn fetch_chunk(&self, session: &str, number: u64) -> std::io::Result<Fetched>;
     /// Removes chunk `number` of `session`.
     fn remove_chunk(&self, session: &str, number: u64);
+    /// The in-place file of `session` (its chunks back to back, see
+    /// `upload/chunked/in_place.rs`), created if needed and open for writing at `offset`,
+    /// cut there; `None` for a spool that keeps every chunk apart.
+    fn open_in_place(&self, session: &str, offset: u64) -> std::io::Result<Option<(std::fs::File, PathBuf)>>;
+    /// The chunk numbers of `session` held in files of their own, and the length of its
+    /// in-place file (`None` for a spool that keeps none).
+    fn chunk_layout(&self, session: &str) -> std::io::Result<(HashSet<u64>, Option<u64>)>;
+    /// Copies the `len` bytes at `offset` of `session`'s in-place file out as chunk
+    /// `number`'s own file (replacing an earlier one atomically).
+    fn move_out_of_place(&self, session: &str, number: u64, offset: u64, len: u64) -> std::io::Result<()>;
+    /// A spooled part file for upload `name` holding the first `len` bytes of `session`'s
+    /// in-place file, without copying them (the in-place file is cut to `len` first: what
+    /// lies beyond was never part of the session).
+    fn link_in_place(&self, session: &str, len: u64, name: &str) -> std::io::Result<PathBuf>;
     /// Where one request's bytes of the resumable upload `session` go, starting at its
     /// acknowledged `offset`. What a crash left after that offset is cut.
     fn open_append(&self, session: &str, offset: u64) -> std::io::Result<AppendFile>;
@@ -249,6 +263,56 @@ impl Drop for SpooledFile {
     }
 }
 
+/// What a complete file's bytes came to: its size, sha256, first bytes and UTF-8 verdict.
+#[derive(Debug)]
+pub(crate) struct FileDigest {
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) head: Vec<u8>,
+    pub(crate) utf8_ok: bool,
+}
+
+/// Bytes read at a time by [`digest`].
+const DIGEST_SLICE: usize = 256 * 1024;
+
+/// Reads a complete spooled file once: its [`FileDigest`] (the streaming UTF-8 check when
+/// `text`, else the first bytes decide whether it looks like text). Blocks.
+pub(crate) fn digest(path: &Path, text: bool) -> std::io::Result<FileDigest> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    let mut utf8 = text.then(Utf8Validator::default);
+    let mut buffer = vec![0u8; DIGEST_SLICE];
+    let mut size = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        let bytes = &buffer[..read];
+        size += read as u64;
+        hasher.update(bytes);
+        if head.len() < SNIFF_LEN {
+            let take = (SNIFF_LEN - head.len()).min(read);
+            head.extend_from_slice(&bytes[..take]);
+        }
+        if let Some(validator) = &mut utf8 {
+            validator.feed(bytes);
+        }
+    }
+    let utf8_ok = match &utf8 {
+        Some(validator) => validator.finish(),
+        None => content::looks_like_text(&head),
+    };
+    Ok(FileDigest {
+        size,
+        sha256: hex::encode(hasher.finalize()),
+        head,
+        utf8_ok,
+    })
+}
+
 type Sink = (Option<std::fs::File>, Sha256);
 /// A slice written on a blocking thread: the sink, and the emptied buffer to fill again.
 type WrittenSlice = JoinHandle<std::io::Result<(Sink, Vec<u8>)>>;
@@ -269,6 +333,9 @@ pub(crate) struct SpoolWriter {
     head: Vec<u8>,
     utf8: Option<Utf8Validator>,
     finished: bool,
+    /// Writing into a file that is not the writer's own (a session's in-place file): never
+    /// removed.
+    in_place: bool,
 }
 
 impl SpoolWriter {
@@ -294,6 +361,34 @@ impl SpoolWriter {
             head: Vec::new(),
             utf8: check_utf8.then(Utf8Validator::default),
             finished: false,
+            in_place: false,
+        }
+    }
+
+    /// Streams one chunk into `file` at its position (a session's in-place file at `path`),
+    /// at most `max_size` bytes. What an abandoned writer wrote stays, beyond what its
+    /// session counts.
+    pub(crate) fn in_place(
+        spool: &Arc<dyn Spool>,
+        budget: &IntakeBudget,
+        file: std::fs::File,
+        path: PathBuf,
+        max_size: u64,
+    ) -> Self {
+        Self {
+            spool: spool.clone(),
+            part_path: path,
+            sink: Some((Some(file), Sha256::new())),
+            pending: None,
+            buffer: Vec::new(),
+            spare: None,
+            slice: SliceSize::new(budget),
+            size: 0,
+            max_size,
+            head: Vec::new(),
+            utf8: None,
+            finished: false,
+            in_place: true,
         }
     }
 
@@ -418,7 +513,7 @@ fn write_slice(sink: Sink, path: &Path, slice: &[u8]) -> std::io::Result<Sink> {
 
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
-        if self.finished {
+        if self.finished || self.in_place {
             return;
         }
         // Abandoned (error or dropped connection): remove the part file, after any write

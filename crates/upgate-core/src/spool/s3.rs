@@ -224,6 +224,27 @@ impl Spool for S3Spool {
         }
     }
 
+    /// Every chunk is an object of its own.
+    fn open_in_place(&self, _session: &str, _offset: u64) -> io::Result<Option<(std::fs::File, PathBuf)>> {
+        Ok(None)
+    }
+
+    fn chunk_layout(&self, _session: &str) -> io::Result<(HashSet<u64>, Option<u64>)> {
+        Ok((HashSet::new(), None))
+    }
+
+    fn move_out_of_place(&self, session: &str, number: u64, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::other(format!(
+            "the shared spool keeps no in-place file (session {session}, chunk {number})"
+        )))
+    }
+
+    fn link_in_place(&self, session: &str, _len: u64, _name: &str) -> io::Result<PathBuf> {
+        Err(io::Error::other(format!(
+            "the shared spool keeps no in-place file (session {session})"
+        )))
+    }
+
     /// A staged file of this request's bytes alone, put as one segment at commit.
     fn open_append(&self, _session: &str, _offset: u64) -> io::Result<AppendFile> {
         let staged = Fetched::temporary(self.temp_path("append"));

@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::content;
 use crate::error::ApiError;
-use crate::spool::{Spool, SpoolWriter};
+use crate::spool::{Spool, SpoolWriter, SpooledFile};
 use crate::store::{SessionRecord, Store, UploadRecord};
 use crate::vocab::{DialectName, is_uuid, now_ms};
 
@@ -36,6 +36,7 @@ use super::admit::Admission;
 use super::hold::{holding, lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
+use in_place::{InPlaceWriter, Layout};
 
 /// Most chunks one session may declare.
 pub(crate) const MAX_CHUNKS: u64 = 100_000;
@@ -75,6 +76,9 @@ pub(crate) struct ChunkForm {
 struct TempChunk {
     path: PathBuf,
     size: u64,
+    /// Written in the session's in-place file at this offset (`path` is that file, never
+    /// removed), by the session's one in-place writer.
+    in_place: Option<(u64, InPlaceWriter)>,
 }
 
 impl TempChunk {
@@ -85,7 +89,7 @@ impl TempChunk {
 
 impl Drop for TempChunk {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
+        if self.in_place.is_none() && !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -229,7 +233,16 @@ impl Gateway {
                         None => stored - largest,
                     };
                     let room = limit.saturating_sub(others);
-                    chunk = Some(self.spool_chunk(&mut field, room, limit, idle).await?);
+                    // The next chunk of the in-place prefix, not received yet, goes in place.
+                    let in_place = match number {
+                        Some(number)
+                            if size_of(number) == 0 && !session.chunks.iter().any(|(n, _)| *n == number) =>
+                        {
+                            self.in_place_target(&session, number).await
+                        }
+                        _ => None,
+                    };
+                    chunk = Some(self.spool_chunk(&mut field, room, limit, idle, in_place).await?);
                 }
                 _ => intake::drain(&mut field, idle, &mut other_bytes).await?,
             }
@@ -253,15 +266,57 @@ impl Gateway {
         Ok((number, size))
     }
 
+    /// Where chunk `number` of `session` goes if it can go in place: the in-place file open
+    /// at the prefix's end, with the session's in-place writer; `None` when it is not the
+    /// prefix's next chunk, another request writes in place, or the spool keeps chunks apart.
+    async fn in_place_target(
+        &self,
+        session: &SessionRecord,
+        number: u64,
+    ) -> Option<(std::fs::File, PathBuf, u64, InPlaceWriter)> {
+        let writer = InPlaceWriter::try_take(&session.id)?;
+        let (spool, session) = (self.spool.clone(), session.clone());
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let layout = Layout::read(spool.as_ref(), &session)?;
+            if layout.in_place != number {
+                return Ok(None);
+            }
+            Ok(spool
+                .open_in_place(&session.id, layout.offset)?
+                .map(|(file, path)| (file, path, layout.offset)))
+        })
+        .await;
+        match opened {
+            Ok(Ok(Some((file, path, offset)))) => Some((file, path, offset, writer)),
+            Ok(Ok(None)) | Err(_) => None,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot open a session's in-place file; the chunk is kept apart");
+                None
+            }
+        }
+    }
+
     async fn spool_chunk(
         &self,
         field: &mut Field,
         room: u64,
         limit: u64,
         idle: Duration,
+        in_place: Option<(std::fs::File, PathBuf, u64, InPlaceWriter)>,
     ) -> Result<TempChunk, ApiError> {
-        let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
-        let mut writer = SpoolWriter::new(&self.spool, &self.intake_budget, &temp_id, room, false);
+        let (mut writer, at) = match in_place {
+            Some((file, path, offset, holder)) => (
+                SpoolWriter::in_place(&self.spool, &self.intake_budget, file, path, room),
+                Some((offset, holder)),
+            ),
+            None => {
+                let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
+                (
+                    SpoolWriter::new(&self.spool, &self.intake_budget, &temp_id, room, false),
+                    None,
+                )
+            }
+        };
         while let Some(bytes) = next_or_stall(field, idle).await? {
             let bytes = bytes.map_err(intake::multipart_error)?;
             writer.write(&bytes).await.map_err(|error| match error {
@@ -271,7 +326,11 @@ impl Gateway {
             })?;
         }
         let (path, size, ..) = writer.finish().await?;
-        Ok(TempChunk { path, size })
+        Ok(TempChunk {
+            path,
+            size,
+            in_place: at,
+        })
     }
 
     /// Assembles session `id` (every chunk present, their total the declared size) into one
@@ -308,30 +367,105 @@ impl Gateway {
             return Err(size_mismatch(session.received_bytes(), session.declared_size));
         }
         let upload_id = dialect.new_upload_id();
+        let spool = self.spool.clone();
+        let held = session.clone();
+        let layout = tokio::task::spawn_blocking(move || -> std::io::Result<Layout> {
+            let layout = Layout::read(spool.as_ref(), &held)?;
+            if layout.in_place == held.total_chunks {
+                return Ok(layout);
+            }
+            // Some in place, some apart: the prefix's chunks get files of their own too, and
+            // the session is assembled from them all.
+            for number in 0..layout.in_place {
+                let size = held
+                    .chunks
+                    .iter()
+                    .find(|(n, _)| *n == number)
+                    .map_or(0, |(_, size)| *size);
+                spool.move_out_of_place(&held.id, number, Layout::offset_of(&held, number), size)?;
+            }
+            Ok(Layout {
+                in_place: 0,
+                offset: 0,
+            })
+        })
+        .await?
+        .inspect_err(
+            |error| tracing::error!(session_id = %id, %error, "cannot lay out a session's chunks"),
+        )?;
+        let file = if layout.in_place == session.total_chunks {
+            // Every chunk in place, in order: that file is the upload; it is read once, for
+            // its digest, and linked into the spool.
+            let (spool, session_id, name) = (self.spool.clone(), id.to_owned(), upload_id.clone());
+            let (len, text) = (
+                session.declared_size,
+                content::is_text_extension(&session.extension),
+            );
+            let (path, digest) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let path = spool.link_in_place(&session_id, len, &name)?;
+                let digest = crate::spool::digest(&path, text);
+                if digest.is_err() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Ok((path, digest?))
+            })
+            .await??;
+            intake::received_file(
+                path,
+                digest,
+                upload_id,
+                session.filename.clone(),
+                session.extension.clone(),
+                plan.config.verify_content,
+            )
+            .await?
+        } else {
+            self.assemble(admission, &session, upload_id).await?
+        };
+        let records = self
+            .accept(admission, vec![file], session.metadata.clone())
+            .await?;
+        if let Err(error) = self.store.delete_session(id.to_owned()).await {
+            // The upload is recorded; the sweeper removes the session when it expires.
+            tracing::error!(session_id = %id, %error, "cannot delete a completed session");
+        }
+        self.remove_session_chunks(id).await;
+        tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
+        Ok(records)
+    }
+
+    /// Writes the chunks of `session`, each in a file of its own, in order into one spooled
+    /// upload `upload_id`.
+    async fn assemble(
+        &self,
+        admission: &Admission,
+        session: &SessionRecord,
+        upload_id: String,
+    ) -> Result<SpooledFile, ApiError> {
         let mut writer = SpoolWriter::new(
             &self.spool,
             &self.intake_budget,
             &upload_id,
-            session_limit(&session, admission),
+            session_limit(session, admission),
             content::is_text_extension(&session.extension),
         );
         let mut assembled = 0u64;
         let mut buffer = vec![0u8; READ_SLICE];
         for number in 0..session.total_chunks {
             let spool = self.spool.clone();
-            let session_id = id.to_owned();
+            let session_id = session.id.clone();
             let chunk = tokio::task::spawn_blocking(move || spool.fetch_chunk(&session_id, number))
                 .await?
                 .inspect_err(|error| {
-                    tracing::error!(session_id = %id, chunk = number, %error, "cannot fetch a recorded chunk");
+                    tracing::error!(session_id = %session.id, chunk = number, %error, "cannot fetch a recorded chunk");
                 })?;
             let mut file = tokio::fs::File::open(chunk.path()).await.map_err(|error| {
-                tracing::error!(session_id = %id, chunk = number, %error, "a recorded chunk is missing on disk");
+                tracing::error!(session_id = %session.id, chunk = number, %error, "a recorded chunk is missing on disk");
                 ApiError::Internal
             })?;
             loop {
                 let read = file.read(&mut buffer).await.map_err(|error| {
-                    tracing::error!(session_id = %id, chunk = number, %error, "cannot read a chunk");
+                    tracing::error!(session_id = %session.id, chunk = number, %error, "cannot read a chunk");
                     ApiError::Internal
                 })?;
                 if read == 0 {
@@ -347,24 +481,14 @@ impl Gateway {
         if assembled != session.declared_size {
             return Err(size_mismatch(assembled, session.declared_size));
         }
-        let file = intake::complete_file(
+        intake::complete_file(
             writer,
             upload_id,
             session.filename.clone(),
             session.extension.clone(),
-            plan.config.verify_content,
+            admission.tenant.plan.config.verify_content,
         )
-        .await?;
-        let records = self
-            .accept(admission, vec![file], session.metadata.clone())
-            .await?;
-        if let Err(error) = self.store.delete_session(id.to_owned()).await {
-            // The upload is recorded; the sweeper removes the session when it expires.
-            tracing::error!(session_id = %id, %error, "cannot delete a completed session");
-        }
-        self.remove_session_chunks(id).await;
-        tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
-        Ok(records)
+        .await
     }
 }
 
@@ -430,10 +554,32 @@ impl ChunkCommit {
         }
         let size = chunk.size;
         let placing = spool.clone();
-        let session_id = id.clone();
+        let current = session.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            placing.place_chunk(&session_id, number, &chunk.path)?;
-            chunk.keep();
+            let layout = Layout::read(placing.as_ref(), &current)?;
+            match &chunk.in_place {
+                // Still the prefix's next chunk: it is in place already.
+                Some((offset, _)) if layout.in_place == number && layout.offset == *offset => {}
+                // The prefix changed while it arrived: it gets a file of its own.
+                Some((offset, _)) => placing.move_out_of_place(&current.id, number, *offset, size)?,
+                None => {
+                    // Replacing a chunk of the prefix: the later ones leave the in-place
+                    // file first (their offsets follow from its size).
+                    if number < layout.in_place {
+                        for later in number + 1..layout.in_place {
+                            let size = current
+                                .chunks
+                                .iter()
+                                .find(|(n, _)| *n == later)
+                                .map_or(0, |(_, size)| *size);
+                            let offset = Layout::offset_of(&current, later);
+                            placing.move_out_of_place(&current.id, later, offset, size)?;
+                        }
+                    }
+                    placing.place_chunk(&current.id, number, &chunk.path)?;
+                    chunk.keep();
+                }
+            }
             Ok(())
         })
         .await?
@@ -499,5 +645,6 @@ impl Gateway {
     }
 }
 
+mod in_place;
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,9 @@ use futures_util::{Stream, StreamExt};
 use crate::content;
 use crate::error::ApiError;
 use crate::policy::Plan;
-use crate::spool::{IntakeBudget, Spool, SpoolWriter, SpooledFile};
+use std::path::PathBuf;
+
+use crate::spool::{FileDigest, IntakeBudget, Spool, SpoolWriter, SpooledFile};
 
 use super::Gateway;
 use super::admit::Admission;
@@ -157,17 +159,37 @@ pub(crate) async fn complete_file(
     verify_content: bool,
 ) -> Result<SpooledFile, ApiError> {
     let (path, size, sha256, head, utf8_ok) = writer.finish().await?;
+    let digest = FileDigest {
+        size,
+        sha256,
+        head,
+        utf8_ok,
+    };
+    received_file(path, digest, upload_id, filename, extension, verify_content).await
+}
+
+/// The spooled file of a complete upload at `path`, whose bytes came to `digest`, with its
+/// content checked against its extension (the first bytes, then, for the types that have
+/// one, the whole file's structure).
+pub(crate) async fn received_file(
+    path: PathBuf,
+    digest: FileDigest,
+    upload_id: String,
+    filename: String,
+    extension: String,
+    verify_content: bool,
+) -> Result<SpooledFile, ApiError> {
     let mut file = SpooledFile {
         upload_id,
         filename,
         extension,
         mime: String::new(),
-        size,
-        sha256,
+        size: digest.size,
+        sha256: digest.sha256,
         path,
         keep: false,
     };
-    file.mime = content::classify(&file.extension, &head, utf8_ok, verify_content)?;
+    file.mime = content::classify(&file.extension, &digest.head, digest.utf8_ok, verify_content)?;
     if verify_content && content::needs_file_check(&file.extension) {
         let (extension, path) = (file.extension.clone(), file.path.clone());
         tokio::task::spawn_blocking(move || content::verify_file(&extension, &path)).await??;

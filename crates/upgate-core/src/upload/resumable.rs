@@ -15,26 +15,26 @@
 //! partials in the spool, then completes. Every step on one upload holds it (`hold.rs`: on
 //! several nodes, one request at a time; another gets 409).
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use actix_web::web::Payload;
 use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-use crate::content::{self, SNIFF_LEN, Utf8Validator};
+use crate::content::{self, SNIFF_LEN};
 use crate::error::ApiError;
-use crate::spool::{SliceSize, SpoolWriter, SpooledFile};
+use crate::spool::{SliceSize, SpoolWriter};
 use crate::store::{Concat, SessionRecord, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
 use super::admit::Admission;
 use super::hold::{holding, lock_session};
-use super::intake::{body_error, complete_file, extension_of, next_or_stall, validate_filename};
+use super::intake::{
+    body_error, complete_file, extension_of, next_or_stall, received_file, validate_filename,
+};
 use super::{Gateway, Metadata};
 
-/// Bytes read at a time when hashing a complete upload.
-const READ_SLICE: usize = 256 * 1024;
 /// Most partial uploads one final upload may join.
 pub(crate) const MAX_PARTS: usize = 1000;
 
@@ -515,51 +515,20 @@ impl Gateway {
         let (session, name) = (upload.id.clone(), upload_id.clone());
         let length = upload.declared_size;
         let text = content::is_text_extension(&upload.extension);
-        let (path, sha256, head, utf8_ok) = tokio::task::spawn_blocking(move || {
+        let (path, digest) = tokio::task::spawn_blocking(move || {
             let path = spool.link_part(&session, length, &name)?;
-            let mut file = std::fs::File::open(&path)?;
-            let mut hasher = Sha256::new();
-            let mut head = Vec::with_capacity(SNIFF_LEN);
-            let mut utf8 = text.then(Utf8Validator::default);
-            let mut buffer = vec![0u8; READ_SLICE];
-            loop {
-                let read = file.read(&mut buffer)?;
-                if read == 0 {
-                    break;
-                }
-                let bytes = &buffer[..read];
-                hasher.update(bytes);
-                if head.len() < SNIFF_LEN {
-                    let take = (SNIFF_LEN - head.len()).min(read);
-                    head.extend_from_slice(&bytes[..take]);
-                }
-                if let Some(validator) = &mut utf8 {
-                    validator.feed(bytes);
-                }
-            }
-            let utf8_ok = match &utf8 {
-                Some(validator) => validator.finish(),
-                None => content::looks_like_text(&head),
-            };
-            std::io::Result::Ok((path, hex::encode(hasher.finalize()), head, utf8_ok))
+            std::io::Result::Ok((path.clone(), crate::spool::digest(&path, text)?))
         })
         .await??;
-        let mut file = SpooledFile {
-            upload_id,
-            filename: upload.filename.clone(),
-            extension: upload.extension.clone(),
-            mime: String::new(),
-            size: upload.declared_size,
-            sha256,
+        let file = received_file(
             path,
-            keep: false,
-        };
-        let verify = admission.tenant.plan.config.verify_content;
-        file.mime = content::classify(&file.extension, &head, utf8_ok, verify)?;
-        if verify && content::needs_file_check(&file.extension) {
-            let (extension, path) = (file.extension.clone(), file.path.clone());
-            tokio::task::spawn_blocking(move || content::verify_file(&extension, &path)).await??;
-        }
+            digest,
+            upload_id,
+            upload.filename.clone(),
+            upload.extension.clone(),
+            admission.tenant.plan.config.verify_content,
+        )
+        .await?;
         let records = self
             .accept(admission, vec![file], upload.metadata.clone())
             .await?;
