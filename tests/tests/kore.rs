@@ -601,5 +601,25 @@ fn chunks_sent_in_order_are_written_once_and_survive_a_kill_9_between_them() {
     );
     assert!(!session_dir(&daemon, &session).exists());
     assert_eq!(daemon.spool_files(), 0);
+
+    // Without a restart, the sha256 recorded was computed as the chunks arrived; it is the
+    // file's, for a binary type and for text (read once at completion for its UTF-8).
+    let text: Vec<u8> = (0..250_000u32)
+        .map(|i| b"chunked text\n"[(i % 13) as usize])
+        .collect();
+    for (name, bytes) in [("again.png", &content), ("notes.txt", &text)] {
+        let session = open(&daemon, &[KEY], name, bytes.len(), 3);
+        for (number, part) in bytes.chunks(100_000).enumerate() {
+            send_ok(&daemon, &session, number as u64, part);
+        }
+        let id = assert_stored(&daemon, &complete(&daemon, &[KEY], &session), bytes);
+        let recorded: String = daemon
+            .db()
+            .query_row("SELECT sha256 FROM uploads WHERE id = ?1", [&id], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(recorded, sha256_hex(bytes), "{name}");
+    }
     daemon.kill();
 }

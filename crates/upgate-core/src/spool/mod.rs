@@ -313,6 +313,23 @@ pub(crate) fn digest(path: &Path, text: bool) -> std::io::Result<FileDigest> {
     })
 }
 
+/// The [`FileDigest`] of a complete file whose sha256 is already known (hashed as it
+/// arrived) and whose extension is not text: only its first bytes are read. Blocks.
+pub(crate) fn digest_hashed(path: &Path, sha256: String) -> std::io::Result<FileDigest> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    (&mut file).take(SNIFF_LEN as u64).read_to_end(&mut head)?;
+    let utf8_ok = content::looks_like_text(&head);
+    Ok(FileDigest {
+        size,
+        sha256,
+        head,
+        utf8_ok,
+    })
+}
+
 type Sink = (Option<std::fs::File>, Sha256);
 /// A slice written on a blocking thread: the sink, and the emptied buffer to fill again.
 type WrittenSlice = JoinHandle<std::io::Result<(Sink, Vec<u8>)>>;
@@ -366,19 +383,20 @@ impl SpoolWriter {
     }
 
     /// Streams one chunk into `file` at its position (a session's in-place file at `path`),
-    /// at most `max_size` bytes. What an abandoned writer wrote stays, beyond what its
-    /// session counts.
+    /// at most `max_size` bytes, its bytes hashed on from `hasher`. What an abandoned writer
+    /// wrote stays, beyond what its session counts.
     pub(crate) fn in_place(
         spool: &Arc<dyn Spool>,
         budget: &IntakeBudget,
         file: std::fs::File,
         path: PathBuf,
         max_size: u64,
+        hasher: Sha256,
     ) -> Self {
         Self {
             spool: spool.clone(),
             part_path: path,
-            sink: Some((Some(file), Sha256::new())),
+            sink: Some((Some(file), hasher)),
             pending: None,
             buffer: Vec::new(),
             spare: None,
@@ -450,7 +468,14 @@ impl SpoolWriter {
     /// first bytes and the UTF-8 verdict. The file keeps its `.part` name until it must
     /// outlive the request ([`SpooledFile::persist`]): a sync delivery reads it (or the local
     /// provider renames it into place) straight away.
-    pub(crate) async fn finish(mut self) -> Result<(PathBuf, u64, String, Vec<u8>, bool), ApiError> {
+    pub(crate) async fn finish(self) -> Result<(PathBuf, u64, String, Vec<u8>, bool), ApiError> {
+        let (path, size, hasher, head, utf8_ok) = self.finish_open().await?;
+        Ok((path, size, hex::encode(hasher.finalize()), head, utf8_ok))
+    }
+
+    /// [`SpoolWriter::finish`] with the sha256 left open: for a chunk written in place, whose
+    /// hash goes on with the next chunk's bytes.
+    pub(crate) async fn finish_open(mut self) -> Result<(PathBuf, u64, Sha256, Vec<u8>, bool), ApiError> {
         let sink = self.sink().await?;
         let slice = std::mem::take(&mut self.buffer);
         let part_path = self.part_path.clone();
@@ -460,7 +485,7 @@ impl SpoolWriter {
         // files, and anything that must be fsynced, stay off the async worker.
         let inline = sink.0.is_none() && slice.len() <= INLINE_WRITE && !durable;
         let path = part_path.clone();
-        let finish = move || -> std::io::Result<String> {
+        let finish = move || -> std::io::Result<Sha256> {
             let (file, hasher) = write_slice(sink, &path, &slice)?;
             let file = match file {
                 Some(file) => file,
@@ -469,9 +494,9 @@ impl SpoolWriter {
             if durable {
                 file.sync_all()?;
             }
-            Ok(hex::encode(hasher.finalize()))
+            Ok(hasher)
         };
-        let sha256 = if inline {
+        let hasher = if inline {
             finish()
         } else {
             tokio::task::spawn_blocking(finish)
@@ -487,7 +512,7 @@ impl SpoolWriter {
         Ok((
             part_path,
             self.size,
-            sha256,
+            hasher,
             std::mem::take(&mut self.head),
             utf8_ok,
         ))

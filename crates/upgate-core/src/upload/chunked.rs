@@ -36,7 +36,8 @@ use super::admit::Admission;
 use super::hold::{holding, lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
 use super::{Gateway, Metadata};
-use in_place::{InPlaceWriter, Layout};
+use in_place::{InPlaceWriter, Layout, RunningHash};
+use sha2::Sha256;
 
 /// Most chunks one session may declare.
 pub(crate) const MAX_CHUNKS: u64 = 100_000;
@@ -79,6 +80,9 @@ struct TempChunk {
     /// Written in the session's in-place file at this offset (`path` is that file, never
     /// removed), by the session's one in-place writer.
     in_place: Option<(u64, InPlaceWriter)>,
+    /// The sha256 state of the in-place prefix with this chunk, when it was hashed on from
+    /// the prefix's state.
+    running: Option<Sha256>,
 }
 
 impl TempChunk {
@@ -304,11 +308,23 @@ impl Gateway {
         idle: Duration,
         in_place: Option<(std::fs::File, PathBuf, u64, InPlaceWriter)>,
     ) -> Result<TempChunk, ApiError> {
+        let mut continuing = false;
         let (mut writer, at) = match in_place {
-            Some((file, path, offset, holder)) => (
-                SpoolWriter::in_place(&self.spool, &self.intake_budget, file, path, room),
-                Some((offset, holder)),
-            ),
+            Some((file, path, offset, holder)) => {
+                let state = RunningHash::at(holder.session(), offset);
+                continuing = state.is_some();
+                (
+                    SpoolWriter::in_place(
+                        &self.spool,
+                        &self.intake_budget,
+                        file,
+                        path,
+                        room,
+                        state.unwrap_or_default(),
+                    ),
+                    Some((offset, holder)),
+                )
+            }
             None => {
                 let temp_id = format!("{CHUNK_TEMP_PREFIX}{}", uuid::Uuid::new_v4());
                 (
@@ -325,10 +341,11 @@ impl Gateway {
                 other => other,
             })?;
         }
-        let (path, size, ..) = writer.finish().await?;
+        let (path, size, state, ..) = writer.finish_open().await?;
         Ok(TempChunk {
             path,
             size,
+            running: (continuing && at.is_some()).then_some(state),
             in_place: at,
         })
     }
@@ -401,9 +418,14 @@ impl Gateway {
                 session.declared_size,
                 content::is_text_extension(&session.extension),
             );
+            let hashed = RunningHash::sha256_of(id, len).filter(|_| !text);
             let (path, digest) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 let path = spool.link_in_place(&session_id, len, &name)?;
-                let digest = crate::spool::digest(&path, text);
+                // Hashed as the chunks arrived; a text file is read whole for its UTF-8.
+                let digest = match hashed {
+                    Some(sha256) => crate::spool::digest_hashed(&path, sha256),
+                    None => crate::spool::digest(&path, text),
+                };
                 if digest.is_err() {
                     let _ = std::fs::remove_file(&path);
                 }
@@ -539,7 +561,7 @@ impl ChunkCommit {
             dialect,
             id,
             number,
-            chunk,
+            mut chunk,
             limit,
         } = self;
         let session = find_session(store.as_ref(), &tenant, dialect, &id).await?;
@@ -553,13 +575,17 @@ impl ChunkCommit {
             return Err(ApiError::TooLarge { limit });
         }
         let size = chunk.size;
+        let running = chunk.running.take();
         let placing = spool.clone();
         let current = session.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        // Where the prefix now ends if the chunk stayed in place.
+        let in_place_end = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
             let layout = Layout::read(placing.as_ref(), &current)?;
             match &chunk.in_place {
                 // Still the prefix's next chunk: it is in place already.
-                Some((offset, _)) if layout.in_place == number && layout.offset == *offset => {}
+                Some((offset, _)) if layout.in_place == number && layout.offset == *offset => {
+                    return Ok(Some(offset + size));
+                }
                 // The prefix changed while it arrived: it gets a file of its own.
                 Some((offset, _)) => placing.move_out_of_place(&current.id, number, *offset, size)?,
                 None => {
@@ -580,7 +606,7 @@ impl ChunkCommit {
                     chunk.keep();
                 }
             }
-            Ok(())
+            Ok(None)
         })
         .await?
         .inspect_err(
@@ -590,11 +616,24 @@ impl ChunkCommit {
             let removing = spool.clone();
             let session_id = id.clone();
             let _ = tokio::task::spawn_blocking(move || removing.remove_chunk(&session_id, number)).await;
+            RunningHash::forget(&id);
             // The usual cause: the session was swept or completed meanwhile.
             return match find_session(store.as_ref(), &tenant, dialect, &id).await {
                 Ok(_) => Err(error.into()),
                 Err(gone) => Err(gone),
             };
+        }
+        match (in_place_end, running) {
+            (Some(end), Some(state)) => RunningHash::advance(&id, end, state),
+            // In place without the prefix's state: it is hashed at completion.
+            (Some(_), None) => RunningHash::forget(&id),
+            // Apart: a new chunk is past the prefix and changes nothing; a re-sent one may
+            // have replaced one of its chunks, and the prefix's state is not known then.
+            (None, _) => {
+                if session.chunks.iter().any(|(n, _)| *n == number) {
+                    RunningHash::forget(&id);
+                }
+            }
         }
         Ok(())
     }
@@ -639,6 +678,7 @@ impl Gateway {
     }
 
     async fn remove_session_chunks(&self, id: &str) {
+        RunningHash::forget(id);
         let spool = self.spool.clone();
         let id = id.to_owned();
         let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
