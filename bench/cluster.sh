@@ -145,11 +145,16 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 USED_PORTS=" "
 # Sets the variable named $1 to a free port (with $2 = 1, port + 10000 must be free too: a
 # SeaweedFS gRPC port), never one handed out before in this run. (Not in a subshell: it
-# remembers what it handed out.)
+# remembers what it handed out.) All below the kernel's ephemeral range, so no outgoing
+# connection (wrk, curl, the nodes' PostgreSQL and S3 clients) takes one before its server
+# binds it.
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 21000)) || EPHEMERAL_LOW=32768
 free_port() { # $1 = variable name, $2 = 1 when port + 10000 must be free too
-    local p i
+    local p i span=$((EPHEMERAL_LOW - 20000))
+    [[ ${2:-0} == 1 ]] && span=$((EPHEMERAL_LOW - 30000))
     for ((i = 0; i < 2000; i++)); do
-        p=$((20000 + RANDOM % 25000))
+        p=$((20000 + RANDOM % span))
         [[ $USED_PORTS == *" $p "* ]] && continue
         port_busy "$p" && continue
         if [[ ${2:-0} == 1 ]]; then
@@ -291,14 +296,14 @@ uri_encode() { # SigV4 query-value encoding (everything but A-Za-z0-9-_.~)
 
 # How many objects the bucket holds under a prefix (first 1000: enough to see a backlog).
 s3_count() { # $1 = prefix
-    s3_curl "/$BUCKET?list-type=2&max-keys=1000&prefix=$(uri_encode "$1")" |
+    { s3_curl "/$BUCKET?list-type=2&max-keys=1000&prefix=$(uri_encode "$1")" || true; } |
         sed -n 's:.*<KeyCount>\([0-9]*\)</KeyCount>.*:\1:p' | head -1
 }
 
 # How many multipart uploads are in progress under a prefix (a big async upload is one while
 # it is put; it becomes an object only once complete).
 s3_multipart_count() { # $1 = prefix
-    s3_curl "/$BUCKET?prefix=$(uri_encode "$1")&uploads=" | grep -o '<Upload>' | wc -l
+    { s3_curl "/$BUCKET?prefix=$(uri_encode "$1")&uploads=" || true; } | { grep -o '<Upload>' || true; } | wc -l
 }
 
 start_weed() {

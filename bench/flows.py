@@ -152,25 +152,45 @@ def kore_chunked(url, path, size, chunk):
     with open(path, "rb") as source:
         for number in range(total):
             data = source.read(chunk)
-            body = (
+            # The form's framing and the chunk go out as they are: no copy of the chunk into
+            # one body (the client's own cost stays small next to the server's).
+            head = (
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"chunkNumber\"\r\n\r\n{number}\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n"
                 f"Content-Type: application/octet-stream\r\n\r\n"
-            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
-            post(conn, f"/api/public/files/session/{session['sessionId']}", body,
-                 {"X-api-key": KEY, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+            ).encode()
+            tail = f"\r\n--{boundary}--\r\n".encode()
+            conn.putrequest("POST", f"/api/public/files/session/{session['sessionId']}")
+            conn.putheader("X-api-key", KEY)
+            conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+            conn.putheader("Content-Length", str(len(head) + len(data) + len(tail)))
+            conn.endheaders()
+            for piece in (head, data, tail):
+                conn.send(piece)
+            response = conn.getresponse()
+            answer = response.read()
+            if response.status // 100 != 2:
+                sys.exit(f"chunk {number}: {response.status} {answer[:300]!r}")
     done = post(conn, f"/api/public/files/session/{session['sessionId']}/complete", b"", {"X-api-key": KEY})
     return time.time() - started, done["fileId"]
 
 
 def bench_kore(workdir, path, size_mib):
-    print(f"kore: {size_mib} MiB as Kore chunked sessions (8 MiB chunks) vs one Dify upload")
+    print(f"kore: {size_mib} MiB as Kore chunked sessions (8 MiB chunks) vs one Dify upload (best of 2 each)")
     files = os.path.join(workdir, "files")
     provider = f"  up: {{ plugin: local, settings: {{ root: {files} }} }}\n"
     upload = lambda url: curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
-    single, single_rss = measured_upgate(workdir, provider, upload)
     chunks = lambda url: kore_chunked(url, path, os.path.getsize(path), 8 << 20)
-    (chunked, file_id), chunked_rss = measured_upgate(workdir, provider, chunks)
+    # Each phase starts with no dirty pages (the previous phase's writeback would land in
+    # it) and runs twice, alternating; the best of each counts.
+    singles, chunkeds = [], []
+    for _ in range(2):
+        os.sync()
+        singles.append(measured_upgate(workdir, provider, upload))
+        os.sync()
+        chunkeds.append(measured_upgate(workdir, provider, chunks))
+    single, single_rss = min(singles, key=lambda run: run[0])
+    (chunked, file_id), chunked_rss = min(chunkeds, key=lambda run: run[0][0])
     stored = os.path.join(files, file_id)
     same = sha256(stored) == sha256(path)
     row("one Dify upload (baseline)", single, size_mib, single_rss)

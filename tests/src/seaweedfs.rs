@@ -219,7 +219,7 @@ impl S3Server {
             .args(["-master.volumeSizeLimitMB=64", "-master.telemetry=false"])
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-volume.port.grpc={}", grpc(volume)))
-            .args(["-volume.max=8", "-volume.preStopSeconds=0"])
+            .args(["-volume.max=100", "-volume.preStopSeconds=0"])
             .arg("-filer")
             .arg(format!("-filer.port={filer}"))
             .arg(format!("-filer.port.grpc={}", grpc(filer)))
