@@ -377,7 +377,7 @@ fn check_config_reports_the_shared_spool_and_locates_its_failure() {
 }
 
 #[test]
-fn a_patch_on_one_node_holds_the_upload_and_the_same_offset_on_another_is_a_conflict() {
+fn a_session_held_on_one_node_is_a_conflict_on_another_for_tus_and_kore() {
     use std::io::Write;
     let cluster = Cluster::start("race");
     let a = cluster.node();
@@ -446,4 +446,36 @@ fn a_patch_on_one_node_holds_the_upload_and_the_same_offset_on_another_is_a_conf
             == "0"),
         "the lease is released"
     );
+
+    // Kore: while another node holds the session (its lease in the store), a chunk for it
+    // is a 409 in Kore's shape and changes nothing; once the lease is gone, it is taken.
+    let start = post_json(
+        &a.url("/api/public/files/session/start"),
+        &[KORE],
+        &json!({"fileContext": "bulkImport", "totalChunks": 1, "fileExtension": "txt",
+            "fileName": "held.txt", "fileSize": 5}),
+    );
+    assert_eq!(start.status, 200, "{}", start.text);
+    let session = start.json()["sessionId"].as_str().unwrap().to_owned();
+    cluster.psql(&format!(
+        "INSERT INTO session_leases VALUES ('{session}', 'another-node', \
+         (extract(epoch FROM now()) * 1000)::bigint + 30000)"
+    ));
+    let held = kore_chunk(&b, &session, 0, b"hello");
+    assert_eq!(held.status, 409, "{}", held.text);
+    assert_eq!(held.json()["errors"][0]["code"], 409, "{}", held.text);
+    assert!(held.header("retry-after").is_some(), "{held:?}");
+    assert_eq!(
+        cluster.psql(&format!(
+            "SELECT COUNT(*) FROM session_chunks WHERE session_id = '{session}'"
+        )),
+        "0"
+    );
+    assert!(cluster.objects(&format!("sessions/{session}/")).is_empty());
+    cluster.psql(&format!(
+        "DELETE FROM session_leases WHERE session_id = '{session}'"
+    ));
+    let taken = kore_chunk(&b, &session, 0, b"hello");
+    assert_eq!(taken.status, 200, "{}", taken.text);
+    assert_eq!(cluster.objects(&format!("sessions/{session}/")).len(), 1);
 }

@@ -858,7 +858,8 @@ fn stray_paths(daemon: &Daemon) -> Vec<String> {
                 ["data", "spool"] | ["data", "spool", _] | ["data", "sessions"] | ["data", "sessions", _] => {
                     true
                 }
-                ["data", "sessions", _, n] => n.bytes().all(|b| b.is_ascii_digit()),
+                // A chunk kept apart (its number), or the chunks written in place.
+                ["data", "sessions", _, n] => n.bytes().all(|b| b.is_ascii_digit()) || *n == "data",
                 ["data", name] => name.starts_with("upgate.db"),
                 _ => false,
             };
