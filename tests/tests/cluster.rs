@@ -228,14 +228,16 @@ fn an_async_upload_acknowledged_by_a_node_that_dies_is_delivered_by_another() {
             "providers:\n  up:\n    plugin: dify\n    delivery: async\n    retry: {{ max_attempts: 20, initial_backoff: 1s, max_backoff: 1s }}\n    settings:\n      base_url: {base_url}\n      api_key: {UPSTREAM_KEY}\n      connect_timeout: 1s\n"
         )
     };
+    // Large enough for a multipart upload of three parts (16 + 16 + 8 MiB), put at once.
+    let big_plan = |config: String| config.replace("max_file_size: 1MiB", "max_file_size: 64MiB");
     let mut a = Daemon::start_with(|dir| {
         cluster.config(dir, |config| {
-            config
+            big_plan(config)
                 .replace("providers:\n", &provider(&closed))
                 .replace("    provider: disk\n", "    provider: up\n")
         })
     });
-    let content = text_of(300_000, 7);
+    let content = text_of((40 << 20) + 123, 7);
     let reply = dify_upload(&a, "queued.txt", &content);
     assert_eq!(
         reply.status, 201,
@@ -260,7 +262,7 @@ fn an_async_upload_acknowledged_by_a_node_that_dies_is_delivered_by_another() {
     std::fs::remove_dir_all(a.data_dir()).unwrap();
     let b = Daemon::start_with(|dir| {
         cluster.config(dir, |config| {
-            config
+            big_plan(config)
                 .replace("providers:\n", &provider(&mock.base_url()))
                 .replace("    provider: disk\n", "    provider: up\n")
         })

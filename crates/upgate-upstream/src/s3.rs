@@ -3,8 +3,8 @@
 //!
 //! What flows through here: whole local files going up as objects (one `PUT` up to
 //! [`PART_SIZE`], a multipart upload of [`PART_SIZE`] parts above it, each part streamed from
-//! its range of the file: never buffered whole), objects coming down into local files or as
-//! their first bytes, listings and deletes. Requests are signed by `rusty-s3` (SigV4 in the
+//! its range of the file, [`PARALLEL_PARTS`] at once: never buffered whole), objects coming
+//! down into local files or as their first bytes, listings and deletes. Requests are signed by `rusty-s3` (SigV4 in the
 //! query string, payload unsigned) and sent by ureq. A transport failure, a 5xx or a 429 is
 //! retried with backoff ([`ATTEMPTS`] attempts), then reported as [`S3Error::Unavailable`];
 //! every other refusal is [`S3Error::Refused`] with the service's error code. The secret key
@@ -22,6 +22,8 @@ use ureq::{Agent, Body, SendBody};
 /// Files up to this size go up in one `PUT`; larger ones as multipart parts of this size
 /// (the memory a part costs is ureq's send buffer, not the part).
 pub const PART_SIZE: u64 = 16 << 20;
+/// Parts of one multipart upload in flight at once.
+pub const PARALLEL_PARTS: u64 = 4;
 /// Attempts per request before the storage counts as unavailable.
 pub const ATTEMPTS: u32 = 3;
 /// The wait before the second attempt; it grows fourfold per attempt.
@@ -175,7 +177,8 @@ impl ObjectStore {
         if len <= PART_SIZE {
             self.put_range(key, &mut file, 0, len, None)?;
         } else {
-            self.put_multipart(key, &mut file, len)?;
+            drop(file);
+            self.put_multipart(key, path, len)?;
         }
         Ok(len)
     }
@@ -222,7 +225,9 @@ impl ObjectStore {
         })
     }
 
-    fn put_multipart(&self, key: &str, file: &mut std::fs::File, len: u64) -> Result<(), S3Error> {
+    /// A multipart upload of `path`: [`PARALLEL_PARTS`] threads put its parts at once, each
+    /// streaming its range from its own handle of the file.
+    fn put_multipart(&self, key: &str, path: &Path, len: u64) -> Result<(), S3Error> {
         let url = self
             .bucket
             .create_multipart_upload(Some(&self.credentials), key)
@@ -242,18 +247,55 @@ impl ObjectStore {
             code: format!("unreadable answer: {error}"),
         })?;
         let upload_id = created.upload_id().to_owned();
-        let sent = (|| -> Result<Vec<String>, S3Error> {
-            let mut etags = Vec::new();
-            let mut start = 0u64;
-            while start < len {
-                let part_len = PART_SIZE.min(len - start);
-                let number = u16::try_from(etags.len() + 1)
-                    .map_err(|_| S3Error::Settings(format!("{key} needs more than 65535 parts")))?;
-                etags.push(self.put_range(key, file, start, part_len, Some((number, &upload_id)))?);
-                start += part_len;
+        let parts = len.div_ceil(PART_SIZE);
+        if parts > u64::from(u16::MAX) {
+            return Err(S3Error::Settings(format!("{key} needs more than 65535 parts")));
+        }
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let etags = std::sync::Mutex::new(vec![String::new(); parts as usize]);
+        let failure: std::sync::Mutex<Option<S3Error>> = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..PARALLEL_PARTS.min(parts) {
+                scope.spawn(|| {
+                    let mut file = match std::fs::File::open(path) {
+                        Ok(file) => file,
+                        Err(error) => {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(S3Error::Local(error));
+                            return;
+                        }
+                    };
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                        if index >= parts || failed {
+                            return;
+                        }
+                        let start = index * PART_SIZE;
+                        let part_len = PART_SIZE.min(len - start);
+                        let number = (index + 1) as u16;
+                        match self.put_range(key, &mut file, start, part_len, Some((number, &upload_id))) {
+                            Ok(etag) => {
+                                etags.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = etag
+                            }
+                            Err(error) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .get_or_insert(error);
+                                return;
+                            }
+                        }
+                    }
+                });
             }
-            Ok(etags)
-        })();
+        });
+        let sent = match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(error) => Err(error),
+            None => Ok(etags.into_inner().unwrap_or_else(|e| e.into_inner())),
+        };
         let completed = sent.and_then(|etags| {
             let action = self.bucket.complete_multipart_upload(
                 Some(&self.credentials),
