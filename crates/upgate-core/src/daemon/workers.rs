@@ -1,7 +1,8 @@
 //! Background workers: the loops that run beside the listeners until the process ends.
 //!
 //! What flows through here: time. The outbox loop claims due async uploads from the store
-//! and hands each to [`deliver::deliver_from_outbox`]; the housekeeping loop sweeps
+//! (no more at once than `forward_concurrency` deliveries in flight) and hands each to
+//! [`deliver::deliver_from_outbox`]; the housekeeping loop sweeps
 //! sessions ([`Gateway::sweep_sessions`]) and interrupted sync deliveries
 //! ([`Gateway::fail_interrupted_deliveries`]) and refreshes the gauges and the disk floor.
 //! The work itself lives in `upload/`; these are only its clocks.
@@ -18,7 +19,18 @@ use crate::vocab::now_ms;
 /// rescheduling failures with backoff. Runs until the process ends.
 pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
     const BATCH: usize = 32;
+    // Deliveries in flight at once: no more than plugin calls may run, so that a backlog
+    // waits in the store (claimable by other nodes), not as tasks and blocking threads here.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        gateway.policy().config.server.forward_concurrency.max(1),
+    ));
     loop {
+        // At least one slot free before claiming; then as many as are free.
+        let Ok(first) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        drop(first);
+        let room = in_flight.available_permits().clamp(1, BATCH);
         let policy = gateway.policy();
         // Long enough for the slowest provider's attempt (bounded by its `timeout`) to end
         // before a second poll could claim the same upload.
@@ -32,9 +44,9 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
         let now = now_ms();
         // The claim's fencing token: what a delivery under it records must match.
         let lease_until = now.saturating_add(lease_ms);
-        match gateway.store.claim_due(now, BATCH, lease_ms).await {
+        match gateway.store.claim_due(now, room, lease_ms).await {
             Ok(due) => {
-                let full = due.len() == BATCH;
+                let full = due.len() == room;
                 for record in due {
                     let Some(provider) = policy.providers.get(&record.provider).cloned() else {
                         tracing::error!(upload_id = %record.id, provider = %record.provider,
@@ -53,8 +65,10 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
                         continue;
                     };
                     let gateway = gateway.clone();
+                    let slot = in_flight.clone().try_acquire_owned().ok();
                     actix_web::rt::spawn(async move {
-                        deliver::deliver_from_outbox(&gateway, &provider, record, lease_until).await
+                        deliver::deliver_from_outbox(&gateway, &provider, record, lease_until).await;
+                        drop(slot);
                     });
                 }
                 if full {
