@@ -596,6 +596,24 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 /// Installs Debian `package` with apt-get (updating the package lists once if the first try
 /// fails); panics with `why` when it cannot be had: a test fails, never skips.
+/// A port of 127.0.0.1 nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `KILL`, ...) to the processes `pids` with the shell's
+/// `kill` (no package, no unsafe); whether that worked.
+pub fn signal_pids(pids: &[String], signal: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{signal} {}", pids.join(" ")))
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 pub fn apt_install(package: &str, why: &str) {
     let install = || {
         Command::new("apt-get")

@@ -7,7 +7,6 @@
 //! when the tests run as root (PostgreSQL refuses to run as root), and SQL sent through
 //! `psql` ([`PostgresServer::psql`]).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -71,13 +70,6 @@ fn check(output: std::io::Result<Output>, what: &str) -> Output {
     output
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A PostgreSQL server of its own, in a temp dir. Stopped (and its files removed) when
 /// dropped.
 pub struct PostgresServer {
@@ -118,7 +110,7 @@ impl PostgresServer {
         );
         let mut server = Self {
             dir,
-            port: free_port(),
+            port: crate::harness::free_port(),
             running: false,
         };
         server.start_again();
@@ -201,11 +193,7 @@ impl PostgresServer {
                 pids.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("kill -{signal} {}", pids.join(" ")))
-            .status()
-            .is_ok_and(|status| status.success())
+        crate::harness::signal_pids(&pids, signal)
     }
 
     pub fn port(&self) -> u16 {

@@ -8,7 +8,6 @@
 //! [`RedisServer::freeze`] stops answering (a hung host), and commands sent through
 //! `redis-cli` ([`RedisServer::cli`]).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -35,13 +34,6 @@ fn find(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A Redis server of its own, in a temp dir. Stopped (and its files removed) when dropped.
 pub struct RedisServer {
     dir: tempfile::TempDir,
@@ -58,7 +50,7 @@ impl RedisServer {
             .expect("temp dir");
         let mut server = Self {
             dir,
-            port: free_port(),
+            port: crate::harness::free_port(),
             child: None,
         };
         server.start_again();
@@ -123,12 +115,7 @@ impl RedisServer {
         let Some(child) = &self.child else {
             return false;
         };
-        // The shell's `kill` needs no package and no unsafe.
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("kill -{signal} {}", child.id()))
-            .status()
-            .is_ok_and(|status| status.success())
+        crate::harness::signal_pids(&[child.id().to_string()], signal)
     }
 
     pub fn port(&self) -> u16 {

@@ -324,12 +324,7 @@ impl S3Server {
         let Some(child) = &self.child else {
             return false;
         };
-        // The shell's `kill` needs no package and no unsafe.
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("kill -{signal} {}", child.id()))
-            .status()
-            .is_ok_and(|status| status.success())
+        crate::harness::signal_pids(&[child.id().to_string()], signal)
     }
 
     /// `http://127.0.0.1:PORT`, the S3 gateway.

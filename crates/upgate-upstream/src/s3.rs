@@ -232,20 +232,10 @@ impl ObjectStore {
             .bucket
             .create_multipart_upload(Some(&self.credentials), key)
             .sign(SIGNATURE_LIFETIME);
-        let document = self.with_retries(&format!("start a multipart upload of {key}"), || {
-            let response = self.send(Method::POST, url.as_str(), &[], SendBody::none())?;
-            Ok(match response {
-                Outcome::Done(response) => read_document(response)
-                    .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
-                Outcome::Transient(why) => Outcome::Transient(why),
-                Outcome::Failed(error) => Outcome::Failed(error),
-            })
-        })?;
-        let created = CreateMultipartUpload::parse_response(&document).map_err(|error| S3Error::Refused {
-            what: format!("start a multipart upload of {key}"),
-            status: 200,
-            code: format!("unreadable answer: {error}"),
-        })?;
+        let what = format!("start a multipart upload of {key}");
+        let document = self.document(&what, Method::POST, url.as_str())?;
+        let created =
+            CreateMultipartUpload::parse_response(&document).map_err(|error| unreadable(&what, error))?;
         let upload_id = created.upload_id().to_owned();
         let parts = len.div_ceil(PART_SIZE);
         if parts > u64::from(u16::MAX) {
@@ -416,21 +406,9 @@ impl ObjectStore {
                 action.with_continuation_token(token.clone());
             }
             let url = action.sign(SIGNATURE_LIFETIME);
-            let document = self.with_retries(&format!("list {prefix}"), || {
-                Ok(
-                    match self.send(Method::GET, url.as_str(), &[], SendBody::none())? {
-                        Outcome::Done(response) => read_document(response)
-                            .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
-                        Outcome::Transient(why) => Outcome::Transient(why),
-                        Outcome::Failed(error) => Outcome::Failed(error),
-                    },
-                )
-            })?;
-            let page = ListObjectsV2::parse_response(&document).map_err(|error| S3Error::Refused {
-                what: format!("list {prefix}"),
-                status: 200,
-                code: format!("unreadable answer: {error}"),
-            })?;
+            let what = format!("list {prefix}");
+            let document = self.document(&what, Method::GET, url.as_str())?;
+            let page = ListObjectsV2::parse_response(&document).map_err(|error| unreadable(&what, error))?;
             entries.extend(page.contents.into_iter().map(|content| ObjectEntry {
                 key: content.key,
                 size: content.size,
@@ -450,6 +428,18 @@ impl ObjectStore {
             self.delete(&entry.key)?;
         }
         Ok(entries.len())
+    }
+
+    /// The XML document a bodiless request to `url` answers, with retries.
+    fn document(&self, what: &str, method: Method, url: &str) -> Result<String, S3Error> {
+        self.with_retries(what, || {
+            Ok(match self.send(method.clone(), url, &[], SendBody::none())? {
+                Outcome::Done(response) => read_document(response)
+                    .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
+                Outcome::Transient(why) => Outcome::Transient(why),
+                Outcome::Failed(error) => Outcome::Failed(error),
+            })
+        })
     }
 
     /// Runs `attempt` until it is done, failed for good, or out of attempts.
@@ -540,6 +530,15 @@ impl<T> Outcome<T> {
 fn is_local_errno(errno: i32) -> bool {
     // EIO, ENOSPC, EBADF: a disk or a file, never a socket.
     matches!(errno, 5 | 9 | 28)
+}
+
+/// A 200 whose document does not parse.
+fn unreadable(what: &str, error: impl std::fmt::Display) -> S3Error {
+    S3Error::Refused {
+        what: what.to_owned(),
+        status: 200,
+        code: format!("unreadable answer: {error}"),
+    }
 }
 
 fn read_document(response: Response<Body>) -> io::Result<String> {

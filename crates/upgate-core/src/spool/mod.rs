@@ -365,21 +365,15 @@ impl SpoolWriter {
         max_size: u64,
         check_utf8: bool,
     ) -> Self {
-        Self {
-            spool: spool.clone(),
-            part_path: spool.part_path(upload_id),
-            sink: Some((None, Sha256::new())),
-            pending: None,
-            buffer: Vec::new(),
-            spare: None,
-            slice: SliceSize::new(budget),
-            size: 0,
+        Self::writing(
+            spool,
+            budget,
+            spool.part_path(upload_id),
+            (None, Sha256::new()),
             max_size,
-            head: Vec::new(),
-            utf8: check_utf8.then(Utf8Validator::default),
-            finished: false,
-            in_place: false,
-        }
+            check_utf8.then(Utf8Validator::default),
+            false,
+        )
     }
 
     /// Streams one chunk into `file` at its position (a session's in-place file at `path`),
@@ -393,10 +387,22 @@ impl SpoolWriter {
         max_size: u64,
         hasher: Sha256,
     ) -> Self {
+        Self::writing(spool, budget, path, (Some(file), hasher), max_size, None, true)
+    }
+
+    fn writing(
+        spool: &Arc<dyn Spool>,
+        budget: &IntakeBudget,
+        part_path: PathBuf,
+        sink: Sink,
+        max_size: u64,
+        utf8: Option<Utf8Validator>,
+        in_place: bool,
+    ) -> Self {
         Self {
             spool: spool.clone(),
-            part_path: path,
-            sink: Some((Some(file), hasher)),
+            part_path,
+            sink: Some(sink),
             pending: None,
             buffer: Vec::new(),
             spare: None,
@@ -404,9 +410,9 @@ impl SpoolWriter {
             size: 0,
             max_size,
             head: Vec::new(),
-            utf8: None,
+            utf8,
             finished: false,
-            in_place: true,
+            in_place,
         }
     }
 

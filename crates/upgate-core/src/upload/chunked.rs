@@ -239,9 +239,7 @@ impl Gateway {
                     let room = limit.saturating_sub(others);
                     // The next chunk of the in-place prefix, not received yet, goes in place.
                     let in_place = match number {
-                        Some(number)
-                            if size_of(number) == 0 && !session.chunks.iter().any(|(n, _)| *n == number) =>
-                        {
+                        Some(number) if !session.chunks.iter().any(|(n, _)| *n == number) => {
                             self.in_place_target(&session, number).await
                         }
                         _ => None,

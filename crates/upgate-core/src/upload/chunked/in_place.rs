@@ -154,26 +154,7 @@ impl Drop for InPlaceWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocab::DialectName;
-
-    fn session(chunks: Vec<(u64, u64)>) -> SessionRecord {
-        SessionRecord {
-            id: "s".into(),
-            tenant: "t".into(),
-            dialect: DialectName::Kore,
-            filename: "f.bin".into(),
-            extension: "bin".into(),
-            declared_size: 40,
-            total_chunks: 4,
-            metadata: Default::default(),
-            created_at_ms: 0,
-            expires_at_ms: 1,
-            chunks,
-            length_deferred: false,
-            concat: None,
-            upload_id: None,
-        }
-    }
+    use crate::upload::chunked::tests::session;
 
     #[test]
     fn the_prefix_stops_at_a_gap_a_chunk_of_its_own_or_the_file_end() {

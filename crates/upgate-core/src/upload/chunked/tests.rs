@@ -2,7 +2,8 @@
 
 use super::*;
 
-fn session(chunks: Vec<(u64, u64)>) -> SessionRecord {
+/// A Kore session of 4 chunks holding `chunks` (number, size).
+pub(super) fn session(chunks: Vec<(u64, u64)>) -> SessionRecord {
     SessionRecord {
         id: "s".into(),
         tenant: "t".into(),
