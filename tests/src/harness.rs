@@ -98,8 +98,8 @@ pub fn plugin_file(name: &str) -> String {
     )
 }
 
-/// The ABI-mismatch fixture (`tests/fixtures/abi-mismatch`: a plugin whose descriptor claims
-/// ABI version 2), built once per test process into `target/fixtures`. It is not a workspace
+/// The ABI-mismatch fixture (`tests/fixtures/abi-mismatch`: a plugin built against the
+/// previous ABI, version 1), built once per test process into `target/fixtures`. It is not a workspace
 /// member, so no build of the workspace puts it where the daemon looks for plugins.
 pub fn abi_mismatch_plugin() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();

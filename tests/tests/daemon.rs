@@ -118,7 +118,7 @@ fn with_the_abi_mismatch_fixture(dir: &Path, config: &str) -> String {
 }
 
 #[test]
-fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
+fn a_plugin_built_for_the_previous_abi_is_refused_naming_file_and_versions() {
     let dir = tempfile::tempdir().unwrap();
     let config = default_config(dir.path()).replace(
         "plugin: local\n    settings:\n      root: ",
@@ -130,7 +130,7 @@ fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains("libupgate_plugin_abi_mismatch"), "{stderr}");
         assert!(
-            stderr.contains("built for plugin ABI version 2") && stderr.contains("speaks ABI version 1"),
+            stderr.contains("built for plugin ABI version 1") && stderr.contains("speaks ABI version 2"),
             "{stderr}"
         );
     }
@@ -158,7 +158,7 @@ fn a_plugin_built_for_another_abi_is_refused_naming_file_and_versions() {
     );
     assert!(stdout.lines().any(|l| l.starts_with("example ")), "{stdout}");
     assert!(
-        stdout.contains("libupgate_plugin_abi_mismatch") && stdout.contains("ABI version 2"),
+        stdout.contains("libupgate_plugin_abi_mismatch") && stdout.contains("ABI version 1"),
         "{stdout}"
     );
 }

@@ -654,6 +654,11 @@ impl Utf8Validator {
         }
     }
 
+    /// False once an invalid sequence was fed (a character split at the end is not one).
+    pub(crate) fn valid_so_far(&self) -> bool {
+        !self.invalid
+    }
+
     /// True when everything fed so far is complete, valid UTF-8.
     pub(crate) fn finish(&self) -> bool {
         !self.invalid && self.pending.is_empty()

@@ -13,6 +13,15 @@
 //! by the plugin's `free_buffer`; buffers passed in by the host stay owned by the host and
 //! are only borrowed for the duration of the call.
 //!
+//! ABI version 2 adds `put_stream`: a plugin that declares [`FLAG_STREAMING`] may be handed
+//! an upload while it is still arriving, as a [`StreamRequest`] and a [`HostBody`], the
+//! host's read callback, which the plugin reads through [`Body`] (a [`std::io::Read`]). The
+//! callback blocks until bytes arrive, and is bounded: the host answers every read within its
+//! idle timeout, with bytes, the end of the body (after the host has checked the whole upload:
+//! size, content, sha256, quota), or an abort (the upload was refused or the client went
+//! away), after which the plugin must leave nothing upstream. The host keeps its own copy
+//! of the bytes and retries a failed streaming attempt with `put` from that copy.
+//!
 //! Plugin authors never write `unsafe`: they implement [`Provider`] and call
 //! [`export_provider!`], which generates the entry symbol and panic-catching trampolines.
 //! The plugin crates can therefore `#![deny(unsafe_code)]`: the one unsafe attribute the macro
@@ -36,16 +45,32 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The ABI version this crate implements. Bumped on any incompatible change.
-pub const ABI_VERSION: u32 = 1;
+/// The ABI version this crate implements. Bumped on any incompatible change: 2 added
+/// `put_stream` and [`FLAG_STREAMING`].
+pub const ABI_VERSION: u32 = 2;
 
-/// Name of the exported entry function, NUL-terminated for `dlsym`.
+/// Name of the exported entry function, NUL-terminated for `dlsym`. The same for every ABI
+/// version (the `v1` is the entry convention's, not the ABI's): the descriptor's header says
+/// which ABI the plugin speaks, so the host can refuse an older or newer plugin by name.
 pub const ENTRY_SYMBOL: &[u8] = b"upgate_provider_v1\0";
 
 /// Capability: `put` and `delete` only touch the local file system (no network) and finish
 /// quickly for small files, so the host may call them for small uploads on its own workers
 /// instead of handing them to its blocking pool.
 pub const FLAG_LOCAL_IO: u32 = 1;
+
+/// Capability: `put_stream` works: the plugin can send an upload upstream while it arrives
+/// (it needs neither its size nor its sha256 before the first byte). A plugin without it
+/// is always handed the complete spooled file (`put`).
+pub const FLAG_STREAMING: u32 = 2;
+
+/// Body read status: `filled` bytes (at least one) were written into the buffer.
+pub const BODY_DATA: i32 = 0;
+/// Body read status: the body is complete and accepted by the host; no more bytes.
+pub const BODY_END: i32 = 1;
+/// Body read status: the host aborted the upload (refused, or the client went away); the
+/// plugin must abandon its upstream request and keep nothing.
+pub const BODY_ABORTED: i32 = 2;
 
 /// Call status: success, the output buffer holds the JSON result.
 pub const STATUS_OK: i32 = 0;
@@ -136,6 +161,46 @@ pub type CallFn = unsafe extern "C" fn(
     request_len: usize,
     out: *mut PluginBuffer,
 ) -> i32;
+/// `put_stream`: as [`CallFn`], plus the host's body.
+///
+/// What the caller guarantees: as for [`CallFn`], and `body` points at a [`HostBody`] whose
+/// functions may be called (from the calling thread only) until `put_stream` returns.
+pub type StreamFn = unsafe extern "C" fn(
+    instance: *mut c_void,
+    request: *const u8,
+    request_len: usize,
+    body: *const HostBody,
+    out: *mut PluginBuffer,
+) -> i32;
+
+/// Reads the next bytes of the body into `buffer` (`capacity` bytes, at least 1): blocks
+/// until there are some; returns [`BODY_DATA`] with `*filled` set (1..=capacity),
+/// [`BODY_END`] or [`BODY_ABORTED`] (then `*filled` is 0). After END or ABORTED every
+/// further read returns the same.
+///
+/// What the caller (the plugin) guarantees: `context` is the [`HostBody`]'s, `buffer` is
+/// writable for `capacity` bytes, `filled` is writable; the call is made on the thread that
+/// `put_stream` runs on, before it returns.
+pub type BodyReadFn =
+    unsafe extern "C" fn(context: *mut c_void, buffer: *mut u8, capacity: usize, filled: *mut usize) -> i32;
+
+/// After [`BODY_END`]: the upload's final metadata (a JSON object, string to string: fields
+/// the client sent after the file part are in it), written as a pointer and length into
+/// `json` and `len`; the bytes stay the host's and valid until `put_stream` returns. Before
+/// the end it writes an empty length.
+///
+/// What the caller guarantees: as for [`BodyReadFn`]; `json` and `len` are writable.
+pub type BodyMetadataFn = unsafe extern "C" fn(context: *mut c_void, json: *mut *const u8, len: *mut usize);
+
+/// The host's side of a streamed body: a context and the functions that read it. Owned by
+/// the host; the plugin only borrows it during `put_stream`.
+#[repr(C)]
+pub struct HostBody {
+    pub context: *mut c_void,
+    pub read: BodyReadFn,
+    pub metadata: BodyMetadataFn,
+}
+
 /// Drops an instance created by `init`.
 ///
 /// What the caller guarantees: `instance` is null or came from the same descriptor's `init`,
@@ -155,7 +220,7 @@ pub struct ProviderDescriptor {
     pub name: *const c_char,
     /// NUL-terminated UTF-8, static.
     pub version: *const c_char,
-    /// Capability bits: [`FLAG_LOCAL_IO`].
+    /// Capability bits: [`FLAG_LOCAL_IO`], [`FLAG_STREAMING`].
     pub flags: u32,
     pub init: InitFn,
     pub put: CallFn,
@@ -163,6 +228,8 @@ pub struct ProviderDescriptor {
     pub health: CallFn,
     pub drop_instance: DropInstanceFn,
     pub free_buffer: FreeBufferFn,
+    /// ABI 2: called only when `flags` has [`FLAG_STREAMING`] (else it answers an error).
+    pub put_stream: StreamFn,
 }
 
 // SAFETY: `Sync` lets threads share `&ProviderDescriptor` (needed for the `static` that
@@ -201,6 +268,107 @@ pub struct PutRequest {
     /// Dify's `user`), string to string.
     #[serde(default)]
     pub metadata: serde_json::Map<String, Value>,
+}
+
+/// One upload handed to a streaming provider while it arrives (`put_stream`): what
+/// [`PutRequest`] says, less what is known only at the end (the sha256; the spool path).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamRequest {
+    pub upload_id: String,
+    /// The client's filename, validated (no path separators or control characters).
+    pub filename: String,
+    /// Lower-case last extension without the dot, possibly empty.
+    pub extension: String,
+    /// MIME type detected from the first bytes of the content.
+    pub mime_type: String,
+    /// The size, when the client declared it before the body; else the body ends when
+    /// [`Body`] says.
+    #[serde(default)]
+    pub size: Option<u64>,
+    pub tenant: String,
+    pub dialect: String,
+    /// The metadata the client sent before the file; [`Body::metadata`] has all of it once
+    /// the body has ended.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+/// The bytes of a streamed upload as they arrive: reads block until the host has bytes,
+/// end (`Ok(0)`) once the host has accepted the whole upload, or fail with
+/// [`std::io::ErrorKind::ConnectionAborted`] when the host aborted it.
+pub struct Body<'a> {
+    host: &'a HostBody,
+    state: i32,
+}
+
+impl<'a> Body<'a> {
+    /// Wraps the host's body for the duration of a `put_stream` call.
+    pub fn new(host: &'a HostBody) -> Self {
+        Self {
+            host,
+            state: BODY_DATA,
+        }
+    }
+
+    /// Whether the host aborted the upload (a read failed with `ConnectionAborted`).
+    pub fn aborted(&self) -> bool {
+        self.state == BODY_ABORTED
+    }
+
+    /// Whether the whole body was read and accepted.
+    pub fn ended(&self) -> bool {
+        self.state == BODY_END
+    }
+
+    /// The upload's final metadata, once the body has ended (`None` before).
+    #[allow(unsafe_code)]
+    pub fn metadata(&self) -> Option<serde_json::Map<String, Value>> {
+        if !self.ended() {
+            return None;
+        }
+        let (mut json, mut len): (*const u8, usize) = (std::ptr::null(), 0);
+        // SAFETY: `host` is the host's body, valid during the `put_stream` call this `Body`
+        // lives in (`StreamFn` contract); `json` and `len` are local and writable.
+        unsafe { (self.host.metadata)(self.host.context, &mut json, &mut len) };
+        let bytes = if json.is_null() || len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the host wrote a pointer to `len` bytes it keeps alive and unchanged
+            // until `put_stream` returns (`BodyMetadataFn`); the slice is dropped before that.
+            unsafe { std::slice::from_raw_parts(json, len) }
+        };
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+impl std::io::Read for Body<'_> {
+    #[allow(unsafe_code)]
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if buffer.is_empty() {
+            return Ok(0);
+        }
+        if self.state == BODY_DATA {
+            let mut filled = 0usize;
+            // SAFETY: `host` is valid during this `put_stream` call (`StreamFn` contract);
+            // `buffer` is writable for its length and `filled` is a local.
+            let status = unsafe {
+                (self.host.read)(self.host.context, buffer.as_mut_ptr(), buffer.len(), &mut filled)
+            };
+            match status {
+                BODY_DATA if filled > 0 && filled <= buffer.len() => return Ok(filled),
+                BODY_END => self.state = BODY_END,
+                _ => self.state = BODY_ABORTED,
+            }
+        }
+        if self.state == BODY_END {
+            Ok(0)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the host aborted the upload",
+            ))
+        }
+    }
 }
 
 /// What a successful `put` returns.
@@ -322,6 +490,17 @@ pub trait Provider: Send + Sync + Sized + 'static {
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError>;
     /// Stores one upload upstream.
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError>;
+    /// Stores one upload upstream while it arrives; only called on plugins that declare
+    /// [`FLAG_STREAMING`]. Read `body` to its end before completing the upstream request:
+    /// the end means the host accepted the upload; an error (the host's abort) means the
+    /// upstream must keep nothing (abandon the request, or delete what it stored).
+    fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+        let _ = (request, body);
+        Err(PluginError::new(
+            ErrorKind::Internal,
+            "this plugin does not stream",
+        ))
+    }
     /// Deletes one upload upstream.
     fn delete(&self, request: DeleteRequest) -> Result<(), PluginError>;
     /// Cheap readiness check (no network unless the provider needs it).
@@ -369,6 +548,7 @@ macro_rules! export_provider {
                 health: $crate::trampolines::health::<$provider>,
                 drop_instance: $crate::trampolines::drop_instance::<$provider>,
                 free_buffer: $crate::trampolines::free_buffer,
+                put_stream: $crate::trampolines::put_stream::<$provider>,
             };
             &DESCRIPTOR
         }
@@ -516,6 +696,36 @@ pub mod trampolines {
     }
 
     /// # Safety
+    /// The [`StreamFn`] contract: as for [`put`], and `body` is the host's [`HostBody`],
+    /// callable until this returns.
+    #[allow(unsafe_code)]
+    pub unsafe extern "C" fn put_stream<P: Provider>(
+        instance: *mut c_void,
+        request: *const u8,
+        request_len: usize,
+        body: *const HostBody,
+        out: *mut PluginBuffer,
+    ) -> i32 {
+        // SAFETY: `instance` came from this descriptor's `init`, whose `P` is this `P`, and is
+        // not dropped during the call (`StreamFn` contract); `provider` does not outlive it.
+        let provider = unsafe { provider::<P>(instance) };
+        // SAFETY: the host's request bytes stay alive and unchanged for this call.
+        let bytes = unsafe { request_bytes(request, request_len) };
+        let (status, json) = run(|| {
+            // SAFETY: `body` is null or the host's `HostBody`, valid until this returns
+            // (`StreamFn` contract); the reference does not outlive the call.
+            let host = unsafe { body.as_ref() }
+                .ok_or_else(|| PluginError::new(ErrorKind::Internal, "no body from the host"))?;
+            // A plugin that stored the upload although the host aborted it answers its remote
+            // id as usual: the host, which knows it aborted, deletes it.
+            provider.put_stream(decode(bytes)?, &mut Body::new(host))
+        });
+        // SAFETY: `out` is the host's out-parameter, null or writable and owning nothing.
+        unsafe { write_out(out, json) };
+        status
+    }
+
+    /// # Safety
     /// The [`CallFn`] contract, as for [`put`].
     #[allow(unsafe_code)]
     pub unsafe extern "C" fn delete<P: Provider>(
@@ -614,11 +824,137 @@ mod tests {
                 consumed_file: false,
             })
         }
+        fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+            let mut bytes = Vec::new();
+            let mut piece = [0u8; 3];
+            loop {
+                match std::io::Read::read(body, &mut piece) {
+                    Ok(0) => break,
+                    Ok(read) if request.filename == "panic" => panic!("boom after {read}"),
+                    Ok(read) => bytes.extend_from_slice(&piece[..read]),
+                    Err(error) => return Err(PluginError::new(ErrorKind::Unavailable, error.to_string())),
+                }
+            }
+            let user = body.metadata().and_then(|m| m.get("user").cloned());
+            Ok(PutResult {
+                remote_id: String::from_utf8_lossy(&bytes).into_owned(),
+                url: None,
+                raw: user.unwrap_or(Value::Null),
+                consumed_file: false,
+            })
+        }
         fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {
             Err(PluginError::new(ErrorKind::NotFound, "gone"))
         }
     }
     export_provider!(Echo, "echo");
+
+    /// A host body over a byte string: its pieces, then END (with metadata) or ABORTED.
+    struct FakeBody {
+        pieces: Vec<&'static [u8]>,
+        end: i32,
+        metadata: &'static [u8],
+    }
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" fn fake_read(
+        context: *mut c_void,
+        buffer: *mut u8,
+        capacity: usize,
+        filled: *mut usize,
+    ) -> i32 {
+        // SAFETY: the tests pass a live `FakeBody` as the context, used by one thread.
+        let body = unsafe { &mut *context.cast::<FakeBody>() };
+        if body.pieces.is_empty() {
+            return body.end;
+        }
+        let piece = body.pieces[0];
+        let take = piece.len().min(capacity);
+        // SAFETY: `buffer` is writable for `capacity` >= `take` bytes (`BodyReadFn`).
+        unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), buffer, take) };
+        if take == piece.len() {
+            body.pieces.remove(0);
+        } else {
+            body.pieces[0] = &piece[take..];
+        }
+        // SAFETY: `filled` is writable (`BodyReadFn`).
+        unsafe { *filled = take };
+        BODY_DATA
+    }
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" fn fake_metadata(context: *mut c_void, json: *mut *const u8, len: *mut usize) {
+        // SAFETY: as in `fake_read`; `json` and `len` are writable (`BodyMetadataFn`).
+        unsafe {
+            let body = &*context.cast::<FakeBody>();
+            *json = body.metadata.as_ptr();
+            *len = body.metadata.len();
+        }
+    }
+
+    /// One `put_stream` over `body`.
+    #[allow(unsafe_code)]
+    fn stream(instance: *mut c_void, filename: &str, mut body: FakeBody) -> (i32, Vec<u8>) {
+        let host = HostBody {
+            context: (&raw mut body).cast(),
+            read: fake_read,
+            metadata: fake_metadata,
+        };
+        let request = serde_json::to_vec(&StreamRequest {
+            upload_id: "u1".into(),
+            filename: filename.into(),
+            extension: String::new(),
+            mime_type: "text/plain".into(),
+            size: None,
+            tenant: "t".into(),
+            dialect: "dify".into(),
+            metadata: Default::default(),
+        })
+        .unwrap();
+        let mut out = PluginBuffer::empty();
+        // SAFETY: a live instance; `request`, `host` and `body` outlive the call.
+        let status =
+            unsafe { (descriptor().put_stream)(instance, request.as_ptr(), request.len(), &host, &mut out) };
+        (status, take(out))
+    }
+
+    #[test]
+    fn streamed_bodies_end_abort_and_panic_across_the_boundary() {
+        let (instance, _) = init(br#"{"settings":{},"context":{"config_dir":""}}"#);
+        let whole = FakeBody {
+            pieces: vec![b"hello ", b"world"],
+            end: BODY_END,
+            metadata: br#"{"user":"late"}"#,
+        };
+        let (status, body) = stream(instance, "a.txt", whole);
+        assert_eq!(status, STATUS_OK);
+        let result: PutResult = serde_json::from_slice(&body).unwrap();
+        assert_eq!(result.remote_id, "hello world");
+        assert_eq!(result.raw, Value::from("late"));
+
+        let aborted = FakeBody {
+            pieces: vec![b"hel"],
+            end: BODY_ABORTED,
+            metadata: b"",
+        };
+        let (status, body) = stream(instance, "a.txt", aborted);
+        assert_eq!(status, STATUS_ERROR);
+        let error: PluginError = serde_json::from_slice(&body).unwrap();
+        assert!(error.message.contains("aborted"), "{}", error.message);
+
+        let panicking = FakeBody {
+            pieces: vec![b"abc"],
+            end: BODY_END,
+            metadata: b"",
+        };
+        let (status, body) = stream(instance, "panic", panicking);
+        assert_eq!(status, STATUS_PANIC);
+        assert_eq!(
+            serde_json::from_slice::<PluginError>(&body).unwrap().message,
+            "boom after 3"
+        );
+        drop_instance(instance);
+    }
 
     // The helpers below call the descriptor the way the host's loader does; the tests
     // themselves stay safe code.

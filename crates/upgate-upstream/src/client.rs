@@ -9,9 +9,10 @@ use ureq::http::{Method, Request, Response};
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 use ureq::{Agent, Body, SendBody};
 
-use crate::multipart::Multipart;
+use crate::multipart::{Metadata, Multipart, StreamedMultipart};
 use crate::response::{Reply, classify, sanitize};
 use crate::settings::UpstreamSettings;
+use crate::{Content, upload_form};
 
 /// Largest success body read (vendors answer with small JSON documents).
 const MAX_REPLY_BYTES: u64 = 1 << 20;
@@ -67,10 +68,13 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-enum OutBody {
+enum OutBody<'s, 'b, 'h, 'f> {
     None,
     Bytes(Vec<u8>, &'static str),
     Multipart(Multipart),
+    /// An upload still arriving: sent chunked, with no overall deadline (the host bounds a
+    /// stalled body); the answer must come within `timeout` of the body's end.
+    Streamed(&'s mut StreamedMultipart<'b, 'h, 'f>),
 }
 
 impl Upstream {
@@ -142,6 +146,45 @@ impl Upstream {
         self.call(what, Method::POST, path, headers, OutBody::Multipart(form))
     }
 
+    /// `POST path` with the upload as the multipart file part `file_field` and the text
+    /// `fields` made from its metadata: the spooled file with its exact length, or the upload
+    /// as it arrives (chunked; the fields after the file part, made once the body has ended
+    /// and the final metadata is known). One code path for a plugin's `put` and `put_stream`.
+    pub fn post_upload<'f>(
+        &self,
+        what: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        content: Content<'_, '_>,
+        file_field: &str,
+        fields: impl FnOnce(&Metadata) -> Result<Vec<(String, String)>, PluginError> + Send + 'f,
+    ) -> Result<Reply, PluginError> {
+        match content {
+            Content::Spooled(request) => {
+                let form = fields(&request.metadata)?
+                    .iter()
+                    .fold(upload_form(request, file_field)?, |form, (name, value)| {
+                        form.text(name, value)
+                    });
+                self.post_multipart(what, path, headers, form)
+            }
+            Content::Arriving(request, body) => {
+                let mut form = StreamedMultipart::new(
+                    file_field,
+                    &request.filename,
+                    &request.mime_type,
+                    body,
+                    Box::new(fields),
+                );
+                let sent = self.call(what, Method::POST, path, headers, OutBody::Streamed(&mut form));
+                match form.failure() {
+                    Some(failure) => Err(failure),
+                    None => sent,
+                }
+            }
+        }
+    }
+
     /// `POST path` with a JSON body.
     pub fn post_json(
         &self,
@@ -209,6 +252,23 @@ impl Upstream {
                 builder = builder.header("content-length", reader.len());
                 failure = Some(reader.failure_slot());
                 SendBody::from_owned_reader(reader)
+            }
+            OutBody::Streamed(form) => {
+                builder = builder.header("content-type", form.content_type());
+                let request = builder
+                    .body(SendBody::from_reader(form))
+                    .map_err(|error| self.internal(what, error))?;
+                let request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(None)
+                    .timeout_recv_response(Some(self.settings.timeout))
+                    .build();
+                let response = self
+                    .agent
+                    .run(request)
+                    .map_err(|error| self.transport_error(what, error))?;
+                return self.read_reply(what, response);
             }
         };
         let request = builder

@@ -11,6 +11,9 @@
 //!   per call; retries are the host's business.
 //! - [`Multipart`]: a streaming `multipart/form-data` body with an exact `Content-Length`,
 //!   whose file part (a whole file or a byte range) is read from disk as it is sent.
+//! - [`StreamedMultipart`] and [`Content`]: the same form for an upload still arriving
+//!   (`put_stream`), sent chunked, its text fields after the file part once the final
+//!   metadata is known; [`Upstream::post_upload`] sends either.
 //! - [`classify`]: 2xx → JSON; 429/5xx → `Unavailable` (with `Retry-After`); 404 →
 //!   `NotFound`; other 4xx → `Rejected` with the vendor's reason. Transport timeouts are
 //!   `Timeout`, connection failures `Unavailable`. The API key never appears in a message.
@@ -23,13 +26,33 @@ pub mod s3;
 mod settings;
 
 pub use client::{Auth, Upstream};
-pub use multipart::{FileRange, Multipart, MultipartBody};
+pub use multipart::{FileRange, LateFields, Metadata, Multipart, MultipartBody, StreamedMultipart};
 pub use response::{
     MAX_REASON_CHARS, Reply, classify, extract_reason, json_str, parse_retry_after, sanitize,
 };
 pub use settings::{COMMON_KEYS, UpstreamSettings};
 
-use upgate_plugin_api::{ErrorKind, PluginError, PutRequest};
+use upgate_plugin_api::{Body, ErrorKind, PluginError, PutRequest, StreamRequest};
+
+/// Where an upload's bytes come from, for a plugin whose `put` and `put_stream` share one
+/// code path ([`Upstream::post_upload`]).
+pub enum Content<'a, 'h> {
+    /// The complete spooled file (`put`).
+    Spooled(&'a PutRequest),
+    /// The upload as it arrives (`put_stream`).
+    Arriving(&'a StreamRequest, &'a mut Body<'h>),
+}
+
+impl Content<'_, '_> {
+    /// The metadata known when the call starts (for a streamed upload, what the client sent
+    /// before the file part; the rest reaches the fields of [`Upstream::post_upload`]).
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Content::Spooled(request) => &request.metadata,
+            Content::Arriving(request, _) => &request.metadata,
+        }
+    }
+}
 
 /// A metadata value the host copied from the inbound request, when it is a non-empty string.
 pub fn metadata_str<'a>(request: &'a PutRequest, key: &str) -> Option<&'a str> {

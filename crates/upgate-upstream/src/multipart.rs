@@ -9,6 +9,11 @@ use std::io::{self, Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use upgate_plugin_api::{Body, ErrorKind, PluginError};
+
+/// An upload's metadata, string to string.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
 /// Which bytes of which file make up the file part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRange {
@@ -315,6 +320,107 @@ impl Read for FileReader {
             Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(error),
             Err(error) => Err(self.fail(error)),
         }
+    }
+}
+
+/// The text fields of a streamed upload, known once its body has ended (from the final
+/// metadata), or why they cannot be sent.
+pub type LateFields<'f> =
+    Box<dyn FnOnce(&Metadata) -> Result<Vec<(String, String)>, PluginError> + Send + 'f>;
+
+/// A `multipart/form-data` body whose file part is an upload still arriving: the file part's
+/// headers, the body as the host hands it over, then the text fields (computed from the final
+/// metadata once the body has ended) and the closing boundary. Its length is unknown: it goes
+/// out chunked. A read fails when the host aborts the upload or the fields cannot be made;
+/// [`StreamedMultipart::failure`] then says why.
+pub struct StreamedMultipart<'b, 'h, 'f> {
+    boundary: String,
+    head: Cursor<Vec<u8>>,
+    body: &'b mut Body<'h>,
+    fields: Option<LateFields<'f>>,
+    tail: Option<Cursor<Vec<u8>>>,
+    failure: Option<PluginError>,
+}
+
+impl<'b, 'h, 'f> StreamedMultipart<'b, 'h, 'f> {
+    /// The file part `name` (`filename`, `content_type`) read from `body`, then `fields`.
+    pub fn new(
+        name: &str,
+        filename: &str,
+        content_type: &str,
+        body: &'b mut Body<'h>,
+        fields: LateFields<'f>,
+    ) -> Self {
+        let form = Multipart::new().file(name, filename, content_type, FileRange::range("", 0, 0));
+        Self {
+            head: Cursor::new(form.head()),
+            boundary: form.boundary,
+            body,
+            fields: Some(fields),
+            tail: None,
+            failure: None,
+        }
+    }
+
+    /// The `Content-Type` header value.
+    pub fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    /// Why the body could not be sent to its end (the host's abort, the late fields'
+    /// error), if it could not.
+    pub fn failure(&mut self) -> Option<PluginError> {
+        if self.body.aborted() {
+            return Some(PluginError::new(
+                ErrorKind::Internal,
+                "the host aborted the upload",
+            ));
+        }
+        self.failure.take()
+    }
+
+    fn tail(&mut self) -> io::Result<&mut Cursor<Vec<u8>>> {
+        if self.tail.is_none() {
+            let metadata = self.body.metadata().unwrap_or_default();
+            let fields = self
+                .fields
+                .take()
+                .map(|fields| fields(&metadata))
+                .unwrap_or(Ok(Vec::new()));
+            let fields = match fields {
+                Ok(fields) => fields,
+                Err(error) => {
+                    let message = error.message.clone();
+                    self.failure = Some(error);
+                    return Err(io::Error::other(message));
+                }
+            };
+            let form = fields.iter().fold(
+                Multipart::with_boundary(self.boundary.clone()),
+                |form, (name, value)| form.text(name, value),
+            );
+            let mut tail = b"\r\n".to_vec();
+            tail.extend_from_slice(&form.head());
+            tail.extend_from_slice(&form.tail());
+            self.tail = Some(Cursor::new(tail));
+        }
+        Ok(self.tail.as_mut().expect("set above"))
+    }
+}
+
+impl Read for StreamedMultipart<'_, '_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.head.read(buf)?;
+        if read > 0 || buf.is_empty() {
+            return Ok(read);
+        }
+        if self.tail.is_none() {
+            let read = self.body.read(buf)?;
+            if read > 0 {
+                return Ok(read);
+            }
+        }
+        self.tail()?.read(buf)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Provider plugin `beam`: forwards a stored upload to Beam Studio's agent-setup upload API.
 //!
-//! Flow: the host hands over a [`PutRequest`]; the spooled file streams from disk as the one
+//! Flow: the host hands over a [`PutRequest`] (the spooled file), or a [`StreamRequest`] and
+//! the upload's [`Body`] while it arrives ([`FLAG_STREAMING`]); it streams as the one
 //! `files` part of `POST {base_url}/agent-setup/upload`, with the `threadId` field and the
 //! headers `x-api-key: KEY` and `current-workspace-id`. Beam answers 201 with an array of
 //! file records: the first one's `id` becomes the remote id and its `url` (or `src`) the URL.
@@ -16,10 +17,11 @@
 
 use serde_json::{Map, Value};
 use upgate_plugin_api::{
-    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+    Body, DeleteRequest, ErrorKind, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest,
+    PutResult, StreamRequest,
 };
 use upgate_upstream::{
-    Auth, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_str, no_delete_api, upload_form,
+    Auth, Content, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_value, no_delete_api,
 };
 
 const VENDOR: &str = "beam";
@@ -36,7 +38,45 @@ fn rejected(message: &str) -> PluginError {
     PluginError::new(ErrorKind::Rejected, format!("{VENDOR} upload: {message}"))
 }
 
+impl Beam {
+    /// The workspace (a header) comes from the dialect's request headers, known before the
+    /// body; the thread id may come after the file part, and is checked when it is known.
+    fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
+        let workspace_id = metadata_value(content.metadata(), "workspaceId")
+            .or(self.workspace_id.as_deref())
+            .ok_or_else(|| rejected("no workspace id"))?
+            .to_owned();
+        if !is_header_value(&workspace_id) {
+            return Err(rejected("the workspace id is not printable ASCII"));
+        }
+        let default_thread = self.thread_id.clone();
+        let fields = move |metadata: &upgate_upstream::Metadata| {
+            let thread_id = metadata_value(metadata, "threadId")
+                .or(default_thread.as_deref())
+                .ok_or_else(|| rejected("no thread id"))?;
+            if !is_uuid(thread_id) {
+                return Err(rejected("the thread id is not a UUID"));
+            }
+            Ok(vec![("threadId".to_owned(), thread_id.to_owned())])
+        };
+        let mut reply = self.upstream.post_upload(
+            "upload",
+            "/agent-setup/upload",
+            &[("current-workspace-id", &workspace_id)],
+            content,
+            "files",
+            fields,
+        )?;
+        if let Value::Array(records) = &mut reply.body {
+            records.iter_mut().for_each(strip_user);
+        }
+        reply.into_put_result("/0", "id", &["url", "src"])
+    }
+}
+
 impl Provider for Beam {
+    const FLAGS: u32 = FLAG_STREAMING;
+
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings = UpstreamSettings::parse(context, settings, &["workspace_id", "thread_id"])?;
         let workspace_id = settings.string("workspace_id")?;
@@ -62,29 +102,11 @@ impl Provider for Beam {
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
-        let workspace_id = metadata_str(&request, "workspaceId")
-            .or(self.workspace_id.as_deref())
-            .ok_or_else(|| rejected("no workspace id"))?;
-        if !is_header_value(workspace_id) {
-            return Err(rejected("the workspace id is not printable ASCII"));
-        }
-        let thread_id = metadata_str(&request, "threadId")
-            .or(self.thread_id.as_deref())
-            .ok_or_else(|| rejected("no thread id"))?;
-        if !is_uuid(thread_id) {
-            return Err(rejected("the thread id is not a UUID"));
-        }
-        let form = upload_form(&request, "files")?.text("threadId", thread_id);
-        let mut reply = self.upstream.post_multipart(
-            "upload",
-            "/agent-setup/upload",
-            &[("current-workspace-id", workspace_id)],
-            form,
-        )?;
-        if let Value::Array(records) = &mut reply.body {
-            records.iter_mut().for_each(strip_user);
-        }
-        reply.into_put_result("/0", "id", &["url", "src"])
+        self.upload(Content::Spooled(&request))
+    }
+
+    fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+        self.upload(Content::Arriving(&request, body))
     }
 
     fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {

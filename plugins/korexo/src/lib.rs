@@ -1,7 +1,8 @@
 //! Provider plugin `korexo`: forwards a stored upload to the Kore.ai XO platform's v2
 //! attachments API, and deletes it there.
 //!
-//! Flow: the host hands over a [`PutRequest`]; the spooled file streams from disk as the
+//! Flow: the host hands over a [`PutRequest`] (the spooled file), or a [`StreamRequest`] and
+//! the upload's [`Body`] while it arrives ([`FLAG_STREAMING`]); it streams as the
 //! `file` part of `POST {base_url}/api/v2/apps/{appId}/environments/{envName}/attachments/upload`
 //! with `x-api-key: KEY`, `userReference` and `uploadType=runtime`. Korexo answers 200
 //! `{fileId, filePath, ...}`: `fileId` (`f-<uuid>`) becomes the remote id, `filePath` the URL.
@@ -17,11 +18,10 @@
 
 use serde_json::Value;
 use upgate_plugin_api::{
-    DeleteRequest, ErrorKind, InitContext, PluginError, Provider, PutRequest, PutResult,
+    Body, DeleteRequest, ErrorKind, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest,
+    PutResult, StreamRequest,
 };
-use upgate_upstream::{
-    Auth, Upstream, UpstreamSettings, is_path_segment, metadata_str, metadata_value, upload_form,
-};
+use upgate_upstream::{Auth, Content, Upstream, UpstreamSettings, is_path_segment, metadata_value};
 
 const VENDOR: &str = "korexo";
 
@@ -46,6 +46,8 @@ fn path_setting(settings: &UpstreamSettings, key: &str) -> Result<String, Plugin
 }
 
 impl Provider for Korexo {
+    const FLAGS: u32 = FLAG_STREAMING;
+
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings = UpstreamSettings::parse(context, settings, &["app_id", "env_name", "user_reference"])?;
         let app_id = path_setting(&settings, "app_id")?;
@@ -61,14 +63,11 @@ impl Provider for Korexo {
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
-        let (app_id, env_name) = self.scope(&request.metadata);
-        let user_reference = metadata_str(&request, "userReference").unwrap_or(&self.user_reference);
-        let form = upload_form(&request, "file")?
-            .text("userReference", user_reference)
-            .text("uploadType", "runtime");
-        let path = format!("{}/upload", attachments_path(app_id, env_name));
-        let reply = self.upstream.post_multipart("upload", &path, &[], form)?;
-        reply.into_put_result("", "fileId", &["filePath"])
+        self.upload(Content::Spooled(&request))
+    }
+
+    fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+        self.upload(Content::Arriving(&request, body))
     }
 
     fn delete(&self, request: DeleteRequest) -> Result<(), PluginError> {
@@ -95,6 +94,25 @@ impl Provider for Korexo {
 }
 
 impl Korexo {
+    /// The app and environment come from the dialect's path (known before the body); the
+    /// user reference may come after the file part.
+    fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
+        let (app_id, env_name) = self.scope(content.metadata());
+        let path = format!("{}/upload", attachments_path(app_id, env_name));
+        let default_reference = self.user_reference.clone();
+        let fields = move |metadata: &upgate_upstream::Metadata| {
+            let user_reference = metadata_value(metadata, "userReference").unwrap_or(&default_reference);
+            Ok(vec![
+                ("userReference".to_owned(), user_reference.to_owned()),
+                ("uploadType".to_owned(), "runtime".to_owned()),
+            ])
+        };
+        let reply = self
+            .upstream
+            .post_upload("upload", &path, &[], content, "file", fields)?;
+        reply.into_put_result("", "fileId", &["filePath"])
+    }
+
     /// The app and environment for an upload: the client's (Kore XO dialect metadata), when
     /// valid path segments, else the configured ones.
     fn scope<'a>(&'a self, metadata: &'a serde_json::Map<String, Value>) -> (&'a str, &'a str) {

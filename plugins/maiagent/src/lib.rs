@@ -1,6 +1,7 @@
 //! Provider plugin `maiagent`: forwards a stored upload to MaiAgent's attachments API.
 //!
-//! Flow: the host hands over a [`PutRequest`]; the spooled file streams from disk as the
+//! Flow: the host hands over a [`PutRequest`] (the spooled file), or a [`StreamRequest`] and
+//! the upload's [`Body`] while it arrives ([`FLAG_STREAMING`]); it streams as the
 //! `file` part of `POST {base_url}/api/v1/attachments-upload/` with
 //! `Authorization: Api-Key KEY`, its filename (non-ASCII included) byte for byte. MaiAgent
 //! answers 201 `{id, type, filename, file}`: `id` becomes the remote id and `file` the URL.
@@ -10,8 +11,11 @@
 #![deny(unsafe_code)]
 
 use serde_json::Value;
-use upgate_plugin_api::{DeleteRequest, InitContext, PluginError, Provider, PutRequest, PutResult};
-use upgate_upstream::{Auth, Upstream, UpstreamSettings, no_delete_api, upload_form};
+use upgate_plugin_api::{
+    Body, DeleteRequest, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest, PutResult,
+    StreamRequest,
+};
+use upgate_upstream::{Auth, Content, Upstream, UpstreamSettings, no_delete_api};
 
 const VENDOR: &str = "maiagent";
 
@@ -21,7 +25,23 @@ pub struct Maiagent {
     upstream: Upstream,
 }
 
+impl Maiagent {
+    fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
+        let reply = self.upstream.post_upload(
+            "upload",
+            "/api/v1/attachments-upload/",
+            &[],
+            content,
+            "file",
+            |_| Ok(Vec::new()),
+        )?;
+        reply.into_put_result("", "id", &["file"])
+    }
+}
+
 impl Provider for Maiagent {
+    const FLAGS: u32 = FLAG_STREAMING;
+
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings = UpstreamSettings::parse(context, settings, &[])?;
         Ok(Self {
@@ -30,11 +50,11 @@ impl Provider for Maiagent {
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
-        let form = upload_form(&request, "file")?;
-        let reply = self
-            .upstream
-            .post_multipart("upload", "/api/v1/attachments-upload/", &[], form)?;
-        reply.into_put_result("", "id", &["file"])
+        self.upload(Content::Spooled(&request))
+    }
+
+    fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+        self.upload(Content::Arriving(&request, body))
     }
 
     fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {

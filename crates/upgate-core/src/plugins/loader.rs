@@ -4,15 +4,18 @@
 //! What flows through here: a library path in, a checked [`LoadedPlugin`] out (entry symbol
 //! found, ABI version and descriptor size verified before anything else is read); JSON bytes
 //! in and out of the plugin's functions, with every returned buffer handed back to the
-//! plugin's own `free_buffer`. Libraries are never unloaded: a plugin's code stays mapped
+//! plugin's own `free_buffer`; for `put_stream`, a [`BodySource`] lent to the plugin as a
+//! `HostBody` whose callbacks catch panics (none unwinds into the plugin). Libraries are never unloaded: a plugin's code stays mapped
 //! for the life of the process, so no instance or thread can outlive it.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use upgate_plugin_api::{
-    ABI_VERSION, DescriptorHeader, ENTRY_SYMBOL, EntryFn, PluginBuffer, ProviderDescriptor, STATUS_OK,
+    ABI_VERSION, BODY_ABORTED, BODY_DATA, BODY_END, DescriptorHeader, ENTRY_SYMBOL, EntryFn, HostBody,
+    PluginBuffer, ProviderDescriptor, STATUS_OK,
 };
 
 use super::PluginHostError;
@@ -99,6 +102,11 @@ impl LoadedPlugin {
         self.descriptor.header.abi_version
     }
 
+    /// Whether the plugin declared [`upgate_plugin_api::FLAG_STREAMING`].
+    pub fn streams(&self) -> bool {
+        self.descriptor.flags & upgate_plugin_api::FLAG_STREAMING != 0
+    }
+
     /// Whether the plugin declared [`upgate_plugin_api::FLAG_LOCAL_IO`].
     pub fn local_io(&self) -> bool {
         self.descriptor.flags & upgate_plugin_api::FLAG_LOCAL_IO != 0
@@ -168,6 +176,24 @@ impl RawInstance {
         (status, take(self.descriptor, out))
     }
 
+    /// Calls `put_stream` with `body` lent to the plugin for the call; returns `(status,
+    /// response bytes)`.
+    pub fn put_stream(&self, request: &[u8], body: &mut dyn BodySource) -> (i32, Vec<u8>) {
+        let mut source: &mut dyn BodySource = body;
+        let host = HostBody {
+            context: (&raw mut source).cast(),
+            read: read_body,
+            metadata: body_metadata,
+        };
+        let mut out = PluginBuffer::empty();
+        // SAFETY: a live instance of this descriptor; request bytes, `host` and the source it
+        // points at outlive the call, and the plugin calls them only during it.
+        let status = unsafe {
+            (self.descriptor.put_stream)(self.instance, request.as_ptr(), request.len(), &host, &mut out)
+        };
+        (status, take(self.descriptor, out))
+    }
+
     pub fn ok(status: i32) -> bool {
         status == STATUS_OK
     }
@@ -177,5 +203,68 @@ impl Drop for RawInstance {
     fn drop(&mut self) {
         // SAFETY: created by this descriptor's init, dropped once.
         unsafe { (self.descriptor.drop_instance)(self.instance) };
+    }
+}
+
+/// What one read of a streamed body gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRead {
+    /// This many bytes (at least one) were written into the buffer.
+    Data(usize),
+    /// The body is complete and accepted.
+    End,
+    /// The upload was refused or its client went away.
+    Aborted,
+}
+
+/// The host's side of a body a plugin reads while it arrives (blocking, on the plugin call's
+/// thread).
+pub trait BodySource {
+    /// Fills `buffer` (non-empty) with the next bytes, or says the body ended or was aborted.
+    fn read(&mut self, buffer: &mut [u8]) -> BodyRead;
+    /// The final metadata as JSON, after [`BodyRead::End`] (empty before).
+    fn metadata(&self) -> &[u8];
+}
+
+/// The `HostBody::read` callback: `context` is a `*mut &mut dyn BodySource`.
+unsafe extern "C" fn read_body(
+    context: *mut c_void,
+    buffer: *mut u8,
+    capacity: usize,
+    filled: *mut usize,
+) -> i32 {
+    if context.is_null() || buffer.is_null() || filled.is_null() || capacity == 0 {
+        return BODY_ABORTED;
+    }
+    // SAFETY: `put_stream` made `context` from a `&mut &mut dyn BodySource` that outlives the
+    // call; the plugin calls back on the calling thread only (`BodyReadFn` contract), so this
+    // is the only reference in use.
+    let source = unsafe { &mut *context.cast::<&mut dyn BodySource>() };
+    // SAFETY: the plugin passes a buffer writable for `capacity` bytes (`BodyReadFn`).
+    let buffer = unsafe { std::slice::from_raw_parts_mut(buffer, capacity) };
+    let read = catch_unwind(AssertUnwindSafe(|| source.read(buffer))).unwrap_or(BodyRead::Aborted);
+    let (status, count) = match read {
+        BodyRead::Data(count) if count > 0 && count <= capacity => (BODY_DATA, count),
+        BodyRead::Data(_) | BodyRead::Aborted => (BODY_ABORTED, 0),
+        BodyRead::End => (BODY_END, 0),
+    };
+    // SAFETY: `filled` is non-null and writable (`BodyReadFn`).
+    unsafe { *filled = count };
+    status
+}
+
+/// The `HostBody::metadata` callback.
+unsafe extern "C" fn body_metadata(context: *mut c_void, json: *mut *const u8, len: *mut usize) {
+    if context.is_null() || json.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: as in `read_body`; only a shared reference is taken.
+    let source = unsafe { &*context.cast::<&mut dyn BodySource>() };
+    let bytes = catch_unwind(AssertUnwindSafe(|| source.metadata())).unwrap_or(&[]);
+    // SAFETY: `json` and `len` are non-null and writable (`BodyMetadataFn`); the bytes belong
+    // to the source, which outlives the `put_stream` call.
+    unsafe {
+        *json = bytes.as_ptr();
+        *len = bytes.len();
     }
 }

@@ -15,9 +15,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use upgate_plugin_api::{
     DeleteRequest, ErrorKind, InitContext, InitRequest, PluginError, PutRequest, PutResult, STATUS_PANIC,
+    StreamRequest,
 };
 
 pub use loader::LoadedPlugin;
+pub(crate) use loader::{BodyRead, BodySource};
 use loader::{Call, RawInstance};
 
 use crate::config::{Config, Durability, ProviderConfig};
@@ -130,6 +132,19 @@ impl Provider {
             .and_then(|bytes| decode(&bytes))
     }
 
+    /// Stores one upload upstream while it arrives, reading it from `body`. Blocking (the
+    /// body's reads wait for the client). Only for plugins that stream.
+    pub fn put_stream(
+        &self,
+        request: &StreamRequest,
+        body: &mut dyn BodySource,
+    ) -> Result<PutResult, PluginError> {
+        let (status, bytes) = self
+            .instance
+            .put_stream(&serde_json::to_vec(request).unwrap_or_default(), body);
+        answer(status, bytes).and_then(|bytes| decode(&bytes))
+    }
+
     /// Deletes one upload upstream. Blocking.
     pub fn delete(&self, request: &DeleteRequest) -> Result<(), PluginError> {
         self.call(Call::Delete, &serde_json::to_vec(request).unwrap_or_default())
@@ -143,20 +158,25 @@ impl Provider {
 
     fn call(&self, call: Call, request: &[u8]) -> Result<Vec<u8>, PluginError> {
         let (status, bytes) = self.instance.call(call, request);
-        if RawInstance::ok(status) {
-            return Ok(bytes);
-        }
-        let mut error = serde_json::from_slice::<PluginError>(&bytes).unwrap_or_else(|_| {
-            PluginError::new(
-                ErrorKind::Internal,
-                format!("plugin returned status {status} with an unreadable error"),
-            )
-        });
-        if status == STATUS_PANIC {
-            error.kind = ErrorKind::Panic;
-        }
-        Err(error)
+        answer(status, bytes)
     }
+}
+
+/// A call's status and bytes: the result bytes, or the plugin's error.
+fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
+    if RawInstance::ok(status) {
+        return Ok(bytes);
+    }
+    let mut error = serde_json::from_slice::<PluginError>(&bytes).unwrap_or_else(|_| {
+        PluginError::new(
+            ErrorKind::Internal,
+            format!("plugin returned status {status} with an unreadable error"),
+        )
+    });
+    if status == STATUS_PANIC {
+        error.kind = ErrorKind::Panic;
+    }
+    Err(error)
 }
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {

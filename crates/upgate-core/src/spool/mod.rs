@@ -443,6 +443,19 @@ impl SpoolWriter {
         Ok(())
     }
 
+    /// Once the first [`SNIFF_LEN`] bytes have arrived: those bytes and whether the content
+    /// still looks like text (valid UTF-8 so far), for an early content check.
+    pub(crate) fn sniffed(&self) -> Option<(&[u8], bool)> {
+        if self.head.len() < SNIFF_LEN {
+            return None;
+        }
+        let text = match &self.utf8 {
+            Some(validator) => validator.valid_so_far(),
+            None => content::looks_like_text(&self.head),
+        };
+        Some((&self.head, text))
+    }
+
     async fn sink(&mut self) -> Result<Sink, ApiError> {
         if let Some(pending) = self.pending.take() {
             let (sink, mut written) = pending.await??;

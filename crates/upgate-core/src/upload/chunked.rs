@@ -443,7 +443,7 @@ impl Gateway {
             self.assemble(admission, &session, upload_id).await?
         };
         let records = self
-            .accept(admission, vec![file], session.metadata.clone())
+            .accept(admission, vec![file.into()], session.metadata.clone())
             .await?;
         if let Err(error) = self.store.delete_session(id.to_owned()).await {
             // The upload is recorded; the sweeper removes the session when it expires.

@@ -22,6 +22,7 @@ use crate::plugins::Provider;
 use crate::store::UploadRecord;
 use crate::vocab::now_ms;
 
+use super::pass_through::PassThrough;
 use super::{Gateway, remove_quietly};
 
 /// How one attempt ended.
@@ -94,7 +95,13 @@ async fn call_plugin<T: Send + 'static>(
         Runs::Inline => call(provider),
         Runs::Blocking(limit) => call_blocking(gateway, provider, limit, call).await,
     };
-    let outcome = match &result {
+    observe(provider, started, &result);
+    result
+}
+
+/// Counts a plugin call that began at `started`: its duration and outcome, its error.
+pub(crate) fn observe<T>(provider: &Provider, started: Instant, result: &Result<T, PluginError>) {
+    let outcome = match result {
         Ok(_) => "ok",
         Err(error) => {
             metrics::plugin_error(&provider.name, outcome_label(error.kind));
@@ -102,7 +109,6 @@ async fn call_plugin<T: Send + 'static>(
         }
     };
     metrics::upstream_duration(&provider.name, outcome, started.elapsed());
-    result
 }
 
 async fn call_blocking<T: Send + 'static>(
@@ -144,7 +150,12 @@ async fn attempt(
 ) -> Attempt {
     let request = put_request(record, path);
     let runs = Runs::for_upload(provider, record.size, limit);
-    match call_plugin(gateway, provider, runs, move |provider| provider.put(&request)).await {
+    judge(call_plugin(gateway, provider, runs, move |provider| provider.put(&request)).await)
+}
+
+/// What a put's result means for the delivery: done, worth retrying, or failed for good.
+fn judge(result: Result<PutResult, PluginError>) -> Attempt {
+    match result {
         Ok(result) => Attempt::Delivered(result),
         Err(error) => match error.kind {
             ErrorKind::Unavailable | ErrorKind::Timeout => {
@@ -187,14 +198,16 @@ pub(crate) struct NotDelivered {
     pub(crate) attempts: u32,
 }
 
-/// Delivers one upload now (sync mode), retrying within the provider's timeout. The caller
-/// records the outcome; the spooled bytes are gone either way (delivered, or the client is
-/// told it failed).
+/// Delivers one upload now (sync mode), retrying within the provider's timeout. The first
+/// attempt is `streaming`'s when the upload was passed through while it arrived (its end is
+/// released here), later ones put the spooled copy. The caller records the outcome; the
+/// spooled bytes are gone either way (delivered, or the client is told it failed).
 pub(crate) async fn deliver_now(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: &UploadRecord,
     path: &Path,
+    mut streaming: Option<PassThrough>,
 ) -> Result<Delivered, NotDelivered> {
     let config = &provider.config;
     let deadline = Instant::now() + config.timeout.0;
@@ -202,7 +215,11 @@ pub(crate) async fn deliver_now(
     let failed = loop {
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match attempt(gateway, provider, record, path, remaining).await {
+        let outcome = match streaming.take() {
+            Some(stream) => judge(stream.finish(&record.metadata, remaining).await),
+            None => attempt(gateway, provider, record, path, remaining).await,
+        };
+        match outcome {
             Attempt::Delivered(result) => {
                 finish_delivered(provider, record, path, &result).await;
                 return Ok(Delivered { result, attempts });

@@ -8,7 +8,9 @@
 //! (small files by the worker itself), while the first bytes are kept for content sniffing
 //! and text is checked as UTF-8. A file that must outlive the request is then renamed
 //! atomically to `<data_dir>/spool/<id>`. Any error, a stalled body (idle timeout) or a
-//! dropped connection removes what was written.
+//! dropped connection removes what was written. With sync delivery to a provider that
+//! streams, each file part is also passed through to it as it arrives, once its first bytes
+//! have passed the content check ([`pass_through`](super::pass_through)).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,10 +28,14 @@ use crate::error::ApiError;
 use crate::policy::Plan;
 use std::path::PathBuf;
 
+use crate::config::Delivery;
+use crate::plugins::Provider;
 use crate::spool::{FileDigest, IntakeBudget, Spool, SpoolWriter, SpooledFile};
+use crate::vocab::DialectName;
 
-use super::Gateway;
 use super::admit::Admission;
+use super::pass_through::PassThrough;
+use super::{Gateway, Metadata};
 /// Largest text field.
 const MAX_TEXT_FIELD: usize = 64 * 1024;
 /// Largest total of all non-file parts of one request.
@@ -96,16 +102,44 @@ pub(crate) struct IntakeLimits<'a> {
     pub idle_timeout: Duration,
     /// The memory the spool writers of all requests share.
     pub budget: &'a IntakeBudget,
+    /// Set when the files may be passed through to their provider as they arrive.
+    pub streaming: Option<Streaming<'a>>,
+}
+
+/// What a pass-through needs: a streaming provider with sync delivery, and who sends.
+pub(crate) struct Streaming<'a> {
+    pub gateway: &'a Gateway,
+    pub provider: &'a Arc<Provider>,
+    pub tenant: &'a str,
+    pub dialect: DialectName,
+    /// The dialect's metadata known before the body (from the path and headers).
+    pub known: &'a Metadata,
+}
+
+/// A received file and, when it was passed through to its provider while it arrived, that
+/// delivery's first attempt, waiting for the upload to be accepted ([`Gateway::accept`]).
+pub(crate) struct Arrived {
+    pub file: SpooledFile,
+    pub passing: Option<PassThrough>,
+}
+
+impl From<SpooledFile> for Arrived {
+    fn from(file: SpooledFile) -> Self {
+        Self { file, passing: None }
+    }
 }
 
 impl Gateway {
-    /// Receives a multipart body for an admitted request (files spooled, not yet recorded).
+    /// Receives a multipart body for an admitted request (files spooled, not yet recorded;
+    /// passed through to a streaming provider with sync delivery). `known` is the dialect's
+    /// metadata known before the body.
     pub(crate) async fn receive(
         &self,
         admission: &Admission,
         headers: &HeaderMap,
         payload: Payload,
         spec: &FormSpec,
+        known: &Metadata,
     ) -> Result<Received, ApiError> {
         self.check_disk_floor()?;
         let dialect = admission.dialect;
@@ -124,11 +158,22 @@ impl Gateway {
                 });
             }
         }
+        let streaming = admission
+            .provider()
+            .filter(|provider| provider.plugin.streams() && provider.config.delivery == Delivery::Sync)
+            .map(|provider| Streaming {
+                gateway: self,
+                provider,
+                tenant: &admission.tenant.name,
+                dialect,
+                known,
+            });
         let limits = IntakeLimits {
             plan,
             max_files,
             idle_timeout: admission.policy.config.server.idle_timeout.0,
             budget: &self.intake_budget,
+            streaming,
         };
         let received = receive_multipart(headers, payload, spec, &limits, &self.spool, &|| {
             dialect.new_upload_id()
@@ -142,9 +187,9 @@ impl Gateway {
 }
 
 /// What a multipart request carried.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Received {
-    pub files: Vec<SpooledFile>,
+    pub files: Vec<Arrived>,
     pub fields: BTreeMap<String, String>,
 }
 
@@ -259,9 +304,9 @@ pub(crate) async fn receive_multipart(
                     drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                     continue;
                 }
-                received
-                    .files
-                    .push(receive_file(&mut field, filename, limits, spool, new_id()).await?);
+                let arrived =
+                    receive_file(&mut field, filename, limits, spool, new_id(), &received.fields).await?;
+                received.files.push(arrived);
             }
             None => {
                 let value = read_text(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
@@ -303,7 +348,8 @@ async fn receive_file(
     limits: &IntakeLimits<'_>,
     spool: &Arc<dyn Spool>,
     upload_id: String,
-) -> Result<SpooledFile, ApiError> {
+    fields_so_far: &BTreeMap<String, String>,
+) -> Result<Arrived, ApiError> {
     // The multipart parser reads `\` in a quoted filename as an escape and drops it: a name
     // is recorded as the client sent it or refused, so a backslash anywhere in the part's
     // Content-Disposition refuses it, as `validate_filename` refuses one in the name.
@@ -324,18 +370,62 @@ async fn receive_file(
         limits.plan.max_file_size(),
         content::is_text_extension(&extension),
     );
+    let verify = limits.plan.config.verify_content;
+    // A pass-through starts once the first bytes have passed the content check; the pieces
+    // before are held (at most the sniffed bytes and one piece). Every return before
+    // `accept` drops it, which aborts it.
+    let mut passing: Option<PassThrough> = None;
+    let mut held: Vec<Bytes> = Vec::new();
+    let mut deciding = limits.streaming.is_some();
     while let Some(chunk) = next_or_stall(field, limits.idle_timeout).await? {
         let chunk: Bytes = chunk.map_err(multipart_error)?;
         writer.write(&chunk).await?;
+        if let Some(stream) = passing.as_mut().filter(|stream| stream.is_open()) {
+            stream.send(chunk).await;
+            continue;
+        }
+        if !deciding {
+            continue;
+        }
+        held.push(chunk);
+        let (Some(streaming), Some((head, text))) = (&limits.streaming, writer.sniffed()) else {
+            continue;
+        };
+        deciding = false;
+        // A head the content check refuses is refused at the end, as without streaming.
+        let Ok(mime) = content::classify(&extension, head, text, verify) else {
+            held.clear();
+            continue;
+        };
+        let mut metadata = streaming.known.clone();
+        for (name, value) in fields_so_far {
+            metadata.insert(name.clone(), value.clone().into());
+        }
+        let request = upgate_plugin_api::StreamRequest {
+            upload_id: upload_id.clone(),
+            filename: filename.clone(),
+            extension: extension.clone(),
+            mime_type: mime,
+            size: None,
+            tenant: streaming.tenant.to_owned(),
+            dialect: streaming.dialect.as_str().to_owned(),
+            metadata,
+        };
+        passing = PassThrough::start(
+            streaming.gateway,
+            streaming.provider,
+            request,
+            limits.idle_timeout,
+        );
+        if let Some(stream) = passing.as_mut() {
+            for piece in held.drain(..) {
+                stream.send(piece).await;
+            }
+        }
+        held.clear();
     }
-    complete_file(
-        writer,
-        upload_id,
-        filename,
-        extension,
-        limits.plan.config.verify_content,
-    )
-    .await
+    let file = complete_file(writer, upload_id, filename, extension, verify).await?;
+    Ok(Arrived { file, passing })
 }
 
 /// Reads a small text part (bounded by [`MAX_TEXT_FIELD`] and, with every other non-file part

@@ -17,6 +17,7 @@ pub(crate) mod delete;
 pub(crate) mod deliver;
 pub(crate) mod hold;
 pub(crate) mod intake;
+pub(crate) mod pass_through;
 pub(crate) mod record;
 pub(crate) mod resumable;
 

@@ -20,6 +20,8 @@ use crate::store::{UploadRecord, UploadState};
 use crate::vocab::now_ms;
 
 use super::admit::Admission;
+use super::intake::Arrived;
+use super::pass_through::PassThrough;
 use super::{Gateway, Metadata, deliver, remove_quietly};
 use crate::policy::Tenant;
 
@@ -40,9 +42,14 @@ impl Gateway {
     pub(crate) async fn accept(
         &self,
         admission: &Admission,
-        files: Vec<SpooledFile>,
+        files: Vec<Arrived>,
         metadata: Metadata,
     ) -> Result<Vec<UploadRecord>, ApiError> {
+        // Dropping a file's pass-through on any return before its delivery aborts it.
+        let (files, mut streams): (Vec<SpooledFile>, Vec<Option<PassThrough>>) = files
+            .into_iter()
+            .map(|arrived| (arrived.file, arrived.passing))
+            .unzip();
         let dialect = admission.dialect;
         let tenant = &admission.tenant;
         let plan = &tenant.plan;
@@ -147,7 +154,8 @@ impl Gateway {
         }
         let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
         let mut failure = None;
-        for (record, path) in records.iter_mut().zip(&paths) {
+        for ((record, path), streaming) in records.iter_mut().zip(&paths).zip(&mut streams) {
+            let streaming = streaming.take();
             if failure.is_some() {
                 // The client is told the request failed: the files after it fail too.
                 record.state = UploadState::Failed;
@@ -155,7 +163,7 @@ impl Gateway {
                 remove_quietly(path);
                 continue;
             }
-            match deliver::deliver_now(self, &provider, record, path).await {
+            match deliver::deliver_now(self, &provider, record, path, streaming).await {
                 Ok(delivered) => {
                     record.state = UploadState::Forwarded;
                     record.attempts = delivered.attempts;

@@ -225,7 +225,10 @@ impl Gateway {
         // Recorded before the upload is accepted, so that no record exists whose upload
         // does not; if the accept fails, the upload goes again.
         self.store.insert_session(upload.clone()).await?;
-        match self.accept(admission, vec![file], upload.metadata.clone()).await {
+        match self
+            .accept(admission, vec![file.into()], upload.metadata.clone())
+            .await
+        {
             Ok(records) => {
                 tracing::info!(upload_id = %upload.id, record = %records[0].id, "resumable upload received whole");
                 Ok(Progress { upload, records })
@@ -530,7 +533,7 @@ impl Gateway {
         )
         .await?;
         let records = self
-            .accept(admission, vec![file], upload.metadata.clone())
+            .accept(admission, vec![file.into()], upload.metadata.clone())
             .await?;
         let delivered = records[0].id.clone();
         self.store

@@ -64,8 +64,10 @@ async fn upload(
     answer(DialectName::Beam, async move {
         let admission = admit(&gateway, &Beam, &request).await?;
         let workspace = workspace_id(&request)?;
+        let mut metadata = Metadata::new();
+        metadata.insert("workspaceId".into(), workspace.into());
         let received = gateway
-            .receive(&admission, request.headers(), payload, &FORM)
+            .receive(&admission, request.headers(), payload, &FORM, &metadata)
             .await?;
         let thread_id = received
             .fields
@@ -79,9 +81,7 @@ async fn upload(
                 message: "threadId must be a UUID".into(),
             });
         }
-        let mut metadata = Metadata::new();
         metadata.insert("threadId".into(), thread_id.into());
-        metadata.insert("workspaceId".into(), workspace.into());
         let records = gateway.accept(&admission, received.files, metadata).await?;
         let files: Vec<Value> = records.iter().map(chat_file).collect();
         Ok(uploaded(StatusCode::CREATED, &records, files))

@@ -88,8 +88,11 @@ async fn upload(
     answer(DialectName::Korexo, async move {
         let admission = admit(&gateway, &Korexo, &request).await?;
         let (app_id, env_name) = scope(&request)?;
+        let mut metadata = Metadata::new();
+        metadata.insert("appId".into(), app_id.into());
+        metadata.insert("envName".into(), env_name.into());
         let received = gateway
-            .receive(&admission, request.headers(), payload, &FORM)
+            .receive(&admission, request.headers(), payload, &FORM, &metadata)
             .await?;
         let field = |name: &'static str| {
             received
@@ -106,9 +109,6 @@ async fn upload(
                 message: "must be `runtime`".into(),
             });
         }
-        let mut metadata = Metadata::new();
-        metadata.insert("appId".into(), app_id.into());
-        metadata.insert("envName".into(), env_name.into());
         metadata.insert("userReference".into(), user_reference.into());
         let records = gateway.accept(&admission, received.files, metadata).await?;
         Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))

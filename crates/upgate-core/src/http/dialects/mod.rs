@@ -90,7 +90,7 @@ pub(crate) async fn upload_multipart(
 ) -> Result<Vec<UploadRecord>, ApiError> {
     let admission = admit(gateway, dialect, request).await?;
     let received = gateway
-        .receive(&admission, request.headers(), payload, spec)
+        .receive(&admission, request.headers(), payload, spec, &Metadata::new())
         .await?;
     let metadata = metadata_of(&received)?;
     gateway.accept(&admission, received.files, metadata).await

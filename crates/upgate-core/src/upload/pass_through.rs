@@ -1,0 +1,192 @@
+//! Pass-through delivery: a sync upload handed to a streaming provider while it arrives.
+//!
+//! What flows through here: the body's pieces, teed by intake (each piece is spooled first,
+//! then sent here) into a bounded channel that a provider's `put_stream` reads on a blocking
+//! thread (through the plugin ABI's host read callback). The end of the body is only
+//! released once the upload is accepted (size, content check, sha256, quota, the
+//! `delivering` record): until then the provider cannot complete its upstream request. Any
+//! refusal, a client that stalls or leaves, or the request being dropped drops the sender,
+//! which the provider reads as the host's abort; an upload a provider stored anyway is
+//! deleted upstream. A streaming attempt that fails is retried from the spooled copy by
+//! [`deliver`](super::deliver), exactly as a stored upload.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutResult, StreamRequest};
+
+use crate::plugins::{BodyRead, BodySource, Provider};
+
+use super::{Gateway, Metadata, deliver};
+
+/// Pieces in flight between intake and the provider (each up to one multipart chunk).
+const CHANNEL_PIECES: usize = 8;
+
+/// What intake sends.
+enum Piece {
+    Data(Bytes),
+    /// The upload is accepted; its final metadata as JSON.
+    End(Vec<u8>),
+}
+
+/// The provider's side of the channel, read on its blocking thread.
+struct ChannelBody {
+    pieces: mpsc::Receiver<Piece>,
+    current: Bytes,
+    /// The final metadata once the end arrived.
+    ended: Option<Vec<u8>>,
+    aborted: bool,
+}
+
+impl BodySource for ChannelBody {
+    fn read(&mut self, buffer: &mut [u8]) -> BodyRead {
+        while self.current.is_empty() {
+            if self.ended.is_some() {
+                return BodyRead::End;
+            }
+            if self.aborted {
+                return BodyRead::Aborted;
+            }
+            match self.pieces.blocking_recv() {
+                Some(Piece::Data(bytes)) => self.current = bytes,
+                Some(Piece::End(metadata)) => self.ended = Some(metadata),
+                // The sender went without an end: refused, stalled, gone.
+                None => self.aborted = true,
+            }
+        }
+        let take = self.current.len().min(buffer.len());
+        buffer[..take].copy_from_slice(&self.current.split_to(take));
+        BodyRead::Data(take)
+    }
+
+    fn metadata(&self) -> &[u8] {
+        self.ended.as_deref().unwrap_or_default()
+    }
+}
+
+/// A streaming delivery attempt in flight: the sending side and the plugin call.
+pub(crate) struct PassThrough {
+    pieces: Option<mpsc::Sender<Piece>>,
+    call: JoinHandle<Result<PutResult, PluginError>>,
+    provider: Arc<Provider>,
+    started: Instant,
+    /// How long a send may wait for the provider to take a piece before it is given up.
+    stall: Duration,
+    /// The provider did not take a piece in time and was given up.
+    stalled: bool,
+}
+
+impl PassThrough {
+    /// Starts `put_stream` on a blocking thread when a delivery slot is free now (else
+    /// `None`: the upload is stored, then delivered, as without streaming).
+    pub(crate) fn start(
+        gateway: &Gateway,
+        provider: &Arc<Provider>,
+        request: StreamRequest,
+        stall: Duration,
+    ) -> Option<Self> {
+        let slot = gateway.delivery_slots.clone().try_acquire_owned().ok()?;
+        let (sender, receiver) = mpsc::channel(CHANNEL_PIECES);
+        let worker = provider.clone();
+        let call = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut body = ChannelBody {
+                pieces: receiver,
+                current: Bytes::new(),
+                ended: None,
+                aborted: false,
+            };
+            let result = worker.put_stream(&request, &mut body);
+            if body.ended.is_none()
+                && let Ok(stored) = &result
+            {
+                // Stored although the host aborted it (the plugin did not stop at the abort):
+                // it must not stay upstream.
+                let delete = DeleteRequest {
+                    upload_id: request.upload_id.clone(),
+                    remote_id: stored.remote_id.clone(),
+                    metadata: request.metadata.clone(),
+                };
+                if let Err(error) = worker.delete(&delete)
+                    && error.kind != ErrorKind::NotFound
+                {
+                    tracing::warn!(upload_id = %request.upload_id, provider = %worker.name, %error,
+                        "a streamed upload the host aborted was stored upstream and cannot be deleted");
+                }
+                return Err(PluginError::new(
+                    ErrorKind::Internal,
+                    "the host aborted the upload",
+                ));
+            }
+            result
+        });
+        Some(Self {
+            pieces: Some(sender),
+            call,
+            provider: provider.clone(),
+            started: Instant::now(),
+            stall,
+            stalled: false,
+        })
+    }
+
+    /// Whether the provider still takes bytes.
+    pub(crate) fn is_open(&self) -> bool {
+        self.pieces.is_some()
+    }
+
+    /// Hands a piece (already spooled) to the provider. A provider that stopped reading, or
+    /// that takes longer than the stall bound, is given up: its attempt fails (it reads an
+    /// abort) and the upload is delivered from the spool after the body.
+    pub(crate) async fn send(&mut self, bytes: Bytes) {
+        let Some(pieces) = &self.pieces else { return };
+        match tokio::time::timeout(self.stall, pieces.send(Piece::Data(bytes))).await {
+            Ok(Ok(())) => {}
+            // The provider returned (its call failed): its error is the attempt's.
+            Ok(Err(_)) => self.pieces = None,
+            Err(_) => {
+                self.pieces = None;
+                self.stalled = true;
+            }
+        }
+    }
+
+    /// The upload is accepted: releases the end of the body with the final `metadata` and
+    /// waits (at most `limit`) for the provider's answer.
+    pub(crate) async fn finish(
+        mut self,
+        metadata: &Metadata,
+        limit: Duration,
+    ) -> Result<PutResult, PluginError> {
+        let end = Piece::End(serde_json::to_vec(metadata).unwrap_or_default());
+        if let Some(pieces) = self.pieces.take()
+            && tokio::time::timeout(self.stall, pieces.send(end)).await.is_err()
+        {
+            self.stalled = true;
+        }
+        let result = match tokio::time::timeout(limit, &mut self.call).await {
+            Err(_) => Err(PluginError::new(
+                ErrorKind::Timeout,
+                format!("no answer within {limit:?}"),
+            )),
+            Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
+            Ok(Ok(result)) => result,
+        };
+        deliver::observe(&self.provider, self.started, &result);
+        match result {
+            // The upstream did not take the bytes as fast as the client sent them: retried
+            // from the spool.
+            Err(error) if self.stalled => Err(PluginError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the upstream stopped taking the streamed bytes: {}",
+                    error.message
+                ),
+            )),
+            other => other,
+        }
+    }
+}
