@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Flow benchmarks for upgate, each against a baseline measured in the same run.
 
-  forward: one file through upgate to a mock vendor upstream on loopback (the dify provider
-           plugin forwarding to the dify mock) vs the same file sent straight to that mock.
+  forward: one file through upgate to a loopback upstream vs the same file sent straight to
+           that upstream, twice: the upstream is the project's Dify mock, then a second
+           upgate (Dify dialect, local provider); the first upgate uses the dify plugin with
+           sync delivery (passed through while it arrives).
   kore:    one file through Kore chunked sessions (8 MiB chunks) vs the same file as one
            Dify upload, both to the local provider.
   memory:  the daemon's RSS with idle connections (a partial request head each) and then
@@ -80,7 +82,7 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
-def upgate_argv(workdir, provider_yaml, server_yaml=""):
+def upgate_argv(workdir, provider_yaml, server_yaml="", key=KEY):
     data = os.path.join(workdir, "data")
     shutil.rmtree(data, ignore_errors=True)
     config = os.path.join(workdir, "config.yaml")
@@ -90,7 +92,7 @@ def upgate_argv(workdir, provider_yaml, server_yaml=""):
             f"  plugin_dir: {RELEASE}\n  disk_free_floor: 64MiB\n{server_yaml}"
             f"plans:\n  big: {{ max_file_size: 64GiB }}\n"
             f"providers:\n{provider_yaml}"
-            f"tenants:\n  bench: {{ plan: big, provider: up, keys: [{KEY}] }}\n"
+            f"tenants:\n  bench: {{ plan: big, provider: up, keys: [{key}] }}\n"
         )
     return [UPGATE, "serve", "--config", config]
 
@@ -112,18 +114,42 @@ def row(label, seconds, size_mib, rss=None):
     print(f"  {label:<44} {seconds:8.2f} s {size_mib / seconds:9.1f} MiB/s   peak RSS {rss_text}")
 
 
+def forward_through(workdir, path, upstream_url):
+    """One upload straight to a Dify-shaped upstream, then through an upgate in front of it
+    (dify plugin, sync); best of two each, alternating. Returns (direct, through, rss)."""
+    provider = (
+        f"  up:\n    plugin: dify\n    timeout: 1h\n"
+        f"    settings: {{ base_url: '{upstream_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
+    )
+    first = os.path.join(workdir, "first")
+    os.makedirs(first, exist_ok=True)
+    direct, through, rss = [], [], 0.0
+    with running(upgate_argv(first, provider), r"upgate: listening on (http://\S+)") as (proc, url):
+        for _ in range(2):
+            subprocess.run(["sync"], check=True)
+            direct.append(curl_upload(f"{upstream_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path))
+            subprocess.run(["sync"], check=True)
+            through.append(curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path))
+        rss = peak_rss_mib(proc.pid)
+    return min(direct), min(through), rss
+
+
 def bench_forward(workdir, path, size_mib):
-    print(f"forward: {size_mib} MiB, upgate (dify plugin) -> dify mock vs client -> dify mock")
+    print(f"forward: {size_mib} MiB, client -> upgate (dify plugin, sync) -> upstream vs client -> upstream")
     with running([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)") as (_, mock_url):
-        direct = curl_upload(f"{mock_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path)
-        provider = (
-            f"  up:\n    plugin: dify\n    timeout: 1h\n"
-            f"    settings: {{ base_url: '{mock_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
-        )
-        upload = lambda url: curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
-        through, rss = measured_upgate(workdir, provider, upload)
-    row("direct to the mock (baseline)", direct, size_mib)
-    row("through upgate (stored, hashed, forwarded)", through, size_mib, rss)
+        direct, through, rss = forward_through(workdir, path, mock_url)
+    row("direct to the Dify mock (baseline)", direct, size_mib)
+    row("through upgate to the Dify mock", through, size_mib, rss)
+    print(f"  ratio upgate/direct throughput: {direct / through:.2f}x")
+    second = os.path.join(workdir, "second")
+    os.makedirs(second, exist_ok=True)
+    local = f"  up:\n    plugin: local\n    settings: {{ root: {os.path.join(second, 'files')} }}\n"
+    argv = upgate_argv(second, local, key=UPSTREAM_KEY)
+    with running(argv, r"upgate: listening on (http://\S+)") as (upstream, upstream_url):
+        direct, through, rss = forward_through(workdir, path, upstream_url)
+        upstream_rss = peak_rss_mib(upstream.pid)
+    row("direct to a second upgate (baseline)", direct, size_mib, upstream_rss)
+    row("through upgate to the second upgate", through, size_mib, rss)
     print(f"  ratio upgate/direct throughput: {direct / through:.2f}x\n")
 
 

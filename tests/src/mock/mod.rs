@@ -29,7 +29,7 @@ use std::io::{self, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -207,6 +207,10 @@ struct Shared {
     spool: tempfile::TempDir,
     state: Mutex<State>,
     stop: AtomicBool,
+    /// Request body bytes read so far, requests in progress included.
+    body_bytes_seen: AtomicU64,
+    /// Requests whose body broke off (the client reset or closed the connection mid-body).
+    broken_bodies: AtomicU64,
 }
 
 impl Shared {
@@ -259,6 +263,8 @@ impl MockUpstream {
             spool: tempfile::Builder::new().prefix("mock-upstream-").tempdir()?,
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
+            body_bytes_seen: AtomicU64::new(0),
+            broken_bodies: AtomicU64::new(0),
         });
         let accept_shared = shared.clone();
         let accept = std::thread::Builder::new()
@@ -300,6 +306,16 @@ impl MockUpstream {
     /// Every request so far (the last [`RECEIVED_CAPACITY`]), oldest first.
     pub fn received(&self) -> Vec<Received> {
         self.shared.state().received.iter().cloned().collect()
+    }
+
+    /// Request body bytes read so far, requests still arriving included.
+    pub fn body_bytes_seen(&self) -> u64 {
+        self.shared.body_bytes_seen.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose body broke off before its end (nothing of them was kept).
+    pub fn broken_bodies(&self) -> u64 {
+        self.shared.broken_bodies.load(Ordering::SeqCst)
     }
 
     pub fn clear_received(&self) {
@@ -552,16 +568,25 @@ fn serve_request(
     {
         return false;
     }
-    let mut body = BodyReader::new(reader, framing);
+    let mut body = Counted {
+        inner: BodyReader::new(reader, framing),
+        seen: &shared.body_bytes_seen,
+    };
     let content = match read_content(shared, &head, &mut body) {
         Ok(content) => content,
         Err(error) if error.kind() == io::ErrorKind::InvalidData => Content::Other(Some(error.to_string())),
-        Err(_) => return false, // the client went away
+        Err(_) => {
+            // The client went away inside the body: nothing is kept.
+            shared.broken_bodies.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
     };
     let malformed = matches!(content, Content::Other(Some(_)));
     if !malformed && io::copy(&mut body, &mut io::sink()).is_err() {
+        shared.broken_bodies.fetch_add(1, Ordering::SeqCst);
         return false;
     }
+    let body = body.inner;
     let body_bytes = body.total;
     let finished = body.is_done();
 
@@ -582,6 +607,20 @@ fn serve_request(
     }
     let close = !keep_alive || !finished || malformed;
     http::write_answer(writer, &answer, close).is_ok() && !close
+}
+
+/// A body reader that counts what it reads into the mock's total as it goes.
+struct Counted<'s, R> {
+    inner: R,
+    seen: &'s AtomicU64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.seen.fetch_add(read as u64, Ordering::SeqCst);
+        Ok(read)
+    }
 }
 
 fn fault_answer(shared: &Shared) -> Option<Answer> {

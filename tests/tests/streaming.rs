@@ -1,0 +1,237 @@
+//! Pass-through delivery end to end: the real daemon with sync delivery through streaming
+//! plugins (dify to its mock upstream, the example plugin), bytes leaving for the upstream
+//! while the client is still sending, and every way an upload can end before it is accepted.
+
+use std::path::Path;
+use std::time::Duration;
+
+use upgate_e2e::harness::*;
+use upgate_e2e::mock::{MockUpstream, Vendor};
+
+const BEARER: (&str, &str) = ("Authorization", "Bearer demo-key");
+const UPSTREAM_KEY: &str = "upstream-secret";
+
+/// The default config with the tenant on the `dify` plugin at `mock`, sync delivery, a plan of
+/// `max_file_size`.
+fn dify_config(dir: &Path, mock: &MockUpstream, max_file_size: &str) -> String {
+    default_config(dir)
+        .replace("max_file_size: 1MiB", &format!("max_file_size: {max_file_size}"))
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  up:\n    plugin: dify\n    retry: {{ max_attempts: 3, initial_backoff: 50ms, max_backoff: 200ms }}\n    settings:\n      base_url: {}\n      api_key: {UPSTREAM_KEY}\n      connect_timeout: 1s\n",
+                mock.base_url()
+            ),
+        )
+        .replace("    provider: disk\n", "    provider: up\n")
+}
+
+/// `size` bytes of text, distinct lines.
+fn text(size: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(size + 32);
+    let mut line = 0u64;
+    while bytes.len() < size {
+        bytes.extend_from_slice(format!("line {line} of a streamed upload\n").as_bytes());
+        line += 1;
+    }
+    bytes.truncate(size);
+    bytes
+}
+
+fn state_of(daemon: &Daemon) -> Vec<(String, String, i64)> {
+    let db = daemon.db();
+    let mut query = db
+        .prepare("SELECT state, sha256, attempts FROM uploads ORDER BY created_at")
+        .unwrap();
+    query
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn bytes_reach_the_upstream_while_the_client_is_still_sending() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| dify_config(dir, &mock, "16MiB"));
+    let content = text(4 << 20);
+    // The `user` field comes after the file, as in Dify's own curl example: it reaches the
+    // upstream although the file part was already on its way.
+    let form = Form::new()
+        .file("file", "streamed.txt", "text/plain", &content)
+        .text("user", "late-user");
+    let mut upload = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form);
+    upload.send(2 << 20).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || mock.body_bytes_seen() >= 1 << 20),
+        "the upstream saw {} bytes while the client had sent {} of {}",
+        mock.body_bytes_seen(),
+        upload.sent(),
+        upload.len()
+    );
+    assert!(upload.sent() < upload.len());
+    let (status, answer) = upload.finish().unwrap();
+    assert_eq!(status, 201, "{answer}");
+
+    let received = mock.received();
+    assert_eq!(received.len(), 1, "one upstream request: {received:?}");
+    let request = &received[0];
+    assert_eq!(request.status, 201);
+    assert_eq!(
+        request.header("transfer-encoding"),
+        Some("chunked"),
+        "sent as it arrived"
+    );
+    assert_eq!(request.field("user"), Some("late-user"));
+    let file = request.file().unwrap();
+    assert_eq!(
+        (file.size, file.sha256.as_str()),
+        (content.len() as u64, sha256_hex(&content).as_str())
+    );
+    let stored = mock.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].scope, "late-user");
+    assert_eq!(
+        state_of(&daemon),
+        vec![("forwarded".to_owned(), sha256_hex(&content), 1)],
+        "recorded with the sha256 of what arrived, in one attempt"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || daemon.spool_files() == 0),
+        "the spooled copy goes once delivered"
+    );
+}
+
+#[test]
+fn an_over_limit_body_aborts_the_upstream_request_and_nothing_is_kept() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| dify_config(dir, &mock, "1MiB"));
+    // Within the Content-Length ceiling (one file plus 1 MiB of framing): the limit is hit
+    // mid-stream.
+    let content = text(1536 << 10);
+    let form = Form::new().file("file", "big.txt", "text/plain", &content);
+    let mut upload = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form);
+    upload.send(600 << 10).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || mock.body_bytes_seen() > 0),
+        "streaming had begun"
+    );
+    let answer = upload.finish();
+    let (status, text) = match answer {
+        Ok(answer) => answer,
+        // The daemon may close before the client has sent the rest.
+        Err(error) => panic!("no answer: {error}"),
+    };
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("file_too_large"), "Dify's shape: {text}");
+    assert!(
+        eventually(Duration::from_secs(10), || mock.broken_bodies() == 1),
+        "the upstream request was abandoned mid-body (broken bodies: {})",
+        mock.broken_bodies()
+    );
+    assert!(mock.stored().is_empty(), "nothing kept upstream");
+    assert!(
+        mock.received().is_empty(),
+        "no request completed: {:?}",
+        mock.received()
+    );
+    assert!(state_of(&daemon).is_empty(), "nothing recorded");
+    assert!(eventually(Duration::from_secs(5), || daemon.spool_files() == 0));
+}
+
+#[test]
+fn an_upstream_failing_mid_stream_is_retried_from_the_spool() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    // The first request is reset as soon as its head is read: the streamed body breaks off.
+    mock.reset_next(1);
+    let daemon = Daemon::start_with(|dir| dify_config(dir, &mock, "16MiB"));
+    let content = text(3 << 20);
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new()
+            .text("user", "u-1")
+            .file("file", "retried.txt", "text/plain", &content),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let received = mock.received();
+    assert_eq!(
+        received.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![0, 201]
+    );
+    let retried = &received[1];
+    assert!(
+        retried.header("content-length").is_some(),
+        "the retry sends the spooled copy, its length known"
+    );
+    assert_eq!(retried.file().unwrap().sha256, sha256_hex(&content));
+    assert_eq!(
+        state_of(&daemon),
+        vec![("forwarded".to_owned(), sha256_hex(&content), 2)]
+    );
+}
+
+#[test]
+fn a_stalled_client_aborts_both_sides() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| dify_config(dir, &mock, "16MiB"));
+    let content = text(2 << 20);
+    let form = Form::new().file("file", "stalled.txt", "text/plain", &content);
+    let mut upload = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form);
+    upload.send(512 << 10).unwrap();
+    assert!(eventually(Duration::from_secs(10), || mock.body_bytes_seen() > 0));
+    // Nothing more: the idle timeout (2 s) drops the body.
+    let (status, text) = RawUpload::read_answer(&mut upload.stream).unwrap();
+    assert_eq!(status, 408, "{text}");
+    assert!(
+        eventually(Duration::from_secs(10), || mock.broken_bodies() == 1),
+        "the upstream request was abandoned"
+    );
+    assert!(mock.stored().is_empty() && mock.received().is_empty());
+    assert!(state_of(&daemon).is_empty());
+}
+
+#[test]
+fn a_streaming_plugin_that_panics_mid_read_gives_502_and_the_next_upload_succeeds() {
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir)
+            .replace("max_file_size: 1MiB", "max_file_size: 16MiB")
+            .replace(
+                "providers:\n",
+                "providers:\n  example:\n    plugin: example\n    settings:\n      panic_on: boom.txt\n",
+            )
+            .replace("    provider: disk\n", "    provider: example\n")
+    });
+    let content = text(1 << 20);
+    let upload = |name: &str| {
+        post_form(
+            &daemon.url("/v1/files/upload"),
+            &[BEARER],
+            &Form::new().file("file", name, "text/plain", &content),
+        )
+    };
+    let reply = upload("boom.txt");
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert!(
+        daemon.log().contains("told to panic on boom.txt"),
+        "{}",
+        daemon.log()
+    );
+    let reply = upload("fine.txt");
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    // The example plugin names what it hashed: the bytes that streamed through it.
+    let hashed = format!("example-{}", &sha256_hex(&content)[..16]);
+    let states = state_of(&daemon);
+    assert_eq!(states.len(), 2);
+    assert_eq!(states[0].0, "failed");
+    assert_eq!(states[1].0, "forwarded");
+    let remote: String = daemon
+        .db()
+        .query_row(
+            "SELECT remote_id FROM uploads WHERE state = 'forwarded'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(remote, hashed);
+}
