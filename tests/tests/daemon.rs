@@ -153,7 +153,7 @@ fn a_plugin_built_for_the_previous_abi_is_refused_naming_file_and_versions() {
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(
         local.contains(env!("CARGO_PKG_VERSION"))
-            && local.contains(" 1 ")
+            && local.contains(" 2 ")
             && local.contains("libupgate_plugin_local")
     );
     assert!(stdout.lines().any(|l| l.starts_with("example ")), "{stdout}");
