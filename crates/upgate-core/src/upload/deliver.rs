@@ -100,7 +100,7 @@ async fn call_plugin<T: Send + 'static>(
 }
 
 /// Counts a plugin call that began at `started`: its duration and outcome, its error.
-pub(crate) fn observe<T>(provider: &Provider, started: Instant, result: &Result<T, PluginError>) {
+fn observe<T>(provider: &Provider, started: Instant, result: &Result<T, PluginError>) {
     let outcome = match result {
         Ok(_) => "ok",
         Err(error) => {
@@ -216,7 +216,12 @@ pub(crate) async fn deliver_now(
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let outcome = match streaming.take() {
-            Some(stream) => judge(stream.finish(&record.metadata, remaining).await),
+            Some(stream) => {
+                let started = stream.started();
+                let result = stream.finish(&record.metadata, remaining).await;
+                observe(provider, started, &result);
+                judge(result)
+            }
             None => attempt(gateway, provider, record, path, remaining).await,
         };
         match outcome {

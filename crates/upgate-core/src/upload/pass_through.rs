@@ -8,7 +8,7 @@
 //! refusal, a client that stalls or leaves, or the request being dropped drops the sender,
 //! which the provider reads as the host's abort; an upload a provider stored anyway is
 //! deleted upstream. A streaming attempt that fails is retried from the spooled copy by
-//! [`deliver`](super::deliver), exactly as a stored upload.
+//! `deliver`, exactly as a stored upload.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutResult, Stream
 
 use crate::plugins::{BodyRead, BodySource, Provider};
 
-use super::{Gateway, Metadata, deliver};
+use super::{Gateway, Metadata};
 
 /// Pieces in flight between intake and the provider (each up to one multipart chunk).
 const CHANNEL_PIECES: usize = 8;
@@ -57,9 +57,30 @@ impl BodySource for ChannelBody {
                 None => self.aborted = true,
             }
         }
-        let take = self.current.len().min(buffer.len());
-        buffer[..take].copy_from_slice(&self.current.split_to(take));
-        BodyRead::Data(take)
+        // Fills the buffer with what has already arrived (without waiting for more): fewer,
+        // larger writes upstream than one per piece.
+        let mut filled = 0;
+        loop {
+            let take = self.current.len().min(buffer.len() - filled);
+            buffer[filled..filled + take].copy_from_slice(&self.current.split_to(take));
+            filled += take;
+            if filled == buffer.len() || !self.current.is_empty() {
+                break;
+            }
+            match self.pieces.try_recv() {
+                Ok(Piece::Data(bytes)) => self.current = bytes,
+                Ok(Piece::End(metadata)) => {
+                    self.ended = Some(metadata);
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.aborted = true;
+                    break;
+                }
+            }
+        }
+        BodyRead::Data(filled)
     }
 
     fn metadata(&self) -> &[u8] {
@@ -71,7 +92,6 @@ impl BodySource for ChannelBody {
 pub(crate) struct PassThrough {
     pieces: Option<mpsc::Sender<Piece>>,
     call: JoinHandle<Result<PutResult, PluginError>>,
-    provider: Arc<Provider>,
     started: Instant,
     /// How long a send may wait for the provider to take a piece before it is given up.
     stall: Duration,
@@ -126,11 +146,15 @@ impl PassThrough {
         Some(Self {
             pieces: Some(sender),
             call,
-            provider: provider.clone(),
             started: Instant::now(),
             stall,
             stalled: false,
         })
+    }
+
+    /// When the plugin call began.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 
     /// Whether the provider still takes bytes.
@@ -175,7 +199,6 @@ impl PassThrough {
             Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
             Ok(Ok(result)) => result,
         };
-        deliver::observe(&self.provider, self.started, &result);
         match result {
             // The upstream did not take the bytes as fast as the client sent them: retried
             // from the spool.
