@@ -5,8 +5,9 @@
 //! found, ABI version and descriptor size verified before anything else is read); JSON bytes
 //! in and out of the plugin's functions, with every returned buffer handed back to the
 //! plugin's own `free_buffer`; for `put_stream`, a [`BodySource`] lent to the plugin as a
-//! `HostBody` whose callbacks catch panics (none unwinds into the plugin). Libraries are never unloaded: a plugin's code stays mapped
-//! for the life of the process, so no instance or thread can outlive it.
+//! `HostBody` whose callbacks catch panics (none unwinds into the plugin). Libraries are
+//! never unloaded: a plugin's code stays mapped for the life of the process, so no instance
+//! or thread can outlive it.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, c_void};

@@ -422,7 +422,7 @@ async fn receive_file(
                 stream.send(piece).await;
             }
         }
-        held.clear();
+        held = Vec::new();
     }
     let file = complete_file(writer, upload_id, filename, extension, verify).await?;
     Ok(Arrived { file, passing })

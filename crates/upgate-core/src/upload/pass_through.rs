@@ -41,6 +41,18 @@ struct ChannelBody {
     aborted: bool,
 }
 
+impl ChannelBody {
+    /// What one receive gave: bytes, the end, or (`None`: the sender went without an end:
+    /// refused, stalled, gone) the abort.
+    fn take(&mut self, piece: Option<Piece>) {
+        match piece {
+            Some(Piece::Data(bytes)) => self.current = bytes,
+            Some(Piece::End(metadata)) => self.ended = Some(metadata),
+            None => self.aborted = true,
+        }
+    }
+}
+
 impl BodySource for ChannelBody {
     fn read(&mut self, buffer: &mut [u8]) -> BodyRead {
         while self.current.is_empty() {
@@ -50,12 +62,8 @@ impl BodySource for ChannelBody {
             if self.aborted {
                 return BodyRead::Aborted;
             }
-            match self.pieces.blocking_recv() {
-                Some(Piece::Data(bytes)) => self.current = bytes,
-                Some(Piece::End(metadata)) => self.ended = Some(metadata),
-                // The sender went without an end: refused, stalled, gone.
-                None => self.aborted = true,
-            }
+            let piece = self.pieces.blocking_recv();
+            self.take(piece);
         }
         // Fills the buffer with what has already arrived (without waiting for more): fewer,
         // larger writes upstream than one per piece.
@@ -68,16 +76,12 @@ impl BodySource for ChannelBody {
                 break;
             }
             match self.pieces.try_recv() {
-                Ok(Piece::Data(bytes)) => self.current = bytes,
-                Ok(Piece::End(metadata)) => {
-                    self.ended = Some(metadata);
-                    break;
-                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.aborted = true;
-                    break;
-                }
+                Ok(piece) => self.take(Some(piece)),
+                Err(mpsc::error::TryRecvError::Disconnected) => self.take(None),
+            }
+            if self.current.is_empty() {
+                break;
             }
         }
         BodyRead::Data(filled)
