@@ -218,7 +218,8 @@ pub(crate) async fn deliver_now(
         let outcome = match streaming.take() {
             Some(stream) => {
                 let started = stream.started();
-                let result = stream.finish(&record.metadata, remaining).await;
+                // Boxed: the streamed attempt's waits stay out of every sync delivery's future.
+                let result = Box::pin(stream.finish(&record.metadata, remaining)).await;
                 observe(provider, started, &result);
                 judge(result)
             }

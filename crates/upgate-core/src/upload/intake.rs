@@ -304,8 +304,17 @@ pub(crate) async fn receive_multipart(
                     drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                     continue;
                 }
-                let arrived =
-                    receive_file(&mut field, filename, limits, spool, new_id(), &received.fields).await?;
+                // Boxed: a file part's state (spool writer, pass-through) is large, and inline it
+                // would be copied with every request's future.
+                let arrived = Box::pin(receive_file(
+                    &mut field,
+                    filename,
+                    limits,
+                    spool,
+                    new_id(),
+                    &received.fields,
+                ))
+                .await?;
                 received.files.push(arrived);
             }
             None => {
@@ -392,29 +401,14 @@ async fn receive_file(
             continue;
         };
         deciding = false;
-        // A head the content check refuses is refused at the end, as without streaming.
-        let Ok(mime) = content::classify(&extension, head, text, verify) else {
-            held.clear();
-            continue;
-        };
-        let mut metadata = streaming.known.clone();
-        for (name, value) in fields_so_far {
-            metadata.insert(name.clone(), value.clone().into());
-        }
-        let request = upgate_plugin_api::StreamRequest {
-            upload_id: upload_id.clone(),
-            filename: filename.clone(),
-            extension: extension.clone(),
-            mime_type: mime,
-            size: None,
-            tenant: streaming.tenant.to_owned(),
-            dialect: streaming.dialect.as_str().to_owned(),
-            metadata,
-        };
-        passing = PassThrough::start(
-            streaming.gateway,
-            streaming.provider,
-            request,
+        let upload = (upload_id.as_str(), filename.as_str(), extension.as_str());
+        passing = start_passing(
+            streaming,
+            upload,
+            head,
+            text,
+            verify,
+            fields_so_far,
             limits.idle_timeout,
         );
         if let Some(stream) = passing.as_mut() {
@@ -426,6 +420,37 @@ async fn receive_file(
     }
     let file = complete_file(writer, upload_id, filename, extension, verify).await?;
     Ok(Arrived { file, passing })
+}
+
+/// Starts the pass-through of an upload (`(id, filename, extension)`) whose first bytes are
+/// `head`, unless the content check refuses them (the upload is then refused at its end, as
+/// without streaming) or no delivery slot is free. Not async, so that none of this is kept
+/// in the intake's future.
+fn start_passing(
+    streaming: &Streaming<'_>,
+    (upload_id, filename, extension): (&str, &str, &str),
+    head: &[u8],
+    text: bool,
+    verify: bool,
+    fields_so_far: &BTreeMap<String, String>,
+    stall: Duration,
+) -> Option<PassThrough> {
+    let mime = content::classify(extension, head, text, verify).ok()?;
+    let mut metadata = streaming.known.clone();
+    for (name, value) in fields_so_far {
+        metadata.insert(name.clone(), value.clone().into());
+    }
+    let request = upgate_plugin_api::StreamRequest {
+        upload_id: upload_id.to_owned(),
+        filename: filename.to_owned(),
+        extension: extension.to_owned(),
+        mime_type: mime,
+        size: None,
+        tenant: streaming.tenant.to_owned(),
+        dialect: streaming.dialect.as_str().to_owned(),
+        metadata,
+    };
+    PassThrough::start(streaming.gateway, streaming.provider, request, stall)
 }
 
 /// Reads a small text part (bounded by [`MAX_TEXT_FIELD`] and, with every other non-file part
