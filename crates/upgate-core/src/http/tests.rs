@@ -82,12 +82,10 @@ impl Answer {
     }
 }
 
-/// The gateway every test here shares, over a temporary data directory. It is built once
-/// and never dropped (nor is its directory removed): the bundled SQLite 3.51.1 can deadlock
-/// when a store's two connections close at the same moment (rusqlite issue #1860, fixed in
-/// SQLite 3.51.2), and a gateway per request closed a store dozens of times a run. Tests
-/// sharing it do not meet: no plan limits concurrency, and each dialect has its own
-/// rate-limited key.
+/// The gateway every test here shares, over a temporary data directory, built once and never
+/// dropped (nor is its directory removed): one store for the whole run instead of one per
+/// request keeps these tests quick. Tests sharing it do not meet: no plan limits concurrency,
+/// and each dialect has its own rate-limited key.
 fn gateway() -> web::Data<Gateway> {
     static GATEWAY: LazyLock<web::Data<Gateway>> = LazyLock::new(|| {
         let dir = tempfile::tempdir().unwrap().keep();

@@ -159,8 +159,10 @@ fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
 }
 
 /// Runs jobs until the last handle is gone, then closes its connection and only then lets the
-/// checkpoint thread close its own: the bundled SQLite (3.51.1) can deadlock when two
-/// connections of one database close at the same moment (fixed in 3.51.2).
+/// checkpoint thread close its own, so the two never close at the same moment (SQLite 3.51.1,
+/// bundled by rusqlite 0.38, deadlocked there: a lock-order inversion in the unix VFS, rusqlite
+/// issue #1860, which hung every SQLite user in the process; the workspace takes rusqlite 0.39,
+/// SQLite 3.51.3, for its fix).
 fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>, checkpoints: mpsc::Sender<()>) {
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = queue.recv() {

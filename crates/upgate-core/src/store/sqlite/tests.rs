@@ -307,3 +307,17 @@ async fn a_job_that_fails_leaves_none_of_its_writes() {
             .is_empty()
     );
 }
+
+/// The store's connections (its thread's, the checkpointer's, an operator command's) open and
+/// close one database at once. SQLite 3.51.1 (rusqlite 0.38) could deadlock there, in its unix
+/// VFS (a lock-order inversion between its global and per-file mutexes, rusqlite issue #1860;
+/// fixed in 3.51.2), and once it did every SQLite user in the process hung: a CI run of this
+/// workspace hung so. The race is too rare to provoke in a test's time, so the version is checked.
+#[test]
+fn the_bundled_sqlite_has_the_unix_vfs_close_deadlock_fixed() {
+    assert!(
+        rusqlite::version_number() >= 3_051_002,
+        "SQLite {} can deadlock when connections of one database close at once; 3.51.2 or later is needed",
+        rusqlite::version()
+    );
+}
