@@ -594,8 +594,6 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Installs Debian `package` with apt-get (updating the package lists once if the first try
-/// fails); panics with `why` when it cannot be had: a test fails, never skips.
 /// A port of 127.0.0.1 nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -605,15 +603,19 @@ pub fn free_port() -> u16 {
 }
 
 /// Sends `signal` (`STOP`, `CONT`, `KILL`, ...) to the processes `pids` with the shell's
-/// `kill` (no package, no unsafe); whether that worked.
+/// `kill` (no package, no unsafe); whether that worked for all of them (one that has already
+/// exited is a `false`, not a message on the test's output).
 pub fn signal_pids(pids: &[String], signal: &str) -> bool {
     Command::new("sh")
         .arg("-c")
         .arg(format!("kill -{signal} {}", pids.join(" ")))
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
 }
 
+/// Installs Debian `package` with apt-get (updating the package lists once if the first try
+/// fails); panics with `why` when it cannot be had: a test fails, never skips.
 pub fn apt_install(package: &str, why: &str) {
     let install = || {
         Command::new("apt-get")

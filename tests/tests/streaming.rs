@@ -14,12 +14,24 @@ const UPSTREAM_KEY: &str = "upstream-secret";
 /// The default config with the tenant on the `dify` plugin at `mock`, sync delivery, a plan of
 /// `max_file_size`.
 fn dify_config(dir: &Path, mock: &MockUpstream, max_file_size: &str) -> String {
+    upstream_config(dir, "dify", mock, max_file_size, "")
+}
+
+/// The default config with the tenant on `plugin` at `mock` (with `settings`, indented lines),
+/// sync delivery, a plan of `max_file_size`.
+fn upstream_config(
+    dir: &Path,
+    plugin: &str,
+    mock: &MockUpstream,
+    max_file_size: &str,
+    settings: &str,
+) -> String {
     default_config(dir)
         .replace("max_file_size: 1MiB", &format!("max_file_size: {max_file_size}"))
         .replace(
             "providers:\n",
             &format!(
-                "providers:\n  up:\n    plugin: dify\n    retry: {{ max_attempts: 3, initial_backoff: 50ms, max_backoff: 200ms }}\n    settings:\n      base_url: {}\n      api_key: {UPSTREAM_KEY}\n      connect_timeout: 1s\n",
+                "providers:\n  up:\n    plugin: {plugin}\n    retry: {{ max_attempts: 3, initial_backoff: 50ms, max_backoff: 200ms }}\n    settings:\n      base_url: {}\n      api_key: {UPSTREAM_KEY}\n      connect_timeout: 1s\n{settings}",
                 mock.base_url()
             ),
         )
@@ -99,6 +111,84 @@ fn bytes_reach_the_upstream_while_the_client_is_still_sending() {
     assert!(
         eventually(Duration::from_secs(5), || daemon.spool_files() == 0),
         "the spooled copy goes once delivered"
+    );
+}
+
+#[test]
+fn kore_streams_a_single_upload_that_the_requests_length_keeps_below_its_limit() {
+    let mock = MockUpstream::start(Vendor::Kore, UPSTREAM_KEY);
+    // The plan allows more than Kore's single upload: the request's Content-Length decides.
+    let daemon = Daemon::start_with(|dir| {
+        upstream_config(dir, "kore", &mock, "64MiB", "      single_upload_limit: 8MiB\n")
+    });
+    let content = text(4 << 20);
+    let form = Form::new().file("file", "streamed.txt", "text/plain", &content);
+    let mut upload = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form);
+    upload.send(2 << 20).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || mock.body_bytes_seen() >= 1 << 20),
+        "the upstream saw {} bytes while the client had sent {} of {}",
+        mock.body_bytes_seen(),
+        upload.sent(),
+        upload.len()
+    );
+    let (status, answer) = upload.finish().unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let received = mock.received();
+    assert_eq!(received.len(), 1, "one single upload: {received:?}");
+    let request = &received[0];
+    assert_eq!(
+        (request.path.as_str(), request.status),
+        ("/api/public/files", 200)
+    );
+    assert_eq!(request.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(request.field("fileContext"), Some("bulkImport"));
+    let file = request.file().unwrap();
+    assert_eq!(
+        (file.size, file.sha256.as_str()),
+        (content.len() as u64, sha256_hex(&content).as_str())
+    );
+    assert_eq!(
+        state_of(&daemon),
+        vec![("forwarded".to_owned(), sha256_hex(&content), 1)]
+    );
+}
+
+#[test]
+fn kore_declines_to_stream_an_upload_that_may_need_a_session_and_puts_it_from_the_spool() {
+    let mock = MockUpstream::start(Vendor::Kore, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| {
+        upstream_config(
+            dir,
+            "kore",
+            &mock,
+            "64MiB",
+            "      single_upload_limit: 1MiB\n      chunk_size: 1MiB\n",
+        )
+    });
+    let content = text((2 << 20) + 100);
+    let form = Form::new().file("file", "session.txt", "text/plain", &content);
+    let (status, answer) = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form)
+        .finish()
+        .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let paths: Vec<String> = mock.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths.len(), 5, "start, three chunks, complete: {paths:?}");
+    assert_eq!(paths[0], "/api/public/files/session/start");
+    assert!(paths.iter().all(|path| path != "/api/public/files"), "{paths:?}");
+    let start = mock.received()[0].json.clone().unwrap();
+    assert_eq!(
+        start["fileSize"],
+        content.len() as u64,
+        "the size, known from the spool"
+    );
+    let stored = mock.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sha256, sha256_hex(&content));
+    assert_eq!(
+        state_of(&daemon),
+        vec![("forwarded".to_owned(), sha256_hex(&content), 1)],
+        "declining is not an attempt: the put from the spool is the first"
     );
 }
 

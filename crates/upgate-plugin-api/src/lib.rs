@@ -285,6 +285,10 @@ pub struct StreamRequest {
     /// [`Body`] says.
     #[serde(default)]
     pub size: Option<u64>,
+    /// The most bytes the body can have: the tenant's file size limit, or less when the
+    /// request's own length says so (the host refuses a longer body). A provider whose
+    /// upstream request depends on the size (a single upload below a limit) decides with it.
+    pub size_at_most: u64,
     pub tenant: String,
     pub dialect: String,
     /// The metadata the client sent before the file; [`Body::metadata`] has all of it once
@@ -415,6 +419,10 @@ pub enum ErrorKind {
     Internal,
     /// The plugin panicked (set by the trampolines, never by plugin code).
     Panic,
+    /// `put_stream` only, returned before reading the body: this upload is not streamed
+    /// (too large for the upstream's streamable request, say). The host stores it and calls
+    /// `put`, which is the delivery's first attempt; this is not one.
+    NotStreamed,
 }
 
 /// A provider error as it crosses the boundary.
@@ -493,7 +501,9 @@ pub trait Provider: Send + Sync + Sized + 'static {
     /// Stores one upload upstream while it arrives; only called on plugins that declare
     /// [`FLAG_STREAMING`]. Read `body` to its end before completing the upstream request:
     /// the end means the host accepted the upload; an error (the host's abort) means the
-    /// upstream must keep nothing (abandon the request, or delete what it stored).
+    /// upstream must keep nothing (abandon the request, or delete what it stored). A provider
+    /// that cannot stream this one upload returns [`ErrorKind::NotStreamed`] before reading:
+    /// the host stores it, then calls [`Provider::put`].
     fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
         let _ = (request, body);
         Err(PluginError::new(
@@ -906,6 +916,7 @@ mod tests {
             extension: String::new(),
             mime_type: "text/plain".into(),
             size: None,
+            size_at_most: 1 << 20,
             tenant: "t".into(),
             dialect: "dify".into(),
             metadata: Default::default(),

@@ -54,11 +54,6 @@ impl Content<'_, '_> {
     }
 }
 
-/// A metadata value the host copied from the inbound request, when it is a non-empty string.
-pub fn metadata_str<'a>(request: &'a PutRequest, key: &str) -> Option<&'a str> {
-    metadata_value(&request.metadata, key)
-}
-
 /// A non-blank string value of a metadata map.
 pub fn metadata_value<'a>(
     metadata: &'a serde_json::Map<String, serde_json::Value>,

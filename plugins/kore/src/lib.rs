@@ -1,9 +1,14 @@
 //! Provider plugin `kore`: forwards a stored upload to the Kore.ai agent platform's public
 //! files API.
 //!
-//! Flow: the host hands over a [`PutRequest`]; auth is `X-api-key: KEY`.
-//! - Up to `single_upload_limit` bytes, the spooled file streams from disk as the `file` part
-//!   of `POST {base_url}/api/public/files` with `fileContext` → 200 `{fileId, url}`.
+//! Flow: the host hands over a [`PutRequest`] (the spooled file), or, with sync delivery, a
+//! [`StreamRequest`] and the upload's [`Body`] while it arrives ([`FLAG_STREAMING`]); auth is
+//! `X-api-key: KEY`.
+//! - Up to `single_upload_limit` bytes, the file streams (from disk, or as it arrives) as the
+//!   `file` part of `POST {base_url}/api/public/files` with `fileContext` → 200 `{fileId, url}`.
+//!   An arriving upload is streamed only when it cannot be larger than that limit
+//!   ([`StreamRequest::size_at_most`]): otherwise it is declined (`NotStreamed`) and put from
+//!   the spool, since a session needs `fileSize` before its first byte.
 //! - Larger files go in chunks of `chunk_size` bytes, each read from its byte range of the
 //!   spooled file: `POST /api/public/files/session/start` (JSON `{fileContext, totalChunks,
 //!   fileExtension, fileName, fileSize}`) → `{sessionId}`; per chunk, `POST
@@ -21,10 +26,13 @@
 #![deny(unsafe_code)]
 
 use serde_json::{Value, json};
-use upgate_plugin_api::{DeleteRequest, InitContext, PluginError, Provider, PutRequest, PutResult};
+use upgate_plugin_api::{
+    Body, DeleteRequest, ErrorKind, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest,
+    PutResult, StreamRequest,
+};
 use upgate_upstream::{
-    Auth, FileRange, Multipart, Reply, Upstream, UpstreamSettings, is_path_segment, metadata_str,
-    no_delete_api, upload_form, upload_range,
+    Auth, Content, FileRange, Multipart, Reply, Upstream, UpstreamSettings, is_path_segment, metadata_value,
+    no_delete_api, upload_range,
 };
 
 const VENDOR: &str = "kore";
@@ -41,6 +49,8 @@ pub struct Kore {
 }
 
 impl Provider for Kore {
+    const FLAGS: u32 = FLAG_STREAMING;
+
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
         let settings = UpstreamSettings::parse(
             context,
@@ -61,15 +71,22 @@ impl Provider for Kore {
     }
 
     fn put(&self, request: PutRequest) -> Result<PutResult, PluginError> {
-        let file_context = metadata_str(&request, "fileContext").unwrap_or(&self.file_context);
-        let reply = if request.size <= self.single_upload_limit {
-            let form = upload_form(&request, "file")?.text("fileContext", file_context);
-            self.upstream
-                .post_multipart("upload", "/api/public/files", &[], form)?
-        } else {
-            self.put_chunked(&request, file_context)?
-        };
-        reply.into_put_result("", "fileId", &["url"])
+        if request.size <= self.single_upload_limit {
+            return self.put_single(Content::Spooled(&request));
+        }
+        let file_context = metadata_value(&request.metadata, "fileContext").unwrap_or(&self.file_context);
+        self.put_chunked(&request, file_context)?
+            .into_put_result("", "fileId", &["url"])
+    }
+
+    fn put_stream(&self, request: StreamRequest, body: &mut Body<'_>) -> Result<PutResult, PluginError> {
+        if request.size_at_most > self.single_upload_limit {
+            return Err(PluginError::new(
+                ErrorKind::NotStreamed,
+                "may be larger than the single upload limit: a session needs its size first",
+            ));
+        }
+        self.put_single(Content::Arriving(&request, body))
     }
 
     fn delete(&self, _request: DeleteRequest) -> Result<(), PluginError> {
@@ -82,6 +99,18 @@ impl Provider for Kore {
 }
 
 impl Kore {
+    /// One `POST /api/public/files`; `fileContext` is known by the file's end.
+    fn put_single(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
+        let default_context = self.file_context.clone();
+        let fields = move |metadata: &upgate_upstream::Metadata| {
+            let file_context = metadata_value(metadata, "fileContext").unwrap_or(&default_context);
+            Ok(vec![("fileContext".to_owned(), file_context.to_owned())])
+        };
+        self.upstream
+            .post_upload("upload", "/api/public/files", &[], content, "file", fields)?
+            .into_put_result("", "fileId", &["url"])
+    }
+
     /// The session protocol; returns the `complete` answer.
     fn put_chunked(&self, request: &PutRequest, file_context: &str) -> Result<Reply, PluginError> {
         let whole = upload_range(request)?;

@@ -43,6 +43,7 @@ fn outcome_label(kind: ErrorKind) -> &'static str {
         ErrorKind::NotFound => "not_found",
         ErrorKind::Internal => "internal",
         ErrorKind::Panic => "panic",
+        ErrorKind::NotStreamed => "not_streamed",
     }
 }
 
@@ -215,11 +216,21 @@ pub(crate) async fn deliver_now(
     let failed = loop {
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let outcome = match streaming.take() {
-            Some(stream) => {
-                let started = stream.started();
-                // Boxed: the streamed attempt's waits stay out of every sync delivery's future.
-                let result = Box::pin(stream.finish(&record.metadata, remaining)).await;
+        let streamed = match streaming.take() {
+            // Boxed: the streamed attempt's waits stay out of every sync delivery's future.
+            Some(stream) => Some((
+                stream.started(),
+                Box::pin(stream.finish(&record.metadata, remaining)).await,
+            )),
+            None => None,
+        };
+        let outcome = match streamed {
+            // The provider declined to stream this upload: its put of the spooled copy is
+            // the first attempt.
+            Some((_, Err(declined))) if declined.kind == ErrorKind::NotStreamed => {
+                attempt(gateway, provider, record, path, remaining).await
+            }
+            Some((started, result)) => {
                 observe(provider, started, &result);
                 judge(result)
             }

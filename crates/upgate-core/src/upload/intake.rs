@@ -114,6 +114,8 @@ pub(crate) struct Streaming<'a> {
     pub dialect: DialectName,
     /// The dialect's metadata known before the body (from the path and headers).
     pub known: &'a Metadata,
+    /// The most bytes a file of this request can have (the plan's limit, the body's length).
+    pub size_at_most: u64,
 }
 
 /// A received file and, when it was passed through to its provider while it arrived, that
@@ -145,7 +147,8 @@ impl Gateway {
         let dialect = admission.dialect;
         let plan = &admission.tenant.plan;
         let max_files = plan.max_files_per_request(spec.max_files);
-        if let Some(length) = content_length(headers) {
+        let length = content_length(headers);
+        if let Some(length) = length {
             // The whole body cannot be legitimate if it exceeds every allowed file plus room
             // for the form's framing.
             let ceiling = plan
@@ -167,6 +170,7 @@ impl Gateway {
                 tenant: &admission.tenant.name,
                 dialect,
                 known,
+                size_at_most: plan.max_file_size().min(length.unwrap_or(u64::MAX)),
             });
         let limits = IntakeLimits {
             plan,
@@ -446,6 +450,7 @@ fn start_passing(
         extension: extension.to_owned(),
         mime_type: mime,
         size: None,
+        size_at_most: streaming.size_at_most,
         tenant: streaming.tenant.to_owned(),
         dialect: streaming.dialect.as_str().to_owned(),
         metadata,
