@@ -82,6 +82,14 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
+def cpu_seconds(pid):
+    """(user, system) CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def upgate_argv(workdir, provider_yaml, server_yaml="", key=KEY):
     data = os.path.join(workdir, "data")
     shutil.rmtree(data, ignore_errors=True)
@@ -116,7 +124,8 @@ def row(label, seconds, size_mib, rss=None):
 
 def forward_through(workdir, path, upstream_url):
     """One upload straight to a Dify-shaped upstream, then through an upgate in front of it
-    (dify plugin, sync); best of two each, alternating. Returns (direct, through, rss)."""
+    (dify plugin, sync); best of two each, alternating. Returns (direct, through, rss, cpu):
+    cpu is the first upgate's (user, system) seconds for its fastest upload."""
     provider = (
         f"  up:\n    plugin: dify\n    timeout: 1h\n"
         f"    settings: {{ base_url: '{upstream_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
@@ -129,27 +138,38 @@ def forward_through(workdir, path, upstream_url):
             subprocess.run(["sync"], check=True)
             direct.append(curl_upload(f"{upstream_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path))
             subprocess.run(["sync"], check=True)
-            through.append(curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path))
+            before = cpu_seconds(proc.pid)
+            seconds = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
+            after = cpu_seconds(proc.pid)
+            through.append((seconds, (after[0] - before[0], after[1] - before[1])))
         rss = peak_rss_mib(proc.pid)
-    return min(direct), min(through), rss
+    fastest, cpu = min(through)
+    return min(direct), fastest, rss, cpu
+
+
+def cpu_row(cpu):
+    user, system = cpu
+    print(f"  CPU of the first upgate for that upload: {user + system:.2f} s ({user:.2f} user, {system:.2f} system)")
 
 
 def bench_forward(workdir, path, size_mib):
     print(f"forward: {size_mib} MiB, client -> upgate (dify plugin, sync) -> upstream vs client -> upstream")
     with running([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)") as (_, mock_url):
-        direct, through, rss = forward_through(workdir, path, mock_url)
+        direct, through, rss, cpu = forward_through(workdir, path, mock_url)
     row("direct to the Dify mock (baseline)", direct, size_mib)
     row("through upgate to the Dify mock", through, size_mib, rss)
+    cpu_row(cpu)
     print(f"  ratio upgate/direct throughput: {direct / through:.2f}x")
     second = os.path.join(workdir, "second")
     os.makedirs(second, exist_ok=True)
     local = f"  up:\n    plugin: local\n    settings: {{ root: {os.path.join(second, 'files')} }}\n"
     argv = upgate_argv(second, local, key=UPSTREAM_KEY)
     with running(argv, r"upgate: listening on (http://\S+)") as (upstream, upstream_url):
-        direct, through, rss = forward_through(workdir, path, upstream_url)
+        direct, through, rss, cpu = forward_through(workdir, path, upstream_url)
         upstream_rss = peak_rss_mib(upstream.pid)
     row("direct to a second upgate (baseline)", direct, size_mib, upstream_rss)
     row("through upgate to the second upgate", through, size_mib, rss)
+    cpu_row(cpu)
     print(f"  ratio upgate/direct throughput: {direct / through:.2f}x\n")
 
 
