@@ -8,6 +8,7 @@
 //! in-flight uploads finish within `shutdown_timeout`, and exit 0. Each request is logged
 //! once (method, route, status, bytes, duration, upload ids, tenant), never with keys.
 
+mod logging;
 mod operator;
 mod signals;
 mod workers;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, web};
 use sd_notify::NotifyState;
 
-use crate::config::{Config, ConfigError, LogFormat};
+use crate::config::{Config, ConfigError};
 use crate::http::{self, ConnectionGuard};
 use crate::limits::Limiter;
 use crate::limits::local::LocalLimiter;
@@ -180,16 +181,6 @@ fn open_spool(config: &Config) -> Result<Arc<dyn Spool>, ServeError> {
     })
 }
 
-fn init_logging(format: LogFormat) {
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 fn notify(states: &[NotifyState<'_>]) {
     let _ = sd_notify::notify(states);
 }
@@ -227,7 +218,7 @@ async fn open_gateway(
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn serve(config_path: &Path) -> Result<(), ServeError> {
     let (config, providers) = load(config_path)?;
-    init_logging(config.server.log_format);
+    logging::init(config.server.log_format);
     let workers = config
         .server
         .workers
