@@ -66,8 +66,8 @@ fn chunk_paths_are_numbers_under_the_session() {
 
 #[test]
 fn the_intake_budget_gives_large_slices_while_it_has_room() {
-    // Room for one writer's two large slices.
-    let budget = IntakeBudget::new(2 * WRITE_SLICE as u64);
+    // Room for one writer's large slices.
+    let budget = IntakeBudget::new(((PIPELINE_DEPTH + 2) * WRITE_SLICE) as u64);
     let mut first = SliceSize::new(&budget);
     assert_eq!(first.get(0), SMALL_SLICE, "small until one is filled");
     assert_eq!(first.get(SMALL_SLICE), WRITE_SLICE);
@@ -80,5 +80,76 @@ fn the_intake_budget_gives_large_slices_while_it_has_room() {
         third.get(SMALL_SLICE),
         WRITE_SLICE,
         "given back when the first ended"
+    );
+}
+
+#[tokio::test]
+async fn many_slices_go_through_the_pipeline_in_order_and_in_place_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalSpool::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let spool: Arc<dyn Spool> = Arc::new(local);
+    // Enough slices that both threads fall behind the sender and buffers come back.
+    let data: Vec<u8> = (0..(WRITE_SLICE * 37 + 5)).map(|i| (i * 7 % 253) as u8).collect();
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "many", u64::MAX, false);
+    for chunk in data.chunks(65_521) {
+        writer.write(chunk).await.unwrap();
+    }
+    let (path, size, sha256, _, _) = writer.finish().await.unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(sha256, hex::encode(Sha256::digest(&data)));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+
+    // In place: a second writer goes on in the same file, its hash from the first's.
+    let (first, second) = data.split_at(WRITE_SLICE * 5 + 3);
+    let target = dir.path().join("in-place");
+    let file = std::fs::File::create(&target).unwrap();
+    let mut writer = SpoolWriter::in_place(
+        &spool,
+        &IntakeBudget::new(1 << 20),
+        file,
+        target.clone(),
+        u64::MAX,
+        Sha256::new(),
+    );
+    writer.write(first).await.unwrap();
+    let (_, _, hasher, _, _) = writer.finish_open().await.unwrap();
+    let file = std::fs::OpenOptions::new().append(true).open(&target).unwrap();
+    let mut writer = SpoolWriter::in_place(
+        &spool,
+        &IntakeBudget::new(0),
+        file,
+        target.clone(),
+        u64::MAX,
+        hasher,
+    );
+    writer.write(second).await.unwrap();
+    let (_, _, hasher, _, _) = writer.finish_open().await.unwrap();
+    assert_eq!(hex::encode(hasher.finalize()), sha256);
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+}
+
+#[tokio::test]
+async fn a_disk_error_in_the_pipeline_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalSpool::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let spool: Arc<dyn Spool> = Arc::new(local.clone());
+    // The part file cannot be created: its directory is gone.
+    std::fs::remove_dir_all(local.dir()).unwrap();
+    let data = vec![7u8; WRITE_SLICE * 8];
+    let mut writer = SpoolWriter::new(&spool, &IntakeBudget::new(1 << 20), "lost", u64::MAX, false);
+    let mut refused = None;
+    for chunk in data.chunks(WRITE_SLICE / 2) {
+        if let Err(error) = writer.write(chunk).await {
+            refused = Some(error);
+            break;
+        }
+    }
+    let error = match refused {
+        Some(error) => error,
+        None => writer.finish().await.expect_err("nothing could be written"),
+    };
+    assert_eq!(
+        error,
+        ApiError::from(std::io::Error::from(std::io::ErrorKind::NotFound))
     );
 }

@@ -4,8 +4,8 @@
 //! bounded strings; each file part is checked (filename, extension allowlist) before its
 //! first byte is stored, then streamed through a [`SpoolWriter`]: bytes are counted against
 //! the plan's size limit as they arrive (413 mid-stream, nothing kept), hashed with sha256
-//! and written to `<data_dir>/spool/<id>.part` on a blocking thread in 512 KiB slices
-//! (small files by the worker itself), while the first bytes are kept for content sniffing
+//! and written to `<data_dir>/spool/<id>.part` in 128 KiB slices, one blocking thread
+//! hashing them while another writes them (small files by the worker itself), while the first bytes are kept for content sniffing
 //! and text is checked as UTF-8. A file that must outlive the request is then renamed
 //! atomically to `<data_dir>/spool/<id>`. Any error, a stalled body (idle timeout) or a
 //! dropped connection removes what was written. With sync delivery to a provider that
