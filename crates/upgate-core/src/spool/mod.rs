@@ -341,14 +341,16 @@ const PIPELINE_DEPTH: usize = 4;
 /// The same for a writer without that share: small slices, three at most.
 const SMALL_PIPELINE_DEPTH: usize = 1;
 
+type SliceQueue = tokio::sync::mpsc::Sender<Arc<Vec<u8>>>;
+
 /// The two blocking threads a file's slices go through once it outgrows one slice: one
 /// hashes them, the other writes them, each in order and each at its own pace, while the
 /// async worker goes on receiving. A thread waits (and must be woken) only when it has
 /// caught up with the body; with one thread hashing then writing each slice, and a
 /// handoff per slice, a 1 GiB upload spent much of its time with the cores idle.
 struct SlicePipeline {
-    to_hash: tokio::sync::mpsc::Sender<Arc<Vec<u8>>>,
-    to_write: tokio::sync::mpsc::Sender<Arc<Vec<u8>>>,
+    /// To the hashing thread and to the writing thread; closed (`None`) once one stopped.
+    queues: Option<(SliceQueue, SliceQueue)>,
     /// Buffers both threads are done with, to be filled again.
     emptied: std::sync::mpsc::Receiver<Vec<u8>>,
     hashed: JoinHandle<Sha256>,
@@ -382,8 +384,7 @@ impl SlicePipeline {
             Ok(file)
         });
         Self {
-            to_hash,
-            to_write,
+            queues: Some((to_hash, to_write)),
             emptied,
             hashed,
             written: Some(written),
@@ -397,10 +398,13 @@ impl SlicePipeline {
 
     /// Queues a slice for both threads (waiting while they are behind).
     async fn send(&mut self, slice: Vec<u8>) -> Result<(), ApiError> {
+        let (to_hash, to_write) = self.queues.as_ref().ok_or(ApiError::Internal)?;
         let slice = Arc::new(slice);
-        let hashing = self.to_hash.send(slice.clone()).await;
-        if hashing.is_err() || self.to_write.send(slice).await.is_err() {
-            // A thread stopped: the writer on a disk error, which its end says.
+        let hashing = to_hash.send(slice.clone()).await;
+        if hashing.is_err() || to_write.send(slice).await.is_err() {
+            // A thread stopped: the writer on a disk error, which its end says. Both queues
+            // close first, so that the other thread ends too.
+            self.queues = None;
             if let Some(written) = self.written.take() {
                 written.await??;
             }
@@ -412,13 +416,12 @@ impl SlicePipeline {
     /// Closes the queues and waits for both threads: the sink, holding every byte.
     async fn finish(self) -> Result<Sink, ApiError> {
         let Self {
-            to_hash,
-            to_write,
+            queues,
             hashed,
             written,
             ..
         } = self;
-        drop((to_hash, to_write));
+        drop(queues);
         let written = written.ok_or(ApiError::Internal)?;
         // Both are waited for before either's error counts: no thread is left with a slice.
         let (file, hasher) = (written.await, hashed.await);
