@@ -62,10 +62,9 @@ impl PlainVisitor<'_> {
             self.result = self.writer.write_char(' ');
         }
         if name != "message" {
-            let name = name.strip_prefix("r#").unwrap_or(name);
             self.result = self
                 .result
-                .and_then(|()| self.writer.write_str(name))
+                .and_then(|()| self.writer.write_str(written_name(field)))
                 .and_then(|()| self.writer.write_char('='));
         }
         self.result.is_ok()
@@ -85,6 +84,12 @@ impl PlainVisitor<'_> {
             }
         }
     }
+}
+
+/// A field's name as the line shows it (a raw identifier without its `r#`).
+fn written_name(field: &Field) -> &'static str {
+    let name = field.name();
+    name.strip_prefix("r#").unwrap_or(name)
 }
 
 impl Visit for PlainVisitor<'_> {
@@ -124,14 +129,10 @@ impl Visit for PlainVisitor<'_> {
         self.write_message(&value.to_string());
         let mut source = value.source();
         if source.is_some() {
-            let name = field.name();
-            self.result = self.result.and_then(|()| {
-                write!(
-                    self.writer,
-                    " {}.sources=[",
-                    name.strip_prefix("r#").unwrap_or(name)
-                )
-            });
+            let name = written_name(field);
+            self.result = self
+                .result
+                .and_then(|()| write!(self.writer, " {name}.sources=["));
             let mut first = true;
             while let Some(error) = source {
                 if !std::mem::replace(&mut first, false) {

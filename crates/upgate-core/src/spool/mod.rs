@@ -38,9 +38,10 @@ pub(crate) const SMALL_SLICE: usize = 64 * 1024;
 /// The memory intake buffers may take beyond [`SMALL_SLICE`]s (`server.intake_memory`):
 /// every upload in progress writes in small slices; one that fills a small slice asks once
 /// for room for the [`WRITE_SLICE`]s a writer holds at most (`PIPELINE_DEPTH + 2`) and
-/// writes large slices if it got it, small ones for the rest of its body if not. So intake buffers take
-/// at most `intake_memory` plus three small slices per upload in progress, and under load
-/// the uploads that came last write in smaller pieces instead of growing the daemon.
+/// writes large slices if it got it, small ones for the rest of its body if not. So intake
+/// buffers take at most `intake_memory` plus three small slices per upload in progress, and
+/// under load the uploads that came last write in smaller pieces instead of growing the
+/// daemon.
 #[derive(Debug, Clone)]
 pub(crate) struct IntakeBudget {
     /// Units of [`SMALL_SLICE`] bytes.
@@ -364,8 +365,8 @@ impl SlicePipeline {
     /// none.
     fn start(sink: Sink, path: PathBuf, depth: usize) -> Self {
         let (file, mut hasher) = sink;
-        let (to_hash, mut hash_queue) = tokio::sync::mpsc::channel::<Arc<Vec<u8>>>(depth);
-        let (to_write, mut write_queue) = tokio::sync::mpsc::channel::<Arc<Vec<u8>>>(depth);
+        let (to_hash, mut hash_queue): (SliceQueue, _) = tokio::sync::mpsc::channel(depth);
+        let (to_write, mut write_queue): (SliceQueue, _) = tokio::sync::mpsc::channel(depth);
         let (give_back, emptied) = std::sync::mpsc::channel();
         let give_back_hashed = give_back.clone();
         let hashed = tokio::task::spawn_blocking(move || {
@@ -604,9 +605,8 @@ impl SpoolWriter {
         // A small file that never needed a disk write so far is written right here: a few
         // microseconds of page-cache work cost less than handing it to another thread. Large
         // files, and anything that must be fsynced, stay off the async worker. A file the
-        // pipeline wrote is only left to fsync.
-        let written = sink.0.is_some() && slice.is_empty();
-        let inline = (written || (sink.0.is_none() && slice.len() <= INLINE_WRITE)) && !durable;
+        // pipeline wrote (nothing left in `slice`) is only left to fsync.
+        let inline = !durable && (slice.is_empty() || sink.0.is_none() && slice.len() <= INLINE_WRITE);
         let path = part_path.clone();
         let finish = move || -> std::io::Result<Sha256> {
             let (file, hasher) = write_slice(sink, &path, &slice)?;
