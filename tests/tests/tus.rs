@@ -134,6 +134,22 @@ fn patch_ok(daemon: &Daemon, key: &str, id: &str, offset: u64, bytes: &[u8]) -> 
     reply
 }
 
+/// A PATCH at `offset` announcing the rest of `content` whose connection goes away after
+/// `sent` bytes of it.
+fn patch_cut_off(daemon: &Daemon, id: &str, offset: usize, content: &[u8], sent: usize) {
+    let address = daemon.base_url.trim_start_matches("http://");
+    let mut cut = std::net::TcpStream::connect(address).unwrap();
+    let head = format!(
+        "PATCH /files/{id} HTTP/1.1\r\nHost: {address}\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer demo-key\r\n\
+Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: {offset}\r\nContent-Length: {}\r\n\r\n",
+        content.len() - offset
+    );
+    cut.write_all(head.as_bytes()).unwrap();
+    cut.write_all(&content[offset..offset + sent]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(cut);
+}
+
 fn head(daemon: &Daemon, key: &str, id: &str) -> Reply {
     tus(daemon, "HEAD", &format!("/files/{id}"), Some(key), &[], None)
 }
@@ -1543,18 +1559,7 @@ fn a_patch_cut_off_mid_body_keeps_what_arrived_and_resumes_from_there() {
     let daemon = Daemon::start_with(config);
     let content = text_of(600_000);
     let id = create(&daemon, "demo-key", content.len() as u64, "cut.txt");
-    let address = daemon.base_url.trim_start_matches("http://");
-    let mut cut = std::net::TcpStream::connect(address).unwrap();
-    let head = format!(
-        "PATCH /files/{id} HTTP/1.1\r\nHost: {address}\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer demo-key\r\n\
-Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
-        content.len()
-    );
-    cut.write_all(head.as_bytes()).unwrap();
-    cut.write_all(&content[..400_000]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    // The connection goes away mid-body.
-    drop(cut);
+    patch_cut_off(&daemon, &id, 0, &content, 400_000);
     let kept = || offset_of(&daemon, "demo-key", &id);
     assert!(
         eventually(Duration::from_secs(5), || kept() > 0),
@@ -1569,4 +1574,48 @@ Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n"
     );
     let done = patch_ok(&daemon, "demo-key", &id, offset, &content[offset as usize..]);
     assert_completed(&daemon, &done, &content, "cut.txt");
+}
+
+/// A binary upload's sha256 is kept as its PATCHes arrive (the completion does not read the
+/// file again): a refused PATCH, one cut off mid-body and a restart between two PATCHes each
+/// leave the kept hash matching exactly the acknowledged bytes.
+#[test]
+fn the_sha256_kept_across_patches_is_that_of_the_acknowledged_bytes() {
+    let mut daemon = Daemon::start_with(config);
+    let content = png_of(900_000);
+    let id = create(&daemon, "demo-key", content.len() as u64, "running.png");
+    patch_ok(&daemon, "demo-key", &id, 0, &content[..300_000]);
+    // Other bytes under the right bytes' checksum: refused, and not hashed on.
+    let right = format!(
+        "sha256 {}",
+        b64(&hex::decode(sha256_hex(&content[300_000..600_000])).unwrap())
+    );
+    let reply = patch(
+        &daemon,
+        "demo-key",
+        &id,
+        300_000,
+        &[0xaa; 300_000],
+        &[("Upload-Checksum", &right)],
+    );
+    assert_eq!(reply.status, 460, "{reply:?}");
+    patch_ok(&daemon, "demo-key", &id, 300_000, &content[300_000..600_000]);
+    patch_cut_off(&daemon, &id, 600_000, &content, 150_000);
+    let kept = || offset_of(&daemon, "demo-key", &id);
+    assert!(
+        eventually(Duration::from_secs(5), || kept() > 600_000),
+        "nothing of the cut PATCH was kept: {}",
+        daemon.log()
+    );
+    let offset = kept();
+    let done = patch_ok(&daemon, "demo-key", &id, offset, &content[offset as usize..]);
+    assert_completed(&daemon, &done, &content, "running.png");
+
+    // A restart between two PATCHes: the new process never saw the first bytes.
+    let id = create(&daemon, "demo-key", content.len() as u64, "restarted.png");
+    patch_ok(&daemon, "demo-key", &id, 0, &content[..400_000]);
+    daemon.kill();
+    let daemon = Daemon::spawn(daemon.dir.clone(), daemon.config_path.clone(), &[]);
+    let done = patch_ok(&daemon, "demo-key", &id, 400_000, &content[400_000..]);
+    assert_completed(&daemon, &done, &content, "restarted.png");
 }

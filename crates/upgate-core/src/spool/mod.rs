@@ -150,7 +150,8 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     /// Where one request's bytes of the resumable upload `session` go, starting at its
     /// acknowledged `offset`. What a crash left after that offset is cut.
     fn open_append(&self, session: &str, offset: u64) -> std::io::Result<AppendFile>;
-    /// Makes the `written` bytes of an [`AppendFile`] at `offset` part of the upload, durably:
+    /// Makes the `written` bytes of an [`AppendFile`] at `offset` part of the upload, durably
+    /// (its file was written through a [`SpoolWriter`], which fsyncs under `power_loss`):
     /// after this, `offset + written` may be acknowledged.
     fn commit_append(
         &self,
@@ -183,8 +184,10 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
 /// each request's bytes apart, the staged file behind it (removed when dropped).
 #[derive(Debug)]
 pub(crate) struct AppendFile {
-    /// Taken by the writer while it writes, given back for the commit.
+    /// Taken by the writer while it writes (positioned at the offset).
     pub(crate) file: Option<std::fs::File>,
+    /// Where that file is.
+    pub(crate) path: PathBuf,
     staged: Option<Fetched>,
 }
 
@@ -576,6 +579,14 @@ impl SpoolWriter {
             .reuse()
             .unwrap_or_else(|| Vec::with_capacity(self.slice.size));
         Ok(())
+    }
+
+    /// Stops without finishing: waits until the slices already queued are written, so that
+    /// nothing lands in an in-place file after its owner cut it back.
+    pub(crate) async fn abandon(mut self) {
+        if let Some(pipeline) = self.pipeline.take() {
+            let _ = pipeline.finish().await;
+        }
     }
 
     /// Writes the rest and returns the complete `.part` file's path, size and sha256, the

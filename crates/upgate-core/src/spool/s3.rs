@@ -254,12 +254,13 @@ impl Spool for S3Spool {
             .open(staged.path())?;
         Ok(AppendFile {
             file: Some(file),
+            path: staged.path().to_owned(),
             staged: Some(staged),
         })
     }
 
     fn commit_append(&self, session: &str, offset: u64, written: u64, append: AppendFile) -> io::Result<()> {
-        let AppendFile { file, staged } = append;
+        let AppendFile { file, staged, .. } = append;
         drop(file);
         let staged =
             staged.ok_or_else(|| io::Error::other("a shared-spool append without its staged file"))?;

@@ -35,8 +35,9 @@ use crate::vocab::{DialectName, is_uuid, now_ms};
 use super::admit::Admission;
 use super::hold::{holding, lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
+use super::running_hash::RunningHash;
 use super::{Gateway, Metadata};
-use in_place::{InPlaceWriter, Layout, RunningHash};
+use in_place::{InPlaceWriter, Layout};
 use sha2::Sha256;
 
 /// Most chunks one session may declare.

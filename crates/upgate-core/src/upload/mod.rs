@@ -20,6 +20,7 @@ pub(crate) mod intake;
 pub(crate) mod pass_through;
 pub(crate) mod record;
 pub(crate) mod resumable;
+pub(crate) mod running_hash;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,14 +8,15 @@
 //! place in the spool (no assembly copy), made durable per `server.durability`, and only
 //! then recorded as the new offset: an offset the store reports is never more than the bytes
 //! on disk, and a tail that was never acknowledged is cut at the next append. The first
-//! bytes are sniffed as soon as they are there. When the offset reaches the length, the
-//! file is hashed in one read pass and enters [`Gateway::accept`] like any upload; the bytes
+//! bytes are sniffed as soon as they are there. Bodies go through the spool's writer (its
+//! threads hash and write at once) and on the upload's running sha256
+//! ([`RunningHash`]). When the offset reaches the length, the file enters
+//! [`Gateway::accept`] like any upload, hashed already if this process received all of it
+//! (else, or for a text file's UTF-8, read once); the bytes
 //! stay until it is delivered, so a failed delivery can be retried by a final request with
 //! an empty body. Partial uploads (concatenation) stop there; a final upload joins its
 //! partials in the spool, then completes. Every step on one upload holds it (`hold.rs`: on
 //! several nodes, one request at a time; another gets 409).
-
-use std::io::Write;
 
 use actix_web::web::Payload;
 use md5::Md5;
@@ -24,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::content::{self, SNIFF_LEN};
 use crate::error::ApiError;
-use crate::spool::{SliceSize, SpoolWriter};
+use crate::spool::{AppendFile, SpoolWriter};
 use crate::store::{Concat, SessionRecord, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
@@ -33,6 +34,7 @@ use super::hold::{holding, lock_session};
 use super::intake::{
     body_error, complete_file, extension_of, next_or_stall, received_file, validate_filename,
 };
+use super::running_hash::RunningHash;
 use super::{Gateway, Metadata};
 
 /// Most partial uploads one final upload may join.
@@ -368,6 +370,7 @@ impl Gateway {
         let Written {
             bytes: written,
             cut_short,
+            running,
         } = self
             .write_at(&upload, offset, limit, append.checksum.as_ref(), body, admission)
             .await?;
@@ -383,6 +386,9 @@ impl Gateway {
             self.store.put_chunk(id.to_owned(), 0, new_offset).await?;
             upload.chunks = vec![(0, new_offset)];
         }
+        if let Some(state) = running {
+            RunningHash::advance(id, new_offset, state);
+        }
         if let Some(error) = cut_short {
             // What arrived is kept and recorded; the client resumes from HEAD's offset.
             return Err(error);
@@ -395,7 +401,9 @@ impl Gateway {
     }
 
     /// Streams `body` into the upload's file at `offset`, at most `limit - offset` bytes;
-    /// returns how many were written. On any error, what this request wrote is cut again.
+    /// returns how many were written. Its bytes go on the upload's running sha256 when this
+    /// process hashed the upload up to `offset`. On any error, what this request wrote is
+    /// cut again.
     async fn write_at(
         &self,
         upload: &SessionRecord,
@@ -410,18 +418,29 @@ impl Gateway {
         let id = upload.id.clone();
         // Opening also cuts a tail a crash left after the last acknowledged offset.
         let mut target = tokio::task::spawn_blocking(move || spool.open_append(&id, offset)).await??;
-        let mut file = target.file.take();
+        let file = target.file.take().ok_or(ApiError::Internal)?;
+        // Taken out until the new offset is recorded: a request that fails leaves none. A
+        // partial's hash is never used (its final upload is hashed whole).
+        let running =
+            RunningHash::take(&upload.id, offset).filter(|_| upload.concat != Some(Concat::Partial));
+        let continuing = running.is_some();
+        let mut writer = SpoolWriter::in_place(
+            &self.spool,
+            &self.intake_budget,
+            file,
+            target.path.clone(),
+            // A reload may have lowered the plan's limit below the offset: no room then.
+            limit.saturating_sub(offset),
+            running.unwrap_or_default(),
+        );
         let mut hasher = checksum.map(Hasher::for_checksum);
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut slice = SliceSize::new(&self.intake_budget);
-        let mut written = 0u64;
         // A body cut short (the client went away, or stalled) keeps what arrived, as the
         // protocol asks, unless the request carried a checksum, which only the whole body
         // can match.
         let mut cut_short = None;
-        let outcome: Result<(), ApiError> = async {
+        let received: Result<(), ApiError> = async {
             loop {
-                let next = match next_or_stall(&mut body, idle).await {
+                let bytes = match next_or_stall(&mut body, idle).await {
                     Ok(Some(Ok(bytes))) => bytes,
                     Ok(None) => break,
                     Ok(Some(Err(error))) => {
@@ -433,56 +452,67 @@ impl Gateway {
                         break;
                     }
                 };
-                let bytes = next;
-                written += bytes.len() as u64;
-                if offset + written > limit {
-                    return Err(ApiError::TooLarge {
-                        limit: admission.tenant.plan.max_file_size().min(limit),
-                    });
-                }
                 if let Some(hasher) = &mut hasher {
                     hasher.update(&bytes);
                 }
-                // Slices are filled to their size exactly, so the buffer never grows past it.
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    let take = (slice.get(buffer.len()) - buffer.len()).min(rest.len());
-                    buffer.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if buffer.len() >= slice.get(buffer.len()) {
-                        let (returned, emptied) =
-                            write_slice(file.take(), std::mem::take(&mut buffer)).await?;
-                        file = Some(returned);
-                        buffer = emptied;
-                    }
-                }
+                writer.write(&bytes).await.map_err(|error| match error {
+                    // The writer knows only the room left; the client is told the limit.
+                    ApiError::TooLarge { .. } => ApiError::TooLarge {
+                        limit: admission.tenant.plan.max_file_size().min(limit),
+                    },
+                    other => other,
+                })?;
             }
-            if let (Some(error), Some(_)) = (&cut_short, checksum) {
-                return Err(error.clone());
+            match (&cut_short, checksum) {
+                (Some(error), Some(_)) => Err(error.clone()),
+                _ => Ok(()),
             }
-            let (returned, _) = write_slice(file.take(), std::mem::take(&mut buffer)).await?;
-            if let (Some(hasher), Some(checksum)) = (hasher.take(), checksum)
-                && !hasher.matches(checksum)
-            {
-                return Err(ApiError::ChecksumMismatch);
-            }
-            // Durable (in place, or put in the shared spool) before the offset is recorded.
-            target.file = Some(returned);
-            let (spool, id) = (self.spool.clone(), upload.id.clone());
-            tokio::task::spawn_blocking(move || spool.commit_append(&id, offset, written, target)).await??;
-            Ok(())
         }
         .await;
+        let outcome = match received {
+            Ok(()) => {
+                self.commit_write(upload, offset, checksum, hasher, writer, target)
+                    .await
+            }
+            Err(error) => {
+                writer.abandon().await;
+                Err(error)
+            }
+        };
         match outcome {
-            Ok(()) => Ok(Written {
+            Ok((written, state)) => Ok(Written {
                 bytes: written,
                 cut_short,
+                running: continuing.then_some(state),
             }),
             Err(error) => {
                 self.cut(&upload.id, offset);
                 Err(error)
             }
         }
+    }
+
+    /// Writes the rest of a received body, checks the client's checksum and commits the
+    /// bytes: how many, and the sha256 state of the upload up to their end.
+    async fn commit_write(
+        &self,
+        upload: &SessionRecord,
+        offset: u64,
+        checksum: Option<&Checksum>,
+        hasher: Option<Hasher>,
+        writer: SpoolWriter,
+        target: AppendFile,
+    ) -> Result<(u64, Sha256), ApiError> {
+        let (_, written, state, ..) = writer.finish_open().await?;
+        if let (Some(hasher), Some(checksum)) = (hasher, checksum)
+            && !hasher.matches(checksum)
+        {
+            return Err(ApiError::ChecksumMismatch);
+        }
+        // Durable (in place, or put in the shared spool) before the offset is recorded.
+        let (spool, id) = (self.spool.clone(), upload.id.clone());
+        tokio::task::spawn_blocking(move || spool.commit_append(&id, offset, written, target)).await??;
+        Ok((written, state))
     }
 
     /// Cuts the upload's file back to `offset` (bytes of a refused request).
@@ -518,9 +548,16 @@ impl Gateway {
         let (session, name) = (upload.id.clone(), upload_id.clone());
         let length = upload.declared_size;
         let text = content::is_text_extension(&upload.extension);
+        // Hashed as the bytes arrived, when this process saw them all; a text file is read
+        // whole for its UTF-8.
+        let hashed = RunningHash::sha256_of(&session, length).filter(|_| !text);
         let (path, digest) = tokio::task::spawn_blocking(move || {
             let path = spool.link_part(&session, length, &name)?;
-            std::io::Result::Ok((path.clone(), crate::spool::digest(&path, text)?))
+            let digest = match hashed {
+                Some(sha256) => crate::spool::digest_hashed(&path, sha256),
+                None => crate::spool::digest(&path, text),
+            };
+            std::io::Result::Ok((path, digest?))
         })
         .await??;
         let file = received_file(
@@ -542,6 +579,7 @@ impl Gateway {
         upload.upload_id = Some(delivered);
         // Recorded (and delivered, or durable in the spool for the outbox): the upload's own
         // copy of the bytes goes.
+        RunningHash::forget(&upload.id);
         let spool = self.spool.clone();
         let session = upload.id.clone();
         let _ = tokio::task::spawn_blocking(move || spool.remove_session(&session)).await;
@@ -614,6 +652,7 @@ impl Gateway {
         holding(&self.store, id, async {
             self.resumable(admission, id).await?;
             self.store.delete_session(id.to_owned()).await?;
+            RunningHash::forget(id);
             let spool = self.spool.clone();
             let id = id.to_owned();
             let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
@@ -628,21 +667,7 @@ struct Written {
     bytes: u64,
     /// Why the body ended before its end, its bytes so far kept.
     cut_short: Option<ApiError>,
-}
-
-/// Writes a slice on a blocking thread; gives the file and the emptied buffer back.
-async fn write_slice(
-    file: Option<std::fs::File>,
-    mut slice: Vec<u8>,
-) -> Result<(std::fs::File, Vec<u8>), ApiError> {
-    let mut file = file.ok_or(ApiError::Internal)?;
-    if slice.is_empty() {
-        return Ok((file, slice));
-    }
-    Ok(tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        file.write_all(&slice)?;
-        slice.clear();
-        Ok((file, slice))
-    })
-    .await??)
+    /// The upload's sha256 state up to the end of these bytes, when this process hashed
+    /// it from the start.
+    running: Option<Sha256>,
 }

@@ -14,15 +14,14 @@
 //! prefix changed while it arrived is moved out at its commit: bytes in the in-place file
 //! beyond the prefix are never read.
 //!
-//! The sha256 of the prefix is kept in this process as it grows ([`RunningHash`]): each
-//! chunk in place is hashed on from the state its predecessor left, so a session completed
-//! all in place needs no hashing pass (after a restart, or once the prefix changed, the
-//! completion reads the file once instead).
+//! The sha256 of the prefix is kept in this process as it grows
+//! ([`RunningHash`](crate::upload::running_hash::RunningHash)): each chunk in place is
+//! hashed on from the state its predecessor left, so a session completed all in place
+//! needs no hashing pass (after a restart, or once the prefix changed, the completion reads
+//! the file once instead).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
-
-use sha2::Sha256;
 
 use crate::spool::Spool;
 use crate::store::SessionRecord;
@@ -74,47 +73,6 @@ impl Layout {
             .filter(|(n, _)| *n < number)
             .map(|(_, size)| size)
             .sum()
-    }
-}
-
-/// The sha256 state of each session's in-place prefix: its bytes `0..end`.
-static RUNNING: LazyLock<Mutex<HashMap<String, (u64, Sha256)>>> = LazyLock::new(Default::default);
-
-/// The running hash of sessions' in-place prefixes.
-pub(crate) struct RunningHash;
-
-impl RunningHash {
-    /// The state to hash a chunk starting at `offset` on from: the prefix's, if it ends
-    /// there (a fresh state at 0); `None` when this process does not know it.
-    pub(crate) fn at(session: &str, offset: u64) -> Option<Sha256> {
-        if offset == 0 {
-            return Some(Sha256::default());
-        }
-        let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running
-            .get(session)
-            .filter(|(end, _)| *end == offset)
-            .map(|(_, state)| state.clone())
-    }
-
-    /// The prefix of `session` now ends at `end`, hashed up to there by `state`.
-    pub(crate) fn advance(session: &str, end: u64, state: Sha256) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.insert(session.to_owned(), (end, state));
-    }
-
-    /// Forgets the state of `session` (its prefix changed, or it ended).
-    pub(crate) fn forget(session: &str) {
-        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
-    }
-
-    /// The sha256 of the first `len` bytes of `session`'s prefix, if this process hashed
-    /// exactly those.
-    pub(crate) fn sha256_of(session: &str, len: u64) -> Option<String> {
-        use sha2::Digest;
-        let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        let (end, state) = running.get(session)?;
-        (*end == len).then(|| hex::encode(state.clone().finalize()))
     }
 }
 
@@ -183,27 +141,6 @@ mod tests {
         );
         assert_eq!(Layout::of(&all, &none, None).in_place, 0, "no in-place file");
         assert_eq!(Layout::offset_of(&all, 3), 30);
-    }
-
-    #[test]
-    fn the_running_hash_goes_on_only_from_where_the_prefix_ends() {
-        use sha2::Digest;
-        assert!(RunningHash::at("running-a", 0).is_some(), "a prefix starts empty");
-        assert!(RunningHash::at("running-a", 5).is_none(), "unknown");
-        let mut state = RunningHash::at("running-a", 0).unwrap();
-        state.update(b"hello");
-        RunningHash::advance("running-a", 5, state);
-        assert!(RunningHash::at("running-a", 4).is_none());
-        let mut state = RunningHash::at("running-a", 5).unwrap();
-        state.update(b" world");
-        RunningHash::advance("running-a", 11, state);
-        assert_eq!(RunningHash::sha256_of("running-a", 5), None);
-        assert_eq!(
-            RunningHash::sha256_of("running-a", 11),
-            Some(hex::encode(Sha256::digest(b"hello world")))
-        );
-        RunningHash::forget("running-a");
-        assert_eq!(RunningHash::sha256_of("running-a", 11), None);
     }
 
     #[test]
