@@ -5,6 +5,10 @@
 //!
 //! What flows through here: renames and unlinks of files whose names are upgate's ids and
 //! chunk numbers; with `durability: power_loss`, an fsync of the directory after each rename.
+//! A session's file that grows in place (a tus upload's, a Kore session's in-place file) is
+//! only written through a handle holding its lock (`flock`), taken again to cut or link it:
+//! a request dropped mid-body, whose writer thread still writes what it had queued, is
+//! waited for before the next request touches the file.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -54,7 +58,7 @@ impl LocalSpool {
         self.dir.join(id)
     }
 
-    fn in_place_path(&self, session: &str) -> PathBuf {
+    pub(super) fn in_place_path(&self, session: &str) -> PathBuf {
         self.session_dir(session).join(IN_PLACE_FILE)
     }
 
@@ -62,10 +66,16 @@ impl LocalSpool {
         self.session_dir(session).join(number.to_string())
     }
 
-    /// The file of a resumable upload `session` (its chunk 0), open for writing at `offset`:
-    /// created if needed, and cut to `offset` (a tail a crash left after the last
-    /// acknowledged offset goes).
+    /// The file of a resumable upload `session` (its chunk 0), open for writing at `offset`
+    /// (see [`LocalSpool::open_for_writing`]).
     fn open_at(&self, session: &str, offset: u64) -> std::io::Result<std::fs::File> {
+        self.open_for_writing(session, &self.chunk_path(session, 0), offset)
+    }
+
+    /// A session's file at `path`, created if needed, open for writing at `offset` and cut
+    /// there (a tail a crash or a refused request left after the acknowledged bytes goes).
+    /// The handle holds the file's lock ([`lock_file`]) until it is closed.
+    fn open_for_writing(&self, session: &str, path: &Path, offset: u64) -> std::io::Result<std::fs::File> {
         use std::io::{Seek, SeekFrom};
         let dir = self.session_dir(session);
         let created = !dir.exists();
@@ -74,7 +84,8 @@ impl LocalSpool {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(self.chunk_path(session, 0))?;
+            .open(path)?;
+        lock_file(&file)?;
         if file.metadata()?.len() != offset {
             file.set_len(offset)?;
         }
@@ -83,6 +94,27 @@ impl LocalSpool {
             self.sync_dir(&dir)?;
         }
         Ok(file)
+    }
+
+    /// A session's complete file at `path` cut to its `length` and linked as the spooled
+    /// part file of upload `name`, under the file's lock.
+    fn link_cut(&self, path: &Path, length: u64, name: &str) -> std::io::Result<PathBuf> {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        lock_file(&file)?;
+        let len = file.metadata()?.len();
+        if len < length {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a session file holds {len} bytes, {length} were acknowledged"),
+            ));
+        }
+        if len != length {
+            file.set_len(length)?;
+        }
+        let part = self.part_path(name);
+        let _ = std::fs::remove_file(&part);
+        std::fs::hard_link(path, &part)?;
+        Ok(part)
     }
 
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
@@ -191,21 +223,8 @@ impl Spool for LocalSpool {
     }
 
     fn open_in_place(&self, session: &str, offset: u64) -> std::io::Result<Option<(std::fs::File, PathBuf)>> {
-        use std::io::{Seek, SeekFrom};
-        let dir = self.session_dir(session);
-        let created = !dir.exists();
-        std::fs::create_dir_all(&dir)?;
         let path = self.in_place_path(session);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        file.set_len(offset)?;
-        file.seek(SeekFrom::Start(offset))?;
-        if created {
-            self.sync_dir(&dir)?;
-        }
+        let file = self.open_for_writing(session, &path, offset)?;
         Ok(Some((file, path)))
     }
 
@@ -252,15 +271,7 @@ impl Spool for LocalSpool {
     }
 
     fn link_in_place(&self, session: &str, len: u64, name: &str) -> std::io::Result<PathBuf> {
-        let path = self.in_place_path(session);
-        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-        if file.metadata()?.len() != len {
-            file.set_len(len)?;
-        }
-        let part = self.part_path(name);
-        let _ = std::fs::remove_file(&part);
-        std::fs::hard_link(&path, &part)?;
-        Ok(part)
+        self.link_cut(&self.in_place_path(session), len, name)
     }
 
     /// The upload's one file, written in place.
@@ -297,20 +308,19 @@ impl Spool for LocalSpool {
         Ok(head)
     }
 
-    fn link_part(&self, session: &str, _length: u64, name: &str) -> std::io::Result<PathBuf> {
-        let part = self.part_path(name);
-        let _ = std::fs::remove_file(&part);
-        std::fs::hard_link(self.chunk_path(session, 0), &part)?;
-        Ok(part)
+    fn link_part(&self, session: &str, length: u64, name: &str) -> std::io::Result<PathBuf> {
+        self.link_cut(&self.chunk_path(session, 0), length, name)
     }
 
     fn join(&self, target: &str, sources: &[(String, u64)]) -> std::io::Result<u64> {
+        use std::io::Read;
         let mut joined = self.open_at(target, 0)?;
         let mut total = 0;
-        for (source, _) in sources {
-            // In the kernel where it can (copy_file_range): no bytes through user space.
-            let mut part = std::fs::File::open(self.chunk_path(source, 0))?;
-            total += std::io::copy(&mut part, &mut joined)?;
+        for (source, length) in sources {
+            // In the kernel where it can (copy_file_range): no bytes through user space. Only
+            // a part's acknowledged bytes.
+            let part = std::fs::File::open(self.chunk_path(source, 0))?;
+            total += std::io::copy(&mut part.take(*length), &mut joined)?;
         }
         if self.durability == Durability::PowerLoss {
             joined.sync_data()?;
@@ -337,4 +347,12 @@ impl Spool for LocalSpool {
     fn unready(&self) -> Option<String> {
         None
     }
+}
+
+/// Takes a session file's exclusive lock, waiting while another handle holds it. Every handle
+/// that writes a session's file holds it, so a writer whose request was dropped (its
+/// threads still writing the slices it had queued) is waited for before the file is cut,
+/// written again or linked.
+fn lock_file(file: &std::fs::File) -> std::io::Result<()> {
+    file.lock()
 }

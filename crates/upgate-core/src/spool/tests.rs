@@ -153,3 +153,54 @@ async fn a_disk_error_in_the_pipeline_is_an_error_not_a_hang() {
         ApiError::from(std::io::Error::from(std::io::ErrorKind::NotFound))
     );
 }
+
+/// A session's file is not cut, written again or linked while a handle of an earlier writer
+/// (a dropped request's thread, still writing the slices it had queued) holds it: its stale
+/// bytes land first and are cut, never over the new ones.
+#[test]
+fn a_session_file_waits_for_the_writer_still_holding_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = LocalSpool::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let in_place = spool.in_place_path("kore-a");
+    type Opener = fn(&LocalSpool) -> std::fs::File;
+    let openers: [(Opener, PathBuf); 2] = [
+        (
+            |spool| spool.open_append("tus-a", 0).unwrap().file.unwrap(),
+            dir.path().join("sessions/tus-a/0"),
+        ),
+        (
+            |spool| spool.open_in_place("kore-a", 0).unwrap().unwrap().0,
+            in_place,
+        ),
+    ];
+    for (open, path) in openers {
+        let mut stale = open(&spool);
+        let (held, holding) = std::sync::mpsc::channel();
+        let zombie = std::thread::spawn(move || {
+            held.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            stale.write_all(b"stale bytes of a dropped request").unwrap();
+        });
+        holding.recv().unwrap();
+        let mut fresh = open(&spool);
+        fresh.write_all(b"fresh").unwrap();
+        drop(fresh);
+        zombie.join().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"fresh", "{}", path.display());
+    }
+    // Linking a complete upload waits too, and takes only its acknowledged bytes.
+    let mut stale = spool.open_append("tus-b", 0).unwrap().file.unwrap();
+    stale.write_all(b"0123456789").unwrap();
+    let zombie = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        stale.write_all(b"tail never acknowledged").unwrap();
+    });
+    let part = spool.link_part("tus-b", 10, "u-b").unwrap();
+    zombie.join().unwrap();
+    assert_eq!(std::fs::read(&part).unwrap(), b"0123456789");
+    assert!(
+        spool.link_part("tus-b", 11, "u-c").is_err(),
+        "fewer bytes than acknowledged"
+    );
+}

@@ -660,7 +660,7 @@ impl Gateway {
         })
         .await
         .unwrap_or_default();
-        if listed.is_empty() {
+        if listed.is_empty() && RunningHash::is_empty() {
             return;
         }
         // Read after listing: chunks are only placed for a session whose row exists, so a
@@ -669,6 +669,7 @@ impl Gateway {
             return;
         };
         let ids: HashSet<String> = ids.into_iter().collect();
+        RunningHash::retain(|id| ids.contains(id));
         for name in listed.into_iter().filter(|name| !ids.contains(name)) {
             let _lock = lock_session(&name).await;
             self.remove_session_chunks(&name).await;

@@ -378,10 +378,12 @@ impl Gateway {
         if written > 0 {
             // A partial's bytes are sniffed as part of its final upload, not on their own.
             let sniffed = plan.config.verify_content && upload.concat != Some(Concat::Partial);
-            if offset < SNIFF_LEN as u64 && sniffed {
-                self.sniff(&upload, new_offset)
-                    .await
-                    .inspect_err(|_| self.cut(&upload.id, offset))?;
+            if offset < SNIFF_LEN as u64
+                && sniffed
+                && let Err(error) = self.sniff(&upload, new_offset).await
+            {
+                self.cut(&upload.id, offset).await;
+                return Err(error);
             }
             self.store.put_chunk(id.to_owned(), 0, new_offset).await?;
             upload.chunks = vec![(0, new_offset)];
@@ -486,7 +488,7 @@ impl Gateway {
                 running: continuing.then_some(state),
             }),
             Err(error) => {
-                self.cut(&upload.id, offset);
+                self.cut(&upload.id, offset).await;
                 Err(error)
             }
         }
@@ -515,9 +517,12 @@ impl Gateway {
         Ok((written, state))
     }
 
-    /// Cuts the upload's file back to `offset` (bytes of a refused request).
-    fn cut(&self, id: &str, offset: u64) {
-        if let Err(error) = self.spool.cut(id, offset) {
+    /// Cuts the upload's file back to `offset` (bytes of a refused request), once no writer
+    /// holds it.
+    async fn cut(&self, id: &str, offset: u64) {
+        let (spool, owned) = (self.spool.clone(), id.to_owned());
+        let cut = tokio::task::spawn_blocking(move || spool.cut(&owned, offset)).await;
+        if let Ok(Err(error)) = cut {
             tracing::error!(upload_id = %id, %error, "cannot cut a refused request's bytes");
         }
     }
@@ -557,6 +562,16 @@ impl Gateway {
                 Some(sha256) => crate::spool::digest_hashed(&path, sha256),
                 None => crate::spool::digest(&path, text),
             };
+            let digest = digest.and_then(|digest| match digest.size == length {
+                true => Ok(digest),
+                false => Err(std::io::Error::other(format!(
+                    "{} bytes spooled for an upload of {length}",
+                    digest.size
+                ))),
+            });
+            if digest.is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
             std::io::Result::Ok((path, digest?))
         })
         .await??;

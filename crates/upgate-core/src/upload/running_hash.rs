@@ -53,6 +53,21 @@ impl RunningHash {
         RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
     }
 
+    /// Keeps only the states of sessions `exists` says still exist: on several nodes, the
+    /// node that completes, terminates or sweeps a session is not always the one that
+    /// hashed some of it.
+    pub(crate) fn retain(exists: impl Fn(&str) -> bool) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|session, _| exists(session));
+    }
+
+    /// Whether no state is kept.
+    pub(crate) fn is_empty() -> bool {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     /// The sha256 of the first `len` bytes of `session`'s prefix, if this process hashed
     /// exactly those.
     pub(crate) fn sha256_of(session: &str, len: u64) -> Option<String> {
