@@ -110,4 +110,14 @@ mod tests {
         RunningHash::forget("running-a");
         assert_eq!(RunningHash::sha256_of("running-a", 3), None);
     }
+
+    #[test]
+    fn states_of_sessions_gone_from_the_store_are_dropped() {
+        RunningHash::advance("retain-kept", 3, Sha256::default());
+        RunningHash::advance("retain-gone", 3, Sha256::default());
+        RunningHash::retain(|id| !id.starts_with("retain-") || id == "retain-kept");
+        assert!(RunningHash::sha256_of("retain-kept", 3).is_some());
+        assert!(RunningHash::sha256_of("retain-gone", 3).is_none());
+        RunningHash::forget("retain-kept");
+    }
 }
