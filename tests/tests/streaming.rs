@@ -325,3 +325,78 @@ fn a_streaming_plugin_that_panics_mid_read_gives_502_and_the_next_upload_succeed
         .unwrap();
     assert_eq!(remote, hashed);
 }
+
+/// An upload the provider stores after the gateway stopped waiting for it (the provider's
+/// timeout passed: the client was told 504, the record says failed) is deleted upstream,
+/// whether it was passed through or put from the spool.
+#[test]
+fn an_upload_stored_after_the_gateway_stopped_waiting_is_deleted_upstream() {
+    let mock = MockUpstream::start(Vendor::Korexo, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| {
+        upstream_config(
+            dir,
+            "korexo",
+            &mock,
+            "16MiB",
+            "      app_id: app-1\n      env_name: dev\n",
+        )
+        .replace("    plugin: korexo\n", "    plugin: korexo\n    timeout: 1s\n")
+    });
+    // Every request is acted on at once and answered 3 s later.
+    mock.hang(Duration::from_secs(3));
+    // Above the sniffed 8 KiB, passed through; below it, put from the spool after the body.
+    for (name, size) in [("streamed.txt", 256 << 10), ("put.txt", 100)] {
+        let content = text(size);
+        let reply = post_form(
+            &daemon.url("/v1/files/upload"),
+            &[BEARER],
+            &Form::new().file("file", name, "text/plain", &content),
+        );
+        assert_eq!(reply.status, 504, "{name}: {}", reply.text);
+        assert!(
+            eventually(Duration::from_secs(15), || mock.stored().is_empty()
+                && mock.received().iter().any(|r| r.method == "DELETE")),
+            "{name}: still stored upstream: {:?}",
+            mock.stored()
+        );
+        assert_eq!(state_of(&daemon).last().unwrap().0, "failed");
+        mock.clear_received();
+    }
+    mock.hang(Duration::ZERO);
+}
+
+/// A request's file does not pass through after one that did not: that one is put from the
+/// spool after the body, and with every delivery slot held by the later file's stream
+/// (which waits for its end until the request is accepted) it would wait forever.
+#[test]
+fn a_file_after_one_put_from_the_spool_is_not_passed_through() {
+    let mock = MockUpstream::start(Vendor::Korexo, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| {
+        with_korexo_upstream(&default_config(dir), &mock)
+            .replace("    plugin: korexo\n", "    plugin: korexo\n    timeout: 5s\n")
+            .replacen(
+                "  idle_timeout: 2s\n",
+                "  idle_timeout: 2s\n  forward_concurrency: 1\n",
+                1,
+            )
+    });
+    let big = text(256 << 10);
+    let form = Form::new()
+        .text("threadId", "1a2036c0-d533-4636-8f51-2a811763ef5c")
+        .file(
+            "files",
+            "small.txt",
+            "text/plain",
+            b"a first file below the sniffed bytes",
+        )
+        .file("files", "big.txt", "text/plain", &big);
+    let reply = post_form(
+        &daemon.url("/agent-setup/upload"),
+        &[("x-api-key", "demo-key"), ("current-workspace-id", "ws-1")],
+        &form,
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let stored: Vec<String> = mock.stored().iter().map(|stored| stored.sha256.clone()).collect();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(stored.contains(&sha256_hex(&big)));
+}

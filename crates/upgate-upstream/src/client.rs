@@ -258,11 +258,18 @@ impl Upstream {
                 let request = builder
                     .body(SendBody::from_reader(form))
                     .map_err(|error| self.internal(what, error))?;
+                // No bound on the whole call (the body lasts as long as the client sends it),
+                // but on each write and read: an upstream that stops taking the body, or
+                // answers and then stalls, fails the call instead of holding its thread.
+                let timeout = Some(self.settings.timeout);
                 let request = self
                     .agent
                     .configure_request(request)
                     .timeout_global(None)
-                    .timeout_recv_response(Some(self.settings.timeout))
+                    .timeout_per_write(timeout)
+                    .timeout_per_read(timeout)
+                    .timeout_recv_response(timeout)
+                    .timeout_recv_body(timeout)
                     .build();
                 let response = self
                     .agent

@@ -23,6 +23,7 @@ use crate::store::UploadRecord;
 use crate::vocab::now_ms;
 
 use super::pass_through::PassThrough;
+use super::plugin_call::{PendingCall, delete_unclaimed};
 use super::{Gateway, remove_quietly};
 
 /// How one attempt ended.
@@ -84,17 +85,19 @@ impl Runs {
     }
 }
 
-/// Runs one plugin call (see [`Runs`]) and records its duration and outcome.
+/// Runs one plugin call (see [`Runs`]) and records its duration and outcome. A blocking
+/// call that succeeds after the host stopped waiting goes to `unclaimed`.
 async fn call_plugin<T: Send + 'static>(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     runs: Runs,
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
+    unclaimed: Option<Box<dyn FnOnce(T) + Send>>,
 ) -> Result<T, PluginError> {
     let started = Instant::now();
     let result = match runs {
         Runs::Inline => call(provider),
-        Runs::Blocking(limit) => call_blocking(gateway, provider, limit, call).await,
+        Runs::Blocking(limit) => call_blocking(gateway, provider, limit, call, unclaimed).await,
     };
     observe(provider, started, &result);
     result
@@ -112,34 +115,28 @@ fn observe<T>(provider: &Provider, started: Instant, result: &Result<T, PluginEr
     metrics::upstream_duration(&provider.name, outcome, started.elapsed());
 }
 
+/// A plugin call on a blocking thread, once a delivery slot is free, both within `limit`.
 async fn call_blocking<T: Send + 'static>(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     limit: Duration,
     call: impl FnOnce(&Provider) -> Result<T, PluginError> + Send + 'static,
+    unclaimed: Option<Box<dyn FnOnce(T) + Send>>,
 ) -> Result<T, PluginError> {
-    let slot = gateway
-        .delivery_slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
-    let worker = provider.clone();
-    // The slot goes with the call: a call the host stopped waiting for (timeout) still
-    // holds it until the plugin returns, so `forward_concurrency` bounds real threads.
-    let running = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        call(&worker)
-    });
-    let joined = tokio::time::timeout(limit, running).await;
-    match joined {
-        Err(_) => Err(PluginError::new(
+    let deadline = tokio::time::Instant::now() + limit;
+    let no_slot = || {
+        PluginError::new(
             ErrorKind::Timeout,
-            format!("no answer within {limit:?}"),
-        )),
-        Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
-        Ok(Ok(result)) => result,
-    }
+            format!("no delivery slot free within {limit:?} (forward_concurrency)"),
+        )
+    };
+    let slot = tokio::time::timeout_at(deadline, gateway.delivery_slots.clone().acquire_owned())
+        .await
+        .map_err(|_| no_slot())?
+        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
+    PendingCall::spawn(provider, slot, call, unclaimed)
+        .wait_until(deadline)
+        .await
 }
 
 async fn attempt(
@@ -151,7 +148,9 @@ async fn attempt(
 ) -> Attempt {
     let request = put_request(record, path);
     let runs = Runs::for_upload(provider, record.size, limit);
-    judge(call_plugin(gateway, provider, runs, move |provider| provider.put(&request)).await)
+    let unclaimed = delete_unclaimed(provider, record.id.clone(), record.metadata.clone());
+    let put = move |provider: &Provider| provider.put(&request);
+    judge(call_plugin(gateway, provider, runs, put, Some(unclaimed)).await)
 }
 
 /// What a put's result means for the delivery: done, worth retrying, or failed for good.
@@ -168,9 +167,13 @@ fn judge(result: Result<PutResult, PluginError>) -> Attempt {
     }
 }
 
+/// The longest wait an upstream's `Retry-After` (passed on by its plugin) is taken for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// Exponential backoff with full jitter for retry number `attempt` (1-based), at least
 /// `floor` (an upstream's Retry-After), at most the configured maximum.
 pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, floor: Option<Duration>) -> Duration {
+    let floor = floor.map(|floor| floor.min(MAX_RETRY_AFTER));
     let base = retry
         .initial_backoff
         .0
@@ -232,7 +235,11 @@ pub(crate) async fn deliver_now(
             }
             Some((started, result)) => {
                 observe(provider, started, &result);
-                judge(result)
+                // A streamed upload never had the spooled file: it is not the plugin's to move.
+                judge(result.map(|streamed| PutResult {
+                    consumed_file: false,
+                    ..streamed
+                }))
             }
             None => attempt(gateway, provider, record, path, remaining).await,
         };
@@ -243,7 +250,7 @@ pub(crate) async fn deliver_now(
             }
             Attempt::Retry(error, floor) if attempts < config.max_attempts() => {
                 let wait = backoff(&config.retry, attempts, floor);
-                if Instant::now() + wait >= deadline {
+                if Instant::now().checked_add(wait).is_none_or(|at| at >= deadline) {
                     break error;
                 }
                 metrics::retry(&provider.name);
@@ -301,7 +308,7 @@ pub(crate) async fn delete_upstream(
     } else {
         Runs::Blocking(provider.config.timeout.0)
     };
-    match call_plugin(gateway, provider, runs, move |p| p.delete(&request)).await {
+    match call_plugin(gateway, provider, runs, move |p| p.delete(&request), None).await {
         Ok(()) => Ok(()),
         Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
         Err(error) => Err(ApiError::from(&error)),
@@ -413,7 +420,7 @@ pub(crate) async fn deliver_from_outbox(
             metrics::retry(&provider.name);
             tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts, error = %error,
                 "async delivery failed, next try in {wait:?}");
-            let retry_at = now_ms() + wait.as_millis() as i64;
+            let retry_at = now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
             match gateway
                 .store
                 .mark_attempt_failed(

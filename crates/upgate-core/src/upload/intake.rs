@@ -308,6 +308,13 @@ pub(crate) async fn receive_multipart(
                     drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                     continue;
                 }
+                // A file passes through only after files that all do: one delivered from the
+                // spool after the body would wait for a delivery slot while a later file's
+                // stream holds one, waiting for its end.
+                let may_pass = received
+                    .files
+                    .iter()
+                    .all(|file| file.passing.as_ref().is_some_and(PassThrough::is_open));
                 // Boxed: a file part's state (spool writer, pass-through) is large, and inline it
                 // would be copied with every request's future.
                 let arrived = Box::pin(receive_file(
@@ -316,6 +323,7 @@ pub(crate) async fn receive_multipart(
                     limits,
                     spool,
                     new_id(),
+                    may_pass,
                     &received.fields,
                 ))
                 .await?;
@@ -361,6 +369,7 @@ async fn receive_file(
     limits: &IntakeLimits<'_>,
     spool: &Arc<dyn Spool>,
     upload_id: String,
+    may_pass: bool,
     fields_so_far: &BTreeMap<String, String>,
 ) -> Result<Arrived, ApiError> {
     // The multipart parser reads `\` in a quoted filename as an escape and drops it: a name
@@ -389,7 +398,7 @@ async fn receive_file(
     // `accept` drops it, which aborts it.
     let mut passing: Option<PassThrough> = None;
     let mut held: Vec<Bytes> = Vec::new();
-    let mut deciding = limits.streaming.is_some();
+    let mut deciding = may_pass && limits.streaming.is_some();
     while let Some(chunk) = next_or_stall(field, limits.idle_timeout).await? {
         let chunk: Bytes = chunk.map_err(multipart_error)?;
         writer.write(&chunk).await?;

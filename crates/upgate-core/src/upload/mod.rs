@@ -18,6 +18,7 @@ pub(crate) mod deliver;
 pub(crate) mod hold;
 pub(crate) mod intake;
 pub(crate) mod pass_through;
+pub(crate) mod plugin_call;
 pub(crate) mod record;
 pub(crate) mod resumable;
 pub(crate) mod running_hash;

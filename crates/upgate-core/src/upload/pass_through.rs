@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutResult, StreamRequest};
+use upgate_plugin_api::{ErrorKind, PluginError, PutResult, StreamRequest};
 
 use crate::plugins::{BodyRead, BodySource, Provider};
 
+use super::plugin_call::{PendingCall, delete_unclaimed, forget_stored};
 use super::{Gateway, Metadata};
 
 /// Pieces in flight between intake and the provider (each up to one multipart chunk).
@@ -95,7 +95,7 @@ impl BodySource for ChannelBody {
 /// A streaming delivery attempt in flight: the sending side and the plugin call.
 pub(crate) struct PassThrough {
     pieces: Option<mpsc::Sender<Piece>>,
-    call: JoinHandle<Result<PutResult, PluginError>>,
+    call: PendingCall<PutResult>,
     started: Instant,
     /// How long a send may wait for the provider to take a piece before it is given up.
     stall: Duration,
@@ -114,39 +114,29 @@ impl PassThrough {
     ) -> Option<Self> {
         let slot = gateway.delivery_slots.clone().try_acquire_owned().ok()?;
         let (sender, receiver) = mpsc::channel(CHANNEL_PIECES);
-        let worker = provider.clone();
-        let call = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
+        let unclaimed = delete_unclaimed(provider, request.upload_id.clone(), request.metadata.clone());
+        let stream = move |provider: &Provider| {
             let mut body = ChannelBody {
                 pieces: receiver,
                 current: Bytes::new(),
                 ended: None,
                 aborted: false,
             };
-            let result = worker.put_stream(&request, &mut body);
+            let result = provider.put_stream(&request, &mut body);
             if body.ended.is_none()
-                && let Ok(stored) = &result
+                && let Ok(stored) = result
             {
                 // Stored although the host aborted it (the plugin did not stop at the abort):
                 // it must not stay upstream.
-                let delete = DeleteRequest {
-                    upload_id: request.upload_id.clone(),
-                    remote_id: stored.remote_id.clone(),
-                    metadata: request.metadata.clone(),
-                };
-                if let Err(error) = worker.delete(&delete)
-                    && error.kind != ErrorKind::NotFound
-                {
-                    tracing::warn!(upload_id = %request.upload_id, provider = %worker.name, %error,
-                        "a streamed upload the host aborted was stored upstream and cannot be deleted");
-                }
+                forget_stored(provider, request.upload_id, stored.remote_id, request.metadata);
                 return Err(PluginError::new(
                     ErrorKind::Internal,
                     "the host aborted the upload",
                 ));
             }
             result
-        });
+        };
+        let call = PendingCall::spawn(provider, slot, stream, Some(unclaimed));
         Some(Self {
             pieces: Some(sender),
             call,
@@ -195,25 +185,15 @@ impl PassThrough {
         {
             self.stalled = true;
         }
-        let result = match tokio::time::timeout(limit, &mut self.call).await {
-            Err(_) => Err(PluginError::new(
-                ErrorKind::Timeout,
-                format!("no answer within {limit:?}"),
-            )),
-            Ok(Err(_)) => Err(PluginError::new(ErrorKind::Panic, "plugin call aborted")),
-            Ok(Ok(result)) => result,
-        };
-        match result {
+        if self.stalled {
             // The upstream did not take the bytes as fast as the client sent them: retried
-            // from the spool.
-            Err(error) if self.stalled => Err(PluginError::new(
+            // from the spool now. The plugin reads the abort once its upstream write returns,
+            // and what it stored after all is deleted.
+            return Err(PluginError::new(
                 ErrorKind::Timeout,
-                format!(
-                    "the upstream stopped taking the streamed bytes: {}",
-                    error.message
-                ),
-            )),
-            other => other,
+                "the upstream stopped taking the streamed bytes",
+            ));
         }
+        self.call.wait_until(tokio::time::Instant::now() + limit).await
     }
 }

@@ -27,6 +27,10 @@ fn backoff_grows_is_capped_and_honours_retry_after() {
             Duration::from_secs(3)
         );
     }
+    // An upstream's Retry-After of u64::MAX seconds is taken for a day, not added to a clock.
+    let endless = backoff(&retry, 1, Some(Duration::from_secs(u64::MAX)));
+    assert_eq!(endless, MAX_RETRY_AFTER);
+    assert!(std::time::Instant::now().checked_add(endless).is_some());
 }
 
 #[test]
