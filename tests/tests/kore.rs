@@ -623,3 +623,31 @@ fn chunks_sent_in_order_are_written_once_and_survive_a_kill_9_between_them() {
     }
     daemon.kill();
 }
+
+/// The same chunk sent twice at once: one request writes it in place, the other is kept apart
+/// (the in-place writer is busy) and recorded first. The copy recorded last is the chunk:
+/// the one in place, whose bytes (and size) complete the upload, not the other's file.
+#[test]
+fn a_chunk_sent_twice_at_once_is_the_copy_recorded_last() {
+    let daemon = Daemon::start_with(config);
+    let first: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let in_place: Vec<u8> = (0..150_000u32).map(|i| b'A' + (i % 26) as u8).collect();
+    let apart: Vec<u8> = (0..120_000u32).map(|i| b'0' + (i % 10) as u8).collect();
+    let session = open(&daemon, &[KEY], "twice.txt", first.len() + in_place.len(), 2);
+    send_ok(&daemon, &session, 0, &first);
+    let form =
+        Form::new()
+            .text("chunkNumber", "1")
+            .file("file", "blob", "application/octet-stream", &in_place);
+    let path = format!("/api/public/files/session/{session}");
+    let mut slow = RawUpload::start(&daemon.url(""), &path, KEY, &form);
+    slow.send(slow.len() / 2).unwrap();
+    // Its file part has begun (written in place) before the other copy arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    send_ok(&daemon, &session, 1, &apart);
+    let (status, text) = slow.finish().unwrap();
+    assert_eq!(status, 200, "{text}");
+    let mut content = first.clone();
+    content.extend_from_slice(&in_place);
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+}

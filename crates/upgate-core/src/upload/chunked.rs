@@ -79,8 +79,11 @@ struct TempChunk {
     path: PathBuf,
     size: u64,
     /// Written in the session's in-place file at this offset (`path` is that file, never
-    /// removed), by the session's one in-place writer.
-    in_place: Option<(u64, InPlaceWriter)>,
+    /// removed).
+    in_place: Option<u64>,
+    /// The session's one in-place writer, for a chunk in place: held until the chunk is
+    /// recorded, so that no other request lays the prefix out from a session without it.
+    writer: Option<InPlaceWriter>,
     /// The sha256 state of the in-place prefix with this chunk, when it was hashed on from
     /// the prefix's state.
     running: Option<Sha256>,
@@ -94,8 +97,16 @@ impl TempChunk {
 
 impl Drop for TempChunk {
     fn drop(&mut self) {
-        if self.in_place.is_none() && !self.path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.path);
+        if self.in_place.is_some() || self.path.as_os_str().is_empty() {
+            return;
+        }
+        // Up to a whole chunk to free: off the async worker where there is one.
+        let path = std::mem::take(&mut self.path);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || std::fs::remove_file(path))),
+            Err(_) => {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -241,7 +252,7 @@ impl Gateway {
                     // The next chunk of the in-place prefix, not received yet, goes in place.
                     let in_place = match number {
                         Some(number) if !session.chunks.iter().any(|(n, _)| *n == number) => {
-                            self.in_place_target(&session, number).await
+                            self.in_place_target(admission, id, number).await
                         }
                         _ => None,
                     };
@@ -274,11 +285,18 @@ impl Gateway {
     /// prefix's next chunk, another request writes in place, or the spool keeps chunks apart.
     async fn in_place_target(
         &self,
-        session: &SessionRecord,
+        admission: &Admission,
+        id: &str,
         number: u64,
     ) -> Option<(std::fs::File, PathBuf, u64, InPlaceWriter)> {
-        let writer = InPlaceWriter::try_take(&session.id)?;
-        let (spool, session) = (self.spool.clone(), session.clone());
+        let writer = InPlaceWriter::try_take(id)?;
+        // Read again with the writer held: the session read when the request began may lack
+        // a chunk that another writer's commit recorded since (its bytes in the prefix).
+        let session = self.open_session(admission, id).await.ok()?;
+        if session.chunks.iter().any(|(n, _)| *n == number) {
+            return None;
+        }
+        let spool = self.spool.clone();
         let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let layout = Layout::read(spool.as_ref(), &session)?;
             if layout.in_place != number {
@@ -345,7 +363,8 @@ impl Gateway {
             path,
             size,
             running: (continuing && at.is_some()).then_some(state),
-            in_place: at,
+            in_place: at.as_ref().map(|(offset, _)| *offset),
+            writer: at.map(|(_, writer)| writer),
         })
     }
 
@@ -353,15 +372,28 @@ impl Gateway {
     /// upload, accepts it like a single upload (quota, record, delivery), then removes the
     /// session and its chunks. Missing chunks: 400 naming them, and the session stays open.
     pub(crate) async fn complete_session(
-        &self,
-        admission: &Admission,
+        self: &Arc<Self>,
+        admission: Admission,
         id: &str,
     ) -> Result<Vec<UploadRecord>, ApiError> {
         if !is_uuid(id) {
             return Err(ApiError::NotFound);
         }
         self.check_disk_floor()?;
-        holding(&self.store, id, self.complete_held_session(admission, id)).await
+        // In a task of its own: a client that goes away cannot stop a completion between
+        // the upload's record and the session's removal (a retried `complete` would make a
+        // second upload of it), nor leave the chunks half moved out of place.
+        let (gateway, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            holding(
+                &gateway.store,
+                &id,
+                gateway.complete_held_session(&admission, &id),
+            )
+            .await
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
     }
 
     /// [`Gateway::complete_session`], the session held.
@@ -575,18 +607,23 @@ impl ChunkCommit {
         }
         let size = chunk.size;
         let running = chunk.running.take();
+        // Released when this commit ends, after the chunk is recorded.
+        let _writer = chunk.writer.take();
         let placing = spool.clone();
         let current = session.clone();
         // Where the prefix now ends if the chunk stayed in place.
         let in_place_end = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
             let layout = Layout::read(placing.as_ref(), &current)?;
             match &chunk.in_place {
-                // Still the prefix's next chunk: it is in place already.
-                Some((offset, _)) if layout.in_place == number && layout.offset == *offset => {
+                // Still the prefix's next chunk: it is in place already, and a copy of the same
+                // number that another request placed apart meanwhile (the prefix stopped at
+                // it) goes: this one is recorded last.
+                Some(offset) if layout.in_place == number && layout.offset == *offset => {
+                    placing.remove_chunk(&current.id, number);
                     return Ok(Some(offset + size));
                 }
                 // The prefix changed while it arrived: it gets a file of its own.
-                Some((offset, _)) => placing.move_out_of_place(&current.id, number, *offset, size)?,
+                Some(offset) => placing.move_out_of_place(&current.id, number, *offset, size)?,
                 None => {
                     // Replacing a chunk of the prefix: the later ones leave the in-place
                     // file first (their offsets follow from its size).

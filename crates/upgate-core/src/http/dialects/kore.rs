@@ -125,9 +125,10 @@ async fn chunk(
 
 async fn complete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
     answer(DialectName::Kore, async move {
+        let gateway = gateway.into_inner();
         let admission = admit(&gateway, &Kore, &request).await?;
         let id = request.match_info().get("sessionId").unwrap_or_default();
-        let records = gateway.complete_session(&admission, id).await?;
+        let records = gateway.complete_session(admission, id).await?;
         Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))
     })
     .await

@@ -241,6 +241,11 @@ impl PostgresStore {
                     .prepare("DELETE FROM sessions WHERE expires_at <= $1 RETURNING id")
                     .await?;
                 let rows = connection.client().query(&delete, &[&now]).await?;
+                // Leases a node held when it died, long over (a live one is renewed).
+                let stale = connection
+                    .prepare("DELETE FROM session_leases WHERE until_ms < $1")
+                    .await?;
+                connection.client().execute(&stale, &[&now]).await?;
                 rows.iter()
                     .map(|row| row.try_get(0).map_err(StoreError::from))
                     .collect()
