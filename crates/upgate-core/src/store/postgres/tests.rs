@@ -412,6 +412,11 @@ async fn nodes_share_claims_quotas_and_one_migration() {
             .await
             .unwrap()
     );
+    // Its holder dies: the row stays until the sweep of expired sessions, once it ran out.
+    nodes[1].take_expired_sessions(t + 59_999).await.unwrap();
+    assert_eq!(server.psql("shared", "SELECT count(*) FROM session_leases"), "1");
+    nodes[1].take_expired_sessions(t + 60_001).await.unwrap();
+    assert_eq!(server.psql("shared", "SELECT count(*) FROM session_leases"), "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
