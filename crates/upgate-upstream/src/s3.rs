@@ -144,8 +144,14 @@ impl ObjectStore {
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
+            .timeout_resolve(Some(settings.connect_timeout))
             .timeout_connect(Some(settings.connect_timeout))
             .timeout_recv_response(Some(settings.answer_timeout))
+            // Whole objects take as long as their size needs, but no single write or read
+            // may wait longer than an answer: a peer gone silent (a partition, a proxy that
+            // dropped the connection) fails the call instead of holding its thread for good.
+            .timeout_per_write(Some(settings.answer_timeout))
+            .timeout_per_read(Some(settings.answer_timeout))
             .user_agent(concat!("upgate/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(Self {
@@ -608,5 +614,44 @@ mod tests {
         let error = store.delete("k").expect_err("nothing listens");
         assert!(error.is_unavailable(), "{error}");
         assert_eq!(io::Error::from(error).kind(), io::ErrorKind::NotConnected);
+    }
+
+    /// A service that sends an answer's head and then nothing more (a peer gone silent):
+    /// the download fails within its attempts instead of waiting for good.
+    #[test]
+    fn a_service_that_stops_mid_answer_fails_the_call() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = listener.local_addr().expect("bound").port();
+        let mut held = Vec::new();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nten bytes.");
+                held.push(stream);
+            }
+        });
+        let store = ObjectStore::new(&S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: "very-secret".into(),
+            connect_timeout: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(1),
+        })
+        .expect("valid settings");
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let target = dir.path().join("object");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(store.get_to_file("k", &target).map(|_| ()));
+        });
+        let result = finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the download returned instead of waiting for good");
+        assert!(result.is_err(), "{result:?}");
     }
 }

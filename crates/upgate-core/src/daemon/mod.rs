@@ -250,18 +250,18 @@ async fn run(
     // acknowledged, leases of deliveries that died with the process.
     let spool = gateway.spool.clone();
     let keep = gateway.store.spooled_ids().await?;
-    let orphans = tokio::task::spawn_blocking(move || spool.remove_orphans(&keep))
-        .await
-        .map_err(|error| ServeError::Io {
-            what: "cannot sweep the spool".into(),
-            source: std::io::Error::other(error),
-        })?
-        .map_err(ServeError::io("cannot sweep the spool"))?;
-    if orphans > 0 {
-        tracing::info!(
+    // Housekeeping: a shared spool that is unreachable now must not keep the node from
+    // starting (it answers 503 until the spool is back); the sweep runs at the next start.
+    match tokio::task::spawn_blocking(move || spool.remove_orphans(&keep)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(orphans)) => tracing::info!(
             orphans,
             "removed spooled files of uploads that were never acknowledged"
-        );
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot sweep the spool's orphans now; left for the next start")
+        }
+        Err(error) => tracing::warn!(%error, "the spool's orphan sweep stopped"),
     }
     gateway.store.release_outbox_leases().await?;
     gateway.fail_interrupted_deliveries().await;

@@ -380,10 +380,24 @@ pub(crate) async fn deliver_from_outbox(
                     remove_persisted(gateway, &record.id).await;
                 }
                 Ok(false) => {
+                    let current = gateway.store.upload(record.id.clone()).await;
                     let deleted = matches!(
-                        gateway.store.upload(record.id.clone()).await,
+                        &current,
                         Ok(Some(current)) if current.state == crate::store::UploadState::Deleted
                     );
+                    // A provider whose remote id follows from the upload (the local one's
+                    // `<root>/<id>`) puts every delivery of it in one place: that place is the
+                    // recorded (or the other claim's coming) delivery's, and stays.
+                    let same_target = !deleted
+                        && (result.remote_id == record.id
+                            || matches!(&current, Ok(Some(current))
+                                if current.remote_id.as_deref() == Some(result.remote_id.as_str())));
+                    if same_target {
+                        tracing::warn!(upload_id = %record.id, provider = %provider.name,
+                            "the outbox lease ran out during this delivery and the upload was delivered again to the same place; \
+                             keeping it");
+                        return;
+                    }
                     if deleted {
                         // Deleted by its client while this attempt was in flight: the copy
                         // just made upstream goes too.

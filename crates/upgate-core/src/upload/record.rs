@@ -28,12 +28,14 @@ use crate::policy::Tenant;
 /// What the record of an interrupted sync delivery says.
 const INTERRUPTED: &str = "interrupted: the daemon stopped during the sync delivery, before the client was answered; the provider may hold a copy";
 
-/// How long a sync delivery may take (the provider's timeout, within which it retries) plus
-/// a margin for a plugin call that overruns it: its record's lease.
-fn sync_delivery_lease_ms(provider: &Provider) -> i64 {
+/// How long the sync delivery of `files` files may take (one after the other, each within
+/// the provider's timeout, in which it retries) plus a margin for a plugin call that overruns
+/// it: their records' lease.
+fn sync_delivery_lease_ms(timeout: std::time::Duration, files: usize) -> i64 {
     const MARGIN_MS: i64 = 60_000;
-    i64::try_from(provider.config.timeout.0.as_millis())
+    i64::try_from(timeout.as_millis())
         .unwrap_or(i64::MAX)
+        .saturating_mul(i64::try_from(files).unwrap_or(i64::MAX))
         .saturating_add(MARGIN_MS)
 }
 
@@ -146,7 +148,7 @@ impl Gateway {
         for record in &mut records {
             record.state = UploadState::Delivering;
         }
-        let lease_end = now.saturating_add(sync_delivery_lease_ms(&provider));
+        let lease_end = now.saturating_add(sync_delivery_lease_ms(provider.config.timeout.0, records.len()));
         if let Err(error) = self.store.insert_uploads(records.clone(), lease_end).await {
             // Nothing was delivered: the spooled files go with `files`, the quota comes back.
             self.refund(tenant, plan.has_quota(), day, &records).await;
@@ -189,12 +191,19 @@ impl Gateway {
                 .collect();
             self.refund(tenant, plan.has_quota(), day, &not_kept).await;
         }
-        if let Err(error) = self.store.record_outcomes(records.clone()).await {
+        let recorded = match self.store.record_outcomes(records.clone()).await {
+            Ok(changed) if changed == records.len() => Ok(()),
+            // The lease ended first (a delivery that overran it, or a clock ahead on the node
+            // that swept): the records already say `interrupted`, and their quota is back.
+            Ok(_) => Err(ApiError::UpstreamTimeout),
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = recorded {
             // Delivered but the outcome not recorded: the client, told the request failed,
-            // sends it again, so nothing may stay upstream. The records stay `delivering` and
-            // fail when their lease ends, which gives back their quota.
+            // sends it again, so nothing may stay upstream. Records still `delivering` fail
+            // when their lease ends, which gives back their quota.
             self.roll_back_delivered(&provider, &mut records).await;
-            return Err(error.into());
+            return Err(error);
         }
         match failure {
             Some(error) => Err(error),
@@ -268,5 +277,18 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_sync_delivery_lease_covers_every_file_one_after_the_other() {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(super::sync_delivery_lease_ms(timeout, 1), 90_000);
+        assert_eq!(super::sync_delivery_lease_ms(timeout, 4), 180_000);
+        assert_eq!(super::sync_delivery_lease_ms(Duration::MAX, 10), i64::MAX);
     }
 }
