@@ -22,6 +22,11 @@ use ureq::{Agent, Body, SendBody};
 /// Files up to this size go up in one `PUT`; larger ones as multipart parts of this size
 /// (the memory a part costs is ureq's send buffer, not the part).
 pub const PART_SIZE: u64 = 16 << 20;
+/// The most parts S3 takes in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+/// The largest part S3 takes (so the largest object: 10,000 of them, about 48.8 TiB; S3's
+/// own limit for an object, 5 TiB, comes first).
+const MAX_PART_SIZE: u64 = 5 << 30;
 /// Parts of one multipart upload in flight at once.
 pub const PARALLEL_PARTS: u64 = 4;
 /// Attempts per request before the storage counts as unavailable.
@@ -234,6 +239,13 @@ impl ObjectStore {
     /// A multipart upload of `path`: [`PARALLEL_PARTS`] threads put its parts at once, each
     /// streaming its range from its own handle of the file.
     fn put_multipart(&self, key: &str, path: &Path, len: u64) -> Result<(), S3Error> {
+        let part_size = part_size(len);
+        let parts = len.div_ceil(part_size);
+        if part_size > MAX_PART_SIZE {
+            return Err(S3Error::Settings(format!(
+                "{key} is larger than an object may be ({len} bytes)"
+            )));
+        }
         let url = self
             .bucket
             .create_multipart_upload(Some(&self.credentials), key)
@@ -243,10 +255,6 @@ impl ObjectStore {
         let created =
             CreateMultipartUpload::parse_response(&document).map_err(|error| unreadable(&what, error))?;
         let upload_id = created.upload_id().to_owned();
-        let parts = len.div_ceil(PART_SIZE);
-        if parts > u64::from(u16::MAX) {
-            return Err(S3Error::Settings(format!("{key} needs more than 65535 parts")));
-        }
         let next = std::sync::atomic::AtomicU64::new(0);
         let etags = std::sync::Mutex::new(vec![String::new(); parts as usize]);
         let failure: std::sync::Mutex<Option<S3Error>> = std::sync::Mutex::new(None);
@@ -269,8 +277,8 @@ impl ObjectStore {
                         if index >= parts || failed {
                             return;
                         }
-                        let start = index * PART_SIZE;
-                        let part_len = PART_SIZE.min(len - start);
+                        let start = index * part_size;
+                        let part_len = part_size.min(len - start);
                         let number = (index + 1) as u16;
                         match self.put_range(key, &mut file, start, part_len, Some((number, &upload_id))) {
                             Ok(etag) => {
@@ -324,11 +332,17 @@ impl ObjectStore {
             })
         });
         if completed.is_err() {
+            // Its parts are stored (and billed) until aborted: tried as often as any call. One
+            // that still fails is left to the bucket's AbortIncompleteMultipartUpload rule.
             let url = self
                 .bucket
                 .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
                 .sign(SIGNATURE_LIFETIME);
-            let _ = self.send(Method::DELETE, url.as_str(), &[], SendBody::none());
+            let _ = self.with_retries(&format!("abort the multipart upload of {key}"), || {
+                Ok(self
+                    .send(Method::DELETE, url.as_str(), &[], SendBody::none())?
+                    .map(drop))
+            });
         }
         completed
     }
@@ -416,7 +430,7 @@ impl ObjectStore {
             let document = self.document(&what, Method::GET, url.as_str())?;
             let page = ListObjectsV2::parse_response(&document).map_err(|error| unreadable(&what, error))?;
             entries.extend(page.contents.into_iter().map(|content| ObjectEntry {
-                key: content.key,
+                key: url_decoded(content.key),
                 size: content.size,
                 last_modified: content.last_modified,
             }));
@@ -567,9 +581,69 @@ fn error_code(document: &str) -> String {
     between("<Code>", "</Code>").unwrap_or_else(|| document.chars().take(80).collect())
 }
 
+/// The part size of a multipart upload of `len` bytes: [`PART_SIZE`], or larger for a file
+/// above 156 GiB (S3 takes at most 10,000 parts).
+fn part_size(len: u64) -> u64 {
+    PART_SIZE.max(len.div_ceil(MAX_PARTS))
+}
+
+/// A key from a listing: rusty-s3 asks for `encoding-type=url`, and services differ in what
+/// they then encode (AWS and MinIO leave `/` as it is, others send `%2F`). upgate's keys hold
+/// no `%` of their own, so every `%XX` is an escape. A key that does not decode to UTF-8 is
+/// kept as it came.
+fn url_decoded(key: String) -> String {
+    if !key.contains('%') {
+        return key;
+    }
+    let bytes = key.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| bytes.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            None => {
+                decoded.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).unwrap_or(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multipart_upload_never_needs_more_than_ten_thousand_parts() {
+        assert_eq!(part_size(1 << 30), PART_SIZE);
+        for len in [156 << 30, 157 << 30, 1 << 40, 5 << 40] {
+            let size = part_size(len);
+            assert!(len.div_ceil(size) <= MAX_PARTS, "{len}");
+            assert!(size <= MAX_PART_SIZE, "{len}");
+        }
+    }
+
+    #[test]
+    fn listed_keys_are_decoded_whatever_the_service_escapes() {
+        assert_eq!(url_decoded("p/sessions/a/0".into()), "p/sessions/a/0");
+        assert_eq!(url_decoded("p%2Fsessions%2Fa%2F0".into()), "p/sessions/a/0");
+        assert_eq!(url_decoded("p%2fx%20y".into()), "p/x y");
+        assert_eq!(url_decoded("odd%2".into()), "odd%2", "an unfinished escape stays");
+        assert_eq!(
+            url_decoded("bad%ff".into()),
+            "bad%ff",
+            "not UTF-8: kept as it came"
+        );
+    }
 
     #[test]
     fn error_code_reads_the_code_element() {
