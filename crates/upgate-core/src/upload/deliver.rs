@@ -167,6 +167,50 @@ fn judge(result: Result<PutResult, PluginError>) -> Attempt {
     }
 }
 
+/// Records an outbox delivery (`true`), retrying while the store is unavailable until the
+/// claim's lease ends; `false` when the claim no longer holds (deleted, or claimed again). A
+/// try whose commit went through but whose answer was lost is recognised on the next try.
+async fn record_delivery(
+    gateway: &Gateway,
+    record: &UploadRecord,
+    result: &PutResult,
+    attempts: u32,
+    lease_until: i64,
+) -> Result<bool, crate::store::StoreError> {
+    let mut wait = Duration::from_secs(1);
+    let mut tried = false;
+    loop {
+        let marked = gateway
+            .store
+            .mark_forwarded(
+                record.id.clone(),
+                result.remote_id.clone(),
+                result.url.clone(),
+                attempts,
+                lease_until,
+            )
+            .await;
+        match marked {
+            Ok(false) if tried => {
+                let current = gateway.store.upload(record.id.clone()).await;
+                return Ok(matches!(current, Ok(Some(current))
+                    if current.state == crate::store::UploadState::Forwarded
+                        && current.remote_id.as_deref() == Some(result.remote_id.as_str())));
+            }
+            Ok(marked) => return Ok(marked),
+            Err(error) => {
+                let waited = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                if now_ms().saturating_add(waited) >= lease_until {
+                    return Err(error);
+                }
+                tried = true;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 /// The longest wait an upstream's `Retry-After` (passed on by its plugin) is taken for.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -364,16 +408,7 @@ pub(crate) async fn deliver_from_outbox(
         Attempt::Delivered(result) => {
             // Recorded before the spool copy goes: a crash in between re-delivers rather
             // than loses.
-            let recorded = gateway
-                .store
-                .mark_forwarded(
-                    record.id.clone(),
-                    result.remote_id.clone(),
-                    result.url.clone(),
-                    attempts,
-                    lease_until,
-                )
-                .await;
+            let recorded = record_delivery(gateway, &record, &result, attempts, lease_until).await;
             match recorded {
                 Ok(true) => {
                     finish_delivered(provider, &record, &path, &result).await;
@@ -426,7 +461,19 @@ pub(crate) async fn deliver_from_outbox(
                             "cannot delete a copy whose delivery is not the recorded one");
                     }
                 }
-                Err(error) => tracing::error!(upload_id = %record.id, %error, "cannot record a delivery"),
+                Err(error) => {
+                    // Not recorded within the claim: the upload stays in the outbox and is
+                    // delivered again, so this copy must not stay beside that one (unless it is
+                    // in the very place the next delivery writes).
+                    tracing::error!(upload_id = %record.id, %error, "cannot record a delivery; it will be retried");
+                    if result.remote_id != record.id
+                        && let Err(error) =
+                            delete_upstream(gateway, provider, &record, result.remote_id).await
+                    {
+                        tracing::error!(upload_id = %record.id, provider = %provider.name, %error,
+                            "cannot delete a delivered copy whose delivery was not recorded");
+                    }
+                }
             }
         }
         Attempt::Retry(error, floor) if attempts < provider.config.max_attempts() => {
