@@ -651,3 +651,22 @@ fn a_chunk_sent_twice_at_once_is_the_copy_recorded_last() {
     content.extend_from_slice(&in_place);
     assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
 }
+
+/// A recorded chunk whose bytes are gone from the spool is named missing at `complete`, as a
+/// chunk never sent is: the client sends it again and the session completes.
+#[test]
+fn a_recorded_chunk_gone_from_disk_is_named_missing() {
+    let daemon = Daemon::start_with(config);
+    let content = png_of(3000);
+    let parts: Vec<&[u8]> = content.chunks(1000).collect();
+    let session = open(&daemon, &[KEY], "gone.png", content.len(), 3);
+    // Out of order: every chunk gets a file of its own.
+    for number in [2, 1, 0] {
+        send_ok(&daemon, &session, number, parts[number as usize]);
+    }
+    std::fs::remove_file(session_dir(&daemon, &session).join("1")).unwrap();
+    let message = assert_error(&complete(&daemon, &[KEY], &session), 400);
+    assert!(message.contains("missing: 1."), "{message}");
+    send_ok(&daemon, &session, 1, parts[1]);
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+}

@@ -190,8 +190,12 @@ impl Spool for S3Spool {
             let Some(id) = entry.key.strip_prefix(&prefix) else {
                 continue;
             };
-            // Both are RFC 3339 in UTC: their first 19 characters compare as times.
-            let old = entry.last_modified.get(..19) < cutoff.get(..19);
+            // Both are RFC 3339 in UTC: their first 19 characters compare as times. An object
+            // without a readable time is not known to be old.
+            let old = matches!(
+                (entry.last_modified.get(..19), cutoff.get(..19)),
+                (Some(modified), Some(cutoff)) if modified < cutoff
+            );
             if !keep.contains(id) && old && self.objects.delete(&entry.key).is_ok() {
                 removed += 1;
             }

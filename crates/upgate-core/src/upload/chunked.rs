@@ -507,15 +507,18 @@ impl Gateway {
         for number in 0..session.total_chunks {
             let spool = self.spool.clone();
             let session_id = session.id.clone();
+            // A recorded chunk whose bytes are gone (its re-sent copy's commit failed after
+            // replacing it) is named missing: the client sends it again.
+            let missing = |error: &std::io::Error| {
+                tracing::error!(session_id = %session.id, chunk = number, %error, "a recorded chunk is missing");
+                (error.kind() == std::io::ErrorKind::NotFound).then(|| ApiError::MissingChunks(vec![number]))
+            };
             let chunk = tokio::task::spawn_blocking(move || spool.fetch_chunk(&session_id, number))
                 .await?
-                .inspect_err(|error| {
-                    tracing::error!(session_id = %session.id, chunk = number, %error, "cannot fetch a recorded chunk");
-                })?;
-            let mut file = tokio::fs::File::open(chunk.path()).await.map_err(|error| {
-                tracing::error!(session_id = %session.id, chunk = number, %error, "a recorded chunk is missing on disk");
-                ApiError::Internal
-            })?;
+                .map_err(|error| missing(&error).unwrap_or_else(|| error.into()))?;
+            let mut file = tokio::fs::File::open(chunk.path())
+                .await
+                .map_err(|error| missing(&error).unwrap_or(ApiError::Internal))?;
             loop {
                 let read = file.read(&mut buffer).await.map_err(|error| {
                     tracing::error!(session_id = %session.id, chunk = number, %error, "cannot read a chunk");

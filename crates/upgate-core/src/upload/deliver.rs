@@ -359,6 +359,10 @@ pub(crate) async fn delete_upstream(
     }
 }
 
+/// How long the outbox waits before fetching an upload's bytes again from a shared spool
+/// that was unavailable.
+const SPOOL_OUTAGE_WAIT: Duration = Duration::from_secs(30);
+
 /// What an outbox lease adds to the longest attempt a provider may take.
 pub(crate) const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
 
@@ -373,7 +377,7 @@ pub(crate) async fn deliver_from_outbox(
     record: UploadRecord,
     lease_until: i64,
 ) {
-    let attempts = record.attempts + 1;
+    let mut attempts = record.attempts + 1;
     // A shared spool downloads the bytes first when another node received them.
     let (spool, id) = (gateway.spool.clone(), record.id.clone());
     let fetched = tokio::task::spawn_blocking(move || spool.fetch(&id)).await;
@@ -381,6 +385,22 @@ pub(crate) async fn deliver_from_outbox(
         Ok(Ok(path)) => {
             let outcome = attempt(gateway, provider, &record, &path, provider.config.timeout.0).await;
             (path, outcome)
+        }
+        // The shared spool is unavailable: the provider was not tried, so the attempt does
+        // not count against `max_attempts` (an outage of the spool does not fail uploads for
+        // good), and the next try waits as for a 503's Retry-After.
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotConnected => {
+            attempts = record.attempts;
+            (
+                PathBuf::new(),
+                Attempt::Retry(
+                    PluginError::new(
+                        ErrorKind::Unavailable,
+                        format!("cannot fetch the spooled bytes: {error}"),
+                    ),
+                    Some(SPOOL_OUTAGE_WAIT),
+                ),
+            )
         }
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => (
             PathBuf::new(),
