@@ -302,3 +302,42 @@ fn an_upload_the_upstream_refused_does_not_use_up_the_daily_quota() {
     // The quota still holds for what was kept.
     assert_eq!(upload(&daemon, "b.txt", b"second").status, 429);
 }
+
+/// SIGTERM while an async delivery hangs upstream: the daemon takes no new outbox work,
+/// waits for the delivery at most `shutdown_timeout` and exits; the upload stays in the
+/// outbox (claimed again when its lease ends) instead of holding the process.
+#[test]
+fn sigterm_does_not_wait_for_a_delivery_hanging_upstream() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.hang(Duration::from_secs(60));
+    let mut daemon = Daemon::start_with(|dir| {
+        forwarding_config(
+            dir,
+            &mock.base_url(),
+            "    delivery: async\n    timeout: 120s\n",
+            "      timeout: 120s\n",
+        )
+        .replace("shutdown_timeout: 10s", "shutdown_timeout: 2s")
+    });
+    let reply = upload(&daemon, "hanging.txt", b"delivered later");
+    assert!(reply.status / 100 == 2, "{}", reply.text);
+    assert!(
+        eventually(Duration::from_secs(10), || mock.body_bytes_seen() > 0),
+        "the delivery began"
+    );
+    let stopping = std::time::Instant::now();
+    daemon.signal(15);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(row(&daemon).0, "received", "still in the outbox");
+    mock.hang(Duration::ZERO);
+}

@@ -4,8 +4,9 @@
 //! dialect's routes on `server.listen` and `/metrics`, `/healthz`, `/readyz` on
 //! `server.metrics_listen`, the async-delivery outbox, the session sweeper and the disk
 //! watch. SIGHUP reloads config, plans, tenants and provider instances (a config that fails
-//! validation is refused and the running one stays); SIGTERM/SIGINT stop accepting, let
-//! in-flight uploads finish within `shutdown_timeout`, and exit 0. Each request is logged
+//! validation is refused and the running one stays); SIGTERM/SIGINT stop accepting and the
+//! outbox's claims, let in-flight uploads and deliveries finish within `shutdown_timeout`,
+//! and exit 0 without waiting for plugin calls still running. Each request is logged
 //! once (method, route, status, bytes, duration, upload ids, tenant), never with keys.
 
 mod logging;
@@ -223,7 +224,13 @@ pub fn serve(config_path: &Path) -> Result<(), ServeError> {
         .server
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    actix_web::rt::System::new().block_on(run(config_path.to_path_buf(), config, providers, workers))
+    let system = actix_web::rt::System::new();
+    let served = system.block_on(run(config_path.to_path_buf(), config, providers, workers));
+    // Not dropped: dropping the runtime would wait, with no bound, for every blocking thread
+    // (a plugin call that hangs upstream). Everything that must finish did, within
+    // `shutdown_timeout`; what is left ends with the process.
+    std::mem::forget(system);
+    served
 }
 
 async fn run(
@@ -329,7 +336,10 @@ async fn run(
     println!("upgate: listening on http://{address}");
     tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), "upgate started");
 
-    actix_web::rt::spawn(workers::run_outbox(gateway.clone().into_inner()));
+    let outbox = actix_web::rt::spawn(workers::run_outbox(
+        gateway.clone().into_inner(),
+        server_config.shutdown_timeout.0,
+    ));
     actix_web::rt::spawn(workers::run_housekeeping(
         gateway.clone().into_inner(),
         server_config.clone(),
@@ -353,6 +363,7 @@ async fn run(
             NotifyState::Status("draining in-flight uploads"),
         ]);
         tracing::info!("stopping: draining in-flight uploads");
+        signals_gateway.stop();
         handle.stop(true).await;
         if let Some(metrics_handle) = metrics_handle {
             metrics_handle.stop(false).await;
@@ -360,6 +371,8 @@ async fn run(
     });
     let metrics_task = metrics_server.map(actix_web::rt::spawn);
     server.await.map_err(ServeError::io("HTTP server"))?;
+    gateway.stop();
+    let _ = outbox.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -16,15 +16,15 @@ use crate::upload::{Gateway, deliver};
 use crate::vocab::now_ms;
 
 /// The async delivery loop: claims due uploads from the outbox and attempts each once,
-/// rescheduling failures with backoff. Runs until the process ends.
-pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
+/// rescheduling failures with backoff. Runs until the daemon stops, then waits at most
+/// `drain` for the deliveries in flight (one cut off is claimed again when its lease ends).
+pub(crate) async fn run_outbox(gateway: Arc<Gateway>, drain: Duration) {
     const BATCH: usize = 32;
     // Deliveries in flight at once: no more than plugin calls may run, so that a backlog
     // waits in the store (claimable by other nodes), not as tasks and blocking threads here.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(
-        gateway.policy().config.server.forward_concurrency.max(1),
-    ));
-    loop {
+    let slots = gateway.policy().config.server.forward_concurrency.max(1);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(slots));
+    while !gateway.stopping() {
         // At least one slot free before claiming; then as many as are free.
         let Ok(first) = in_flight.clone().acquire_owned().await else {
             return;
@@ -82,12 +82,21 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>) {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), gateway.outbox_wake.notified()).await;
     }
+    let all = u32::try_from(slots).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, in_flight.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "stopping with async deliveries still in flight; they are claimed again when their lease ends"
+        );
+    }
 }
 
 /// Sweeps expired sessions and interrupted sync deliveries and refreshes gauges every
 /// `sweep_interval`.
 pub(crate) async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig) {
-    loop {
+    while !gateway.stopping() {
         gateway.sweep_sessions().await;
         gateway.fail_interrupted_deliveries().await;
         if let Ok(active) = gateway.store.active_sessions().await {

@@ -2,20 +2,21 @@
 //! concurrency scope, and daily usage in the store.
 //!
 //! What flows through here: the key digests and tenant names of admitted requests (only
-//! keys the config knows reach a bucket, so memory is bounded by the config). State is
-//! kept per (key, limit) and (scope, cap): a reload that leaves a limit unchanged keeps its
-//! bucket and its semaphore (and the slots uploads in flight hold), so a SIGHUP neither
-//! refills buckets nor lets a tenant past its cap; a changed limit starts afresh.
+//! keys the config knows reach a bucket, so memory is bounded by the config). A bucket is
+//! kept per (key, limit): a reload that leaves a rate unchanged keeps its bucket (a SIGHUP
+//! does not refill it), a changed rate starts afresh. A concurrency scope keeps one count
+//! of the slots in use whatever its cap: a reload that changes the cap applies it to the
+//! uploads already in flight (lowered below them, no new one starts until enough end).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures_util::future::{self, BoxFuture};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::Semaphore;
 
 use super::{LimitError, Limiter, Scope, Slot, Usage};
 use crate::config::RateLimitConfig;
@@ -42,17 +43,21 @@ impl KeyBucket {
     }
 }
 
-/// A concurrency cap and the semaphore that enforces it.
-struct Cap {
-    cap: usize,
-    semaphore: Arc<Semaphore>,
+/// A slot of a concurrency scope: counted in use until dropped.
+struct CountedSlot(Arc<AtomicUsize>);
+
+impl Drop for CountedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Rate and concurrency in this process; quotas in `store`.
 pub(crate) struct LocalLimiter {
     store: Arc<dyn Store>,
     buckets: RwLock<HashMap<KeyDigest, Arc<KeyBucket>>>,
-    caps: Mutex<HashMap<Scope, Arc<Cap>>>,
+    /// Slots in use per scope.
+    in_use: Mutex<HashMap<Scope, Arc<AtomicUsize>>>,
 }
 
 impl LocalLimiter {
@@ -60,7 +65,7 @@ impl LocalLimiter {
         Self {
             store,
             buckets: RwLock::default(),
-            caps: Mutex::default(),
+            in_use: Mutex::default(),
         }
     }
 
@@ -102,24 +107,20 @@ impl LocalLimiter {
 
     /// A slot of `scope` among `cap` in this process, right now.
     pub(crate) fn acquire_now(&self, scope: Scope, cap: usize) -> Result<Slot, LimitError> {
-        let semaphore = {
-            let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = caps.entry(scope).or_insert_with(|| new_cap(cap));
-            if entry.cap != cap {
-                *entry = new_cap(cap);
-            }
-            entry.semaphore.clone()
-        };
-        let permit = semaphore.try_acquire_owned().map_err(|_| LimitError::Busy)?;
-        Ok(Box::new(permit))
+        let in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(scope)
+            .or_default()
+            .clone();
+        in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < cap).then_some(taken + 1)
+            })
+            .map_err(|_| LimitError::Busy)?;
+        Ok(Box::new(CountedSlot(in_use)))
     }
-}
-
-fn new_cap(cap: usize) -> Arc<Cap> {
-    Arc::new(Cap {
-        cap,
-        semaphore: Arc::new(Semaphore::new(cap)),
-    })
 }
 
 impl Limiter for LocalLimiter {
@@ -157,7 +158,7 @@ mod tests {
     use crate::store::sqlite::SqliteStore;
 
     #[tokio::test]
-    async fn a_reload_keeps_buckets_and_slots_whose_limits_did_not_change() {
+    async fn a_reload_keeps_buckets_whose_limits_did_not_change_and_counts_slots_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap());
         let limiter = LocalLimiter::new(store);
@@ -181,9 +182,21 @@ mod tests {
         assert_eq!(limiter.acquire(tenant(), 1).await.err(), Some(LimitError::Busy));
         drop(in_flight);
         assert!(limiter.acquire(tenant(), 1).await.is_ok());
-        // Another tenant has its own slots; a changed cap starts afresh.
-        let other = limiter.acquire(Scope::Tenant("u".into()), 1).await.unwrap();
-        assert!(limiter.acquire(Scope::Tenant("u".into()), 2).await.is_ok());
-        drop(other);
+        // Another tenant has its own slots. A changed cap counts the slots already taken: 4
+        // uploads in flight, the cap lowered to 2 then raised to 5.
+        let other = || Scope::Tenant("u".into());
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(limiter.acquire(other(), 4).await.unwrap());
+        }
+        assert_eq!(limiter.acquire(other(), 2).await.err(), Some(LimitError::Busy));
+        held.truncate(2);
+        assert_eq!(limiter.acquire(other(), 2).await.err(), Some(LimitError::Busy));
+        held.truncate(1);
+        held.push(limiter.acquire(other(), 2).await.unwrap());
+        for _ in 0..3 {
+            held.push(limiter.acquire(other(), 5).await.unwrap());
+        }
+        assert_eq!(limiter.acquire(other(), 5).await.err(), Some(LimitError::Busy));
     }
 }

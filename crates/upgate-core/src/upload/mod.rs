@@ -51,6 +51,8 @@ pub(crate) struct Gateway {
     pub(crate) intake_budget: IntakeBudget,
     /// Whether the last measurement of `data_dir` was under `disk_free_floor`.
     below_disk_floor: AtomicBool,
+    /// Set when the daemon stops: the background loops take no new work.
+    stopping: AtomicBool,
 }
 
 impl Gateway {
@@ -71,6 +73,7 @@ impl Gateway {
             outbox_wake: Notify::new(),
             intake_budget,
             below_disk_floor: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -87,6 +90,17 @@ impl Gateway {
     /// Records a measurement of free space in `data_dir` against its floor.
     pub(crate) fn set_below_disk_floor(&self, below: bool) {
         self.below_disk_floor.store(below, Ordering::Relaxed);
+    }
+
+    /// The daemon is stopping: the outbox claims nothing more (and is woken to see it).
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.outbox_wake.notify_waiters();
+    }
+
+    /// Whether the daemon is stopping.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Whether uploads are refused for lack of disk space.
