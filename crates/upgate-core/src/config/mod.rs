@@ -501,6 +501,12 @@ impl Config {
                     "max_files_per_request must be at least 1".into(),
                 );
             }
+            if plan.max_concurrent_uploads == Some(0) {
+                error(
+                    &["plans", name, "max_concurrent_uploads"],
+                    "max_concurrent_uploads must be at least 1 (leave it out for no cap)".into(),
+                );
+            }
         }
         for (name, provider) in &self.providers {
             if !valid_plugin_name(&provider.plugin) {
@@ -516,6 +522,12 @@ impl Config {
                 error(
                     &["providers", name, "retry", "max_attempts"],
                     "max_attempts must be at least 1".into(),
+                );
+            }
+            if provider.timeout.0.is_zero() || provider.timeout.0 > MAX_PROVIDER_TIMEOUT {
+                error(
+                    &["providers", name, "timeout"],
+                    "timeout must be more than 0 and at most 24h".into(),
                 );
             }
         }
@@ -574,9 +586,26 @@ impl Config {
                 "max_connections must be at least 1".into(),
             );
         }
+        if self.server.workers == Some(0) {
+            error(
+                &["server", "workers"],
+                "workers must be at least 1 (leave it out for one per core)".into(),
+            );
+        }
+        if self.server.sweep_interval.0 < MIN_SWEEP_INTERVAL {
+            error(
+                &["server", "sweep_interval"],
+                "sweep_interval must be at least 100ms".into(),
+            );
+        }
         errors
     }
 }
+
+/// The longest a provider's `timeout` may be (leases and deadlines are computed from it).
+const MAX_PROVIDER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The shortest `sweep_interval`: the sweep walks the spool.
+const MIN_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn names<V>(map: &BTreeMap<String, V>) -> String {
     if map.is_empty() {

@@ -40,6 +40,11 @@ fn env_expansion() {
     );
     assert!(expand_env("${bad name}").is_err());
     assert!(expand_env("${OPEN").is_err());
+    // A malformed reference in a secret is refused without repeating the secret.
+    for secret in ["s3cr3t-${pass", "s3cr3t-${pa ss}"] {
+        let error = expand_env(secret).unwrap_err();
+        assert!(!error.contains("s3cr3t") && !error.contains("pa"), "{error}");
+    }
     // Server paths too (cargo sets CARGO_MANIFEST_DIR, an absolute path).
     let config = parse(&GOOD.replace("data_dir: data", "data_dir: ${CARGO_MANIFEST_DIR}/state")).unwrap();
     assert_eq!(
@@ -161,4 +166,32 @@ fn cors_origins_are_exact_origins() {
         error.contains("allowed_origins") || error.contains("origin"),
         "{error}"
     );
+}
+
+#[test]
+fn values_that_would_stall_lock_out_or_overflow_are_refused() {
+    for (text, expected) in [
+        (
+            GOOD.replace("data_dir: data", "data_dir: data\n  workers: 0"),
+            "workers must be at least 1",
+        ),
+        (
+            GOOD.replace("data_dir: data", "data_dir: data\n  sweep_interval: 0s"),
+            "sweep_interval must be at least 100ms",
+        ),
+        (
+            GOOD.replace(
+                "max_file_size: 10MiB",
+                "max_file_size: 10MiB\n    max_concurrent_uploads: 0",
+            ),
+            "max_concurrent_uploads must be at least 1",
+        ),
+        (
+            GOOD.replace("plugin: local,", "plugin: local, timeout: 1000000h,"),
+            "timeout must be more than 0 and at most 24h",
+        ),
+    ] {
+        let message = first_error(&text);
+        assert!(message.contains(expected), "{message}");
+    }
 }

@@ -87,14 +87,16 @@ pub(crate) fn expand_env(text: &str) -> Result<String, String> {
             out.push('$');
             rest = stripped;
         } else if let Some(body) = after.strip_prefix('{') {
+            // Neither error repeats the value: it may be a key or a password.
             let end = body
                 .find('}')
-                .ok_or_else(|| format!("unterminated `${{` in `{text}`"))?;
+                .ok_or_else(|| "an unterminated `${` (write `$$` for a literal `$`)".to_owned())?;
             let name = &body[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "`${{{name}}}` is not a valid environment variable reference"
-                ));
+                return Err(
+                    "a `${...}` that is not an environment variable name (letters, digits, `_`; write `$$` for a literal `$`)"
+                        .to_owned(),
+                );
             }
             let value = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
             out.push_str(&value);

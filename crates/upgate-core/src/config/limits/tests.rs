@@ -90,7 +90,7 @@ fn bad_limits_are_refused_where_they_are_and_without_repeating_the_url() {
         ("hunter2", "not a URL"),
         ("redis://:hunter2@h:notaport", "not a valid Redis URL"),
         ("redis://:hunter2@h/notadb", "Invalid database number"),
-        ("redis://:hunter2${@h", "unterminated `${` in `the URL`"),
+        ("redis://:hunter2${@h", "an unterminated `${`"),
         (
             "redis://:${UPGATE_TEST_UNSET_PASSWORD}@h",
             "UPGATE_TEST_UNSET_PASSWORD is not set",

@@ -73,7 +73,7 @@ fn bad_urls_are_refused_where_they_are_and_without_repeating_them() {
         ("mysql://u:hunter2@h/db", "unsupported scheme `mysql`"),
         ("hunter2", "not a URL"),
         ("postgres://u:hunter2@h:notaport/db", "not a valid PostgreSQL URL"),
-        ("postgres://u:hunter2${@h/db", "unterminated `${` in `the URL`"),
+        ("postgres://u:hunter2${@h/db", "an unterminated `${`"),
         (
             "postgres://u:${UPGATE_TEST_UNSET_PASSWORD}@h/db",
             "UPGATE_TEST_UNSET_PASSWORD is not set",
