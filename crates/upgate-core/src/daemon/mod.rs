@@ -239,6 +239,7 @@ async fn run(
     providers: BTreeMap<String, Arc<Provider>>,
     workers: usize,
 ) -> Result<(), ServeError> {
+    let hangup = signals::Hangup::catch();
     let server_config = config.server.clone();
     std::fs::create_dir_all(&server_config.data_dir).map_err(ServeError::io(format!(
         "cannot create data_dir {}",
@@ -357,7 +358,7 @@ async fn run(
     let metrics_handle = metrics_server.as_ref().map(|server| server.handle());
     let signals_gateway = gateway.clone();
     actix_web::rt::spawn(async move {
-        signals::wait_for_stop(&config_path, &signals_gateway).await;
+        signals::wait_for_stop(&config_path, &signals_gateway, hangup).await;
         notify(&[
             NotifyState::Stopping,
             NotifyState::Status("draining in-flight uploads"),

@@ -12,13 +12,25 @@ use crate::metrics;
 use crate::policy::Policy;
 use crate::upload::Gateway;
 
+/// SIGHUP caught from the start of the daemon: one that arrives while it starts (a log
+/// rotation's `kill -HUP`) is a reload once it serves, not the signal's default end of the
+/// process. SIGTERM and SIGINT keep their default until then: nothing is in flight to drain.
+pub(super) struct Hangup(Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    pub(super) fn catch() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self(signal(SignalKind::hangup()).ok())
+    }
+}
+
 /// Handles SIGHUP (reload) until SIGTERM or SIGINT arrives.
-pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway) {
+pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway, hangup: Hangup) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+    let (Ok(mut terminate), Ok(mut interrupt), Some(mut hangup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
+        hangup.0,
     ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
