@@ -1619,3 +1619,56 @@ fn the_sha256_kept_across_patches_is_that_of_the_acknowledged_bytes() {
     let done = patch_ok(&daemon, "demo-key", &id, 400_000, &content[400_000..]);
     assert_completed(&daemon, &done, &content, "restarted.png");
 }
+
+/// An empty file: complete as soon as it is created (clients send no PATCH for it), as an
+/// upload of its own or as an empty partial of a final upload; and a final upload takes no
+/// PATCH (403).
+#[test]
+fn empty_uploads_complete_at_creation_and_a_final_upload_takes_no_patch() {
+    let daemon = Daemon::start_with(config);
+    let meta = metadata("empty.txt");
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[("Upload-Length", "0"), ("Upload-Metadata", &meta)],
+        None,
+    );
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(reply.header("upload-offset"), Some("0"));
+    assert_completed(&daemon, &reply, b"", "empty.txt");
+
+    let partial = |length: &str| {
+        let reply = tus(
+            &daemon,
+            "POST",
+            "/files/",
+            Some("demo-key"),
+            &[("Upload-Length", length), ("Upload-Concat", "partial")],
+            None,
+        );
+        assert_eq!(reply.status, 201, "{reply:?}");
+        location_id(&reply)
+    };
+    let (empty, full) = (partial("0"), partial("12"));
+    patch_ok(&daemon, "demo-key", &full, 0, b"twelve bytes");
+    let meta = metadata("joined.txt");
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[
+            ("Upload-Concat", &format!("final;/files/{empty} /files/{full}")),
+            ("Upload-Metadata", &meta),
+        ],
+        None,
+    );
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_completed(&daemon, &reply, b"twelve bytes", "joined.txt");
+    let joined = location_id(&reply);
+    let reply = patch(&daemon, "demo-key", &joined, 12, b"", &[]);
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert_eq!(reply.header("tus-resumable"), Some("1.0.0"));
+}

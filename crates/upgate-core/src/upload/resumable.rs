@@ -333,7 +333,8 @@ impl Gateway {
         body: Payload,
     ) -> Result<Progress, ApiError> {
         let mut upload = self.resumable(admission, id).await?;
-        if upload.concat == Some(Concat::Final) && !upload.is_complete() {
+        // A final upload is made of its partials: no PATCH applies to it (tus: 403).
+        if upload.concat == Some(Concat::Final) {
             return Err(ApiError::ImmutableUpload);
         }
         if append.offset != upload.offset() {
@@ -648,6 +649,8 @@ impl Gateway {
                 Some(Concat::Final),
             )
             .await?;
+        // A partial of 0 bytes has no file (it never had a PATCH): nothing of it to join.
+        sources.retain(|(_, length)| *length > 0);
         let spool = self.spool.clone();
         let target = id.clone();
         let joined = tokio::task::spawn_blocking(move || spool.join(&target, &sources)).await??;

@@ -344,11 +344,15 @@ async fn create(
                 metadata,
                 partial,
             };
-            let whole = body
-                && !creation.partial
+            // An upload of 0 bytes is whole as soon as it is created, body or not: clients
+            // (tus-js-client) send no PATCH for an empty file.
+            let whole = !creation.partial
                 && checksum.is_none()
-                && creation.length.is_some()
-                && crate::upload::intake::content_length(headers) == creation.length;
+                && match creation.length {
+                    Some(0) => true,
+                    Some(length) => body && crate::upload::intake::content_length(headers) == Some(length),
+                    None => false,
+                };
             if whole {
                 gateway
                     .create_whole_resumable(&admission, creation, payload)
