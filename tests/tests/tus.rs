@@ -1672,3 +1672,33 @@ fn empty_uploads_complete_at_creation_and_a_final_upload_takes_no_patch() {
     assert_eq!(reply.status, 403, "{reply:?}");
     assert_eq!(reply.header("tus-resumable"), Some("1.0.0"));
 }
+
+/// A tenant whose day's quota is used up can still look its uploads up and remove them:
+/// `HEAD` and `DELETE` add nothing, so the quota and concurrency caps do not apply to them.
+#[test]
+fn head_and_delete_pass_when_the_quota_is_used_up() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replace(
+            "plans:\n",
+            "plans:\n  oneaday:\n    max_file_size: 1MiB\n    daily_uploads: 1\n",
+        ) + "  oneaday:\n    plan: oneaday\n    provider: disk\n    keys: [oneaday-key]\n"
+    });
+    let waiting = create(&daemon, "oneaday-key", 10, "later.txt");
+    let done = create(&daemon, "oneaday-key", 4, "done.txt");
+    let reply = patch_ok(&daemon, "oneaday-key", &done, 0, b"done");
+    assert_completed(&daemon, &reply, b"done", "done.txt");
+    // The day's one upload is used: another is refused...
+    let reply = patch(&daemon, "oneaday-key", &waiting, 0, b"0123456789", &[]);
+    assert_eq!(reply.status, 429, "{reply:?}");
+    // ...but the waiting upload can be looked up and terminated.
+    assert_eq!(offset_of(&daemon, "oneaday-key", &waiting), 0);
+    let reply = tus(
+        &daemon,
+        "DELETE",
+        &format!("/files/{waiting}"),
+        Some("oneaday-key"),
+        &[],
+        None,
+    );
+    assert_eq!(reply.status, 204, "{reply:?}");
+}

@@ -34,6 +34,17 @@ impl Admission {
     }
 }
 
+/// What an admitted request does, which decides the limits it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// Adds bytes or an upload: the concurrency caps and the day's quota apply.
+    Upload,
+    /// Looks an upload up or removes it (a tus `HEAD` or `DELETE`, a Kore XO `DELETE`): the
+    /// key, its grant and its rate only. A tenant at its cap or quota can still resume and
+    /// clean up.
+    Lookup,
+}
+
 impl Gateway {
     /// Refuses a step that adds bytes while `data_dir` is below `disk_free_floor` (507).
     pub(crate) fn check_disk_floor(&self) -> Result<(), ApiError> {
@@ -44,8 +55,14 @@ impl Gateway {
         }
     }
 
-    /// Authenticates `key` for `dialect` and applies the limits that do not need the body.
-    pub(crate) async fn admit(&self, dialect: DialectName, key: &str) -> Result<Admission, ApiError> {
+    /// Authenticates `key` for `dialect` and applies the limits that do not need the body and
+    /// that `work` must pass.
+    pub(crate) async fn admit(
+        &self,
+        dialect: DialectName,
+        key: &str,
+        work: Work,
+    ) -> Result<Admission, ApiError> {
         let policy = self.policy();
         let (digest, tenant) = policy.authenticate(dialect, key)?;
         let tenant = tenant.clone();
@@ -54,6 +71,14 @@ impl Gateway {
             self.limiter.take(digest, limit).await?;
         }
         let mut slots = Vec::with_capacity(2);
+        if work == Work::Lookup {
+            return Ok(Admission {
+                dialect,
+                tenant,
+                policy,
+                _slots: slots,
+            });
+        }
         let global = policy.config.server.max_concurrent_uploads;
         if global > 0 {
             slots.push(self.limiter.acquire(Scope::Daemon, global).await?);

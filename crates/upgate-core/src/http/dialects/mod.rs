@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::request_log::RequestTenant;
 use crate::error::ApiError;
 use crate::store::UploadRecord;
-use crate::upload::admit::Admission;
+use crate::upload::admit::{Admission, Work};
 use crate::upload::intake::{FormSpec, Received};
 use crate::upload::{Gateway, Metadata};
 pub(crate) use crate::vocab::DialectName;
@@ -63,8 +63,27 @@ pub(crate) async fn admit(
     dialect: &dyn Dialect,
     request: &HttpRequest,
 ) -> Result<Admission, ApiError> {
+    admit_for(gateway, dialect, request, Work::Upload).await
+}
+
+/// [`admit`] for a request that adds nothing (looks an upload up, or removes one): no
+/// concurrency slot, no quota.
+pub(crate) async fn admit_lookup(
+    gateway: &Gateway,
+    dialect: &dyn Dialect,
+    request: &HttpRequest,
+) -> Result<Admission, ApiError> {
+    admit_for(gateway, dialect, request, Work::Lookup).await
+}
+
+async fn admit_for(
+    gateway: &Gateway,
+    dialect: &dyn Dialect,
+    request: &HttpRequest,
+    work: Work,
+) -> Result<Admission, ApiError> {
     let key = dialect.credentials(request)?;
-    let admitted = gateway.admit(dialect.name(), &key).await;
+    let admitted = gateway.admit(dialect.name(), &key, work).await;
     let tenant = match &admitted {
         Ok(admission) => Some(admission.tenant.name.clone()),
         Err(_) => gateway
