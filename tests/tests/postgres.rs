@@ -315,6 +315,19 @@ fn check_config_connects_reports_a_located_failure_and_never_shows_the_password(
         "{stderr}"
     );
     no_password_in("check-config", &stderr);
+    // Offline (systemd's reload check): the config and plugins only, so a reload goes
+    // through while the store is down.
+    let offline = std::process::Command::new(upgate_binary())
+        .args(["check-config", "--offline", "--config", &down])
+        .env("PG_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&offline.stdout).into_owned();
+    assert_eq!(offline.status.code(), Some(0), "{stdout}");
+    assert!(
+        !stdout.contains("store postgres"),
+        "no engine was tried: {stdout}"
+    );
 
     // A scheme that is not PostgreSQL, and an unknown key: refused when the file is read.
     let mysql = write(

@@ -37,6 +37,9 @@ enum Command {
     CheckConfig {
         #[arg(long, default_value = "config.yaml")]
         config: PathBuf,
+        /// Do not try the shared engines (PostgreSQL, S3, Redis): the config and plugins only.
+        #[arg(long)]
+        offline: bool,
     },
     /// Plugin commands.
     Plugins {
@@ -134,8 +137,8 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Serve { config } => report(upgate_core::serve(&config)),
-        Command::CheckConfig { config } => {
-            report(upgate_core::check(&config).map(|(config, providers, engines)| {
+        Command::CheckConfig { config, offline } => report(upgate_core::check(&config, !offline).map(
+            |(config, providers, engines)| {
                 println!(
                     "{}: ok ({} plans, {} providers, {} tenants)",
                     config.source.display(),
@@ -146,8 +149,8 @@ fn main() -> ExitCode {
                 for engine in engines {
                     println!("{engine}");
                 }
-            }))
-        }
+            },
+        )),
         Command::Plugins {
             command: PluginsCommand::List { config },
         } => list_plugins(&config),
