@@ -25,6 +25,8 @@
 //! `chunk_size` (default "8MiB").
 #![deny(unsafe_code)]
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use upgate_plugin_api::{
     Body, DeleteRequest, ErrorKind, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest,
@@ -140,9 +142,7 @@ impl Kore {
                 &request.mime_type,
                 FileRange::range(&whole.path, offset, len),
             );
-            let reply = self
-                .upstream
-                .post_multipart(&format!("chunk {number}"), &session_path, &[], form)?;
+            let reply = self.send_chunk(number, &session_path, form)?;
             let echoed_number = match reply.body.get("chunkNumber") {
                 Some(Value::Number(n)) => n.as_u64(),
                 Some(Value::String(n)) => n.parse().ok(),
@@ -156,7 +156,51 @@ impl Kore {
         }
         self.upstream
             .post_empty("session complete", &format!("{session_path}/complete"), &[])
+            .map_err(session_gone)
     }
+
+    /// Sends one chunk, again after a failure worth retrying (a chunk may be re-sent: the
+    /// last copy wins), so that one refused request does not start the whole file over.
+    fn send_chunk(&self, number: u64, session_path: &str, form: Multipart) -> Result<Reply, PluginError> {
+        let what = format!("chunk {number}");
+        let mut attempt = 1;
+        loop {
+            match self
+                .upstream
+                .post_multipart(&what, session_path, &[], form.clone())
+            {
+                Err(error) if attempt < CHUNK_ATTEMPTS && retryable(&error) => {
+                    let wait = error
+                        .retry_after_secs
+                        .map_or(CHUNK_RETRY_WAIT * attempt, Duration::from_secs)
+                        .min(MAX_CHUNK_RETRY_WAIT);
+                    std::thread::sleep(wait);
+                    attempt += 1;
+                }
+                sent => return sent.map_err(session_gone),
+            }
+        }
+    }
+}
+
+/// Tries of one chunk before the put fails (and the host retries the whole file).
+const CHUNK_ATTEMPTS: u32 = 3;
+/// The wait before a chunk's next try, times its number, when the upstream names none.
+const CHUNK_RETRY_WAIT: Duration = Duration::from_millis(250);
+/// The longest wait before a chunk's next try.
+const MAX_CHUNK_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+fn retryable(error: &PluginError) -> bool {
+    matches!(error.kind, ErrorKind::Unavailable | ErrorKind::Timeout)
+}
+
+/// A session that is gone upstream (404, 410: it expired or was swept) is worth a new one:
+/// the host's next attempt starts the upload over instead of failing it for good.
+fn session_gone(mut error: PluginError) -> PluginError {
+    if matches!(error.status, Some(404 | 410)) {
+        error.kind = ErrorKind::Unavailable;
+    }
+    error
 }
 
 upgate_plugin_api::export_provider!(Kore, "kore");

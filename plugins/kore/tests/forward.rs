@@ -136,6 +136,33 @@ fn a_failing_session_step_fails_the_put() {
     kore.put(upload.request).unwrap();
 }
 
+/// One chunk refused once (a 503) is sent again, not the whole file; a session gone upstream
+/// (404) is worth a new one (Unavailable: the host starts over), not a failure for good.
+#[test]
+fn a_chunk_refused_once_is_sent_again_and_a_lost_session_is_retryable() {
+    let mock = MockUpstream::start(Vendor::Kore, KEY);
+    let kore = Kore::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"single_upload_limit": 10, "chunk_size": 4})),
+    )
+    .unwrap();
+    let data = bytes(11);
+    let upload = Upload::new(&data, "a.wav", "audio/wav", json!({}));
+    // The session start and chunk 0 pass, chunk 1 is refused once.
+    mock.fail_after(2, 1, 503);
+    let result = kore.put(upload.request.clone()).unwrap();
+    let statuses: Vec<u16> = mock.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 200, 503, 200, 200, 200], "{statuses:?}");
+    let stored = &mock.stored()[0];
+    assert_eq!((stored.sha256.as_str(), stored.size), (upload.sha256(), 11));
+    assert_eq!(result.remote_id, stored.id);
+
+    mock.clear_received();
+    mock.fail_after(1, 1, 404);
+    let error = expect_error(kore.put(upload.request), ErrorKind::Unavailable, Some(404));
+    assert!(error.message.contains("chunk 0"), "{error:?}");
+}
+
 #[test]
 fn failures_map_to_error_kinds() {
     let mock = MockUpstream::start(Vendor::Kore, KEY);
