@@ -106,11 +106,17 @@ pub fn sanitize(text: &str, max_chars: usize) -> String {
 /// `errors[0].msg`, a Django REST framework field map (`{"file": ["..."]}`) or plain text.
 /// Sanitized and cut to [`MAX_REASON_CHARS`].
 pub fn extract_reason(body: &[u8]) -> Option<String> {
+    extract_reason_without(body, "")
+}
+
+/// [`extract_reason`] with `secret` replaced before the reason is cut (a secret the upstream
+/// echoed across the cut would otherwise keep its first characters).
+fn extract_reason_without(body: &[u8], secret: &str) -> Option<String> {
     let reason = match serde_json::from_slice::<Value>(body) {
         Ok(value) => reason_in(&value),
         Err(_) => std::str::from_utf8(body).ok().map(str::to_owned),
     }?;
-    let reason = sanitize(&reason, MAX_REASON_CHARS);
+    let reason = sanitize(&redact(reason, secret), MAX_REASON_CHARS);
     (!reason.is_empty()).then_some(reason)
 }
 
@@ -170,9 +176,9 @@ pub(crate) fn redact(text: String, secret: &str) -> String {
     }
 }
 
-/// Maps an answer to a [`Reply`] (2xx) or an error: 429 and 5xx are `Unavailable` (with
-/// `Retry-After`), 404 is `NotFound`, 408 is `Timeout`, any other status is `Rejected` with
-/// the upstream's reason. `context` is `"<vendor> <what>"`; `secret` is kept out of messages.
+/// Maps an answer to a [`Reply`] (2xx) or an error: 425, 429 and 5xx are `Unavailable`,
+/// 404 is `NotFound`, 408 is `Timeout` (the retryable ones with their `Retry-After`), any
+/// other status is `Rejected` with the upstream's reason. `context` is `"<vendor> <what>"`; `secret` is kept out of messages.
 pub fn classify(
     context: &str,
     status: u16,
@@ -200,19 +206,19 @@ pub fn classify(
         });
     }
     let kind = match status {
-        429 | 500..=599 => ErrorKind::Unavailable,
+        425 | 429 | 500..=599 => ErrorKind::Unavailable,
         404 => ErrorKind::NotFound,
         408 => ErrorKind::Timeout,
         _ => ErrorKind::Rejected,
     };
-    let reason = extract_reason(body).map(|reason| redact(reason, secret));
+    let reason = extract_reason_without(body, secret);
     let message = match reason {
         Some(reason) => format!("{context}: HTTP {status}: {reason}"),
         None => format!("{context}: HTTP {status}"),
     };
     let mut error = PluginError::new(kind, message);
     error.status = Some(status);
-    if status == 429 || status == 503 {
+    if matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
         error.retry_after_secs = parse_retry_after(retry_after);
     }
     Err(error)
@@ -221,6 +227,24 @@ pub fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_echoed_across_the_cut_is_redacted_whole() {
+        let secret = "sk-0123456789abcdef";
+        let body = format!(
+            "{{\"message\": \"{}{secret} is not a valid key\"}}",
+            "x".repeat(190)
+        );
+        let error = classify("vendor put", 401, None, body.as_bytes(), secret).unwrap_err();
+        assert!(!error.message.contains("sk-01"), "{}", error.message);
+        let early = classify("vendor put", 425, Some("7"), b"{}", secret).unwrap_err();
+        assert_eq!(
+            (early.kind, early.retry_after_secs),
+            (ErrorKind::Unavailable, Some(7))
+        );
+        let gateway = classify("vendor put", 502, Some("9"), b"{}", secret).unwrap_err();
+        assert_eq!(gateway.retry_after_secs, Some(9));
+    }
 
     fn reason(body: &str) -> Option<String> {
         extract_reason(body.as_bytes())
