@@ -382,6 +382,11 @@ fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
         answer.to_ascii_lowercase().contains("content-type: text/plain"),
         "{answer}"
     );
+    // tus puts its version on every answer, these too.
+    assert!(
+        answer.to_ascii_lowercase().contains("tus-resumable: 1.0.0"),
+        "{answer}"
+    );
     assert!(!body_of(&answer).is_empty(), "{answer}");
     // A head that does not arrive in time on a MaiAgent route: 408, in MaiAgent's shape.
     let (status, answer) = raw_exchange(

@@ -16,7 +16,7 @@ mod tests;
 
 use actix_web::body::MessageBody;
 use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -76,8 +76,9 @@ pub(crate) fn dialect_of_path(path: &str) -> Option<DialectName> {
 /// The body of an answer to a request the HTTP layer refused before routing (a head that
 /// does not parse, 400; too large, 431; too slow, 408), given the start of its target: in
 /// the shape of the dialect whose prefix the path has, as its handlers would answer; `None`
-/// (an empty body) elsewhere. Registered with the vendored actix-http at start.
-pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option<(HeaderValue, Bytes)> {
+/// (an empty body) elsewhere, with the headers the dialect puts on every answer (tus's
+/// `Tus-Resumable`). Registered with the vendored actix-http at start.
+pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option<(HeaderMap, Bytes)> {
     let path = target?.split(['?', '#']).next()?;
     let dialect = dialect(dialect_of_path(path)?);
     let error = match status {
@@ -86,9 +87,10 @@ pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option
         _ => ApiError::Malformed("the request head is not valid HTTP/1.1".into()),
     };
     let response = dialect.render_error(&error, status, HttpResponse::build(status));
-    let content_type = response.headers().get(header::CONTENT_TYPE)?.clone();
+    response.headers().get(header::CONTENT_TYPE)?;
+    let headers = response.headers().clone();
     let body = response.into_body().try_into_bytes().ok()?;
-    Some((content_type, body))
+    Some((headers, body))
 }
 
 /// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.

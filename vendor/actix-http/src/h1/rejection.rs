@@ -9,14 +9,15 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::StatusCode;
 
-use crate::Response;
+use crate::{header::HeaderMap, Response};
 
 /// Given the status and the request target's first [`RequestTarget::CAPACITY`] bytes (when
-/// the head had a complete request line of visible ASCII), the body and its content type,
-/// or `None` for an empty body.
-pub type RejectionBody = fn(StatusCode, Option<&str>) -> Option<(HeaderValue, Bytes)>;
+/// the head had a complete request line of visible ASCII), the body and the headers that go
+/// with it (its content type, and any the protocol of the path wants on every answer), or
+/// `None` for an empty body.
+pub type RejectionBody = fn(StatusCode, Option<&str>) -> Option<(HeaderMap, Bytes)>;
 
 static REJECTION_BODY: OnceLock<RejectionBody> = OnceLock::new();
 
@@ -88,10 +89,10 @@ pub(crate) fn response(status: StatusCode, target: &RequestTarget) -> (Response<
         .get()
         .and_then(|render| render(status, target.as_str()));
     match body {
-        Some((content_type, bytes)) => {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, content_type);
+        Some((headers, bytes)) => {
+            for (name, value) in headers.iter() {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
             (response, bytes)
         }
         None => (response, Bytes::new()),
