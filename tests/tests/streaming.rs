@@ -400,3 +400,28 @@ fn a_file_after_one_put_from_the_spool_is_not_passed_through() {
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert!(stored.contains(&sha256_hex(&big)));
 }
+
+/// An upstream that takes no body of unknown length (411 Length Required to the streamed,
+/// chunked request) gets the spooled copy, its length known, at once.
+#[test]
+fn an_upstream_that_wants_a_length_gets_the_spooled_copy() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.fail_next(1, 411);
+    let daemon = Daemon::start_with(|dir| dify_config(dir, &mock, "16MiB"));
+    let content = text(256 << 10);
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new()
+            .text("user", "u-1")
+            .file("file", "length.txt", "text/plain", &content),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let received = mock.received();
+    assert_eq!(
+        received.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![411, 201]
+    );
+    assert!(received[1].header("content-length").is_some());
+    assert_eq!(received[1].file().unwrap().sha256, sha256_hex(&content));
+}

@@ -272,9 +272,12 @@ pub(crate) async fn deliver_now(
             None => None,
         };
         let outcome = match streamed {
-            // The provider declined to stream this upload: its put of the spooled copy is
-            // the first attempt.
-            Some((_, Err(declined))) if declined.kind == ErrorKind::NotStreamed => {
+            // The provider declined to stream this upload, or its upstream takes no body of
+            // unknown length (411 Length Required): its put of the spooled copy, whose length
+            // is known, is the first attempt.
+            Some((_, Err(declined)))
+                if declined.kind == ErrorKind::NotStreamed || declined.status == Some(411) =>
+            {
                 attempt(gateway, provider, record, path, remaining).await
             }
             Some((started, result)) => {
