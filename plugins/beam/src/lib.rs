@@ -70,6 +70,12 @@ impl Beam {
         if let Value::Array(records) = &mut reply.body {
             records.iter_mut().for_each(strip_user);
         }
+        // A record Beam says failed is no delivery: tried again, as any upstream failure.
+        if reply.body.pointer("/0/uploadStatus").and_then(Value::as_str) == Some("failed") {
+            let mut error = reply.unexpected("the file's `uploadStatus` is `failed`");
+            error.kind = ErrorKind::Unavailable;
+            return Err(error);
+        }
         reply.into_put_result("/0", "id", &["url", "src"])
     }
 }

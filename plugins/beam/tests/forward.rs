@@ -47,6 +47,28 @@ fn put_sends_thread_workspace_and_one_files_part() {
     assert!(!result.raw.to_string().contains("rememberToken"));
 }
 
+/// A record Beam answers with `uploadStatus: failed` is no delivery: an error the host
+/// retries, not a file id.
+#[test]
+fn a_record_beam_says_failed_is_retried_not_delivered() {
+    let mock = MockUpstream::start(Vendor::Beam, KEY);
+    let beam = Beam::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"workspace_id": "ws-config"})),
+    )
+    .unwrap();
+    let upload = Upload::new(b"a,b\n", "t.csv", "text/csv", json!({"threadId": THREAD}));
+    mock.beam_upload_status("failed");
+    let error = expect_error(
+        beam.put(upload.request.clone()),
+        ErrorKind::Unavailable,
+        Some(201),
+    );
+    assert!(error.message.contains("failed"), "{error:?}");
+    mock.beam_upload_status("uploaded");
+    assert!(beam.put(upload.request).is_ok());
+}
+
 #[test]
 fn settings_supply_thread_and_workspace() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);

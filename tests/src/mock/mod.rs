@@ -198,6 +198,8 @@ struct State {
     sessions: HashMap<String, KoreSession>,
     /// Kore's single-upload limit when a test set one (else the real 25 MB).
     kore_single_upload_limit: Option<u64>,
+    /// Beam's `uploadStatus` for the next uploads' records (the API's own: `processing`).
+    beam_upload_status: Option<&'static str>,
 }
 
 struct Shared {
@@ -349,6 +351,11 @@ impl MockUpstream {
     /// Answers the next `n` requests with 429 and `Retry-After: retry_after_secs`.
     /// Kore: refuse single uploads over `bytes` (the real service's limit is 25 MB) with
     /// 413, so a test with small files can tell a chunked upload from a single one.
+    /// Beam: the `uploadStatus` the next answers give their records (`failed`, say).
+    pub fn beam_upload_status(&self, status: &'static str) {
+        self.shared.state().beam_upload_status = Some(status);
+    }
+
     pub fn limit_single_upload(&self, bytes: u64) {
         self.shared.state().kore_single_upload_limit = Some(bytes);
     }

@@ -599,6 +599,7 @@ fn beam(shared: &Shared, incoming: &mut Incoming) -> Answer {
     }
     let stamp = iso(now());
     let user_id = "5f0c7a2e-1d3b-4c5a-9e8f-7a6b5c4d3e2f";
+    let upload_status = shared.state().beam_upload_status.unwrap_or("processing");
     let answer: Vec<Value> = files
         .iter()
         .map(|file| {
@@ -610,7 +611,7 @@ fn beam(shared: &Shared, incoming: &mut Incoming) -> Answer {
             // The real API leaks the whole user row; the mock does too, so a client that
             // passes answers on can be checked for not forwarding it.
             json!({
-                "name": name, "threadId": thread_id, "uploadStatus": "processing",
+                "name": name, "threadId": thread_id, "uploadStatus": upload_status,
                 "uploadSource": "file_upload", "id": id, "createdAt": stamp, "updatedAt": stamp,
                 "src": key, "fileKey": key, "url": url, "mimeType": mime(file), "userId": user_id,
                 "user": {
