@@ -8,6 +8,7 @@ use std::path::Path;
 use sd_notify::NotifyState;
 
 use super::{load, notify};
+use crate::config::ServerConfig;
 use crate::metrics;
 use crate::policy::Policy;
 use crate::upload::Gateway;
@@ -55,19 +56,11 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
     match loaded {
         Ok(Ok((config, providers))) => {
             let running = gateway.policy();
-            let store_url = |config: &crate::config::Config| {
-                config
-                    .server
-                    .store
-                    .as_ref()
-                    .map(|store| store.url.expose().to_owned())
-            };
-            if config.server.listen != running.config.server.listen
-                || config.server.data_dir != running.config.server.data_dir
-                || store_url(&config) != store_url(&running.config)
-            {
+            let kept = start_only_changes(&config.server, &running.config.server);
+            if !kept.is_empty() {
                 tracing::warn!(
-                    "server.listen, server.data_dir and server.store changes take effect at the next restart"
+                    settings = %kept.join(", "),
+                    "these server settings take effect at the next restart; the running values stay"
                 );
             }
             metrics::prime(providers.keys().map(String::as_str));
@@ -82,4 +75,71 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
         Err(_) => metrics::config_reload(false),
     }
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
+/// The `server` settings a reload changed that only take effect at the next restart (what the
+/// listeners, the engines, the background loops and the intake were started with). The
+/// others (`idle_timeout`, `session_expiry`, `max_concurrent_uploads`, `cors`,
+/// `min_body_rate`, the plans, providers and tenants) apply to the next request.
+fn start_only_changes(new: &ServerConfig, running: &ServerConfig) -> Vec<&'static str> {
+    let store_url = |server: &ServerConfig| server.store.as_ref().map(|store| store.url.expose().to_owned());
+    let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
+    let settings: [(&'static str, bool); 16] = [
+        ("listen", new.listen != running.listen),
+        ("data_dir", new.data_dir != running.data_dir),
+        ("store", store_url(new) != store_url(running)),
+        ("spool", debug(&new.spool) != debug(&running.spool)),
+        ("limits", debug(&new.limits) != debug(&running.limits)),
+        ("metrics_listen", new.metrics_listen != running.metrics_listen),
+        ("workers", new.workers != running.workers),
+        ("header_timeout", new.header_timeout.0 != running.header_timeout.0),
+        (
+            "shutdown_timeout",
+            new.shutdown_timeout.0 != running.shutdown_timeout.0,
+        ),
+        ("max_connections", new.max_connections != running.max_connections),
+        ("sweep_interval", new.sweep_interval.0 != running.sweep_interval.0),
+        (
+            "disk_free_floor",
+            new.disk_free_floor.0 != running.disk_free_floor.0,
+        ),
+        (
+            "forward_concurrency",
+            new.forward_concurrency != running.forward_concurrency,
+        ),
+        ("intake_memory", new.intake_memory.0 != running.intake_memory.0),
+        ("durability", new.durability != running.durability),
+        ("log_format", debug(&new.log_format) != debug(&running.log_format)),
+    ];
+    settings
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_the_settings_it_cannot_apply() {
+        let text = "server:\n  listen: 127.0.0.1:0\n  data_dir: data\nplans:\n  p: { max_file_size: 1MiB }\nproviders:\n  d: { plugin: local, settings: { root: ./f } }\ntenants:\n  t: { plan: p, provider: d, keys: [k] }\n";
+        let path = Path::new("/etc/upgate/config.yaml");
+        let running = crate::config::Config::parse(text, path).unwrap().server;
+        let live = text.replace(
+            "data_dir: data",
+            "data_dir: data\n  idle_timeout: 9s\n  session_expiry: 2h",
+        );
+        let live = crate::config::Config::parse(&live, path).unwrap().server;
+        assert!(start_only_changes(&live, &running).is_empty());
+        let kept = text.replace(
+            "data_dir: data",
+            "data_dir: data\n  forward_concurrency: 3\n  sweep_interval: 5s",
+        );
+        let kept = crate::config::Config::parse(&kept, path).unwrap().server;
+        assert_eq!(
+            start_only_changes(&kept, &running),
+            vec!["sweep_interval", "forward_concurrency"]
+        );
+    }
 }
