@@ -1702,3 +1702,42 @@ fn head_and_delete_pass_when_the_quota_is_used_up() {
     );
     assert_eq!(reply.status, 204, "{reply:?}");
 }
+
+/// A final upload whose completion fails (its joined content contradicts its name) is gone
+/// with the answer: no PATCH could resume it. Its partials stay, to be joined again.
+#[test]
+fn a_final_upload_that_fails_to_complete_leaves_only_its_partials() {
+    let daemon = Daemon::start_with(config);
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[("Upload-Length", "10"), ("Upload-Concat", "partial")],
+        None,
+    );
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let part = location_id(&reply);
+    patch_ok(&daemon, "demo-key", &part, 0, b"plain text");
+    let before = open_sessions(&daemon);
+    let meta = metadata("picture.png");
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[
+            ("Upload-Concat", &format!("final;/files/{part}")),
+            ("Upload-Metadata", &meta),
+        ],
+        None,
+    );
+    assert_eq!(reply.status, 415, "{reply:?}");
+    assert_eq!(
+        open_sessions(&daemon),
+        before,
+        "the final upload's row and files went"
+    );
+    assert_eq!(head(&daemon, "demo-key", &part).status, 200);
+    assert_eq!(uploads(&daemon), 0);
+}

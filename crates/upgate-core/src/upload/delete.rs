@@ -50,11 +50,13 @@ impl Gateway {
             .filter(|current| current.state != UploadState::Deleted)
             .ok_or(ApiError::NotFound)?;
         if let Some(remote_id) = record.remote_id.clone() {
-            let provider = policy
-                .providers
-                .get(&record.provider)
-                .cloned()
-                .ok_or(ApiError::Internal)?;
+            // A provider removed from the config since: its copy cannot be reached (502,
+            // logged), and the record stays as it is for when it comes back.
+            let provider = policy.providers.get(&record.provider).cloned().ok_or_else(|| {
+                tracing::error!(upload_id = %record.id, provider = %record.provider,
+                    "cannot delete an upload whose provider is no longer configured");
+                ApiError::UpstreamFailed(format!("provider {} is not configured", record.provider))
+            })?;
             deliver::delete_upstream(self, &provider, &record, remote_id).await?;
         }
         deliver::remove_persisted(self, &record.id).await;

@@ -651,18 +651,34 @@ impl Gateway {
             .await?;
         // A partial of 0 bytes has no file (it never had a PATCH): nothing of it to join.
         sources.retain(|(_, length)| *length > 0);
-        let spool = self.spool.clone();
-        let target = id.clone();
-        let joined = tokio::task::spawn_blocking(move || spool.join(&target, &sources)).await??;
-        if joined != length {
-            return Err(ApiError::Malformed(
-                "the partial uploads changed while they were joined".into(),
-            ));
+        let completed = async {
+            let spool = self.spool.clone();
+            let target = id.clone();
+            let joined = tokio::task::spawn_blocking(move || spool.join(&target, &sources)).await??;
+            if joined != length {
+                return Err(ApiError::Malformed(
+                    "the partial uploads changed while they were joined".into(),
+                ));
+            }
+            self.store.put_chunk(id.clone(), 0, length).await?;
+            upload.chunks = vec![(0, length)];
+            self.complete_resumable(admission, &mut upload).await
         }
-        self.store.put_chunk(id.clone(), 0, length).await?;
-        upload.chunks = vec![(0, length)];
-        let records = self.complete_resumable(admission, &mut upload).await?;
-        Ok(Progress { upload, records })
+        .await;
+        match completed {
+            Ok(records) => Ok(Progress { upload, records }),
+            Err(error) => {
+                // A final upload takes no PATCH, so nothing could resume it: it goes now (its
+                // partials stay, for the client to join again).
+                if let Err(store_error) = self.store.delete_session(id.clone()).await {
+                    tracing::warn!(upload_id = %id, error = %store_error,
+                        "cannot remove a final upload that failed; it expires with the sessions");
+                }
+                let spool = self.spool.clone();
+                let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+                Err(error)
+            }
+        }
     }
 
     /// Terminates upload `id`: its bytes and its row go (a record it completed stays).
