@@ -91,13 +91,17 @@ impl Provider for LocalDisk {
         };
         if !moved {
             let partial = self.root.join(format!(".{id}.part"));
-            std::fs::copy(&request.path, &partial).map_err(internal)?;
-            if self.durable {
-                std::fs::File::open(&partial)
-                    .and_then(|file| file.sync_all())
-                    .map_err(internal)?;
+            let copied = std::fs::copy(&request.path, &partial)
+                .and_then(|_| match self.durable {
+                    true => std::fs::File::open(&partial).and_then(|file| file.sync_all()),
+                    false => Ok(()),
+                })
+                .and_then(|()| std::fs::rename(&partial, &target));
+            if let Err(error) = copied {
+                // A full disk, say: the partial copy does not stay in the root.
+                let _ = std::fs::remove_file(&partial);
+                return Err(internal(error));
             }
-            std::fs::rename(&partial, &target).map_err(internal)?;
         }
         if self.durable {
             // The file's data was made durable in the spool; its new name must be too.
