@@ -14,6 +14,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
+use rusty_s3::actions::list_objects_v2::ListObjectsV2Response;
 use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use ureq::http::{Method, Request, Response};
@@ -418,25 +419,63 @@ impl ObjectStore {
     /// Every object whose key starts with `prefix`, in key order.
     pub fn list(&self, prefix: &str) -> Result<Vec<ObjectEntry>, S3Error> {
         let mut entries = Vec::new();
+        self.list_pages(prefix, None, |page| {
+            entries.extend(page.contents.into_iter().map(|content| ObjectEntry {
+                key: url_decoded(content.key),
+                size: content.size,
+                last_modified: content.last_modified,
+            }));
+        })?;
+        Ok(entries)
+    }
+
+    /// The names one level below `prefix` (up to the next `/`), without listing every object
+    /// under them: `PREFIX/sessions/` gives each session's id once.
+    pub fn list_names(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let mut names = Vec::new();
+        self.list_pages(prefix, Some("/"), |page| {
+            names.extend(page.common_prefixes.into_iter().filter_map(|common| {
+                let name = url_decoded(common.prefix);
+                Some(name.strip_prefix(prefix)?.trim_end_matches('/').to_owned())
+            }));
+        })?;
+        Ok(names)
+    }
+
+    /// Each page of a listing of `prefix` (grouped by `delimiter` when given), in order. A
+    /// service that hands the same continuation token back twice is an error, not a loop.
+    fn list_pages(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        mut each: impl FnMut(ListObjectsV2Response),
+    ) -> Result<(), S3Error> {
         let mut token: Option<String> = None;
         loop {
             let mut action: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.credentials));
             action.with_prefix(prefix);
+            if let Some(delimiter) = delimiter {
+                action.with_delimiter(delimiter.to_owned());
+            }
             if let Some(token) = &token {
                 action.with_continuation_token(token.clone());
             }
             let url = action.sign(SIGNATURE_LIFETIME);
             let what = format!("list {prefix}");
             let document = self.document(&what, Method::GET, url.as_str())?;
-            let page = ListObjectsV2::parse_response(&document).map_err(|error| unreadable(&what, error))?;
-            entries.extend(page.contents.into_iter().map(|content| ObjectEntry {
-                key: url_decoded(content.key),
-                size: content.size,
-                last_modified: content.last_modified,
-            }));
-            match page.next_continuation_token {
-                Some(next) if !next.is_empty() => token = Some(next),
-                _ => return Ok(entries),
+            let mut page =
+                ListObjectsV2::parse_response(&document).map_err(|error| unreadable(&what, error))?;
+            let next = page.next_continuation_token.take();
+            each(page);
+            match next {
+                Some(next) if !next.is_empty() && token.as_ref() != Some(&next) => token = Some(next),
+                Some(next) if !next.is_empty() => {
+                    return Err(S3Error::Unavailable {
+                        what,
+                        detail: "the listing repeats its page".into(),
+                    });
+                }
+                _ => return Ok(()),
             }
         }
     }

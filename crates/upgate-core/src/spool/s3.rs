@@ -327,17 +327,11 @@ impl Spool for S3Spool {
         }
     }
 
+    /// The session ids with objects, one name each (a listing grouped by `/`: not every chunk
+    /// and segment of every session).
     fn sessions(&self) -> Vec<String> {
         let prefix = format!("{}sessions/", self.prefix);
-        let Ok(entries) = self.objects.list(&prefix) else {
-            return Vec::new();
-        };
-        let names: HashSet<String> = entries
-            .iter()
-            .filter_map(|entry| entry.key.strip_prefix(&prefix)?.split('/').next())
-            .map(str::to_owned)
-            .collect();
-        names.into_iter().collect()
+        self.objects.list_names(&prefix).unwrap_or_default()
     }
 
     fn unready(&self) -> Option<String> {
