@@ -661,6 +661,19 @@ fn url_decoded(key: String) -> String {
 mod tests {
     use super::*;
 
+    /// Settings for a service on 127.0.0.1:`port`, the secret `very-secret`, 1 s timeouts.
+    fn settings_at(port: u16) -> S3Settings {
+        S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: "very-secret".into(),
+            connect_timeout: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(1),
+        }
+    }
+
     #[test]
     fn a_multipart_upload_never_needs_more_than_ten_thousand_parts() {
         assert_eq!(part_size(1 << 30), PART_SIZE);
@@ -694,15 +707,7 @@ mod tests {
 
     #[test]
     fn settings_never_show_the_secret() {
-        let settings = S3Settings {
-            endpoint: "http://127.0.0.1:1".into(),
-            region: "us-east-1".into(),
-            bucket: "b".into(),
-            access_key_id: "AKID".into(),
-            secret_access_key: "very-secret".into(),
-            connect_timeout: Duration::from_secs(1),
-            answer_timeout: Duration::from_secs(1),
-        };
+        let settings = settings_at(1);
         assert!(!format!("{settings:?}").contains("very-secret"));
         let store = ObjectStore::new(&settings).expect("valid settings");
         assert!(!format!("{store:?}").contains("very-secret"));
@@ -714,16 +719,7 @@ mod tests {
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
             .port();
-        let store = ObjectStore::new(&S3Settings {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            region: "us-east-1".into(),
-            bucket: "b".into(),
-            access_key_id: "AKID".into(),
-            secret_access_key: "very-secret".into(),
-            connect_timeout: Duration::from_secs(1),
-            answer_timeout: Duration::from_secs(1),
-        })
-        .expect("valid settings");
+        let store = ObjectStore::new(&settings_at(port)).expect("valid settings");
         let error = store.delete("k").expect_err("nothing listens");
         assert!(error.is_unavailable(), "{error}");
         assert_eq!(io::Error::from(error).kind(), io::ErrorKind::NotConnected);
@@ -746,16 +742,7 @@ mod tests {
                 held.push(stream);
             }
         });
-        let store = ObjectStore::new(&S3Settings {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            region: "us-east-1".into(),
-            bucket: "b".into(),
-            access_key_id: "AKID".into(),
-            secret_access_key: "very-secret".into(),
-            connect_timeout: Duration::from_secs(1),
-            answer_timeout: Duration::from_secs(1),
-        })
-        .expect("valid settings");
+        let store = ObjectStore::new(&settings_at(port)).expect("valid settings");
         let dir = tempfile::tempdir().expect("a temp dir");
         let target = dir.path().join("object");
         let (done, finished) = std::sync::mpsc::channel();
