@@ -352,7 +352,21 @@ impl Spool for LocalSpool {
 /// Takes a session file's exclusive lock, waiting while another handle holds it. Every handle
 /// that writes a session's file holds it, so a writer whose request was dropped (its
 /// threads still writing the slices it had queued) is waited for before the file is cut,
-/// written again or linked.
+/// written again or linked. A file system that keeps no locks (`ENOLCK`, or none at all)
+/// is written without, as before the lock existed, with one warning.
 fn lock_file(file: &std::fs::File) -> std::io::Result<()> {
-    file.lock()
+    const ENOLCK: i32 = 37;
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match file.lock() {
+        Err(error)
+            if error.kind() == std::io::ErrorKind::Unsupported || error.raw_os_error() == Some(ENOLCK) =>
+        {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(%error, "the spool's file system keeps no file locks: a request dropped mid-body \
+                    is not waited for before its upload is written again");
+            }
+            Ok(())
+        }
+        locked => locked,
+    }
 }
