@@ -120,4 +120,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP TABLE uploads;
     ALTER TABLE uploads_v7 RENAME TO uploads;
     CREATE INDEX uploads_outbox ON uploads (next_attempt_at) WHERE next_attempt_at IS NOT NULL;",
+    // Version 8: whether `next_attempt_at` is an outbox claim's lease (1) or a due time (0), so
+    // that a start voids the leases of the process before without undoing retry backoffs.
+    "ALTER TABLE uploads ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;",
 ];

@@ -24,7 +24,7 @@ impl SqliteStore {
             let changed = connection.execute(
                 "UPDATE uploads SET state = 'forwarded', remote_id = ?2, remote_url = ?3, attempts = ?4,
                  last_error = CASE WHEN last_error LIKE 'superseded:%' THEN last_error END,
-                 next_attempt_at = NULL, updated_at = ?5
+                 next_attempt_at = NULL, leased = 0, updated_at = ?5
                  WHERE id = ?1 AND state = 'received' AND next_attempt_at = ?6",
                 params![id, remote_id, remote_url, attempts, now_ms(), lease_until],
             )?;
@@ -52,7 +52,7 @@ impl SqliteStore {
             };
             let changed = connection.execute(
                 "UPDATE uploads SET state = ?2, last_error = ?3, attempts = ?4, next_attempt_at = ?5,
-                 updated_at = ?6 WHERE id = ?1 AND state = 'received' AND next_attempt_at = ?7",
+                 leased = 0, updated_at = ?6 WHERE id = ?1 AND state = 'received' AND next_attempt_at = ?7",
                 params![id, state, error, attempts, retry_at_ms, now_ms(), lease_until],
             )?;
             Ok(changed == 1)
@@ -87,8 +87,8 @@ impl SqliteStore {
             let due = statement
                 .query_map(params![now, limit as i64], upload_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut lease =
-                connection.prepare_cached("UPDATE uploads SET next_attempt_at = ?2 WHERE id = ?1")?;
+            let mut lease = connection
+                .prepare_cached("UPDATE uploads SET next_attempt_at = ?2, leased = 1 WHERE id = ?1")?;
             for record in &due {
                 lease.execute(params![record.id, now + lease_ms])?;
             }
@@ -98,12 +98,14 @@ impl SqliteStore {
     }
 
     /// At start: the leases of a previous process are void (nothing of it is in flight any
-    /// more), so every waiting upload is due now instead of when its lease would run out, and
-    /// every sync delivery's lease has ended.
+    /// more), so every upload it had claimed is due now instead of when its lease would run
+    /// out, and every sync delivery's lease has ended. An upload waiting out a retry's backoff
+    /// keeps its time (a daemon restarting in a loop does not send them all again each time).
     pub(super) async fn release_outbox_leases(&self) -> Result<usize, StoreError> {
         self.call(|connection| {
             Ok(connection.execute(
-                "UPDATE uploads SET next_attempt_at = ?1 WHERE (state = 'received' OR state = 'delivering')
+                "UPDATE uploads SET next_attempt_at = ?1, leased = 0
+                 WHERE ((state = 'received' AND leased = 1) OR state = 'delivering')
                  AND next_attempt_at IS NOT NULL AND next_attempt_at > ?1",
                 params![now_ms()],
             )?)

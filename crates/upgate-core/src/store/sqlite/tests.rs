@@ -75,6 +75,38 @@ async fn records_follow_their_state_and_stay_with_their_tenant() {
     );
 }
 
+/// At start, the claims of the process before are void (due now), but an upload waiting out
+/// a retry's backoff keeps its time: a daemon restarting in a loop does not send it again each
+/// time.
+#[tokio::test]
+async fn a_start_voids_claims_but_not_backoffs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let now = crate::vocab::now_ms();
+    store
+        .insert_uploads(vec![record("claimed", "t"), record("backing-off", "t")], now)
+        .await
+        .unwrap();
+    let claimed = store.claim_due(now, 10, 60_000).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let later = now + 3_600_000;
+    assert!(
+        store
+            .mark_attempt_failed("backing-off".into(), "503".into(), 1, Some(later), now + 60_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.release_outbox_leases().await.unwrap(), 1);
+    let due = store.claim_due(crate::vocab::now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(
+        due.iter().map(|record| record.id.as_str()).collect::<Vec<_>>(),
+        vec!["claimed"]
+    );
+    // The backoff's upload is due at its own time.
+    let at_its_time = store.claim_due(later, 10, 60_000).await.unwrap();
+    assert!(at_its_time.iter().any(|record| record.id == "backing-off"));
+}
+
 #[tokio::test]
 async fn usage_limits_and_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -182,7 +182,7 @@ impl SqliteStore {
         self.call(move |connection| {
             let now = now_ms();
             let changed = connection.execute(
-                "UPDATE uploads SET state = 'received', next_attempt_at = ?2, attempts = 0, updated_at = ?2
+                "UPDATE uploads SET state = 'received', next_attempt_at = ?2, leased = 0, attempts = 0, updated_at = ?2
                  WHERE id = ?1 AND state = 'failed'",
                 params![id, now],
             )?;
