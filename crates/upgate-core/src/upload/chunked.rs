@@ -482,7 +482,7 @@ impl Gateway {
             // The upload is recorded; the sweeper removes the session when it expires.
             tracing::error!(session_id = %id, %error, "cannot delete a completed session");
         }
-        self.remove_session_chunks(id).await;
+        self.remove_session_files(id).await;
         tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
         Ok(records)
     }
@@ -687,7 +687,7 @@ impl Gateway {
             Ok(expired) => {
                 for id in expired {
                     let _lock = lock_session(&id).await;
-                    self.remove_session_chunks(&id).await;
+                    self.remove_session_files(&id).await;
                     tracing::info!(session_id = %id, "expired session swept");
                 }
             }
@@ -712,16 +712,9 @@ impl Gateway {
         RunningHash::retain(|id| ids.contains(id));
         for name in listed.into_iter().filter(|name| !ids.contains(name)) {
             let _lock = lock_session(&name).await;
-            self.remove_session_chunks(&name).await;
+            self.remove_session_files(&name).await;
             tracing::info!(session_id = %name, "orphaned session directory removed");
         }
-    }
-
-    async fn remove_session_chunks(&self, id: &str) {
-        RunningHash::forget(id);
-        let spool = self.spool.clone();
-        let id = id.to_owned();
-        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
     }
 }
 

@@ -362,6 +362,13 @@ pub(crate) async fn delete_upstream(
     }
 }
 
+/// Whether a delivery went where every delivery of the upload goes: a provider whose remote
+/// id follows from the upload (the local one's `<root>/<id>`). Another claim's delivery is
+/// in that same place, so it is never deleted as a superseded copy.
+fn delivered_in_place(record: &UploadRecord, result: &PutResult) -> bool {
+    result.remote_id == record.id
+}
+
 /// How long the outbox waits before fetching an upload's bytes again from a shared spool
 /// that was unavailable.
 const SPOOL_OUTAGE_WAIT: Duration = Duration::from_secs(30);
@@ -443,11 +450,10 @@ pub(crate) async fn deliver_from_outbox(
                         &current,
                         Ok(Some(current)) if current.state == crate::store::UploadState::Deleted
                     );
-                    // A provider whose remote id follows from the upload (the local one's
-                    // `<root>/<id>`) puts every delivery of it in one place: that place is the
-                    // recorded (or the other claim's coming) delivery's, and stays.
+                    // That place is the recorded (or the other claim's coming) delivery's too,
+                    // and stays.
                     let same_target = !deleted
-                        && (result.remote_id == record.id
+                        && (delivered_in_place(&record, &result)
                             || matches!(&current, Ok(Some(current))
                                 if current.remote_id.as_deref() == Some(result.remote_id.as_str())));
                     if same_target {
@@ -489,7 +495,7 @@ pub(crate) async fn deliver_from_outbox(
                     // delivered again, so this copy must not stay beside that one (unless it is
                     // in the very place the next delivery writes).
                     tracing::error!(upload_id = %record.id, %error, "cannot record a delivery; it will be retried");
-                    if result.remote_id != record.id
+                    if !delivered_in_place(&record, &result)
                         && let Err(error) =
                             delete_upstream(gateway, provider, &record, result.remote_id).await
                     {

@@ -103,6 +103,15 @@ impl Gateway {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// Removes a session's bytes from the spool (a Kore session's chunks, a tus upload's file)
+    /// and forgets its running hash; its row is the caller's.
+    pub(crate) async fn remove_session_files(&self, id: &str) {
+        running_hash::RunningHash::forget(id);
+        let spool = self.spool.clone();
+        let id = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+    }
+
     /// Whether uploads are refused for lack of disk space.
     pub(crate) fn below_disk_floor(&self) -> bool {
         self.below_disk_floor.load(Ordering::Relaxed)

@@ -595,10 +595,7 @@ impl Gateway {
         upload.upload_id = Some(delivered);
         // Recorded (and delivered, or durable in the spool for the outbox): the upload's own
         // copy of the bytes goes.
-        RunningHash::forget(&upload.id);
-        let spool = self.spool.clone();
-        let session = upload.id.clone();
-        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&session)).await;
+        self.remove_session_files(&upload.id).await;
         tracing::info!(upload_id = %upload.id, record = %records[0].id, "resumable upload completed");
         Ok(records)
     }
@@ -674,8 +671,7 @@ impl Gateway {
                     tracing::warn!(upload_id = %id, error = %store_error,
                         "cannot remove a final upload that failed; it expires with the sessions");
                 }
-                let spool = self.spool.clone();
-                let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+                self.remove_session_files(&id).await;
                 Err(error)
             }
         }
@@ -686,10 +682,7 @@ impl Gateway {
         holding(&self.store, id, async {
             self.resumable(admission, id).await?;
             self.store.delete_session(id.to_owned()).await?;
-            RunningHash::forget(id);
-            let spool = self.spool.clone();
-            let id = id.to_owned();
-            let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+            self.remove_session_files(id).await;
             Ok(())
         })
         .await

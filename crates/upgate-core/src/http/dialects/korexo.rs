@@ -15,7 +15,7 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, admit, admit_lookup, errors_body, iso_millis, plain_message};
+use super::{Dialect, DialectName, Work, admit, admit_for, errors_body, iso_millis, plain_message};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
@@ -118,7 +118,7 @@ async fn upload(
 
 async fn delete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
     answer(DialectName::Korexo, async move {
-        let admission = admit_lookup(&gateway, &Korexo, &request).await?;
+        let admission = admit_for(&gateway, &Korexo, &request, Work::Lookup).await?;
         let (app_id, env_name) = scope(&request)?;
         let id = request.match_info().get("fileId").unwrap_or_default();
         if !DialectName::Korexo.is_valid_upload_id(id) {

@@ -22,7 +22,8 @@ use serde_json::Value;
 use super::request_log::RequestTenant;
 use crate::error::ApiError;
 use crate::store::UploadRecord;
-use crate::upload::admit::{Admission, Work};
+use crate::upload::admit::Admission;
+pub(crate) use crate::upload::admit::Work;
 use crate::upload::intake::{FormSpec, Received};
 use crate::upload::{Gateway, Metadata};
 pub(crate) use crate::vocab::DialectName;
@@ -66,17 +67,9 @@ pub(crate) async fn admit(
     admit_for(gateway, dialect, request, Work::Upload).await
 }
 
-/// [`admit`] for a request that adds nothing (looks an upload up, or removes one): no
-/// concurrency slot, no quota.
-pub(crate) async fn admit_lookup(
-    gateway: &Gateway,
-    dialect: &dyn Dialect,
-    request: &HttpRequest,
-) -> Result<Admission, ApiError> {
-    admit_for(gateway, dialect, request, Work::Lookup).await
-}
-
-async fn admit_for(
+/// [`admit`] for a request that does `work` ([`Work::Lookup`]: a `HEAD` or `DELETE` that adds
+/// nothing, so no concurrency slot and no quota).
+pub(crate) async fn admit_for(
     gateway: &Gateway,
     dialect: &dyn Dialect,
     request: &HttpRequest,

@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use super::{Dialect, DialectName, admit, admit_lookup};
+use super::{Dialect, DialectName, Work, admit, admit_for};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer};
 use crate::store::{Concat, SessionRecord, UploadRecord};
@@ -396,7 +396,7 @@ async fn create(
 async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
     answer(DialectName::Tus, async move {
         check_version(&request)?;
-        let admission = admit_lookup(&gateway, &Tus, &request).await?;
+        let admission = admit_for(&gateway, &Tus, &request, Work::Lookup).await?;
         let id = request.match_info().get("id").unwrap_or_default();
         let upload = gateway.resumable(&admission, id).await?;
         let mut response = tus_answer(StatusCode::OK);
@@ -456,7 +456,7 @@ async fn patch(
 async fn terminate(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
     answer(DialectName::Tus, async move {
         check_version(&request)?;
-        let admission = admit_lookup(&gateway, &Tus, &request).await?;
+        let admission = admit_for(&gateway, &Tus, &request, Work::Lookup).await?;
         let id = request.match_info().get("id").unwrap_or_default();
         gateway.terminate_resumable(&admission, id).await?;
         Ok(tus_answer(StatusCode::NO_CONTENT).finish())
