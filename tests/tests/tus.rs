@@ -1125,8 +1125,10 @@ fn concatenation_joins_partial_uploads() {
         Some(joined.len().to_string().as_str())
     );
     assert_completed(&daemon, &reply, &joined, "joined.txt");
+    // tus 1.0: a final upload's HEAD names its partial uploads, in order.
     let reply = head(&daemon, "demo-key", &joined_id);
-    assert_eq!(reply.header("upload-concat"), Some("final"), "{reply:?}");
+    let named = format!("final;/files/{a} /files/{b}");
+    assert_eq!(reply.header("upload-concat"), Some(named.as_str()), "{reply:?}");
     assert_eq!(
         reply.header("upload-length"),
         Some(joined.len().to_string().as_str())

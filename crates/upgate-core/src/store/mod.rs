@@ -149,27 +149,49 @@ pub struct SessionRecord {
 }
 
 /// The role of a resumable upload in a concatenation (tus `Upload-Concat`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Concat {
     /// A part, never recorded itself.
     Partial,
-    /// The join of parts, recorded like any upload.
-    Final,
+    /// The join of the partial uploads `parts` (their ids, in order), recorded like any
+    /// upload. A final upload created before upgate kept its parts (SQLite schema 8,
+    /// PostgreSQL schema 3) has none.
+    Final { parts: Vec<String> },
 }
 
 impl Concat {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The `concat` column.
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Self::Partial => "partial",
-            Self::Final => "final",
+            Self::Final { .. } => "final",
         }
     }
 
-    pub(crate) fn parse(text: &str) -> Option<Self> {
-        [Self::Partial, Self::Final]
-            .into_iter()
-            .find(|concat| concat.as_str() == text)
+    /// The `concat_parts` column: a final upload's part ids, space-separated (an upload id
+    /// has no space: see `DialectName::is_valid_upload_id`).
+    pub(crate) fn parts_column(&self) -> Option<String> {
+        match self {
+            Self::Partial => None,
+            Self::Final { parts } => Some(parts.join(" ")),
+        }
+    }
+
+    /// From the `concat` and `concat_parts` columns; `None` for a `concat` no upgate writes.
+    pub(crate) fn from_columns(kind: &str, parts: Option<&str>) -> Option<Self> {
+        match kind {
+            "partial" => Some(Self::Partial),
+            "final" => Some(Self::Final {
+                parts: parts
+                    .unwrap_or_default()
+                    .split(' ')
+                    .filter(|part| !part.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            }),
+            _ => None,
+        }
     }
 }
 

@@ -334,7 +334,7 @@ impl Gateway {
     ) -> Result<Progress, ApiError> {
         let mut upload = self.resumable(admission, id).await?;
         // A final upload is made of its partials: no PATCH applies to it (tus: 403).
-        if upload.concat == Some(Concat::Final) {
+        if matches!(upload.concat, Some(Concat::Final { .. })) {
             return Err(ApiError::ImmutableUpload);
         }
         if append.offset != upload.offset() {
@@ -643,7 +643,7 @@ impl Gateway {
                 extension,
                 Some(length),
                 metadata,
-                Some(Concat::Final),
+                Some(Concat::Final { parts }),
             )
             .await?;
         // A partial of 0 bytes has no file (it never had a PATCH): nothing of it to join.

@@ -412,12 +412,16 @@ async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpR
         {
             response.insert_header(("Upload-Metadata", value));
         }
-        match upload.concat {
+        match &upload.concat {
             Some(Concat::Partial) => {
                 response.insert_header(("Upload-Concat", "partial"));
             }
-            Some(Concat::Final) => {
+            Some(Concat::Final { parts }) if parts.is_empty() => {
                 response.insert_header(("Upload-Concat", "final"));
+            }
+            Some(Concat::Final { parts }) => {
+                let urls: Vec<String> = parts.iter().map(|part| format!("{BASE}{part}")).collect();
+                response.insert_header(("Upload-Concat", format!("final;{}", urls.join(" "))));
             }
             None => {}
         }

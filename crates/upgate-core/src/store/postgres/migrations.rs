@@ -79,6 +79,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         until_ms BIGINT NOT NULL
     );",
+    // 4: the partial uploads a final concatenation joined (tus HEAD names them).
+    "ALTER TABLE sessions ADD COLUMN concat_parts TEXT;",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

@@ -10,7 +10,7 @@ use crate::vocab::DialectName;
 macro_rules! session_select {
     () => {
         "SELECT id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata,
-         created_at, expires_at, length_deferred, concat, upload_id,
+         created_at, expires_at, length_deferred, concat, upload_id, concat_parts,
          ARRAY(SELECT chunk_number FROM session_chunks WHERE session_id = s.id ORDER BY chunk_number),
          ARRAY(SELECT size FROM session_chunks WHERE session_id = s.id ORDER BY chunk_number)
          FROM sessions s"
@@ -19,8 +19,8 @@ macro_rules! session_select {
 
 fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
     let metadata: &str = row.try_get(7)?;
-    let numbers: Vec<i64> = row.try_get(13)?;
-    let sizes: Vec<i64> = row.try_get(14)?;
+    let numbers: Vec<i64> = row.try_get(14)?;
+    let sizes: Vec<i64> = row.try_get(15)?;
     Ok(SessionRecord {
         id: row.try_get(0)?,
         tenant: row.try_get(1)?,
@@ -39,7 +39,10 @@ fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
             .collect(),
         length_deferred: row.try_get(10)?,
         concat: match row.try_get::<_, Option<&str>>(11)? {
-            Some(_) => Some(parse_column(row, 11, Concat::parse)?),
+            Some(_) => {
+                let parts: Option<&str> = row.try_get(13)?;
+                Some(parse_column(row, 11, |kind| Concat::from_columns(kind, parts))?)
+            }
             None => None,
         },
         upload_id: row.try_get(12)?,
@@ -53,8 +56,8 @@ impl PostgresStore {
                 let insert = connection
                     .prepare(
                         "INSERT INTO sessions (id, tenant, dialect, filename, extension, declared_size, total_chunks,
-                         metadata, created_at, expires_at, length_deferred, concat, upload_id)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                         metadata, created_at, expires_at, length_deferred, concat, upload_id, concat_parts)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                     )
                     .await?;
                 let metadata = serde_json::Value::Object(session.metadata).to_string();
@@ -77,8 +80,9 @@ impl PostgresStore {
                             &session.created_at_ms,
                             &session.expires_at_ms,
                             &session.length_deferred,
-                            &session.concat.map(Concat::as_str),
+                            &session.concat.as_ref().map(Concat::as_str),
                             &session.upload_id,
+                            &session.concat.as_ref().and_then(Concat::parts_column),
                         ],
                     )
                     .await?;

@@ -123,4 +123,6 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // Version 8: whether `next_attempt_at` is an outbox claim's lease (1) or a due time (0), so
     // that a start voids the leases of the process before without undoing retry backoffs.
     "ALTER TABLE uploads ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;",
+    // Version 9: the partial uploads a final concatenation joined (tus HEAD names them).
+    "ALTER TABLE sessions ADD COLUMN concat_parts TEXT;",
 ];

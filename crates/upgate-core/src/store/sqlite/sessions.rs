@@ -7,7 +7,7 @@ use crate::store::{Concat, SessionRecord, StoreError};
 use crate::vocab::DialectName;
 
 const SESSION_COLUMNS: &str = "id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata, \
-     created_at, expires_at, length_deferred, concat, upload_id";
+     created_at, expires_at, length_deferred, concat, upload_id, concat_parts";
 
 fn session_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let metadata: String = row.get(7)?;
@@ -24,10 +24,15 @@ fn session_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> 
         expires_at_ms: row.get(9)?,
         chunks: Vec::new(),
         length_deferred: row.get(10)?,
-        concat: row
-            .get::<_, Option<String>>(11)?
-            .map(|text| parse_column(11, &text, Concat::parse))
-            .transpose()?,
+        concat: match row.get::<_, Option<String>>(11)? {
+            Some(kind) => {
+                let parts = row.get::<_, Option<String>>(13)?;
+                Some(parse_column(11, &kind, |kind| {
+                    Concat::from_columns(kind, parts.as_deref())
+                })?)
+            }
+            None => None,
+        },
         upload_id: row.get(12)?,
     })
 }
@@ -53,8 +58,8 @@ impl SqliteStore {
         self.call(move |connection| {
             connection.execute(
                 "INSERT INTO sessions (id, tenant, dialect, filename, extension, declared_size, total_chunks,
-                 metadata, created_at, expires_at, length_deferred, concat, upload_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 metadata, created_at, expires_at, length_deferred, concat, upload_id, concat_parts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     session.id,
                     session.tenant,
@@ -67,8 +72,9 @@ impl SqliteStore {
                     session.created_at_ms,
                     session.expires_at_ms,
                     session.length_deferred,
-                    session.concat.map(Concat::as_str),
+                    session.concat.as_ref().map(Concat::as_str),
                     session.upload_id,
+                    session.concat.as_ref().and_then(Concat::parts_column),
                 ],
             )?;
             // In the job's transaction (see `SqliteStore::call`): all or nothing.

@@ -269,6 +269,18 @@ async fn resumable_sessions_keep_their_length_role_and_record() {
     assert_eq!((got.declared_size, got.length_deferred), (7, false));
     assert_eq!(got.chunks, vec![(0, 7)]);
     assert_eq!(got.upload_id.as_deref(), Some("u"));
+
+    // A final upload keeps the parts it joined, in order.
+    let joined = SessionRecord {
+        id: "f".into(),
+        concat: Some(crate::store::Concat::Final {
+            parts: vec!["p2".into(), "p1".into()],
+        }),
+        ..session
+    };
+    store.insert_session(joined.clone()).await.unwrap();
+    let got = store.session_of("t".into(), "f".into()).await.unwrap().unwrap();
+    assert_eq!(got, joined);
 }
 
 #[test]
