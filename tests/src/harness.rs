@@ -148,13 +148,14 @@ tenants:\n  demo:\n    plan: default\n    provider: disk\n    keys: [demo-key]\n
 }
 
 /// `config` with a provider `xo` (the `korexo` plugin) forwarding to `mock`, a Kore XO mock
-/// upstream, and the `demo` tenant moved onto it.
+/// upstream, and the `demo` tenant moved onto it. Its clients may name app `app-1` and
+/// environment `draft` beside the configured `app-settings` / `live`.
 pub fn with_korexo_upstream(config: &str, mock: &crate::mock::MockUpstream) -> String {
     config
         .replace(
             "providers:\n",
             &format!(
-                "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: {}\n      app_id: app-settings\n      env_name: live\n",
+                "providers:\n  xo:\n    plugin: korexo\n    settings:\n      base_url: {}\n      api_key: {}\n      app_id: app-settings\n      env_name: live\n      allowed_app_ids: [app-1]\n      allowed_env_names: [draft]\n",
                 mock.base_url(),
                 mock.api_key()
             ),

@@ -443,3 +443,47 @@ fn a_file_refused_upstream_rolls_back_the_files_of_the_same_request_already_deli
         ]
     );
 }
+
+/// With `workspace_id` configured, the client's `current-workspace-id` chooses only among the
+/// workspaces the provider allows: another one is a 404 that never reaches Beam.
+#[test]
+fn a_client_reaches_only_the_workspaces_the_provider_allows() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    let mock = MockUpstream::start(Vendor::Beam, "beam-upstream-key");
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir)
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  up:\n    plugin: beam\n    settings:\n      base_url: {}\n      api_key: beam-upstream-key\n      workspace_id: ws-settings\n      allowed_workspace_ids: [ws-42]\n",
+                    mock.base_url()
+                ),
+            )
+            .replacen("    provider: disk\n", "    provider: up\n", 1)
+    });
+    let reply = upload(
+        &daemon,
+        &[KEY, ("current-workspace-id", "ws-other")],
+        &txt_files(&["a.txt"]),
+    );
+    let message = assert_nest(&reply, 404, "Not Found");
+    assert!(message.contains("ws-other"), "{message}");
+    assert!(mock.received().is_empty(), "{:?}", mock.received());
+    for workspace in ["ws-42", "ws-settings"] {
+        let reply = upload(
+            &daemon,
+            &[KEY, ("current-workspace-id", workspace)],
+            &txt_files(&["a.txt"]),
+        );
+        assert_eq!(reply.status, 201, "{workspace}: {}", reply.text);
+    }
+    let workspaces: Vec<Option<String>> = mock
+        .received()
+        .iter()
+        .map(|r| r.header("current-workspace-id").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        workspaces,
+        [Some("ws-42".to_owned()), Some("ws-settings".to_owned())]
+    );
+}

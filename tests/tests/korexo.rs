@@ -393,3 +393,37 @@ fn deletes_reach_the_kore_xo_upstream_from_the_client_and_from_the_operator() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("not an upload id"), "{stderr}");
 }
+
+/// The operator's upstream key writes wherever the client's path says only within the apps and
+/// environments the provider allows: another one is a 404 that never reaches the upstream.
+#[test]
+fn a_client_reaches_only_the_apps_and_environments_the_provider_allows() {
+    use upgate_e2e::mock::{MockUpstream, Vendor};
+    let mock = MockUpstream::start(Vendor::Korexo, "xo-upstream-key");
+    let daemon = Daemon::start_with(|dir| with_korexo_upstream(&config(dir), &mock));
+    let pdf = form("a.pdf", "application/pdf", PDF);
+    for (app, env) in [
+        ("app-2", "draft"),
+        ("app-1", "live-2"),
+        ("app-settings", "draft-x"),
+    ] {
+        let reply = post_form(&upload_url(&daemon, app, env), &[KEY], &pdf);
+        let message = assert_error(&reply, 404);
+        assert!(message.contains("not served"), "{app}/{env}: {message}");
+    }
+    assert!(mock.received().is_empty(), "{:?}", mock.received());
+    // The configured scope and the listed one (harness: app-1 / draft) are reached.
+    for (app, env) in [("app-settings", "live"), ("app-1", "draft"), ("app-1", "live")] {
+        let reply = post_form(&upload_url(&daemon, app, env), &[KEY], &pdf);
+        assert_eq!(reply.status, 200, "{app}/{env}: {}", reply.text);
+    }
+    let paths: Vec<String> = mock.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v2/apps/app-settings/environments/live/attachments/upload",
+            "/api/v2/apps/app-1/environments/draft/attachments/upload",
+            "/api/v2/apps/app-1/environments/live/attachments/upload",
+        ]
+    );
+}

@@ -50,7 +50,9 @@ providers:\n  local:\n    plugin: local\n    settings: {{ root: {files} }}\n",
             let name = mock.vendor().name();
             let extra = match mock.vendor() {
                 Vendor::Korexo => "      app_id: app-1\n      env_name: draft\n".to_owned(),
-                Vendor::Beam => format!("      workspace_id: {WORKSPACE}\n      thread_id: {THREAD}\n"),
+                Vendor::Beam => format!(
+                    "      workspace_id: {WORKSPACE}\n      allowed_workspace_ids: [ws-1]\n      thread_id: {THREAD}\n"
+                ),
                 Vendor::Kore => "      single_upload_limit: 1000\n      chunk_size: 700\n".to_owned(),
                 _ => String::new(),
             };

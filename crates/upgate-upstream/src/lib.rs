@@ -23,6 +23,7 @@ mod client;
 mod multipart;
 mod response;
 pub mod s3;
+mod scope;
 mod settings;
 
 pub use client::{Auth, Upstream};
@@ -30,6 +31,7 @@ pub use multipart::{FileRange, LateFields, Metadata, Multipart, MultipartBody, S
 pub use response::{
     MAX_REASON_CHARS, Reply, classify, extract_reason, json_str, parse_retry_after, sanitize,
 };
+pub use scope::AllowedScope;
 pub use settings::{COMMON_KEYS, UpstreamSettings};
 
 use upgate_plugin_api::{Body, ErrorKind, PluginError, PutRequest, StreamRequest};

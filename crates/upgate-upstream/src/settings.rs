@@ -133,6 +133,29 @@ impl UpstreamSettings {
         }
     }
 
+    /// One of the plugin's own keys as a list of non-empty strings (absent: empty).
+    pub fn string_list(&self, key: &str) -> Result<Vec<String>, PluginError> {
+        let not_a_list = || {
+            PluginError::new(
+                ErrorKind::Config,
+                format!("setting `{key}` must be a list of strings"),
+            )
+        };
+        match self.extra.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(values)) => values
+                .iter()
+                .map(|value| match value {
+                    Value::String(text) if !text.is_empty() && !text.chars().any(char::is_control) => {
+                        Ok(text.clone())
+                    }
+                    _ => Err(not_a_list()),
+                })
+                .collect(),
+            Some(_) => Err(not_a_list()),
+        }
+    }
+
     /// [`UpstreamSettings::string`] with a default.
     pub fn string_or(&self, key: &str, default: &str) -> Result<String, PluginError> {
         Ok(self.string(key)?.unwrap_or_else(|| default.to_owned()))

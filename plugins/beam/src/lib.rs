@@ -9,10 +9,14 @@
 //! the real API puts password hashes and tokens there. Beam has no delete API.
 //!
 //! `threadId` (a UUID, required) is the request's `threadId` metadata, else the `thread_id`
-//! setting; the workspace is the `workspaceId` metadata, else the `workspace_id` setting.
+//! setting; the workspace is the `workspaceId` metadata (the Beam dialect's header), else the
+//! `workspace_id` setting. With `workspace_id` set, a client's other workspace must be listed
+//! in `allowed_workspace_ids` (`"*"`: any), else the upload is refused (404): the operator's
+//! key would write there. Without it, any workspace a client names, unless the list confines
+//! them.
 //!
 //! Settings: the common upstream keys (see `upgate_upstream::UpstreamSettings`),
-//! `workspace_id`, `thread_id`.
+//! `workspace_id`, `allowed_workspace_ids`, `thread_id`.
 #![deny(unsafe_code)]
 
 use serde_json::{Map, Value};
@@ -21,7 +25,8 @@ use upgate_plugin_api::{
     PutResult, StreamRequest,
 };
 use upgate_upstream::{
-    Auth, Content, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_value, no_delete_api,
+    AllowedScope, Auth, Content, Upstream, UpstreamSettings, is_header_value, is_uuid, metadata_value,
+    no_delete_api,
 };
 
 const VENDOR: &str = "beam";
@@ -30,7 +35,8 @@ const VENDOR: &str = "beam";
 #[derive(Debug)]
 pub struct Beam {
     upstream: Upstream,
-    workspace_id: Option<String>,
+    /// The workspaces an upload may go to (the configured one first).
+    workspaces: AllowedScope,
     thread_id: Option<String>,
 }
 
@@ -42,13 +48,11 @@ impl Beam {
     /// The workspace (a header) comes from the dialect's request headers, known before the
     /// body; the thread id may come after the file part, and is checked when it is known.
     fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
-        let workspace_id = metadata_value(content.metadata(), "workspaceId")
-            .or(self.workspace_id.as_deref())
-            .ok_or_else(|| rejected("no workspace id"))?
-            .to_owned();
-        if !is_header_value(&workspace_id) {
+        let requested = metadata_value(content.metadata(), "workspaceId");
+        if requested.is_some_and(|id| !is_header_value(id)) {
             return Err(rejected("the workspace id is not printable ASCII"));
         }
+        let workspace_id = self.workspaces.choose(requested)?.to_owned();
         let default_thread = self.thread_id.clone();
         let fields = move |metadata: &upgate_upstream::Metadata| {
             let thread_id = metadata_value(metadata, "threadId")
@@ -84,7 +88,11 @@ impl Provider for Beam {
     const FLAGS: u32 = FLAG_STREAMING;
 
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(context, settings, &["workspace_id", "thread_id"])?;
+        let settings = UpstreamSettings::parse(
+            context,
+            settings,
+            &["workspace_id", "allowed_workspace_ids", "thread_id"],
+        )?;
         let workspace_id = settings.string("workspace_id")?;
         if workspace_id.as_deref().is_some_and(|id| !is_header_value(id)) {
             return Err(PluginError::new(
@@ -92,6 +100,13 @@ impl Provider for Beam {
                 "setting `workspace_id` must be printable ASCII",
             ));
         }
+        let workspaces = AllowedScope::from_settings(
+            &settings,
+            "allowed_workspace_ids",
+            "workspace",
+            workspace_id,
+            is_header_value,
+        )?;
         let thread_id = settings.string("thread_id")?;
         if thread_id.as_deref().is_some_and(|id| !is_uuid(id)) {
             return Err(PluginError::new(
@@ -102,7 +117,7 @@ impl Provider for Beam {
         let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?;
         Ok(Self {
             upstream,
-            workspace_id,
+            workspaces,
             thread_id,
         })
     }

@@ -8,12 +8,15 @@
 //! `{fileId, filePath, ...}`: `fileId` (`f-<uuid>`) becomes the remote id, `filePath` the URL.
 //! `delete` sends `DELETE .../attachments/{fileId}` for the configured app and environment.
 //!
-//! `appId` and `envName` come from the request's metadata when present and valid
-//! (`[A-Za-z0-9._-]+`), else from the `app_id` and `env_name` settings; `userReference` from
-//! the metadata, else the `user_reference` setting, else `upgate`.
+//! `appId` and `envName` come from the request's metadata (the Kore XO dialect's path) when
+//! present and valid (`[A-Za-z0-9._-]+`), else from the `app_id` and `env_name` settings; a
+//! client's app or environment other than the configured ones must be listed in
+//! `allowed_app_ids` / `allowed_env_names` (`"*"`: any), else the upload is refused (404),
+//! since the operator's key would write there. `userReference` comes from the metadata, else
+//! the `user_reference` setting, else `upgate`.
 //!
 //! Settings: the common upstream keys (see `upgate_upstream::UpstreamSettings`), `app_id`
-//! and `env_name` (required), `user_reference`.
+//! and `env_name` (required), `allowed_app_ids`, `allowed_env_names`, `user_reference`.
 #![deny(unsafe_code)]
 
 use serde_json::Value;
@@ -21,7 +24,9 @@ use upgate_plugin_api::{
     Body, DeleteRequest, ErrorKind, FLAG_STREAMING, InitContext, PluginError, Provider, PutRequest,
     PutResult, StreamRequest,
 };
-use upgate_upstream::{Auth, Content, Upstream, UpstreamSettings, is_path_segment, metadata_value};
+use upgate_upstream::{
+    AllowedScope, Auth, Content, Upstream, UpstreamSettings, is_path_segment, metadata_value,
+};
 
 const VENDOR: &str = "korexo";
 
@@ -31,6 +36,9 @@ pub struct Korexo {
     upstream: Upstream,
     app_id: String,
     env_name: String,
+    /// The apps and environments a client may name.
+    allowed_apps: AllowedScope,
+    allowed_envs: AllowedScope,
     user_reference: String,
 }
 
@@ -49,15 +57,32 @@ impl Provider for Korexo {
     const FLAGS: u32 = FLAG_STREAMING;
 
     fn init(context: &InitContext, settings: Value) -> Result<Self, PluginError> {
-        let settings = UpstreamSettings::parse(context, settings, &["app_id", "env_name", "user_reference"])?;
+        let settings = UpstreamSettings::parse(
+            context,
+            settings,
+            &[
+                "app_id",
+                "env_name",
+                "allowed_app_ids",
+                "allowed_env_names",
+                "user_reference",
+            ],
+        )?;
         let app_id = path_setting(&settings, "app_id")?;
         let env_name = path_setting(&settings, "env_name")?;
+        let allowed = |key, what, configured: &str| {
+            AllowedScope::from_settings(&settings, key, what, Some(configured.to_owned()), is_path_segment)
+        };
+        let allowed_apps = allowed("allowed_app_ids", "app", &app_id)?;
+        let allowed_envs = allowed("allowed_env_names", "environment", &env_name)?;
         let user_reference = settings.string_or("user_reference", "upgate")?;
         let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?;
         Ok(Self {
             upstream,
             app_id,
             env_name,
+            allowed_apps,
+            allowed_envs,
             user_reference,
         })
     }
@@ -98,6 +123,8 @@ impl Korexo {
     /// user reference may come after the file part.
     fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
         let (app_id, env_name) = self.scope(content.metadata());
+        let app_id = self.allowed_apps.choose(Some(app_id))?;
+        let env_name = self.allowed_envs.choose(Some(env_name))?;
         let path = format!("{}/upload", attachments_path(app_id, env_name));
         let default_reference = self.user_reference.clone();
         let fields = move |metadata: &upgate_upstream::Metadata| {
@@ -114,7 +141,8 @@ impl Korexo {
     }
 
     /// The app and environment for an upload: the client's (Kore XO dialect metadata), when
-    /// valid path segments, else the configured ones.
+    /// valid path segments, else the configured ones. An upload checks them against the
+    /// allowed ones; a delete goes where its upload went.
     fn scope<'a>(&'a self, metadata: &'a serde_json::Map<String, Value>) -> (&'a str, &'a str) {
         let scoped = |key: &str, fallback: &'a str| -> &'a str {
             metadata_value(metadata, key)
