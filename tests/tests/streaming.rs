@@ -192,6 +192,52 @@ fn kore_declines_to_stream_an_upload_that_may_need_a_session_and_puts_it_from_th
     );
 }
 
+/// Kore has no delete API: a chunked put the host stopped waiting for must not `complete` its
+/// session afterwards (the file would stay upstream beside a record still waiting, and the
+/// next attempt would store it again). The host's deadline travels in the put; the plugin
+/// stops there. Async delivery: the spooled file stays for the retries, so nothing else
+/// stops the late session.
+#[test]
+fn kore_stops_a_chunked_session_at_the_hosts_deadline_and_never_completes_it() {
+    let mock = MockUpstream::start(Vendor::Kore, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| {
+        upstream_config(
+            dir,
+            "kore",
+            &mock,
+            "64MiB",
+            "      single_upload_limit: 1MiB\n      chunk_size: 1MiB\n",
+        )
+        .replace(
+            "    plugin: kore\n",
+            "    plugin: kore\n    delivery: async\n    timeout: 2s\n",
+        )
+    });
+    // Each request takes 700 ms: start and two chunks outlast the 2 s the host waits, every
+    // attempt.
+    mock.hang(Duration::from_millis(700));
+    let content = text((2 << 20) + 100);
+    let form = Form::new().file("file", "late.txt", "text/plain", &content);
+    let (status, answer) = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form)
+        .finish()
+        .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    // Attempts stop at their deadline: three of them (`max_attempts`), then the record fails.
+    assert!(
+        eventually(Duration::from_secs(20), || state_of(&daemon)
+            .last()
+            .is_some_and(|state| state.0 == "failed")),
+        "{:?}",
+        state_of(&daemon)
+    );
+    // Long enough for a late session's last chunk and `complete`, had one gone on.
+    std::thread::sleep(Duration::from_secs(2));
+    let paths: Vec<String> = mock.received().iter().map(|r| r.path.clone()).collect();
+    assert!(!paths.iter().any(|path| path.ends_with("/complete")), "{paths:?}");
+    assert!(mock.stored().is_empty(), "{:?}", mock.stored());
+    mock.hang(Duration::ZERO);
+}
+
 #[test]
 fn an_over_limit_body_aborts_the_upstream_request_and_nothing_is_kept() {
     let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);

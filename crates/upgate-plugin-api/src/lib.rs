@@ -268,6 +268,26 @@ pub struct PutRequest {
     /// Dify's `user`), string to string.
     #[serde(default)]
     pub metadata: serde_json::Map<String, Value>,
+    /// When the host stops waiting for this call (Unix epoch milliseconds; absent from hosts
+    /// before it was added). A put that succeeds later is deleted by the host when the
+    /// provider can delete; a plugin that works in steps and cannot (Kore's chunked
+    /// sessions) stops before the step that would make the upload exist upstream past it.
+    #[serde(default)]
+    pub deadline_ms: Option<i64>,
+}
+
+impl PutRequest {
+    /// The time left before the host stops waiting (`None` when the host sent no deadline);
+    /// zero once it has passed.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        let deadline = self.deadline_ms?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        Some(std::time::Duration::from_millis(
+            u64::try_from(deadline.saturating_sub(now)).unwrap_or(0),
+        ))
+    }
 }
 
 /// One upload handed to a streaming provider while it arrives (`put_stream`): what
@@ -1029,6 +1049,7 @@ mod tests {
             tenant: "t".into(),
             dialect: "dify".into(),
             metadata: Default::default(),
+            deadline_ms: None,
         })
         .unwrap()
     }

@@ -18,7 +18,9 @@
 //!
 //! `fileId` becomes the remote id and `url` the URL. `fileContext` is the request's
 //! `fileContext` metadata, else the `file_context` setting, else `bulkImport`. A failed step
-//! fails the put (the host retries the whole upload). Kore has no delete API.
+//! fails the put (the host retries the whole upload; a chunk refused with a retryable error
+//! is sent again first). Kore has no delete API, so a session stops at the host's deadline
+//! ([`PutRequest::deadline_ms`]): no chunk after it, no `complete` within a second of it.
 //!
 //! Settings: the common upstream keys (see `upgate_upstream::UpstreamSettings`),
 //! `file_context`, `single_upload_limit` (bytes or "25MB"; default 25 000 000) and
@@ -134,6 +136,7 @@ impl Kore {
         let session_path = format!("/api/public/files/session/{session_id}");
 
         for number in 0..total_chunks {
+            within_deadline(request, &format!("chunk {number}"), Duration::ZERO)?;
             let offset = number * self.chunk_size;
             let len = self.chunk_size.min(whole.len - offset);
             let form = Multipart::new().text("chunkNumber", &number.to_string()).file(
@@ -154,6 +157,9 @@ impl Kore {
                 )));
             }
         }
+        // `complete` makes the file exist upstream, and Kore has no delete API: not started
+        // when the host could stop waiting before its answer.
+        within_deadline(request, "complete", COMPLETE_MARGIN)?;
         self.upstream
             .post_empty("session complete", &format!("{session_path}/complete"), &[])
             .map_err(session_gone)
@@ -189,6 +195,22 @@ const CHUNK_ATTEMPTS: u32 = 3;
 const CHUNK_RETRY_WAIT: Duration = Duration::from_millis(250);
 /// The longest wait before a chunk's next try.
 const MAX_CHUNK_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// The least time left before the host's deadline for a session's `complete` to be sent.
+const COMPLETE_MARGIN: Duration = Duration::from_secs(1);
+
+/// A step of a chunked upload is taken only with more than `margin` left before the host
+/// stops waiting: after that, nobody would record what it made (the session upstream is
+/// left to expire; the host's next attempt starts a new one).
+fn within_deadline(request: &PutRequest, step: &str, margin: Duration) -> Result<(), PluginError> {
+    match request.time_left() {
+        Some(left) if left <= margin => Err(PluginError::new(
+            ErrorKind::Timeout,
+            format!("kore upload: the host's deadline came before {step}; the session is left to expire"),
+        )),
+        _ => Ok(()),
+    }
+}
 
 fn retryable(error: &PluginError) -> bool {
     matches!(error.kind, ErrorKind::Unavailable | ErrorKind::Timeout)

@@ -161,6 +161,7 @@ mod tests {
             tenant: "t".into(),
             dialect: "dify".into(),
             metadata: Default::default(),
+            deadline_ms: None,
         }
     }
 

@@ -42,6 +42,7 @@ impl Upload {
             tenant: "tenant-a".to_owned(),
             dialect: "dify".to_owned(),
             metadata,
+            deadline_ms: None,
         };
         Upload { file, request }
     }

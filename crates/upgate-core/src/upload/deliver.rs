@@ -48,7 +48,7 @@ fn outcome_label(kind: ErrorKind) -> &'static str {
     }
 }
 
-fn put_request(record: &UploadRecord, path: &Path) -> PutRequest {
+fn put_request(record: &UploadRecord, path: &Path, limit: Duration) -> PutRequest {
     PutRequest {
         upload_id: record.id.clone(),
         filename: record.filename.clone(),
@@ -60,6 +60,9 @@ fn put_request(record: &UploadRecord, path: &Path) -> PutRequest {
         tenant: record.tenant.clone(),
         dialect: record.dialect.as_str().to_owned(),
         metadata: record.metadata.clone(),
+        deadline_ms: Some(
+            crate::vocab::now_ms().saturating_add(i64::try_from(limit.as_millis()).unwrap_or(i64::MAX)),
+        ),
     }
 }
 
@@ -146,7 +149,7 @@ async fn attempt(
     path: &Path,
     limit: Duration,
 ) -> Attempt {
-    let request = put_request(record, path);
+    let request = put_request(record, path, limit);
     let runs = Runs::for_upload(provider, record.size, limit);
     let unclaimed = delete_unclaimed(provider, record.id.clone(), record.metadata.clone());
     let put = move |provider: &Provider| provider.put(&request);
