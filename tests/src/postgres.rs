@@ -39,6 +39,11 @@ fn find_bin_dir() -> Option<PathBuf> {
     found.pop().map(|(_, bin)| bin)
 }
 
+/// The test-only TLS material (a CA, a certificate and key for 127.0.0.1).
+fn tls_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/upgate-upstream/tests/fixtures")
+}
+
 fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -81,6 +86,22 @@ pub struct PostgresServer {
 impl PostgresServer {
     /// Creates a cluster (superuser `postgres`, trust authentication) and starts it.
     pub fn start() -> Self {
+        Self::create(false)
+    }
+
+    /// [`PostgresServer::start`], accepting TCP connections over TLS only (`hostnossl`
+    /// rejected), with the test certificate for 127.0.0.1 signed by the test CA
+    /// ([`PostgresServer::ca_file`]).
+    pub fn start_with_tls() -> Self {
+        Self::create(true)
+    }
+
+    /// The CA that signed the TLS server's certificate.
+    pub fn ca_file() -> PathBuf {
+        tls_fixtures().join("ca.pem")
+    }
+
+    fn create(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("upgate-pg-")
             .tempdir()
@@ -108,6 +129,42 @@ impl PostgresServer {
                 .output(),
             "initdb",
         );
+        if tls {
+            let data = dir.path().join("data");
+            for file in ["server.pem", "server.key"] {
+                std::fs::copy(tls_fixtures().join(file), data.join(file)).expect("copy the TLS fixture");
+            }
+            // PostgreSQL refuses a key others can read, or that its user does not own.
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .expect("chmod server.key");
+            if running_as_root() {
+                check(
+                    Command::new("chown")
+                        .args(["postgres:postgres", "server.pem", "server.key"])
+                        .current_dir(&data)
+                        .output(),
+                    "chown the TLS files to postgres",
+                );
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .expect("postgresql.conf");
+            std::io::Write::write_all(
+                &mut conf,
+                b"ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n",
+            )
+            .expect("write postgresql.conf");
+            let hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                format!("hostnossl all all all reject\n{hba}"),
+            )
+            .expect("write pg_hba.conf");
+        }
         let mut server = Self {
             dir,
             port: crate::harness::free_port(),

@@ -529,3 +529,63 @@ fn postgresql_stopped_is_503_with_retry_after_and_the_node_recovers_by_itself() 
     assert!(eventually(Duration::from_secs(10), || get(&ready).status == 200));
     no_password_in("the daemon's log", &daemon.log());
 }
+
+/// `sslmode=verify-full`: TLS to PostgreSQL, the server's certificate verified against the
+/// Mozilla roots and `sslrootcert`. The server here takes TCP over TLS only, with a
+/// certificate for 127.0.0.1 from a private CA: plaintext is refused by the server, TLS
+/// without that CA by upgate, and with it the node serves and records there.
+#[test]
+fn tls_to_postgresql_verifies_the_server_and_the_node_records_over_it() {
+    let server = PostgresServer::start_with_tls();
+    server.create_database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = PostgresServer::ca_file();
+    let plain = url_with_password(&server, "tls");
+    let check = |name: &str, url: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, config_on(dir.path(), url)).unwrap();
+        let (code, stdout, stderr) = run_cli(&["check-config", "--config", path.to_str().unwrap()]);
+        no_password_in("check-config", &(stdout.clone() + &stderr));
+        (code, stdout + &stderr)
+    };
+    // Plaintext: the server's pg_hba refuses it.
+    let (code, output) = check("plain.yaml", &plain);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("cannot use the PostgreSQL store"), "{output}");
+    // TLS without the private CA: the certificate does not verify.
+    let (code, output) = check("unknown-ca.yaml", &format!("{plain}?sslmode=verify-full"));
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.to_lowercase().contains("certificate"),
+        "names the certificate: {output}"
+    );
+    // A CA file that is not there is named.
+    let (code, output) = check(
+        "no-ca.yaml",
+        &format!("{plain}?sslmode=verify-full&sslrootcert=missing-ca.pem"),
+    );
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("missing-ca.pem"), "{output}");
+    // With it: reachable, and a node serves uploads recorded over TLS.
+    let verified = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let (code, output) = check("verified.yaml", &verified);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("reachable"), "{output}");
+    let daemon = Daemon::start_with(|dir| config_on(dir, &verified));
+    let reply = dify_upload(&daemon, "demo-key", "over-tls.txt", b"recorded over TLS\n");
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert_eq!(server.psql("tls", "SELECT filename FROM uploads"), "over-tls.txt");
+    // The server saw TLS on every connection upgate holds.
+    let plain_connections = server.psql(
+        "tls",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'upgate' AND NOT ssl",
+    );
+    assert_eq!(plain_connections, "0");
+    let tls_connections = server.psql(
+        "tls",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'upgate' AND ssl",
+    );
+    assert_ne!(tls_connections, "0");
+}

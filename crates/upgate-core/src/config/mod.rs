@@ -30,7 +30,7 @@ pub(crate) use limits::LimitsConfig;
 pub(crate) use limits::RedisUrl;
 use location::locate;
 pub(crate) use spool::SpoolConfig;
-pub(crate) use store::{PostgresUrl, StoreConfig};
+pub(crate) use store::{PostgresTls, PostgresUrl, StoreConfig};
 pub(crate) use units::{ByteSize, HumanDuration, PluginSettings, env_path};
 
 /// A config problem, located in the file.
@@ -437,6 +437,9 @@ impl Config {
             if dir.is_relative() {
                 *dir = base.join(dir.strip_prefix(".").unwrap_or(dir));
             }
+        }
+        if let Some(store) = &mut config.server.store {
+            store.url.resolve_paths(&base);
         }
         let errors = config.validate(text);
         if errors.is_empty() {

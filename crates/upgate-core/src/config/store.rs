@@ -2,9 +2,15 @@
 //!
 //! What flows through here: the `url` of a PostgreSQL database (`${VAR}` expanded), checked
 //! when the config is read and kept as a [`PostgresUrl`], whose `Debug` and `Display` never
-//! show the password: check-config output, logs and errors print the redacted form only.
+//! show the password: check-config output, logs and errors print the redacted form only. Its
+//! TLS parameters, libpq's names, are taken out of the URL here: `sslmode=verify-full` (and
+//! `require`, `verify-ca`, which upgate makes as strict) means TLS with the server's
+//! certificate verified, host name included, against the Mozilla roots and `sslrootcert`
+//! ([`PostgresTls`]); `disable` or none, plaintext; `prefer` and `allow`, which fall back to
+//! plaintext without a word, are refused.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -25,8 +31,84 @@ pub struct StoreConfig {
 /// A PostgreSQL connection URL. Shown as `postgres://USER:***@HOST:PORT/DB`.
 #[derive(Clone)]
 pub struct PostgresUrl {
+    /// What the driver is given: the URL without upgate's TLS parameters.
     url: String,
     shown: String,
+    tls: Option<PostgresTls>,
+}
+
+/// TLS to PostgreSQL, the server's certificate always verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PostgresTls {
+    /// `sslrootcert`: PEM certificates trusted beside the Mozilla roots (relative to the
+    /// config file's directory).
+    pub(crate) ca_file: Option<PathBuf>,
+}
+
+/// Takes libpq's TLS parameters out of `text`'s query: the URL for the driver (`sslmode`
+/// `require` or `disable` only, no `sslrootcert`), and the TLS to use.
+fn split_tls(text: &str) -> Result<(String, Option<PostgresTls>), String> {
+    let Some((base, query)) = text.split_once('?') else {
+        return Ok((text.to_owned(), None));
+    };
+    let mut kept = Vec::new();
+    let mut tls = None;
+    let mut ca_file = None;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslmode" => match value {
+                "disable" => kept.push("sslmode=disable".to_owned()),
+                "require" | "verify-ca" | "verify-full" => {
+                    tls = Some(());
+                    kept.push("sslmode=require".to_owned());
+                }
+                "prefer" | "allow" => {
+                    return Err(format!(
+                        "sslmode={value} falls back to plaintext without a word: use sslmode=verify-full \
+                         (TLS, the server's certificate verified; `sslrootcert` names a private CA) or \
+                         sslmode=disable"
+                    ));
+                }
+                _ => return Err("sslmode is one of disable, require, verify-ca, verify-full".into()),
+            },
+            "sslrootcert" => {
+                let path = percent_decode(value).ok_or("sslrootcert is not a valid path")?;
+                if path.is_empty() {
+                    return Err("sslrootcert is empty".into());
+                }
+                ca_file = Some(PathBuf::from(path));
+            }
+            _ => kept.push(pair.to_owned()),
+        }
+    }
+    if ca_file.is_some() && tls.is_none() {
+        return Err("sslrootcert is used only with sslmode=verify-full".into());
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, tls.map(|()| PostgresTls { ca_file })))
+}
+
+/// `%XX` escapes decoded (`+` stays: URL query values in libpq keep it).
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 impl PostgresUrl {
@@ -43,6 +125,7 @@ impl PostgresUrl {
                 "unsupported scheme `{scheme}`: {EXPECTED} (the store is SQLite in data_dir when server.store is absent)"
             ));
         }
+        let (text, tls) = split_tls(text).map_err(|message| format!("{message}; {EXPECTED}"))?;
         let parsed: tokio_postgres::Config = text.parse().map_err(|error: tokio_postgres::Error| {
             let mut message = error.to_string();
             if let Some(cause) = std::error::Error::source(&error) {
@@ -57,14 +140,29 @@ impl PostgresUrl {
             return Err(format!("the URL names no host; {EXPECTED}"));
         }
         Ok(Self {
-            url: text.to_owned(),
             shown: redacted(scheme, &parsed),
+            url: text,
+            tls,
         })
     }
 
     /// The URL with its password, for the driver only: never print it.
     pub(crate) fn expose(&self) -> &str {
         &self.url
+    }
+
+    /// TLS to the server, when the URL asks for it.
+    pub(crate) fn tls(&self) -> Option<&PostgresTls> {
+        self.tls.as_ref()
+    }
+
+    /// A relative `sslrootcert` taken as relative to `base` (the config file's directory).
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        if let Some(PostgresTls { ca_file: Some(path) }) = &mut self.tls
+            && path.is_relative()
+        {
+            *path = base.join(path.strip_prefix(".").unwrap_or(path));
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::PostgresUrl;
+use super::{PostgresTls, PostgresUrl};
 use crate::config::Config;
 
 /// A whole config whose `server.store.url` is `url`.
@@ -73,6 +73,23 @@ fn bad_urls_are_refused_where_they_are_and_without_repeating_them() {
         ("mysql://u:hunter2@h/db", "unsupported scheme `mysql`"),
         ("hunter2", "not a URL"),
         ("postgres://u:hunter2@h:notaport/db", "not a valid PostgreSQL URL"),
+        (
+            "postgres://u:hunter2@h/db?sslmode=prefer",
+            "sslmode=prefer falls back to plaintext",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=allow",
+            "sslmode=allow falls back to plaintext",
+        ),
+        ("postgres://u:hunter2@h/db?sslmode=hunter2", "sslmode is one of"),
+        (
+            "postgres://u:hunter2@h/db?sslrootcert=/ca.pem",
+            "only with sslmode=verify-full",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=%zz",
+            "not a valid path",
+        ),
         ("postgres://u:hunter2${@h/db", "an unterminated `${`"),
         (
             "postgres://u:${UPGATE_TEST_UNSET_PASSWORD}@h/db",
@@ -87,4 +104,44 @@ fn bad_urls_are_refused_where_they_are_and_without_repeating_them() {
     let unknown = config_with("postgres://h/db").replace("  store:\n", "  store:\n    pool_size: 3\n");
     let error = parse(&unknown).unwrap_err();
     assert!(error.contains("unknown field `pool_size`"), "{error}");
+}
+
+#[test]
+fn tls_parameters_are_taken_out_for_the_driver_and_relative_ca_files_follow_the_config() {
+    let url = PostgresUrl::parse("postgres://u:pw@h:1/db?sslmode=disable").unwrap();
+    assert_eq!(
+        (url.expose(), url.tls()),
+        ("postgres://u:pw@h:1/db?sslmode=disable", None)
+    );
+    let url = PostgresUrl::parse("postgres://u:pw@h:1/db?connect_timeout=3").unwrap();
+    assert_eq!(url.tls(), None, "no sslmode: plaintext, as before");
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let url = PostgresUrl::parse(&format!(
+            "postgres://u:pw@h:1/db?sslmode={mode}&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3"
+        ))
+        .unwrap();
+        assert_eq!(
+            url.expose(),
+            "postgres://u:pw@h:1/db?sslmode=require&connect_timeout=3",
+            "{mode}"
+        );
+        assert_eq!(
+            url.tls(),
+            Some(&PostgresTls {
+                ca_file: Some("/etc/ca.pem".into())
+            })
+        );
+    }
+    let config = parse(&config_with(
+        "postgres://u@h:1/db?sslmode=verify-full&sslrootcert=tls/ca.pem",
+    ))
+    .unwrap();
+    let url = &config.server.store.unwrap().url;
+    assert_eq!(
+        url.tls(),
+        Some(&PostgresTls {
+            ca_file: Some("/etc/upgate/tls/ca.pem".into())
+        })
+    );
+    assert_eq!(url.to_string(), "postgres://u@h:1/db");
 }

@@ -10,8 +10,7 @@
 //! uses. Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`STATEMENT_TIMEOUT`] per
 //! statement on the server, [`CALL_TIMEOUT`] for the whole call here; a database that is
 //! down, restarting or overloaded is [`StoreError::Unavailable`] (the client gets 503 and
-//! `Retry-After`). No TLS (`NoTls`): reach PostgreSQL on a trusted network or a local
-//! socket. Schema changes are versioned migrations ([`migrations`]), applied by one node
+//! `Retry-After`). TLS when the URL asks for it ([`tls`]), plaintext otherwise. Schema changes are versioned migrations ([`migrations`]), applied by one node
 //! under an advisory lock while the others wait.
 
 mod migrations;
@@ -19,6 +18,7 @@ mod outbox;
 mod sessions;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod uploads;
 mod usage;
 
@@ -50,7 +50,7 @@ pub(crate) struct PostgresStore {
 }
 
 struct Pool {
-    config: tokio_postgres::Config,
+    target: Target,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
     /// The runtime the connections' I/O runs on.
@@ -136,21 +136,42 @@ impl Pool {
 
     /// A new connection, its I/O on the driver runtime.
     async fn connect(&self) -> Result<Client, StoreError> {
-        connect_on(&self.driver, self.config.clone()).await
+        connect_on(&self.driver, self.target.clone()).await
     }
 }
 
-async fn connect_on(
-    driver: &tokio::runtime::Handle,
+/// Where and how to connect: the driver's settings and, when the URL asks for it, TLS.
+#[derive(Clone)]
+struct Target {
     config: tokio_postgres::Config,
-) -> Result<Client, StoreError> {
+    tls: Option<tls::MakeRustls>,
+}
+
+/// The connection's I/O, logged when it ends in an error.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::warn!(error = %describe(&error), "PostgreSQL connection lost");
+    }
+}
+
+async fn connect_on(driver: &tokio::runtime::Handle, target: Target) -> Result<Client, StoreError> {
     let connecting = driver.spawn(async move {
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(error = %describe(&error), "PostgreSQL connection lost");
+        let client = match target.tls {
+            Some(tls) => {
+                let (client, connection) = target.config.connect(tls).await?;
+                tokio::spawn(drive(connection));
+                client
             }
-        });
+            None => {
+                let (client, connection) = target.config.connect(NoTls).await?;
+                tokio::spawn(drive(connection));
+                client
+            }
+        };
         Ok::<_, tokio_postgres::Error>(client)
     });
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
@@ -164,12 +185,16 @@ async fn connect_on(
 }
 
 /// The driver's settings for `url`: upgate's timeouts unless the URL sets its own
-/// `connect_timeout`, the statement timeout added to the URL's `options`.
-fn driver_config(url: &PostgresUrl) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config = url.expose().parse().map_err(|error| StoreError::Open {
+/// `connect_timeout`, the statement timeout added to the URL's `options`; and its TLS.
+fn target_of(url: &PostgresUrl) -> Result<Target, StoreError> {
+    let open_error = |message: String| StoreError::Open {
         path: url.to_string(),
-        message: describe(&error),
-    })?;
+        message,
+    };
+    let mut config: tokio_postgres::Config = url
+        .expose()
+        .parse()
+        .map_err(|error| open_error(describe(&error)))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -182,7 +207,14 @@ fn driver_config(url: &PostgresUrl) -> Result<tokio_postgres::Config, StoreError
     if config.get_application_name().is_none() {
         config.application_name("upgate");
     }
-    Ok(config)
+    let tls = match url.tls() {
+        Some(tls) => Some(tls::MakeRustls::new(tls).map_err(open_error)?),
+        None => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            None
+        }
+    };
+    Ok(Target { config, tls })
 }
 
 impl PostgresStore {
@@ -196,10 +228,10 @@ impl PostgresStore {
             path: url.to_string(),
             message,
         };
-        let config = driver_config(url)?;
+        let target = target_of(url)?;
         let (driver, stop) =
             crate::driver::start("upgate-postgres").map_err(|e| open_error(e.to_string()))?;
-        let mut client = connect_on(&driver, config.clone())
+        let mut client = connect_on(&driver, target.clone())
             .await
             .map_err(|e| open_error(e.to_string()))?;
         migrations::migrate(&mut client)
@@ -211,7 +243,7 @@ impl PostgresStore {
         };
         Ok(Self {
             pool: Arc::new(Pool {
-                config,
+                target,
                 idle: Mutex::new(vec![first]),
                 permits: Arc::new(Semaphore::new(POOL_SIZE)),
                 driver,
@@ -223,10 +255,10 @@ impl PostgresStore {
     /// What `check-config` asks: the database at `url` answers, and its schema is one this
     /// upgate can use. Returns the schema version (0 for a database upgate never used).
     pub(crate) async fn probe(url: &PostgresUrl) -> Result<usize, StoreError> {
-        let config = driver_config(url)?;
+        let target = target_of(url)?;
         let (driver, _stop) =
             crate::driver::start("upgate-postgres").map_err(|e| StoreError::Database(e.to_string()))?;
-        let client = connect_on(&driver, config).await?;
+        let client = connect_on(&driver, target).await?;
         let checked = tokio::time::timeout(CALL_TIMEOUT, migrations::check_version(&client)).await;
         checked.unwrap_or_else(|_| Err(StoreError::Unavailable("no answer in time".into())))
     }
