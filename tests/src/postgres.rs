@@ -40,7 +40,7 @@ fn find_bin_dir() -> Option<PathBuf> {
 }
 
 /// The test-only TLS material (a CA, a certificate and key for 127.0.0.1).
-fn tls_fixtures() -> PathBuf {
+pub fn tls_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/upgate-upstream/tests/fixtures")
 }
 

@@ -39,11 +39,23 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// TLS only on `port` (no plaintext port), with the test certificate for 127.0.0.1.
+    tls: bool,
 }
 
 impl RedisServer {
     /// Starts a server on a free port.
     pub fn start() -> Self {
+        Self::create(false)
+    }
+
+    /// [`RedisServer::start`], speaking TLS only on its port, with the test certificate for
+    /// 127.0.0.1 signed by the test CA ([`crate::postgres::PostgresServer::ca_file`]).
+    pub fn start_with_tls() -> Self {
+        Self::create(true)
+    }
+
+    fn create(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("upgate-redis-")
             .tempdir()
@@ -52,6 +64,7 @@ impl RedisServer {
             dir,
             port: crate::harness::free_port(),
             child: None,
+            tls,
         };
         server.start_again();
         server
@@ -64,8 +77,22 @@ impl RedisServer {
             return;
         }
         let log = std::fs::File::create(self.log_path()).expect("redis log file");
-        let child = Command::new(server_binary())
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new(server_binary());
+        if self.tls {
+            let fixtures = crate::postgres::tls_fixtures();
+            command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(fixtures.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(fixtures.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(fixtures.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -122,20 +149,25 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Runs one command with `redis-cli` and returns its raw output, trimmed (empty when the
     /// server does not answer).
     pub fn cli(&self, args: &[&str]) -> String {
         let cli = server_binary().with_file_name("redis-cli");
-        let output = Command::new(cli)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output();
+        let mut command = Command::new(cli);
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"]);
+        if self.tls {
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(crate::postgres::tls_fixtures().join("ca.pem"));
+        }
+        let output = command.args(args).stdin(Stdio::null()).output();
         match output {
             Ok(output) if output.status.success() => {
                 String::from_utf8_lossy(&output.stdout).trim().to_owned()

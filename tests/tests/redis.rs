@@ -341,3 +341,67 @@ fn check_config_pings_redis_and_reports_an_unreachable_one_where_it_is() {
         "{stderr}"
     );
 }
+
+/// `rediss://`: TLS to Redis, the server's certificate verified against `ca_file` (the
+/// system's roots without it). The server here speaks TLS only, with a certificate for
+/// 127.0.0.1 from a private CA: plaintext and an unknown CA fail, and with the CA a node's
+/// burst is counted there.
+#[test]
+fn tls_to_redis_verifies_the_server_and_counts_there() {
+    let redis = RedisServer::start_with_tls();
+    let ca = upgate_e2e::postgres::PostgresServer::ca_file();
+    let with_ca = |text: String| {
+        text.replacen(
+            "    fault_tolerant: false\n",
+            &format!("    fault_tolerant: false\n    ca_file: {}\n", ca.display()),
+            1,
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = run_cli(&["check-config", "--config", path.to_str().unwrap()]);
+        (code, stdout + &stderr)
+    };
+    let tls_url = redis.url();
+    assert!(tls_url.starts_with("rediss://"), "{tls_url}");
+    let (code, output) = check(
+        "verified.yaml",
+        with_ca(config(dir.path(), &tls_url, false, None)),
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("limits rediss://127.0.0.1:{}: reachable", redis.port())),
+        "{output}"
+    );
+    // The system's roots do not know the private CA.
+    let (code, output) = check("system-roots.yaml", config(dir.path(), &tls_url, false, None));
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("cannot reach the Redis"), "{output}");
+    // Plaintext to a TLS port.
+    let plain = tls_url.replacen("rediss://", "redis://", 1);
+    let (code, output) = check("plain.yaml", config(dir.path(), &plain, false, None));
+    assert_eq!(code, 2, "{output}");
+    // ca_file with a plaintext URL is a config error where it is.
+    let (code, output) = check("ca-plain.yaml", with_ca(config(dir.path(), &plain, false, None)));
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains("ca_file is used only with a rediss://"),
+        "{output}"
+    );
+
+    // A node counts its burst in that Redis, over TLS.
+    let daemon = Daemon::start_with(|dir| with_ca(config(dir, &tls_url, false, None)));
+    for index in 0..4 {
+        let reply = dify(&daemon, "bursty-key", &format!("{index}.txt"));
+        assert_eq!(reply.status, 201, "{}", reply.text);
+    }
+    assert_eq!(dify(&daemon, "bursty-key", "over.txt").status, 429);
+    let keys = redis.cli(&["KEYS", "upgate:rate:*"]);
+    assert!(keys.contains(&sha256_key("bursty-key")), "{keys}");
+    assert_eq!(
+        daemon.metric("upgate_limits_unavailable_total{limit=\"rate\"}"),
+        0.0
+    );
+}

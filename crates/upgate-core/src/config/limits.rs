@@ -3,9 +3,12 @@
 //!
 //! What flows through here: the `url` of a Redis server (`${VAR}` expanded), checked when
 //! the config is read and kept as a [`RedisUrl`], whose `Debug` and `Display` never show the
-//! password, and `fault_tolerant`: what a node does while Redis cannot be reached.
+//! password, and `fault_tolerant`: what a node does while Redis cannot be reached. A
+//! `rediss://` URL is TLS, the server's certificate verified (the system's roots, or
+//! `ca_file` in their place); its `#insecure`, which would verify nothing, is refused.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -20,8 +23,13 @@ mod tests;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` or `redis+unix:///PATH`.
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, `rediss://...` (TLS) or
+    /// `redis+unix:///PATH`.
     pub url: RedisUrl,
+    /// With `rediss://`: the PEM certificates of the CA(s) the server's certificate must chain
+    /// to, in place of the system's roots (relative to the config file's directory).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Redis unreachable: `true` (the default) counts on this node's own limits meanwhile;
     /// `false` refuses the requests that need a shared limit with 503.
     #[serde(default = "default_true")]
@@ -35,7 +43,8 @@ pub struct RedisUrl {
     shown: String,
 }
 
-const EXPECTED: &str = "expected redis://[:PASSWORD@]HOST[:PORT][/DB] or redis+unix:///PATH";
+const EXPECTED: &str =
+    "expected redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or redis+unix:///PATH";
 
 impl RedisUrl {
     /// Checks `text` is a `redis://` (or `redis+unix://`) URL the driver understands. The
@@ -46,14 +55,14 @@ impl RedisUrl {
         let Some((scheme, _)) = text.split_once("://") else {
             return Err(format!("not a URL: {EXPECTED}"));
         };
-        if !matches!(scheme, "redis" | "redis+unix") {
+        if !matches!(scheme, "redis" | "rediss" | "redis+unix") {
             let scheme: String = scheme.chars().take(16).collect();
-            let hint = if scheme == "rediss" {
-                " (no TLS: reach Redis on a trusted network or a local socket)"
-            } else {
-                ""
-            };
-            return Err(format!("unsupported scheme `{scheme}`{hint}: {EXPECTED}"));
+            return Err(format!("unsupported scheme `{scheme}`: {EXPECTED}"));
+        }
+        if text.contains('#') {
+            return Err(format!(
+                "a `#` fragment (`#insecure` would accept any certificate): the server's certificate is always verified; {EXPECTED}"
+            ));
         }
         let info = text.into_connection_info().map_err(|error| {
             // The driver's text is "what is wrong - Kind: detail"; only what is wrong is kept
@@ -71,6 +80,11 @@ impl RedisUrl {
     /// The URL with its password, for the driver only: never print it.
     pub(crate) fn expose(&self) -> &str {
         &self.url
+    }
+
+    /// A `rediss://` URL.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.url.starts_with("rediss://")
     }
 }
 
@@ -109,11 +123,14 @@ fn redacted(scheme: &str, info: &redis::ConnectionInfo) -> String {
                 shown.push_str(&format!("{user}@"));
             }
             match address {
-                redis::ConnectionAddr::Tcp(host, port) if host.contains(':') => {
+                redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. }
+                    if host.contains(':') =>
+                {
                     shown.push_str(&format!("[{host}]:{port}"));
                 }
-                redis::ConnectionAddr::Tcp(host, port) => shown.push_str(&format!("{host}:{port}")),
-                // TLS is not compiled in, so the driver never parses a URL into it.
+                redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                    shown.push_str(&format!("{host}:{port}"));
+                }
                 _ => shown.push('?'),
             }
             if db != 0 {

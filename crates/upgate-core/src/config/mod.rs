@@ -58,6 +58,14 @@ impl ConfigError {
     }
 }
 
+/// `path` as the operator meant it: relative to `base`, the config file's directory (`./x`
+/// under `.` is `./x`, not `././x`).
+pub(crate) fn resolve_relative(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() {
+        *path = base.join(path.strip_prefix(".").unwrap_or(path));
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -433,13 +441,18 @@ impl Config {
         })?;
         config.source = path.to_path_buf();
         let base = config.base_dir().to_path_buf();
-        for dir in [&mut config.server.data_dir, &mut config.server.plugin_dir] {
-            if dir.is_relative() {
-                *dir = base.join(dir.strip_prefix(".").unwrap_or(dir));
-            }
-        }
+        resolve_relative(&base, &mut config.server.data_dir);
+        resolve_relative(&base, &mut config.server.plugin_dir);
         if let Some(store) = &mut config.server.store {
             store.url.resolve_paths(&base);
+        }
+        if let Some(ca_file) = config
+            .server
+            .limits
+            .as_mut()
+            .and_then(|limits| limits.ca_file.as_mut())
+        {
+            resolve_relative(&base, ca_file);
         }
         let errors = config.validate(text);
         if errors.is_empty() {
@@ -463,6 +476,15 @@ impl Config {
             let (line, column) = locate(text, keys);
             errors.push(ConfigError::at(&self.source, line, column, message));
         };
+        if let Some(limits) = &self.server.limits
+            && limits.ca_file.is_some()
+            && !limits.url.is_tls()
+        {
+            error(
+                &["server", "limits", "ca_file"],
+                "ca_file is used only with a rediss:// (TLS) url".into(),
+            );
+        }
         for (name, plan) in &self.plans {
             if plan.max_file_size.0 == 0 {
                 error(

@@ -158,10 +158,8 @@ impl PostgresUrl {
 
     /// A relative `sslrootcert` taken as relative to `base` (the config file's directory).
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
-        if let Some(PostgresTls { ca_file: Some(path) }) = &mut self.tls
-            && path.is_relative()
-        {
-            *path = base.join(path.strip_prefix(".").unwrap_or(path));
+        if let Some(PostgresTls { ca_file: Some(path) }) = &mut self.tls {
+            super::resolve_relative(base, path);
         }
     }
 }

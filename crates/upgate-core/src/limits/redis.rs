@@ -158,6 +158,8 @@ pub(crate) enum RedisLimitError {
     Answer(String),
     #[error("the Redis driver thread has stopped")]
     Stopped,
+    #[error("cannot read ca_file {path}: {message}")]
+    CaFile { path: String, message: String },
 }
 
 impl RedisLimitError {
@@ -200,7 +202,7 @@ impl RedisLimiter {
     /// A limiter on the Redis of `config` (connected at the first check, so a node starts
     /// while Redis is down), with quotas in `store`.
     pub(crate) fn new(config: &LimitsConfig, store: Arc<dyn Store>) -> Result<Self, RedisLimitError> {
-        let client = redis::Client::open(config.url.expose())?;
+        let client = client_of(config)?;
         let (driver, stop) = crate::driver::start("upgate-redis").map_err(|_| RedisLimitError::Stopped)?;
         metrics::prime_limits();
         Ok(Self {
@@ -222,7 +224,7 @@ impl RedisLimiter {
 
     /// What `check-config` asks: Redis at `config.url` answers `PING`.
     pub(crate) async fn probe(config: &LimitsConfig) -> Result<(), RedisLimitError> {
-        let client = redis::Client::open(config.url.expose())?;
+        let client = client_of(config)?;
         let probing = async {
             let mut connection = client
                 .get_multiplexed_async_connection_with_config(&connection_config())
@@ -256,6 +258,27 @@ impl RedisLimiter {
             Err(LimitError::Unavailable(error.to_string()))
         }
     }
+}
+
+/// The driver's client for `config`: with `ca_file` (a `rediss://` URL, checked when the config
+/// was read), that file's certificates are the roots the server's must chain to.
+fn client_of(config: &LimitsConfig) -> Result<redis::Client, RedisLimitError> {
+    let Some(ca_file) = &config.ca_file else {
+        return Ok(redis::Client::open(config.url.expose())?);
+    };
+    let ca_error = |message: String| RedisLimitError::CaFile {
+        path: ca_file.display().to_string(),
+        message,
+    };
+    let pem = std::fs::read(ca_file).map_err(|error| ca_error(error.to_string()))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ca_error("no PEM certificate in it".into()));
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Ok(redis::Client::build_with_tls(config.url.expose(), certificates)?)
 }
 
 fn connection_config() -> AsyncConnectionConfig {

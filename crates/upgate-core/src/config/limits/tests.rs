@@ -43,6 +43,10 @@ fn the_url_is_shown_without_its_password() {
         ("redis://[::1]:7000/0", "redis://[::1]:7000"),
         ("redis://u@h/1", "redis://u@h:6379/1"),
         (
+            "rediss://:hunter2@cache.internal/1",
+            "rediss://:***@cache.internal:6379/1",
+        ),
+        (
             "redis+unix:///run/redis.sock?db=3&pass=hunter2",
             "redis+unix:///run/redis.sock?db=3&pass=***",
         ),
@@ -86,7 +90,10 @@ fn the_url_takes_env_references() {
 fn bad_limits_are_refused_where_they_are_and_without_repeating_the_url() {
     for (url, expected) in [
         ("postgres://u:hunter2@h/db", "unsupported scheme `postgres`"),
-        ("rediss://:hunter2@h", "no TLS"),
+        (
+            "rediss://:hunter2@h/#insecure",
+            "the server's certificate is always verified",
+        ),
         ("hunter2", "not a URL"),
         ("redis://:hunter2@h:notaport", "not a valid Redis URL"),
         ("redis://:hunter2@h/notadb", "Invalid database number"),
@@ -115,4 +122,26 @@ fn bad_limits_are_refused_where_they_are_and_without_repeating_the_url() {
     );
     let no_url = config_with("    fault_tolerant: true\n");
     assert!(parse(&no_url).unwrap_err().contains("missing field `url`"));
+}
+
+#[test]
+fn a_ca_file_goes_with_a_tls_url_and_follows_the_config_file() {
+    let config = parse(&config_with(
+        "    url: rediss://cache.internal:6380\n    ca_file: tls/redis-ca.pem\n",
+    ))
+    .unwrap();
+    let limits = config.server.limits.unwrap();
+    assert!(limits.url.is_tls());
+    assert_eq!(
+        limits.ca_file.as_deref(),
+        Some(Path::new("/etc/upgate/tls/redis-ca.pem"))
+    );
+    let error = parse(&config_with(
+        "    url: redis://cache.internal\n    ca_file: /etc/ca.pem\n",
+    ))
+    .unwrap_err();
+    assert!(
+        error.starts_with("/etc/upgate/config.yaml:4:") && error.contains("only with a rediss://"),
+        "{error}"
+    );
 }

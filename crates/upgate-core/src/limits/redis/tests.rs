@@ -23,6 +23,7 @@ fn node(redis: &RedisServer, fault_tolerant: bool) -> Node {
     let config = LimitsConfig {
         url: RedisUrl::parse(&redis.url()).unwrap(),
         fault_tolerant,
+        ca_file: None,
     };
     Node {
         limiter: RedisLimiter::new(&config, store.clone()).unwrap(),
