@@ -135,3 +135,48 @@ fn sessions_in_progress_are_listed() {
     assert_eq!(code, 0);
     assert!(table.contains(&session) && table.contains("big.txt"), "{table}");
 }
+
+/// Root in the daemon user's `data_dir` (`sudo upgate uploads list` beside the packaged
+/// unit) would leave root's files there (SQLite's `-wal`/`-shm` when the daemon is
+/// stopped), which the daemon could not open at its next start: refused, with how to run it.
+/// Run as another user, the rule has nothing to refuse, and the commands work.
+#[test]
+fn root_is_refused_in_another_users_data_dir() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, default_config(dir.path())).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = config_path.display().to_string();
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if root {
+        let chown = |owner: &str| {
+            let status = std::process::Command::new("chown")
+                .args(["-R", owner])
+                .arg(&data)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        chown("65534:65534");
+        for args in [
+            vec!["uploads", "list", "--config", &config],
+            vec!["sessions", "list", "--config", &config],
+            vec!["serve", "--config", &config],
+        ] {
+            let (code, stdout, stderr) = run_cli(&args);
+            assert_eq!(code, 1, "{args:?}: {stdout}{stderr}");
+            assert!(
+                stderr.contains("belongs to user id 65534") && stderr.contains("sudo -u upgate"),
+                "{args:?}: {stderr}"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().collect();
+        assert!(left.is_empty(), "nothing created: {left:?}");
+        chown("0:0");
+    }
+    let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}

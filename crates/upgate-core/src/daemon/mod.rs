@@ -158,9 +158,32 @@ pub fn check(path: &Path, engines_too: bool) -> Result<(Config, Providers, Vec<S
     Ok((config, providers, engines))
 }
 
+/// Refuses to work in another user's `data_dir` as root: the files root would create there
+/// (SQLite's `-wal` and `-shm` when the daemon is stopped, spool files, plugin copies) would
+/// be root's, and the daemon, running as that user (the packaged unit's `upgate`), could not
+/// open them at its next start.
+fn check_data_dir_owner(data_dir: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(metadata) = std::fs::metadata(data_dir) else {
+        return Ok(()); // created by this process, as whoever runs it
+    };
+    if !rustix::process::geteuid().is_root() || metadata.uid() == 0 {
+        return Ok(());
+    }
+    Err(ServeError::Refused(format!(
+        "data_dir {} belongs to user id {}, and this runs as root: files it created there would be \
+         root's and the daemon could not use them; run it as that user (with the packaged unit: \
+         sudo -u upgate upgate ...)",
+        data_dir.display(),
+        metadata.uid()
+    )))
+}
+
 /// The configured store: PostgreSQL at `server.store.url` (migrated, waiting while another
-/// node migrates), or SQLite in `data_dir`.
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+/// node migrates), or SQLite in `data_dir`; never as root in another user's `data_dir`.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
+    check_data_dir_owner(&config.server.data_dir)?;
     let server = &config.server;
     Ok(match &server.store {
         Some(store) => Arc::new(PostgresStore::open(&store.url).await?),
