@@ -161,7 +161,7 @@ impl S3Server {
         std::fs::write(dir.path().join("s3.json"), identities.to_string()).expect("write s3.json");
         std::fs::create_dir(dir.path().join("data")).expect("SeaweedFS data dir");
         std::fs::create_dir(dir.path().join("config")).expect("SeaweedFS config dir");
-        let ports = Ports {
+        let fresh_ports = || Ports {
             master: free_port_pair(),
             volume: free_port_pair(),
             filer: free_port_pair(),
@@ -169,10 +169,19 @@ impl S3Server {
         };
         let mut server = Self {
             dir,
-            ports,
+            ports: fresh_ports(),
             child: None,
         };
-        server.start_again();
+        // A port found free can be taken before weed binds it (by a server another test of
+        // this process starts on port 0 meanwhile): weed then exits, and starts again on
+        // other ports. Anything else fails at once.
+        let mut tries = 0;
+        while let Err(exited) = server.try_start() {
+            tries += 1;
+            assert!(tries < 3, "{exited}");
+            eprintln!("SeaweedFS exited at start (a port taken meanwhile?); trying other ports");
+            server.ports = fresh_ports();
+        }
         let (status, body) = server.curl(&["-X", "PUT"], &format!("/{BUCKET}"), None);
         assert_eq!(
             status,
@@ -187,8 +196,16 @@ impl S3Server {
     /// Starts the server again after [`S3Server::stop`], on the same ports and data dir (the
     /// bucket and its objects are still there), and waits until S3 answers a signed request.
     pub fn start_again(&mut self) {
+        if let Err(exited) = self.try_start() {
+            panic!("{exited}");
+        }
+    }
+
+    /// [`S3Server::start_again`]; `Err` when weed exited before it answered (the log in the
+    /// message). Any other failure panics.
+    fn try_start(&mut self) -> Result<(), String> {
         if self.child.is_some() {
-            return;
+            return Ok(());
         }
         let log = std::fs::File::options()
             .create(true)
@@ -242,7 +259,8 @@ impl S3Server {
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("weed server exited ({status}): {}", self.log());
+                self.child = None;
+                return Err(format!("weed server exited ({status}): {}", self.log()));
             }
             if self.curl(&[], "/", None).0 == 200 && self.volume_server_registered() {
                 break;
@@ -256,6 +274,7 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+        Ok(())
     }
 
     /// Whether the master knows the volume server. S3 answers before that: when the volume
