@@ -413,3 +413,47 @@ fn rejections_before_routing_answer_in_the_dialect_of_the_path() {
     );
     assert_eq!(reply.status, 201, "{}", reply.text);
 }
+
+/// A path a dialect serves, asked with a method it does not take: 405 with `Allow` naming the
+/// methods it takes, in the dialect's error shape, as the vendors' own servers answer; a path
+/// nothing serves stays a 404.
+#[test]
+fn a_wrong_method_is_405_with_allow_in_the_dialects_shape() {
+    let daemon = Daemon::start();
+    for (path, allow, shape) in [
+        ("/v1/files/upload", "POST", "code"),
+        ("/api/public/files", "POST", "errors"),
+        ("/api/public/files/session/start", "POST", "errors"),
+        ("/api/v1/attachments-upload/", "POST", "detail"),
+        ("/agent-setup/upload", "POST", "statusCode"),
+        (
+            "/api/v2/apps/app-1/environments/draft/attachments/f-1",
+            "DELETE",
+            "errors",
+        ),
+    ] {
+        for method in ["GET", "PUT"] {
+            let reply = send(method, &daemon.url(path), &[KEY], None);
+            assert_eq!(reply.status, 405, "{method} {path}: {}", reply.text);
+            assert_eq!(reply.header("allow"), Some(allow), "{method} {path}");
+            let body = reply.json();
+            assert!(body.get(shape).is_some(), "{method} {path}: {body}");
+        }
+    }
+    // tus: its own headers and plain text, and every method of an upload's URL.
+    let reply = send(
+        "PUT",
+        &daemon.url("/files/0123456789abcdef0123456789abcdef"),
+        &[("Tus-Resumable", "1.0.0")],
+        None,
+    );
+    assert_eq!(reply.status, 405, "{}", reply.text);
+    assert_eq!(reply.header("allow"), Some("DELETE, HEAD, OPTIONS, PATCH, POST"));
+    assert_eq!(reply.header("tus-resumable"), Some("1.0.0"));
+    // Nothing serves these paths with any method.
+    for path in ["/v1/files/nothing", "/api/public/files/a/b/c", "/elsewhere"] {
+        let reply = send("GET", &daemon.url(path), &[KEY], None);
+        assert_eq!(reply.status, 404, "{path}: {}", reply.text);
+        assert_eq!(reply.header("allow"), None, "{path}");
+    }
+}

@@ -66,6 +66,9 @@ pub enum ApiError {
     /// A path under a dialect's prefix that no route of it serves.
     #[error("no such endpoint")]
     NoSuchEndpoint,
+    /// A path some route serves, with another method: 405, `Allow` naming `allowed`.
+    #[error("method not allowed")]
+    MethodNotAllowed { allowed: Vec<String> },
     #[error("upload session expired")]
     SessionExpired,
     #[error("chunks missing: {0:?}")]
@@ -172,6 +175,8 @@ pub enum Class {
     MediaType,
     /// The resource may not be changed (403).
     Immutable,
+    /// The path is served, with other methods (405).
+    MethodNotAllowed,
 }
 
 impl ApiError {
@@ -195,6 +200,7 @@ impl ApiError {
             Self::TooLarge { .. } => Class::Size,
             Self::Throttled { why, .. } => Class::Throttled(*why),
             Self::NotFound | Self::NoSuchEndpoint => Class::NotFound,
+            Self::MethodNotAllowed { .. } => Class::MethodNotAllowed,
             Self::SessionExpired => Class::Gone,
             Self::UpstreamRejected { .. } | Self::UpstreamFailed(_) | Self::UpstreamTimeout => {
                 Class::Upstream
@@ -238,6 +244,7 @@ impl ApiError {
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Conflict => StatusCode::CONFLICT,
             Class::Checksum => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
+            Class::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Class::Version => StatusCode::PRECONDITION_FAILED,
             Class::MediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Class::Immutable => StatusCode::FORBIDDEN,
@@ -252,6 +259,14 @@ impl ApiError {
                 Some(*retry_after_secs)
             }
             Self::SessionBusy => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The `Allow` header of a 405: the methods the path is served with.
+    pub fn allow(&self) -> Option<String> {
+        match self {
+            Self::MethodNotAllowed { allowed } => Some(allowed.join(", ")),
             _ => None,
         }
     }

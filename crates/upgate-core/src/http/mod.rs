@@ -93,10 +93,19 @@ pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option
     Some((headers, body))
 }
 
-/// No route matched: under a dialect's prefix, that dialect's 404; elsewhere a plain one.
+/// No route matched: under a dialect's prefix, that dialect's 405 (with `Allow`) when a route
+/// serves the path with other methods, else its 404; elsewhere a plain 404.
 async fn not_found(request: HttpRequest) -> Result<HttpResponse, DialectError> {
     match dialect_of_path(request.path()) {
-        Some(dialect) => Err(DialectError::new(dialect, ApiError::NoSuchEndpoint)),
+        Some(dialect) => {
+            let allowed = dialects::methods_serving(request.path());
+            let error = if allowed.is_empty() {
+                ApiError::NoSuchEndpoint
+            } else {
+                ApiError::MethodNotAllowed { allowed }
+            };
+            Err(DialectError::new(dialect, error))
+        }
         None => Ok(HttpResponse::NotFound()
             .json(serde_json::json!({ "message": "no such endpoint", "status": 404 }))),
     }

@@ -1,7 +1,7 @@
 //! Responders: the one place an outcome of the upload flow becomes an HTTP response.
 //!
 //! What flows through here: a handler's [`ApiError`] paired with its dialect (a
-//! [`DialectError`]), whose status, `Retry-After` and `WWW-Authenticate` headers are decided
+//! [`DialectError`]), whose status, `Retry-After`, `Allow` and `WWW-Authenticate` headers are decided
 //! here once while the body shape comes from the dialect
 //! ([`super::dialects::Dialect::error_body`]); and the
 //! records of a successful upload, attached to the response for the request log
@@ -44,6 +44,9 @@ impl ResponseError for DialectError {
         let mut response = HttpResponse::build(status);
         if let Some(retry_after_secs) = self.error.retry_after_secs() {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.max(1).to_string()));
+        }
+        if let Some(allow) = self.error.allow() {
+            response.insert_header((header::ALLOW, allow));
         }
         if status == StatusCode::UNAUTHORIZED
             && let Some(challenge) = dialect.www_authenticate()

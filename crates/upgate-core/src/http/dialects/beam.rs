@@ -15,12 +15,13 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, admit, derived_uuid, file_url, iso_millis, plain_message};
+use super::{Dialect, DialectName, Routes, admit, derived_uuid, file_url, iso_millis, plain_message};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
+use actix_web::http::Method;
 
 pub(crate) struct Beam;
 
@@ -32,8 +33,8 @@ const FORM: FormSpec = FormSpec {
 
 const WORKSPACE_HEADER: &str = "current-workspace-id";
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
-    config.route("/agent-setup/upload", web::post().to(upload));
+pub(crate) fn routes(routes: &mut Routes) {
+    routes.add(Method::POST, "/agent-setup/upload", upload);
 }
 
 /// The workspace id header: required, visible ASCII, at most 256 bytes.

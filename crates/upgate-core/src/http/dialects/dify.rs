@@ -11,12 +11,13 @@ use actix_web::{HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, derived_uuid, plain_message, upload_multipart};
+use super::{Dialect, DialectName, Routes, derived_uuid, plain_message, upload_multipart};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
+use actix_web::http::Method;
 
 pub(crate) struct Dify;
 
@@ -26,10 +27,10 @@ const FORM: FormSpec = FormSpec {
     text_fields: &["user"],
 };
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
-    config
-        .route("/v1/files/upload", web::post().to(upload))
-        .route("/files/upload", web::post().to(upload));
+pub(crate) fn routes(routes: &mut Routes) {
+    routes
+        .add(Method::POST, "/v1/files/upload", upload)
+        .add(Method::POST, "/files/upload", upload);
 }
 
 async fn upload(
@@ -149,6 +150,7 @@ impl Dialect for Dify {
             ApiError::NotFound | ApiError::NoSuchEndpoint | ApiError::SessionExpired => {
                 ("not_found", plain_message(error))
             }
+            ApiError::MethodNotAllowed { .. } => ("method_not_allowed", plain_message(error)),
             ApiError::UpstreamRejected { .. } => ("provider_rejected", plain_message(error)),
             ApiError::UpstreamFailed(_) => ("provider_error", plain_message(error)),
             ApiError::UpstreamTimeout => ("provider_timeout", plain_message(error)),

@@ -19,7 +19,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Dialect, DialectName, admit, errors_body, file_url, iso_millis, plain_message, upload_multipart,
+    Dialect, DialectName, Routes, admit, errors_body, file_url, iso_millis, plain_message, upload_multipart,
 };
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
@@ -27,6 +27,7 @@ use crate::store::UploadRecord;
 use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
 use crate::upload::intake::{FormSpec, body_error, extension_of, next_or_stall};
 use crate::upload::{Gateway, Metadata};
+use actix_web::http::Method;
 
 pub(crate) struct Kore;
 
@@ -46,15 +47,16 @@ const MAX_JSON_BODY: usize = 64 * 1024;
 /// Most missing chunk numbers named in one error message.
 const MISSING_NAMED: usize = 100;
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(routes: &mut Routes) {
     // `start` before `{sessionId}`: routes match in registration order.
-    config
-        .route("/api/public/files", web::post().to(upload))
-        .route("/api/public/files/session/start", web::post().to(start))
-        .route("/api/public/files/session/{sessionId}", web::post().to(chunk))
-        .route(
+    routes
+        .add(Method::POST, "/api/public/files", upload)
+        .add(Method::POST, "/api/public/files/session/start", start)
+        .add(Method::POST, "/api/public/files/session/{sessionId}", chunk)
+        .add(
+            Method::POST,
             "/api/public/files/session/{sessionId}/complete",
-            web::post().to(complete),
+            complete,
         );
 }
 

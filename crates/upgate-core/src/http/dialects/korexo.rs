@@ -15,12 +15,13 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, Work, admit, admit_for, errors_body, iso_millis, plain_message};
+use super::{Dialect, DialectName, Routes, Work, admit, admit_for, errors_body, iso_millis, plain_message};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
+use actix_web::http::Method;
 
 pub(crate) struct Korexo;
 
@@ -33,10 +34,12 @@ const FORM: FormSpec = FormSpec {
 
 const BASE: &str = "/api/v2/apps/{appId}/environments/{envName}/attachments";
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
-    config
-        .route(&format!("{BASE}/upload"), web::post().to(upload))
-        .route(&format!("{BASE}/{{fileId}}"), web::delete().to(delete));
+pub(crate) fn routes(routes: &mut Routes) {
+    routes.add(Method::POST, &format!("{BASE}/upload"), upload).add(
+        Method::DELETE,
+        &format!("{BASE}/{{fileId}}"),
+        delete,
+    );
 }
 
 /// An `appId` or `envName` from the path: 1 to 128 of `A-Z a-z 0-9 . _ -`, not `.` or `..`.

@@ -13,13 +13,14 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, file_url, plain_message, seconds, upload_multipart};
+use super::{Dialect, DialectName, Routes, file_url, plain_message, seconds, upload_multipart};
 use crate::content;
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
+use actix_web::http::Method;
 
 pub(crate) struct Maiagent;
 
@@ -29,11 +30,11 @@ const FORM: FormSpec = FormSpec {
     text_fields: &[],
 };
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(routes: &mut Routes) {
     // Django would redirect the path without the slash; answering it directly is kinder.
-    config
-        .route("/api/v1/attachments-upload/", web::post().to(upload))
-        .route("/api/v1/attachments-upload", web::post().to(upload));
+    routes
+        .add(Method::POST, "/api/v1/attachments-upload/", upload)
+        .add(Method::POST, "/api/v1/attachments-upload", upload);
 }
 
 async fn upload(

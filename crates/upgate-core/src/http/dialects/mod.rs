@@ -14,7 +14,10 @@ pub(crate) mod korexo;
 pub(crate) mod maiagent;
 pub(crate) mod tus;
 
-use actix_web::http::StatusCode;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::Payload;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::Value;
@@ -110,13 +113,51 @@ pub(crate) async fn upload_multipart(
 
 /// Registers every dialect's routes.
 pub(crate) fn configure(config: &mut web::ServiceConfig) {
-    dify::routes(config);
-    kore::routes(config);
-    maiagent::routes(config);
-    korexo::routes(config);
-    beam::routes(config);
+    let mut routes = Routes(config);
+    dify::routes(&mut routes);
+    kore::routes(&mut routes);
+    maiagent::routes(&mut routes);
+    korexo::routes(&mut routes);
+    beam::routes(&mut routes);
     // After Dify's, whose `POST /files/upload` shares tus's base path.
-    tus::routes(config);
+    tus::routes(&mut routes);
+}
+
+/// Every dialect route's path pattern with the methods it is served with: what a 405's
+/// `Allow` names. Filled as the routes are registered (once per worker, the same each time).
+static SERVED: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+
+/// Where the dialects register their routes: actix's, each noted in [`SERVED`].
+pub(crate) struct Routes<'a>(&'a mut web::ServiceConfig);
+
+impl Routes<'_> {
+    /// Serves `method` requests to `path` (an actix pattern) with `handler`.
+    pub(crate) fn add<F, Args>(&mut self, method: Method, path: &str, handler: F) -> &mut Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: actix_web::FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        SERVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(path.to_owned())
+            .or_default()
+            .insert(method.as_str().to_owned());
+        self.0.route(path, web::method(method).to(handler));
+        self
+    }
+}
+
+/// The methods some dialect route serves `path` with, sorted; empty when none serves it.
+pub(crate) fn methods_serving(path: &str) -> Vec<String> {
+    let served = SERVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let methods: BTreeSet<&String> = served
+        .iter()
+        .filter(|(pattern, _)| actix_web::dev::ResourceDef::new(pattern.as_str()).is_match(path))
+        .flat_map(|(_, methods)| methods)
+        .collect();
+    methods.into_iter().cloned().collect()
 }
 
 /// The value of a key header (`X-api-key` and friends): present, non-empty, visible ASCII.
@@ -185,6 +226,9 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
         }
         ApiError::NotFound => "Not found.".into(),
         ApiError::NoSuchEndpoint => "No such endpoint.".into(),
+        ApiError::MethodNotAllowed { allowed } => {
+            format!("Method not allowed: this endpoint takes {}.", allowed.join(", "))
+        }
         ApiError::SessionExpired => "The upload session has expired.".into(),
         ApiError::MissingChunks(missing) => format!(
             "Chunks missing: {}.",

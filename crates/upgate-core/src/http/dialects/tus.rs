@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use super::{Dialect, DialectName, Work, admit, admit_for};
+use super::{Dialect, DialectName, Routes, Work, admit, admit_for};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer};
 use crate::store::{Concat, SessionRecord, UploadRecord};
@@ -71,19 +71,19 @@ pub(crate) const RESPONSE_HEADERS: &[&str] = &[
     "upgate-upload-url",
 ];
 
-pub(crate) fn routes(config: &mut web::ServiceConfig) {
+pub(crate) fn routes(routes: &mut Routes) {
     // After Dify's `POST /files/upload`: a PATCH, HEAD or DELETE there reaches these routes,
     // and `upload` is never a tus id.
-    config
-        .route("/files", web::post().to(create))
-        .route(BASE, web::post().to(create))
-        .route("/files", web::method(Method::OPTIONS).to(options))
-        .route(BASE, web::method(Method::OPTIONS).to(options))
-        .route("/files/{id}", web::method(Method::OPTIONS).to(options))
-        .route("/files/{id}", web::head().to(head))
-        .route("/files/{id}", web::patch().to(patch))
-        .route("/files/{id}", web::delete().to(terminate))
-        .route("/files/{id}", web::post().to(overridden));
+    routes
+        .add(Method::POST, "/files", create)
+        .add(Method::POST, BASE, create)
+        .add(Method::OPTIONS, "/files", options)
+        .add(Method::OPTIONS, BASE, options)
+        .add(Method::OPTIONS, "/files/{id}", options)
+        .add(Method::HEAD, "/files/{id}", head)
+        .add(Method::PATCH, "/files/{id}", patch)
+        .add(Method::DELETE, "/files/{id}", terminate)
+        .add(Method::POST, "/files/{id}", overridden);
 }
 
 /// `Tus-Resumable` must name the version upgate speaks.
