@@ -422,6 +422,10 @@ fn a_wrong_method_is_405_with_allow_in_the_dialects_shape() {
     let daemon = Daemon::start();
     for (path, allow, shape) in [
         ("/v1/files/upload", "POST", "code"),
+        // Dify's alias: only Dify's methods, though tus's `/files/{id}` matches it too.
+        ("/files/upload", "POST", "code"),
+        // Percent-encoded as the router decodes it.
+        ("/v1/files/%75pload", "POST", "code"),
         ("/api/public/files", "POST", "errors"),
         ("/api/public/files/session/start", "POST", "errors"),
         ("/api/v1/attachments-upload/", "POST", "detail"),

@@ -136,12 +136,13 @@ fn sessions_in_progress_are_listed() {
     assert!(table.contains(&session) && table.contains("big.txt"), "{table}");
 }
 
-/// Root in the daemon user's `data_dir` (`sudo upgate uploads list` beside the packaged
-/// unit) would leave root's files there (SQLite's `-wal`/`-shm` when the daemon is
-/// stopped), which the daemon could not open at its next start: refused, with how to run it.
-/// Run as another user, the rule has nothing to refuse, and the commands work.
+/// Root in the `data_dir` of a daemon run as another user (`sudo upgate uploads list` beside
+/// the packaged unit) would leave root's files there (SQLite's `-wal`/`-shm` when the daemon
+/// is stopped), which that daemon could not open at its next start: refused, with how to run
+/// it. A data_dir whose files are root's (a daemon run as root, in a container whose volume
+/// another user owns) is not refused. Run as another user, the rule has nothing to refuse.
 #[test]
-fn root_is_refused_in_another_users_data_dir() {
+fn root_is_refused_in_the_data_dir_of_a_daemon_run_as_another_user() {
     use std::os::unix::fs::MetadataExt;
 
     let dir = tempfile::tempdir().unwrap();
@@ -150,17 +151,33 @@ fn root_is_refused_in_another_users_data_dir() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let config = config_path.display().to_string();
-    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    if root {
-        let chown = |owner: &str| {
-            let status = std::process::Command::new("chown")
-                .args(["-R", owner])
-                .arg(&data)
-                .status()
-                .unwrap();
-            assert!(status.success());
+    // The store is made (by whoever runs this).
+    let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        let chown = |owner: &str, recursive: bool| {
+            let mut command = std::process::Command::new("chown");
+            if recursive {
+                command.arg("-R");
+            }
+            assert!(command.arg(owner).arg(&data).status().unwrap().success());
         };
-        chown("65534:65534");
+        // A volume another user owns, with root's files in it: root's daemon, not refused.
+        chown("65534:65534", false);
+        let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        // The files are that user's: refused, and nothing is made.
+        chown("65534:65534", true);
+        let entries = || {
+            let mut names: Vec<_> = std::fs::read_dir(&data)
+                .unwrap()
+                .flatten()
+                .map(|entry| entry.file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = entries();
         for args in [
             vec!["uploads", "list", "--config", &config],
             vec!["sessions", "list", "--config", &config],
@@ -169,13 +186,12 @@ fn root_is_refused_in_another_users_data_dir() {
             let (code, stdout, stderr) = run_cli(&args);
             assert_eq!(code, 1, "{args:?}: {stdout}{stderr}");
             assert!(
-                stderr.contains("belongs to user id 65534") && stderr.contains("sudo -u upgate"),
+                stderr.contains("run as user id 65534") && stderr.contains("sudo -u upgate"),
                 "{args:?}: {stderr}"
             );
         }
-        let left: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().collect();
-        assert!(left.is_empty(), "nothing created: {left:?}");
-        chown("0:0");
+        assert_eq!(entries(), before, "nothing made");
+        chown("0:0", true);
     }
     let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -378,7 +378,10 @@ fn tls_to_redis_verifies_the_server_and_counts_there() {
     // The system's roots do not know the private CA.
     let (code, output) = check("system-roots.yaml", config(dir.path(), &tls_url, false, None));
     assert_eq!(code, 2, "{output}");
-    assert!(output.contains("cannot reach the Redis"), "{output}");
+    assert!(
+        output.contains("cannot reach the Redis") && output.contains("UnknownIssuer"),
+        "{output}"
+    );
     // Plaintext to a TLS port.
     let plain = tls_url.replacen("rediss://", "redis://", 1);
     let (code, output) = check("plain.yaml", config(dir.path(), &plain, false, None));

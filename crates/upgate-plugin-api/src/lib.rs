@@ -419,6 +419,10 @@ pub struct DeleteRequest {
     /// The metadata the upload was put with (so a provider can find where it put it).
     #[serde(default)]
     pub metadata: serde_json::Map<String, Value>,
+    /// The inbound dialect the upload came through, as in [`PutRequest::dialect`] (empty from
+    /// hosts before it was added): whose metadata keys mean what.
+    #[serde(default)]
+    pub dialect: String,
 }
 
 /// How a provider call failed. `kind` decides whether the host retries.

@@ -54,6 +54,15 @@ impl Content<'_, '_> {
             Content::Arriving(request, _) => &request.metadata,
         }
     }
+
+    /// The inbound dialect the upload came through: whose metadata keys mean what (a tus
+    /// client's `Upload-Metadata` may hold any key).
+    pub fn dialect(&self) -> &str {
+        match self {
+            Content::Spooled(request) => &request.dialect,
+            Content::Arriving(request, _) => &request.dialect,
+        }
+    }
 }
 
 /// A non-blank string value of a metadata map.

@@ -10,7 +10,8 @@
 //!
 //! `threadId` (a UUID, required) is the request's `threadId` metadata, else the `thread_id`
 //! setting; the workspace is the `workspaceId` metadata (the Beam dialect's header), else the
-//! `workspace_id` setting. With `workspace_id` set, a client's other workspace must be listed
+//! `workspace_id` setting. Metadata counts only from uploads that came through the Beam
+//! dialect (a tus client's `Upload-Metadata` may hold any key). With `workspace_id` set, a client's other workspace must be listed
 //! in `allowed_workspace_ids` (`"*"`: any), else the upload is refused (404): the operator's
 //! key would write there. Without it, any workspace a client names, unless the list confines
 //! them.
@@ -30,6 +31,8 @@ use upgate_upstream::{
 };
 
 const VENDOR: &str = "beam";
+/// The inbound dialect whose metadata (its `current-workspace-id`, `threadId`) is the client's.
+const DIALECT: &str = "beam";
 
 /// The beam provider.
 #[derive(Debug)]
@@ -48,7 +51,9 @@ impl Beam {
     /// The workspace (a header) comes from the dialect's request headers, known before the
     /// body; the thread id may come after the file part, and is checked when it is known.
     fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
-        let requested = metadata_value(content.metadata(), "workspaceId");
+        // Only a Beam client's own workspace and thread (its header and form) are its choice.
+        let from_client = content.dialect() == DIALECT;
+        let requested = metadata_value(content.metadata(), "workspaceId").filter(|_| from_client);
         if requested.is_some_and(|id| !is_header_value(id)) {
             return Err(rejected("the workspace id is not printable ASCII"));
         }
@@ -56,6 +61,7 @@ impl Beam {
         let default_thread = self.thread_id.clone();
         let fields = move |metadata: &upgate_upstream::Metadata| {
             let thread_id = metadata_value(metadata, "threadId")
+                .filter(|_| from_client)
                 .or(default_thread.as_deref())
                 .ok_or_else(|| rejected("no thread id"))?;
             if !is_uuid(thread_id) {

@@ -14,11 +14,14 @@ fn put_sends_thread_workspace_and_one_files_part() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
     let beam = Beam::init(
         &InitContext::default(),
-        checks::settings(&mock, json!({"workspace_id": "ws-config"})),
+        checks::settings(
+            &mock,
+            json!({"workspace_id": "ws-config", "allowed_workspace_ids": ["ws-42"]}),
+        ),
     )
     .unwrap();
     let metadata = json!({"threadId": THREAD, "workspaceId": "ws-42"});
-    let upload = Upload::new(b"col1,col2\n1,2\n", "table.csv", "text/csv", metadata);
+    let upload = Upload::new(b"col1,col2\n1,2\n", "table.csv", "text/csv", metadata).in_dialect("beam");
 
     let result = beam.put(upload.request.clone()).unwrap();
 
@@ -57,7 +60,7 @@ fn a_record_beam_says_failed_is_retried_not_delivered() {
         checks::settings(&mock, json!({"workspace_id": "ws-config"})),
     )
     .unwrap();
-    let upload = Upload::new(b"a,b\n", "t.csv", "text/csv", json!({"threadId": THREAD}));
+    let upload = Upload::new(b"a,b\n", "t.csv", "text/csv", json!({"threadId": THREAD})).in_dialect("beam");
     mock.beam_upload_status("failed");
     let error = expect_error(
         beam.put(upload.request.clone()),
@@ -67,6 +70,31 @@ fn a_record_beam_says_failed_is_retried_not_delivered() {
     assert!(error.message.contains("failed"), "{error:?}");
     mock.beam_upload_status("uploaded");
     assert!(beam.put(upload.request).is_ok());
+}
+
+/// A workspace or thread in the metadata of an upload that came through another dialect (a
+/// tus client's `Upload-Metadata` may say anything) chooses nothing: the settings do.
+#[test]
+fn only_a_beam_clients_metadata_chooses_the_workspace() {
+    let mock = MockUpstream::start(Vendor::Beam, KEY);
+    let beam = Beam::init(
+        &InitContext::default(),
+        checks::settings(&mock, json!({"workspace_id": "ws-1", "thread_id": THREAD})),
+    )
+    .unwrap();
+    let other_thread = "0b6f1c52-8a37-4c1e-9d0e-5f2a7d3e9b10";
+    let metadata = json!({"workspaceId": "ws-evil", "threadId": other_thread});
+    beam.put(
+        Upload::new(b"x", "a.txt", "text/plain", metadata)
+            .in_dialect("tus")
+            .request,
+    )
+    .unwrap();
+    let request = &mock.received()[0];
+    assert_eq!(
+        (request.header("current-workspace-id"), request.field("threadId")),
+        (Some("ws-1"), Some(THREAD))
+    );
 }
 
 #[test]
@@ -90,9 +118,15 @@ fn settings_supply_thread_and_workspace() {
 fn missing_or_bad_ids_are_rejected_before_sending() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
     let beam = Beam::init(&InitContext::default(), checks::settings(&mock, json!({}))).unwrap();
-    let put = |metadata| beam.put(Upload::new(b"x", "a.txt", "text/plain", metadata).request);
+    let put = |metadata| {
+        beam.put(
+            Upload::new(b"x", "a.txt", "text/plain", metadata)
+                .in_dialect("beam")
+                .request,
+        )
+    };
     let error = expect_error(put(json!({"threadId": THREAD})), ErrorKind::Rejected, None);
-    assert!(error.message.contains("no workspace id"), "{error:?}");
+    assert!(error.message.contains("no workspace"), "{error:?}");
     let error = expect_error(put(json!({"workspaceId": "w"})), ErrorKind::Rejected, None);
     assert!(error.message.contains("no thread id"), "{error:?}");
     expect_error(
@@ -118,6 +152,7 @@ fn missing_or_bad_ids_are_rejected_before_sending() {
             upload_id: "u".into(),
             remote_id: "r".into(),
             metadata: Default::default(),
+            dialect: "dify".into(),
         })
         .unwrap_err();
     assert_eq!(
@@ -129,5 +164,9 @@ fn missing_or_bad_ids_are_rejected_before_sending() {
 #[test]
 fn failures_map_to_error_kinds() {
     let mock = MockUpstream::start(Vendor::Beam, KEY);
-    checks::check_failure_mapping::<Beam>(&mock, json!({}), json!({"threadId": THREAD, "workspaceId": "ws"}));
+    checks::check_failure_mapping::<Beam>(
+        &mock,
+        json!({"workspace_id": "ws", "thread_id": THREAD}),
+        json!({}),
+    );
 }

@@ -98,6 +98,7 @@ fn delete_is_not_supported() {
             upload_id: "u".into(),
             remote_id: "r".into(),
             metadata: Default::default(),
+            dialect: "dify".into(),
         }),
         ErrorKind::Rejected,
         None,

@@ -190,6 +190,7 @@ fn settings_and_delete() {
             upload_id: "u".into(),
             remote_id: "r".into(),
             metadata: Default::default(),
+            dialect: "dify".into(),
         })
         .unwrap_err();
     assert_eq!(

@@ -8,8 +8,9 @@
 //! `{fileId, filePath, ...}`: `fileId` (`f-<uuid>`) becomes the remote id, `filePath` the URL.
 //! `delete` sends `DELETE .../attachments/{fileId}` for the configured app and environment.
 //!
-//! `appId` and `envName` come from the request's metadata (the Kore XO dialect's path) when
-//! present and valid (`[A-Za-z0-9._-]+`), else from the `app_id` and `env_name` settings; a
+//! `appId` and `envName` come from the request's metadata when the upload came through the
+//! Kore XO dialect (its path) and they are valid (`[A-Za-z0-9._-]+`), else from the `app_id`
+//! and `env_name` settings (another dialect's metadata, a tus client's, never chooses); a
 //! client's app or environment other than the configured ones must be listed in
 //! `allowed_app_ids` / `allowed_env_names` (`"*"`: any), else the upload is refused (404),
 //! since the operator's key would write there. `userReference` comes from the metadata, else
@@ -29,6 +30,8 @@ use upgate_upstream::{
 };
 
 const VENDOR: &str = "korexo";
+/// The inbound dialect whose metadata (its path's `appId`, `envName`) chooses the scope.
+const DIALECT: &str = "korexo";
 
 /// The korexo provider.
 #[derive(Debug)]
@@ -107,7 +110,7 @@ impl Provider for Korexo {
             ));
         }
         // Where the upload was put: its own app and environment when the client named them.
-        let (app_id, env_name) = self.scope(&request.metadata);
+        let (app_id, env_name) = self.scope(&request.dialect, &request.metadata);
         let path = format!("{}/{file_id}", attachments_path(app_id, env_name));
         self.upstream.delete("delete", &path, &[])?;
         Ok(())
@@ -122,7 +125,7 @@ impl Korexo {
     /// The app and environment come from the dialect's path (known before the body); the
     /// user reference may come after the file part.
     fn upload(&self, content: Content<'_, '_>) -> Result<PutResult, PluginError> {
-        let (app_id, env_name) = self.scope(content.metadata());
+        let (app_id, env_name) = self.scope(content.dialect(), content.metadata());
         let app_id = self.allowed_apps.choose(Some(app_id))?;
         let env_name = self.allowed_envs.choose(Some(env_name))?;
         let path = format!("{}/upload", attachments_path(app_id, env_name));
@@ -141,12 +144,18 @@ impl Korexo {
     }
 
     /// The app and environment for an upload: the client's (Kore XO dialect metadata), when
-    /// valid path segments, else the configured ones. An upload checks them against the
+    /// it came through that dialect and they are valid path segments, else the configured
+    /// ones. An upload checks them against the
     /// allowed ones; a delete goes where its upload went.
-    fn scope<'a>(&'a self, metadata: &'a serde_json::Map<String, Value>) -> (&'a str, &'a str) {
+    fn scope<'a>(
+        &'a self,
+        dialect: &str,
+        metadata: &'a serde_json::Map<String, Value>,
+    ) -> (&'a str, &'a str) {
+        let from_path = dialect == DIALECT;
         let scoped = |key: &str, fallback: &'a str| -> &'a str {
             metadata_value(metadata, key)
-                .filter(|value| is_path_segment(value))
+                .filter(|value| from_path && is_path_segment(value))
                 .unwrap_or(fallback)
         };
         (scoped("appId", &self.app_id), scoped("envName", &self.env_name))

@@ -49,6 +49,7 @@ fn put_then_delete() {
         upload_id: upload.request.upload_id.clone(),
         remote_id: result.remote_id.clone(),
         metadata: Default::default(),
+        dialect: "korexo".into(),
     };
     korexo.delete(delete.clone()).unwrap();
     let request = mock.received().pop().unwrap();
@@ -67,6 +68,7 @@ fn put_then_delete() {
         upload_id: "u".into(),
         remote_id: "../../x".into(),
         metadata: Default::default(),
+        dialect: "korexo".into(),
     };
     expect_error(korexo.delete(bad), ErrorKind::Rejected, None);
 }
@@ -74,13 +76,30 @@ fn put_then_delete() {
 #[test]
 fn metadata_routes_the_upload_when_valid() {
     let mock = MockUpstream::start(Vendor::Korexo, KEY);
-    let korexo = Korexo::init(&InitContext::default(), settings(&mock)).unwrap();
+    let settings = checks::settings(
+        &mock,
+        json!({"app_id": "st-app-1", "env_name": "draft",
+               "allowed_app_ids": ["st-other"], "allowed_env_names": ["published"]}),
+    );
+    let korexo = Korexo::init(&InitContext::default(), settings).unwrap();
     let routed = json!({"appId": "st-other", "envName": "published"});
-    let upload = Upload::new(b"a", "a.txt", "text/plain", routed);
+    let upload = Upload::new(b"a", "a.txt", "text/plain", routed.clone()).in_dialect("korexo");
     let put = korexo.put(upload.request.clone()).unwrap();
     let invalid = json!({"appId": "../admin", "envName": "a/b"});
     korexo
-        .put(Upload::new(b"b", "b.txt", "text/plain", invalid).request)
+        .put(
+            Upload::new(b"b", "b.txt", "text/plain", invalid)
+                .in_dialect("korexo")
+                .request,
+        )
+        .unwrap();
+    // The same keys from another dialect's client (tus metadata) choose nothing.
+    korexo
+        .put(
+            Upload::new(b"c", "c.txt", "text/plain", routed)
+                .in_dialect("tus")
+                .request,
+        )
         .unwrap();
     let received = mock.received();
     assert_eq!(
@@ -92,11 +111,16 @@ fn metadata_routes_the_upload_when_valid() {
         received[1].path,
         "/api/v2/apps/st-app-1/environments/draft/attachments/upload"
     );
+    assert_eq!(
+        received[2].path,
+        "/api/v2/apps/st-app-1/environments/draft/attachments/upload"
+    );
     // Deleting finds the upload where it was put.
     let delete = DeleteRequest {
         upload_id: upload.request.upload_id.clone(),
         remote_id: put.remote_id.clone(),
         metadata: upload.request.metadata.clone(),
+        dialect: "korexo".into(),
     };
     korexo.delete(delete).unwrap();
     let request = mock.received().pop().unwrap();

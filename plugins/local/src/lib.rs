@@ -191,12 +191,14 @@ mod tests {
                 upload_id: "abc-123".into(),
                 remote_id: "abc-123".into(),
                 metadata: Default::default(),
+                dialect: "dify".into(),
             })
             .unwrap();
         let again = provider.delete(DeleteRequest {
             upload_id: "x".into(),
             remote_id: "abc-123".into(),
             metadata: Default::default(),
+            dialect: "dify".into(),
         });
         assert_eq!(again.unwrap_err().kind, ErrorKind::NotFound);
         let bad = provider.put(request(dir.path(), "../x"));

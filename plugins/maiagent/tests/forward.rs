@@ -64,6 +64,7 @@ fn no_extra_settings_and_no_delete() {
             upload_id: "u".into(),
             remote_id: "r".into(),
             metadata: Default::default(),
+            dialect: "dify".into(),
         }),
         ErrorKind::Rejected,
         None,

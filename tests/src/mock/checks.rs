@@ -47,6 +47,12 @@ impl Upload {
         Upload { file, request }
     }
 
+    /// The same upload as if it came through `dialect` (`dify` by default).
+    pub fn in_dialect(mut self, dialect: &str) -> Upload {
+        self.request.dialect = dialect.to_owned();
+        self
+    }
+
     pub fn sha256(&self) -> &str {
         &self.request.sha256
     }

@@ -5,7 +5,7 @@
 //! show the password: check-config output, logs and errors print the redacted form only. Its
 //! TLS parameters, libpq's names, are taken out of the URL here: `sslmode=verify-full` (and
 //! `require`, `verify-ca`, which upgate makes as strict) means TLS with the server's
-//! certificate verified, host name included, against the Mozilla roots and `sslrootcert`
+//! certificate verified, host name included, against `sslrootcert` or else the Mozilla roots
 //! ([`PostgresTls`]); `disable` or none, plaintext; `prefer` and `allow`, which fall back to
 //! plaintext without a word, are refused.
 
@@ -40,39 +40,60 @@ pub struct PostgresUrl {
 /// TLS to PostgreSQL, the server's certificate always verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PostgresTls {
-    /// `sslrootcert`: PEM certificates trusted beside the Mozilla roots (relative to the
-    /// config file's directory).
+    /// `sslrootcert`: the PEM certificates of the CA(s) the server's must chain to, in place of
+    /// the Mozilla roots (relative to the config file's directory).
     pub(crate) ca_file: Option<PathBuf>,
 }
 
 /// Takes libpq's TLS parameters out of `text`'s query: the URL for the driver (`sslmode`
-/// `require` or `disable` only, no `sslrootcert`), and the TLS to use.
+/// `require` or `disable` only, no `sslrootcert`), and the TLS to use. The query starts at the
+/// first `?` after the user info (the driver reads that up to the first `@`, so a password may
+/// hold a `?`); keys are compared percent-decoded, as the driver reads them, and a TLS
+/// parameter given twice is refused (the driver would take the last one).
 fn split_tls(text: &str) -> Result<(String, Option<PostgresTls>), String> {
-    let Some((base, query)) = text.split_once('?') else {
+    let after_scheme = text.find("://").map_or(0, |at| at + 3);
+    let after_user_info = text[after_scheme..]
+        .find('@')
+        .map_or(after_scheme, |at| after_scheme + at + 1);
+    let Some(query_at) = text[after_user_info..].find('?').map(|at| after_user_info + at) else {
         return Ok((text.to_owned(), None));
     };
+    let (base, query) = (&text[..query_at], &text[query_at + 1..]);
     let mut kept = Vec::new();
-    let mut tls = None;
+    let mut mode: Option<bool> = None;
     let mut ca_file = None;
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sslmode" => match value {
-                "disable" => kept.push("sslmode=disable".to_owned()),
-                "require" | "verify-ca" | "verify-full" => {
-                    tls = Some(());
-                    kept.push("sslmode=require".to_owned());
+        let (raw_key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(raw_key).ok_or("a URL parameter name is not valid percent-encoding")?;
+        match key.as_str() {
+            "sslmode" => {
+                if mode.is_some() {
+                    return Err("sslmode is given twice".into());
                 }
-                "prefer" | "allow" => {
-                    return Err(format!(
-                        "sslmode={value} falls back to plaintext without a word: use sslmode=verify-full \
-                         (TLS, the server's certificate verified; `sslrootcert` names a private CA) or \
-                         sslmode=disable"
-                    ));
+                let value = percent_decode(value).ok_or("sslmode is not valid percent-encoding")?;
+                match value.as_str() {
+                    "disable" => {
+                        mode = Some(false);
+                        kept.push("sslmode=disable".to_owned());
+                    }
+                    "require" | "verify-ca" | "verify-full" => {
+                        mode = Some(true);
+                        kept.push("sslmode=require".to_owned());
+                    }
+                    "prefer" | "allow" => {
+                        return Err(format!(
+                            "sslmode={value} falls back to plaintext without a word: use sslmode=verify-full \
+                             (TLS, the server's certificate verified; `sslrootcert` names a private CA) or \
+                             sslmode=disable"
+                        ));
+                    }
+                    _ => return Err("sslmode is one of disable, require, verify-ca, verify-full".into()),
                 }
-                _ => return Err("sslmode is one of disable, require, verify-ca, verify-full".into()),
-            },
+            }
             "sslrootcert" => {
+                if ca_file.is_some() {
+                    return Err("sslrootcert is given twice".into());
+                }
                 let path = percent_decode(value).ok_or("sslrootcert is not a valid path")?;
                 if path.is_empty() {
                     return Err("sslrootcert is empty".into());
@@ -82,7 +103,8 @@ fn split_tls(text: &str) -> Result<(String, Option<PostgresTls>), String> {
             _ => kept.push(pair.to_owned()),
         }
     }
-    if ca_file.is_some() && tls.is_none() {
+    let tls = mode == Some(true);
+    if ca_file.is_some() && !tls {
         return Err("sslrootcert is used only with sslmode=verify-full".into());
     }
     let url = if kept.is_empty() {
@@ -90,7 +112,7 @@ fn split_tls(text: &str) -> Result<(String, Option<PostgresTls>), String> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok((url, tls.map(|()| PostgresTls { ca_file })))
+    Ok((url, tls.then_some(PostgresTls { ca_file })))
 }
 
 /// `%XX` escapes decoded (`+` stays: URL query values in libpq keep it).
@@ -138,6 +160,31 @@ impl PostgresUrl {
         })?;
         if parsed.get_hosts().is_empty() {
             return Err(format!("the URL names no host; {EXPECTED}"));
+        }
+        // What the driver read must be what upgate read: TLS exactly when upgate connects with
+        // it (an sslmode the parameters above missed would otherwise go unnoticed).
+        let driver_tls = parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+        if driver_tls != tls.is_some() {
+            return Err(format!(
+                "the URL's sslmode cannot be read unambiguously; {EXPECTED}"
+            ));
+        }
+        if tls.is_some() {
+            if parsed
+                .get_hosts()
+                .iter()
+                .any(|host| matches!(host, tokio_postgres::config::Host::Unix(_)))
+            {
+                return Err(format!(
+                    "TLS (sslmode) goes over TCP only: a Unix socket host is local already; {EXPECTED}"
+                ));
+            }
+            if parsed.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require {
+                return Err(format!(
+                    "channel_binding=require is not supported (TLS is verified with the server's \
+                     certificate instead); {EXPECTED}"
+                ));
+            }
         }
         Ok(Self {
             shown: redacted(scheme, &parsed),

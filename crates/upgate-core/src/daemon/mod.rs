@@ -114,6 +114,8 @@ pub fn check(path: &Path, engines_too: bool) -> Result<(Config, Providers, Vec<S
         }
     }
     if let Some(shared) = &config.server.spool {
+        // Opening the shared spool makes its local directory in data_dir.
+        check_data_dir_owner(&config.server.data_dir)?;
         let checked = S3Spool::open(&config.server.data_dir, config.server.durability, shared)
             .map_err(|error| error.to_string())
             .and_then(|spool| spool.check().map_err(|error| error.to_string()));
@@ -158,26 +160,30 @@ pub fn check(path: &Path, engines_too: bool) -> Result<(Config, Providers, Vec<S
     Ok((config, providers, engines))
 }
 
-/// Refuses to work in another user's `data_dir` as root: the files root would create there
-/// (SQLite's `-wal` and `-shm` when the daemon is stopped, spool files, plugin copies) would
-/// be root's, and the daemon, running as that user (the packaged unit's `upgate`), could not
-/// open them at its next start.
+/// Refuses to work as root in a `data_dir` whose daemon runs as another user (its store or
+/// spool belongs to that user, the packaged unit's `upgate`): the files root would create
+/// there (SQLite's `-wal` and `-shm` while the daemon is stopped, spool files) would be
+/// root's, and the daemon could not open them at its next start. A `data_dir` whose files are
+/// root's (a daemon run as root, in a container say), or that holds none yet, is not refused.
 fn check_data_dir_owner(data_dir: &Path) -> Result<(), ServeError> {
     use std::os::unix::fs::MetadataExt;
 
-    let Ok(metadata) = std::fs::metadata(data_dir) else {
-        return Ok(()); // created by this process, as whoever runs it
-    };
-    if !rustix::process::geteuid().is_root() || metadata.uid() == 0 {
+    if !rustix::process::geteuid().is_root() {
         return Ok(());
     }
-    Err(ServeError::Refused(format!(
-        "data_dir {} belongs to user id {}, and this runs as root: files it created there would be \
-         root's and the daemon could not use them; run it as that user (with the packaged unit: \
-         sudo -u upgate upgate ...)",
-        data_dir.display(),
-        metadata.uid()
-    )))
+    let daemons_own = ["upgate.db", "spool"]
+        .iter()
+        .find_map(|name| std::fs::metadata(data_dir.join(name)).ok());
+    match daemons_own {
+        Some(metadata) if metadata.uid() != 0 => Err(ServeError::Refused(format!(
+            "data_dir {} holds the files of a daemon run as user id {}, and this runs as root: \
+             files it created there would be root's and that daemon could not use them; run it \
+             as that user (with the packaged unit: sudo -u upgate upgate ...)",
+            data_dir.display(),
+            metadata.uid()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The configured store: PostgreSQL at `server.store.url` (migrated, waiting while another

@@ -98,7 +98,7 @@ pub(crate) fn rejection_body(status: StatusCode, target: Option<&str>) -> Option
 async fn not_found(request: HttpRequest) -> Result<HttpResponse, DialectError> {
     match dialect_of_path(request.path()) {
         Some(dialect) => {
-            let allowed = dialects::methods_serving(request.path());
+            let allowed = dialects::methods_serving(request.match_info().as_str());
             let error = if allowed.is_empty() {
                 ApiError::NoSuchEndpoint
             } else {

@@ -148,9 +148,9 @@ pub struct SessionRecord {
     pub upload_id: Option<String>,
 }
 
-/// The role of a resumable upload in a concatenation (tus `Upload-Concat`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// The role of a resumable upload in a concatenation (tus `Upload-Concat`). Serialized
+/// (`upgate sessions list --json`) as its name, `"partial"` or `"final"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Concat {
     /// A part, never recorded itself.
     Partial,
@@ -158,6 +158,12 @@ pub enum Concat {
     /// upload. A final upload created before upgate kept its parts (SQLite schema 8,
     /// PostgreSQL schema 3) has none.
     Final { parts: Vec<String> },
+}
+
+impl Serialize for Concat {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 impl Concat {

@@ -23,7 +23,7 @@ use crate::store::UploadRecord;
 use crate::vocab::now_ms;
 
 use super::pass_through::PassThrough;
-use super::plugin_call::{PendingCall, delete_unclaimed};
+use super::plugin_call::{PendingCall, delete_of, delete_unclaimed};
 use super::{Gateway, remove_quietly};
 
 /// How one attempt ended.
@@ -151,7 +151,10 @@ async fn attempt(
 ) -> Attempt {
     let request = put_request(record, path, limit);
     let runs = Runs::for_upload(provider, record.size, limit);
-    let unclaimed = delete_unclaimed(provider, record.id.clone(), record.metadata.clone());
+    let unclaimed = delete_unclaimed(
+        provider,
+        delete_of(&record.id, record.dialect.as_str(), &record.metadata),
+    );
     let put = move |provider: &Provider| provider.put(&request);
     judge(call_plugin(gateway, provider, runs, put, Some(unclaimed)).await)
 }
@@ -349,9 +352,8 @@ pub(crate) async fn delete_upstream(
     remote_id: String,
 ) -> Result<(), ApiError> {
     let request = DeleteRequest {
-        upload_id: record.id.clone(),
         remote_id,
-        metadata: record.metadata.clone(),
+        ..delete_of(&record.id, record.dialect.as_str(), &record.metadata)
     };
     let runs = if provider.plugin.local_io() {
         Runs::Inline

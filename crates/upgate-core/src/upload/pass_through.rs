@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use upgate_plugin_api::{ErrorKind, PluginError, PutResult, StreamRequest};
+use upgate_plugin_api::{DeleteRequest, ErrorKind, PluginError, PutResult, StreamRequest};
 
 use crate::plugins::{BodyRead, BodySource, Provider};
 
-use super::plugin_call::{PendingCall, delete_unclaimed, forget_stored};
+use super::plugin_call::{PendingCall, delete_of, delete_unclaimed, forget_stored};
 use super::{Gateway, Metadata};
 
 /// Pieces in flight between intake and the provider (each up to one multipart chunk).
@@ -114,7 +114,8 @@ impl PassThrough {
     ) -> Option<Self> {
         let slot = gateway.delivery_slots.clone().try_acquire_owned().ok()?;
         let (sender, receiver) = mpsc::channel(CHANNEL_PIECES);
-        let unclaimed = delete_unclaimed(provider, request.upload_id.clone(), request.metadata.clone());
+        let delete = delete_of(&request.upload_id, &request.dialect, &request.metadata);
+        let unclaimed = delete_unclaimed(provider, delete.clone());
         let stream = move |provider: &Provider| {
             let mut body = ChannelBody {
                 pieces: receiver,
@@ -128,7 +129,13 @@ impl PassThrough {
             {
                 // Stored although the host aborted it (the plugin did not stop at the abort):
                 // it must not stay upstream.
-                forget_stored(provider, request.upload_id, stored.remote_id, request.metadata);
+                forget_stored(
+                    provider,
+                    DeleteRequest {
+                        remote_id: stored.remote_id,
+                        ..delete
+                    },
+                );
                 return Err(PluginError::new(
                     ErrorKind::Internal,
                     "the host aborted the upload",

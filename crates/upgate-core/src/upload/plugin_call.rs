@@ -94,24 +94,38 @@ fn take<T>(unclaimed: &Unclaimed<T>) -> Option<Box<dyn FnOnce(T) + Send>> {
     unclaimed.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
+/// The delete of what a put of upload `upload_id` stored, but for the remote id the put
+/// answers.
+pub(crate) fn delete_of(upload_id: &str, dialect: &str, metadata: &Metadata) -> DeleteRequest {
+    DeleteRequest {
+        upload_id: upload_id.to_owned(),
+        remote_id: String::new(),
+        metadata: metadata.clone(),
+        dialect: dialect.to_owned(),
+    }
+}
+
 /// The `unclaimed` handler of a put: deletes what it stored (a provider that cannot delete
 /// says so, and the copy is only logged).
 pub(crate) fn delete_unclaimed(
     provider: &Arc<Provider>,
-    upload_id: String,
-    metadata: Metadata,
+    delete: DeleteRequest,
 ) -> Box<dyn FnOnce(PutResult) + Send> {
     let provider = provider.clone();
-    Box::new(move |stored: PutResult| forget_stored(&provider, upload_id, stored.remote_id, metadata))
+    Box::new(move |stored: PutResult| {
+        forget_stored(
+            &provider,
+            DeleteRequest {
+                remote_id: stored.remote_id,
+                ..delete
+            },
+        )
+    })
 }
 
 /// Deletes an upload a provider stored although nobody takes it any more.
-pub(crate) fn forget_stored(provider: &Provider, upload_id: String, remote_id: String, metadata: Metadata) {
-    let delete = DeleteRequest {
-        upload_id: upload_id.clone(),
-        remote_id,
-        metadata,
-    };
+pub(crate) fn forget_stored(provider: &Provider, delete: DeleteRequest) {
+    let upload_id = &delete.upload_id;
     match provider.delete(&delete) {
         Ok(()) => tracing::info!(%upload_id, provider = %provider.name,
             "an upload stored after the host stopped waiting was deleted upstream"),

@@ -90,6 +90,26 @@ fn bad_urls_are_refused_where_they_are_and_without_repeating_them() {
             "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=%zz",
             "not a valid path",
         ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=verify-full&sslmode=disable",
+            "sslmode is given twice",
+        ),
+        (
+            "postgres://u:hunter2@h/db?ssl%6Dode=prefer",
+            "sslmode=prefer falls back",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=/a&sslrootcert=/b",
+            "sslrootcert is given twice",
+        ),
+        (
+            "postgres://u:hunter2@%2Frun%2Fpostgresql/db?sslmode=verify-full",
+            "a Unix socket host is local already",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=verify-full&channel_binding=require",
+            "channel_binding=require is not supported",
+        ),
         ("postgres://u:hunter2${@h/db", "an unterminated `${`"),
         (
             "postgres://u:${UPGATE_TEST_UNSET_PASSWORD}@h/db",
@@ -144,4 +164,18 @@ fn tls_parameters_are_taken_out_for_the_driver_and_relative_ca_files_follow_the_
         })
     );
     assert_eq!(url.to_string(), "postgres://u@h:1/db");
+}
+
+#[test]
+fn tls_parameters_are_read_where_the_driver_reads_them() {
+    // A `?` in the password is the password's: the query starts after the user info.
+    let url = PostgresUrl::parse("postgres://u:p?x=1@db:1/app?sslmode=verify-full").unwrap();
+    assert_eq!(url.expose(), "postgres://u:p?x=1@db:1/app?sslmode=require");
+    assert_eq!(url.tls(), Some(&PostgresTls { ca_file: None }));
+    let url = PostgresUrl::parse("postgres://u:p?sslmode=disable@db:1/app").unwrap();
+    assert_eq!(url.tls(), None);
+    // A percent-encoded key is the key the driver reads.
+    let url = PostgresUrl::parse("postgres://u@db:1/app?ssl%6dode=verify-full").unwrap();
+    assert_eq!(url.expose(), "postgres://u@db:1/app?sslmode=require");
+    assert!(url.tls().is_some());
 }

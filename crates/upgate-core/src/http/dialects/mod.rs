@@ -15,7 +15,7 @@ pub(crate) mod maiagent;
 pub(crate) mod tus;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::web::Payload;
@@ -149,13 +149,35 @@ impl Routes<'_> {
     }
 }
 
-/// The methods some dialect route serves `path` with, sorted; empty when none serves it.
+/// A registered pattern, compiled, with the dialect whose prefix it has and its methods.
+type ServedPattern = (actix_web::dev::ResourceDef, Option<DialectName>, BTreeSet<String>);
+
+/// The methods the routes of `path`'s own dialect serve it with, sorted; empty when none
+/// does. `path` is the one the router matched (percent-decoded where actix decodes). The
+/// patterns are compiled once, at the first call (every worker has registered the same
+/// routes by then: its own, before it serves).
 pub(crate) fn methods_serving(path: &str) -> Vec<String> {
-    let served = SERVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let methods: BTreeSet<&String> = served
+    static COMPILED: OnceLock<Vec<ServedPattern>> = OnceLock::new();
+    let compiled = COMPILED.get_or_init(|| {
+        SERVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(pattern, methods)| {
+                let dialect = crate::http::dialect_of_path(pattern);
+                (
+                    actix_web::dev::ResourceDef::new(pattern.as_str()),
+                    dialect,
+                    methods.clone(),
+                )
+            })
+            .collect()
+    });
+    let dialect = crate::http::dialect_of_path(path);
+    let methods: BTreeSet<&String> = compiled
         .iter()
-        .filter(|(pattern, _)| actix_web::dev::ResourceDef::new(pattern.as_str()).is_match(path))
-        .flat_map(|(_, methods)| methods)
+        .filter(|(pattern, of, _)| *of == dialect && pattern.is_match(path))
+        .flat_map(|(_, _, methods)| methods)
         .collect();
     methods.into_iter().cloned().collect()
 }

@@ -208,7 +208,10 @@ fn target_of(url: &PostgresUrl) -> Result<Target, StoreError> {
         config.application_name("upgate");
     }
     let tls = match url.tls() {
-        Some(tls) => Some(tls::MakeRustls::new(tls).map_err(open_error)?),
+        Some(tls) => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(tls::MakeRustls::new(tls).map_err(open_error)?)
+        }
         None => {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
             None

@@ -1,7 +1,7 @@
 //! TLS to PostgreSQL (`sslmode=verify-full` in `server.store.url`, see
 //! [`crate::config::PostgresTls`]): rustls over the driver's socket, the server's certificate
-//! verified against the Mozilla roots and the URL's `sslrootcert`, and its name against the
-//! host the URL names.
+//! verified against the URL's `sslrootcert` (as libpq: that CA only) or else the Mozilla
+//! roots, and its name against the host the URL names.
 //!
 //! What flows through here: the socket tokio-postgres opened, after PostgreSQL agreed to TLS
 //! (the driver's `SSLRequest`), and then every byte of the connection. No channel binding
@@ -31,29 +31,33 @@ impl MakeRustls {
     /// certificate, is an error naming the file.
     pub(super) fn new(tls: &PostgresTls) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        let (_, ignored) =
-            roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
-        debug_assert_eq!(ignored, 0);
-        if let Some(path) = &tls.ca_file {
-            let shown = path.display();
-            let certificates = CertificateDer::pem_file_iter(path)
-                .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-                .map_err(|error| format!("cannot read sslrootcert {shown}: {error}"))?;
-            if certificates.is_empty() {
-                return Err(format!("sslrootcert {shown} holds no PEM certificate"));
+        match &tls.ca_file {
+            Some(path) => {
+                let shown = path.display();
+                let certificates = CertificateDer::pem_file_iter(path)
+                    .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+                    .map_err(|error| format!("cannot read sslrootcert {shown}: {error}"))?;
+                if certificates.is_empty() {
+                    return Err(format!("sslrootcert {shown} holds no PEM certificate"));
+                }
+                for certificate in certificates {
+                    roots
+                        .add(certificate)
+                        .map_err(|error| format!("sslrootcert {shown}: {error}"))?;
+                }
             }
-            for certificate in certificates {
-                roots
-                    .add(certificate)
-                    .map_err(|error| format!("sslrootcert {shown}: {error}"))?;
+            None => {
+                roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
             }
         }
-        let config =
+        let mut config =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|error| error.to_string())?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
+        // PostgreSQL 17's direct TLS (`sslnegotiation=direct`) wants it; older servers ignore it.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(Self {
             config: Arc::new(config),
         })

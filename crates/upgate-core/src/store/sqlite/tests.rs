@@ -281,6 +281,11 @@ async fn resumable_sessions_keep_their_length_role_and_record() {
     store.insert_session(joined.clone()).await.unwrap();
     let got = store.session_of("t".into(), "f".into()).await.unwrap().unwrap();
     assert_eq!(got, joined);
+    // `sessions list --json` keeps naming the role only.
+    assert_eq!(
+        serde_json::to_value(&got).unwrap()["concat"],
+        serde_json::json!("final")
+    );
 }
 
 #[test]
