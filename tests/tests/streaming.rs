@@ -38,6 +38,17 @@ fn upstream_config(
         .replace("    provider: disk\n", "    provider: up\n")
 }
 
+/// The kore plugin forwarding to `mock`, uploads above 1 MiB in sessions of 1 MiB chunks.
+fn kore_sessions_config(dir: &Path, mock: &MockUpstream) -> String {
+    upstream_config(
+        dir,
+        "kore",
+        mock,
+        "64MiB",
+        "      single_upload_limit: 1MiB\n      chunk_size: 1MiB\n",
+    )
+}
+
 /// `size` bytes of text, distinct lines.
 fn text(size: usize) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(size + 32);
@@ -157,15 +168,7 @@ fn kore_streams_a_single_upload_that_the_requests_length_keeps_below_its_limit()
 #[test]
 fn kore_declines_to_stream_an_upload_that_may_need_a_session_and_puts_it_from_the_spool() {
     let mock = MockUpstream::start(Vendor::Kore, UPSTREAM_KEY);
-    let daemon = Daemon::start_with(|dir| {
-        upstream_config(
-            dir,
-            "kore",
-            &mock,
-            "64MiB",
-            "      single_upload_limit: 1MiB\n      chunk_size: 1MiB\n",
-        )
-    });
+    let daemon = Daemon::start_with(|dir| kore_sessions_config(dir, &mock));
     let content = text((2 << 20) + 100);
     let form = Form::new().file("file", "session.txt", "text/plain", &content);
     let (status, answer) = RawUpload::start(&daemon.url(""), "/v1/files/upload", BEARER, &form)
@@ -201,14 +204,7 @@ fn kore_declines_to_stream_an_upload_that_may_need_a_session_and_puts_it_from_th
 fn kore_stops_a_chunked_session_at_the_hosts_deadline_and_never_completes_it() {
     let mock = MockUpstream::start(Vendor::Kore, UPSTREAM_KEY);
     let daemon = Daemon::start_with(|dir| {
-        upstream_config(
-            dir,
-            "kore",
-            &mock,
-            "64MiB",
-            "      single_upload_limit: 1MiB\n      chunk_size: 1MiB\n",
-        )
-        .replace(
+        kore_sessions_config(dir, &mock).replace(
             "    plugin: kore\n",
             "    plugin: kore\n    delivery: async\n    timeout: 2s\n",
         )

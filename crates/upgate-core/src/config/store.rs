@@ -115,22 +115,13 @@ fn split_tls(text: &str) -> Result<(String, Option<PostgresTls>), String> {
     Ok((url, tls.then_some(PostgresTls { ca_file })))
 }
 
-/// `%XX` escapes decoded (`+` stays: URL query values in libpq keep it).
+/// `%XX` escapes decoded as the driver decodes them (an invalid escape stays as it is);
+/// `None` for text that does not decode to UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
-            decoded.push(u8::from_str_radix(hex, 16).ok()?);
-            index += 3;
-        } else {
-            decoded.push(bytes[index]);
-            index += 1;
-        }
-    }
-    String::from_utf8(decoded).ok()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 impl PostgresUrl {
