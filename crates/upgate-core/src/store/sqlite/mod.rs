@@ -6,7 +6,11 @@
 //! blocks an async worker. The thread commits in groups: it runs every job waiting in the
 //! queue inside one transaction (each job in its own savepoint, so one failing job does not
 //! undo the others) and answers the callers only after the commit. The database is in WAL
-//! mode; schema changes are versioned migrations keyed on `PRAGMA user_version`.
+//! mode; schema changes are versioned migrations keyed on `PRAGMA user_version`. The WAL is
+//! copied back by a checkpoint thread of its own; under a load that never pauses those
+//! checkpoints cannot finish (frames keep coming), so the WAL could grow without bound: past
+//! [`WalBounds::limit`] the store thread checkpoints it itself between two commits, and the
+//! file is cut back to [`WalBounds::keep`] when the WAL starts over.
 
 mod migrations;
 mod outbox;
@@ -16,8 +20,9 @@ mod tests;
 mod uploads;
 mod usage;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -28,8 +33,30 @@ use migrations::MIGRATIONS;
 
 /// Most jobs committed in one transaction.
 const MAX_GROUP: usize = 512;
-/// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// When the WAL is copied back into the database file, and how large it may grow.
+#[derive(Debug, Clone, Copy)]
+struct WalBounds {
+    /// How often the checkpoint thread copies it back without blocking the writer (PASSIVE).
+    checkpoint_every: Duration,
+    /// Past this size (bytes) the store thread checkpoints it itself between two commits, so
+    /// that everything is copied back and the WAL can start over (a load that never pauses
+    /// keeps the checkpoint thread from ever finishing).
+    limit: u64,
+    /// How often the store thread looks at the WAL's size.
+    look_every: Duration,
+    /// What the WAL file is cut back to when it starts over (`journal_size_limit`).
+    keep: u64,
+}
+
+impl WalBounds {
+    const DEFAULT: Self = Self {
+        checkpoint_every: Duration::from_millis(500),
+        limit: 256 << 20,
+        look_every: Duration::from_millis(250),
+        keep: 256 << 20,
+    };
+}
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A unit of store work. The flag says whether it shares its transaction with other jobs
@@ -51,6 +78,10 @@ impl SqliteStore {
 
     /// Opens (creating and migrating) `upgate.db` in `data_dir` and starts the store thread.
     pub(crate) fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_bounded(data_dir, durability, WalBounds::DEFAULT)
+    }
+
+    fn open_bounded(data_dir: &Path, durability: Durability, wal: WalBounds) -> Result<Self, StoreError> {
         let path = data_dir.join("upgate.db");
         let open_error = |message: String| StoreError::Open {
             path: path.display().to_string(),
@@ -64,7 +95,8 @@ impl SqliteStore {
         connection
             .execute_batch(&format!(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000; PRAGMA cache_size = -8192;"
+                 PRAGMA busy_timeout = 5000; PRAGMA cache_size = -8192; PRAGMA journal_size_limit = {};",
+                wal.keep
             ))
             .map_err(|e| open_error(e.to_string()))?;
         migrate(&mut connection).map_err(|e| open_error(e.to_string()))?;
@@ -77,12 +109,13 @@ impl SqliteStore {
         let (checkpoints, stop) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("upgate-checkpoint".into())
-            .spawn(move || run_checkpoints(checkpointer, stop))
+            .spawn(move || run_checkpoints(checkpointer, stop, wal.checkpoint_every))
             .map_err(|e| open_error(e.to_string()))?;
         let (jobs, queue) = mpsc::channel::<Job>();
+        let wal_file = data_dir.join("upgate.db-wal");
         std::thread::Builder::new()
             .name("upgate-store".into())
-            .spawn(move || run_store_thread(connection, queue, checkpoints))
+            .spawn(move || run_store_thread(connection, queue, checkpoints, WalWatch::new(wal_file, wal)))
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Self { jobs })
     }
@@ -147,11 +180,11 @@ fn run(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
     connection.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`] without blocking the
-/// writer (PASSIVE), until every [`SqliteStore`] handle is gone.
-fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
-    let _ = connection.busy_timeout(std::time::Duration::from_secs(5));
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+/// Copies the WAL back into the database every `every` without blocking the writer
+/// (PASSIVE), until every [`SqliteStore`] handle is gone.
+fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>, every: Duration) {
+    let _ = connection.busy_timeout(Duration::from_secs(5));
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
         if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(%error, "WAL checkpoint failed");
         }
@@ -163,7 +196,12 @@ fn run_checkpoints(connection: Connection, stop: mpsc::Receiver<()>) {
 /// bundled by rusqlite 0.38, deadlocked there: a lock-order inversion in the unix VFS, rusqlite
 /// issue #1860, which hung every SQLite user in the process; the workspace takes rusqlite 0.39,
 /// SQLite 3.51.3, for its fix).
-fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>, checkpoints: mpsc::Sender<()>) {
+fn run_store_thread(
+    connection: Connection,
+    queue: mpsc::Receiver<Job>,
+    checkpoints: mpsc::Sender<()>,
+    mut wal: WalWatch,
+) {
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = queue.recv() {
         jobs.push(first);
@@ -195,9 +233,60 @@ fn run_store_thread(connection: Connection, queue: mpsc::Receiver<Job>, checkpoi
         for reply in replies {
             reply(commit_error.as_ref());
         }
+        wal.after_commit(&connection);
     }
     drop(connection);
     drop(checkpoints);
+}
+
+/// The store thread's look at the WAL's size (see [`WalBounds::limit`]).
+struct WalWatch {
+    file: PathBuf,
+    bounds: WalBounds,
+    looked: Instant,
+}
+
+impl WalWatch {
+    fn new(file: PathBuf, bounds: WalBounds) -> Self {
+        Self {
+            file,
+            bounds,
+            looked: Instant::now(),
+        }
+    }
+
+    /// After a commit, at most every `look_every`: a WAL past its limit is checkpointed here,
+    /// where no commit can come between, so that all of it is copied back and the next commit
+    /// starts it over (cut back to `keep`). A checkpoint thread busy at that moment makes
+    /// this one wait for the next look.
+    fn after_commit(&mut self, connection: &Connection) {
+        if self.looked.elapsed() < self.bounds.look_every {
+            return;
+        }
+        self.looked = Instant::now();
+        let size = std::fs::metadata(&self.file).map_or(0, |metadata| metadata.len());
+        if size <= self.bounds.limit {
+            return;
+        }
+        match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        }) {
+            Ok((busy, frames, copied)) => {
+                tracing::info!(
+                    wal_bytes = size,
+                    busy,
+                    frames,
+                    copied,
+                    "WAL past its limit, checkpointed by the store thread"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {

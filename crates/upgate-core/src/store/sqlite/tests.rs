@@ -370,3 +370,34 @@ fn the_bundled_sqlite_has_the_unix_vfs_close_deadlock_fixed() {
         rusqlite::version()
     );
 }
+
+/// Writes that never let the checkpoint thread finish (here: it never runs) would grow the WAL
+/// without bound: past its limit the store thread checkpoints it, the WAL starts over and its
+/// file is cut back.
+#[tokio::test]
+async fn the_wal_stays_bounded_when_its_checkpoints_cannot_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let bounds = WalBounds {
+        checkpoint_every: Duration::from_secs(3600),
+        limit: 256 << 10,
+        look_every: Duration::ZERO,
+        keep: 256 << 10,
+    };
+    let store = SqliteStore::open_bounded(dir.path(), Durability::ProcessCrash, bounds).unwrap();
+    let wal = dir.path().join("upgate.db-wal");
+    let mut largest = 0;
+    for index in 0..3000 {
+        store
+            .insert_uploads(vec![record(&format!("u{index:05}"), "t")], 1)
+            .await
+            .unwrap();
+        largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+    }
+    // Without the bound: about 3000 commits of two 4 KiB pages each, 24 MiB.
+    assert!(largest < 1 << 20, "the WAL grew to {largest} bytes");
+    let all = UploadFilter {
+        limit: 5000,
+        ..Default::default()
+    };
+    assert_eq!(store.list_uploads(all).await.unwrap().len(), 3000);
+}
