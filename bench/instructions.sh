@@ -27,6 +27,8 @@ while (($#)); do
 done
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/config.sh
+source "$BENCH_DIR/config.sh"
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 cd "$REPO"
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
@@ -67,21 +69,7 @@ trap cleanup EXIT
 measure() { # $1 = label, $2 = build dir (with upgate and the local plugin); prints instructions/upload
     local label=$1 build=$2 dir="$WORK/$1" out ok total
     mkdir -p "$dir/data/files"
-    cat >"$dir/upgate.yaml" <<EOF
-server:
-  listen: 127.0.0.1:18095
-  metrics_listen: 127.0.0.1:19495
-  data_dir: $dir/data
-  plugin_dir: $build
-  log_format: text
-  disk_free_floor: 1MiB
-plans:
-  bench: { max_file_size: 1MiB }
-providers:
-  disk: { plugin: local, settings: { root: $dir/data/files } }
-tenants:
-  bench: { plan: bench, provider: disk, keys: [bench-key] }
-EOF
+    upgate_bench_config "$dir/upgate.yaml" 127.0.0.1:18095 127.0.0.1:19495 "$dir/data" "$build" 1MiB
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out" \
         "$build/upgate" serve --config "$dir/upgate.yaml" >"$dir/out" 2>/dev/null &
     PID=$!

@@ -30,6 +30,8 @@ command -v wrk >/dev/null || { echo "wal.sh: needs wrk (apt-get install wrk)" >&
 ((TRACE == 0)) || command -v perf >/dev/null || { echo "wal.sh: --trace needs perf" >&2; exit 1; }
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/config.sh
+source "$BENCH_DIR/config.sh"
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 BIN="$REPO/target/release/upgate"
 [[ -x $BIN && -f $REPO/target/release/libupgate_plugin_local.so ]] ||
@@ -56,20 +58,7 @@ for ((run = 1; run <= RUNS; run++)); do
     mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$IMG"
     mount -o loop,noatime "$IMG" "$MNT"
     mkdir -p "$MNT/data/files"
-    cat >"$WORK/upgate.yaml" <<YAML
-server:
-  listen: 127.0.0.1:$PORT
-  metrics_listen: null
-  data_dir: $MNT/data
-  plugin_dir: $REPO/target/release
-  disk_free_floor: 64MiB
-plans:
-  bench: { max_file_size: 4GiB }
-providers:
-  disk: { plugin: local, settings: { root: $MNT/data/files } }
-tenants:
-  bench: { plan: bench, provider: disk, keys: [bench-key] }
-YAML
+    upgate_bench_config "$WORK/upgate.yaml" "127.0.0.1:$PORT" null "$MNT/data" "$REPO/target/release" 4GiB
     sync
     "$BIN" serve --config "$WORK/upgate.yaml" >"$WORK/out.txt" 2>"$WORK/log.txt" &
     PID=$!
