@@ -39,11 +39,6 @@ fn find_bin_dir() -> Option<PathBuf> {
     found.pop().map(|(_, bin)| bin)
 }
 
-/// The test-only TLS material (a CA, a certificate and key for 127.0.0.1).
-pub fn tls_fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/upgate-upstream/tests/fixtures")
-}
-
 fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -91,14 +86,9 @@ impl PostgresServer {
 
     /// [`PostgresServer::start`], accepting TCP connections over TLS only (`hostnossl`
     /// rejected), with the test certificate for 127.0.0.1 signed by the test CA
-    /// ([`PostgresServer::ca_file`]).
+    /// ([`crate::tls::ca_file`]).
     pub fn start_with_tls() -> Self {
         Self::create(true)
-    }
-
-    /// The CA that signed the TLS server's certificate.
-    pub fn ca_file() -> PathBuf {
-        tls_fixtures().join("ca.pem")
     }
 
     fn create(tls: bool) -> Self {
@@ -132,7 +122,8 @@ impl PostgresServer {
         if tls {
             let data = dir.path().join("data");
             for file in ["server.pem", "server.key"] {
-                std::fs::copy(tls_fixtures().join(file), data.join(file)).expect("copy the TLS fixture");
+                std::fs::copy(crate::tls::fixtures().join(file), data.join(file))
+                    .expect("copy the TLS fixture");
             }
             // PostgreSQL refuses a key others can read, or that its user does not own.
             std::fs::set_permissions(

@@ -50,7 +50,7 @@ impl RedisServer {
     }
 
     /// [`RedisServer::start`], speaking TLS only on its port, with the test certificate for
-    /// 127.0.0.1 signed by the test CA ([`crate::postgres::PostgresServer::ca_file`]).
+    /// 127.0.0.1 signed by the test CA ([`crate::tls::ca_file`]).
     pub fn start_with_tls() -> Self {
         Self::create(true)
     }
@@ -79,7 +79,7 @@ impl RedisServer {
         let log = std::fs::File::create(self.log_path()).expect("redis log file");
         let mut command = Command::new(server_binary());
         if self.tls {
-            let fixtures = crate::postgres::tls_fixtures();
+            let fixtures = crate::tls::fixtures();
             command
                 .args(["--port", "0", "--tls-port", &self.port.to_string()])
                 .arg("--tls-cert-file")
@@ -162,10 +162,7 @@ impl RedisServer {
         let mut command = Command::new(cli);
         command.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"]);
         if self.tls {
-            command
-                .arg("--tls")
-                .arg("--cacert")
-                .arg(crate::postgres::tls_fixtures().join("ca.pem"));
+            command.arg("--tls").arg("--cacert").arg(crate::tls::ca_file());
         }
         let output = command.args(args).stdin(Stdio::null()).output();
         match output {

@@ -18,8 +18,16 @@ const RELAY_BUFFER: usize = 64 << 10;
 /// How long an idle relay sleeps before it looks at both sockets again.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
 
-fn fixtures() -> PathBuf {
+/// The test-only TLS material every TLS server of the tests uses: `ca.pem`, and `server.pem`
+/// / `server.key`, a certificate for 127.0.0.1 and localhost signed by that CA.
+pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/upgate-upstream/tests/fixtures")
+}
+
+/// The private CA that signed the test servers' certificate (for a provider's `ca_file`,
+/// PostgreSQL's `sslrootcert`, Redis's `ca_file`).
+pub fn ca_file() -> PathBuf {
+    fixtures().join("ca.pem")
 }
 
 /// A TLS listener on 127.0.0.1 relaying every connection to one backend. Its threads end
@@ -68,11 +76,6 @@ impl TlsFront {
     /// `https://127.0.0.1:PORT`.
     pub fn origin(&self) -> String {
         format!("https://{}", self.addr)
-    }
-
-    /// The private CA that signed the front's certificate, for a provider's `ca_file`.
-    pub fn ca_file() -> PathBuf {
-        fixtures().join("ca.pem")
     }
 }
 

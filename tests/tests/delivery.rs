@@ -95,7 +95,7 @@ fn sync_delivery_over_tls_trusts_the_ca_file_given_relative_to_the_config() {
     let front = TlsFront::start(mock.addr());
     let base_url = format!("{}/v1", front.origin());
     let daemon = Daemon::start_with(|dir| {
-        std::fs::copy(TlsFront::ca_file(), dir.join("upstream-ca.pem")).unwrap();
+        std::fs::copy(upgate_e2e::tls::ca_file(), dir.join("upstream-ca.pem")).unwrap();
         forwarding_config(dir, &base_url, "", "      ca_file: upstream-ca.pem\n")
     });
     let content = b"sent over TLS\n".repeat(5000);

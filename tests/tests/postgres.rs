@@ -539,7 +539,7 @@ fn tls_to_postgresql_verifies_the_server_and_the_node_records_over_it() {
     let server = PostgresServer::start_with_tls();
     server.create_database("tls");
     let dir = tempfile::tempdir().unwrap();
-    let ca = PostgresServer::ca_file();
+    let ca = upgate_e2e::tls::ca_file();
     let plain = url_with_password(&server, "tls");
     let check = |name: &str, url: &str| {
         let path = dir.path().join(name);

@@ -349,7 +349,7 @@ fn check_config_pings_redis_and_reports_an_unreachable_one_where_it_is() {
 #[test]
 fn tls_to_redis_verifies_the_server_and_counts_there() {
     let redis = RedisServer::start_with_tls();
-    let ca = upgate_e2e::postgres::PostgresServer::ca_file();
+    let ca = upgate_e2e::tls::ca_file();
     let with_ca = |text: String| {
         text.replacen(
             "    fault_tolerant: false\n",

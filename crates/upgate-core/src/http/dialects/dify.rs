@@ -5,7 +5,7 @@
 //! object (never null in the fields typed SDKs require), and errors as
 //! `{"code", "message", "status"}` with Dify's codes.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde::Serialize;
@@ -17,7 +17,6 @@ use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
-use actix_web::http::Method;
 
 pub(crate) struct Dify;
 

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Map, Value, json};
@@ -27,7 +27,6 @@ use crate::store::UploadRecord;
 use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
 use crate::upload::intake::{FormSpec, body_error, extension_of, next_or_stall};
 use crate::upload::{Gateway, Metadata};
-use actix_web::http::Method;
 
 pub(crate) struct Kore;
 

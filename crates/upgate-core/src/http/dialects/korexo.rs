@@ -10,7 +10,7 @@
 //! upstream copy, record state) and answers `{"message", "success", "fileId"}`. Path segments
 //! are validated before anything else; errors are `{"errors": [{"msg", "code"}]}`.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
@@ -21,7 +21,6 @@ use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
-use actix_web::http::Method;
 
 pub(crate) struct Korexo;
 

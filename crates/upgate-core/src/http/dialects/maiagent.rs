@@ -7,8 +7,8 @@
 //! Django REST framework's shapes: `{"detail": "..."}`, or field maps such as
 //! `{"file": ["This field is required."]}` for 400s.
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::AUTHORIZATION;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
@@ -20,7 +20,6 @@ use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::intake::FormSpec;
 use crate::upload::{Gateway, Metadata};
-use actix_web::http::Method;
 
 pub(crate) struct Maiagent;
 

@@ -10,8 +10,9 @@
 //! uses. Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`STATEMENT_TIMEOUT`] per
 //! statement on the server, [`CALL_TIMEOUT`] for the whole call here; a database that is
 //! down, restarting or overloaded is [`StoreError::Unavailable`] (the client gets 503 and
-//! `Retry-After`). TLS when the URL asks for it ([`tls`]), plaintext otherwise. Schema changes are versioned migrations ([`migrations`]), applied by one node
-//! under an advisory lock while the others wait.
+//! `Retry-After`). TLS when the URL asks for it ([`tls`]), plaintext otherwise. Schema
+//! changes are versioned migrations ([`migrations`]), applied by one node under an advisory
+//! lock while the others wait.
 
 mod migrations;
 mod outbox;
