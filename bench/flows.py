@@ -122,15 +122,22 @@ def upgate_argv(workdir, provider_yaml, server_yaml="", key=KEY):
 
 
 def curl_upload(url, headers, path):
+    return curl_upload_cpu(url, headers, path)[0]
+
+
+def curl_upload_cpu(url, headers, path):
+    """One multipart upload with curl: (seconds, curl's own CPU seconds)."""
     argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-F", f"file=@{path}", url]
     for header in headers:
         argv += ["-H", header]
+    children = os.times()
     started = time.time()
     code = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
     elapsed = time.time() - started
+    after = os.times()
     if not code.startswith("2"):
         sys.exit(f"upload to {url} answered {code}")
-    return elapsed
+    return elapsed, (after.children_user - children.children_user) + (after.children_system - children.children_system)
 
 
 def row(label, seconds, size_mib, rss=None):
@@ -138,55 +145,78 @@ def row(label, seconds, size_mib, rss=None):
     print(f"  {label:<44} {seconds:8.2f} s {size_mib / seconds:9.1f} MiB/s   peak RSS {rss_text}")
 
 
-def forward_through(workdir, path, upstream_url):
+def forward_through(workdir, path, upstream_url, upstream_pid):
     """One upload straight to a Dify-shaped upstream, then through an upgate in front of it
-    (dify plugin, sync); best of two each, alternating. Returns (direct, through, rss, cpu):
-    cpu is the first upgate's (user, system) seconds for its fastest upload."""
+    (dify plugin, sync); two each, alternating. Returns the fastest of each as a dict of
+    seconds and the CPU seconds each process spent on it (`client`, `first`, `upstream`),
+    and the first upgate's peak RSS."""
     provider = (
         f"  up:\n    plugin: dify\n    timeout: 1h\n"
         f"    settings: {{ base_url: '{upstream_url}/v1', api_key: {UPSTREAM_KEY}, timeout: 1h }}\n"
     )
     first = os.path.join(workdir, "first")
     os.makedirs(first, exist_ok=True)
-    direct, through, rss = [], [], 0.0
+    direct, through = [], []
+
+    def measured(url, key, first_pid=None):
+        settle(path)
+        before = [cpu_seconds(pid) for pid in (first_pid, upstream_pid) if pid]
+        seconds, client = curl_upload_cpu(f"{url}/v1/files/upload", [f"Authorization: Bearer {key}"], path)
+        after = [cpu_seconds(pid) for pid in (first_pid, upstream_pid) if pid]
+        spent = [sum(a) - sum(b) for a, b in zip(after, before)]
+        run = {"seconds": seconds, "client": client, "upstream": spent[-1]}
+        if first_pid:
+            run["first"] = spent[0]
+            run["first_split"] = tuple(a - b for a, b in zip(after[0], before[0]))
+        return run
+
     with running(upgate_argv(first, provider), r"upgate: listening on (http://\S+)") as (proc, url):
         for _ in range(2):
-            settle(path)
-            direct.append(curl_upload(f"{upstream_url}/v1/files/upload", [f"Authorization: Bearer {UPSTREAM_KEY}"], path))
-            settle(path)
-            before = cpu_seconds(proc.pid)
-            seconds = curl_upload(f"{url}/v1/files/upload", [f"Authorization: Bearer {KEY}"], path)
-            after = cpu_seconds(proc.pid)
-            through.append((seconds, (after[0] - before[0], after[1] - before[1])))
+            direct.append(measured(upstream_url, UPSTREAM_KEY))
+            through.append(measured(url, KEY, proc.pid))
         rss = peak_rss_mib(proc.pid)
-    fastest, cpu = min(through)
-    return min(direct), fastest, rss, cpu
+    fastest = lambda runs: min(runs, key=lambda run: run["seconds"])
+    return fastest(direct), fastest(through), rss
 
 
-def cpu_row(cpu):
-    user, system = cpu
+def cpu_rows(direct, through, cores):
+    """The CPU each process spent, and what that allows on this machine's cores: a path whose
+    processes need C CPU seconds in all cannot take less than C / cores, however well they
+    overlap, so the ratio the cores allow is the direct time over the through path's floor."""
+    user, system = through["first_split"]
     print(f"  CPU of the first upgate for that upload: {user + system:.2f} s ({user:.2f} user, {system:.2f} system)")
+    direct_cpu = direct["client"] + direct["upstream"]
+    through_cpu = through["client"] + through["first"] + through["upstream"]
+    print(f"  CPU in all, direct: {direct_cpu:.2f} s (client {direct['client']:.2f}, upstream {direct['upstream']:.2f})"
+          f" = {direct_cpu / direct['seconds'] / cores:.0%} of {cores} cores for its {direct['seconds']:.2f} s")
+    floor = through_cpu / cores
+    print(f"  CPU in all, through: {through_cpu:.2f} s (client {through['client']:.2f}, first upgate {through['first']:.2f},"
+          f" upstream {through['upstream']:.2f}): at least {floor:.2f} s on {cores} cores")
+    print(f"  best ratio these {cores} cores allow with that CPU: {min(1.0, direct['seconds'] / floor):.2f}x;"
+          f" 0.9x needs the first upgate at most {max(0.0, direct['seconds'] / 0.9 * cores - through['client'] - through['upstream']):.2f} s of CPU")
 
 
 def bench_forward(workdir, path, size_mib):
     print(f"forward: {size_mib} MiB, client -> upgate (dify plugin, sync) -> upstream vs client -> upstream")
-    with running([MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY], r"listening on (http://\S+)") as (_, mock_url):
-        direct, through, rss, cpu = forward_through(workdir, path, mock_url)
-    row("direct to the Dify mock (baseline)", direct, size_mib)
-    row("through upgate to the Dify mock", through, size_mib, rss)
-    cpu_row(cpu)
-    print(f"  ratio upgate/direct throughput: {direct / through:.2f}x")
+    cores = os.cpu_count() or 1
+    mock_argv = [MOCK, "--vendor", "dify", "--api-key", UPSTREAM_KEY]
+    with running(mock_argv, r"listening on (http://\S+)") as (mock, mock_url):
+        direct, through, rss = forward_through(workdir, path, mock_url, mock.pid)
+    row("direct to the Dify mock (baseline)", direct["seconds"], size_mib)
+    row("through upgate to the Dify mock", through["seconds"], size_mib, rss)
+    cpu_rows(direct, through, cores)
+    print(f"  ratio upgate/direct throughput: {direct['seconds'] / through['seconds']:.2f}x")
     second = os.path.join(workdir, "second")
     os.makedirs(second, exist_ok=True)
     local = f"  up:\n    plugin: local\n    settings: {{ root: {os.path.join(second, 'files')} }}\n"
     argv = upgate_argv(second, local, key=UPSTREAM_KEY)
     with running(argv, r"upgate: listening on (http://\S+)") as (upstream, upstream_url):
-        direct, through, rss, cpu = forward_through(workdir, path, upstream_url)
+        direct, through, rss = forward_through(workdir, path, upstream_url, upstream.pid)
         upstream_rss = peak_rss_mib(upstream.pid)
-    row("direct to a second upgate (baseline)", direct, size_mib, upstream_rss)
-    row("through upgate to the second upgate", through, size_mib, rss)
-    cpu_row(cpu)
-    print(f"  ratio upgate/direct throughput: {direct / through:.2f}x\n")
+    row("direct to a second upgate (baseline)", direct["seconds"], size_mib, upstream_rss)
+    row("through upgate to the second upgate", through["seconds"], size_mib, rss)
+    cpu_rows(direct, through, cores)
+    print(f"  ratio upgate/direct throughput: {direct['seconds'] / through['seconds']:.2f}x\n")
 
 
 def post(conn, path, body, headers):

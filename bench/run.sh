@@ -535,6 +535,24 @@ send_big() { # $1 = server, $2 = rep
     read -r BIG_CODE BIG_TIME _ <<<"${out:-000 0 0}"
 }
 
+# CPU accounting. Every process of a phase (client and server) shares the machine's cores, so
+# a phase whose processes need C CPU seconds in all cannot take less than C / cores however
+# well they overlap: the report turns each server's CPU into the best ratio the cores allow.
+declare -A A_CPU A_CLIENT_CPU
+CLK_TCK=$(getconf CLK_TCK)
+CORES=$(nproc)
+# CPU ticks (user + system) the server has used so far: all its processes (server_pids).
+server_cpu_ticks() {
+    local pid total=0
+    for pid in $(server_pids "$1"); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+# CPU ticks of this script's finished children (curl, wrk) so far.
+client_cpu_ticks() { awk '{print $16 + $17}' "/proc/$$/stat"; }
+ticks_to_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }'; }
+
 big_upload() { # $1 = server, $2 = rep
     local server=$1 rep=$2 code time stored rate peak
     local name=${TUS_NAME[$server]:-$server}
@@ -544,9 +562,14 @@ big_upload() { # $1 = server, $2 = rep
     start_server "$server" "$errlog"
     warm_up_big "$server"
     sync
+    local server_before client_before
+    server_before=$(server_cpu_ticks "$server") client_before=$(client_cpu_ticks)
     phase_begin
     send_big "$server" "$rep"
     phase_end "$PHASE_A $name run $rep"
+    local server_cpu client_cpu
+    server_cpu=$(ticks_to_s $(($(server_cpu_ticks "$server") - server_before)))
+    client_cpu=$(ticks_to_s $(($(client_cpu_ticks) - client_before)))
     code=$BIG_CODE time=$BIG_TIME stored=$BIG_STORED
     peak=$(server_peak_kib "$server")
     rate=$(awk -v b="$SRC_BYTES" -v t="$time" 'BEGIN { if (t > 0) printf "%.1f", b / 1048576 / t; else print 0 }')
@@ -577,26 +600,19 @@ big_upload() { # $1 = server, $2 = rep
         fi
     fi
     [[ $KEEP_LOGS == 1 && -f $errlog ]] && cp "$errlog" "$RESULTS/logs/$LOG_PREFIX$server-A-$rep.log"
-    printf '    %-11s run %d: HTTP %s, %s s, %s MiB/s, peak RSS %s MiB\n' \
-        "$name" "$rep" "$code" "$time" "$rate" "$(mib "$peak")" >&2
+    printf '    %-11s run %d: HTTP %s, %s s, %s MiB/s, peak RSS %s MiB, CPU %s s (client %s s)\n' \
+        "$name" "$rep" "$code" "$time" "$rate" "$(mib "$peak")" "$server_cpu" "$client_cpu" >&2
     A_RUNS[$server]+="${A_RUNS[$server]:+ / }$rate"
-    if awk -v a="$rate" -v b="${A_RATE[$server]:-0}" 'BEGIN { exit !(a > b) }'; then A_RATE[$server]=$rate; fi
+    if awk -v a="$rate" -v b="${A_RATE[$server]:-0}" 'BEGIN { exit !(a > b) }'; then
+        A_RATE[$server]=$rate A_CPU[$server]=$server_cpu A_CLIENT_CPU[$server]=$client_cpu
+    fi
     if ((peak > ${A_PEAK[$server]:-0})); then A_PEAK[$server]=$peak; fi
 }
 
 # ---------------------------------------------------------------------------------------------
 # Workload B: many small files
 # ---------------------------------------------------------------------------------------------
-declare -A B_RATE B_P50 B_P99 B_PEAK B_OK B_BAD B_STORED B_CPU
-CLK_TCK=$(getconf CLK_TCK)
-# CPU ticks (user + system) the server has used so far: all its processes (server_pids).
-server_cpu_ticks() {
-    local pid total=0
-    for pid in $(server_pids "$1"); do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
+declare -A B_RATE B_P50 B_P99 B_PEAK B_OK B_BAD B_STORED B_CPU B_CLIENT_CPU
 
 # What wrk loads: sets LOAD_URL, LOAD_SCRIPT and LOAD_ARGS (the Lua script's arguments).
 load_target() { # $1 = server
@@ -644,13 +660,13 @@ small_load() { # $1 = server
     sync
     load_target "$server"
     wrkout="$WORK/wrk-$LOG_PREFIX$server.txt"
-    local cpu_before cpu_after
-    cpu_before=$(server_cpu_ticks "$server")
+    local cpu_before cpu_after client_before client_after
+    cpu_before=$(server_cpu_ticks "$server") client_before=$(client_cpu_ticks)
     phase_begin
     wrk -t"$THREADS" -c"$CONNS" -d"${LOAD_SECS}s" --latency -s "$BENCH_DIR/$LOAD_SCRIPT" "$LOAD_URL" -- "${LOAD_ARGS[@]}" \
         >"$wrkout" 2>&1 || problem "$PHASE_B $name: wrk exited non-zero: $(tail -3 "$wrkout")"
     phase_end "$PHASE_B $name"
-    cpu_after=$(server_cpu_ticks "$server")
+    cpu_after=$(server_cpu_ticks "$server") client_after=$(client_cpu_ticks)
     [[ $KEEP_LOGS == 1 ]] && cp "$wrkout" "$RESULTS/logs/"
     line=$(grep '^BENCH ' "$wrkout" | head -1 || true)
     [[ -n $line ]] || {
@@ -669,6 +685,8 @@ small_load() { # $1 = server
     B_P99[$server]=$(field p99_us "$line")
     B_PEAK[$server]=$peak
     B_CPU[$server]=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$CLK_TCK" -v n="$ok" \
+        'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print 0 }')
+    B_CLIENT_CPU[$server]=$(awk -v t=$((client_after - client_before)) -v hz="$CLK_TCK" -v n="$ok" \
         'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print 0 }')
     B_OK[$server]=$ok
     B_BAD[$server]=$bad
@@ -807,12 +825,14 @@ report() {
     row "$BIG_LABEL x1 (best of $REPS)" "MiB/s" "${A_RATE[nginx]:-0}" "${A_RATE[upgate]:-0}" "$(ratio "${A_RATE[upgate]:-0}" "${A_RATE[nginx]:-0}")"
     row "$BIG_LABEL x1" "MiB/s, each run" "${A_RUNS[nginx]:-}" "${A_RUNS[upgate]:-}" ""
     row "$BIG_LABEL x1" "peak RSS MiB" "$(mib "${A_PEAK[nginx]:-0}")" "$(mib "${A_PEAK[upgate]:-0}")" "$(ratio "${A_PEAK[upgate]:-0}" "${A_PEAK[nginx]:-0}")"
+    row "$BIG_LABEL x1" "CPU s (+curl's)" "${A_CPU[nginx]:-0} (+${A_CLIENT_CPU[nginx]:-0})" "${A_CPU[upgate]:-0} (+${A_CLIENT_CPU[upgate]:-0})" "$(ratio "${A_CPU[upgate]:-0}" "${A_CPU[nginx]:-0}")"
     row "$small_label" "uploads/s" "${B_RATE[nginx]}" "${B_RATE[upgate]}" "$(ratio "${B_RATE[upgate]}" "${B_RATE[nginx]}")"
     row "$small_label" "p50 latency ms" "$(ms "${B_P50[nginx]}")" "$(ms "${B_P50[upgate]}")" "$(ratio "${B_P50[upgate]}" "${B_P50[nginx]}")"
     row "$small_label" "p99 latency ms" "$(ms "${B_P99[nginx]}")" "$(ms "${B_P99[upgate]}")" "$(ratio "${B_P99[upgate]}" "${B_P99[nginx]}")"
     row "$small_label" "2xx / non-2xx" "${B_OK[nginx]}/${B_BAD[nginx]}" "${B_OK[upgate]}/${B_BAD[upgate]}" ""
     row "$small_label" "files stored" "${B_STORED[nginx]}" "${B_STORED[upgate]}" ""
     row "$small_label" "CPU us/upload" "${B_CPU[nginx]}" "${B_CPU[upgate]}" "$(ratio "${B_CPU[upgate]}" "${B_CPU[nginx]}")"
+    row "$small_label" "wrk CPU us/upload" "${B_CLIENT_CPU[nginx]}" "${B_CLIENT_CPU[upgate]}" ""
     row "$small_label" "peak RSS MiB" "$(mib "${B_PEAK[nginx]}")" "$(mib "${B_PEAK[upgate]}")" "$(ratio "${B_PEAK[upgate]}" "${B_PEAK[nginx]}")"
     echo
     echo "nginx peak RSS = sum of its 2 workers' VmHWM; upgate = the daemon's VmHWM (fresh process per run)."
@@ -827,6 +847,13 @@ report() {
     printf '  %-4s %s uploads/s >= 1.0x nginx (auth + sha256 + SQLite record per upload): %sx\n' \
         "$(verdict "$small_ratio >= 1.0")" "$small_label" "$small_ratio"
     printf '  %-4s %s MiB/s >= 0.9x nginx: %sx\n' "$(verdict "$big_ratio >= 0.9")" "$BIG_LABEL" "$big_ratio"
+    # The ratios the cores allow: upgate's phase cannot take less than the CPU it and its
+    # client used, divided by the cores (CPU accounting, above).
+    printf '       best ratios %s cores allow with the CPU upgate and its client used: %s %sx, %s %sx\n' "$CORES" \
+        "$small_label" "$(awk -v u="${B_CPU[upgate]}" -v c="${B_CLIENT_CPU[upgate]}" -v n="${B_RATE[nginx]}" -v k="$CORES" \
+            'BEGIN { if (u + c > 0 && n > 0) printf "%.2f", k * 1e6 / (u + c) / n; else print "?" }')" \
+        "$BIG_LABEL" "$(awk -v u="${A_CPU[upgate]:-0}" -v c="${A_CLIENT_CPU[upgate]:-0}" -v n="${A_RATE[nginx]:-0}" -v b="$SRC_BYTES" -v k="$CORES" \
+            'BEGIN { if (u + c > 0 && n > 0) printf "%.2f", b / 1048576 / ((u + c) / k) / n; else print "?" }')"
     printf '  %-4s upgate peak RSS < 64 MiB: %s MiB\n' "$(verdict "$rss_peak < 65536")" "$(mib "$rss_peak")"
     if [[ $INTEGRITY_OK == 1 ]]; then
         echo "  PASS integrity: every stored big file matches its sha256; files stored match the 2xx answers"

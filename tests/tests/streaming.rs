@@ -467,3 +467,71 @@ fn an_upstream_that_wants_a_length_gets_the_spooled_copy() {
     assert!(received[1].header("content-length").is_some());
     assert_eq!(received[1].file().unwrap().sha256, sha256_hex(&content));
 }
+
+/// Streams hold their delivery slot for as long as their client sends: they may take half
+/// of `forward_concurrency` at most, so that slow clients never starve the deliveries every
+/// other upload waits for (before, two slow streams held both slots and a small upload
+/// waited out the provider's timeout: 504).
+#[test]
+fn slow_streaming_clients_leave_delivery_slots_for_the_others() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| {
+        dify_config(dir, &mock, "16MiB")
+            .replace("    plugin: dify\n", "    plugin: dify\n    timeout: 3s\n")
+            .replacen(
+                "  idle_timeout: 2s\n",
+                "  idle_timeout: 2s\n  forward_concurrency: 2\n",
+                1,
+            )
+    });
+    let slow_form = |name: &str| Form::new().file("file", name, "text/plain", &text(2 << 20));
+    let mut first = RawUpload::start(
+        &daemon.url(""),
+        "/v1/files/upload",
+        BEARER,
+        &slow_form("first.txt"),
+    );
+    first.send(1 << 20).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || mock.body_bytes_seen() >= 512 << 10),
+        "the first upload is not streamed: {}",
+        daemon.log()
+    );
+    // The second would stream too, but the streams' share is taken: it is spooled.
+    let mut second = RawUpload::start(
+        &daemon.url(""),
+        "/v1/files/upload",
+        BEARER,
+        &slow_form("second.txt"),
+    );
+    second.send(1 << 20).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let small = text(4096);
+    let started = std::time::Instant::now();
+    let reply = post_form(
+        &daemon.url("/v1/files/upload"),
+        &[BEARER],
+        &Form::new().file("file", "small.txt", "text/plain", &small),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    for upload in [first, second] {
+        let (status, answer) = upload.finish().unwrap();
+        assert_eq!(status, 201, "{answer}");
+    }
+    let received = mock.received();
+    assert_eq!(received.len(), 3, "{received:?}");
+    let chunked: Vec<bool> = received
+        .iter()
+        .map(|request| request.header("transfer-encoding") == Some("chunked"))
+        .collect();
+    assert_eq!(
+        chunked.iter().filter(|streamed| **streamed).count(),
+        1,
+        "one stream only: {chunked:?}"
+    );
+}

@@ -1743,3 +1743,158 @@ fn a_final_upload_that_fails_to_complete_leaves_only_its_partials() {
     assert_eq!(head(&daemon, "demo-key", &part).status, 200);
     assert_eq!(uploads(&daemon), 0);
 }
+
+/// Opens a PATCH of `id` at `offset` announcing `length` bytes and sends `first` of them;
+/// the rest is the caller's to send (or not).
+fn slow_patch(
+    daemon: &Daemon,
+    key: &str,
+    id: &str,
+    offset: u64,
+    length: usize,
+    first: &[u8],
+) -> std::net::TcpStream {
+    let address = daemon.base_url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "PATCH /files/{id} HTTP/1.1\r\nHost: {address}\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer {key}\r\n\
+Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: {offset}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(first).unwrap();
+    stream
+}
+
+#[test]
+fn another_tenant_is_answered_404_at_once_while_a_patch_holds_the_upload() {
+    let daemon = Daemon::start_with(config);
+    let id = create(&daemon, "demo-key", 1000, "held.txt");
+    let path = format!("/files/{id}");
+    let mut slow = slow_patch(&daemon, "demo-key", &id, 0, 1000, &text_of(100));
+    std::thread::sleep(Duration::from_millis(300));
+    // Each would have waited for the PATCH's hold before finding the id is not theirs.
+    for (method, body) in [("PATCH", Some(&b"x"[..])), ("DELETE", None), ("HEAD", None)] {
+        let started = std::time::Instant::now();
+        let reply = tus(
+            &daemon,
+            method,
+            &path,
+            Some("other-key"),
+            &[("Upload-Offset", "0")],
+            body,
+        );
+        assert_eq!(reply.status, 404, "{method}: {reply:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{method} took {:?}",
+            started.elapsed()
+        );
+    }
+    slow.write_all(&text_of(1000)[100..]).unwrap();
+    let (status, answer) = RawUpload::read_answer(&mut slow).unwrap();
+    assert_eq!(status, 204, "{answer}");
+}
+
+#[test]
+fn a_patch_still_arriving_when_its_upload_expires_is_410_and_the_upload_swept() {
+    let daemon = Daemon::start_with(|dir| {
+        with_server(
+            config(dir),
+            "  session_expiry: 2s\n  sweep_interval: 1s\n  min_body_rate: 0\n",
+        )
+    });
+    let id = create(&daemon, "demo-key", 1000, "late.txt");
+    let started = std::time::Instant::now();
+    let mut slow = slow_patch(&daemon, "demo-key", &id, 0, 1000, &text_of(10));
+    // A byte every 400 ms (within idle_timeout): the body would take over six minutes.
+    let answer = std::thread::scope(|scope| {
+        let mut writer = slow.try_clone().unwrap();
+        scope.spawn(move || {
+            for _ in 0..25 {
+                std::thread::sleep(Duration::from_millis(400));
+                if writer.write_all(b"y").is_err() {
+                    break;
+                }
+            }
+        });
+        let answer = RawUpload::read_answer(&mut slow).unwrap();
+        let _ = slow.shutdown(std::net::Shutdown::Both);
+        (answer, started.elapsed())
+    });
+    let ((status, text), answered) = answer;
+    assert_eq!(status, 410, "{text}");
+    assert!(answered < Duration::from_secs(6), "answered after {answered:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || !daemon
+            .data_dir()
+            .join("sessions")
+            .join(&id)
+            .exists()),
+        "the upload's bytes stayed: {}",
+        daemon.log()
+    );
+    assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+    assert_eq!(head(&daemon, "demo-key", &id).status, 404);
+}
+
+#[test]
+fn a_patch_on_a_completed_upload_writes_nothing() {
+    let daemon = Daemon::start_with(config);
+    let content = text_of(5000);
+    let length = content.len().to_string();
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[
+            ("Upload-Length", &length),
+            ("Upload-Metadata", &metadata("done.txt")),
+        ],
+        Some(&content),
+    );
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = location_id(&reply);
+    let dir = daemon.data_dir().join("sessions").join(&id);
+    assert!(
+        eventually(Duration::from_secs(2), || !session_file(&daemon, &id).exists()),
+        "the completed upload kept its own copy in {}",
+        dir.display()
+    );
+    // At its end, empty: nothing changes.
+    let reply = patch(&daemon, "demo-key", &id, 5000, b"", &[]);
+    assert_eq!(reply.status, 204, "{reply:?}");
+    assert_eq!(reply.header("upload-offset"), Some("5000"));
+    // Any byte more is beyond its length.
+    let reply = patch(&daemon, "demo-key", &id, 5000, b"more", &[]);
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert!(
+        !session_file(&daemon, &id).exists(),
+        "a PATCH recreated the upload's file"
+    );
+    assert_eq!(uploads(&daemon), 1);
+}
+
+#[test]
+fn options_with_a_key_is_admitted_like_any_request() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replace(
+            "  default:\n    max_file_size: 1MiB\n",
+            "  default:\n    max_file_size: 1MiB\n    rate_limit: { requests_per_second: 1, burst: 3 }\n",
+        )
+    });
+    let options = || tus(&daemon, "OPTIONS", "/files/", Some("demo-key"), &[], None);
+    let first = options();
+    assert_eq!(first.status, 204, "{first:?}");
+    assert_eq!(first.header("tus-max-size"), Some("1048576"));
+    // The key's rate applies: past its burst the limit is left out, as for an unknown key.
+    let limited = (0..6)
+        .map(|_| options())
+        .filter(|reply| reply.header("tus-max-size").is_none())
+        .count();
+    assert!(limited > 0, "OPTIONS is not rate limited: {}", daemon.log());
+    let unknown = tus(&daemon, "OPTIONS", "/files/", Some("nobody-key"), &[], None);
+    assert_eq!((unknown.status, unknown.header("tus-max-size")), (204, None));
+    assert!(daemon.log().contains("tenant=demo"), "{}", daemon.log());
+}

@@ -113,6 +113,10 @@ pub enum ApiError {
     /// `fault_tolerant: false`, down or restarting): 503, retry later.
     #[error("a shared engine is unavailable, retry after {retry_after_secs} s")]
     Unavailable { retry_after_secs: u64 },
+    /// Every delivery slot (`forward_concurrency`) stayed taken while the upload waited for
+    /// one, or the daemon is stopping: 503, retry later. Not the upstream's doing.
+    #[error("every delivery slot is taken, retry after {retry_after_secs} s")]
+    DeliveryBusy { retry_after_secs: u64 },
     #[error("internal error")]
     Internal,
 }
@@ -209,7 +213,7 @@ impl ApiError {
             Self::HeadTooLarge => Class::HeadTooLarge,
             Self::InsufficientStorage => Class::Storage,
             Self::Internal => Class::Internal,
-            Self::Unavailable { .. } => Class::Unavailable,
+            Self::Unavailable { .. } | Self::DeliveryBusy { .. } => Class::Unavailable,
             Self::OffsetMismatch { .. } | Self::SessionBusy => Class::Conflict,
             Self::ChecksumMismatch => Class::Checksum,
             Self::UnsupportedVersion => Class::Version,
@@ -255,9 +259,9 @@ impl ApiError {
     /// that say "not now".
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            Self::Throttled { retry_after_secs, .. } | Self::Unavailable { retry_after_secs } => {
-                Some(*retry_after_secs)
-            }
+            Self::Throttled { retry_after_secs, .. }
+            | Self::Unavailable { retry_after_secs }
+            | Self::DeliveryBusy { retry_after_secs } => Some(*retry_after_secs),
             Self::SessionBusy => Some(1),
             _ => None,
         }
@@ -387,6 +391,9 @@ impl From<&PluginError> for ApiError {
                 reason: error.message.clone(),
             },
             ErrorKind::Timeout => Self::UpstreamTimeout,
+            ErrorKind::Busy => Self::DeliveryBusy {
+                retry_after_secs: error.retry_after_secs.unwrap_or(1),
+            },
             _ => Self::UpstreamFailed(error.message.clone()),
         }
     }

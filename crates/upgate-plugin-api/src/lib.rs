@@ -16,10 +16,12 @@
 //! ABI version 2 adds `put_stream`: a plugin that declares [`FLAG_STREAMING`] may be handed
 //! an upload while it is still arriving, as a [`StreamRequest`] and a [`HostBody`], the
 //! host's read callback, which the plugin reads through [`Body`] (a [`std::io::Read`]). The
-//! callback blocks until bytes arrive, and is bounded: the host answers every read within its
-//! idle timeout, with bytes, the end of the body (after the host has checked the whole upload:
-//! size, content, sha256, quota), or an abort (the upload was refused or the client went
-//! away), after which the plugin must leave nothing upstream. The host keeps its own copy
+//! callback blocks until bytes arrive, and is bounded: while the body arrives the host answers
+//! every read within its idle timeout, with bytes or an abort (the upload was refused or the
+//! client went away), after which the plugin must leave nothing upstream; the end of the body
+//! comes once the host has accepted the whole upload (size, content, sha256, quota, its
+//! record; in a request of several files, after the earlier files' deliveries), within the
+//! provider's timeout. The host keeps its own copy
 //! of the bytes and retries a failed streaming attempt with `put` from that copy.
 //!
 //! Plugin authors never write `unsafe`: they implement [`Provider`] and call
@@ -179,7 +181,8 @@ pub type StreamFn = unsafe extern "C" fn(
 /// further read returns the same.
 ///
 /// What the caller (the plugin) guarantees: `context` is the [`HostBody`]'s, `buffer` is
-/// writable for `capacity` bytes, `filled` is writable; the call is made on the thread that
+/// writable for `capacity` bytes of initialised memory (the host fills it as a byte slice:
+/// a C plugin zeroes a fresh buffer first), `filled` is writable; the call is made on the thread that
 /// `put_stream` runs on, before it returns.
 pub type BodyReadFn =
     unsafe extern "C" fn(context: *mut c_void, buffer: *mut u8, capacity: usize, filled: *mut usize) -> i32;
@@ -447,6 +450,9 @@ pub enum ErrorKind {
     /// (too large for the upstream's streamable request, say). The host stores it and calls
     /// `put`, which is the delivery's first attempt; this is not one.
     NotStreamed,
+    /// No delivery slot (`forward_concurrency`) came free in time, or the host is stopping:
+    /// the call never reached the plugin (set by the host, never by plugin code).
+    Busy,
 }
 
 /// A provider error as it crosses the boundary.

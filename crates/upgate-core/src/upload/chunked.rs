@@ -33,7 +33,7 @@ use crate::store::{SessionRecord, Store, UploadRecord};
 use crate::vocab::{DialectName, is_uuid, now_ms};
 
 use super::admit::Admission;
-use super::hold::{holding, lock_session};
+use super::hold::{holding, try_lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
 use super::running_hash::RunningHash;
 use super::{Gateway, Metadata};
@@ -376,9 +376,9 @@ impl Gateway {
         admission: Admission,
         id: &str,
     ) -> Result<Vec<UploadRecord>, ApiError> {
-        if !is_uuid(id) {
-            return Err(ApiError::NotFound);
-        }
+        // Another tenant's id, or none, is answered at once: never after waiting for the hold
+        // of a request on it (which would tell that the id exists).
+        self.open_session(&admission, id).await?;
         self.check_disk_floor()?;
         // In a task of its own: a client that goes away cannot stop a completion between
         // the upload's record and the session's removal (a retried `complete` would make a
@@ -686,7 +686,12 @@ impl Gateway {
         match self.store.take_expired_sessions(now_ms()).await {
             Ok(expired) => {
                 for id in expired {
-                    let _lock = lock_session(&id).await;
+                    // A request still holding it (a slow body) is never waited for: its
+                    // files are an orphan's once it ends, which a later sweep removes.
+                    let Some(_lock) = try_lock_session(&id) else {
+                        tracing::info!(session_id = %id, "expired session swept; its files go once its request ends");
+                        continue;
+                    };
                     self.remove_session_files(&id).await;
                     tracing::info!(session_id = %id, "expired session swept");
                 }
@@ -711,7 +716,9 @@ impl Gateway {
         let ids: HashSet<String> = ids.into_iter().collect();
         RunningHash::retain(|id| ids.contains(id));
         for name in listed.into_iter().filter(|name| !ids.contains(name)) {
-            let _lock = lock_session(&name).await;
+            let Some(_lock) = try_lock_session(&name) else {
+                continue;
+            };
             self.remove_session_files(&name).await;
             tracing::info!(session_id = %name, "orphaned session directory removed");
         }

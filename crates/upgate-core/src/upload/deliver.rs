@@ -45,6 +45,7 @@ fn outcome_label(kind: ErrorKind) -> &'static str {
         ErrorKind::Internal => "internal",
         ErrorKind::Panic => "panic",
         ErrorKind::NotStreamed => "not_streamed",
+        ErrorKind::Busy => "busy",
     }
 }
 
@@ -118,6 +119,9 @@ fn observe<T>(provider: &Provider, started: Instant, result: &Result<T, PluginEr
     metrics::upstream_duration(&provider.name, outcome, started.elapsed());
 }
 
+/// What a client is told to wait when every delivery slot stayed taken.
+const BUSY_RETRY_AFTER_SECS: u64 = 5;
+
 /// A plugin call on a blocking thread, once a delivery slot is free, both within `limit`.
 async fn call_blocking<T: Send + 'static>(
     gateway: &Gateway,
@@ -127,16 +131,19 @@ async fn call_blocking<T: Send + 'static>(
     unclaimed: Option<Box<dyn FnOnce(T) + Send>>,
 ) -> Result<T, PluginError> {
     let deadline = tokio::time::Instant::now() + limit;
-    let no_slot = || {
-        PluginError::new(
-            ErrorKind::Timeout,
-            format!("no delivery slot free within {limit:?} (forward_concurrency)"),
-        )
+    // Local capacity, not the upstream's: the client is told to come back (503).
+    let busy = |why: String| PluginError {
+        retry_after_secs: Some(BUSY_RETRY_AFTER_SECS),
+        ..PluginError::new(ErrorKind::Busy, why)
     };
     let slot = tokio::time::timeout_at(deadline, gateway.delivery_slots.clone().acquire_owned())
         .await
-        .map_err(|_| no_slot())?
-        .map_err(|_| PluginError::new(ErrorKind::Internal, "shutting down"))?;
+        .map_err(|_| {
+            busy(format!(
+                "no delivery slot free within {limit:?} (forward_concurrency)"
+            ))
+        })?
+        .map_err(|_| busy("the daemon is stopping".into()))?;
     PendingCall::spawn(provider, slot, call, unclaimed)
         .wait_until(deadline)
         .await

@@ -51,6 +51,24 @@ pub(crate) async fn lock_session(id: &str) -> SessionLock {
     lock
 }
 
+/// The lock of session `id` if nobody holds it now; `None` without waiting when a request
+/// does (for the sweeps, which must never wait on a client).
+pub(crate) fn try_lock_session(id: &str) -> Option<SessionLock> {
+    let mutex = LOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(id.to_owned())
+        .or_default()
+        .clone();
+    let mut lock = SessionLock {
+        id: id.to_owned(),
+        mutex: Some(mutex.clone()),
+        guard: None,
+    };
+    lock.guard = Some(mutex.try_lock_owned().ok()?);
+    Some(lock)
+}
+
 impl Drop for SessionLock {
     fn drop(&mut self) {
         self.guard.take();

@@ -45,6 +45,10 @@ pub(crate) struct Gateway {
     pub(crate) limiter: Arc<dyn Limiter>,
     /// Plugin calls in flight (each holds a blocking thread): `forward_concurrency`.
     pub(crate) delivery_slots: Arc<Semaphore>,
+    /// The share of those slots pass-through deliveries may hold (half, rounded up): a
+    /// stream holds its slot for as long as its client sends, so slow clients must not
+    /// take the slots every stored delivery, retry, outbox attempt and delete waits for.
+    pub(crate) streaming_slots: Arc<Semaphore>,
     /// Wakes the outbox worker when an async upload is accepted.
     pub(crate) outbox_wake: Notify,
     /// The memory the spool writers share (`server.intake_memory`).
@@ -70,6 +74,7 @@ impl Gateway {
             spool,
             limiter,
             delivery_slots: Arc::new(Semaphore::new(slots)),
+            streaming_slots: Arc::new(Semaphore::new(slots.div_ceil(2))),
             outbox_wake: Notify::new(),
             intake_budget,
             below_disk_floor: AtomicBool::new(false),

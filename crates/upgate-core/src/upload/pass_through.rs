@@ -104,19 +104,23 @@ pub(crate) struct PassThrough {
 }
 
 impl PassThrough {
-    /// Starts `put_stream` on a blocking thread when a delivery slot is free now (else
-    /// `None`: the upload is stored, then delivered, as without streaming).
+    /// Starts `put_stream` on a blocking thread when a delivery slot is free now, within the
+    /// streams' share of them (else `None`: the upload is stored, then delivered, as without
+    /// streaming).
     pub(crate) fn start(
         gateway: &Gateway,
         provider: &Arc<Provider>,
         request: StreamRequest,
         stall: Duration,
     ) -> Option<Self> {
+        let share = gateway.streaming_slots.clone().try_acquire_owned().ok()?;
         let slot = gateway.delivery_slots.clone().try_acquire_owned().ok()?;
         let (sender, receiver) = mpsc::channel(CHANNEL_PIECES);
         let delete = delete_of(&request.upload_id, &request.dialect, &request.metadata);
         let unclaimed = delete_unclaimed(provider, delete.clone());
         let stream = move |provider: &Provider| {
+            // Held, like the slot, until the plugin returns.
+            let _share = share;
             let mut body = ChannelBody {
                 pieces: receiver,
                 current: Bytes::new(),
@@ -127,8 +131,9 @@ impl PassThrough {
             if body.ended.is_none()
                 && let Ok(stored) = result
             {
-                // Stored although the host aborted it (the plugin did not stop at the abort):
-                // it must not stay upstream.
+                // Stored before the body's end was released: the host aborted it and the
+                // plugin did not stop, or the plugin did not read to the end. Either way it
+                // must not stay upstream, and the spooled copy is delivered instead.
                 forget_stored(
                     provider,
                     DeleteRequest {
@@ -137,8 +142,8 @@ impl PassThrough {
                     },
                 );
                 return Err(PluginError::new(
-                    ErrorKind::Internal,
-                    "the host aborted the upload",
+                    ErrorKind::Unavailable,
+                    "the plugin stored the upload before its body ended (deleted upstream)",
                 ));
             }
             result
@@ -186,9 +191,14 @@ impl PassThrough {
         metadata: &Metadata,
         limit: Duration,
     ) -> Result<PutResult, PluginError> {
+        // The attempt's deadline counts from here, the wait to hand over the end included.
+        let now = tokio::time::Instant::now();
+        let deadline = now + limit;
         let end = Piece::End(serde_json::to_vec(metadata).unwrap_or_default());
         if let Some(pieces) = self.pieces.take()
-            && tokio::time::timeout(self.stall, pieces.send(end)).await.is_err()
+            && tokio::time::timeout_at(deadline.min(now + self.stall), pieces.send(end))
+                .await
+                .is_err()
         {
             self.stalled = true;
         }
@@ -201,6 +211,6 @@ impl PassThrough {
                 "the upstream stopped taking the streamed bytes",
             ));
         }
-        self.call.wait_until(tokio::time::Instant::now() + limit).await
+        self.call.wait_until(deadline).await
     }
 }

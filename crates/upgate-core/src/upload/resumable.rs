@@ -18,6 +18,8 @@
 //! partials in the spool, then completes. Every step on one upload holds it (`hold.rs`: on
 //! several nodes, one request at a time; another gets 409).
 
+use std::time::Duration;
+
 use actix_web::web::Payload;
 use md5::Md5;
 use sha1::Sha1;
@@ -321,6 +323,9 @@ impl Gateway {
         body: Payload,
     ) -> Result<Progress, ApiError> {
         self.check_disk_floor()?;
+        // Another tenant's id, or none, is answered at once: never after waiting for the
+        // hold of a request on it (which would tell that the id exists).
+        self.resumable(admission, id).await?;
         holding(&self.store, id, self.append_held(admission, id, append, body)).await
     }
 
@@ -343,6 +348,20 @@ impl Gateway {
             });
         }
         let plan = &admission.tenant.plan;
+        if upload.upload_id.is_some() {
+            // Complete: its bytes are its upload's now and the session keeps none. An empty
+            // PATCH at its end changes nothing; any byte more is beyond its length.
+            let idle = admission.policy.config.server.idle_timeout.0;
+            return match body_is_empty(body, idle).await? {
+                true => Ok(Progress {
+                    upload,
+                    records: Vec::new(),
+                }),
+                false => Err(ApiError::TooLarge {
+                    limit: upload.declared_size.min(plan.max_file_size()),
+                }),
+            };
+        }
         if let Some(length) = append.length {
             match upload.length() {
                 Some(declared) if declared != length => {
@@ -386,7 +405,20 @@ impl Gateway {
                 self.cut(&upload.id, offset).await;
                 return Err(error);
             }
-            self.store.put_chunk(id.to_owned(), 0, new_offset).await?;
+            if let Err(error) = self.store.put_chunk(id.to_owned(), 0, new_offset).await {
+                // The upload expired and was swept while this request held it: gone (its
+                // files are removed by the next sweep), not an internal error.
+                return Err(
+                    match self
+                        .store
+                        .session_of(admission.tenant.name.clone(), id.to_owned())
+                        .await
+                    {
+                        Ok(None) => ApiError::SessionExpired,
+                        _ => error.into(),
+                    },
+                );
+            }
             upload.chunks = vec![(0, new_offset)];
         }
         if let Some(state) = running {
@@ -441,9 +473,18 @@ impl Gateway {
         // protocol asks, unless the request carried a checksum, which only the whole body
         // can match.
         let mut cut_short = None;
+        // A body still arriving when the upload expires ends there (410): no request keeps
+        // an upload past its expiry.
+        let expiry = tokio::time::Instant::now()
+            + Duration::from_millis(
+                u64::try_from(upload.expires_at_ms.saturating_sub(now_ms())).unwrap_or(0),
+            );
         let received: Result<(), ApiError> = async {
             loop {
-                let bytes = match next_or_stall(&mut body, idle).await {
+                let next = tokio::time::timeout_at(expiry, next_or_stall(&mut body, idle))
+                    .await
+                    .map_err(|_| ApiError::SessionExpired)?;
+                let bytes = match next {
                     Ok(Some(Ok(bytes))) => bytes,
                     Ok(None) => break,
                     Ok(Some(Err(error))) => {
@@ -679,6 +720,8 @@ impl Gateway {
 
     /// Terminates upload `id`: its bytes and its row go (a record it completed stays).
     pub(crate) async fn terminate_resumable(&self, admission: &Admission, id: &str) -> Result<(), ApiError> {
+        // As for a PATCH: another tenant's id is answered without waiting for the hold.
+        self.resumable(admission, id).await?;
         holding(&self.store, id, async {
             self.resumable(admission, id).await?;
             self.store.delete_session(id.to_owned()).await?;
@@ -697,4 +740,17 @@ struct Written {
     /// The upload's sha256 state up to the end of these bytes, when this process hashed
     /// it from the start.
     running: Option<Sha256>,
+}
+
+/// Whether a request's body holds no byte (read to its end, which for a body that has
+/// one is its first piece: the request is refused then).
+async fn body_is_empty(mut body: Payload, idle: Duration) -> Result<bool, ApiError> {
+    loop {
+        match next_or_stall(&mut body, idle).await? {
+            None => return Ok(true),
+            Some(Ok(bytes)) if bytes.is_empty() => continue,
+            Some(Ok(_)) => return Ok(false),
+            Some(Err(error)) => return Err(body_error(error)),
+        }
+    }
 }

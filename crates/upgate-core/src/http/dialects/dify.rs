@@ -157,7 +157,9 @@ impl Dialect for Dify {
             ApiError::HeadTooLarge => ("invalid_param", plain_message(error)),
             ApiError::InsufficientStorage => ("insufficient_storage", plain_message(error)),
             ApiError::Internal => ("internal_server_error", plain_message(error)),
-            ApiError::Unavailable { .. } => ("service_unavailable", plain_message(error)),
+            ApiError::Unavailable { .. } | ApiError::DeliveryBusy { .. } => {
+                ("service_unavailable", plain_message(error))
+            }
             ApiError::OffsetMismatch { .. }
             | ApiError::SessionBusy
             | ApiError::ChecksumMismatch

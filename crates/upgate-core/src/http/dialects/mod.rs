@@ -270,6 +270,10 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
             "The service is temporarily unavailable. Retry after {}.",
             seconds(*retry_after_secs)
         ),
+        ApiError::DeliveryBusy { retry_after_secs } => format!(
+            "The gateway is delivering as many files as it may at once. Retry after {}.",
+            seconds(*retry_after_secs)
+        ),
         ApiError::OffsetMismatch { offset } => format!("The upload is at offset {offset}."),
         ApiError::SessionBusy => "Another request is working on this upload; try again in a moment.".into(),
         ApiError::ChecksumMismatch => "The body does not match its checksum.".into(),

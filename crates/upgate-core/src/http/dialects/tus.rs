@@ -282,11 +282,13 @@ async fn options(request: HttpRequest, gateway: web::Data<Gateway>) -> HttpRespo
         .insert_header(("Tus-Version", TUS_VERSION))
         .insert_header(("Tus-Extension", EXTENSIONS))
         .insert_header(("Tus-Checksum-Algorithm", CHECKSUM_ALGORITHMS));
-    // The plan's limit, for a client that says who it is.
-    if let Ok(key) = Tus.credentials(&request)
-        && let Ok((_, tenant)) = gateway.policy().authenticate(DialectName::Tus, &key)
+    // The plan's limit, for a client that says who it is: admitted like any request (its
+    // key's rate, the tenant logged), so that OPTIONS is no faster way to try keys than the
+    // rest. Any refusal just leaves the limit out.
+    if Tus.credentials(&request).is_ok()
+        && let Ok(admission) = admit_for(&gateway, &Tus, &request, Work::Lookup).await
     {
-        response.insert_header(("Tus-Max-Size", tenant.plan.max_file_size().to_string()));
+        response.insert_header(("Tus-Max-Size", admission.tenant.plan.max_file_size().to_string()));
     }
     response.finish()
 }

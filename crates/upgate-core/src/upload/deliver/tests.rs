@@ -60,4 +60,11 @@ fn provider_errors_map_to_client_errors() {
         ApiError::from(&PluginError::new(ErrorKind::Panic, "x")),
         ApiError::UpstreamFailed("x".into())
     );
+    // No delivery slot in time: the gateway's capacity, a 503 to come back after.
+    let busy = ApiError::from(&PluginError {
+        retry_after_secs: Some(5),
+        ..PluginError::new(ErrorKind::Busy, "no slot")
+    });
+    assert_eq!(busy, ApiError::DeliveryBusy { retry_after_secs: 5 });
+    assert_eq!((busy.status().as_u16(), busy.retry_after_secs()), (503, Some(5)));
 }

@@ -17,3 +17,16 @@ async fn session_locks_exclude_each_other_and_clean_up() {
     assert!(!LOCKS.lock().unwrap().contains_key("a"));
     assert!(!LOCKS.lock().unwrap().contains_key("b"));
 }
+
+#[tokio::test]
+async fn trying_a_held_lock_never_waits() {
+    let held = lock_session("c").await;
+    assert!(try_lock_session("c").is_none(), "a held session was locked again");
+    assert!(try_lock_session("d").is_some());
+    drop(held);
+    let taken = try_lock_session("c").expect("a free session");
+    assert!(try_lock_session("c").is_none());
+    drop(taken);
+    assert!(!LOCKS.lock().unwrap().contains_key("c"));
+    assert!(!LOCKS.lock().unwrap().contains_key("d"));
+}
