@@ -180,12 +180,8 @@ impl RawInstance {
     /// Calls `put_stream` with `body` lent to the plugin for the call; returns `(status,
     /// response bytes)`.
     pub fn put_stream(&self, request: &[u8], body: &mut dyn BodySource) -> (i32, Vec<u8>) {
-        let mut source: &mut dyn BodySource = body;
-        let host = HostBody {
-            context: (&raw mut source).cast(),
-            read: read_body,
-            metadata: body_metadata,
-        };
+        let mut context = StreamContext::new(body);
+        let host = context.host_body();
         let mut out = PluginBuffer::empty();
         // SAFETY: a live instance of this descriptor; request bytes, `host` and the source it
         // points at outlive the call, and the plugin calls them only during it.
@@ -227,30 +223,80 @@ pub trait BodySource {
     fn metadata(&self) -> &[u8];
 }
 
-/// The `HostBody::read` callback: `context` is a `*mut &mut dyn BodySource`.
+/// What a `HostBody`'s `context` points at: the source, and how the body finished once it
+/// did (`BODY_END` or `BODY_ABORTED`, what every later read returns, as the ABI promises,
+/// whatever the plugin passes then).
+struct StreamContext<'a> {
+    source: &'a mut dyn BodySource,
+    finished: Option<i32>,
+}
+
+impl<'a> StreamContext<'a> {
+    fn new(source: &'a mut dyn BodySource) -> Self {
+        Self {
+            source,
+            finished: None,
+        }
+    }
+
+    /// The callbacks over this context, valid while it is neither moved nor dropped.
+    fn host_body(&mut self) -> HostBody {
+        HostBody {
+            context: (self as *mut Self).cast(),
+            read: read_body,
+            metadata: body_metadata,
+        }
+    }
+
+    /// One read into `buffer`, or the body's end or abort: `(status, bytes written)`.
+    fn read(&mut self, buffer: Option<&mut [u8]>) -> (i32, usize) {
+        if let Some(finished) = self.finished {
+            return (finished, 0);
+        }
+        let read = match buffer {
+            // A plugin that passes no room is refused, for good.
+            None => BodyRead::Aborted,
+            Some(buffer) => {
+                let capacity = buffer.len();
+                match catch_unwind(AssertUnwindSafe(|| self.source.read(buffer))) {
+                    Ok(BodyRead::Data(count)) if count > 0 && count <= capacity => BodyRead::Data(count),
+                    Ok(BodyRead::End) => BodyRead::End,
+                    // A source that panicked or wrote out of bounds ends the body as an abort.
+                    Ok(BodyRead::Data(_) | BodyRead::Aborted) | Err(_) => BodyRead::Aborted,
+                }
+            }
+        };
+        match read {
+            BodyRead::Data(count) => (BODY_DATA, count),
+            BodyRead::End => (*self.finished.insert(BODY_END), 0),
+            BodyRead::Aborted => (*self.finished.insert(BODY_ABORTED), 0),
+        }
+    }
+}
+
+/// The `HostBody::read` callback: `context` is a `*mut StreamContext`.
 unsafe extern "C" fn read_body(
     context: *mut c_void,
     buffer: *mut u8,
     capacity: usize,
     filled: *mut usize,
 ) -> i32 {
-    if context.is_null() || buffer.is_null() || filled.is_null() || capacity == 0 {
+    if context.is_null() {
         return BODY_ABORTED;
     }
-    // SAFETY: `put_stream` made `context` from a `&mut &mut dyn BodySource` that outlives the
-    // call; the plugin calls back on the calling thread only (`BodyReadFn` contract), so this
-    // is the only reference in use.
-    let source = unsafe { &mut *context.cast::<&mut dyn BodySource>() };
-    // SAFETY: the plugin passes a buffer writable for `capacity` bytes (`BodyReadFn`).
-    let buffer = unsafe { std::slice::from_raw_parts_mut(buffer, capacity) };
-    let read = catch_unwind(AssertUnwindSafe(|| source.read(buffer))).unwrap_or(BodyRead::Aborted);
-    let (status, count) = match read {
-        BodyRead::Data(count) if count > 0 && count <= capacity => (BODY_DATA, count),
-        BodyRead::Data(_) | BodyRead::Aborted => (BODY_ABORTED, 0),
-        BodyRead::End => (BODY_END, 0),
-    };
-    // SAFETY: `filled` is non-null and writable (`BodyReadFn`).
-    unsafe { *filled = count };
+    // SAFETY: `put_stream` made `context` from a `StreamContext` that outlives the call; the
+    // plugin calls back on the calling thread only (`BodyReadFn` contract), so this is the
+    // only reference in use.
+    let context = unsafe { &mut *context.cast::<StreamContext>() };
+    let buffer = (!buffer.is_null() && capacity > 0)
+        // SAFETY: the plugin passes a buffer of initialised memory writable for `capacity`
+        // bytes (`BodyReadFn`).
+        .then(|| unsafe { std::slice::from_raw_parts_mut(buffer, capacity) });
+    let (status, count) = context.read(buffer);
+    if !filled.is_null() {
+        // SAFETY: `filled` is non-null and writable (`BodyReadFn`).
+        unsafe { *filled = count };
+    }
     status
 }
 
@@ -260,12 +306,83 @@ unsafe extern "C" fn body_metadata(context: *mut c_void, json: *mut *const u8, l
         return;
     }
     // SAFETY: as in `read_body`; only a shared reference is taken.
-    let source = unsafe { &*context.cast::<&mut dyn BodySource>() };
-    let bytes = catch_unwind(AssertUnwindSafe(|| source.metadata())).unwrap_or(&[]);
+    let context = unsafe { &*context.cast::<StreamContext>() };
+    let bytes = catch_unwind(AssertUnwindSafe(|| context.source.metadata())).unwrap_or(&[]);
     // SAFETY: `json` and `len` are non-null and writable (`BodyMetadataFn`); the bytes belong
     // to the source, which outlives the `put_stream` call.
     unsafe {
         *json = bytes.as_ptr();
         *len = bytes.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives `pieces`, then the end.
+    struct Pieces(Vec<&'static [u8]>);
+
+    impl BodySource for Pieces {
+        fn read(&mut self, buffer: &mut [u8]) -> BodyRead {
+            if self.0.is_empty() {
+                return BodyRead::End;
+            }
+            let piece = self.0.remove(0);
+            buffer[..piece.len()].copy_from_slice(piece);
+            BodyRead::Data(piece.len())
+        }
+
+        fn metadata(&self) -> &[u8] {
+            b"{}"
+        }
+    }
+
+    /// One read through the C callback, as a plugin makes it.
+    fn read(host: &HostBody, capacity: usize) -> (i32, Vec<u8>) {
+        let mut buffer = vec![0u8; capacity];
+        let mut filled = usize::MAX;
+        // SAFETY: the context is alive for the test's calls, the buffer writable for
+        // `capacity` bytes, `filled` writable.
+        let status = unsafe { (host.read)(host.context, buffer.as_mut_ptr(), capacity, &mut filled) };
+        buffer.truncate(if status == BODY_DATA { filled } else { 0 });
+        (status, buffer)
+    }
+
+    #[test]
+    fn the_end_and_an_abort_are_what_every_later_read_returns() {
+        let mut source = Pieces(vec![b"abc", b"de"]);
+        let mut context = StreamContext::new(&mut source);
+        let host = context.host_body();
+        assert_eq!(read(&host, 8), (BODY_DATA, b"abc".to_vec()));
+        // No room: refused, and so is every read after, whatever room it brings.
+        assert_eq!(read(&host, 0).0, BODY_ABORTED);
+        assert_eq!(read(&host, 8).0, BODY_ABORTED);
+
+        let mut source = Pieces(vec![b"abc"]);
+        let mut context = StreamContext::new(&mut source);
+        let host = context.host_body();
+        assert_eq!(read(&host, 8), (BODY_DATA, b"abc".to_vec()));
+        assert_eq!(read(&host, 8).0, BODY_END);
+        assert_eq!(read(&host, 8).0, BODY_END);
+        assert_eq!(read(&host, 0).0, BODY_END);
+    }
+
+    #[test]
+    fn a_source_that_claims_more_than_the_room_aborts_the_body() {
+        struct Liar;
+        impl BodySource for Liar {
+            fn read(&mut self, buffer: &mut [u8]) -> BodyRead {
+                BodyRead::Data(buffer.len() + 1)
+            }
+            fn metadata(&self) -> &[u8] {
+                b""
+            }
+        }
+        let mut source = Liar;
+        let mut context = StreamContext::new(&mut source);
+        let host = context.host_body();
+        assert_eq!(read(&host, 4).0, BODY_ABORTED);
+        assert_eq!(read(&host, 4).0, BODY_ABORTED);
     }
 }
