@@ -535,3 +535,53 @@ fn slow_streaming_clients_leave_delivery_slots_for_the_others() {
         "one stream only: {chunked:?}"
     );
 }
+
+/// A request's first file whose streamed attempt fails is retried from the spool; the later
+/// files' streams are aborted then (they go from the spool after it) instead of holding
+/// their upstream requests, idle, and their delivery slots through the retries.
+#[test]
+fn a_retry_of_an_earlier_file_aborts_the_later_files_streams() {
+    let mock = MockUpstream::start(Vendor::Korexo, UPSTREAM_KEY);
+    // The first request is read whole, then answered 500: the streamed attempt of the first
+    // file fails once its end was released.
+    mock.fail_next(1, 500);
+    let daemon = Daemon::start_with(|dir| {
+        with_korexo_upstream(&default_config(dir), &mock)
+            .replace("    plugin: korexo\n", "    plugin: korexo\n    timeout: 10s\n")
+    });
+    let (first, second) = (text(256 << 10), text(300 << 10));
+    let form = Form::new()
+        .text("threadId", "1a2036c0-d533-4636-8f51-2a811763ef5c")
+        .file("files", "first.txt", "text/plain", &first)
+        .file("files", "second.txt", "text/plain", &second);
+    let reply = post_form(
+        &daemon.url("/agent-setup/upload"),
+        &[("x-api-key", "demo-key"), ("current-workspace-id", "ws-1")],
+        &form,
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let received = mock.received();
+    let of = |content: &[u8]| {
+        received
+            .iter()
+            .filter(|request| {
+                request
+                    .file()
+                    .is_some_and(|file| file.sha256 == sha256_hex(content))
+            })
+            .map(|request| {
+                (
+                    request.status,
+                    request.header("transfer-encoding") == Some("chunked"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(&first), vec![(500, true), (200, false)], "{received:?}");
+    assert_eq!(
+        of(&second),
+        vec![(200, false)],
+        "the second file went from the spool: {received:?}"
+    );
+    assert_eq!(mock.stored().len(), 2);
+}

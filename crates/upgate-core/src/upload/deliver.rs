@@ -261,14 +261,16 @@ pub(crate) struct NotDelivered {
 
 /// Delivers one upload now (sync mode), retrying within the provider's timeout. The first
 /// attempt is `streaming`'s when the upload was passed through while it arrived (its end is
-/// released here), later ones put the spooled copy. The caller records the outcome; the
-/// spooled bytes are gone either way (delivered, or the client is told it failed).
+/// released here), later ones put the spooled copy; before a retry, the streams of the
+/// request's `later` files are aborted. The caller records the outcome; the spooled bytes
+/// are gone either way (delivered, or the client is told it failed).
 pub(crate) async fn deliver_now(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: &UploadRecord,
     path: &Path,
     mut streaming: Option<PassThrough>,
+    later: &mut [Option<PassThrough>],
 ) -> Result<Delivered, NotDelivered> {
     let config = &provider.config;
     let deadline = Instant::now() + config.timeout.0;
@@ -314,6 +316,10 @@ pub(crate) async fn deliver_now(
                     break error;
                 }
                 metrics::retry(&provider.name);
+                // The request's later files stop streaming (they go from the spool after
+                // this one): their upstream requests would sit idle through this file's
+                // retries, holding delivery slots this retry may need.
+                later.iter_mut().for_each(|stream| drop(stream.take()));
                 tracing::warn!(upload_id = %record.id, provider = %provider.name, attempt = attempts,
                     error = %error, "delivery failed, retrying in {wait:?}");
                 tokio::time::sleep(wait).await;

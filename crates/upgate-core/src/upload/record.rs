@@ -156,8 +156,9 @@ impl Gateway {
         }
         let paths: Vec<PathBuf> = files.into_iter().map(SpooledFile::keep).collect();
         let mut failure = None;
-        for ((record, path), streaming) in records.iter_mut().zip(&paths).zip(&mut streams) {
-            let streaming = streaming.take();
+        for (index, (record, path)) in records.iter_mut().zip(&paths).enumerate() {
+            let (done, later) = streams.split_at_mut(index + 1);
+            let streaming = done[index].take();
             if failure.is_some() {
                 // The client is told the request failed: the files after it fail too.
                 record.state = UploadState::Failed;
@@ -165,7 +166,7 @@ impl Gateway {
                 remove_quietly(path);
                 continue;
             }
-            match deliver::deliver_now(self, &provider, record, path, streaming).await {
+            match deliver::deliver_now(self, &provider, record, path, streaming, later).await {
                 Ok(delivered) => {
                     record.state = UploadState::Forwarded;
                     record.attempts = delivered.attempts;
