@@ -162,6 +162,17 @@ fn offset_of(daemon: &Daemon, key: &str, id: &str) -> u64 {
 }
 
 /// The bytes of an upload in progress, on disk.
+/// Waits (up to 5 s) for the sweeper to remove upload `id`'s directory.
+fn assert_swept(daemon: &Daemon, id: &str) {
+    let dir = daemon.data_dir().join("sessions").join(id);
+    assert!(
+        eventually(Duration::from_secs(5), || !dir.exists()),
+        "the sweeper left {}: {}",
+        dir.display(),
+        daemon.log()
+    );
+}
+
 fn session_file(daemon: &Daemon, id: &str) -> PathBuf {
     daemon.data_dir().join("sessions").join(id).join("0")
 }
@@ -1062,15 +1073,7 @@ fn an_expired_upload_is_gone_and_swept_from_disk() {
     );
     let reply = patch(&daemon, "demo-key", &id, 30, &text_of(70), &[]);
     assert!(matches!(reply.status, 404 | 410), "{reply:?}");
-    assert!(
-        eventually(Duration::from_secs(5), || !daemon
-            .data_dir()
-            .join("sessions")
-            .join(&id)
-            .exists()),
-        "the sweeper removed the bytes: {}",
-        daemon.log()
-    );
+    assert_swept(&daemon, &id);
     assert_eq!(head(&daemon, "demo-key", &id).status, 404);
     assert_eq!(uploads(&daemon), 0);
 }
@@ -1825,15 +1828,7 @@ fn a_patch_still_arriving_when_its_upload_expires_is_410_and_the_upload_swept() 
     let ((status, text), answered) = answer;
     assert_eq!(status, 410, "{text}");
     assert!(answered < Duration::from_secs(6), "answered after {answered:?}");
-    assert!(
-        eventually(Duration::from_secs(5), || !daemon
-            .data_dir()
-            .join("sessions")
-            .join(&id)
-            .exists()),
-        "the upload's bytes stayed: {}",
-        daemon.log()
-    );
+    assert_swept(&daemon, &id);
     assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
     assert_eq!(head(&daemon, "demo-key", &id).status, 404);
 }

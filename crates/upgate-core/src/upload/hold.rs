@@ -35,38 +35,39 @@ pub(crate) struct SessionLock {
 
 /// Waits for the lock of session `id`.
 pub(crate) async fn lock_session(id: &str) -> SessionLock {
-    let mutex = LOCKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(id.to_owned())
-        .or_default()
-        .clone();
-    // Built before waiting, so a cancelled wait still cleans the registry up.
-    let mut lock = SessionLock {
-        id: id.to_owned(),
-        mutex: Some(mutex.clone()),
-        guard: None,
-    };
-    lock.guard = Some(mutex.lock_owned().await);
+    // Registered before waiting, so a cancelled wait still cleans the registry up.
+    let mut lock = SessionLock::registered(id);
+    lock.guard = Some(lock.mutex().lock_owned().await);
     lock
 }
 
 /// The lock of session `id` if nobody holds it now; `None` without waiting when a request
 /// does (for the sweeps, which must never wait on a client).
 pub(crate) fn try_lock_session(id: &str) -> Option<SessionLock> {
-    let mutex = LOCKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(id.to_owned())
-        .or_default()
-        .clone();
-    let mut lock = SessionLock {
-        id: id.to_owned(),
-        mutex: Some(mutex.clone()),
-        guard: None,
-    };
-    lock.guard = Some(mutex.try_lock_owned().ok()?);
+    let mut lock = SessionLock::registered(id);
+    lock.guard = Some(lock.mutex().try_lock_owned().ok()?);
     Some(lock)
+}
+
+impl SessionLock {
+    /// Not held yet: the registry's lock of `id` (created if none), to take.
+    fn registered(id: &str) -> Self {
+        let mutex = LOCKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        Self {
+            id: id.to_owned(),
+            mutex: Some(mutex),
+            guard: None,
+        }
+    }
+
+    fn mutex(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.mutex.clone().unwrap_or_default()
+    }
 }
 
 impl Drop for SessionLock {
