@@ -302,3 +302,52 @@ fn pipelined_kept_alive_requests_are_all_answered_in_order() {
     assert!(one < two && two < three, "{answers}");
     assert!(closed, "{answers}");
 }
+
+/// A chunked body left unread when its answer goes out (a refused key before any byte of it;
+/// a form that ended while the body went on) does not keep the connection: the answer says
+/// `Connection: close` and the daemon closes it, as for a body with a `Content-Length`.
+/// Unpatched, actix drained such a body with no timer, and a body that never ends held the
+/// connection for good (actix-http patch 8).
+#[test]
+fn a_chunked_body_left_unread_does_not_hold_the_connection() {
+    let daemon = start();
+    let (mut stream, address) = connect(&daemon);
+    let refused = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer not-a-key\r\n\
+Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(refused.as_bytes()).unwrap();
+    let (text, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(closed, "the connection stayed open after the answer: {text}");
+
+    // A whole form, then more chunks that never end.
+    let (mut stream, address) = connect(&daemon);
+    let form = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\
+Content-Type: text/plain\r\n\r\nhello\r\n--b--\r\n";
+    let head = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer demo-key\r\n\
+Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(format!("{:x}\r\n", form.len()).as_bytes())
+        .unwrap();
+    stream.write_all(form).unwrap();
+    stream.write_all(b"\r\n").unwrap();
+    // The rest trickles (a byte a chunk), never ending, for as long as the test reads.
+    let mut trickle = stream.try_clone().unwrap();
+    let trickling = std::thread::spawn(move || {
+        for _ in 0..40 {
+            if trickle.write_all(b"1\r\nx\r\n").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let (text, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    assert!(closed, "the connection stayed open after the answer: {text}");
+    trickling.join().unwrap();
+}

@@ -998,7 +998,12 @@ where
                                     let (sender, payload) = Payload::create(false);
                                     *req.payload() = crate::Payload::H1 { payload };
                                     *this.payload = Some(sender);
-                                    *this.payload_drainable = req.chunked().unwrap_or(false);
+                                    // upgate patch 8: a chunked body left unread when its
+                                    // answer goes out is never drained (upstream kept the
+                                    // connection to read it, with no timer: a body that never
+                                    // ends held the connection for good); the connection
+                                    // closes, as for a body with a Content-Length.
+                                    *this.payload_drainable = false;
                                 }
                             }
 
