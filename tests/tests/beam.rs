@@ -487,3 +487,62 @@ fn a_client_reaches_only_the_workspaces_the_provider_allows() {
         [Some("ws-42".to_owned()), Some("ws-settings".to_owned())]
     );
 }
+
+/// A multipart body by hand: a `threadId` and the file parts' `Content-Disposition`
+/// parameters as given (for `filename*`, which `Form` does not write).
+fn disposition_body(files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let mut body =
+        format!("--B\r\nContent-Disposition: form-data; name=\"threadId\"\r\n\r\n{THREAD}\r\n").into_bytes();
+    for (parameters, content) in files {
+        body.extend_from_slice(
+            format!("--B\r\nContent-Disposition: form-data; name=\"files\"; {parameters}\r\nContent-Type: text/plain\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--B--\r\n");
+    ("multipart/form-data; boundary=B".to_owned(), body)
+}
+
+/// RFC 5987 `filename*` in ISO-8859-1 is read (every recipient must); one that cannot be read
+/// refuses the request instead of taking the part for a text field and dropping its file.
+#[test]
+fn an_extended_filename_is_read_or_refused_never_dropped() {
+    let daemon = Daemon::start_with(config);
+    let (content_type, body) = disposition_body(&[
+        ("filename=\"a.txt\"", b"first"),
+        ("filename*=ISO-8859-1''caf%E9.txt", b"second"),
+        ("filename*=UTF-8''%E7%AC%AC%E4%B8%89.txt", b"third"),
+    ]);
+    let reply = send(
+        "POST",
+        &daemon.url(PATH),
+        &[KEY, WORKSPACE],
+        Some((&content_type, body)),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    let names: Vec<String> = reply
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["a.txt", "café.txt", "第三.txt"], "{}", reply.text);
+
+    for unreadable in ["filename*=Shift_JIS''x.txt", "filename*=UTF-8''caf%E9.txt"] {
+        let (content_type, body) =
+            disposition_body(&[("filename=\"a.txt\"", b"first"), (unreadable, b"second")]);
+        let before = count_uploads(&daemon);
+        let reply = send(
+            "POST",
+            &daemon.url(PATH),
+            &[KEY, WORKSPACE],
+            Some((&content_type, body)),
+        );
+        assert_eq!(reply.status, 400, "{unreadable}: {}", reply.text);
+        assert!(reply.text.contains("filename*"), "{}", reply.text);
+        assert_eq!(count_uploads(&daemon), before, "{unreadable}: a file was kept");
+    }
+}

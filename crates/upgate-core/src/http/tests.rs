@@ -197,6 +197,8 @@ enum Key {
     Own,
     /// The rate-limited tenant's key for this dialect.
     Slow,
+    /// The dialect's key header twice: the tenant's own key, then one no tenant has.
+    Twice,
 }
 
 /// Which file parts a request carries.
@@ -439,6 +441,9 @@ impl Dialect {
             Key::OtherDialect => request.insert_header((self.key)(&key_of(other))),
             Key::Own => request.insert_header((self.key)(&key_of(self.name))),
             Key::Slow => request.insert_header((self.key)(&slow_key_of(self.name))),
+            Key::Twice => request
+                .append_header((self.key)(&key_of(self.name)))
+                .append_header((self.key)("no-such-key")),
         };
         let hello: &[u8] = b"hello";
         let large = vec![b'a'; LIMIT + 1];
@@ -508,6 +513,13 @@ const REFUSALS: &[Refusal] = &[
     Refusal {
         what: "malformed key",
         key: Key::Malformed,
+        file: File::Fine,
+        status: StatusCode::UNAUTHORIZED,
+        body: |dialect| &dialect.malformed_key,
+    },
+    Refusal {
+        what: "the key header twice (the first one valid)",
+        key: Key::Twice,
         file: File::Fine,
         status: StatusCode::UNAUTHORIZED,
         body: |dialect| &dialect.malformed_key,

@@ -292,7 +292,7 @@ pub(crate) async fn receive_multipart(
     let mut non_file_bytes = 0usize;
     while let Some(field) = next_or_stall(&mut multipart, limits.idle_timeout).await? {
         let mut field = field.map_err(multipart_error)?;
-        let (name, filename) = part_names(&field);
+        let (name, filename) = part_names(&field)?;
         match filename {
             Some(filename) => {
                 file_parts += 1;
@@ -350,17 +350,39 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// The part's field name and, for file parts, its filename (RFC 5987 `filename*` first).
-fn part_names(field: &Field) -> (Option<String>, Option<String>) {
+/// The part's field name and, for file parts, its filename (RFC 5987 `filename*` first). A
+/// `filename*` that cannot be read refuses the request: the part is a file all the same, and
+/// taking it for a text field would drop the file without a word.
+fn part_names(field: &Field) -> Result<(Option<String>, Option<String>), ApiError> {
     let Some(disposition) = field.content_disposition() else {
-        return (None, None);
+        return Ok((None, None));
     };
     let name = disposition.get_name().map(str::to_owned);
-    let filename = disposition
-        .get_filename_ext()
-        .and_then(|ext| String::from_utf8(ext.value.clone()).ok())
-        .or_else(|| disposition.get_filename().map(str::to_owned));
-    (name, filename)
+    let filename = match disposition.get_filename_ext() {
+        Some(extended) => Some(decoded_filename(extended)?),
+        None => disposition.get_filename().map(str::to_owned),
+    };
+    Ok((name, filename))
+}
+
+/// An RFC 5987 `filename*` as text: UTF-8, or ISO-8859-1 and US-ASCII (which RFC 5987 says
+/// every recipient reads); any other charset, or bytes its charset does not allow, is refused.
+fn decoded_filename(extended: &actix_web::http::header::ExtendedValue) -> Result<String, ApiError> {
+    use actix_web::http::header::Charset;
+    let bytes = &extended.value;
+    let text = match &extended.charset {
+        Charset::Iso_8859_1 => Some(bytes.iter().copied().map(char::from).collect()),
+        Charset::Us_Ascii => bytes
+            .is_ascii()
+            .then(|| String::from_utf8_lossy(bytes).into_owned()),
+        Charset::Ext(label) if label.eq_ignore_ascii_case("utf-8") => String::from_utf8(bytes.clone()).ok(),
+        _ => {
+            return Err(ApiError::InvalidFilename(
+                "filename* must be UTF-8 or ISO-8859-1".into(),
+            ));
+        }
+    };
+    text.ok_or_else(|| ApiError::InvalidFilename("filename* is not valid in its charset".into()))
 }
 
 async fn receive_file(

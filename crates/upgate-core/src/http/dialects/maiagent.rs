@@ -13,7 +13,9 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, Routes, file_url, plain_message, seconds, upload_multipart};
+use super::{
+    Dialect, DialectName, Routes, file_url, plain_message, seconds, single_header, upload_multipart,
+};
 use crate::content;
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
@@ -74,10 +76,7 @@ impl Dialect for Maiagent {
     /// sends the bare key (`Authorization: KEY`), so a value without a scheme is taken as the
     /// key too; any other scheme is malformed.
     fn credentials(&self, request: &HttpRequest) -> Result<String, ApiError> {
-        let value = request
-            .headers()
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::MissingCredentials)?;
+        let value = single_header(request, AUTHORIZATION)?;
         let text = value.to_str().map_err(|_| ApiError::MalformedCredentials)?.trim();
         if text.is_empty() {
             return Err(ApiError::MissingCredentials);

@@ -182,9 +182,25 @@ pub(crate) fn methods_serving(path: &str) -> Vec<String> {
     methods.into_iter().cloned().collect()
 }
 
-/// The value of a key header (`X-api-key` and friends): present, non-empty, visible ASCII.
+/// The one value of a credential header: a request that sends it twice is refused
+/// (malformed), whichever copy holds a valid key; reading the first would let a proxy's and
+/// a client's copies disagree on who the request is.
+pub(crate) fn single_header<'r>(
+    request: &'r HttpRequest,
+    name: impl actix_web::http::header::AsHeaderName,
+) -> Result<&'r actix_web::http::header::HeaderValue, ApiError> {
+    let mut values = request.headers().get_all(name);
+    let value = values.next().ok_or(ApiError::MissingCredentials)?;
+    match values.next() {
+        None => Ok(value),
+        Some(_) => Err(ApiError::MalformedCredentials),
+    }
+}
+
+/// The value of a key header (`X-api-key` and friends): present once, non-empty, visible
+/// ASCII.
 pub(crate) fn header_key(request: &HttpRequest, name: &str) -> Result<String, ApiError> {
-    let value = request.headers().get(name).ok_or(ApiError::MissingCredentials)?;
+    let value = single_header(request, name)?;
     let text = value.to_str().map_err(|_| ApiError::MalformedCredentials)?.trim();
     if text.is_empty() {
         return Err(ApiError::MissingCredentials);
@@ -195,10 +211,7 @@ pub(crate) fn header_key(request: &HttpRequest, name: &str) -> Result<String, Ap
 /// The credential after `scheme` in `Authorization: <scheme> <key>` (scheme compared
 /// case-insensitively).
 pub(crate) fn authorization_key(request: &HttpRequest, scheme: &str) -> Result<String, ApiError> {
-    let value = request
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .ok_or(ApiError::MissingCredentials)?;
+    let value = single_header(request, actix_web::http::header::AUTHORIZATION)?;
     let text = value.to_str().map_err(|_| ApiError::MalformedCredentials)?.trim();
     let (given_scheme, key) = text.split_once(' ').ok_or(ApiError::MalformedCredentials)?;
     let key = key.trim();

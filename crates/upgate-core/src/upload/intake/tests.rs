@@ -41,3 +41,36 @@ fn extensions() {
     assert_eq!(extension_of(".env"), "");
     assert_eq!(extension_of("a."), "");
 }
+
+#[test]
+fn extended_filenames_in_the_charsets_rfc_5987_requires() {
+    use actix_web::http::header::{Charset, ExtendedValue};
+    let extended = |charset: Charset, value: &[u8]| ExtendedValue {
+        charset,
+        language_tag: None,
+        value: value.to_vec(),
+    };
+    let utf8 = || Charset::Ext("utf-8".into());
+    assert_eq!(
+        decoded_filename(&extended(utf8(), "第三.txt".as_bytes())).unwrap(),
+        "第三.txt"
+    );
+    assert_eq!(
+        decoded_filename(&extended(Charset::Iso_8859_1, b"caf\xe9.txt")).unwrap(),
+        "café.txt"
+    );
+    assert_eq!(
+        decoded_filename(&extended(Charset::Us_Ascii, b"a.txt")).unwrap(),
+        "a.txt"
+    );
+    for (charset, value) in [
+        (utf8(), &b"caf\xe9.txt"[..]),
+        (Charset::Us_Ascii, &b"caf\xe9.txt"[..]),
+        (Charset::Shift_Jis, &b"a.txt"[..]),
+    ] {
+        assert!(matches!(
+            decoded_filename(&extended(charset, value)),
+            Err(ApiError::InvalidFilename(_))
+        ));
+    }
+}
