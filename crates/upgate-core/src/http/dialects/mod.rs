@@ -185,10 +185,10 @@ pub(crate) fn methods_serving(path: &str) -> Vec<String> {
 /// The one value of a credential header: a request that sends it twice is refused
 /// (malformed), whichever copy holds a valid key; reading the first would let a proxy's and
 /// a client's copies disagree on who the request is.
-pub(crate) fn single_header<'r>(
-    request: &'r HttpRequest,
+pub(crate) fn single_header(
+    request: &HttpRequest,
     name: impl actix_web::http::header::AsHeaderName,
-) -> Result<&'r actix_web::http::header::HeaderValue, ApiError> {
+) -> Result<&actix_web::http::header::HeaderValue, ApiError> {
     let mut values = request.headers().get_all(name);
     let value = values.next().ok_or(ApiError::MissingCredentials)?;
     match values.next() {
