@@ -583,3 +583,74 @@ fn tls_to_postgresql_verifies_the_server_and_the_node_records_over_it() {
     );
     assert_ne!(tls_connections, "0");
 }
+
+/// A tus PATCH whose store goes away mid-body is 503; the lease its hold took in the store
+/// could not be released then, and is released once the store answers again, so the upload's
+/// next request on this same node is served at once, not refused (409) until the lease ran out.
+#[test]
+fn a_lease_left_by_a_store_outage_is_released_once_the_store_is_back() {
+    use std::io::Write;
+    let mut server = PostgresServer::start();
+    server.create_database("leases");
+    let daemon = node(&server, "leases", None);
+    let bearer = ("Authorization", "Bearer demo-key");
+    let created = send(
+        "POST",
+        &daemon.url("/files/"),
+        &[TUS, bearer, ("Upload-Length", "1000")],
+        None,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let path = created.header("location").unwrap().to_owned();
+    let address = daemon.base_url.trim_start_matches("http://").to_owned();
+    let mut patch = std::net::TcpStream::connect(&address).unwrap();
+    patch.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    patch
+        .write_all(
+            format!(
+                "PATCH {path} HTTP/1.1\r\nHost: {address}\r\nTus-Resumable: 1.0.0\r\nAuthorization: Bearer demo-key\r\n\
+Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    patch.write_all(&[b'a'; 500]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .psql("leases", "SELECT COUNT(*) FROM session_leases")
+            == "1"),
+        "the PATCH holds the upload's lease"
+    );
+    server.stop();
+    patch.write_all(&[b'b'; 500]).unwrap();
+    let (status, answer) = RawUpload::read_answer(&mut patch).unwrap();
+    assert_eq!(status, 503, "{answer}");
+    server.start_again();
+    // Served within a few seconds (a 409 with `Retry-After: 1` in the second before the lease
+    // is released), not refused until the lease this node's own PATCH left runs out (30 s).
+    let started = Instant::now();
+    let again = loop {
+        let reply = send(
+            "PATCH",
+            &daemon.url(&path),
+            &[TUS, bearer, ("Upload-Offset", "0")],
+            Some(("application/offset+octet-stream", vec![b'c'; 1000])),
+        );
+        if !matches!(reply.status, 409 | 503) || started.elapsed() > Duration::from_secs(20) {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        again.status,
+        204,
+        "after {:?}: {again:?}\n{}",
+        started.elapsed(),
+        daemon.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served after {:?}",
+        started.elapsed()
+    );
+}

@@ -122,15 +122,20 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
+    // The engines are asked at once, not one after another: a probe waits for the slowest
+    // check's bound (each store, limits and spool call has its own), not for their sum.
+    let spool = gateway.spool.clone();
+    let (store, limits, spool) = tokio::join!(
+        gateway.store.outbox_len(),
+        gateway.limiter.unready(),
+        tokio::task::spawn_blocking(move || spool.unready()),
+    );
     let mut problems = Vec::new();
-    if let Err(error) = gateway.store.outbox_len().await {
+    if let Err(error) = store {
         problems.push(format!("store: {error}"));
     }
-    if let Some(problem) = gateway.limiter.unready().await {
-        problems.push(problem);
-    }
-    let spool = gateway.spool.clone();
-    match tokio::task::spawn_blocking(move || spool.unready()).await {
+    problems.extend(limits);
+    match spool {
         Ok(None) => {}
         Ok(Some(problem)) => problems.push(problem),
         Err(_) => problems.push("spool: its check did not finish".to_owned()),

@@ -155,11 +155,37 @@ impl SessionHold {
         if let Some(mut lease) = self._lease.take() {
             lease.renewal.abort();
             let (id, holder) = (std::mem::take(&mut lease.id), std::mem::take(&mut lease.holder));
-            if let Err(error) = lease.store.release_session_lease(id.clone(), holder).await {
-                tracing::warn!(session_id = %id, %error, "cannot release a session's lease (it ends by itself)");
-            }
+            release_lease(lease.store.clone(), id, holder).await;
         }
     }
+}
+
+/// Releases a lease; when the store cannot be asked (down, restarting), asks again every
+/// second in the background until it answers or the lease has ended by itself. Otherwise
+/// a store that is back would refuse the session's next request (409) on every node,
+/// this one included, until the lease ran out.
+async fn release_lease(store: Arc<dyn Store>, id: String, holder: String) {
+    let Err(error) = store.release_session_lease(id.clone(), holder.clone()).await else {
+        return;
+    };
+    tracing::warn!(session_id = %id, %error, "cannot release a session's lease; trying again until the store answers");
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let given_up = tokio::time::Instant::now() + SESSION_LEASE;
+        while tokio::time::Instant::now() < given_up {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if store
+                .release_session_lease(id.clone(), holder.clone())
+                .await
+                .is_ok()
+            {
+                tracing::info!(session_id = %id, "a session's lease released once the store answered");
+                return;
+            }
+        }
+    });
 }
 
 /// Runs `work` holding session `id` ([`hold_session`]), and releases it before returning,
@@ -189,11 +215,7 @@ impl Drop for Lease {
             std::mem::take(&mut self.holder),
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = store.release_session_lease(id.clone(), holder).await {
-                    tracing::warn!(session_id = %id, %error, "cannot release a session's lease (it ends by itself)");
-                }
-            });
+            runtime.spawn(release_lease(store, id, holder));
         }
     }
 }

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::content::{self, SNIFF_LEN};
 use crate::error::ApiError;
 use crate::spool::{AppendFile, SpoolWriter};
-use crate::store::{Concat, SessionRecord, UploadRecord};
+use crate::store::{Concat, SessionRecord, StoreError, UploadRecord};
 use crate::vocab::{DialectName, now_ms};
 
 use super::admit::Admission;
@@ -406,18 +406,21 @@ impl Gateway {
                 return Err(error);
             }
             if let Err(error) = self.store.put_chunk(id.to_owned(), 0, new_offset).await {
-                // The upload expired and was swept while this request held it: gone (its
-                // files are removed by the next sweep), not an internal error.
-                return Err(
-                    match self
-                        .store
-                        .session_of(admission.tenant.name.clone(), id.to_owned())
-                        .await
-                    {
-                        Ok(None) => ApiError::SessionExpired,
-                        _ => error.into(),
-                    },
-                );
+                // The database refused it because the upload expired and was swept while this
+                // request held it: gone (its files go with the next sweep), not an internal
+                // error. (An unavailable store is asked nothing more: 503 at once.)
+                let swept = matches!(error, StoreError::Database(_))
+                    && matches!(
+                        self.store
+                            .session_of(admission.tenant.name.clone(), id.to_owned())
+                            .await,
+                        Ok(None)
+                    );
+                return Err(if swept {
+                    ApiError::SessionExpired
+                } else {
+                    error.into()
+                });
             }
             upload.chunks = vec![(0, new_offset)];
         }
