@@ -376,9 +376,9 @@ impl Gateway {
         admission: Admission,
         id: &str,
     ) -> Result<Vec<UploadRecord>, ApiError> {
-        // Another tenant's id, or none, is answered at once: never after waiting for the hold
-        // of a request on it (which would tell that the id exists).
-        self.open_session(&admission, id).await?;
+        if !is_uuid(id) {
+            return Err(ApiError::NotFound);
+        }
         self.check_disk_floor()?;
         // In a task of its own: a client that goes away cannot stop a completion between
         // the upload's record and the session's removal (a retried `complete` would make a
@@ -388,6 +388,7 @@ impl Gateway {
             holding(
                 &gateway.store,
                 &id,
+                async { gateway.open_session(&admission, &id).await.map(drop) },
                 gateway.complete_held_session(&admission, &id),
             )
             .await
@@ -584,7 +585,8 @@ impl ChunkCommit {
     async fn run(self) -> Result<(), ApiError> {
         let store = self.store.clone();
         let id = self.id.clone();
-        holding(&store, &id, self.run_held()).await
+        // The session was found the tenant's before its chunk was received.
+        holding(&store, &id, std::future::ready(Ok(())), self.run_held()).await
     }
 
     async fn run_held(self) -> Result<(), ApiError> {

@@ -36,37 +36,34 @@ pub(crate) struct SessionLock {
 /// Waits for the lock of session `id`.
 pub(crate) async fn lock_session(id: &str) -> SessionLock {
     // Registered before waiting, so a cancelled wait still cleans the registry up.
-    let mut lock = SessionLock::registered(id);
-    lock.guard = Some(lock.mutex().lock_owned().await);
+    let (mut lock, mutex) = SessionLock::registered(id);
+    lock.guard = Some(mutex.lock_owned().await);
     lock
 }
 
 /// The lock of session `id` if nobody holds it now; `None` without waiting when a request
 /// does (for the sweeps, which must never wait on a client).
 pub(crate) fn try_lock_session(id: &str) -> Option<SessionLock> {
-    let mut lock = SessionLock::registered(id);
-    lock.guard = Some(lock.mutex().try_lock_owned().ok()?);
+    let (mut lock, mutex) = SessionLock::registered(id);
+    lock.guard = Some(mutex.try_lock_owned().ok()?);
     Some(lock)
 }
 
 impl SessionLock {
-    /// Not held yet: the registry's lock of `id` (created if none), to take.
-    fn registered(id: &str) -> Self {
+    /// Not held yet: the registry's lock of `id` (created if none), and its mutex to take.
+    fn registered(id: &str) -> (Self, Arc<tokio::sync::Mutex<()>>) {
         let mutex = LOCKS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(id.to_owned())
             .or_default()
             .clone();
-        Self {
+        let lock = Self {
             id: id.to_owned(),
-            mutex: Some(mutex),
+            mutex: Some(mutex.clone()),
             guard: None,
-        }
-    }
-
-    fn mutex(&self) -> Arc<tokio::sync::Mutex<()>> {
-        self.mutex.clone().unwrap_or_default()
+        };
+        (lock, mutex)
     }
 }
 
@@ -99,9 +96,22 @@ struct Lease {
 }
 
 /// Waits for this process's lock of session `id`, then takes its lease in a shared store:
-/// [`ApiError::SessionBusy`] while another node's request holds it.
-pub(crate) async fn hold_session(store: &Arc<dyn Store>, id: &str) -> Result<SessionHold, ApiError> {
-    let lock = lock_session(id).await;
+/// [`ApiError::SessionBusy`] while another node's request holds it. When another request of
+/// this process holds the lock, `if_busy` runs first and its error is the answer: the
+/// caller's check that the id is the client's, so that a stranger is answered at once
+/// instead of after a wait that would tell the id exists.
+pub(crate) async fn hold_session(
+    store: &Arc<dyn Store>,
+    id: &str,
+    if_busy: impl Future<Output = Result<(), ApiError>>,
+) -> Result<SessionHold, ApiError> {
+    let lock = match try_lock_session(id) {
+        Some(lock) => lock,
+        None => {
+            if_busy.await?;
+            lock_session(id).await
+        }
+    };
     if !store.is_shared() {
         return Ok(SessionHold {
             _lock: lock,
@@ -188,14 +198,15 @@ async fn release_lease(store: Arc<dyn Store>, id: String, holder: String) {
     });
 }
 
-/// Runs `work` holding session `id` ([`hold_session`]), and releases it before returning,
-/// whatever `work` returned.
+/// Runs `work` holding session `id` ([`hold_session`], `if_busy` included), and releases it
+/// before returning, whatever `work` returned.
 pub(crate) async fn holding<T>(
     store: &Arc<dyn Store>,
     id: &str,
+    if_busy: impl Future<Output = Result<(), ApiError>>,
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
-    let hold = hold_session(store, id).await?;
+    let hold = hold_session(store, id, if_busy).await?;
     let result = work.await;
     hold.release().await;
     result

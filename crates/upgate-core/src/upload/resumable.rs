@@ -314,6 +314,12 @@ impl Gateway {
         Ok(upload)
     }
 
+    /// Whether `id` is the admitted tenant's resumable upload ([`Gateway::resumable`]'s
+    /// errors): asked before waiting for another request's hold on it.
+    async fn owned_resumable(&self, admission: &Admission, id: &str) -> Result<(), ApiError> {
+        self.resumable(admission, id).await.map(drop)
+    }
+
     /// Appends a request's body to upload `id` at `append.offset` (see the module docs).
     pub(crate) async fn append_resumable(
         &self,
@@ -323,10 +329,13 @@ impl Gateway {
         body: Payload,
     ) -> Result<Progress, ApiError> {
         self.check_disk_floor()?;
-        // Another tenant's id, or none, is answered at once: never after waiting for the
-        // hold of a request on it (which would tell that the id exists).
-        self.resumable(admission, id).await?;
-        holding(&self.store, id, self.append_held(admission, id, append, body)).await
+        holding(
+            &self.store,
+            id,
+            self.owned_resumable(admission, id),
+            self.append_held(admission, id, append, body),
+        )
+        .await
     }
 
     /// [`Gateway::append_resumable`], the upload held.
@@ -723,9 +732,7 @@ impl Gateway {
 
     /// Terminates upload `id`: its bytes and its row go (a record it completed stays).
     pub(crate) async fn terminate_resumable(&self, admission: &Admission, id: &str) -> Result<(), ApiError> {
-        // As for a PATCH: another tenant's id is answered without waiting for the hold.
-        self.resumable(admission, id).await?;
-        holding(&self.store, id, async {
+        holding(&self.store, id, self.owned_resumable(admission, id), async {
             self.resumable(admission, id).await?;
             self.store.delete_session(id.to_owned()).await?;
             self.remove_session_files(id).await;
