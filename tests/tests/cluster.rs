@@ -4,7 +4,7 @@
 //! SIGKILL; an async upload acknowledged by one node is delivered by another from the
 //! shared spool; the spool's objects go once their bytes are delivered; object storage
 //! stopped is a 503 with `Retry-After` in the client's dialect, and the node works again
-//! when it returns.
+//! when it returns; object storage that hangs does not hold a delete's answer.
 
 use std::path::Path;
 use std::time::Duration;
@@ -480,4 +480,72 @@ fn a_session_held_on_one_node_is_a_conflict_on_another_for_tus_and_kore() {
     let taken = kore_chunk(&b, &session, 0, b"hello");
     assert_eq!(taken.status, 200, "{}", taken.text);
     assert_eq!(cluster.objects(&format!("sessions/{session}/")).len(), 1);
+}
+
+#[test]
+fn deletes_are_answered_while_object_storage_hangs_and_its_objects_go_when_it_returns() {
+    let cluster = Cluster::start("hang");
+    let daemon = cluster.node();
+    // A delivered Kore XO upload, and a tus upload with bytes in the shared spool.
+    let form = Form::new()
+        .file("file", "kept.txt", "text/plain", b"delivered bytes")
+        .text("userReference", "ref-1")
+        .text("uploadType", "runtime");
+    let url = daemon.url("/api/v2/apps/app-1/environments/draft/attachments/upload");
+    let uploaded = post_form(&url, &[KORE], &form);
+    assert_eq!(uploaded.status, 200, "{}", uploaded.text);
+    let file_id = uploaded.json()["fileId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", uploaded.text))
+        .to_owned();
+    let created = send(
+        "POST",
+        &daemon.url("/files/"),
+        &[TUS, BEARER, ("Upload-Length", "100")],
+        None,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let location = created.header("location").unwrap().to_owned();
+    let tus_id = location.strip_prefix("/files/").unwrap().to_owned();
+    let patched = send(
+        "PATCH",
+        &daemon.url(&location),
+        &[TUS, BEARER, ("Upload-Offset", "0")],
+        Some(("application/offset+octet-stream", text_of(40, 1))),
+    );
+    assert_eq!(patched.status, 204, "{patched:?}");
+    assert!(!cluster.objects(&format!("sessions/{tus_id}/")).is_empty());
+
+    // Object storage stops answering (connections open, nothing said): the deletes are
+    // still answered soon, not after the spool's timeouts and retries (16 s each).
+    cluster.s3.freeze();
+    let started = std::time::Instant::now();
+    let deleted = send(
+        "DELETE",
+        &daemon.url(&format!(
+            "/api/v2/apps/app-1/environments/draft/attachments/{file_id}"
+        )),
+        &[KORE],
+        Some(("application/json", br#"{"sessionId":"s-1"}"#.to_vec())),
+    );
+    let terminated = send("DELETE", &daemon.url(&location), &[TUS, BEARER], None);
+    let waited = started.elapsed();
+    cluster.s3.thaw();
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    assert_eq!(terminated.status, 204, "{terminated:?}");
+    assert!(waited < Duration::from_secs(10), "both answered in {waited:?}");
+    assert!(!cluster.files.path().join(&file_id).exists());
+    assert_eq!(
+        cluster.psql(&format!("SELECT COUNT(*) FROM sessions WHERE id = '{tus_id}'")),
+        "0"
+    );
+    // The removal went on in the background and finishes once the storage answers.
+    assert!(
+        eventually(Duration::from_secs(40), || cluster
+            .objects(&format!("sessions/{tus_id}/"))
+            .is_empty()),
+        "the tus upload's objects go"
+    );
+    let reply = dify_upload(&daemon, "after.txt", b"works again");
+    assert_eq!(reply.status, 201, "{}", reply.text);
 }

@@ -94,6 +94,16 @@ pub(crate) fn is_uuid(text: &str) -> bool {
     text.len() == 36 && uuid::Uuid::parse_str(text).is_ok_and(|uuid| uuid.hyphenated().to_string() == text)
 }
 
+/// A character that changes how the text around it is displayed without being seen itself:
+/// a C0/C1 control, or a Unicode bidirectional control (U+061C, U+200E, U+200F,
+/// U+202A..=U+202E, U+2066..=U+2069). In a filename such a character disguises the
+/// extension (`invoice` U+202E `fdp.exe` shows as `invoiceexe.pdf`); in a log line it
+/// reorders or forges what an operator reads.
+pub(crate) fn is_unseen_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -105,6 +115,18 @@ pub(crate) fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unseen_controls_are_controls_and_bidi_overrides_only() {
+        for c in [
+            '\n', '\0', '\u{1b}', '\u{85}', '\u{202e}', '\u{2066}', '\u{200f}', '\u{61c}',
+        ] {
+            assert!(is_unseen_control(c), "{c:?}");
+        }
+        for c in ['a', ' ', '\u{e9}', '\u{7522}', '\u{200d}', '\u{5d0}'] {
+            assert!(!is_unseen_control(c), "{c:?}");
+        }
+    }
 
     #[test]
     fn ids_follow_each_vendor_format() {

@@ -6,8 +6,9 @@
 //! default writer styles every name and `=` through its ANSI painter even with colours off,
 //! which was the larger part of the request log's cost per small upload. Values are written
 //! as before: strings quoted and escaped (`Debug`), `%` values as their `Display`, numbers
-//! and booleans bare, the message unquoted with its control characters escaped (nothing
-//! from a client can start a line of its own or a terminal sequence).
+//! and booleans bare, the message unquoted with its control and bidirectional-override
+//! characters escaped (nothing from a client can start a line of its own, a terminal
+//! sequence, or reorder what the line shows).
 
 use std::fmt;
 
@@ -17,6 +18,7 @@ use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::Writer;
 
 use crate::config::LogFormat;
+use crate::vocab::is_unseen_control;
 
 /// Starts the log in `format` (once per process; later calls keep the first).
 pub(super) fn init(format: LogFormat) {
@@ -71,9 +73,11 @@ impl PlainVisitor<'_> {
     }
 
     fn write_message(&mut self, text: &str) {
-        for piece in text.split_inclusive(char::is_control) {
+        for piece in text.split_inclusive(is_unseen_control) {
             let (plain, control) = match piece.chars().last() {
-                Some(last) if last.is_control() => (&piece[..piece.len() - last.len_utf8()], Some(last)),
+                Some(last) if is_unseen_control(last) => {
+                    (&piece[..piece.len() - last.len_utf8()], Some(last))
+                }
                 _ => (piece, None),
             };
             self.result = self.result.and_then(|()| self.writer.write_str(plain));
@@ -228,9 +232,10 @@ mod tests {
             let name = "evil\nINFO forged\u{1b}[31m";
             tracing::info!(filename = name, "got {name}");
             tracing::info!("{}", name);
+            tracing::info!(filename = "a\u{202e}fdp.exe", "got a\u{202e}fdp.exe");
         });
-        assert_eq!(line.lines().count(), 2, "{line}");
-        assert!(!line.contains('\u{1b}'), "{line}");
+        assert_eq!(line.lines().count(), 3, "{line}");
+        assert!(!line.contains('\u{1b}') && !line.contains('\u{202e}'), "{line}");
         assert!(
             line.contains("filename=\"evil\\nINFO forged\\u{1b}[31m\""),
             "{line}"

@@ -350,11 +350,7 @@ async fn finish_delivered(provider: &Provider, record: &UploadRecord, path: &Pat
 /// shared spool's object); a failure is logged (the starting node's orphan sweep retries).
 pub(crate) async fn remove_persisted(gateway: &Gateway, id: &str) {
     let (spool, owned) = (gateway.spool.clone(), id.to_owned());
-    match tokio::task::spawn_blocking(move || spool.remove(&owned)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(upload_id = %id, %error, "cannot remove the spooled bytes"),
-        Err(error) => tracing::warn!(upload_id = %id, %error, "cannot remove the spooled bytes"),
-    }
+    gateway.remove_spooled(id, move || spool.remove(&owned)).await;
 }
 
 /// Asks the provider to delete an upload upstream. "Not found" upstream counts as deleted.

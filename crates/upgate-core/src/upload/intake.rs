@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use crate::config::Delivery;
 use crate::plugins::Provider;
 use crate::spool::{FileDigest, IntakeBudget, Spool, SpoolWriter, SpooledFile};
-use crate::vocab::DialectName;
+use crate::vocab::{DialectName, is_unseen_control};
 
 use super::admit::Admission;
 use super::pass_through::PassThrough;
@@ -54,9 +54,9 @@ pub(crate) fn validate_filename(name: &str) -> Result<(), ApiError> {
     if name.contains(['/', '\\']) {
         return Err(slash_in_filename());
     }
-    if name.chars().any(char::is_control) {
+    if name.chars().any(is_unseen_control) {
         return Err(ApiError::InvalidFilename(
-            "the filename may not contain control characters".into(),
+            "the filename may not contain control or bidirectional-override characters".into(),
         ));
     }
     if name == "." || name == ".." {

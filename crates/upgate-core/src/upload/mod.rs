@@ -34,6 +34,10 @@ use crate::policy::Policy;
 use crate::spool::{IntakeBudget, Spool};
 use crate::store::Store;
 
+/// How long a request waits for the spool to remove bytes before it answers anyway
+/// ([`Gateway::remove_spooled`]).
+const REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Metadata a dialect passes along with its files (string values).
 pub(crate) type Metadata = serde_json::Map<String, serde_json::Value>;
 
@@ -112,9 +116,35 @@ impl Gateway {
     /// and forgets its running hash; its row is the caller's.
     pub(crate) async fn remove_session_files(&self, id: &str) {
         running_hash::RunningHash::forget(id);
-        let spool = self.spool.clone();
-        let id = id.to_owned();
-        let _ = tokio::task::spawn_blocking(move || spool.remove_session(&id)).await;
+        let (spool, session) = (self.spool.clone(), id.to_owned());
+        self.remove_spooled(id, move || {
+            spool.remove_session(&session);
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Removes bytes nobody needs any more (`removal`, blocking) and waits for it at most
+    /// [`REMOVAL_WAIT`]: a shared spool that stopped answering must not hold a client's
+    /// answer for the length of its own timeouts. A removal still running then finishes on
+    /// its own; a failure is logged, and the orphan sweeps remove what it left.
+    pub(crate) async fn remove_spooled(
+        &self,
+        id: &str,
+        removal: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) {
+        let upload_id = id.to_owned();
+        let removing = tokio::spawn(async move {
+            let error = match tokio::task::spawn_blocking(removal).await {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => error.to_string(),
+                Err(error) => error.to_string(),
+            };
+            tracing::warn!(%upload_id, %error, "cannot remove the spooled bytes");
+        });
+        if tokio::time::timeout(REMOVAL_WAIT, removing).await.is_err() {
+            tracing::warn!(upload_id = %id, "the spool is slow to remove the spooled bytes: answering, still removing");
+        }
     }
 
     /// Whether uploads are refused for lack of disk space.

@@ -94,16 +94,20 @@ fn check_version(request: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
+/// A tus header's one value, trimmed. Sent twice it is malformed: which copy counts would
+/// depend on who reads it (a proxy in front may read the other one).
 fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
-    headers
-        .get(name)
-        .map(|value| {
-            value
-                .to_str()
-                .map(str::trim)
-                .map_err(|_| ApiError::Malformed(format!("{name} is not visible ASCII")))
-        })
-        .transpose()
+    let mut values = headers.get_all(name);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::Malformed(format!("{name} is given twice")));
+    }
+    value
+        .to_str()
+        .map(|text| Some(text.trim()))
+        .map_err(|_| ApiError::Malformed(format!("{name} is not visible ASCII")))
 }
 
 /// A non-negative integer header (`Upload-Length`, `Upload-Offset`).
@@ -551,7 +555,7 @@ mod tests {
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut request = TestRequest::default();
         for (name, value) in pairs {
-            request = request.insert_header((*name, *value));
+            request = request.append_header((*name, *value));
         }
         request.to_http_request().headers().clone()
     }
@@ -593,6 +597,11 @@ mod tests {
         );
         assert!(number_header(&headers(&[("upload-offset", "-1")]), "upload-offset").is_err());
         assert!(number_header(&headers(&[("upload-offset", "+1")]), "upload-offset").is_err());
+        // Twice, even with the same value: which copy counts is not for a reader to pick.
+        let twice = headers(&[("upload-offset", "0"), ("upload-offset", "0")]);
+        assert!(number_header(&twice, "upload-offset").is_err());
+        let twice = headers(&[("upload-metadata", "a YQ=="), ("upload-metadata", "b YQ==")]);
+        assert!(parse_metadata(&twice).is_err());
     }
 
     #[test]

@@ -23,6 +23,11 @@ fn filenames() {
         validate_filename("line\nbreak.txt"),
         Err(ApiError::InvalidFilename(_))
     ));
+    // Shown as `invoiceexe.pdf`, an executable's name.
+    assert!(matches!(
+        validate_filename("invoice\u{202e}fdp.exe"),
+        Err(ApiError::InvalidFilename(_))
+    ));
     assert!(matches!(
         validate_filename(".."),
         Err(ApiError::InvalidFilename(_))
