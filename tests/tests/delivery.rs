@@ -341,3 +341,81 @@ fn sigterm_does_not_wait_for_a_delivery_hanging_upstream() {
     assert_eq!(row(&daemon).0, "received", "still in the outbox");
     mock.hang(Duration::ZERO);
 }
+
+/// The upstream took the request and stored the file, then its answer broke off: the
+/// outcome is unknown, and a retry would store a second copy at a vendor that cannot delete.
+#[test]
+fn a_success_whose_answer_breaks_off_is_not_sent_again() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.break_next_answers(5);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    let reply = upload(&daemon, "a.txt", b"stored once");
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert_eq!(reply.json()["code"], "provider_error");
+    assert_eq!(mock.received().len(), 1, "sent once: {:?}", mock.received());
+    assert_eq!(mock.stored().len(), 1);
+    let (state, attempts, _) = row(&daemon);
+    assert_eq!((state.as_str(), attempts), ("failed", 1));
+    assert!(daemon.log().contains("broke off"), "{}", daemon.log());
+}
+
+/// A plugin `timeout` longer than the provider's is cut to it: the call ends when the host
+/// stops waiting, and the delivery slot it held is free for the next upload at once.
+#[test]
+fn a_plugin_timeout_above_the_providers_ends_with_the_hosts_wait() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    mock.hang(Duration::from_secs(30));
+    let daemon = Daemon::start_with(|dir| {
+        forwarding_config(dir, &mock.base_url(), "    timeout: 2s\n", "      timeout: 60s\n").replacen(
+            "server:\n",
+            "server:\n  forward_concurrency: 1\n",
+            1,
+        )
+    });
+    let reply = upload(&daemon, "a.txt", b"slow");
+    assert_eq!(reply.status, 504, "{}", reply.text);
+    mock.hang(Duration::ZERO);
+    let started = std::time::Instant::now();
+    let reply = upload(&daemon, "b.txt", b"next");
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// What an upstream answers as the file's id and URL is stored, shown to the operator and
+/// put in the client's answer: an id that is not a plain one fails the delivery (not
+/// retried), a URL that is not one is dropped.
+#[test]
+fn an_upstream_id_that_is_not_plain_fails_and_a_url_that_is_not_one_is_dropped() {
+    let mock = MockUpstream::start(Vendor::Dify, UPSTREAM_KEY);
+    let daemon = Daemon::start_with(|dir| forwarding_config(dir, &mock.base_url(), "", ""));
+    mock.replace_next_answer(201, br#"{"id":"a/../b\u001b[2J\nforged","name":"a.txt"}"#);
+    let reply = upload(&daemon, "a.txt", b"odd id");
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert_eq!(mock.received().len(), 1);
+    let stored: Option<String> = daemon
+        .db()
+        .query_row("SELECT remote_id FROM uploads", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(stored, None);
+
+    mock.replace_next_answer(
+        201,
+        br#"{"id":"f-1","name":"b.txt","source_url":"javascript:alert(1)//\u202e"}"#,
+    );
+    let reply = upload(&daemon, "b.txt", b"odd url");
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    assert!(!reply.text.contains("javascript"), "{}", reply.text);
+    let url: Option<String> = daemon
+        .db()
+        .query_row(
+            "SELECT remote_url FROM uploads WHERE remote_id = 'f-1'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(url, None);
+}

@@ -99,7 +99,7 @@ pub(crate) fn is_uuid(text: &str) -> bool {
 /// U+202A..=U+202E, U+2066..=U+2069). In a filename such a character disguises the
 /// extension (`invoice` U+202E `fdp.exe` shows as `invoiceexe.pdf`); in a log line it
 /// reorders or forges what an operator reads.
-pub(crate) fn is_unseen_control(c: char) -> bool {
+pub fn is_unseen_control(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }

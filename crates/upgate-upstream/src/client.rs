@@ -2,6 +2,7 @@
 
 use std::io::{self, Read};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use serde_json::Value;
 use upgate_plugin_api::{ErrorKind, PluginError};
@@ -14,8 +15,10 @@ use crate::response::{Reply, classify, sanitize};
 use crate::settings::UpstreamSettings;
 use crate::{Content, upload_form};
 
-/// Largest success body read (vendors answer with small JSON documents).
-const MAX_REPLY_BYTES: u64 = 1 << 20;
+/// Largest success body read. Vendors answer with small JSON documents (well under 4 KiB);
+/// parsed, a dense one costs about 16 times its size, and up to `forward_concurrency` are
+/// parsed at once.
+const MAX_REPLY_BYTES: u64 = 64 << 10;
 /// Largest error body read for its reason.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
 
@@ -135,15 +138,19 @@ impl Upstream {
         Ok(())
     }
 
-    /// `POST path` with a multipart body.
+    /// `POST path` with a multipart body. `left`, here and below: the time the host has
+    /// left for the whole call ([`upgate_plugin_api::PutRequest::time_left`]); a request
+    /// gets the smaller of it and the `timeout` setting, so that no request outlives the
+    /// host's wait while holding one of its delivery slots.
     pub fn post_multipart(
         &self,
         what: &str,
         path: &str,
         headers: &[(&str, &str)],
         form: Multipart,
+        left: Option<Duration>,
     ) -> Result<Reply, PluginError> {
-        self.call(what, Method::POST, path, headers, OutBody::Multipart(form))
+        self.call(what, Method::POST, path, headers, OutBody::Multipart(form), left)
     }
 
     /// `POST path` with the upload as the multipart file part `file_field` and the text
@@ -166,7 +173,7 @@ impl Upstream {
                     .fold(upload_form(request, file_field)?, |form, (name, value)| {
                         form.text(name, value)
                     });
-                self.post_multipart(what, path, headers, form)
+                self.post_multipart(what, path, headers, form, request.time_left())
             }
             Content::Arriving(request, body) => {
                 let mut form = StreamedMultipart::new(
@@ -176,7 +183,14 @@ impl Upstream {
                     body,
                     Box::new(fields),
                 );
-                let sent = self.call(what, Method::POST, path, headers, OutBody::Streamed(&mut form));
+                let sent = self.call(
+                    what,
+                    Method::POST,
+                    path,
+                    headers,
+                    OutBody::Streamed(&mut form),
+                    None,
+                );
                 match form.failure() {
                     Some(failure) => Err(failure),
                     None => sent,
@@ -192,6 +206,7 @@ impl Upstream {
         path: &str,
         headers: &[(&str, &str)],
         body: &Value,
+        left: Option<Duration>,
     ) -> Result<Reply, PluginError> {
         let bytes = serde_json::to_vec(body).map_err(|error| self.internal(what, error))?;
         self.call(
@@ -200,17 +215,37 @@ impl Upstream {
             path,
             headers,
             OutBody::Bytes(bytes, "application/json"),
+            left,
         )
     }
 
     /// `POST path` with an empty body (`Content-Length: 0`).
-    pub fn post_empty(&self, what: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply, PluginError> {
-        self.call(what, Method::POST, path, headers, OutBody::Bytes(Vec::new(), ""))
+    pub fn post_empty(
+        &self,
+        what: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        left: Option<Duration>,
+    ) -> Result<Reply, PluginError> {
+        self.call(
+            what,
+            Method::POST,
+            path,
+            headers,
+            OutBody::Bytes(Vec::new(), ""),
+            left,
+        )
     }
 
-    /// `DELETE path` without a body.
-    pub fn delete(&self, what: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply, PluginError> {
-        self.call(what, Method::DELETE, path, headers, OutBody::None)
+    /// `DELETE path` without a body. Its answer's body is not read: any 2xx is done.
+    pub fn delete(&self, what: &str, path: &str, headers: &[(&str, &str)]) -> Result<(), PluginError> {
+        self.call(what, Method::DELETE, path, headers, OutBody::None, None)
+            .map(drop)
+            .or_else(|error| match error.status {
+                // A 2xx whose body is not JSON: deleted all the same.
+                Some(200..=299) => Ok(()),
+                _ => Err(error),
+            })
     }
 
     fn context(&self, what: &str) -> String {
@@ -228,7 +263,9 @@ impl Upstream {
         path: &str,
         headers: &[(&str, &str)],
         body: OutBody,
+        left: Option<Duration>,
     ) -> Result<Reply, PluginError> {
+        let timeout = left.map_or(self.settings.timeout, |left| left.min(self.settings.timeout));
         let mut builder = Request::builder()
             .method(method)
             .uri(self.settings.url(path))
@@ -281,6 +318,11 @@ impl Upstream {
         let request = builder
             .body(send_body)
             .map_err(|error| self.internal(what, error))?;
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(timeout))
+            .build();
         let response = self.agent.run(request).map_err(|error| {
             if let Some(local) = failure.as_ref().and_then(|slot| slot.get()) {
                 return self.internal(what, local);
@@ -312,7 +354,20 @@ impl Upstream {
             Ok(_) => {}
             // An error answer whose body breaks off still has its status.
             Err(_) if !(200..300).contains(&status) => {}
-            Err(error) => return Err(self.io_error(what, error)),
+            // A success whose body breaks off or stalls: the upstream has taken the request,
+            // maybe stored the file. Not worth a retry (`Internal`), which would store it
+            // again at a vendor that cannot delete.
+            Err(error) => {
+                let cause = sanitize(&ureq::Error::from(error).to_string(), 200);
+                let mut error = self.internal(
+                    what,
+                    format!(
+                        "HTTP {status} answer broke off ({cause}); not tried again: the upstream may hold it"
+                    ),
+                );
+                error.status = Some(status);
+                return Err(error);
+            }
         }
         bytes.truncate(limit as usize);
         classify(
@@ -338,6 +393,15 @@ impl Upstream {
             ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::BodyExceedsLimit(_) => {
                 self.internal(what, sanitize(&error.to_string(), 200))
             }
+            // The upstream answered, but not in HTTP that can be read: it has had the request
+            // (maybe stored the file), so this is not worth a retry either.
+            ureq::Error::Protocol(_) | ureq::Error::LargeResponseHeader(..) => self.internal(
+                what,
+                format!(
+                    "a malformed answer ({}); not tried again: the upstream may hold it",
+                    sanitize(&error.to_string(), 200)
+                ),
+            ),
             other => PluginError::new(
                 ErrorKind::Unavailable,
                 format!("{context}: {}", sanitize(&other.to_string(), 200)),

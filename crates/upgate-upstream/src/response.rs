@@ -31,7 +31,8 @@ impl Reply {
     /// The [`PutResult`] of a vendor's file record: the record is the answer itself
     /// (`record` = `""`) or a part of it (a JSON pointer, e.g. `/0` for the first element of
     /// an array); its `id_key` is the remote id, the first of `url_keys` present the URL, and
-    /// the whole answer is kept as `raw`.
+    /// the record is kept as `raw` (the host checks the id and the URL, and keeps neither
+    /// `raw` nor an id that is not a plain one).
     pub fn into_put_result(
         self,
         record: &str,
@@ -52,7 +53,7 @@ impl Reply {
         Ok(PutResult {
             remote_id,
             url,
-            raw: self.body,
+            raw: found.clone(),
             consumed_file: false,
         })
     }
@@ -116,7 +117,9 @@ fn extract_reason_without(body: &[u8], secret: &str) -> Option<String> {
         Ok(value) => reason_in(&value),
         Err(_) => std::str::from_utf8(body).ok().map(str::to_owned),
     }?;
-    let reason = sanitize(&redact(reason, secret), MAX_REASON_CHARS);
+    // Cleaned before the secret is looked for: a secret echoed with a control character
+    // inside would otherwise pass the redaction and be made whole by the cleaning.
+    let reason = sanitize(&redact(sanitize(&reason, usize::MAX), secret), MAX_REASON_CHARS);
     (!reason.is_empty()).then_some(reason)
 }
 
@@ -244,6 +247,11 @@ mod tests {
         );
         let gateway = classify("vendor put", 502, Some("9"), b"{}", secret).unwrap_err();
         assert_eq!(gateway.retry_after_secs, Some(9));
+        // Echoed with a control character inside: the cleaning must not make it whole.
+        let body = r#"{"message": "bad key sk-0123\u0000456789abcdef"}"#;
+        let error = classify("vendor put", 400, None, body.as_bytes(), secret).unwrap_err();
+        assert!(!error.message.contains("sk-0123456789"), "{}", error.message);
+        assert!(error.message.contains("[redacted]"), "{}", error.message);
     }
 
     fn reason(body: &str) -> Option<String> {

@@ -76,7 +76,7 @@ fn upstream(base_url: &str, ca_file: Option<PathBuf>) -> Upstream {
 fn a_private_ca_in_ca_file_is_trusted_and_nothing_else_is() {
     let (base_url, heads) = tls_upstream(2);
     let trusting = upstream(&base_url, Some(fixtures().join("ca.pem")));
-    let reply = trusting.post_empty("probe", "/files/upload", &[]).unwrap();
+    let reply = trusting.post_empty("probe", "/files/upload", &[], None).unwrap();
     assert_eq!(reply.status, 200);
     let head = heads.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     assert!(head.starts_with("POST /files/upload HTTP/1.1"), "{head}");
@@ -87,7 +87,9 @@ fn a_private_ca_in_ca_file_is_trusted_and_nothing_else_is() {
     );
 
     let untrusting = upstream(&base_url, None);
-    let error = untrusting.post_empty("probe", "/files/upload", &[]).unwrap_err();
+    let error = untrusting
+        .post_empty("probe", "/files/upload", &[], None)
+        .unwrap_err();
     assert_eq!(error.kind, ErrorKind::Unavailable, "{error}");
     assert!(error.message.to_lowercase().contains("certificate"), "{error}");
     assert!(!error.message.contains("tls-key"), "{error}");

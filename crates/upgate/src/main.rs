@@ -269,8 +269,8 @@ fn print_uploads(records: &[UploadRecord], json: bool) {
             record.size,
             record.attempts,
             time_text(record.created_at_ms),
-            record.filename,
-            record.last_error.as_deref().unwrap_or("")
+            shown(&record.filename),
+            shown(record.last_error.as_deref().unwrap_or(""))
         );
     }
 }
@@ -299,10 +299,26 @@ fn print_upload(record: &UploadRecord, spooled: Option<&str>) {
         ),
     ];
     for (name, value) in rows {
-        println!("{name:<11} {value}");
+        println!("{name:<11} {}", shown(&value));
     }
     println!("{:<11} {}", "created", time_text(record.created_at_ms));
     println!("{:<11} {}", "updated", time_text(record.updated_at_ms));
+}
+
+/// A stored text as a terminal line may show it: control characters and bidirectional
+/// overrides escaped (`\u{1b}`), so that a value a client or an upstream chose (a
+/// filename, an error's text) can neither move the cursor, retitle the terminal, break the
+/// line nor reorder it.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if upgate_core::is_unseen_control(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn report(outcome: Result<(), ServeError>) -> u8 {
@@ -355,4 +371,16 @@ fn list_plugins(config_path: &Path) -> u8 {
         }
     }
     if broken > 0 { 1 } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stored_texts_are_shown_with_their_controls_escaped() {
+        assert_eq!(super::shown("a.pdf"), "a.pdf");
+        assert_eq!(
+            super::shown("x\u{1b}]0;t\u{7}\ny\u{202e}fdp.exe"),
+            "x\\u{1b}]0;t\\u{7}\\u{a}y\\u{202e}fdp.exe"
+        );
+    }
 }

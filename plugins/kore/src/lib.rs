@@ -126,9 +126,13 @@ impl Kore {
             "fileName": request.filename,
             "fileSize": whole.len,
         });
-        let started =
-            self.upstream
-                .post_json("session start", "/api/public/files/session/start", &[], &start)?;
+        let started = self.upstream.post_json(
+            "session start",
+            "/api/public/files/session/start",
+            &[],
+            &start,
+            request.time_left(),
+        )?;
         let session_id = started.require_str("sessionId")?;
         if !is_path_segment(session_id) {
             return Err(started.unexpected("`sessionId` is not a plain id"));
@@ -145,7 +149,7 @@ impl Kore {
                 &request.mime_type,
                 FileRange::range(&whole.path, offset, len),
             );
-            let reply = self.send_chunk(number, &session_path, form)?;
+            let reply = self.send_chunk(number, &session_path, form, request)?;
             let echoed_number = match reply.body.get("chunkNumber") {
                 Some(Value::Number(n)) => n.as_u64(),
                 Some(Value::String(n)) => n.parse().ok(),
@@ -161,19 +165,30 @@ impl Kore {
         // when the host could stop waiting before its answer.
         within_deadline(request, "complete", COMPLETE_MARGIN)?;
         self.upstream
-            .post_empty("session complete", &format!("{session_path}/complete"), &[])
+            .post_empty(
+                "session complete",
+                &format!("{session_path}/complete"),
+                &[],
+                request.time_left(),
+            )
             .map_err(session_gone)
     }
 
     /// Sends one chunk, again after a failure worth retrying (a chunk may be re-sent: the
     /// last copy wins), so that one refused request does not start the whole file over.
-    fn send_chunk(&self, number: u64, session_path: &str, form: Multipart) -> Result<Reply, PluginError> {
+    fn send_chunk(
+        &self,
+        number: u64,
+        session_path: &str,
+        form: Multipart,
+        request: &PutRequest,
+    ) -> Result<Reply, PluginError> {
         let what = format!("chunk {number}");
         let mut attempt = 1;
         loop {
             match self
                 .upstream
-                .post_multipart(&what, session_path, &[], form.clone())
+                .post_multipart(&what, session_path, &[], form.clone(), request.time_left())
             {
                 Err(error) if attempt < CHUNK_ATTEMPTS && retryable(&error) => {
                     let wait = error

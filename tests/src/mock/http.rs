@@ -326,6 +326,15 @@ pub(crate) fn write_answer(out: &mut impl Write, answer: &Answer, close: bool) -
     out.flush()
 }
 
+/// The head of `answer` and the first half of its body, then nothing: the caller closes.
+pub(crate) fn write_broken_answer(out: &mut impl Write, answer: &Answer) -> io::Result<()> {
+    let mut whole = Vec::new();
+    write_answer(&mut whole, answer, true)?;
+    let cut = whole.len() - answer.body.len().div_ceil(2);
+    out.write_all(&whole[..cut])?;
+    out.flush()
+}
+
 pub(crate) fn write_continue(out: &mut impl Write) -> io::Result<()> {
     out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     out.flush()

@@ -178,6 +178,10 @@ struct Faults {
     rate_limit: usize,
     retry_after_secs: u64,
     hang: Duration,
+    /// Requests acted on whose answer then breaks off after its head.
+    broken_answers: usize,
+    /// An answer (status, raw body) given to the next request after acting on it.
+    replaced: Option<(u16, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -370,6 +374,18 @@ impl MockUpstream {
     /// until set back to zero.
     pub fn hang(&self, delay: Duration) {
         self.shared.state().faults.hang = delay;
+    }
+
+    /// Acts on the next `n` requests (a file is stored), then sends the head of their
+    /// answer and half its body, and closes the connection: the answer breaks off.
+    pub fn break_next_answers(&self, n: usize) {
+        self.shared.state().faults.broken_answers = n;
+    }
+
+    /// Acts on the next request, then answers it with `status` and `body` as they are
+    /// (JSON or not) instead of the vendor's answer.
+    pub fn replace_next_answer(&self, status: u16, body: &[u8]) {
+        self.shared.state().faults.replaced = Some((status, body.to_vec()));
     }
 
     /// Resets (RST) the connection of the next `n` requests after reading their heads,
@@ -602,15 +618,29 @@ fn serve_request(
         content,
         chunk: None,
     };
-    let answer = match fault_answer(shared) {
+    let mut answer = match fault_answer(shared) {
         Some(answer) => answer,
         None => vendors::handle(shared, &mut incoming),
     };
+    let (broken, replaced) = {
+        let mut state = shared.state();
+        let broken = state.faults.broken_answers > 0;
+        state.faults.broken_answers = state.faults.broken_answers.saturating_sub(1);
+        (broken, state.faults.replaced.take())
+    };
+    if let Some((status, body)) = replaced {
+        answer.status = status;
+        answer.body = body;
+    }
     let files = incoming.take_files();
     shared.record(received_of(&incoming, &files, body_bytes, answer.status));
     drop(files);
     if !hang.is_zero() {
         std::thread::sleep(hang);
+    }
+    if broken {
+        let _ = http::write_broken_answer(writer, &answer);
+        return false;
     }
     let close = !keep_alive || !finished || malformed;
     http::write_answer(writer, &answer, close).is_ok() && !close

@@ -129,7 +129,7 @@ impl Provider {
     /// Stores one upload upstream. Blocking: call from a blocking thread.
     pub fn put(&self, request: &PutRequest) -> Result<PutResult, PluginError> {
         self.call(Call::Put, &serde_json::to_vec(request).unwrap_or_default())
-            .and_then(|bytes| decode(&bytes))
+            .and_then(|bytes| decode_put(&bytes))
     }
 
     /// Stores one upload upstream while it arrives, reading it from `body`. Blocking (the
@@ -142,7 +142,7 @@ impl Provider {
         let (status, bytes) = self
             .instance
             .put_stream(&serde_json::to_vec(request).unwrap_or_default(), body);
-        answer(status, bytes).and_then(|bytes| decode(&bytes))
+        answer(status, bytes).and_then(|bytes| decode_put(&bytes))
     }
 
     /// Deletes one upload upstream. Blocking.
@@ -177,6 +177,53 @@ fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
         error.kind = ErrorKind::Panic;
     }
     Err(error)
+}
+
+/// What the host takes of a plugin's [`PutResult`]: not its `raw` answer (skipped unread,
+/// never parsed), a remote id that is a plain id (it is stored, printed by the operator
+/// commands and put in the client's answer), and a URL only when it is one (an `http`,
+/// `https` or `file` URL of visible ASCII; anything else is dropped).
+#[derive(serde::Deserialize)]
+struct PutAnswer {
+    remote_id: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    consumed_file: bool,
+}
+
+/// Longest remote id and URL a plugin may hand back.
+const MAX_REMOTE_ID_BYTES: usize = 256;
+const MAX_URL_BYTES: usize = 2048;
+
+fn decode_put(bytes: &[u8]) -> Result<PutResult, PluginError> {
+    let answer: PutAnswer = decode(bytes)?;
+    let visible = |text: &str| text.bytes().all(|byte| byte.is_ascii_graphic());
+    if answer.remote_id.is_empty()
+        || answer.remote_id.len() > MAX_REMOTE_ID_BYTES
+        || !visible(&answer.remote_id)
+    {
+        return Err(PluginError::new(
+            ErrorKind::Internal,
+            format!(
+                "plugin answered a remote id that is not visible ASCII of 1 to {MAX_REMOTE_ID_BYTES} bytes"
+            ),
+        ));
+    }
+    let url = answer.url.filter(|url| {
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        url.len() <= MAX_URL_BYTES
+            && visible(url)
+            && matches!(scheme.as_deref(), Some("http" | "https" | "file"))
+    });
+    Ok(PutResult {
+        remote_id: answer.remote_id,
+        url,
+        raw: serde_json::Value::Null,
+        consumed_file: answer.consumed_file,
+    })
 }
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {
@@ -228,6 +275,7 @@ fn instantiate_one(
         context: InitContext {
             config_dir: config_dir.to_path_buf(),
             durable,
+            host_timeout_ms: u64::try_from(config.timeout.0.as_millis()).ok(),
         },
     };
     let request = serde_json::to_vec(&request).unwrap_or_default();
