@@ -44,7 +44,7 @@ fn put_sends_thread_workspace_and_one_files_part() {
     );
     assert_eq!(result.url.as_deref(), Some(stored.url.as_str()));
     // The user row the real API leaks is cut down to id and name.
-    let user = &result.raw[0]["user"];
+    let user = &result.raw["user"];
     assert_eq!(user.as_object().unwrap().len(), 2, "{user}");
     assert!(!result.raw.to_string().contains("password"));
     assert!(!result.raw.to_string().contains("rememberToken"));
