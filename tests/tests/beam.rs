@@ -258,6 +258,16 @@ fn every_error_row() {
         "Bad Request",
     );
     assert!(message.contains("current-workspace-id"), "{message}");
+    let message = assert_nest(
+        &upload(
+            &daemon,
+            &[KEY, WORKSPACE, ("current-workspace-id", "ws-43")],
+            &one,
+        ),
+        400,
+        "Bad Request",
+    );
+    assert!(message.contains("given twice"), "{message}");
 
     let no_thread = Form::new().file("files", "a.txt", "text/plain", b"x");
     let message = assert_nest(

@@ -101,6 +101,68 @@ fn a_backslash_in_a_filename_is_refused_never_dropped() {
     assert!(std::fs::read_dir(daemon.files_dir()).map_or(true, |mut dir| dir.next().is_none()));
 }
 
+/// A multipart body with `boundary` made of `parts` (each a part's headers and content).
+fn raw_form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (headers, content) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+fn dify_raw(daemon: &Daemon, body: Vec<u8>) -> Reply {
+    send(
+        "POST",
+        &daemon.url("/v1/files/upload"),
+        &[("Authorization", "Bearer demo-key")],
+        Some(("multipart/form-data; boundary=XyZ", body)),
+    )
+}
+
+fn nothing_kept(daemon: &Daemon) {
+    let count: i64 = daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(count, 0);
+    assert_eq!(daemon.spool_files(), 0);
+}
+
+/// The form's parser and a scanner in front must see the same parts: a part's own
+/// `Content-Length` (which RFC 7578 says to ignore, and the parser obeys) is refused, as is a
+/// form of more parts than any dialect needs, and a name of blanks.
+#[test]
+fn part_lengths_endless_parts_and_blank_names_are_refused() {
+    let daemon = Daemon::start_with(default_config);
+    let file =
+        "Content-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain";
+    // The length takes a boundary and a field into the file's bytes.
+    let smuggled = b"hi\r\n--XyZ\r\nContent-Disposition: form-data; name=\"user\"\r\n\r\nx";
+    let with_length = format!("{file}\r\nContent-Length: {}", smuggled.len());
+    let reply = dify_raw(&daemon, raw_form("XyZ", &[(&with_length, smuggled)]));
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    assert!(reply.text.contains("Content-Length"), "{}", reply.text);
+
+    let empty = "Content-Disposition: form-data; name=\"pad\"";
+    let mut parts: Vec<(&str, &[u8])> = vec![(empty, b""); 1000];
+    parts.push((file, b"hello"));
+    let reply = dify_raw(&daemon, raw_form("XyZ", &parts));
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    assert!(reply.text.contains("1000 parts"), "{}", reply.text);
+
+    let blank = "Content-Disposition: form-data; name=\"file\"; filename=\"   \"";
+    let reply = dify_raw(&daemon, raw_form("XyZ", &[(blank, b"hello")]));
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    nothing_kept(&daemon);
+
+    // The same file, plainly sent, is taken.
+    let reply = dify_raw(&daemon, raw_form("XyZ", &[(file, b"hello")]));
+    assert_eq!(reply.status, 201, "{}", reply.text);
+}
+
 fn trickle_config(dir: &Path) -> String {
     default_config(dir).replace(
         "  idle_timeout: 2s\n",

@@ -219,8 +219,8 @@ impl Gateway {
         let mut number: Option<u64> = None;
         let mut chunk: Option<TempChunk> = None;
         let mut other_bytes = 0usize;
-        while let Some(field) = next_or_stall(&mut multipart, idle).await? {
-            let mut field = field.map_err(intake::multipart_error)?;
+        let mut parts = 0usize;
+        while let Some(mut field) = intake::next_part(&mut multipart, idle, &mut parts).await? {
             let name = field.name().map(str::to_owned);
             match name.as_deref() {
                 Some(name) if name == form.number_field => {

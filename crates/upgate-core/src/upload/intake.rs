@@ -40,10 +40,13 @@ use super::{Gateway, Metadata};
 const MAX_TEXT_FIELD: usize = 64 * 1024;
 /// Largest total of all non-file parts of one request.
 const MAX_NON_FILE_BYTES: usize = 1024 * 1024;
+/// Most parts of one request, of any kind: a form of empty parts costs the parser's work
+/// per part while counting no bytes.
+const MAX_PARTS: usize = 1000;
 
 /// Names are metadata only; these rules keep them safe to store, log and forward.
 pub(crate) fn validate_filename(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() {
+    if name.trim().is_empty() {
         return Err(ApiError::EmptyFilename);
     }
     if name.len() > 255 {
@@ -290,8 +293,8 @@ pub(crate) async fn receive_multipart(
     let mut received = Received::default();
     let mut file_parts = 0usize;
     let mut non_file_bytes = 0usize;
-    while let Some(field) = next_or_stall(&mut multipart, limits.idle_timeout).await? {
-        let mut field = field.map_err(multipart_error)?;
+    let mut parts = 0usize;
+    while let Some(mut field) = next_part(&mut multipart, limits.idle_timeout, &mut parts).await? {
         let (name, filename) = part_names(&field)?;
         match filename {
             Some(filename) => {
@@ -338,6 +341,36 @@ pub(crate) async fn receive_multipart(
         }
     }
     Ok(received)
+}
+
+/// The next part of a form (`parts` counts them), dropping a client that stalls. Refused:
+/// a part past [`MAX_PARTS`], and a part with a `Content-Length` of its own: RFC 7578 says a
+/// receiver ignores it, and the multipart parser obeys it (a file cut short, or a boundary
+/// taken into its bytes), so a scanner in front and upgate would each see another file.
+pub(crate) async fn next_part(
+    multipart: &mut Multipart,
+    idle: Duration,
+    parts: &mut usize,
+) -> Result<Option<Field>, ApiError> {
+    let Some(field) = next_or_stall(multipart, idle).await? else {
+        return Ok(None);
+    };
+    let field = field.map_err(multipart_error)?;
+    *parts += 1;
+    if *parts > MAX_PARTS {
+        return Err(ApiError::Malformed(format!(
+            "the form has more than {MAX_PARTS} parts"
+        )));
+    }
+    if field
+        .headers()
+        .contains_key(actix_web::http::header::CONTENT_LENGTH)
+    {
+        return Err(ApiError::Malformed(
+            "a form part may not have a Content-Length of its own".into(),
+        ));
+    }
+    Ok(Some(field))
 }
 
 /// The request's declared body length, if any.

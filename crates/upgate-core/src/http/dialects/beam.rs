@@ -42,10 +42,15 @@ fn workspace_id(request: &HttpRequest) -> Result<String, ApiError> {
         field: WORKSPACE_HEADER,
         message: format!("{WORKSPACE_HEADER} must be at most 256 visible ASCII characters"),
     };
-    let value = request
-        .headers()
-        .get(WORKSPACE_HEADER)
-        .ok_or(ApiError::MissingField(WORKSPACE_HEADER))?;
+    let mut values = request.headers().get_all(WORKSPACE_HEADER);
+    let value = values.next().ok_or(ApiError::MissingField(WORKSPACE_HEADER))?;
+    // Twice: which copy counts is not for a reader to pick (a proxy may read the other).
+    if values.next().is_some() {
+        return Err(ApiError::InvalidField {
+            field: WORKSPACE_HEADER,
+            message: format!("{WORKSPACE_HEADER} is given twice"),
+        });
+    }
     let text = value.to_str().map_err(|_| invalid())?.trim();
     if text.is_empty() {
         return Err(ApiError::MissingField(WORKSPACE_HEADER));
