@@ -266,29 +266,63 @@ fn malformed(extension: &str, detail: impl Into<String>) -> ContentError {
     }
 }
 
-/// A `json` file parses as one value, or each non-blank line of a `jsonl` file does.
+/// A `json` file parses as one value, or each non-blank line of a `jsonl` file does. Both
+/// are parsed as they are read, a line too: memory stays bounded however long a line is.
 fn verify_json(extension: &str, file: File) -> Result<(), ContentError> {
     let invalid = |detail: String| ContentError::InvalidJson {
         extension: extension.to_owned(),
         detail,
     };
-    let reader = BufReader::with_capacity(64 * 1024, file);
-    if extension == "json" {
+    let one_value = |reader: &mut dyn Read| {
         let mut deserializer = serde_json::Deserializer::from_reader(reader);
-        serde::de::IgnoredAny::deserialize_from(&mut deserializer)
-            .map_err(|error| invalid(error.to_string()))?;
-        return deserializer.end().map_err(|error| invalid(error.to_string()));
+        serde::de::IgnoredAny::deserialize_from(&mut deserializer)?;
+        deserializer.end()
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    if extension == "json" {
+        return one_value(&mut reader).map_err(|error| invalid(error.to_string()));
     }
-    for (index, line) in reader.split(b'\n').enumerate() {
-        let line = line.map_err(io_error)?;
-        let trimmed = line.trim_ascii();
-        if trimmed.is_empty() {
-            continue;
+    for number in 1.. {
+        // Blanks before the line's first byte; a blank line is skipped, the end is the end.
+        loop {
+            match reader.fill_buf().map_err(io_error)?.first() {
+                None => return Ok(()),
+                Some(b' ' | b'\t' | b'\r' | b'\n') => reader.consume(1),
+                Some(_) => break,
+            }
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(trimmed)
-            .map_err(|error| invalid(format!("line {}: {error}", index + 1)))?;
+        let mut line = Line {
+            reader: &mut reader,
+            ended: false,
+        };
+        one_value(&mut line).map_err(|error| invalid(format!("line {number}: {error}")))?;
     }
     Ok(())
+}
+
+/// One line of a reader (its bytes up to the next `\n`, which is consumed and not given),
+/// read as it is asked for.
+struct Line<'r, R> {
+    reader: &'r mut R,
+    ended: bool,
+}
+
+impl<R: BufRead> Read for Line<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.ended || out.is_empty() {
+            return Ok(0);
+        }
+        let available = self.reader.fill_buf()?;
+        let offered = &available[..available.len().min(out.len())];
+        let (len, newline) = match offered.iter().position(|&byte| byte == b'\n') {
+            Some(at) => (at, true),
+            None => (offered.len(), false),
+        };
+        out[..len].copy_from_slice(&offered[..len]);
+        self.ended = newline || available.is_empty();
+        self.reader.consume(len + usize::from(newline));
+        Ok(len)
+    }
 }
 
 const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";

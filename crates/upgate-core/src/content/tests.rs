@@ -163,6 +163,22 @@ fn json_files() {
     std::fs::write(&path, b"{\"a\":1}\n{oops\n").unwrap();
     let error = verify_file("jsonl", &path).unwrap_err().to_string();
     assert!(error.contains("line 2"), "{error}");
+    // CRLF lines, blank ones, no newline at the end; a value spread over two lines is not
+    // a line's value; two values on one line are not one.
+    std::fs::write(&path, b" {\"a\": \"x\"} \r\n\r\n\t[1,2]").unwrap();
+    assert!(verify_file("ndjson", &path).is_ok());
+    std::fs::write(&path, b"{\"a\":\n1}\n").unwrap();
+    assert!(verify_file("jsonl", &path).is_err());
+    std::fs::write(&path, b"1 2\n").unwrap();
+    assert!(verify_file("jsonl", &path).is_err());
+    // A line of 8 MiB, read as it streams: valid, then cut short.
+    let mut long = b"[\"".to_vec();
+    long.resize(8 << 20, b'a');
+    long.extend_from_slice(b"\"]\n{}\n");
+    std::fs::write(&path, &long).unwrap();
+    assert!(verify_file("jsonl", &path).is_ok());
+    std::fs::write(&path, &long[..4 << 20]).unwrap();
+    assert!(verify_file("jsonl", &path).is_err());
     std::fs::write(&path, b"").unwrap();
     assert!(matches!(
         verify_file("json", &path),
