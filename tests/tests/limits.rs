@@ -222,3 +222,75 @@ fn daily_quotas_answer_429_in_every_dialect_and_survive_a_restart() {
     assert_eq!(rows(&daemon), DIALECTS.len() as i64);
     assert_eq!(stored(&daemon), DIALECTS.len());
 }
+
+/// Unfinished Kore sessions and tus uploads count towards no quota until they complete, so
+/// a tenant may hold at most its plan's `max_open_sessions` of them, across both dialects:
+/// the next is 429 with `Retry-After` in the client's dialect, nothing is created, and
+/// finishing one makes room.
+#[test]
+fn open_sessions_are_capped_per_tenant_across_kore_and_tus() {
+    use serde_json::json;
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace(
+            "plans:\n",
+            "plans:\n  few:\n    max_file_size: 1MiB\n    max_open_sessions: 2\n",
+        ) + "  few:\n    plan: few\n    provider: disk\n    keys: [few-key]\n"
+    });
+    let kore = ("x-api-key", "few-key");
+    let start = |name: &str| {
+        post_json(
+            &daemon.url("/api/public/files/session/start"),
+            &[kore],
+            &json!({"fileContext": "bulkImport", "totalChunks": 1, "fileExtension": "txt",
+                "fileName": name, "fileSize": 5}),
+        )
+    };
+    let tus_create = || {
+        send(
+            "POST",
+            &daemon.url("/files/"),
+            &[
+                ("Tus-Resumable", "1.0.0"),
+                ("Authorization", "Bearer few-key"),
+                ("Upload-Length", "5"),
+                ("Upload-Metadata", &format!("filename {}", inbound::b64(b"t.txt"))),
+            ],
+            None,
+        )
+    };
+    let first = start("a.txt");
+    assert_eq!(first.status, 200, "{}", first.text);
+    let created = tus_create();
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_throttled("kore", &start("b.txt"), |secs| secs == 60);
+    assert_throttled("tus", &tus_create(), |secs| secs == 60);
+    let sessions: i64 = daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM sessions", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(sessions, 2);
+    // Another tenant is not counted with this one.
+    let other = post_json(
+        &daemon.url("/api/public/files/session/start"),
+        &[("x-api-key", "demo-key")],
+        &json!({"fileContext": "bulkImport", "totalChunks": 1, "fileExtension": "txt",
+            "fileName": "c.txt", "fileSize": 5}),
+    );
+    assert_eq!(other.status, 200, "{}", other.text);
+
+    // The tus upload completes: room for one more.
+    let location = created.header("location").unwrap().to_owned();
+    let patched = send(
+        "PATCH",
+        &daemon.url(&location),
+        &[
+            ("Tus-Resumable", "1.0.0"),
+            ("Authorization", "Bearer few-key"),
+            ("Upload-Offset", "0"),
+        ],
+        Some(("application/offset+octet-stream", b"hello".to_vec())),
+    );
+    assert_eq!(patched.status, 204, "{patched:?}");
+    let again = start("d.txt");
+    assert_eq!(again.status, 200, "{}", again.text);
+}

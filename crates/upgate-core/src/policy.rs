@@ -71,6 +71,13 @@ impl Plan {
         self.config.daily_bytes.is_some() || self.config.daily_uploads.is_some()
     }
 
+    /// Unfinished sessions a tenant of this plan may hold at once.
+    pub fn max_open_sessions(&self) -> u64 {
+        self.config
+            .max_open_sessions
+            .unwrap_or(crate::config::DEFAULT_MAX_OPEN_SESSIONS)
+    }
+
     /// (daily bytes, daily uploads) limits.
     pub fn quota_limits(&self) -> (Option<u64>, Option<u64>) {
         (self.config.daily_bytes.map(|b| b.0), self.config.daily_uploads)

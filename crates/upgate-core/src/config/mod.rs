@@ -278,7 +278,14 @@ pub struct PlanConfig {
     pub daily_bytes: Option<ByteSize>,
     #[serde(default)]
     pub daily_uploads: Option<u64>,
+    /// Unfinished Kore sessions and tus uploads a tenant may hold at once (their bytes count
+    /// towards no quota until they complete). Absent: [`DEFAULT_MAX_OPEN_SESSIONS`].
+    #[serde(default)]
+    pub max_open_sessions: Option<u64>,
 }
+
+/// A plan's `max_open_sessions` when it names none.
+pub(crate) const DEFAULT_MAX_OPEN_SESSIONS: u64 = 100;
 
 /// When the client is answered relative to forwarding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -530,6 +537,12 @@ impl Config {
                 error(
                     &["plans", name, "max_concurrent_uploads"],
                     "max_concurrent_uploads must be at least 1 (leave it out for no cap)".into(),
+                );
+            }
+            if plan.max_open_sessions == Some(0) {
+                error(
+                    &["plans", name, "max_open_sessions"],
+                    format!("max_open_sessions must be at least 1 (left out: {DEFAULT_MAX_OPEN_SESSIONS})"),
                 );
             }
         }

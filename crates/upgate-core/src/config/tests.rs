@@ -187,6 +187,13 @@ fn values_that_would_stall_lock_out_or_overflow_are_refused() {
             "max_concurrent_uploads must be at least 1",
         ),
         (
+            GOOD.replace(
+                "max_file_size: 10MiB",
+                "max_file_size: 10MiB\n    max_open_sessions: 0",
+            ),
+            "max_open_sessions must be at least 1",
+        ),
+        (
             GOOD.replace("plugin: local,", "plugin: local, timeout: 1000000h,"),
             "timeout must be more than 0 and at most 24h",
         ),

@@ -313,6 +313,8 @@ pub(crate) trait Store: Send + Sync {
     /// Every session with its chunks (operator listings).
     fn list_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>>;
     fn active_sessions(&self) -> StoreFuture<'_, u64>;
+    /// `tenant`'s sessions that have not become an upload yet.
+    fn open_sessions_of(&self, tenant: String) -> StoreFuture<'_, u64>;
 }
 
 /// `impl Store for $store`, each method the backend's inherent async method of the same name,
@@ -350,6 +352,7 @@ macro_rules! store_by_inherent_methods {
         session_ids() -> Vec<String>;
         list_sessions() -> Vec<$crate::store::SessionRecord>;
         active_sessions() -> u64;
+        open_sessions_of(tenant: String) -> u64;
         });
     };
     (@methods $store:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)* }) => {

@@ -27,7 +27,7 @@ use actix_web::web::Payload;
 use tokio::io::AsyncReadExt;
 
 use crate::content;
-use crate::error::ApiError;
+use crate::error::{ApiError, Throttle};
 use crate::spool::{Spool, SpoolWriter, SpooledFile};
 use crate::store::{SessionRecord, Store, UploadRecord};
 use crate::vocab::{DialectName, is_uuid, now_ms};
@@ -40,8 +40,11 @@ use super::{Gateway, Metadata};
 use in_place::{InPlaceWriter, Layout};
 use sha2::Sha256;
 
-/// Most chunks one session may declare.
-pub(crate) const MAX_CHUNKS: u64 = 100_000;
+/// Most chunks one session may declare (a chunk request reads every chunk row of its
+/// session: tiny chunks by the hundred thousand made each one cost seconds).
+pub(crate) const MAX_CHUNKS: u64 = 10_000;
+/// `Retry-After` of a session refused for the tenant's `max_open_sessions`.
+const OPEN_SESSIONS_RETRY_AFTER_SECS: u64 = 60;
 /// Bytes read from a chunk file at a time when assembling.
 const READ_SLICE: usize = 256 * 1024;
 /// Room for the multipart framing around a chunk.
@@ -148,6 +151,7 @@ impl Gateway {
                 "a session has 1 to {MAX_CHUNKS} chunks"
             )));
         }
+        self.check_open_sessions(admission).await?;
         let now = now_ms();
         let expiry = admission.policy.config.server.session_expiry.0;
         let session = SessionRecord {
@@ -170,6 +174,21 @@ impl Gateway {
         tracing::info!(session_id = %session.id, tenant = %session.tenant, chunks = session.total_chunks,
             size = session.declared_size, "upload session started");
         Ok(session)
+    }
+
+    /// Refuses a new session to a tenant that holds its plan's `max_open_sessions`: 429 with
+    /// `Retry-After: 60` (a session ends when it completes, is terminated or expires). The
+    /// bytes of an unfinished session count towards no quota, so without this cap one
+    /// tenant's sessions could fill the disk for every tenant until they expire.
+    pub(crate) async fn check_open_sessions(&self, admission: &Admission) -> Result<(), ApiError> {
+        let open = self.store.open_sessions_of(admission.tenant.name.clone()).await?;
+        if open >= admission.tenant.plan.max_open_sessions() {
+            return Err(ApiError::Throttled {
+                retry_after_secs: OPEN_SESSIONS_RETRY_AFTER_SECS,
+                why: Throttle::Concurrency,
+            });
+        }
+        Ok(())
     }
 
     /// The admitted tenant's open session `id` of `dialect`: 404 for a malformed id, an

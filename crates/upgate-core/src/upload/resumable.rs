@@ -290,6 +290,7 @@ impl Gateway {
         metadata: Metadata,
         concat: Option<Concat>,
     ) -> Result<SessionRecord, ApiError> {
+        self.check_open_sessions(admission).await?;
         let upload = self.new_resumable(admission, id, filename, extension, length, metadata, concat);
         self.store.insert_session(upload.clone()).await?;
         tracing::info!(upload_id = %upload.id, tenant = %upload.tenant, length = ?length, "resumable upload created");

@@ -282,4 +282,17 @@ impl PostgresStore {
         })
         .await
     }
+
+    pub(super) async fn open_sessions_of(&self, tenant: String) -> Result<u64, StoreError> {
+        self.call(move |connection| {
+            Box::pin(async move {
+                let count = connection
+                    .prepare("SELECT COUNT(*) FROM sessions WHERE tenant = $1 AND upload_id IS NULL")
+                    .await?;
+                let row = connection.client().query_one(&count, &[&tenant]).await?;
+                Ok(row.try_get::<_, i64>(0)? as u64)
+            })
+        })
+        .await
+    }
 }

@@ -224,4 +224,15 @@ impl SqliteStore {
         })
         .await
     }
+
+    pub(super) async fn open_sessions_of(&self, tenant: String) -> Result<u64, StoreError> {
+        self.call(move |connection| {
+            Ok(connection.query_row(
+                "SELECT COUNT(*) FROM sessions WHERE tenant = ?1 AND upload_id IS NULL",
+                [tenant],
+                |row| row.get::<_, i64>(0),
+            )? as u64)
+        })
+        .await
+    }
 }
