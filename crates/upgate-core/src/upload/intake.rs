@@ -249,11 +249,15 @@ pub(crate) async fn received_file(
     Ok(file)
 }
 
-/// Waits for the next item of a body stream, dropping a client that stalls.
+/// Waits for the next item of a body stream, dropping a client that stalls. Each item spends
+/// one unit of the task's cooperative budget: a body whose items are always ready (a form
+/// whose file is made of `\r\n--`, which the multipart parser hands over 4 bytes at a
+/// time) yields to the worker's other connections now and then instead of holding it.
 pub(crate) async fn next_or_stall<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
 where
     S: Stream<Item = T> + Unpin,
 {
+    tokio::task::coop::consume_budget().await;
     tokio::time::timeout(idle, stream.next())
         .await
         .map_err(|_| ApiError::BodyTimeout)
