@@ -163,6 +163,38 @@ fn part_lengths_endless_parts_and_blank_names_are_refused() {
     assert_eq!(reply.status, 201, "{}", reply.text);
 }
 
+/// A chunked body has no length to refuse up front: it is refused once it passes what the
+/// plan allows a request (its files plus 1 MiB of framing), whatever carries the bytes (here
+/// preamble lines before the first boundary, which no part counts).
+#[test]
+fn a_chunked_body_is_bounded_however_its_bytes_are_framed() {
+    let daemon =
+        Daemon::start_with(|dir| default_config(dir).replace("max_file_size: 1MiB", "max_file_size: 1000"));
+    let file = "Content-Disposition: form-data; name=\"file\"; filename=\"a.txt\"";
+    let mut body = b"preamble line\r\n".repeat(150_000);
+    body.extend_from_slice(&raw_form("XyZ", &[(file, b"hello")]));
+    let host = daemon
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut request = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer demo-key\r\n\
+         Content-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n{:x}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    let (status, answer) = raw_exchange(&daemon, &request);
+    assert_eq!(status, 413, "{answer}");
+    nothing_kept(&daemon);
+    // The same file without the padding is taken.
+    let reply = dify_raw(&daemon, raw_form("XyZ", &[(file, b"hello")]));
+    assert_eq!(reply.status, 201, "{}", reply.text);
+}
+
 fn trickle_config(dir: &Path) -> String {
     default_config(dir).replace(
         "  idle_timeout: 2s\n",

@@ -228,22 +228,31 @@ impl Gateway {
         };
         // Until the chunk number is known, the chunk may replace the largest one.
         let largest = session.chunks.iter().map(|(_, size)| *size).max().unwrap_or(0);
-        if intake::content_length(headers)
-            .is_some_and(|length| length > limit.saturating_sub(stored - largest).saturating_add(FRAMING))
-        {
+        let ceiling = limit.saturating_sub(stored - largest).saturating_add(FRAMING);
+        if intake::content_length(headers).is_some_and(|length| length > ceiling) {
             return Err(ApiError::TooLarge { limit });
         }
         let idle = admission.policy.config.server.idle_timeout.0;
+        let (payload, overflowed) = intake::bounded_body(payload, ceiling);
         let mut multipart = Multipart::new(headers, payload);
         let mut number: Option<u64> = None;
         let mut chunk: Option<TempChunk> = None;
         let mut other_bytes = 0usize;
         let mut parts = 0usize;
-        while let Some(mut field) = intake::next_part(&mut multipart, idle, &mut parts).await? {
+        let too_large = |error| match overflowed.get() {
+            true => ApiError::TooLarge { limit },
+            false => error,
+        };
+        while let Some(mut field) = intake::next_part(&mut multipart, idle, &mut parts)
+            .await
+            .map_err(too_large)?
+        {
             let name = field.name().map(str::to_owned);
             match name.as_deref() {
                 Some(name) if name == form.number_field => {
-                    let text = intake::read_text(&mut field, idle, &mut other_bytes).await?;
+                    let text = intake::read_text(&mut field, idle, &mut other_bytes)
+                        .await
+                        .map_err(too_large)?;
                     let parsed = text
                         .trim()
                         .parse::<u64>()
@@ -275,9 +284,12 @@ impl Gateway {
                         }
                         _ => None,
                     };
-                    chunk = Some(self.spool_chunk(&mut field, room, limit, idle, in_place).await?);
+                    let spooled = self.spool_chunk(&mut field, room, limit, idle, in_place).await;
+                    chunk = Some(spooled.map_err(too_large)?);
                 }
-                _ => intake::drain(&mut field, idle, &mut other_bytes).await?,
+                _ => intake::drain(&mut field, idle, &mut other_bytes)
+                    .await
+                    .map_err(too_large)?,
             }
         }
         let number = number.ok_or(ApiError::MissingField(form.number_field))?;

@@ -151,19 +151,19 @@ impl Gateway {
         let plan = &admission.tenant.plan;
         let max_files = plan.max_files_per_request(spec.max_files);
         let length = content_length(headers);
-        if let Some(length) = length {
-            // The whole body cannot be legitimate if it exceeds every allowed file plus room
-            // for the form's framing.
-            let ceiling = plan
-                .max_file_size()
-                .saturating_mul(max_files as u64)
-                .saturating_add(1 << 20);
-            if length > ceiling {
-                return Err(ApiError::TooLarge {
-                    limit: plan.max_file_size(),
-                });
-            }
+        // The whole body cannot be legitimate if it exceeds every allowed file plus room for
+        // the form's framing: refused at once when its length says so, else once it has.
+        let ceiling = plan
+            .max_file_size()
+            .saturating_mul(max_files as u64)
+            .saturating_add(1 << 20);
+        let too_large = || ApiError::TooLarge {
+            limit: plan.max_file_size(),
+        };
+        if length.is_some_and(|length| length > ceiling) {
+            return Err(too_large());
         }
+        let (payload, overflowed) = bounded_body(payload, ceiling);
         let streaming = admission
             .provider()
             .filter(|provider| provider.plugin.streams() && provider.config.delivery == Delivery::Sync)
@@ -185,7 +185,8 @@ impl Gateway {
         let received = receive_multipart(headers, payload, spec, &limits, &self.spool, &|| {
             dialect.new_upload_id()
         })
-        .await?;
+        .await
+        .map_err(|error| if overflowed.get() { too_large() } else { error })?;
         if received.files.is_empty() {
             return Err(ApiError::NoFile);
         }
@@ -284,10 +285,45 @@ pub(crate) fn multipart_error(error: MultipartError) -> ApiError {
     }
 }
 
+/// Whether a [`bounded_body`] passed its ceiling.
+#[derive(Clone, Default)]
+pub(crate) struct Overflowed(Arc<std::sync::atomic::AtomicBool>);
+
+impl Overflowed {
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A request body that fails once more than `ceiling` bytes came (as the multipart parser
+/// reads it, preamble and framing included), and the flag that says so: a chunked body has
+/// no length to refuse up front, and the parser counts only what parts hold.
+pub(crate) fn bounded_body(
+    payload: Payload,
+    ceiling: u64,
+) -> (
+    impl Stream<Item = Result<Bytes, PayloadError>> + 'static,
+    Overflowed,
+) {
+    let overflowed = Overflowed::default();
+    let flag = overflowed.clone();
+    let mut seen = 0u64;
+    let body = payload.map(move |item| {
+        let bytes = item?;
+        seen = seen.saturating_add(bytes.len() as u64);
+        if seen > ceiling {
+            flag.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(PayloadError::Overflow);
+        }
+        Ok(bytes)
+    });
+    (body, overflowed)
+}
+
 /// Reads a whole multipart body per `spec`, spooling file parts. `new_id` names each file.
 pub(crate) async fn receive_multipart(
     headers: &HeaderMap,
-    payload: Payload,
+    payload: impl Stream<Item = Result<Bytes, PayloadError>> + 'static,
     spec: &FormSpec,
     limits: &IntakeLimits<'_>,
     spool: &Arc<dyn Spool>,
