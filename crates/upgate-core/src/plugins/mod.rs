@@ -181,8 +181,9 @@ fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
 
 /// What the host takes of a plugin's [`PutResult`]: not its `raw` answer (skipped unread,
 /// never parsed), a remote id that is a plain id (it is stored, printed by the operator
-/// commands and put in the client's answer), and a URL only when it is one (an `http`,
-/// `https` or `file` URL of visible ASCII; anything else is dropped).
+/// commands and put in the client's answer), and a URL only when it is one: visible ASCII,
+/// and an `http`, `https` or `file` URL or a reference without a scheme (Kore XO answers
+/// `AppFileSystem/<id>.<ext>`); a `javascript:` or `data:` one, say, is dropped.
 #[derive(serde::Deserialize)]
 struct PutAnswer {
     remote_id: String,
@@ -211,12 +212,12 @@ fn decode_put(bytes: &[u8]) -> Result<PutResult, PluginError> {
         ));
     }
     let url = answer.url.filter(|url| {
-        let scheme = url
-            .split_once("://")
-            .map(|(scheme, _)| scheme.to_ascii_lowercase());
-        url.len() <= MAX_URL_BYTES
-            && visible(url)
-            && matches!(scheme.as_deref(), Some("http" | "https" | "file"))
+        let allowed = |scheme: &str| {
+            ["http", "https", "file"]
+                .iter()
+                .any(|s| scheme.eq_ignore_ascii_case(s))
+        };
+        !url.is_empty() && url.len() <= MAX_URL_BYTES && visible(url) && scheme_of(url).is_none_or(allowed)
     });
     Ok(PutResult {
         remote_id: answer.remote_id,
@@ -224,6 +225,18 @@ fn decode_put(bytes: &[u8]) -> Result<PutResult, PluginError> {
         raw: serde_json::Value::Null,
         consumed_file: answer.consumed_file,
     })
+}
+
+/// The scheme of a URI reference (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`,
+/// then `:`; a `/`, `?` or `#` before the first `:` makes it relative); `None` for a
+/// relative reference.
+fn scheme_of(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once(':')?;
+    let plain = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    plain.then_some(scheme)
 }
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, PluginError> {
@@ -296,4 +309,54 @@ fn instantiate_one(
         durable,
         instance,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(id: &str, url: &str) -> Result<PutResult, PluginError> {
+        let answer = serde_json::json!({"remote_id": id, "url": url, "raw": {"big": [0, 0, 0]}});
+        decode_put(&serde_json::to_vec(&answer).unwrap())
+    }
+
+    #[test]
+    fn a_put_result_keeps_plain_ids_and_urls_only() {
+        let kept = put("f-1", "https://cdn.example/f-1").unwrap();
+        assert_eq!(
+            (kept.remote_id.as_str(), kept.url.as_deref()),
+            ("f-1", Some("https://cdn.example/f-1"))
+        );
+        assert_eq!(kept.raw, serde_json::Value::Null);
+        for url in [
+            "AppFileSystem/f-1.txt",
+            "file:///srv/files/f-1",
+            "/files/f-1?x=a:b",
+            "HTTP://h/x",
+        ] {
+            assert_eq!(put("f-1", url).unwrap().url.as_deref(), Some(url), "{url}");
+        }
+        for url in [
+            "javascript:alert(1)",
+            "data:text/html,x",
+            "https://h/\u{202e}x",
+            "a b",
+            "",
+        ] {
+            assert_eq!(put("f-1", url).unwrap().url, None, "{url}");
+        }
+        assert_eq!(
+            put("f-1", &format!("https://h/{}", "a".repeat(3000)))
+                .unwrap()
+                .url,
+            None
+        );
+        for id in ["", "a/../b\u{1b}[2J", "a b", "\u{e9}", &"x".repeat(257)] {
+            assert_eq!(
+                put(id, "https://h/x").unwrap_err().kind,
+                ErrorKind::Internal,
+                "{id}"
+            );
+        }
+    }
 }
