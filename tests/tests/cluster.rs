@@ -530,10 +530,17 @@ fn deletes_are_answered_while_object_storage_hangs_and_its_objects_go_when_it_re
     );
     let terminated = send("DELETE", &daemon.url(&location), &[TUS, BEARER], None);
     let waited = started.elapsed();
+    // A readiness probe is answered within its own bound too, naming what hangs.
+    let asked = std::time::Instant::now();
+    let ready = get(&format!("{}/readyz", daemon.metrics_url));
+    let probed = asked.elapsed();
     cluster.s3.thaw();
     assert_eq!(deleted.status, 200, "{}", deleted.text);
     assert_eq!(terminated.status, 204, "{terminated:?}");
     assert!(waited < Duration::from_secs(10), "both answered in {waited:?}");
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(ready.text.contains("spool"), "{}", ready.text);
+    assert!(probed < Duration::from_secs(6), "/readyz answered in {probed:?}");
     assert!(!cluster.files.path().join(&file_id).exists());
     assert_eq!(
         cluster.psql(&format!("SELECT COUNT(*) FROM sessions WHERE id = '{tus_id}'")),

@@ -345,6 +345,10 @@ fn sigterm_lets_an_upload_in_flight_finish_then_exits_zero() {
     // New connections are no longer accepted while draining.
     let address = daemon.base_url.trim_start_matches("http://").to_owned();
     let refused = std::net::TcpStream::connect(&address).is_err();
+    // A load balancer asking meanwhile is told to send nothing more.
+    let ready = get(&format!("{}/readyz", daemon.metrics_url));
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(ready.text.contains("stopping"), "{}", ready.text);
     let (status, text) = upload.finish().unwrap();
     assert_eq!(status, 201, "{text}");
     let id = text

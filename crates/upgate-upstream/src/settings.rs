@@ -200,7 +200,7 @@ fn parse_base_url(value: Option<Value>) -> Result<String, PluginError> {
         }
         Some(_) => return Err(config_error("setting `base_url` must be a string")),
     };
-    let shown = sanitize(&url, 120);
+    let shown = shown_url(&url);
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
@@ -229,6 +229,21 @@ fn parse_base_url(value: Option<Value>) -> Result<String, PluginError> {
         )));
     }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A `base_url` as an error message may show it: without its query or fragment, and without
+/// the credentials of its authority (either may hold a secret).
+fn shown_url(url: &str) -> String {
+    let plain = url.split(['?', '#']).next().unwrap_or_default();
+    let shown = match plain.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => plain.to_owned(),
+    };
+    sanitize(&shown, 120)
 }
 
 fn parse_duration(key: &str, value: Option<Value>, default: Duration) -> Result<Duration, PluginError> {
@@ -366,6 +381,17 @@ mod tests {
                 .contains("timeout")
         );
         assert_eq!(error(json!([1]), &[]).kind, ErrorKind::Config);
+        // A secret in the URL's credentials or query is never shown back.
+        for url in [
+            "ftp://user:pw-SECRET@h/x",
+            "http://h/?token=SECRET",
+            "http://h/#SECRET",
+        ] {
+            let message = error(json!({"base_url": url, "api_key": "k"}), &[]).message;
+            assert!(!message.contains("SECRET"), "{message}");
+        }
+        let message = error(json!({"base_url": "ftp://user:pw@h/x", "api_key": "k"}), &[]).message;
+        assert!(message.ends_with("ftp://h/x"), "{message}");
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub(super) fn locate(text: &str, keys: &[&str]) -> (usize, usize) {
             if let Some(rest_keys) = keys.get(depth..) {
                 let mut column = indent + key.len();
                 for rest in rest_keys {
-                    if let Some(found) = line[column..].find(&format!("{rest}:")) {
+                    // `column` counts the key without its quotes: it may fall inside a
+                    // character of a quoted non-ASCII key, where slicing would panic.
+                    if let Some(found) = line.get(column..).and_then(|tail| tail.find(&format!("{rest}:"))) {
                         column += found;
                         best = (number + 1, column + 1);
                         depth += 1;

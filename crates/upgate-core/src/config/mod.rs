@@ -630,6 +630,14 @@ impl Config {
                 "workers must be at least 1 (leave it out for one per core)".into(),
             );
         }
+        if !(MIN_SESSION_EXPIRY..=MAX_SESSION_EXPIRY).contains(&self.server.session_expiry.0) {
+            // Expiry dates are written into answers and listings: a century past year 9999
+            // could not be.
+            error(
+                &["server", "session_expiry"],
+                "session_expiry must be from 1s to 365d".into(),
+            );
+        }
         if self.server.sweep_interval.0 < MIN_SWEEP_INTERVAL {
             error(
                 &["server", "sweep_interval"],
@@ -642,6 +650,9 @@ impl Config {
 
 /// The longest a provider's `timeout` may be (leases and deadlines are computed from it).
 const MAX_PROVIDER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The bounds of `session_expiry`.
+const MIN_SESSION_EXPIRY: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_SESSION_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 /// The shortest `sweep_interval`: the sweep walks the spool.
 const MIN_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 

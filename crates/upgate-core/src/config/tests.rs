@@ -99,6 +99,19 @@ fn unknown_plan_is_located_and_lists_the_choices() {
     );
 }
 
+/// A quoted non-ASCII tenant name: the error is located, never a panic (whose message
+/// quoted the config line, keys and all).
+#[test]
+fn an_error_under_a_quoted_non_ascii_key_is_located() {
+    let text = GOOD.replace(
+        "  demo:\n    plan: free\n    provider: disk\n    keys: [demo-key]\n",
+        "  \"\u{e9}t\u{e9}\": { plan: nope, provider: disk, keys: [Tenant-SECRET-key-42] }\n",
+    );
+    let message = first_error(&text);
+    assert!(message.contains("unknown plan `nope`"), "{message}");
+    assert!(!message.contains("SECRET"), "{message}");
+}
+
 #[test]
 fn unknown_provider_in_flow_style() {
     let text = GOOD.replace(
@@ -192,6 +205,13 @@ fn values_that_would_stall_lock_out_or_overflow_are_refused() {
                 "max_file_size: 10MiB\n    max_open_sessions: 0",
             ),
             "max_open_sessions must be at least 1",
+        ),
+        (
+            GOOD.replace(
+                "data_dir: data",
+                "data_dir: data\n  session_expiry: 999999999999h",
+            ),
+            "session_expiry must be from 1s to 365d",
         ),
         (
             GOOD.replace("plugin: local,", "plugin: local, timeout: 1000000h,"),

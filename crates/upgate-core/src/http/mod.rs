@@ -121,35 +121,59 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
+/// The longest `/readyz` waits for any of its checks: a check still running then (an engine
+/// that accepts and never answers, a plugin's `health` that blocks) is a problem of its own.
+const READY_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A readiness check's problem, or `what` did not answer within [`READY_CHECK_WAIT`].
+async fn within(what: &str, check: impl std::future::Future<Output = Option<String>>) -> Option<String> {
+    let waited = READY_CHECK_WAIT.as_secs();
+    tokio::time::timeout(READY_CHECK_WAIT, check)
+        .await
+        .unwrap_or_else(|_| Some(format!("{what}: no answer within {waited}s")))
+}
+
+/// A blocking readiness check, on a blocking thread.
+async fn blocking(check: impl FnOnce() -> Option<String> + Send + 'static) -> Option<String> {
+    tokio::task::spawn_blocking(check)
+        .await
+        .unwrap_or_else(|_| Some("a check did not finish".to_owned()))
+}
+
 async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
-    // The engines are asked at once, not one after another: a probe waits for the slowest
-    // check's bound (each store, limits and spool call has its own), not for their sum.
-    let spool = gateway.spool.clone();
-    let (store, limits, spool) = tokio::join!(
-        gateway.store.outbox_len(),
-        gateway.limiter.unready(),
-        tokio::task::spawn_blocking(move || spool.unready()),
-    );
     let mut problems = Vec::new();
-    if let Err(error) = store {
-        problems.push(format!("store: {error}"));
+    if gateway.stopping() {
+        problems.push("stopping: draining in-flight uploads".to_owned());
     }
-    problems.extend(limits);
-    match spool {
-        Ok(None) => {}
-        Ok(Some(problem)) => problems.push(problem),
-        Err(_) => problems.push("spool: its check did not finish".to_owned()),
+    // Everything is asked at once, each within the same bound: a probe answers within
+    // `READY_CHECK_WAIT` whatever hangs.
+    let (store, limiter, spool) = (
+        gateway.store.clone(),
+        gateway.limiter.clone(),
+        gateway.spool.clone(),
+    );
+    let mut checks: Vec<futures_util::future::BoxFuture<'static, Option<String>>> = vec![
+        Box::pin(within("store", async move {
+            store
+                .outbox_len()
+                .await
+                .err()
+                .map(|error| format!("store: {error}"))
+        })),
+        Box::pin(within("limits", async move { limiter.unready().await })),
+        Box::pin(within("spool", blocking(move || spool.unready()))),
+    ];
+    for provider in gateway.policy().providers.values() {
+        let checked = provider.clone();
+        let unhealthy = move || {
+            let failed = checked.health().is_err();
+            failed.then(|| format!("provider {} is not healthy", checked.name))
+        };
+        checks.push(Box::pin(within("a provider", blocking(unhealthy))));
     }
+    problems.extend(futures_util::future::join_all(checks).await.into_iter().flatten());
     if gateway.below_disk_floor() {
         problems.push("data_dir is below its free-space floor".to_owned());
-    }
-    let policy = gateway.policy();
-    for provider in policy.providers.values() {
-        let checked = provider.clone();
-        let health = tokio::task::spawn_blocking(move || checked.health()).await;
-        if !matches!(health, Ok(Ok(()))) {
-            problems.push(format!("provider {} is not healthy", provider.name));
-        }
     }
     if problems.is_empty() {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
