@@ -216,6 +216,23 @@ pub struct ServerConfig {
     pub limits: Option<LimitsConfig>,
 }
 
+impl ServerConfig {
+    /// These settings with the ones a reload applies at once taken from `new`
+    /// (`idle_timeout`, `session_expiry`, `max_concurrent_uploads`, `min_body_rate`,
+    /// `min_body_rate_grace`, `cors`); every other one stays as it is until a restart.
+    pub(crate) fn with_live_settings_of(&self, new: ServerConfig) -> ServerConfig {
+        ServerConfig {
+            idle_timeout: new.idle_timeout,
+            session_expiry: new.session_expiry,
+            max_concurrent_uploads: new.max_concurrent_uploads,
+            min_body_rate: new.min_body_rate,
+            min_body_rate_grace: new.min_body_rate_grace,
+            cors: new.cors,
+            ..self.clone()
+        }
+    }
+}
+
 /// `server.cors:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use sd_notify::NotifyState;
 
-use super::{load, notify};
-use crate::config::ServerConfig;
+use super::{Providers, ServeError, notify};
+use crate::config::{Config, ServerConfig};
 use crate::metrics;
+use crate::plugins;
 use crate::policy::Policy;
 use crate::upload::Gateway;
 
@@ -52,11 +53,10 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
     }
     notify(&states);
     let path = config_path.to_path_buf();
-    let loaded = tokio::task::spawn_blocking(move || load(&path)).await;
+    let running = gateway.policy().config.server.clone();
+    let loaded = tokio::task::spawn_blocking(move || reload_config(&path, &running)).await;
     match loaded {
-        Ok(Ok((config, providers))) => {
-            let running = gateway.policy();
-            let kept = start_only_changes(&config.server, &running.config.server);
+        Ok(Ok((config, providers, kept))) => {
             if !kept.is_empty() {
                 tracing::warn!(
                     settings = %kept.join(", "),
@@ -72,9 +72,32 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
             metrics::config_reload(false);
             tracing::error!(%error, "configuration reload refused; the running configuration stays");
         }
-        Err(_) => metrics::config_reload(false),
+        Err(error) => {
+            metrics::config_reload(false);
+            tracing::error!(%error, "configuration reload failed; the running configuration stays");
+        }
     }
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
+/// The config at `path` as a reload applies it ([`with_running_server`]), its providers made
+/// with that, and the start-only settings it would have changed.
+fn reload_config(
+    path: &Path,
+    running: &ServerConfig,
+) -> Result<(Config, Providers, Vec<&'static str>), ServeError> {
+    let (config, kept) = with_running_server(Config::load(path).map_err(ServeError::Config)?, running);
+    let providers = plugins::instantiate(&config).map_err(ServeError::Plugins)?;
+    Ok((config, providers, kept))
+}
+
+/// A reloaded config whose start-only `server` settings are the running ones (so that the
+/// new providers, made from it, see the `durability` and `plugin_dir` the daemon runs with,
+/// and nothing reads a value the log said stays), with the names of those it changed.
+fn with_running_server(mut config: Config, running: &ServerConfig) -> (Config, Vec<&'static str>) {
+    let kept = start_only_changes(&config.server, running);
+    config.server = running.with_live_settings_of(config.server);
+    (config, kept)
 }
 
 /// The `server` settings a reload changed that only take effect at the next restart (what the
@@ -84,9 +107,10 @@ async fn reload(config_path: &Path, gateway: &Gateway) {
 fn start_only_changes(new: &ServerConfig, running: &ServerConfig) -> Vec<&'static str> {
     let store_url = |server: &ServerConfig| server.store.as_ref().map(|store| store.url.expose().to_owned());
     let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
-    let settings: [(&'static str, bool); 16] = [
+    let settings: [(&'static str, bool); 17] = [
         ("listen", new.listen != running.listen),
         ("data_dir", new.data_dir != running.data_dir),
+        ("plugin_dir", new.plugin_dir != running.plugin_dir),
         ("store", store_url(new) != store_url(running)),
         ("spool", debug(&new.spool) != debug(&running.spool)),
         ("limits", debug(&new.limits) != debug(&running.limits)),
@@ -141,5 +165,27 @@ mod tests {
             start_only_changes(&kept, &running),
             vec!["sweep_interval", "forward_concurrency"]
         );
+    }
+
+    /// The log says a start-only setting keeps its running value: so does the config the
+    /// new providers are made from (a durability reloaded from power_loss to process_crash
+    /// made new local-disk instances stop fsyncing), while the live ones apply.
+    #[test]
+    fn a_reloaded_config_keeps_the_running_start_only_settings() {
+        let text = "server:\n  listen: 127.0.0.1:0\n  data_dir: data\n  durability: power_loss\nplans:\n  p: { max_file_size: 1MiB }\nproviders:\n  d: { plugin: local, settings: { root: ./f } }\ntenants:\n  t: { plan: p, provider: d, keys: [k] }\n";
+        let path = Path::new("/etc/upgate/config.yaml");
+        let running = crate::config::Config::parse(text, path).unwrap().server;
+        let changed = text
+            .replace(
+                "durability: power_loss",
+                "durability: process_crash\n  idle_timeout: 9s",
+            )
+            .replace("data_dir: data", "data_dir: data\n  plugin_dir: /elsewhere");
+        let reloaded = crate::config::Config::parse(&changed, path).unwrap();
+        let (config, kept) = with_running_server(reloaded, &running);
+        assert_eq!(kept, vec!["plugin_dir", "durability"]);
+        assert_eq!(config.server.durability, crate::config::Durability::PowerLoss);
+        assert_eq!(config.server.plugin_dir, running.plugin_dir);
+        assert_eq!(config.server.idle_timeout.0, std::time::Duration::from_secs(9));
     }
 }
