@@ -28,9 +28,22 @@ pub(crate) async fn observe<B: MessageBody + 'static>(
     request: ServiceRequest,
     next: Next<B>,
 ) -> Result<ServiceResponse<B>, actix_web::Error> {
-    actix_web::rt::spawn(observed(request, next))
-        .await
-        .map_err(|_| actix_web::error::ErrorInternalServerError("the request's task failed"))?
+    // What the line of a request whose task panicked can still say (the route's pattern, never
+    // the path the client wrote).
+    let (started, method) = (Instant::now(), request.method().clone());
+    let dialect = super::dialect_of_path(request.path());
+    let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    match actix_web::rt::spawn(observed(request, next)).await {
+        Ok(result) => result,
+        Err(_) => {
+            metrics::http_request(dialect, &route, 500, started.elapsed());
+            tracing::error!(%method, %route, dialect = dialect.map_or("", |d| d.as_str()), status = 500,
+                duration_ms = started.elapsed().as_millis() as u64, "request failed: its task panicked");
+            Err(actix_web::error::ErrorInternalServerError(
+                "the request's task failed",
+            ))
+        }
+    }
 }
 
 async fn observed<B: MessageBody + 'static>(
