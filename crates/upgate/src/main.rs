@@ -229,7 +229,7 @@ fn main() -> ExitCode {
                     received,
                     declared,
                     time_text(session.expires_at_ms),
-                    session.filename
+                    shown(&session.filename)
                 );
             }
         })),
