@@ -308,3 +308,43 @@ fn counters_and_histograms_move_for_every_dialect() {
         }
     );
 }
+
+/// A stop signal during a reload is not kept waiting for it: the reload is dropped (the
+/// running configuration stays) and the daemon stops at once. A second stop signal during a
+/// drain closes the connections still open instead of waiting out `shutdown_timeout`.
+#[test]
+fn stop_signals_are_not_kept_waiting_by_a_reload_or_a_drain() {
+    let mut daemon = Daemon::start();
+    // A config that takes seconds to read (and is refused in the end): 60,000 nested lists.
+    let config = std::fs::read_to_string(&daemon.config_path).unwrap();
+    let depth = 60_000;
+    let slow = format!("{config}extra: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    std::fs::write(&daemon.config_path, slow).unwrap();
+    daemon.signal(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    daemon.signal(15);
+    assert!(
+        daemon.wait_exit(Duration::from_secs(4)).is_some(),
+        "still running {:?} after SIGTERM: {}",
+        started.elapsed(),
+        daemon.log()
+    );
+    assert!(daemon.log().contains("the reload is dropped"), "{}", daemon.log());
+
+    let mut daemon = Daemon::start(); // shutdown_timeout: 10s
+    let form = Form::new().file("file", "slow.txt", "text/plain", &vec![b's'; 300_000]);
+    let mut held = RawUpload::start(&daemon.base_url, "/v1/files/upload", BEARER, &form);
+    held.send(100_000).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(15);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.wait_exit(Duration::from_millis(100)).is_none(), "draining");
+    daemon.signal(15);
+    assert!(
+        daemon.wait_exit(Duration::from_secs(4)).is_some(),
+        "a second SIGTERM ends the drain: {}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("a second stop signal"), "{}", daemon.log());
+}

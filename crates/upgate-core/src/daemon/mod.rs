@@ -251,14 +251,19 @@ async fn open_gateway(
 
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn serve(config_path: &Path) -> Result<(), ServeError> {
-    let (config, providers) = load(config_path)?;
-    logging::init(config.server.log_format);
-    let workers = config
-        .server
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let system = actix_web::rt::System::new();
-    let served = system.block_on(run(config_path.to_path_buf(), config, providers, workers));
+    let served = system.block_on(async {
+        // Caught before the config and the plugins load (which takes a while): a SIGHUP
+        // meanwhile is a reload once the daemon serves, not the end of the process.
+        let hangup = signals::Hangup::catch();
+        let (config, providers) = load(config_path)?;
+        logging::init(config.server.log_format);
+        let workers = config
+            .server
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        run(config_path.to_path_buf(), config, providers, workers, hangup).await
+    });
     // Not dropped: dropping the runtime would wait, with no bound, for every blocking thread
     // (a plugin call that hangs upstream). Everything that must finish did, within
     // `shutdown_timeout`; what is left ends with the process.
@@ -271,8 +276,8 @@ async fn run(
     config: Config,
     providers: BTreeMap<String, Arc<Provider>>,
     workers: usize,
+    hangup: signals::Hangup,
 ) -> Result<(), ServeError> {
-    let hangup = signals::Hangup::catch();
     let server_config = config.server.clone();
     std::fs::create_dir_all(&server_config.data_dir).map_err(ServeError::io(format!(
         "cannot create data_dir {}",
@@ -391,14 +396,23 @@ async fn run(
     let metrics_handle = metrics_server.as_ref().map(|server| server.handle());
     let signals_gateway = gateway.clone();
     actix_web::rt::spawn(async move {
-        signals::wait_for_stop(&config_path, &signals_gateway, hangup).await;
+        let mut stops = signals::wait_for_stop(&config_path, &signals_gateway, hangup).await;
         notify(&[
             NotifyState::Stopping,
             NotifyState::Status("draining in-flight uploads"),
         ]);
         tracing::info!("stopping: draining in-flight uploads");
         signals_gateway.stop();
-        handle.stop(true).await;
+        tokio::select! {
+            _ = handle.stop(true) => {}
+            _ = stops.next() => {
+                // The server takes no second stop while it drains: the process ends here,
+                // as after `shutdown_timeout` (the store is crash-safe; the next start sweeps
+                // the spool and fails the interrupted deliveries' records).
+                tracing::warn!("a second stop signal: exiting now, the uploads still open are cut");
+                std::process::exit(1);
+            }
+        }
         if let Some(metrics_handle) = metrics_handle {
             metrics_handle.stop(false).await;
         }

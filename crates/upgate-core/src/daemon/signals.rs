@@ -26,10 +26,29 @@ impl Hangup {
     }
 }
 
-/// Handles SIGHUP (reload) until SIGTERM or SIGINT arrives.
-pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway, hangup: Hangup) {
+/// SIGTERM and SIGINT, once the daemon serves.
+pub(super) struct Stops {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stops {
+    /// The next SIGTERM or SIGINT.
+    pub(super) async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Handles SIGHUP (reload) until SIGTERM or SIGINT arrives, and hands back the stop signals
+/// (a second one during the drain stops at once). A stop signal during a reload is not kept
+/// waiting for it: the reload is dropped (the running configuration stays) and the daemon
+/// stops.
+pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway, hangup: Hangup) -> Stops {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Some(mut hangup)) = (
+    let (Ok(terminate), Ok(interrupt), Some(mut hangup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         hangup.0,
@@ -37,11 +56,17 @@ pub(super) async fn wait_for_stop(config_path: &Path, gateway: &Gateway, hangup:
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };
+    let mut stops = Stops { terminate, interrupt };
     loop {
         tokio::select! {
-            _ = terminate.recv() => return,
-            _ = interrupt.recv() => return,
-            _ = hangup.recv() => reload(config_path, gateway).await,
+            _ = stops.next() => return stops,
+            _ = hangup.recv() => tokio::select! {
+                _ = reload(config_path, gateway) => {}
+                _ = stops.next() => {
+                    tracing::warn!("stopping during a reload: the reload is dropped");
+                    return stops;
+                }
+            },
         }
     }
 }
