@@ -497,11 +497,6 @@ pub struct InitContext {
     /// makes them (and their directory entries) durable before `put` returns.
     #[serde(default)]
     pub durable: bool,
-    /// The provider's `timeout` (milliseconds): the longest the host waits for one call.
-    /// A plugin's own request bound is no use above it (the host has answered by then, and
-    /// the call only holds one of its delivery slots), so a plugin keeps its own below.
-    #[serde(default)]
-    pub host_timeout_ms: Option<u64>,
 }
 
 impl InitContext {
@@ -1074,14 +1069,12 @@ mod tests {
         let here = InitContext {
             config_dir: ".".into(),
             durable: false,
-            host_timeout_ms: None,
         };
         assert_eq!(here.resolve("./data/files".as_ref()), Path::new("./data/files"));
         assert_eq!(here.resolve("ca.pem".as_ref()), Path::new("./ca.pem"));
         let etc = InitContext {
             config_dir: "/etc/upgate".into(),
             durable: false,
-            host_timeout_ms: None,
         };
         assert_eq!(etc.resolve("./ca.pem".as_ref()), Path::new("/etc/upgate/ca.pem"));
         assert_eq!(

@@ -60,6 +60,9 @@ pub struct Upstream {
     auth_header: &'static str,
     auth_value: String,
     agent: Agent,
+    /// The vendor can delete a file: an upload's request waits for its answer past the
+    /// host's deadline (up to `timeout`), so that a late success can be deleted.
+    deletes_late_uploads: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -119,7 +122,18 @@ impl Upstream {
             auth_value,
             agent: config.new_agent(),
             settings,
+            deletes_late_uploads: false,
         })
+    }
+
+    /// For a vendor with a delete API: an upload's request keeps waiting for its answer
+    /// after the host stopped waiting (up to the `timeout` setting), so that the host can
+    /// delete a file stored late. Without it, the request ends with the host's wait
+    /// ([`upgate_plugin_api::PutRequest::time_left`]): a late success could not be undone
+    /// anyway, and the request would only hold a delivery slot.
+    pub fn deleting_late_uploads(mut self) -> Self {
+        self.deletes_late_uploads = true;
+        self
     }
 
     pub fn vendor(&self) -> &'static str {
@@ -173,7 +187,8 @@ impl Upstream {
                     .fold(upload_form(request, file_field)?, |form, (name, value)| {
                         form.text(name, value)
                     });
-                self.post_multipart(what, path, headers, form, request.time_left())
+                let left = request.time_left().filter(|_| !self.deletes_late_uploads);
+                self.post_multipart(what, path, headers, form, left)
             }
             Content::Arriving(request, body) => {
                 let mut form = StreamedMultipart::new(

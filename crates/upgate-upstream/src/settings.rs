@@ -31,8 +31,7 @@ pub struct UpstreamSettings {
     api_key: String,
     /// Time to connect (TCP and TLS). Default 10 s.
     pub connect_timeout: Duration,
-    /// Total time for one request, body and answer included. Default 300 s, and never more
-    /// than the provider's `timeout` (the host's wait for one call).
+    /// Total time for one request, body and answer included. Default 300 s.
     pub timeout: Duration,
     /// Extra PEM roots, trusted in addition to the Mozilla roots.
     pub ca_file: Option<PathBuf>,
@@ -93,12 +92,7 @@ impl UpstreamSettings {
             map.remove("connect_timeout"),
             DEFAULT_CONNECT_TIMEOUT,
         )?;
-        // Never above the host's own wait for a call (`InitContext::host_timeout_ms`).
-        let timeout = parse_duration("timeout", map.remove("timeout"), DEFAULT_TIMEOUT)?.min(
-            context
-                .host_timeout_ms
-                .map_or(Duration::MAX, Duration::from_millis),
-        );
+        let timeout = parse_duration("timeout", map.remove("timeout"), DEFAULT_TIMEOUT)?;
         let ca_file = match map.remove("ca_file") {
             None | Some(Value::Null) => None,
             Some(Value::String(path)) if !path.is_empty() => Some(context.resolve(Path::new(&path))),
@@ -277,7 +271,6 @@ mod tests {
         let context = InitContext {
             config_dir: PathBuf::from("/etc/upgate"),
             durable: false,
-            ..InitContext::default()
         };
         let parse = |ca_file: &str| {
             UpstreamSettings::parse(
@@ -321,17 +314,6 @@ mod tests {
         .unwrap();
         assert_eq!(settings.timeout, Duration::from_secs(300));
         assert_eq!(settings.connect_timeout, Duration::from_secs(3));
-        // Never above the host's wait for a call.
-        let host = InitContext {
-            host_timeout_ms: Some(2_000),
-            ..InitContext::default()
-        };
-        let bounded = UpstreamSettings::parse(
-            &host,
-            json!({"base_url": "http://h:1", "api_key": "k", "timeout": "5m"}),
-            &[],
-        );
-        assert_eq!(bounded.unwrap().timeout, Duration::from_secs(2));
         assert_eq!(settings.byte_size_or("chunk_size", 1).unwrap(), 8 << 20);
         assert_eq!(settings.byte_size_or("missing", 7).unwrap(), 7);
         assert_eq!(settings.string_or("user", "x").unwrap(), "bob");

@@ -79,7 +79,7 @@ impl Provider for Korexo {
         let allowed_apps = allowed("allowed_app_ids", "app", &app_id)?;
         let allowed_envs = allowed("allowed_env_names", "environment", &env_name)?;
         let user_reference = settings.string_or("user_reference", "upgate")?;
-        let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?;
+        let upstream = Upstream::new(VENDOR, settings, Auth::header("x-api-key"))?.deleting_late_uploads();
         Ok(Self {
             upstream,
             app_id,

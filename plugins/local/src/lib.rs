@@ -211,7 +211,6 @@ mod tests {
         let context = InitContext {
             config_dir: dir.path().to_path_buf(),
             durable: true,
-            ..InitContext::default()
         };
         let provider = LocalDisk::init(&context, serde_json::json!({ "root": "files" })).unwrap();
         assert!(provider.durable);

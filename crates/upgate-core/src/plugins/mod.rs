@@ -288,7 +288,6 @@ fn instantiate_one(
         context: InitContext {
             config_dir: config_dir.to_path_buf(),
             durable,
-            host_timeout_ms: u64::try_from(config.timeout.0.as_millis()).ok(),
         },
     };
     let request = serde_json::to_vec(&request).unwrap_or_default();
