@@ -2050,11 +2050,17 @@ fn check_case(case: &Case, exchange: &Exchange, tally: &mut Tally) -> Vec<String
 #[test]
 fn fuzzed_requests_of_every_dialect_never_break_the_daemon() {
     let (run, mut rng) = Run::begin("fuzzed_requests_of_every_dialect_never_break_the_daemon");
+    // Thousands of cases, many of which open a tus upload or a Kore session and leave it.
     let mut daemon = Daemon::start_with(|dir| {
-        default_config(dir).replace(
-            "  idle_timeout: 2s\n",
-            "  idle_timeout: 2s\n  header_timeout: 3s\n",
-        )
+        default_config(dir)
+            .replace(
+                "  idle_timeout: 2s\n",
+                "  idle_timeout: 2s\n  header_timeout: 3s\n",
+            )
+            .replace(
+                "    max_file_size: 1MiB\n",
+                "    max_file_size: 1MiB\n    max_open_sessions: 1000000\n",
+            )
     });
     let address = address(&daemon);
     let started = Instant::now();
