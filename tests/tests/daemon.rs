@@ -473,3 +473,36 @@ fn relative_paths_in_the_config_are_relative_to_the_config_file() {
     );
     assert!(daemon.dir.join("data").join("upgate.db").exists());
 }
+
+/// An upload still arriving when `shutdown_timeout` passes is cut, and the log says how many
+/// connections were: the operator learns that clients were cut, not only that it stopped.
+#[test]
+fn uploads_cut_at_shutdown_timeout_are_reported() {
+    let mut daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace("shutdown_timeout: 10s", "shutdown_timeout: 2s")
+    });
+    let form = Form::new().file("file", "slow.txt", "text/plain", &vec![b's'; 300_000]);
+    let mut held = RawUpload::start(&daemon.base_url, "/v1/files/upload", BEARER, &form);
+    held.send(100_000).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(15);
+    // The client keeps sending, slowly enough to outlast the drain.
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(100));
+        if held.send(1000).is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("connections=1") && daemon.log().contains("the requests still running are cut"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.spool_files(), 0);
+}

@@ -394,6 +394,8 @@ async fn run(
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
 
     let metrics_handle = metrics_server.as_ref().map(|server| server.handle());
+    // What the server waits for in-flight requests (whole seconds, at least one).
+    let drain_limit = std::time::Duration::from_secs(server_config.shutdown_timeout.0.as_secs().max(1));
     let signals_gateway = gateway.clone();
     actix_web::rt::spawn(async move {
         let mut stops = signals::wait_for_stop(&config_path, &signals_gateway, hangup).await;
@@ -403,14 +405,30 @@ async fn run(
         ]);
         tracing::info!("stopping: draining in-flight uploads");
         signals_gateway.stop();
-        tokio::select! {
-            _ = handle.stop(true) => {}
-            _ = stops.next() => {
-                // The server takes no second stop while it drains: the process ends here,
-                // as after `shutdown_timeout` (the store is crash-safe; the next start sweeps
-                // the spool and fails the interrupted deliveries' records).
-                tracing::warn!("a second stop signal: exiting now, the uploads still open are cut");
-                std::process::exit(1);
+        let mut drained = std::pin::pin!(handle.stop(true));
+        // Just before the server cuts what still runs at `shutdown_timeout`, what that is.
+        let mut last_look = std::pin::pin!(tokio::time::sleep(
+            drain_limit.saturating_sub(std::time::Duration::from_millis(200))
+        ));
+        let mut looked = false;
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                _ = &mut last_look, if !looked => {
+                    looked = true;
+                    let open = metrics::get().open_connections.get();
+                    if open > 0 {
+                        tracing::warn!(connections = open,
+                            "shutdown_timeout is passing: the requests still running are cut, their uploads not accepted");
+                    }
+                }
+                _ = stops.next() => {
+                    // The server takes no second stop while it drains: the process ends here,
+                    // as after `shutdown_timeout` (the store is crash-safe; the next start
+                    // sweeps the spool and fails the interrupted deliveries' records).
+                    tracing::warn!("a second stop signal: exiting now, the uploads still open are cut");
+                    std::process::exit(1);
+                }
             }
         }
         if let Some(metrics_handle) = metrics_handle {
