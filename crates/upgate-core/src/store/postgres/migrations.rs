@@ -81,6 +81,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );",
     // 4: the partial uploads a final concatenation joined (tus HEAD names them).
     "ALTER TABLE sessions ADD COLUMN concat_parts TEXT;",
+    // 5: a tenant's unfinished sessions, counted at every session start and tus creation
+    // (`max_open_sessions`) while finished tus uploads stay until they expire.
+    "CREATE INDEX sessions_open_by_tenant ON sessions (tenant) WHERE upload_id IS NULL;",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

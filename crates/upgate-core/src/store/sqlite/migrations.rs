@@ -125,4 +125,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE uploads ADD COLUMN leased INTEGER NOT NULL DEFAULT 0;",
     // Version 9: the partial uploads a final concatenation joined (tus HEAD names them).
     "ALTER TABLE sessions ADD COLUMN concat_parts TEXT;",
+    // Version 10: a tenant's unfinished sessions, counted at every session start and tus
+    // creation (`max_open_sessions`) while finished tus uploads stay until they expire.
+    "CREATE INDEX sessions_open_by_tenant ON sessions (tenant) WHERE upload_id IS NULL;",
 ];

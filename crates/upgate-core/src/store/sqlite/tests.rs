@@ -234,6 +234,18 @@ async fn a_version_4_database_keeps_its_uploads_and_records_them_without_a_tempo
         !opcodes.iter().any(|op| op == "OpenEphemeral"),
         "an insert builds no temporary b-tree: {opcodes:?}"
     );
+    // Counting a tenant's unfinished sessions reads its index, not every session kept.
+    let plan: Vec<String> = connection
+        .prepare("EXPLAIN QUERY PLAN SELECT COUNT(*) FROM sessions WHERE tenant = ?1 AND upload_id IS NULL")
+        .unwrap()
+        .query_map(["t"], |row| row.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        plan.iter().any(|step| step.contains("sessions_open_by_tenant")),
+        "{plan:?}"
+    );
 }
 
 #[tokio::test]
