@@ -15,7 +15,10 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, Routes, admit, derived_uuid, file_url, iso_millis, plain_message};
+use super::{
+    Dialect, DialectName, Routes, SentTwice, admit, derived_uuid, file_url, header_once, iso_millis,
+    plain_message,
+};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
@@ -42,15 +45,12 @@ fn workspace_id(request: &HttpRequest) -> Result<String, ApiError> {
         field: WORKSPACE_HEADER,
         message: format!("{WORKSPACE_HEADER} must be at most 256 visible ASCII characters"),
     };
-    let mut values = request.headers().get_all(WORKSPACE_HEADER);
-    let value = values.next().ok_or(ApiError::MissingField(WORKSPACE_HEADER))?;
-    // Twice: which copy counts is not for a reader to pick (a proxy may read the other).
-    if values.next().is_some() {
-        return Err(ApiError::InvalidField {
+    let value = header_once(request.headers(), WORKSPACE_HEADER)
+        .map_err(|SentTwice| ApiError::InvalidField {
             field: WORKSPACE_HEADER,
             message: format!("{WORKSPACE_HEADER} is given twice"),
-        });
-    }
+        })?
+        .ok_or(ApiError::MissingField(WORKSPACE_HEADER))?;
     let text = value.to_str().map_err(|_| invalid())?.trim();
     if text.is_empty() {
         return Err(ApiError::MissingField(WORKSPACE_HEADER));

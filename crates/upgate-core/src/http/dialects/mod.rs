@@ -182,19 +182,33 @@ pub(crate) fn methods_serving(path: &str) -> Vec<String> {
     methods.into_iter().cloned().collect()
 }
 
-/// The one value of a credential header: a request that sends it twice is refused
-/// (malformed), whichever copy holds a valid key; reading the first would let a proxy's and
-/// a client's copies disagree on who the request is.
+/// A header the request sent more than once.
+pub(crate) struct SentTwice;
+
+/// The one value of header `name`, `None` when it is absent. Sent twice it is refused, even
+/// with equal copies: which copy counts would depend on who reads it (a proxy in front may
+/// read the other one). Every header the dialects read goes through here.
+pub(crate) fn header_once(
+    headers: &actix_web::http::header::HeaderMap,
+    name: impl actix_web::http::header::AsHeaderName,
+) -> Result<Option<&actix_web::http::header::HeaderValue>, SentTwice> {
+    let mut values = headers.get_all(name);
+    let value = values.next();
+    match values.next() {
+        None => Ok(value),
+        Some(_) => Err(SentTwice),
+    }
+}
+
+/// The one value of a credential header: sent twice it is malformed, whichever copy holds a
+/// valid key.
 pub(crate) fn single_header(
     request: &HttpRequest,
     name: impl actix_web::http::header::AsHeaderName,
 ) -> Result<&actix_web::http::header::HeaderValue, ApiError> {
-    let mut values = request.headers().get_all(name);
-    let value = values.next().ok_or(ApiError::MissingCredentials)?;
-    match values.next() {
-        None => Ok(value),
-        Some(_) => Err(ApiError::MalformedCredentials),
-    }
+    header_once(request.headers(), name)
+        .map_err(|SentTwice| ApiError::MalformedCredentials)?
+        .ok_or(ApiError::MissingCredentials)
 }
 
 /// The value of a key header (`X-api-key` and friends): present once, non-empty, visible

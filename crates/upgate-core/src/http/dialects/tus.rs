@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use super::{Dialect, DialectName, Routes, Work, admit, admit_for};
+use super::{Dialect, DialectName, Routes, SentTwice, Work, admit, admit_for, header_once};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer};
 use crate::store::{Concat, SessionRecord, UploadRecord};
@@ -97,13 +97,11 @@ fn check_version(request: &HttpRequest) -> Result<(), ApiError> {
 /// A tus header's one value, trimmed. Sent twice it is malformed: which copy counts would
 /// depend on who reads it (a proxy in front may read the other one).
 fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
-    let mut values = headers.get_all(name);
-    let Some(value) = values.next() else {
+    let Some(value) = header_once(headers, name)
+        .map_err(|SentTwice| ApiError::Malformed(format!("{name} is given twice")))?
+    else {
         return Ok(None);
     };
-    if values.next().is_some() {
-        return Err(ApiError::Malformed(format!("{name} is given twice")));
-    }
     value
         .to_str()
         .map(|text| Some(text.trim()))
