@@ -391,7 +391,8 @@ fn deletes_reach_the_kore_xo_upstream_from_the_client_and_from_the_operator() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("no upload"), "{stderr}");
     let (code, _, stderr) = run_cli(&["uploads", "delete", "../../etc/passwd", "--config", &config_path]);
-    assert_eq!(code, 1, "{stderr}");
+    // A usage error, like the argument parser's own.
+    assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not an upload id"), "{stderr}");
 }
 

@@ -108,7 +108,8 @@ fn a_failed_async_delivery_is_found_shown_and_re_driven() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("not failed"), "{stderr}");
     let (code, _, stderr) = run_cli(&["uploads", "show", "../../etc/passwd", "--config", &config]);
-    assert_eq!(code, 1, "{stderr}");
+    // A usage error, like the argument parser's own.
+    assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not an upload id"), "{stderr}");
 }
 

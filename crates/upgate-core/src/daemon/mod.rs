@@ -55,6 +55,10 @@ pub enum ServeError {
     /// An operator command refused (no such upload, the provider could not delete, ...).
     #[error("{0}")]
     Refused(String),
+    /// An operator command given an argument it cannot use (a malformed upload id): a
+    /// usage error, like the ones the argument parser itself reports.
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn join<T: std::fmt::Display>(items: &[T]) -> String {
@@ -62,10 +66,10 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 impl ServeError {
-    /// 2 for bad config (plugins included), 1 for failures at run time.
+    /// 2 for bad config (plugins included) and bad arguments, 1 for failures at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Config(_) | Self::Plugins(_) => 2,
+            Self::Config(_) | Self::Plugins(_) | Self::Usage(_) => 2,
             Self::Store(_) | Self::Io { .. } | Self::Refused(_) => 1,
         }
     }

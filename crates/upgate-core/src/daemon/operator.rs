@@ -24,7 +24,7 @@ fn check_id(id: &str) -> Result<(), ServeError> {
     {
         Ok(())
     } else {
-        Err(ServeError::Refused(
+        Err(ServeError::Usage(
             "not an upload id (a uuid, 24 hex digits, f-<uuid> or 32 hex digits)".into(),
         ))
     }
