@@ -8,7 +8,7 @@
 //! The work itself lives in `upload/`; these are only its clocks.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::ServerConfig;
 use crate::metrics;
@@ -41,13 +41,15 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>, drain: Duration) {
             .max()
             .unwrap_or_default();
         let lease_ms = (longest_attempt + deliver::OUTBOX_LEASE_MARGIN).as_millis() as i64;
-        let now = now_ms();
-        // The claim's fencing token: what a delivery under it records must match.
-        let lease_until = now.saturating_add(lease_ms);
-        match gateway.store.claim_due(now, room, lease_ms).await {
-            Ok(due) => {
-                let full = due.len() == room;
-                for record in due {
+        let claimed_at = Instant::now();
+        match gateway.store.claim_due(now_ms(), room, lease_ms).await {
+            Ok(claim) => {
+                let lease = deliver::OutboxLease {
+                    token: claim.lease_until,
+                    ends: claimed_at + Duration::from_millis(lease_ms.unsigned_abs()),
+                };
+                let full = claim.due.len() == room;
+                for record in claim.due {
                     let Some(provider) = policy.providers.get(&record.provider).cloned() else {
                         tracing::error!(upload_id = %record.id, provider = %record.provider,
                             "provider no longer configured; upload stays in the outbox");
@@ -59,7 +61,7 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>, drain: Duration) {
                                 "provider not configured".into(),
                                 record.attempts,
                                 Some(retry_at),
-                                lease_until,
+                                lease.token,
                             )
                             .await;
                         continue;
@@ -67,7 +69,7 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>, drain: Duration) {
                     let gateway = gateway.clone();
                     let slot = in_flight.clone().try_acquire_owned().ok();
                     actix_web::rt::spawn(async move {
-                        deliver::deliver_from_outbox(&gateway, &provider, record, lease_until).await;
+                        deliver::deliver_from_outbox(&gateway, &provider, record, lease).await;
                         drop(slot);
                     });
                 }

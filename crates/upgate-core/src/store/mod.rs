@@ -262,9 +262,11 @@ pub(crate) trait Store: Send + Sync {
     /// Notes on upload `id` that a delivery was made twice because a lease ran out (kept
     /// by the delivery that is recorded).
     fn note_superseded(&self, id: String, note: String) -> StoreFuture<'_, ()>;
-    /// Claims up to `limit` due uploads, each leased for `lease_ms`: until `now + lease_ms`,
-    /// the claim's fencing token.
-    fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> StoreFuture<'_, Vec<UploadRecord>>;
+    /// Claims up to `limit` uploads due at `now`, leased for `lease_ms`; the claim's
+    /// `lease_until` is its fencing token. A shared store compares and leases on its own
+    /// clock (`now` only says where this node's clock stands), so that nodes whose clocks
+    /// disagree never take each other's leases early.
+    fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> StoreFuture<'_, Claim>;
     /// Makes every leased upload due again and ends every sync delivery's lease (at start:
     /// this node's leases died with it; a no-op where nodes share the store).
     fn release_outbox_leases(&self) -> StoreFuture<'_, usize>;
@@ -299,7 +301,7 @@ pub(crate) trait Store: Send + Sync {
     fn set_session_length(&self, id: String, length: u64) -> StoreFuture<'_, ()>;
     /// Takes (or, for the same `holder`, renews) the lease on session `id` until `until_ms`;
     /// `false` while another holder's lease runs at `now`. A store that one process uses
-    /// alone grants every lease.
+    /// alone grants every lease; a shared one moves both times onto its own clock.
     fn lease_session(&self, id: String, holder: String, now: i64, until_ms: i64) -> StoreFuture<'_, bool>;
     /// Ends `holder`'s lease on session `id`.
     fn release_session_lease(&self, id: String, holder: String) -> StoreFuture<'_, ()>;
@@ -315,6 +317,16 @@ pub(crate) trait Store: Send + Sync {
     fn active_sessions(&self) -> StoreFuture<'_, u64>;
     /// `tenant`'s sessions that have not become an upload yet.
     fn open_sessions_of(&self, tenant: String) -> StoreFuture<'_, u64>;
+}
+
+/// Uploads claimed for delivery by one [`Store::claim_due`], all under one lease.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Claim {
+    /// Oldest due first.
+    pub(crate) due: Vec<UploadRecord>,
+    /// When the lease ends, on the store's clock: the fencing token that what a delivery
+    /// under this claim records must present.
+    pub(crate) lease_until: i64,
 }
 
 /// `impl Store for $store`, each method the backend's inherent async method of the same name,
@@ -334,7 +346,7 @@ macro_rules! store_by_inherent_methods {
         mark_forwarded(id: String, remote_id: String, remote_url: Option<String>, attempts: u32, lease_until: i64) -> bool;
         mark_attempt_failed(id: String, error: String, attempts: u32, retry_at_ms: Option<i64>, lease_until: i64) -> bool;
         note_superseded(id: String, note: String) -> ();
-        claim_due(now: i64, limit: usize, lease_ms: i64) -> Vec<$crate::store::UploadRecord>;
+        claim_due(now: i64, limit: usize, lease_ms: i64) -> $crate::store::Claim;
         release_outbox_leases() -> usize;
         outbox_len() -> u64;
         usage(tenant: String, day: i64) -> (u64, u64);

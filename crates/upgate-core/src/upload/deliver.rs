@@ -188,7 +188,7 @@ async fn record_delivery(
     record: &UploadRecord,
     result: &PutResult,
     attempts: u32,
-    lease_until: i64,
+    lease: OutboxLease,
 ) -> Result<bool, crate::store::StoreError> {
     let mut wait = Duration::from_secs(1);
     let mut tried = false;
@@ -200,7 +200,7 @@ async fn record_delivery(
                 result.remote_id.clone(),
                 result.url.clone(),
                 attempts,
-                lease_until,
+                lease.token,
             )
             .await;
         match marked {
@@ -212,8 +212,10 @@ async fn record_delivery(
             }
             Ok(marked) => return Ok(marked),
             Err(error) => {
-                let waited = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-                if now_ms().saturating_add(waited) >= lease_until {
+                if Instant::now()
+                    .checked_add(wait)
+                    .is_none_or(|then| then >= lease.ends)
+                {
                     return Err(error);
                 }
                 tried = true;
@@ -390,8 +392,18 @@ const SPOOL_OUTAGE_WAIT: Duration = Duration::from_secs(30);
 /// What an outbox lease adds to the longest attempt a provider may take.
 pub(crate) const OUTBOX_LEASE_MARGIN: Duration = Duration::from_secs(60);
 
-/// Delivers one upload claimed from the outbox (under the claim whose lease ends at
-/// `lease_until`), once, and records how it went: delivered, rescheduled with backoff, or
+/// The lease under which the outbox claimed an upload ([`crate::store::Claim`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutboxLease {
+    /// The claim's fencing token, on the store's clock: what is recorded under the claim
+    /// presents it.
+    pub(crate) token: i64,
+    /// When the lease ends on this node's monotonic clock (counted from before the claim,
+    /// so never later than the store's end): the node stops trying to record by then.
+    pub(crate) ends: Instant,
+}
+
+/// Delivers one upload claimed from the outbox (under `lease`), once, and records how it went: delivered, rescheduled with backoff, or
 /// failed for good (its bytes kept for the operator). An attempt that outlived its lease
 /// while another node (or poll) claimed the upload again records nothing over that claim:
 /// its delivered copy is deleted upstream and the record gets a note of it.
@@ -399,7 +411,7 @@ pub(crate) async fn deliver_from_outbox(
     gateway: &Gateway,
     provider: &Arc<Provider>,
     record: UploadRecord,
-    lease_until: i64,
+    lease: OutboxLease,
 ) {
     let mut attempts = record.attempts + 1;
     // A shared spool downloads the bytes first when another node received them.
@@ -452,7 +464,7 @@ pub(crate) async fn deliver_from_outbox(
         Attempt::Delivered(result) => {
             // Recorded before the spool copy goes: a crash in between re-delivers rather
             // than loses.
-            let recorded = record_delivery(gateway, &record, &result, attempts, lease_until).await;
+            let recorded = record_delivery(gateway, &record, &result, attempts, lease).await;
             match recorded {
                 Ok(true) => {
                     finish_delivered(provider, &record, &path, &result).await;
@@ -532,7 +544,7 @@ pub(crate) async fn deliver_from_outbox(
                     error.message,
                     attempts,
                     Some(retry_at),
-                    lease_until,
+                    lease.token,
                 )
                 .await
             {
@@ -548,7 +560,7 @@ pub(crate) async fn deliver_from_outbox(
                 "async delivery failed for good; the file stays in the spool");
             let _ = gateway
                 .store
-                .mark_attempt_failed(record.id.clone(), error.message, attempts, None, lease_until)
+                .mark_attempt_failed(record.id.clone(), error.message, attempts, None, lease.token)
                 .await;
             metrics::upload_outcome(record.dialect, &provider.name, "failed");
         }

@@ -48,6 +48,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(6);
 #[derive(Clone)]
 pub(crate) struct PostgresStore {
     pool: Arc<Pool>,
+    /// This node's clock (Unix epoch milliseconds): what the times it passes in are read
+    /// from, measured against PostgreSQL's in every statement that compares them
+    /// ([`on_db_clock`]). A test gives a node a clock that runs ahead.
+    node_clock: fn() -> i64,
 }
 
 struct Pool {
@@ -253,6 +257,7 @@ impl PostgresStore {
                 driver,
                 _stop: stop,
             }),
+            node_clock: crate::vocab::now_ms,
         })
     }
 
@@ -354,6 +359,35 @@ fn parse_column<T>(row: &Row, column: usize, parse: impl Fn(&str) -> Option<T>) 
         ))
     })
 }
+
+/// PostgreSQL's clock as SQL (Unix epoch milliseconds, fixed for the statement).
+macro_rules! db_now {
+    () => {
+        "(EXTRACT(EPOCH FROM statement_timestamp()) * 1000)::bigint"
+    };
+}
+pub(super) use db_now;
+
+/// SQL for `$time`, a time on this node's clock (Unix epoch milliseconds), moved onto
+/// PostgreSQL's: shifted by how far PostgreSQL's clock stands from this node's (`$node_now`,
+/// the node's clock read when the statement is sent). Every time that leases and due times
+/// are compared in goes through it (or is [`db_now`]), so nodes whose clocks disagree still
+/// agree on when a lease ends: a node whose clock runs a minute ahead takes over no lease a
+/// minute early.
+macro_rules! on_db_clock {
+    ($time:literal, $node_now:literal) => {
+        concat!(
+            "(",
+            $time,
+            "::bigint + ",
+            $crate::store::postgres::db_now!(),
+            " - ",
+            $node_now,
+            "::bigint)"
+        )
+    };
+}
+pub(super) use on_db_clock;
 
 /// A count or size as PostgreSQL's `bigint`.
 fn big(value: u64) -> i64 {

@@ -2,8 +2,8 @@
 //! claim with `FOR UPDATE SKIP LOCKED`, so two polls never take the same upload.
 
 use super::uploads::{upload_columns, upload_from_row};
-use super::{PostgresStore, big};
-use crate::store::{StoreError, UploadRecord};
+use super::{PostgresStore, big, on_db_clock};
+use crate::store::{Claim, StoreError};
 use crate::vocab::now_ms;
 
 impl PostgresStore {
@@ -53,6 +53,7 @@ impl PostgresStore {
         retry_at_ms: Option<i64>,
         lease_until: i64,
     ) -> Result<bool, StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let state = if retry_at_ms.is_some() {
@@ -61,10 +62,12 @@ impl PostgresStore {
                     "failed"
                 };
                 let update = connection
-                    .prepare(
-                        "UPDATE uploads SET state = $2, last_error = $3, attempts = $4, next_attempt_at = $5,
-                         updated_at = $6 WHERE id = $1 AND state = 'received' AND next_attempt_at = $7",
-                    )
+                    .prepare(concat!(
+                        "UPDATE uploads SET state = $2, last_error = $3, attempts = $4, updated_at = $6,
+                         next_attempt_at = ",
+                        on_db_clock!("$5", "$8"),
+                        " WHERE id = $1 AND state = 'received' AND next_attempt_at = $7"
+                    ))
                     .await?;
                 let changed = connection
                     .client()
@@ -78,6 +81,7 @@ impl PostgresStore {
                             &retry_at_ms,
                             &now_ms(),
                             &lease_until,
+                            &clock(),
                         ],
                     )
                     .await?;
@@ -104,40 +108,50 @@ impl PostgresStore {
     }
 
     /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so no
-    /// poll (of this node or another) picks them up while they are in flight. Rows another
-    /// node is claiming at this moment are skipped, not waited for.
-    pub(super) async fn claim_due(
-        &self,
-        now: i64,
-        limit: usize,
-        lease_ms: i64,
-    ) -> Result<Vec<UploadRecord>, StoreError> {
+    /// poll (of this node or another) picks them up while they are in flight. Due and lease
+    /// are on PostgreSQL's clock (`now`, this node's, is moved onto it), so a node whose
+    /// clock runs ahead does not claim early. Rows another node is claiming at this moment
+    /// are skipped, not waited for.
+    pub(super) async fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> Result<Claim, StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let claim = connection
                     .prepare(concat!(
                         "WITH due AS (
                             SELECT id AS due_id, next_attempt_at AS due_at FROM uploads
-                            WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 AND state = 'received'
-                            ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                            WHERE next_attempt_at IS NOT NULL AND state = 'received' AND next_attempt_at <= ",
+                        on_db_clock!("$1", "$4"),
+                        " ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED
                          )
-                         UPDATE uploads SET next_attempt_at = $3 FROM due WHERE id = due_id
+                         UPDATE uploads SET next_attempt_at = ",
+                        on_db_clock!("$1", "$4"),
+                        " + $3::bigint FROM due WHERE id = due_id
                          RETURNING ",
                         upload_columns!(),
-                        ", due_at"
+                        ", due_at, next_attempt_at"
                     ))
                     .await?;
                 let rows = connection
                     .client()
-                    .query(&claim, &[&now, &big(limit as u64), &now.saturating_add(lease_ms)])
+                    .query(&claim, &[&now, &big(limit as u64), &lease_ms, &clock()])
                     .await?;
                 let mut due = rows
                     .iter()
                     .map(|row| Ok((row.try_get::<_, i64>(17)?, upload_from_row(row)?)))
                     .collect::<Result<Vec<_>, StoreError>>()?;
+                // The same for every row (PostgreSQL's clock is fixed for the statement); with
+                // none claimed, nothing presents it.
+                let lease_until = match rows.first() {
+                    Some(row) => row.try_get::<_, i64>(18)?,
+                    None => now.saturating_add(lease_ms),
+                };
                 // Oldest due first, as they were chosen.
                 due.sort_by(|(a, first), (b, second)| a.cmp(b).then_with(|| first.id.cmp(&second.id)));
-                Ok(due.into_iter().map(|(_, record)| record).collect())
+                Ok(Claim {
+                    due: due.into_iter().map(|(_, record)| record).collect(),
+                    lease_until,
+                })
             })
         })
         .await

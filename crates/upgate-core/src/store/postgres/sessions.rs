@@ -2,7 +2,7 @@
 
 use tokio_postgres::Row;
 
-use super::{PostgresStore, big, parse_column};
+use super::{PostgresStore, big, on_db_clock, parse_column};
 use crate::store::{Concat, SessionRecord, StoreError};
 use crate::vocab::DialectName;
 
@@ -166,7 +166,8 @@ impl PostgresStore {
     }
 
     /// Takes (or renews) the lease of session `id` for `holder` until `until_ms`, unless
-    /// another holder's lease runs at `now`.
+    /// another holder's lease runs at `now`: both moved onto PostgreSQL's clock, so that
+    /// the nodes' own clocks need not agree.
     pub(super) async fn lease_session(
         &self,
         id: String,
@@ -174,18 +175,21 @@ impl PostgresStore {
         now: i64,
         until_ms: i64,
     ) -> Result<bool, StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let lease = connection
-                    .prepare(
-                        "INSERT INTO session_leases (session_id, holder, until_ms) VALUES ($1, $2, $3)
-                         ON CONFLICT (session_id) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms
-                         WHERE session_leases.until_ms < $4 OR session_leases.holder = EXCLUDED.holder",
-                    )
+                    .prepare(concat!(
+                        "INSERT INTO session_leases (session_id, holder, until_ms) VALUES ($1, $2, ",
+                        on_db_clock!("$3", "$5"),
+                        ") ON CONFLICT (session_id) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms
+                         WHERE session_leases.holder = EXCLUDED.holder OR session_leases.until_ms < ",
+                        on_db_clock!("$4", "$5")
+                    ))
                     .await?;
                 let taken = connection
                     .client()
-                    .execute(&lease, &[&id, &holder, &until_ms, &now])
+                    .execute(&lease, &[&id, &holder, &until_ms, &now, &clock()])
                     .await?;
                 Ok(taken == 1)
             })
@@ -239,6 +243,7 @@ impl PostgresStore {
     /// Deletes the sessions expired at `now` and returns their ids (their chunk files are
     /// the caller's to remove, on the node that has them).
     pub(super) async fn take_expired_sessions(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let delete = connection
@@ -247,9 +252,12 @@ impl PostgresStore {
                 let rows = connection.client().query(&delete, &[&now]).await?;
                 // Leases a node held when it died, long over (a live one is renewed).
                 let stale = connection
-                    .prepare("DELETE FROM session_leases WHERE until_ms < $1")
+                    .prepare(concat!(
+                        "DELETE FROM session_leases WHERE until_ms < ",
+                        on_db_clock!("$1", "$2")
+                    ))
                     .await?;
-                connection.client().execute(&stale, &[&now]).await?;
+                connection.client().execute(&stale, &[&now, &clock()]).await?;
                 rows.iter()
                     .map(|row| row.try_get(0).map_err(StoreError::from))
                     .collect()

@@ -85,9 +85,17 @@ async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl
     other.unwrap();
     assert!(store.upload("c".into()).await.unwrap().is_none());
     assert_eq!(store.outbox_len().await.unwrap(), 2);
+    let claim = store.claim_due(now(), 10, 60_000).await.unwrap();
+    assert_eq!(claim.due.len(), 2);
     assert!(
         store
-            .mark_forwarded("a".into(), "r1".into(), Some("http://x".into()), 1, 1)
+            .mark_forwarded(
+                "a".into(),
+                "r1".into(),
+                Some("http://x".into()),
+                1,
+                claim.lease_until
+            )
             .await
             .unwrap()
     );
@@ -97,9 +105,10 @@ async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl
     assert_eq!(got.metadata.get("user").and_then(|v| v.as_str()), Some("u"));
     assert!(store.upload_of("t2".into(), "a".into()).await.unwrap().is_none());
     assert_eq!(store.outbox_len().await.unwrap(), 1);
-    let due = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert!(store.claim_due(0, 10, 5).await.unwrap().is_empty());
+    // Due again once its lease ran out (a year on).
+    let due = store.claim_due(now() + 365 * 86_400_000, 10, 5).await.unwrap();
+    assert_eq!(due.due.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert!(store.claim_due(0, 10, 5).await.unwrap().due.is_empty());
     assert!(store.mark_deleted("b".into()).await.unwrap());
     assert!(!store.mark_deleted("b".into()).await.unwrap(), "deleted once");
     assert!(
@@ -224,10 +233,14 @@ async fn listings_and_retries(url: &PostgresUrl) {
         records.push(record);
     }
     store.insert_uploads(records, 0).await.unwrap();
-    store
-        .mark_attempt_failed("u0".into(), "boom".into(), 3, None, 0)
-        .await
-        .unwrap();
+    // (A lease that ends at once: the others are due again below.)
+    let claim = store.claim_due(now(), 10, 0).await.unwrap();
+    assert!(
+        store
+            .mark_attempt_failed("u0".into(), "boom".into(), 3, None, claim.lease_until)
+            .await
+            .unwrap()
+    );
     let ids = |records: Vec<UploadRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
     let all = UploadFilter {
         limit: 10,
@@ -268,7 +281,7 @@ async fn listings_and_retries(url: &PostgresUrl) {
     // A retried upload is due now; the leases of a restarted node are left to run out.
     assert_eq!(store.release_outbox_leases().await.unwrap(), 0);
     let due = store.claim_due(now(), 10, 60_000).await.unwrap();
-    assert_eq!(ids(due), ["u1", "u2", "u0"], "oldest due first");
+    assert_eq!(ids(due.due), ["u1", "u2", "u0"], "oldest due first");
 }
 
 fn now() -> i64 {
@@ -305,7 +318,7 @@ async fn nodes_share_claims_quotas_and_one_migration() {
     .await;
     let mut claimed: Vec<String> = claims
         .into_iter()
-        .flat_map(|claim| claim.unwrap())
+        .flat_map(|claim| claim.unwrap().due)
         .map(|record| record.id)
         .collect();
     let total = claimed.len();
@@ -328,24 +341,23 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .insert_uploads(vec![record("fenced", "t")], 0)
         .await
         .unwrap();
-    let first = now();
-    assert_eq!(nodes[0].claim_due(first, 1, 50).await.unwrap().len(), 1);
+    let first = nodes[0].claim_due(now(), 1, 50).await.unwrap();
+    assert_eq!(first.due.len(), 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let second = now();
-    let again = nodes[1].claim_due(second, 10, 60_000).await.unwrap();
+    let second = nodes[1].claim_due(now(), 10, 60_000).await.unwrap();
     assert_eq!(
-        again.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        second.due.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["fenced"]
     );
     assert!(
         !nodes[0]
-            .mark_attempt_failed("fenced".into(), "late".into(), 1, Some(0), first + 50)
+            .mark_attempt_failed("fenced".into(), "late".into(), 1, Some(0), first.lease_until)
             .await
             .unwrap()
     );
     assert!(
         !nodes[0]
-            .mark_forwarded("fenced".into(), "from-a".into(), None, 1, first + 50)
+            .mark_forwarded("fenced".into(), "from-a".into(), None, 1, first.lease_until)
             .await
             .unwrap(),
         "the first claim's delivery is not recorded over the second claim"
@@ -356,7 +368,7 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .unwrap();
     assert!(
         nodes[1]
-            .mark_forwarded("fenced".into(), "from-b".into(), None, 1, second + 60_000)
+            .mark_forwarded("fenced".into(), "from-b".into(), None, 1, second.lease_until)
             .await
             .unwrap()
     );
@@ -370,7 +382,9 @@ async fn nodes_share_claims_quotas_and_one_migration() {
     );
 
     // Session leases: 8 holders race for one session across the nodes, one gets it; it is
-    // renewed by its holder only; released, or run out, another may take it.
+    // renewed by its holder only; released, or run out, another may take it. (The times
+    // passed in are moved onto PostgreSQL's clock at each call, which may differ by the
+    // call's latency: the steps are a second apart.)
     let t = now();
     let leases = futures_util::future::join_all(
         (0..8).map(|i| nodes[i % nodes.len()].lease_session("s-1".into(), format!("h{i}"), t, t + 30_000)),
@@ -392,13 +406,13 @@ async fn nodes_share_claims_quotas_and_one_migration() {
     );
     assert!(
         !nodes[2]
-            .lease_session("s-1".into(), "other".into(), t + 39_999, t + 60_000)
+            .lease_session("s-1".into(), "other".into(), t + 39_000, t + 60_000)
             .await
             .unwrap()
     );
     assert!(
         nodes[2]
-            .lease_session("s-1".into(), "other".into(), t + 40_001, t + 60_000)
+            .lease_session("s-1".into(), "other".into(), t + 41_000, t + 60_000)
             .await
             .unwrap(),
         "a lease that ran out is taken over"
@@ -409,7 +423,7 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .unwrap();
     assert!(
         !nodes[0]
-            .lease_session("s-1".into(), "third".into(), t + 40_002, t + 60_000)
+            .lease_session("s-1".into(), "third".into(), t + 42_000, t + 60_000)
             .await
             .unwrap(),
         "a former holder's release leaves the new holder's lease alone"
@@ -420,15 +434,67 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .unwrap();
     assert!(
         nodes[0]
-            .lease_session("s-1".into(), "third".into(), t + 40_003, t + 60_000)
+            .lease_session("s-1".into(), "third".into(), t + 43_000, t + 60_000)
             .await
             .unwrap()
     );
     // Its holder dies: the row stays until the sweep of expired sessions, once it ran out.
-    nodes[1].take_expired_sessions(t + 59_999).await.unwrap();
+    nodes[1].take_expired_sessions(t + 59_000).await.unwrap();
     assert_eq!(server.psql("shared", "SELECT count(*) FROM session_leases"), "1");
-    nodes[1].take_expired_sessions(t + 60_001).await.unwrap();
+    nodes[1].take_expired_sessions(t + 61_000).await.unwrap();
     assert_eq!(server.psql("shared", "SELECT count(*) FROM session_leases"), "0");
+
+    // Clocks: a node whose clock runs ten minutes ahead (the times it passes in are read
+    // from that clock) claims no upload another node leased for a minute, takes no session
+    // lease another node holds, and sweeps none away, since leases are compared on
+    // PostgreSQL's clock; what it puts in the outbox is due at once, not ten minutes late.
+    let mut ahead = PostgresStore::open(&url).await.unwrap();
+    ahead.node_clock = || crate::vocab::now_ms() + 600_000;
+    let ahead_now = || (ahead.node_clock)();
+    let ids = |claim: crate::store::Claim| claim.due.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    nodes[0]
+        .insert_uploads(vec![record("held", "t")], now())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(nodes[0].claim_due(now(), 10, 60_000).await.unwrap()),
+        ["held"]
+    );
+    assert!(
+        ids(ahead.claim_due(ahead_now(), 10, 60_000).await.unwrap()).is_empty(),
+        "a lease another node holds is not taken early"
+    );
+    ahead
+        .insert_uploads(vec![record("from-ahead", "t")], ahead_now())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(nodes[1].claim_due(now(), 10, 60_000).await.unwrap()),
+        ["from-ahead"]
+    );
+    let t = now();
+    assert!(
+        nodes[0]
+            .lease_session("s-2".into(), "on-time".into(), t, t + 30_000)
+            .await
+            .unwrap()
+    );
+    let a = ahead_now();
+    assert!(
+        !ahead
+            .lease_session("s-2".into(), "ahead".into(), a, a + 30_000)
+            .await
+            .unwrap(),
+        "a session lease another node holds is not taken early"
+    );
+    ahead.take_expired_sessions(ahead_now()).await.unwrap();
+    assert_eq!(
+        server.psql(
+            "shared",
+            "SELECT holder FROM session_leases WHERE session_id = 's-2'"
+        ),
+        "on-time"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

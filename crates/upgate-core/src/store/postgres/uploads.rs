@@ -2,7 +2,7 @@
 
 use tokio_postgres::Row;
 
-use super::{PostgresStore, big, parse_column};
+use super::{PostgresStore, big, db_now, on_db_clock, parse_column};
 use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::{DialectName, now_ms};
 
@@ -46,16 +46,20 @@ impl PostgresStore {
         records: Vec<UploadRecord>,
         due_ms: i64,
     ) -> Result<(), StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let insert = connection
-                    .prepare(
+                    .prepare(concat!(
                         "INSERT INTO uploads (id, tenant, dialect, filename, extension, mime, size, sha256, state,
                          provider, remote_id, remote_url, metadata, attempts, last_error, created_at, updated_at,
                          next_attempt_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-                    )
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, ",
+                        on_db_clock!("$18", "$19"),
+                        ")"
+                    ))
                     .await?;
+                let node_now = clock();
                 let transaction = connection.client().transaction().await?;
                 for record in &records {
                     let metadata = serde_json::Value::Object(record.metadata.clone()).to_string();
@@ -82,6 +86,7 @@ impl PostgresStore {
                                 &record.created_at_ms,
                                 &record.updated_at_ms,
                                 &due,
+                                &node_now,
                             ],
                         )
                         .await?;
@@ -136,17 +141,19 @@ impl PostgresStore {
         now: i64,
         reason: String,
     ) -> Result<Vec<UploadRecord>, StoreError> {
+        let clock = self.node_clock;
         self.call(move |connection| {
             Box::pin(async move {
                 let fail = connection
                     .prepare(concat!(
                         "UPDATE uploads SET state = 'failed', last_error = $2, next_attempt_at = NULL, updated_at = $1
-                         WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 AND state = 'delivering'
-                         RETURNING ",
+                         WHERE next_attempt_at IS NOT NULL AND state = 'delivering' AND next_attempt_at <= ",
+                        on_db_clock!("$1", "$3"),
+                        " RETURNING ",
                         upload_columns!()
                     ))
                     .await?;
-                let rows = connection.client().query(&fail, &[&now, &reason]).await?;
+                let rows = connection.client().query(&fail, &[&now, &reason, &clock()]).await?;
                 rows.iter().map(upload_from_row).collect()
             })
         })
@@ -239,10 +246,11 @@ impl PostgresStore {
         self.call(move |connection| {
             Box::pin(async move {
                 let update = connection
-                    .prepare(
-                        "UPDATE uploads SET state = 'received', next_attempt_at = $2, attempts = 0, updated_at = $2
-                         WHERE id = $1 AND state = 'failed'",
-                    )
+                    .prepare(concat!(
+                        "UPDATE uploads SET state = 'received', attempts = 0, updated_at = $2, next_attempt_at = ",
+                        db_now!(),
+                        " WHERE id = $1 AND state = 'failed'"
+                    ))
                     .await?;
                 let changed = connection.client().execute(&update, &[&id, &now_ms()]).await?;
                 Ok(changed == 1)

@@ -4,7 +4,7 @@ use rusqlite::params;
 
 use super::SqliteStore;
 use super::uploads::{UPLOAD_COLUMNS, upload_from_row};
-use crate::store::{StoreError, UploadRecord};
+use crate::store::{Claim, StoreError};
 use crate::vocab::now_ms;
 
 impl SqliteStore {
@@ -73,12 +73,8 @@ impl SqliteStore {
 
     /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so a
     /// second poll does not pick them up while they are in flight.
-    pub(super) async fn claim_due(
-        &self,
-        now: i64,
-        limit: usize,
-        lease_ms: i64,
-    ) -> Result<Vec<UploadRecord>, StoreError> {
+    pub(super) async fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> Result<Claim, StoreError> {
+        let lease_until = now.saturating_add(lease_ms);
         self.call(move |connection| {
             let mut statement = connection.prepare_cached(&format!(
                 "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE next_attempt_at IS NOT NULL
@@ -90,9 +86,9 @@ impl SqliteStore {
             let mut lease = connection
                 .prepare_cached("UPDATE uploads SET next_attempt_at = ?2, leased = 1 WHERE id = ?1")?;
             for record in &due {
-                lease.execute(params![record.id, now + lease_ms])?;
+                lease.execute(params![record.id, lease_until])?;
             }
-            Ok(due)
+            Ok(Claim { due, lease_until })
         })
         .await
     }

@@ -50,9 +50,9 @@ async fn records_follow_their_state_and_stay_with_their_tenant() {
     assert_eq!(got.remote_id.as_deref(), Some("r1"));
     assert!(store.upload_of("t2".into(), "a".into()).await.unwrap().is_none());
     assert_eq!(store.outbox_len().await.unwrap(), 1);
-    let due = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert!(store.claim_due(0, 10, 5).await.unwrap().is_empty());
+    let claim = store.claim_due(i64::MAX - 10, 10, 5).await.unwrap();
+    assert_eq!((claim.due.len(), claim.lease_until), (1, i64::MAX - 5));
+    assert!(store.claim_due(0, 10, 5).await.unwrap().due.is_empty());
     // A claim's delivery is recorded only under that claim (its lease end): once claimed
     // again, the first claim's outcome is not written.
     assert!(
@@ -88,22 +88,32 @@ async fn a_start_voids_claims_but_not_backoffs() {
         .await
         .unwrap();
     let claimed = store.claim_due(now, 10, 60_000).await.unwrap();
-    assert_eq!(claimed.len(), 2);
+    assert_eq!(claimed.due.len(), 2);
     let later = now + 3_600_000;
     assert!(
         store
-            .mark_attempt_failed("backing-off".into(), "503".into(), 1, Some(later), now + 60_000)
+            .mark_attempt_failed(
+                "backing-off".into(),
+                "503".into(),
+                1,
+                Some(later),
+                claimed.lease_until
+            )
             .await
             .unwrap()
     );
     assert_eq!(store.release_outbox_leases().await.unwrap(), 1);
-    let due = store.claim_due(crate::vocab::now_ms(), 10, 60_000).await.unwrap();
+    let due = store
+        .claim_due(crate::vocab::now_ms(), 10, 60_000)
+        .await
+        .unwrap()
+        .due;
     assert_eq!(
         due.iter().map(|record| record.id.as_str()).collect::<Vec<_>>(),
         vec!["claimed"]
     );
     // The backoff's upload is due at its own time.
-    let at_its_time = store.claim_due(later, 10, 60_000).await.unwrap();
+    let at_its_time = store.claim_due(later, 10, 60_000).await.unwrap().due;
     assert!(at_its_time.iter().any(|record| record.id == "backing-off"));
 }
 
