@@ -726,6 +726,20 @@ fn protocol_auth_and_ownership_errors() {
         }
     }
     assert_eq!(offset_of(&daemon, "demo-key", &id), 0, "no refused PATCH wrote");
+    // Sent twice (the version spoken, then another): which copy counts would depend on who
+    // reads it, so neither does.
+    let reply = raw(
+        &daemon,
+        "HEAD",
+        &path,
+        &[
+            ("Authorization", "Bearer demo-key"),
+            ("Tus-Resumable", "1.0.0"),
+            ("Tus-Resumable", "0.2.2"),
+        ],
+        b"",
+    );
+    assert_eq!(reply.status, 400, "{reply:?}");
 
     // 401 without a key, with another scheme, with an unknown key.
     for headers in [
@@ -1136,8 +1150,18 @@ fn concatenation_joins_partial_uploads() {
         reply.header("upload-length"),
         Some(joined.len().to_string().as_str())
     );
+    // The partials are used up: gone with their bytes, so they can be joined no more.
+    for part in [&a, &b] {
+        assert_eq!(head(&daemon, "demo-key", part).status, 404);
+        assert!(!session_file(&daemon, part).exists());
+    }
+    let reply = final_of(format!("final;/files/{a}"), "again.txt");
+    assert_eq!(reply.status, 404, "{reply:?}");
 
     // The other order, named by absolute URLs.
+    let (a, b) = (partial(&a_bytes), partial(&b_bytes));
+    patch_ok(&daemon, "demo-key", &a, 0, &a_bytes);
+    patch_ok(&daemon, "demo-key", &b, 0, &b_bytes);
     let reply = final_of(
         format!("final;{0}/files/{b} {0}/files/{a}", daemon.base_url),
         "reversed.txt",
@@ -1151,7 +1175,24 @@ fn concatenation_joins_partial_uploads() {
     );
 
     // A partial that is not complete yet, an upload that is no partial, another tenant's
-    // partial, something that is no upload URL: refused, nothing recorded.
+    // partial, something that is no upload URL, a partial named twice, a final upload with
+    // a deferred length: refused, nothing recorded.
+    let a = partial(&a_bytes);
+    patch_ok(&daemon, "demo-key", &a, 0, &a_bytes);
+    let reply = final_of(format!("final;/files/{a} /files/{a}"), "x.txt");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let reply = tus(
+        &daemon,
+        "POST",
+        "/files/",
+        Some("demo-key"),
+        &[
+            ("Upload-Concat", &format!("final;/files/{a}")),
+            ("Upload-Defer-Length", "1"),
+        ],
+        None,
+    );
+    assert_eq!(reply.status, 400, "{reply:?}");
     let open = partial(b"0123456789");
     patch_ok(&daemon, "demo-key", &open, 0, b"01234");
     let reply = final_of(format!("final;/files/{a} /files/{open}"), "x.txt");
@@ -1175,6 +1216,45 @@ fn concatenation_joins_partial_uploads() {
     let reply = final_of("final;".into(), "x.txt");
     assert_eq!(reply.status, 400, "{reply:?}");
     assert_eq!(uploads(&daemon), 2);
+}
+
+/// How tus-js-client's `parallelUploads` sends file after file: the partials each final
+/// upload used up do not count against `max_open_sessions`, so the tenant is never locked
+/// out by files it finished.
+#[test]
+fn joined_partials_no_longer_count_as_open_uploads() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replacen("  default:\n", "  default:\n    max_open_sessions: 3\n", 1)
+    });
+    for round in 0..4 {
+        let parts: Vec<String> = (0..3)
+            .map(|index| {
+                let reply = tus(
+                    &daemon,
+                    "POST",
+                    "/files/",
+                    Some("demo-key"),
+                    &[("Upload-Length", "4"), ("Upload-Concat", "partial")],
+                    Some(format!("{round}-{index}.").as_bytes()),
+                );
+                assert_eq!(reply.status, 201, "round {round}: {reply:?}");
+                format!("/files/{}", location_id(&reply))
+            })
+            .collect();
+        let reply = tus(
+            &daemon,
+            "POST",
+            "/files/",
+            Some("demo-key"),
+            &[
+                ("Upload-Concat", &format!("final;{}", parts.join(" "))),
+                ("Upload-Metadata", &metadata("joined.txt")),
+            ],
+            None,
+        );
+        assert_eq!(reply.status, 201, "round {round}: {reply:?}");
+    }
+    assert_eq!(uploads(&daemon), 4);
 }
 
 #[test]

@@ -222,6 +222,11 @@ impl ApiError {
         }
     }
 
+    /// The reason phrase of a status HTTP does not name (tus's 460, as tusd words it).
+    pub fn reason(&self) -> Option<&'static str> {
+        matches!(self.class(), Class::Checksum).then_some("Checksum Mismatch")
+    }
+
     /// The status every dialect uses unless it overrides it.
     pub fn status(&self) -> StatusCode {
         match self.class() {

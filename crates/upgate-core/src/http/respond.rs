@@ -42,6 +42,9 @@ impl ResponseError for DialectError {
         let dialect = dialect(self.dialect);
         let status = self.error.status();
         let mut response = HttpResponse::build(status);
+        if let Some(reason) = self.error.reason() {
+            response.reason(reason);
+        }
         if let Some(retry_after_secs) = self.error.retry_after_secs() {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.max(1).to_string()));
         }

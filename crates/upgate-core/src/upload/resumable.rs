@@ -290,7 +290,11 @@ impl Gateway {
         metadata: Metadata,
         concat: Option<Concat>,
     ) -> Result<SessionRecord, ApiError> {
-        self.check_open_sessions(admission).await?;
+        // A final upload is completed (or removed) by the request that creates it, and
+        // takes the place of the partials it joins: it never adds an open upload.
+        if !matches!(concat, Some(Concat::Final { .. })) {
+            self.check_open_sessions(admission).await?;
+        }
         let upload = self.new_resumable(admission, id, filename, extension, length, metadata, concat);
         self.store.insert_session(upload.clone()).await?;
         tracing::info!(upload_id = %upload.id, tenant = %upload.tenant, length = ?length, "resumable upload created");
@@ -655,7 +659,10 @@ impl Gateway {
     }
 
     /// Creates a final upload joining the tenant's complete partial uploads `parts` in
-    /// order, then completes it like any upload.
+    /// order, then completes it like any upload. The partials are used up once it is
+    /// recorded (the protocol lets a server delete them): they would otherwise hold their
+    /// bytes and count against `max_open_sessions` until they expire, and could be joined
+    /// again and again into more files. Each partial is named once.
     pub(crate) async fn concatenate(
         &self,
         admission: &Admission,
@@ -667,6 +674,12 @@ impl Gateway {
         if parts.is_empty() || parts.len() > MAX_PARTS {
             return Err(ApiError::Malformed(format!(
                 "a final upload joins 1 to {MAX_PARTS} partial uploads"
+            )));
+        }
+        let mut named = std::collections::HashSet::with_capacity(parts.len());
+        if let Some(twice) = parts.iter().find(|part| !named.insert(part.as_str())) {
+            return Err(ApiError::Malformed(format!(
+                "{twice} is named twice in the final upload"
             )));
         }
         let mut length = 0u64;
@@ -697,7 +710,7 @@ impl Gateway {
                 extension,
                 Some(length),
                 metadata,
-                Some(Concat::Final { parts }),
+                Some(Concat::Final { parts: parts.clone() }),
             )
             .await?;
         // A partial of 0 bytes has no file (it never had a PATCH): nothing of it to join.
@@ -717,7 +730,16 @@ impl Gateway {
         }
         .await;
         match completed {
-            Ok(records) => Ok(Progress { upload, records }),
+            Ok(records) => {
+                for part in &parts {
+                    if let Err(error) = self.store.delete_session(part.clone()).await {
+                        tracing::warn!(upload_id = %part, %error,
+                            "cannot remove a joined partial upload; it expires with the sessions");
+                    }
+                    self.remove_session_files(part).await;
+                }
+                Ok(Progress { upload, records })
+            }
             Err(error) => {
                 // A final upload takes no PATCH, so nothing could resume it: it goes now (its
                 // partials stay, for the client to join again).

@@ -86,10 +86,10 @@ pub(crate) fn routes(routes: &mut Routes) {
         .add(Method::POST, "/files/{id}", overridden);
 }
 
-/// `Tus-Resumable` must name the version upgate speaks.
+/// `Tus-Resumable` must name the version upgate speaks, once.
 fn check_version(request: &HttpRequest) -> Result<(), ApiError> {
-    match request.headers().get("tus-resumable") {
-        Some(version) if version.as_bytes() == TUS_VERSION.as_bytes() => Ok(()),
+    match header_text(request.headers(), "tus-resumable")? {
+        Some(TUS_VERSION) => Ok(()),
         _ => Err(ApiError::UnsupportedVersion),
     }
 }
@@ -237,7 +237,13 @@ fn content_type_is_offset_stream(headers: &HeaderMap) -> bool {
 /// what it is (an empty POST that a client sends chunked, with no Content-Type, is none).
 fn has_body(headers: &HeaderMap) -> bool {
     match headers.get(header::CONTENT_LENGTH) {
-        Some(length) => length.as_bytes() != b"0",
+        Some(length) => {
+            length
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                != Some(0)
+        }
         None => headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_TYPE),
     }
 }
@@ -307,9 +313,12 @@ async fn create(
         let (filename, metadata) = parse_metadata(headers)?;
         let concat = header_text(headers, "upload-concat")?;
         let progress = if let Some(parts) = concat.and_then(|value| value.strip_prefix("final;")) {
-            if headers.contains_key("upload-length") || has_body(headers) {
+            if headers.contains_key("upload-length")
+                || headers.contains_key("upload-defer-length")
+                || has_body(headers)
+            {
                 return Err(ApiError::Malformed(
-                    "a final upload has neither Upload-Length nor a body".into(),
+                    "a final upload has neither Upload-Length, Upload-Defer-Length nor a body".into(),
                 ));
             }
             gateway
