@@ -1542,6 +1542,19 @@ fn cors_lets_the_configured_origin_speak_every_dialect() {
     );
     assert_eq!(reply.status, 413);
     assert!(!has_cors_headers(&reply), "{reply:?}");
+    // But it says the answer depends on the origin, as one without any origin does: a
+    // shared cache must not hand it to the listed origin.
+    assert_eq!(reply.header("vary"), Some("Origin"), "{reply:?}");
+    let reply = tus(
+        &daemon,
+        "HEAD",
+        "/files/0123456789abcdef0123456789abcdef",
+        Some("demo-key"),
+        &[],
+        None,
+    );
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.header("vary"), Some("Origin"), "{reply:?}");
 
     // Without server.cors: none either.
     let plain = Daemon::start_with(config);

@@ -7,7 +7,9 @@
 //! other answer to an allowed origin, errors included (a browser shown a 413 without CORS
 //! headers reports a CORS failure instead), carries `Access-Control-Allow-Origin` and the
 //! headers a client must read (`Location`, `Upload-Offset`, `Tus-*`, upgate's own). An
-//! origin not listed, or no `server.cors`, gets no CORS header at all.
+//! origin not listed, or no `server.cors`, gets no CORS header at all; with `server.cors`,
+//! every answer says `Vary: Origin`, so that a shared cache never hands an answer made for
+//! one origin (or none) to another.
 
 use std::sync::LazyLock;
 
@@ -46,21 +48,45 @@ static EXPOSE_HEADERS: LazyLock<String> = LazyLock::new(|| {
     names.join(", ")
 });
 
-/// The request's `Origin`, if the config lets it read answers.
-fn allowed_origin(request: &ServiceRequest) -> Option<HeaderValue> {
-    let origin = request.headers().get(header::ORIGIN)?;
-    let gateway = request.app_data::<web::Data<Gateway>>()?;
+/// What the config says of the request's origin.
+enum Origin {
+    /// No `server.cors`: CORS plays no part.
+    Unconfigured,
+    /// No `Origin`, or one the config does not list.
+    NotAllowed,
+    Allowed(HeaderValue),
+}
+
+fn origin_of(request: &ServiceRequest) -> Origin {
+    let Some(gateway) = request.app_data::<web::Data<Gateway>>() else {
+        return Origin::Unconfigured;
+    };
     let policy = gateway.policy();
-    let cors = policy.config.server.cors.as_ref()?;
-    cors.allows(origin.to_str().ok()?).then(|| origin.clone())
+    let Some(cors) = policy.config.server.cors.as_ref() else {
+        return Origin::Unconfigured;
+    };
+    match request.headers().get(header::ORIGIN) {
+        Some(origin) if origin.to_str().is_ok_and(|text| cors.allows(text)) => {
+            Origin::Allowed(origin.clone())
+        }
+        _ => Origin::NotAllowed,
+    }
 }
 
 pub(crate) async fn cors(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let Some(origin) = allowed_origin(&request) else {
-        return Ok(next.call(request).await?.map_into_boxed_body());
+    let origin = match origin_of(&request) {
+        Origin::Allowed(origin) => origin,
+        Origin::Unconfigured => return Ok(next.call(request).await?.map_into_boxed_body()),
+        Origin::NotAllowed => {
+            let mut response = next.call(request).await?.map_into_boxed_body();
+            response
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("Origin"));
+            return Ok(response);
+        }
     };
     let preflight = request.method() == Method::OPTIONS
         && request
