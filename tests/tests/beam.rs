@@ -268,6 +268,22 @@ fn every_error_row() {
         "Bad Request",
     );
     assert!(message.contains("given twice"), "{message}");
+    // A form field twice, the form's Content-Type twice (equal copies even): which copy
+    // counts would depend on who reads it.
+    let two_threads = txt_files(&["a.txt"]).text("threadId", "6f1c2a4e-0000-4000-8000-000000000001");
+    let message = assert_nest(
+        &upload(&daemon, &[KEY, WORKSPACE], &two_threads),
+        400,
+        "Bad Request",
+    );
+    assert!(message.contains("threadId is given twice"), "{message}");
+    let content_type = Form::content_type();
+    let message = assert_nest(
+        &upload(&daemon, &[KEY, WORKSPACE, ("Content-Type", &content_type)], &one),
+        400,
+        "Bad Request",
+    );
+    assert!(message.contains("Content-Type is given twice"), "{message}");
 
     let no_thread = Form::new().file("files", "a.txt", "text/plain", b"x");
     let message = assert_nest(

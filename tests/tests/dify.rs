@@ -139,6 +139,11 @@ fn every_error_row() {
         "no_file_uploaded",
     );
     assert_eq!(message(body), "Please upload your file.");
+    // The file under another name: the same, however large it is.
+    for size in [10, 3 << 19] {
+        let misnamed = Form::new().file("upload", "a.txt", "text/plain", &vec![b'x'; size]);
+        assert_error(&upload(&daemon, &[BEARER], &misnamed), 400, "no_file_uploaded");
+    }
     let two = txt("a.txt").file("file", "b.txt", "text/plain", b"x");
     let body = assert_error(&upload(&daemon, &[BEARER], &two), 400, "too_many_files");
     assert_eq!(message(body), "Only one file is allowed.");

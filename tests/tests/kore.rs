@@ -327,6 +327,17 @@ fn chunk_numbers_and_start_bodies_are_checked() {
     assert!(assert_error(&post_form(&url, &[KEY], &no_number), 400).contains("chunkNumber"));
     let no_file = Form::new().text("chunkNumber", "0");
     assert!(assert_error(&post_form(&url, &[KEY], &no_file), 400).contains("file"));
+    // The number twice, around the file: which one counts would depend on who reads it.
+    let two_numbers = Form::new()
+        .text("chunkNumber", "1")
+        .file("file", "blob", "application/octet-stream", b"abc")
+        .text("chunkNumber", "2");
+    let message = assert_error(&post_form(&url, &[KEY], &two_numbers), 400);
+    assert!(
+        message.contains("chunkNumber") && message.contains("twice"),
+        "{message}"
+    );
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM session_chunks"), 0);
     // The file part may come before the number.
     let file_first = Form::new()
         .file("file", "blob", "application/octet-stream", &png_of(100))

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_multipart::{Field, Multipart};
+use actix_multipart::Field;
 use actix_web::http::header::HeaderMap;
 use actix_web::web::Payload;
 use tokio::io::AsyncReadExt;
@@ -234,7 +234,7 @@ impl Gateway {
         }
         let idle = admission.policy.config.server.idle_timeout.0;
         let (payload, overflowed) = intake::bounded_body(payload, ceiling);
-        let mut multipart = Multipart::new(headers, payload);
+        let mut multipart = intake::form_of(headers, payload)?;
         let mut number: Option<u64> = None;
         let mut chunk: Option<TempChunk> = None;
         let mut other_bytes = 0usize;
@@ -250,6 +250,12 @@ impl Gateway {
             let name = field.name().map(str::to_owned);
             match name.as_deref() {
                 Some(name) if name == form.number_field => {
+                    if number.is_some() {
+                        return Err(ApiError::InvalidField {
+                            field: form.number_field,
+                            message: "is given twice".into(),
+                        });
+                    }
                     let text = intake::read_text(&mut field, idle, &mut other_bytes)
                         .await
                         .map_err(too_large)?;

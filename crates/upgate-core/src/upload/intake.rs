@@ -320,6 +320,36 @@ pub(crate) fn bounded_body(
     (body, overflowed)
 }
 
+/// A header the request sent more than once.
+pub(crate) struct SentTwice;
+
+/// The one value of header `name`, `None` when it is absent. Sent twice it is refused, even
+/// with equal copies: which copy counts would depend on who reads it (a proxy in front may
+/// read the other one). Every header the dialects and the forms read goes through here.
+pub(crate) fn header_once(
+    headers: &HeaderMap,
+    name: impl actix_web::http::header::AsHeaderName,
+) -> Result<Option<&actix_web::http::header::HeaderValue>, SentTwice> {
+    let mut values = headers.get_all(name);
+    let value = values.next();
+    match values.next() {
+        None => Ok(value),
+        Some(_) => Err(SentTwice),
+    }
+}
+
+/// The multipart form a body holds. Its `Content-Type` sent twice is refused: each copy
+/// may name another boundary, and a scanner in front reading the other one would see other
+/// files.
+pub(crate) fn form_of(
+    headers: &HeaderMap,
+    payload: impl Stream<Item = Result<Bytes, PayloadError>> + 'static,
+) -> Result<Multipart, ApiError> {
+    header_once(headers, actix_web::http::header::CONTENT_TYPE)
+        .map_err(|SentTwice| ApiError::Malformed("Content-Type is given twice".into()))?;
+    Ok(Multipart::new(headers, payload))
+}
+
 /// Reads a whole multipart body per `spec`, spooling file parts. `new_id` names each file.
 pub(crate) async fn receive_multipart(
     headers: &HeaderMap,
@@ -329,7 +359,7 @@ pub(crate) async fn receive_multipart(
     spool: &Arc<dyn Spool>,
     new_id: &dyn Fn() -> String,
 ) -> Result<Received, ApiError> {
-    let mut multipart = Multipart::new(headers, payload);
+    let mut multipart = form_of(headers, payload)?;
     let mut received = Received::default();
     let mut file_parts = 0usize;
     let mut non_file_bytes = 0usize;
@@ -348,7 +378,15 @@ pub(crate) async fn receive_multipart(
                     .as_deref()
                     .is_some_and(|name| spec.file_fields.contains(&name))
                 {
-                    drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
+                    // A file under a name the dialect does not read (`upload` for `file`): when
+                    // it is too large to skip and no file came before it, what the client
+                    // hears is that its file is missing, not that a part was too large.
+                    match drain(&mut field, limits.idle_timeout, &mut non_file_bytes).await {
+                        Err(ApiError::Malformed(_)) if received.files.is_empty() => {
+                            return Err(ApiError::NoFile);
+                        }
+                        drained => drained?,
+                    }
                     continue;
                 }
                 // A file passes through only after files that all do: one delivered from the
@@ -375,6 +413,12 @@ pub(crate) async fn receive_multipart(
             None => {
                 let value = read_text(&mut field, limits.idle_timeout, &mut non_file_bytes).await?;
                 if let Some(name) = name.filter(|name| spec.text_fields.contains(&name.as_str())) {
+                    // Which copy counts would depend on who reads it.
+                    if received.fields.contains_key(&name) {
+                        return Err(ApiError::Malformed(format!(
+                            "the form field {name} is given twice"
+                        )));
+                    }
                     received.fields.insert(name, value);
                 }
             }

@@ -182,23 +182,7 @@ pub(crate) fn methods_serving(path: &str) -> Vec<String> {
     methods.into_iter().cloned().collect()
 }
 
-/// A header the request sent more than once.
-pub(crate) struct SentTwice;
-
-/// The one value of header `name`, `None` when it is absent. Sent twice it is refused, even
-/// with equal copies: which copy counts would depend on who reads it (a proxy in front may
-/// read the other one). Every header the dialects read goes through here.
-pub(crate) fn header_once(
-    headers: &actix_web::http::header::HeaderMap,
-    name: impl actix_web::http::header::AsHeaderName,
-) -> Result<Option<&actix_web::http::header::HeaderValue>, SentTwice> {
-    let mut values = headers.get_all(name);
-    let value = values.next();
-    match values.next() {
-        None => Ok(value),
-        Some(_) => Err(SentTwice),
-    }
-}
+pub(crate) use crate::upload::intake::{SentTwice, header_once};
 
 /// The one value of a credential header: sent twice it is malformed, whichever copy holds a
 /// valid key.
