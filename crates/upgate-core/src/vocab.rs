@@ -95,13 +95,32 @@ pub(crate) fn is_uuid(text: &str) -> bool {
 }
 
 /// A character that changes how the text around it is displayed without being seen itself:
-/// a C0/C1 control, or a Unicode bidirectional control (U+061C, U+200E, U+200F,
-/// U+202A..=U+202E, U+2066..=U+2069). In a filename such a character disguises the
-/// extension (`invoice` U+202E `fdp.exe` shows as `invoiceexe.pdf`); in a log line it
+/// a C0/C1 control, a Unicode bidirectional control (U+061C, U+200E, U+200F,
+/// U+202A..=U+202E, U+2066..=U+2069), a line or paragraph separator (U+2028, U+2029), or an
+/// invisible format character (U+00AD soft hyphen, U+180E, U+200B zero-width space,
+/// U+2060..=U+2064, U+FEFF byte order mark, U+FFF9..=U+FFFB); the zero-width joiners
+/// U+200C and U+200D stay, since emoji and several scripts are written with them. In a
+/// filename such a character disguises the name (`invoice` U+202E `fdp.exe` shows as
+/// `invoiceexe.pdf`; two names that look alike are two files); in a log line it breaks,
 /// reorders or forges what an operator reads.
 pub fn is_unseen_control(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
 }
 
 /// Milliseconds since the Unix epoch.
@@ -117,13 +136,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unseen_controls_are_controls_and_bidi_overrides_only() {
+    fn unseen_controls_are_controls_bidi_overrides_separators_and_invisible_formats_only() {
         for c in [
-            '\n', '\0', '\u{1b}', '\u{85}', '\u{202e}', '\u{2066}', '\u{200f}', '\u{61c}',
+            '\n', '\0', '\u{1b}', '\u{85}', '\u{202e}', '\u{2066}', '\u{200f}', '\u{61c}', '\u{2028}',
+            '\u{2029}', '\u{feff}', '\u{200b}', '\u{ad}', '\u{2060}',
         ] {
             assert!(is_unseen_control(c), "{c:?}");
         }
-        for c in ['a', ' ', '\u{e9}', '\u{7522}', '\u{200d}', '\u{5d0}'] {
+        for c in [
+            'a', ' ', '\u{e9}', '\u{7522}', '\u{200d}', '\u{200c}', '\u{5d0}', '\u{3000}',
+        ] {
             assert!(!is_unseen_control(c), "{c:?}");
         }
     }
