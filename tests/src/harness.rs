@@ -133,13 +133,13 @@ pub struct Daemon {
 }
 
 /// The config the tests start from: one tenant `demo` (key `demo-key`) on the local
-/// provider, generous plan. `extra` is appended verbatim (more plans, providers, tenants
+/// provider (giving `file://` URLs of its files), generous plan. `extra` is appended verbatim (more plans, providers, tenants
 /// must go in their sections: use [`Daemon::start_with`] for full control).
 pub fn default_config(dir: &Path) -> String {
     format!(
         "server:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n  data_dir: {data}\n  plugin_dir: {plugins}\n  idle_timeout: 2s\n  shutdown_timeout: 10s\n  disk_free_floor: 1MiB\n\
 plans:\n  default:\n    max_file_size: 1MiB\n\
-providers:\n  disk:\n    plugin: local\n    settings:\n      root: {files}\n\
+providers:\n  disk:\n    plugin: local\n    settings:\n      root: {files}\n      public_base_url: file://{files}\n\
 tenants:\n  demo:\n    plan: default\n    provider: disk\n    keys: [demo-key]\n",
         data = dir.join("data").display(),
         plugins = build_workspace().display(),

@@ -3,8 +3,11 @@
 //! What flows through here: a spooled upload (path + metadata) from the host. The file is
 //! moved into `<root>/<upload id>` (a rename on the same filesystem, a streamed copy
 //! otherwise); the client's filename never becomes a path. The URL returned is
-//! `<public_base_url>/<upload id>` when configured, else a `file://` URL. Delete removes the
-//! file. Settings: `root` (required), `public_base_url` (optional).
+//! `<public_base_url>/<upload id>` when configured, else none: the file's path on this
+//! server is nobody else's business (a dialect whose answer needs a URL then names the upload
+//! `upgate://uploads/<id>`; `public_base_url: file:///srv/files` gives file URLs to those who
+//! want them). Delete removes the file. Settings: `root` (required), `public_base_url`
+//! (optional).
 #![deny(unsafe_code)]
 
 use std::path::PathBuf;
@@ -109,13 +112,9 @@ impl Provider for LocalDisk {
                 .and_then(|dir| dir.sync_all())
                 .map_err(internal)?;
         }
-        let url = match &self.public_base_url {
-            Some(base) => format!("{base}/{id}"),
-            None => format!("file://{}", target.display()),
-        };
         Ok(PutResult {
             remote_id: id.to_owned(),
-            url: Some(url),
+            url: self.public_base_url.as_ref().map(|base| format!("{base}/{id}")),
             raw: Value::Null,
             consumed_file: moved,
         })
