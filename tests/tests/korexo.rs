@@ -337,10 +337,25 @@ fn unknown_malformed_and_other_tenants_ids_are_404_and_nothing_is_deleted() {
     ] {
         assert_error(&delete(&daemon, &[KEY], "app-1", "draft", bad), 404);
     }
+    // The optional body: one that is not the documented JSON is refused, and deletes nothing.
+    let delete_with = |body: &str| {
+        send(
+            "DELETE",
+            &file_url(&daemon, "app-1", "draft", &id),
+            &[KEY],
+            Some(("application/json", body.as_bytes().to_vec())),
+        )
+    };
+    for bad in ["{bad", "[]", r#"{"sessionReference": 5}"#, r#"{"sessionId": {}}"#] {
+        assert_error(&delete_with(bad), 400);
+    }
     assert!(stored.is_file());
     assert_eq!(state_of(&daemon, &id), "forwarded");
     // The owner still can.
-    assert_eq!(delete(&daemon, &[KEY], "app-1", "draft", &id).status, 200);
+    assert_eq!(
+        delete_with(r#"{"sessionReference": "session-ref-1"}"#).status,
+        200
+    );
     assert!(!stored.exists());
 }
 

@@ -11,21 +11,20 @@
 //! [`crate::sessions`]; this module parses kore's requests and renders its answers. Errors
 //! are `{"errors": [{"msg", "code"}]}`.
 
-use std::time::Duration;
-
 use actix_web::http::{Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Dialect, DialectName, Routes, admit, errors_body, file_url, iso_millis, plain_message, upload_multipart,
+    Dialect, DialectName, Routes, admit, errors_body, file_url, iso_millis, plain_message, read_json,
+    upload_multipart,
 };
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::UploadRecord;
 use crate::upload::chunked::{ChunkForm, MAX_CHUNKS, NewSession};
-use crate::upload::intake::{FormSpec, body_error, extension_of, next_or_stall};
+use crate::upload::intake::{FormSpec, extension_of};
 use crate::upload::{Gateway, Metadata};
 
 pub(crate) struct Kore;
@@ -42,7 +41,6 @@ const CHUNK_FORM: ChunkForm = ChunkForm {
 };
 
 /// Largest `session/start` body.
-const MAX_JSON_BODY: usize = 64 * 1024;
 /// Most missing chunk numbers named in one error message.
 const MISSING_NAMED: usize = 100;
 
@@ -94,7 +92,9 @@ async fn start(
     answer(DialectName::Kore, async move {
         let admission = admit(&gateway, &Kore, &request).await?;
         let idle = admission.policy.config.server.idle_timeout.0;
-        let body = read_json(payload, idle).await?;
+        let body = read_json(payload, idle)
+            .await?
+            .ok_or_else(|| ApiError::Malformed("the body must be a JSON object".into()))?;
         let (new, declared_extension) = parse_start(&body)?;
         // Both the name's extension (checked by the session) and the declared one must be allowed.
         admission.tenant.plan.check_extension(&declared_extension)?;
@@ -133,20 +133,6 @@ async fn complete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<H
         Ok(uploaded(StatusCode::OK, &records, file_object(&records[0])))
     })
     .await
-}
-
-/// Reads a small JSON body.
-async fn read_json(mut payload: Payload, idle: Duration) -> Result<Value, ApiError> {
-    let mut body = Vec::new();
-    while let Some(bytes) = next_or_stall(&mut payload, idle).await? {
-        let bytes = bytes.map_err(body_error)?;
-        if body.len() + bytes.len() > MAX_JSON_BODY {
-            return Err(ApiError::Malformed("the JSON body is too long".into()));
-        }
-        body.extend_from_slice(&bytes);
-    }
-    serde_json::from_slice(&body)
-        .map_err(|error| ApiError::Malformed(format!("the body must be a JSON object: {error}")))
 }
 
 fn text_field<'a>(object: &'a Map<String, Value>, key: &'static str) -> Result<&'a str, ApiError> {

@@ -15,7 +15,9 @@ use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
 
-use super::{Dialect, DialectName, Routes, Work, admit, admit_for, errors_body, iso_millis, plain_message};
+use super::{
+    Dialect, DialectName, Routes, Work, admit, admit_for, errors_body, iso_millis, plain_message, read_json,
+};
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer, uploaded};
 use crate::store::{UploadRecord, UploadState};
@@ -118,7 +120,31 @@ async fn upload(
     .await
 }
 
-async fn delete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpResponse, DialectError> {
+/// The optional body of a delete, `{sessionId | sessionReference}`, checked for its shape.
+/// What it names narrows nothing: upgate keeps no vendor session ids, and the excerpt's own
+/// sample (`"sessionReference": "string"`) deletes a file uploaded under another reference.
+fn check_delete_body(body: Option<Value>) -> Result<(), ApiError> {
+    let object = match body {
+        None => return Ok(()),
+        Some(Value::Object(object)) => object,
+        Some(_) => return Err(ApiError::Malformed("the body must be a JSON object".into())),
+    };
+    for key in ["sessionId", "sessionReference"] {
+        if !matches!(object.get(key), None | Some(Value::Null | Value::String(_))) {
+            return Err(ApiError::InvalidField {
+                field: key,
+                message: "must be a string".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn delete(
+    request: HttpRequest,
+    payload: Payload,
+    gateway: web::Data<Gateway>,
+) -> Result<HttpResponse, DialectError> {
     answer(DialectName::Korexo, async move {
         let admission = admit_for(&gateway, &Korexo, &request, Work::Lookup).await?;
         let (app_id, env_name) = scope(&request)?;
@@ -126,6 +152,8 @@ async fn delete(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<Htt
         if !DialectName::Korexo.is_valid_upload_id(id) {
             return Err(ApiError::NotFound);
         }
+        let idle = admission.policy.config.server.idle_timeout.0;
+        check_delete_body(read_json(payload, idle).await?)?;
         // Only the tenant's own upload, made under this app and environment.
         let in_scope = |record: &UploadRecord| {
             let meta = |key: &str| record.metadata.get(key).and_then(Value::as_str);

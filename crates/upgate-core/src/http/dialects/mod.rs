@@ -184,6 +184,31 @@ pub(crate) fn methods_serving(path: &str) -> Vec<String> {
 
 pub(crate) use crate::upload::intake::{SentTwice, header_once};
 
+/// The most a dialect's JSON body (Kore's session start, Kore XO's delete) may hold.
+const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// Reads a small JSON body: `None` when there is none, refused when it is too long or not
+/// JSON.
+pub(crate) async fn read_json(
+    mut payload: Payload,
+    idle: std::time::Duration,
+) -> Result<Option<Value>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(bytes) = crate::upload::intake::next_or_stall(&mut payload, idle).await? {
+        let bytes = bytes.map_err(crate::upload::intake::body_error)?;
+        if body.len() + bytes.len() > MAX_JSON_BODY {
+            return Err(ApiError::Malformed("the JSON body is too long".into()));
+        }
+        body.extend_from_slice(&bytes);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|error| ApiError::Malformed(format!("the body must be a JSON object: {error}")))
+}
+
 /// The one value of a credential header: sent twice it is malformed, whichever copy holds a
 /// valid key.
 pub(crate) fn single_header(
