@@ -258,6 +258,15 @@ fn every_error_row() {
         "Bad Request",
     );
     assert!(message.contains("current-workspace-id"), "{message}");
+    // It is echoed in the path-shaped fileKey: no path of its own, no blanks.
+    for bad in ["../../x", "a/b", "a\\b", "..", "ws 42"] {
+        let message = assert_nest(
+            &upload(&daemon, &[KEY, ("current-workspace-id", bad)], &one),
+            400,
+            "Bad Request",
+        );
+        assert!(message.contains("current-workspace-id"), "{bad}: {message}");
+    }
     let message = assert_nest(
         &upload(
             &daemon,

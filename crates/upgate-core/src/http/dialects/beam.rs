@@ -39,11 +39,15 @@ pub(crate) fn routes(routes: &mut Routes) {
     routes.add(Method::POST, "/agent-setup/upload", upload);
 }
 
-/// The workspace id header: required, visible ASCII, at most 256 bytes.
+/// The workspace id header: required, at most 256 visible ASCII characters (no space),
+/// neither `/` nor `\` among them and not `.` or `..`: it is echoed inside the path-shaped
+/// `fileKey` (`uploads/<workspace>/<id>.<ext>`), so `../x` is no id.
 fn workspace_id(request: &HttpRequest) -> Result<String, ApiError> {
     let invalid = || ApiError::InvalidField {
         field: WORKSPACE_HEADER,
-        message: format!("{WORKSPACE_HEADER} must be at most 256 visible ASCII characters"),
+        message: format!(
+            "{WORKSPACE_HEADER} must be at most 256 visible ASCII characters, without `/`, `\\` or spaces"
+        ),
     };
     let value = header_once(request.headers(), WORKSPACE_HEADER)
         .map_err(|SentTwice| ApiError::InvalidField {
@@ -55,7 +59,10 @@ fn workspace_id(request: &HttpRequest) -> Result<String, ApiError> {
     if text.is_empty() {
         return Err(ApiError::MissingField(WORKSPACE_HEADER));
     }
-    if text.len() > 256 {
+    let id_like = text
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'/' | b'\\'));
+    if text.len() > 256 || !id_like || matches!(text, "." | "..") {
         return Err(invalid());
     }
     Ok(text.to_owned())
