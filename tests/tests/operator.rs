@@ -197,3 +197,36 @@ fn root_is_refused_in_the_data_dir_of_a_daemon_run_as_another_user() {
     let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+/// A store of another schema version (an older daemon still serving it while a newer
+/// upgate's commands run, or the reverse) is refused by every operator command, and never
+/// migrated under the daemon that serves it.
+#[test]
+fn a_store_of_another_schema_version_is_refused_not_migrated() {
+    let daemon = Daemon::start();
+    let config = daemon.config_path.display().to_string();
+    let version = |db: &rusqlite::Connection| -> i64 {
+        db.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap()
+    };
+    let current = version(&daemon.db());
+    assert_eq!(run_cli(&["uploads", "list", "--config", &config]).0, 0);
+    for other in [current - 1, current + 1] {
+        daemon.db().pragma_update(None, "user_version", other).unwrap();
+        for command in [
+            vec!["uploads", "list"],
+            vec!["sessions", "list"],
+            vec!["uploads", "show", "0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11"],
+            vec!["uploads", "delete", "0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11"],
+        ] {
+            let mut args = command.clone();
+            args.extend(["--config", &config]);
+            let (code, _, stderr) = run_cli(&args);
+            assert_eq!(code, 1, "{command:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("schema version {other}, this upgate uses {current}")),
+                "{command:?}: {stderr}"
+            );
+        }
+        assert_eq!(version(&daemon.db()), other, "not migrated");
+    }
+}

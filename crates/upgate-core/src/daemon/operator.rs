@@ -3,7 +3,8 @@
 //!
 //! What flows through here: filters and upload ids from the command line (ids validated
 //! against every dialect's id format before any lookup), and the store and spool the daemon
-//! uses (SQLite's WAL lets both share them). Listings only read; `retry` puts a failed
+//! uses (SQLite's WAL lets both share them), as the daemon left it: a store of another
+//! schema version is refused, never migrated under a running daemon. Listings only read; `retry` puts a failed
 //! upload whose bytes are still spooled back in the outbox, where the running daemon's
 //! worker delivers it within a second; `delete` runs the same flow as a dialect's delete.
 
@@ -14,6 +15,8 @@ use super::{ServeError, load, open_gateway};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::spool::Spool;
+use crate::store::postgres::PostgresStore;
+use crate::store::sqlite::SqliteStore;
 use crate::store::{SessionRecord, Store, UploadFilter, UploadRecord, UploadState};
 use crate::vocab::DialectName;
 
@@ -36,9 +39,38 @@ type Opened = (Config, Arc<dyn Store>, Arc<dyn Spool>);
 
 fn open_store(config_path: &Path) -> Result<Opened, ServeError> {
     let config = Config::load(config_path).map_err(ServeError::Config)?;
+    check_schema(&config)?;
     let store = block_on(super::open_store(&config))?;
     let spool = super::open_spool(&config)?;
     Ok((config, store, spool))
+}
+
+/// An operator command works on the store as the daemon left it: one of another upgate
+/// version is refused rather than migrated (the running older daemon could not read it
+/// any more) or misread (a newer one's). A store not created yet is created as `serve` would.
+fn check_schema(config: &Config) -> Result<(), ServeError> {
+    let (found, expected) = match &config.server.store {
+        Some(store) => (
+            block_on(PostgresStore::probe(&store.url)).map(|version| (version > 0).then_some(version))?,
+            PostgresStore::SCHEMA_VERSION,
+        ),
+        None => (
+            SqliteStore::schema_version(&config.server.data_dir)?,
+            SqliteStore::SCHEMA_VERSION,
+        ),
+    };
+    match found {
+        Some(found) if found != expected => Err(ServeError::Refused(format!(
+            "the store has schema version {found}, this upgate uses {expected}: run the operator \
+             commands of the upgate version that serves it{}",
+            if found < expected {
+                " (starting this version's daemon migrates it)"
+            } else {
+                ""
+            }
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn block_on<T>(work: impl std::future::Future<Output = T>) -> T {
@@ -96,6 +128,7 @@ pub fn list_sessions(config_path: &Path) -> Result<Vec<SessionRecord>, ServeErro
 pub fn delete_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeError> {
     check_id(id)?;
     let (config, providers) = load(config_path)?;
+    check_schema(&config)?;
     block_on(async move {
         let gateway = open_gateway(config, providers).await?;
         gateway.delete_as_operator(id).await.map_err(|error| match error {

@@ -261,6 +261,9 @@ impl PostgresStore {
         })
     }
 
+    /// The schema version this upgate migrates the database to.
+    pub(crate) const SCHEMA_VERSION: usize = migrations::MIGRATIONS.len();
+
     /// What `check-config` asks: the database at `url` answers, and its schema is one this
     /// upgate can use. Returns the schema version (0 for a database upgate never used).
     pub(crate) async fn probe(url: &PostgresUrl) -> Result<usize, StoreError> {

@@ -76,6 +76,28 @@ impl SqliteStore {
     /// One process (and its operator commands, which take no session) uses the file.
     pub(super) const SHARED: bool = false;
 
+    /// The schema version this upgate migrates `upgate.db` to.
+    pub(crate) const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+    /// The schema version of `upgate.db` in `data_dir`, read without changing anything
+    /// (`None`: there is no database yet).
+    pub(crate) fn schema_version(data_dir: &Path) -> Result<Option<usize>, StoreError> {
+        let path = data_dir.join("upgate.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let open_error = |error: rusqlite::Error| StoreError::Open {
+            path: path.display().to_string(),
+            message: error.to_string(),
+        };
+        let connection = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(open_error)?;
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(open_error)?;
+        Ok(Some(usize::try_from(version).unwrap_or(usize::MAX)))
+    }
+
     /// Opens (creating and migrating) `upgate.db` in `data_dir` and starts the store thread.
     pub(crate) fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         Self::open_bounded(data_dir, durability, WalBounds::DEFAULT)
