@@ -349,6 +349,8 @@ fn a_streaming_plugin_that_panics_mid_read_gives_502_and_the_next_upload_succeed
         "{}",
         daemon.log()
     );
+    // Logged once, by the host, in its own lines: the plugin's std wrote nothing of its own.
+    assert!(!daemon.log().contains("panicked at"), "{}", daemon.log());
     let reply = upload("fine.txt");
     assert_eq!(reply.status, 201, "{}", reply.text);
     // The example plugin names what it hashed: the bytes that streamed through it.

@@ -329,8 +329,11 @@ pub struct Body<'a> {
 }
 
 impl<'a> Body<'a> {
-    /// Wraps the host's body for the duration of a `put_stream` call.
-    pub fn new(host: &'a HostBody) -> Self {
+    /// Wraps the host's body for the duration of a `put_stream` call. Crate-private: its
+    /// reads call `host.read` on `host.context` unchecked, which holds only for the
+    /// `HostBody` the host passed in (a plugin building one of its own could reach undefined
+    /// behaviour without writing `unsafe`).
+    pub(crate) fn new(host: &'a HostBody) -> Self {
         Self {
             host,
             state: BODY_DATA,
@@ -598,15 +601,57 @@ macro_rules! export_provider {
 /// The `extern "C"` functions behind a descriptor. Each catches panics and turns them into
 /// [`STATUS_PANIC`]; none lets a panic unwind into the host.
 pub mod trampolines {
+    use std::cell::{Cell, RefCell};
+    use std::sync::Once;
+
     use super::*;
 
+    thread_local! {
+        /// Whether this thread is inside a trampoline's call into the provider.
+        static IN_CALL: Cell<bool> = const { Cell::new(false) };
+        /// Where the last panic inside a call happened (`file:line`), for its message.
+        static PANICKED_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    static QUIET_PANICS: Once = Once::new();
+
+    /// A panic inside a call is reported to the host, which logs it (escaped, in its own
+    /// format): the library's own std (a cdylib has its copy, with its own panic hook) must
+    /// not also write it raw to the process's stderr, in the middle of the host's log lines.
+    /// Other panics (a plugin's own threads, its tests) go to the hook there was.
+    fn quiet_panics_in_calls() {
+        QUIET_PANICS.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if IN_CALL.with(Cell::get) {
+                    let at = info.location().map(|at| format!("{}:{}", at.file(), at.line()));
+                    PANICKED_AT.with(|slot| *slot.borrow_mut() = at);
+                } else {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    /// What a panic says, and where it happened. The payload is dropped inside a catch of
+    /// its own: a payload whose drop panics must not unwind into the host.
     fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-        if let Some(text) = payload.downcast_ref::<&str>() {
-            (*text).to_owned()
-        } else if let Some(text) = payload.downcast_ref::<String>() {
-            text.clone()
-        } else {
+        let text = catch_unwind(AssertUnwindSafe(move || {
+            if let Some(text) = payload.downcast_ref::<&str>() {
+                (*text).to_owned()
+            } else if let Some(text) = payload.downcast_ref::<String>() {
+                text.clone()
+            } else {
+                "plugin panicked".to_owned()
+            }
+        }))
+        .unwrap_or_else(|leftover| {
+            std::mem::forget(leftover);
             "plugin panicked".to_owned()
+        });
+        match PANICKED_AT.with(|slot| slot.borrow_mut().take()) {
+            Some(at) => format!("{text} (at {at})"),
+            None => text,
         }
     }
 
@@ -659,7 +704,11 @@ pub mod trampolines {
     /// Runs `body`, catching a panic; returns the status and the JSON (result or error) for
     /// the out-parameter.
     fn run<T: Serialize>(body: impl FnOnce() -> Result<T, PluginError>) -> (i32, Vec<u8>) {
-        match catch_unwind(AssertUnwindSafe(body)) {
+        quiet_panics_in_calls();
+        let outer = IN_CALL.with(|in_call| in_call.replace(true));
+        let result = catch_unwind(AssertUnwindSafe(body));
+        IN_CALL.with(|in_call| in_call.set(outer));
+        match result {
             Ok(Ok(value)) => (STATUS_OK, to_json(&value)),
             Ok(Err(error)) => (STATUS_ERROR, to_json(&error)),
             Err(payload) => {
@@ -818,7 +867,10 @@ pub mod trampolines {
         // freed before, and no `&P` from `provider` is alive (no call in flight), so this
         // takes back sole ownership of the box.
         let boxed = unsafe { Box::from_raw(instance.cast::<P>()) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
+            // Its drop could panic too, outside any catch: it is leaked instead.
+            std::mem::forget(payload);
+        }
     }
 
     /// # Safety
@@ -990,10 +1042,8 @@ mod tests {
         };
         let (status, body) = stream(instance, "panic", panicking);
         assert_eq!(status, STATUS_PANIC);
-        assert_eq!(
-            serde_json::from_slice::<PluginError>(&body).unwrap().message,
-            "boom after 3"
-        );
+        let message = serde_json::from_slice::<PluginError>(&body).unwrap().message;
+        assert!(message.starts_with("boom after 3 (at "), "{message}");
         drop_instance(instance);
     }
 
@@ -1104,7 +1154,11 @@ mod tests {
         assert_eq!(status, STATUS_PANIC);
         let error: PluginError = serde_json::from_slice(&body).unwrap();
         assert_eq!(error.kind, ErrorKind::Panic);
-        assert_eq!(error.message, "boom");
+        assert!(
+            error.message.starts_with("boom (at ") && error.message.contains("lib.rs:"),
+            "{}",
+            error.message
+        );
 
         let (status, body) = call(
             descriptor.delete,

@@ -23,6 +23,7 @@ pub(crate) use loader::{BodyRead, BodySource};
 use loader::{Call, RawInstance};
 
 use crate::config::{Config, Durability, ProviderConfig};
+use crate::vocab::is_unseen_control;
 
 /// Loading or initialising a plugin failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -162,7 +163,19 @@ impl Provider {
     }
 }
 
-/// A call's status and bytes: the result bytes, or the plugin's error.
+/// The longest message of a plugin's error the host keeps (it reaches clients, records
+/// and log lines).
+const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
+
+/// The longest `Retry-After` a plugin's error is taken at (a day).
+const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
+
+/// A call's status and bytes: the result bytes, or the plugin's error, taken as far as the
+/// host can vouch for it: `busy` is the host's own kind (a plugin's is `internal`), a
+/// `Retry-After` is at most a day, and the message is cut to [`MAX_ERROR_MESSAGE_CHARS`]
+/// with control and bidirectional characters replaced, since it reaches the client, the
+/// record and the log line (a panic message or an I/O error is no upstream reason the
+/// shared client already cleaned).
 fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
     if RawInstance::ok(status) {
         return Ok(bytes);
@@ -175,6 +188,20 @@ fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
     });
     if status == STATUS_PANIC {
         error.kind = ErrorKind::Panic;
+    }
+    if error.kind == ErrorKind::Busy {
+        error.kind = ErrorKind::Internal;
+    }
+    error.retry_after_secs = error.retry_after_secs.map(|secs| secs.min(MAX_RETRY_AFTER_SECS));
+    if error.message.chars().any(is_unseen_control)
+        || error.message.chars().nth(MAX_ERROR_MESSAGE_CHARS).is_some()
+    {
+        error.message = error
+            .message
+            .chars()
+            .take(MAX_ERROR_MESSAGE_CHARS)
+            .map(|c| if is_unseen_control(c) { ' ' } else { c })
+            .collect();
     }
     Err(error)
 }
@@ -357,5 +384,38 @@ mod tests {
                 "{id}"
             );
         }
+    }
+
+    #[test]
+    fn a_plugins_error_is_taken_as_far_as_the_host_can_vouch_for_it() {
+        let failed = |error: serde_json::Value| answer(1, serde_json::to_vec(&error).unwrap()).unwrap_err();
+        // `busy` is the host's kind; a day is the longest wait taken.
+        let error = failed(serde_json::json!({
+            "kind": "busy", "message": "x", "retry_after_secs": u64::MAX
+        }));
+        assert_eq!(
+            (error.kind, error.retry_after_secs),
+            (ErrorKind::Internal, Some(86_400))
+        );
+        // A message that would forge a log line or reorder one, and one without end.
+        let error = failed(serde_json::json!({
+            "kind": "rejected", "message": "no\nlevel=INFO forged \u{202e}txt.exe"
+        }));
+        assert_eq!(error.message, "no level=INFO forged  txt.exe");
+        let error = failed(serde_json::json!({"kind": "internal", "message": "é".repeat(5000)}));
+        assert_eq!(error.message.chars().count(), MAX_ERROR_MESSAGE_CHARS);
+        // What is fine stays as it is.
+        let error = failed(serde_json::json!({
+            "kind": "unavailable", "message": "upstream 503: busy", "retry_after_secs": 30, "status": 503
+        }));
+        assert_eq!(
+            (
+                error.kind,
+                error.message.as_str(),
+                error.retry_after_secs,
+                error.status
+            ),
+            (ErrorKind::Unavailable, "upstream 503: busy", Some(30), Some(503))
+        );
     }
 }
