@@ -29,12 +29,6 @@ pub struct LoadedPlugin {
     descriptor: &'static ProviderDescriptor,
 }
 
-// SAFETY: the descriptor is immutable static data in a library that is never unloaded.
-unsafe impl Send for LoadedPlugin {}
-// SAFETY: as above; plugins promise (Provider: Send + Sync) that their functions may be
-// called from any thread.
-unsafe impl Sync for LoadedPlugin {}
-
 impl LoadedPlugin {
     /// Opens `path`, finds the entry symbol and checks the ABI.
     pub fn open(path: &Path) -> Result<Self, PluginHostError> {
