@@ -681,3 +681,43 @@ fn a_recorded_chunk_gone_from_disk_is_named_missing() {
     send_ok(&daemon, &session, 1, parts[1]);
     assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
 }
+
+/// A chunk of the in-place prefix sent again: the later chunks move into files of their own
+/// and the in-place file is cut where the re-sent chunk began, so the session holds its bytes
+/// once on disk (it held them twice, up to twice the plan's limit per session, until it
+/// ended); the upload is the chunks recorded last.
+#[test]
+fn a_resent_chunk_of_the_prefix_leaves_no_second_copy_on_disk() {
+    let daemon = Daemon::start_with(config);
+    let parts: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| {
+            (0..20_000u32)
+                .map(|j| b'a' + ((j + u32::from(i)) % 26) as u8)
+                .collect()
+        })
+        .collect();
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let session = open(&daemon, &[KEY], "again.txt", total, 4);
+    for (number, part) in parts.iter().enumerate() {
+        send_ok(&daemon, &session, number as u64, part);
+    }
+    let dir = session_dir(&daemon, &session);
+    let on_disk = || -> u64 {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    assert_eq!(std::fs::metadata(dir.join("data")).unwrap().len(), total as u64);
+    let again: Vec<u8> = (0..20_000u32).map(|j| b'0' + (j % 10) as u8).collect();
+    send_ok(&daemon, &session, 1, &again);
+    assert_eq!(
+        on_disk(),
+        total as u64,
+        "{:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
+    assert_eq!(std::fs::metadata(dir.join("data")).unwrap().len(), 20_000);
+    let content = [parts[0].as_slice(), &again, &parts[2], &parts[3]].concat();
+    assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
+}

@@ -128,6 +128,15 @@ pub(crate) fn missing_chunks(session: &SessionRecord) -> Vec<u64> {
         .collect()
 }
 
+/// Cuts session `id`'s in-place file at `offset`, where its prefix now ends: the bytes after
+/// it were moved into files of their own, and would otherwise hold the disk a second time
+/// until the session ends. Taken under the file's lock (an abandoned writer is waited for);
+/// the caller holds the session's in-place writer. A spool without in-place files has
+/// nothing to cut.
+fn cut_in_place(spool: &dyn Spool, id: &str, offset: u64) -> std::io::Result<()> {
+    spool.open_in_place(id, offset).map(drop)
+}
+
 fn size_mismatch(held: u64, declared: u64) -> ApiError {
     ApiError::Malformed(format!(
         "the chunks hold {held} bytes, but the session declared {declared}"
@@ -664,8 +673,12 @@ impl ChunkCommit {
                     placing.remove_chunk(&current.id, number);
                     return Ok(Some(offset + size));
                 }
-                // The prefix changed while it arrived: it gets a file of its own.
-                Some(offset) => placing.move_out_of_place(&current.id, number, *offset, size)?,
+                // The prefix changed while it arrived: it gets a file of its own, and the
+                // in-place file ends where the prefix does (this request holds its writer).
+                Some(offset) => {
+                    placing.move_out_of_place(&current.id, number, *offset, size)?;
+                    cut_in_place(placing.as_ref(), &current.id, layout.offset)?;
+                }
                 None => {
                     // Replacing a chunk of the prefix: the later ones leave the in-place
                     // file first (their offsets follow from its size).
@@ -682,6 +695,14 @@ impl ChunkCommit {
                     }
                     placing.place_chunk(&current.id, number, &chunk.path)?;
                     chunk.keep();
+                    // What the in-place file held from this chunk on now lives apart: it
+                    // goes, unless a request of this process is writing in place (its bytes
+                    // are moved out when it commits, and the file cut then).
+                    if number < layout.in_place
+                        && let Some(_writer) = InPlaceWriter::try_take(&current.id)
+                    {
+                        cut_in_place(placing.as_ref(), &current.id, Layout::offset_of(&current, number))?;
+                    }
                 }
             }
             Ok(None)
