@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     limits_fallback: IntCounterVec,
     limits_unavailable: IntCounterVec,
     pub disk_free: IntGauge,
+    pub disk_free_inodes: IntGauge,
     pub disk_floor: IntGauge,
     _build_info: IntGaugeVec,
 }
@@ -178,6 +179,11 @@ impl Metrics {
                 r,
                 "upgate_data_dir_free_bytes",
                 "Free bytes on the data_dir filesystem",
+            ),
+            disk_free_inodes: gauge(
+                r,
+                "upgate_data_dir_free_inodes",
+                "Free inodes on the data_dir filesystem (-1: it does not count them)",
             ),
             disk_floor: gauge(
                 r,
@@ -352,18 +358,34 @@ pub(crate) fn limits_unreachable(limit: &'static str, fell_back: bool) {
     counter.with_label_values(&[limit]).inc();
 }
 
-/// Measures free space in `dir` for the gauges; returns it.
-pub(crate) fn watch_disk(dir: &std::path::Path, floor: u64) -> Option<u64> {
-    let free = free_bytes(dir)?;
+/// Free inodes below which `data_dir` counts as full whatever its free bytes: every file
+/// kept apart (a chunk, a spooled upload) takes one, and with none left every write fails.
+const INODE_FLOOR: u64 = 10_000;
+
+/// Measures free space in `dir` for the gauges; returns whether it is below the floor:
+/// fewer free bytes than `floor`, or, on a filesystem that counts inodes, fewer free ones
+/// than [`INODE_FLOOR`] (or 1% of them, on a small one). `None` when it cannot be read.
+pub(crate) fn watch_disk(dir: &std::path::Path, floor: u64) -> Option<bool> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
     let metrics = get();
-    metrics.disk_free.set(free as i64);
-    metrics.disk_floor.set(floor as i64);
-    Some(free)
+    metrics.disk_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+    metrics.disk_floor.set(i64::try_from(floor).unwrap_or(i64::MAX));
+    let counts_inodes = stats.f_files > 0;
+    metrics.disk_free_inodes.set(match counts_inodes {
+        true => i64::try_from(stats.f_favail).unwrap_or(i64::MAX),
+        false => -1,
+    });
+    Some(below_floor(
+        free,
+        floor,
+        counts_inodes.then_some((stats.f_favail, stats.f_files)),
+    ))
 }
 
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    let stats = rustix::fs::statvfs(dir).ok()?;
-    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+/// Whether `free` bytes and `(free, total)` inodes (`None`: not counted) are below the floor.
+fn below_floor(free: u64, floor: u64, inodes: Option<(u64, u64)>) -> bool {
+    free < floor || inodes.is_some_and(|(free, total)| free < INODE_FLOOR.min(total / 100))
 }
 
 /// Text exposition of every series.
@@ -371,4 +393,22 @@ pub(crate) fn render() -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&get().registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_counts_bytes_and_inodes_where_the_filesystem_counts_them() {
+        let gib = 1 << 30;
+        assert!(!below_floor(2 * gib, gib, Some((1_000_000, 2_000_000))));
+        assert!(below_floor(gib - 1, gib, Some((1_000_000, 2_000_000))), "bytes");
+        assert!(below_floor(2 * gib, gib, Some((9_999, 2_000_000))), "inodes");
+        // A small filesystem: 1% of its inodes.
+        assert!(!below_floor(2 * gib, gib, Some((600, 50_000))));
+        assert!(below_floor(2 * gib, gib, Some((499, 50_000))));
+        // One that does not count them (btrfs reports none).
+        assert!(!below_floor(2 * gib, gib, None));
+    }
 }

@@ -315,8 +315,8 @@ async fn run(
     }
     gateway.store.release_outbox_leases().await?;
     gateway.fail_interrupted_deliveries().await;
-    if let Some(free) = metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0) {
-        gateway.set_below_disk_floor(free < server_config.disk_free_floor.0);
+    if let Some(below) = metrics::watch_disk(&server_config.data_dir, server_config.disk_free_floor.0) {
+        gateway.set_below_disk_floor(below);
     }
     let gateway = web::Data::new(gateway);
 

@@ -112,8 +112,8 @@ pub(crate) async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig
             metrics::watch_disk(&data_dir, floor)
         })
         .await;
-        if let Ok(Some(free)) = below {
-            gateway.set_below_disk_floor(free < floor);
+        if let Ok(Some(below)) = below {
+            gateway.set_below_disk_floor(below);
         }
         tokio::time::sleep(server.sweep_interval.0.min(std::time::Duration::from_secs(60))).await;
     }

@@ -173,7 +173,7 @@ async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
     }
     problems.extend(futures_util::future::join_all(checks).await.into_iter().flatten());
     if gateway.below_disk_floor() {
-        problems.push("data_dir is below its free-space floor".to_owned());
+        problems.push("data_dir is below its free-space floor (bytes or inodes)".to_owned());
     }
     if problems.is_empty() {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
