@@ -721,3 +721,31 @@ fn a_resent_chunk_of_the_prefix_leaves_no_second_copy_on_disk() {
     let content = [parts[0].as_slice(), &again, &parts[2], &parts[3]].concat();
     assert_stored(&daemon, &complete(&daemon, &[KEY], &session), &content);
 }
+
+/// Starts that arrive at once cannot all pass one count of the tenant's open sessions:
+/// exactly `max_open_sessions` of them open a session, the others get 429.
+#[test]
+fn concurrent_starts_open_no_more_sessions_than_the_plan_allows() {
+    let daemon = Daemon::start_with(|dir| {
+        config(dir).replacen("  default:\n", "  default:\n    max_open_sessions: 3\n", 1)
+    });
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..24)
+            .map(|i| {
+                let daemon = &daemon;
+                scope.spawn(move || start(daemon, &[KEY], &declare(&format!("s{i}.txt"), 10, 1)).status)
+            })
+            .collect();
+        starts.into_iter().map(|start| start.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|status| matches!(status, 200 | 429)),
+        "{statuses:?}"
+    );
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 3);
+}

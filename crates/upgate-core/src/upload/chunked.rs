@@ -160,7 +160,6 @@ impl Gateway {
                 "a session has 1 to {MAX_CHUNKS} chunks"
             )));
         }
-        self.check_open_sessions(admission).await?;
         let now = now_ms();
         let expiry = admission.policy.config.server.session_expiry.0;
         let session = SessionRecord {
@@ -179,17 +178,24 @@ impl Gateway {
             concat: None,
             upload_id: None,
         };
-        self.store.insert_session(session.clone()).await?;
+        self.insert_open_session(admission, session.clone()).await?;
         tracing::info!(session_id = %session.id, tenant = %session.tenant, chunks = session.total_chunks,
             size = session.declared_size, "upload session started");
         Ok(session)
     }
 
-    /// Refuses a new session to a tenant that holds its plan's `max_open_sessions`: 429 with
-    /// `Retry-After: 60` (a session ends when it completes, is terminated or expires). The
-    /// bytes of an unfinished session count towards no quota, so without this cap one
-    /// tenant's sessions could fill the disk for every tenant until they expire.
-    pub(crate) async fn check_open_sessions(&self, admission: &Admission) -> Result<(), ApiError> {
+    /// Records a new `session`, unless its tenant holds its plan's `max_open_sessions`: 429
+    /// with `Retry-After: 60` (a session ends when it completes, is terminated or expires).
+    /// The bytes of an unfinished session count towards no quota, so without this cap one
+    /// tenant's sessions could fill the disk for every tenant until they expire. Count and
+    /// insert run one start at a time on this node, so concurrent starts cannot all pass one
+    /// count (nodes sharing a store may still each pass it once at the same moment).
+    pub(crate) async fn insert_open_session(
+        &self,
+        admission: &Admission,
+        session: SessionRecord,
+    ) -> Result<(), ApiError> {
+        let _one_at_a_time = self.session_starts.lock().await;
         let open = self.store.open_sessions_of(admission.tenant.name.clone()).await?;
         if open >= admission.tenant.plan.max_open_sessions() {
             return Err(ApiError::Throttled {
@@ -197,6 +203,7 @@ impl Gateway {
                 why: Throttle::Concurrency,
             });
         }
+        self.store.insert_session(session).await?;
         Ok(())
     }
 

@@ -61,6 +61,8 @@ pub(crate) struct Gateway {
     below_disk_floor: AtomicBool,
     /// Set when the daemon stops: the background loops take no new work.
     stopping: AtomicBool,
+    /// Taken while a session start counts the tenant's open sessions and inserts its own.
+    pub(crate) session_starts: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
@@ -83,6 +85,7 @@ impl Gateway {
             intake_budget,
             below_disk_floor: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            session_starts: tokio::sync::Mutex::new(()),
         }
     }
 

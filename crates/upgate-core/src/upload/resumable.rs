@@ -290,13 +290,14 @@ impl Gateway {
         metadata: Metadata,
         concat: Option<Concat>,
     ) -> Result<SessionRecord, ApiError> {
+        let upload = self.new_resumable(admission, id, filename, extension, length, metadata, concat);
         // A final upload is completed (or removed) by the request that creates it, and
         // takes the place of the partials it joins: it never adds an open upload.
-        if !matches!(concat, Some(Concat::Final { .. })) {
-            self.check_open_sessions(admission).await?;
+        if matches!(upload.concat, Some(Concat::Final { .. })) {
+            self.store.insert_session(upload.clone()).await?;
+        } else {
+            self.insert_open_session(admission, upload.clone()).await?;
         }
-        let upload = self.new_resumable(admission, id, filename, extension, length, metadata, concat);
-        self.store.insert_session(upload.clone()).await?;
         tracing::info!(upload_id = %upload.id, tenant = %upload.tenant, length = ?length, "resumable upload created");
         Ok(upload)
     }
