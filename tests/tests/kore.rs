@@ -478,6 +478,11 @@ fn complete_refused_for_its_content_leaves_nothing_behind_and_keeps_the_session_
     assert_eq!(daemon.spool_files(), 0, "the assembled file is removed");
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 0);
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 1);
+    assert_eq!(
+        count(&daemon, "SELECT COUNT(*) FROM sessions WHERE upload_id IS NULL"),
+        1,
+        "the upload id noted for the attempt is taken back: the session counts as open again"
+    );
     let in_place = session_dir(&daemon, &session).join("data");
     assert_eq!(
         std::fs::metadata(&in_place).map(|m| m.len()).ok(),
@@ -748,4 +753,36 @@ fn concurrent_starts_open_no_more_sessions_than_the_plan_allows() {
         "{statuses:?}"
     );
     assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 3);
+}
+
+/// A `complete` retried after a crash between the upload's record and the session's removal
+/// (the state such a crash leaves: the session names the upload noted for it, which is
+/// recorded) answers that upload and removes the session: no second upload.
+#[test]
+fn a_complete_retried_after_its_upload_was_recorded_makes_no_second_upload() {
+    let daemon = Daemon::start_with(config);
+    let content = b"recorded once\n".repeat(100);
+    let session = open(&daemon, &[KEY], "once.txt", content.len(), 1);
+    send_ok(&daemon, &session, 0, &content);
+    // The record the crashed attempt made: a copy of another of the tenant's uploads.
+    let form = Form::new()
+        .file("file", "once.txt", "text/plain", &content)
+        .text("fileContext", "bulkImport");
+    let earlier = assert_stored(&daemon, &single(&daemon, &[KEY], &form), &content);
+    let noted = "0123456789abcdef01234567";
+    daemon
+        .db()
+        .execute_batch(&format!(
+            "CREATE TEMP TABLE crashed AS SELECT * FROM uploads WHERE id = '{earlier}';
+             UPDATE crashed SET id = '{noted}';
+             INSERT INTO uploads SELECT * FROM crashed;
+             UPDATE sessions SET upload_id = '{noted}' WHERE id = '{session}';"
+        ))
+        .unwrap();
+    let reply = complete(&daemon, &[KEY], &session);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json()["fileId"], noted);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM uploads"), 2);
+    assert_eq!(count(&daemon, "SELECT COUNT(*) FROM sessions"), 0);
+    assert!(!session_dir(&daemon, &session).exists());
 }

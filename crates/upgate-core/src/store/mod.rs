@@ -307,8 +307,10 @@ pub(crate) trait Store: Send + Sync {
     fn release_session_lease(&self, id: String, holder: String) -> StoreFuture<'_, ()>;
     /// Whether other processes share this store (and leases mean something).
     fn is_shared(&self) -> bool;
-    /// Notes the upload record a session became.
-    fn mark_session_delivered(&self, id: String, upload_id: String) -> StoreFuture<'_, ()>;
+    /// Notes the upload record a session became (a tus upload, once complete) or is becoming
+    /// (a Kore session, while `complete` runs); `None` takes the note back. A session with a
+    /// note is no longer counted open.
+    fn set_session_upload(&self, id: String, upload_id: Option<String>) -> StoreFuture<'_, ()>;
     /// Deletes sessions expired at `now` and returns their ids.
     fn take_expired_sessions(&self, now: i64) -> StoreFuture<'_, Vec<String>>;
     fn session_ids(&self) -> StoreFuture<'_, Vec<String>>;
@@ -359,7 +361,7 @@ macro_rules! store_by_inherent_methods {
         set_session_length(id: String, length: u64) -> ();
         lease_session(id: String, holder: String, now: i64, until_ms: i64) -> bool;
         release_session_lease(id: String, holder: String) -> ();
-        mark_session_delivered(id: String, upload_id: String) -> ();
+        set_session_upload(id: String, upload_id: Option<String>) -> ();
         take_expired_sessions(now: i64) -> Vec<String>;
         session_ids() -> Vec<String>;
         list_sessions() -> Vec<$crate::store::SessionRecord>;

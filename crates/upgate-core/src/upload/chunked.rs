@@ -29,7 +29,7 @@ use tokio::io::AsyncReadExt;
 use crate::content;
 use crate::error::{ApiError, Throttle};
 use crate::spool::{Spool, SpoolWriter, SpooledFile};
-use crate::store::{SessionRecord, Store, UploadRecord};
+use crate::store::{SessionRecord, Store, UploadRecord, UploadState};
 use crate::vocab::{DialectName, is_uuid, now_ms};
 
 use super::admit::Admission;
@@ -458,6 +458,18 @@ impl Gateway {
     ) -> Result<Vec<UploadRecord>, ApiError> {
         let dialect = admission.dialect;
         let session = self.open_session(admission, id).await?;
+        // Recorded by an earlier attempt that stopped before removing the session (a crash
+        // between the two): that upload is the answer, not a second one.
+        if let Some(noted) = &session.upload_id
+            && let Some(record) = self
+                .store
+                .upload_of(admission.tenant.name.clone(), noted.clone())
+                .await?
+            && matches!(record.state, UploadState::Received | UploadState::Forwarded)
+        {
+            self.close_completed_session(id, &record.id).await;
+            return Ok(vec![record]);
+        }
         let missing = missing_chunks(&session);
         if !missing.is_empty() {
             return Err(ApiError::MissingChunks(missing));
@@ -468,7 +480,37 @@ impl Gateway {
         if session.received_bytes() != session.declared_size {
             return Err(size_mismatch(session.received_bytes(), session.declared_size));
         }
+        // The upload's id is noted in the session before anything is recorded (and taken back
+        // when this attempt fails), so that a retry after a crash finds it.
         let upload_id = dialect.new_upload_id();
+        self.store
+            .set_session_upload(id.to_owned(), Some(upload_id.clone()))
+            .await?;
+        match self.complete_as(admission, &session, upload_id).await {
+            Ok(records) => {
+                self.close_completed_session(id, &records[0].id).await;
+                Ok(records)
+            }
+            Err(error) => {
+                if let Err(store_error) = self.store.set_session_upload(id.to_owned(), None).await {
+                    tracing::warn!(session_id = %id, error = %store_error,
+                        "cannot take back the upload id noted in a session");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Completes the held `session` as upload `upload_id`: lays its chunks out, checks and
+    /// records the file (and delivers it, with sync delivery).
+    async fn complete_as(
+        &self,
+        admission: &Admission,
+        session: &SessionRecord,
+        upload_id: String,
+    ) -> Result<Vec<UploadRecord>, ApiError> {
+        let id = session.id.as_str();
+        let plan = &admission.tenant.plan;
         let spool = self.spool.clone();
         let held = session.clone();
         let layout = tokio::task::spawn_blocking(move || -> std::io::Result<Layout> {
@@ -527,18 +569,20 @@ impl Gateway {
             )
             .await?
         } else {
-            self.assemble(admission, &session, upload_id).await?
+            self.assemble(admission, session, upload_id).await?
         };
-        let records = self
-            .accept(admission, vec![file.into()], session.metadata.clone())
-            .await?;
+        self.accept(admission, vec![file.into()], session.metadata.clone())
+            .await
+    }
+
+    /// Removes a session whose upload `upload_id` is recorded, with its files.
+    async fn close_completed_session(&self, id: &str, upload_id: &str) {
         if let Err(error) = self.store.delete_session(id.to_owned()).await {
             // The upload is recorded; the sweeper removes the session when it expires.
             tracing::error!(session_id = %id, %error, "cannot delete a completed session");
         }
         self.remove_session_files(id).await;
-        tracing::info!(session_id = %id, upload_id = %records[0].id, "upload session completed");
-        Ok(records)
+        tracing::info!(session_id = %id, upload_id = %upload_id, "upload session completed");
     }
 
     /// Writes the chunks of `session`, each in a file of its own, in order into one spooled

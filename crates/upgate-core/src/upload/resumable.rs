@@ -649,7 +649,7 @@ impl Gateway {
             .await?;
         let delivered = records[0].id.clone();
         self.store
-            .mark_session_delivered(upload.id.clone(), delivered.clone())
+            .set_session_upload(upload.id.clone(), Some(delivered.clone()))
             .await?;
         upload.upload_id = Some(delivered);
         // Recorded (and delivered, or durable in the spool for the outbox): the upload's own

@@ -179,10 +179,10 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn mark_session_delivered(
+    pub(super) async fn set_session_upload(
         &self,
         id: String,
-        upload_id: String,
+        upload_id: Option<String>,
     ) -> Result<(), StoreError> {
         self.call(move |connection| {
             connection.execute(

@@ -284,7 +284,7 @@ async fn resumable_sessions_keep_their_length_role_and_record() {
     store.set_session_length("r".into(), 7).await.unwrap();
     store.put_chunk("r".into(), 0, 7).await.unwrap();
     store
-        .mark_session_delivered("r".into(), "u".into())
+        .set_session_upload("r".into(), Some("u".into()))
         .await
         .unwrap();
     let got = store.session_of("t".into(), "r".into()).await.unwrap().unwrap();
