@@ -351,3 +351,42 @@ Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\
     assert!(closed, "the connection stayed open after the answer: {text}");
     trickling.join().unwrap();
 }
+
+/// `server.max_connections` caps the daemon's connections, not each worker's: with a cap of
+/// 2 over 2 workers, a third connection is not served while two hold a request head open,
+/// and is served once one of them goes.
+#[test]
+fn max_connections_caps_the_whole_daemon() {
+    let daemon = Daemon::start_with(|dir| {
+        default_config(dir).replace(
+            "  idle_timeout: 2s\n",
+            "  idle_timeout: 2s\n  header_timeout: 8s\n  workers: 2\n  max_connections: 2\n",
+        )
+    });
+    let (mut first, address) = connect(&daemon);
+    let (mut second, _) = connect(&daemon);
+    for held in [&mut first, &mut second] {
+        held.write_all(b"POST /v1/files/upload HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut third, _) = connect(&daemon);
+    third.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    third
+        .write_all(&upload(
+            &address,
+            "HTTP/1.1",
+            "third.txt",
+            "Connection: close\r\n",
+        ))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        third.read(&mut byte).is_err(),
+        "a third connection was served past max_connections"
+    );
+    drop(first);
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (status, text) = RawUpload::read_answer(&mut third).expect("an answer once a connection went");
+    assert_eq!(status, 201, "{text}");
+}

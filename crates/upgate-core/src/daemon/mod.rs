@@ -338,7 +338,8 @@ async fn run(
             .configure(http::routes)
     })
     .workers(workers)
-    .max_connections(server_config.max_connections)
+    // actix counts connections per worker: `max_connections` is the daemon's, shared out.
+    .max_connections(server_config.max_connections.div_ceil(workers.max(1)))
     .client_request_timeout(server_config.header_timeout.0)
     .client_disconnect_timeout(Duration::from_secs(5))
     .keep_alive(Duration::from_secs(75))
