@@ -243,9 +243,9 @@ known = {
     "upgate_upstream_request_duration_seconds_bucket",
     "upgate_upstream_request_duration_seconds_sum",
     "upgate_upstream_request_duration_seconds_count", "upgate_upstream_retries_total",
-    "upgate_rejections_total", "upgate_sessions_active", "upgate_spool_bytes",
+    "upgate_rejections_total", "upgate_sessions_active", "upgate_sessions_bytes", "upgate_spool_bytes",
     "upgate_open_connections", "upgate_outbox_pending", "upgate_plugin_errors_total",
-    "upgate_config_reloads_total", "upgate_data_dir_free_bytes",
+    "upgate_config_reloads_total", "upgate_data_dir_free_bytes", "upgate_data_dir_free_inodes",
     "upgate_data_dir_free_floor_bytes",
 }
 with open(sys.argv[1]) as f:

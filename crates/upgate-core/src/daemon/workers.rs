@@ -101,8 +101,13 @@ pub(crate) async fn run_housekeeping(gateway: Arc<Gateway>, server: ServerConfig
     while !gateway.stopping() {
         gateway.sweep_sessions().await;
         gateway.fail_interrupted_deliveries().await;
-        if let Ok(active) = gateway.store.active_sessions().await {
-            metrics::get().sessions_active.set(active as i64);
+        if let Ok((sessions, bytes)) = gateway.store.session_totals().await {
+            metrics::get()
+                .sessions_active
+                .set(i64::try_from(sessions).unwrap_or(i64::MAX));
+            metrics::get()
+                .sessions_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         let spool = gateway.spool.clone();
         let data_dir = server.data_dir.clone();

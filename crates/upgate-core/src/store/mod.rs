@@ -316,7 +316,10 @@ pub(crate) trait Store: Send + Sync {
     fn session_ids(&self) -> StoreFuture<'_, Vec<String>>;
     /// Every session with its chunks (operator listings).
     fn list_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>>;
-    fn active_sessions(&self) -> StoreFuture<'_, u64>;
+    /// Sessions (Kore sessions and tus uploads, finished ones kept until they expire
+    /// included) and the bytes of the chunks recorded for them: what `data_dir/sessions`
+    /// holds, beside the spool.
+    fn session_totals(&self) -> StoreFuture<'_, (u64, u64)>;
     /// `tenant`'s sessions that have not become an upload yet.
     fn open_sessions_of(&self, tenant: String) -> StoreFuture<'_, u64>;
 }
@@ -365,7 +368,7 @@ macro_rules! store_by_inherent_methods {
         take_expired_sessions(now: i64) -> Vec<String>;
         session_ids() -> Vec<String>;
         list_sessions() -> Vec<$crate::store::SessionRecord>;
-        active_sessions() -> u64;
+        session_totals() -> (u64, u64);
         open_sessions_of(tenant: String) -> u64;
         });
     };

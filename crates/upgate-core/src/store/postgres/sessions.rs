@@ -280,12 +280,17 @@ impl PostgresStore {
         .await
     }
 
-    pub(super) async fn active_sessions(&self) -> Result<u64, StoreError> {
+    pub(super) async fn session_totals(&self) -> Result<(u64, u64), StoreError> {
         self.call(|connection| {
             Box::pin(async move {
-                let count = connection.prepare("SELECT COUNT(*) FROM sessions").await?;
-                let row = connection.client().query_one(&count, &[]).await?;
-                Ok(row.try_get::<_, i64>(0)? as u64)
+                let totals = connection
+                    .prepare(
+                        "SELECT (SELECT COUNT(*) FROM sessions), (SELECT COALESCE(SUM(size), 0)::bigint FROM session_chunks)",
+                    )
+                    .await?;
+                let row = connection.client().query_one(&totals, &[]).await?;
+                let (sessions, bytes) = (row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?);
+                Ok((sessions.max(0) as u64, bytes.max(0) as u64))
             })
         })
         .await

@@ -168,7 +168,7 @@ async fn sessions_and_chunks(url: &PostgresUrl) {
         "a chunk needs its session"
     );
     assert_eq!(store.session_ids().await.unwrap(), vec!["s".to_string()]);
-    assert_eq!(store.active_sessions().await.unwrap(), 1);
+    assert_eq!(store.session_totals().await.unwrap(), (1, 7));
     assert_eq!(store.list_sessions().await.unwrap(), vec![got]);
     assert_eq!(
         store.take_expired_sessions(99).await.unwrap(),
@@ -185,7 +185,7 @@ async fn sessions_and_chunks(url: &PostgresUrl) {
         .unwrap();
     store.put_chunk("d".into(), 0, 1).await.unwrap();
     store.delete_session("d".into()).await.unwrap();
-    assert_eq!(store.active_sessions().await.unwrap(), 0);
+    assert_eq!(store.session_totals().await.unwrap(), (0, 0));
 }
 
 async fn resumable_sessions_keep_their_length_role_and_record(url: &PostgresUrl) {

@@ -218,9 +218,14 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn active_sessions(&self) -> Result<u64, StoreError> {
+    pub(super) async fn session_totals(&self) -> Result<(u64, u64), StoreError> {
         self.call(|connection| {
-            Ok(connection.query_row("SELECT COUNT(*) FROM sessions", [], |row| row.get::<_, i64>(0))? as u64)
+            let (sessions, bytes) = connection.query_row(
+                "SELECT (SELECT COUNT(*) FROM sessions), (SELECT COALESCE(SUM(size), 0) FROM session_chunks)",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+            )?;
+            Ok((sessions.max(0) as u64, bytes.max(0) as u64))
         })
         .await
     }

@@ -170,6 +170,11 @@ async fn sessions_and_chunks() {
     store.put_chunk("s".into(), 1, 5).await.unwrap();
     let got = store.session_of("t".into(), "s".into()).await.unwrap().unwrap();
     assert_eq!(got.chunks, vec![(1, 5)]);
+    assert_eq!(
+        store.session_totals().await.unwrap(),
+        (1, 5),
+        "a replaced chunk counts once"
+    );
     assert!(
         store
             .session_of("other".into(), "s".into())
