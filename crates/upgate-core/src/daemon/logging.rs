@@ -10,7 +10,7 @@
 //! characters escaped (nothing from a client can start a line of its own, a terminal
 //! sequence, or reorder what the line shows).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
@@ -73,6 +73,20 @@ impl PlainVisitor<'_> {
     }
 
     fn write_message(&mut self, text: &str) {
+        self.result = self
+            .result
+            .and_then(|()| Escaped(&mut self.writer).write_str(text));
+    }
+}
+
+/// A writer that escapes what could break or forge a log line (controls, line and
+/// paragraph separators, bidirectional overrides: [`is_unseen_control`]) in whatever is
+/// written through it: a message, or a field's value however it formats itself (a `%`
+/// field's `Display` is written as it is, and may carry an engine's or a plugin's text).
+struct Escaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
         for piece in text.split_inclusive(is_unseen_control) {
             let (plain, control) = match piece.chars().last() {
                 Some(last) if is_unseen_control(last) => {
@@ -80,13 +94,12 @@ impl PlainVisitor<'_> {
                 }
                 _ => (piece, None),
             };
-            self.result = self.result.and_then(|()| self.writer.write_str(plain));
+            self.0.write_str(plain)?;
             if let Some(control) = control {
-                self.result = self
-                    .result
-                    .and_then(|()| write!(self.writer, "{}", control.escape_debug()));
+                write!(self.0, "{}", control.escape_debug())?;
             }
         }
+        Ok(())
     }
 }
 
@@ -158,7 +171,7 @@ impl Visit for PlainVisitor<'_> {
             let text = format!("{value:?}");
             self.write_message(&text);
         } else {
-            self.result = write!(self.writer, "{value:?}");
+            self.result = write!(Escaped(&mut self.writer), "{value:?}");
         }
     }
 }
@@ -241,6 +254,14 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("got evil\\nINFO forged\\u{1b}[31m"), "{line}");
+        // A `%` field is written by its Display, which may carry an engine's or a plugin's
+        // text: escaped as well.
+        let line = logged(true, || {
+            let answer = "503\nINFO forged\u{2028}x";
+            tracing::warn!(error = %answer, "the spool failed");
+        });
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.contains("error=503\\nINFO forged\\u{2028}x"), "{line}");
     }
 
     #[derive(Debug)]
