@@ -65,12 +65,14 @@ impl S3Spool {
         self.objects.check()
     }
 
+    /// An id that is no plain name (a record no upgate wrote) names an object of its own
+    /// that none is ever put to, never a key outside its place (`../x`).
     fn upload_key(&self, id: &str) -> String {
-        format!("{}uploads/{id}", self.prefix)
+        format!("{}uploads/{}", self.prefix, plain_or_void(id))
     }
 
     fn session_prefix(&self, session: &str) -> String {
-        format!("{}sessions/{session}/", self.prefix)
+        format!("{}sessions/{}/", self.prefix, plain_or_void(session))
     }
 
     fn chunk_key(&self, session: &str, number: u64) -> String {
@@ -187,7 +189,13 @@ impl Spool for S3Spool {
         let prefix = format!("{}uploads/", self.prefix);
         let cutoff = humantime::format_rfc3339_seconds(SystemTime::now() - ORPHAN_AGE).to_string();
         for entry in self.objects.list(&prefix)? {
-            let Some(id) = entry.key.strip_prefix(&prefix) else {
+            // A key the listing names that is no plain id (`uploads/../x`) is not upgate's to
+            // delete: a request for it could resolve outside the prefix.
+            let Some(id) = entry
+                .key
+                .strip_prefix(&prefix)
+                .filter(|id| super::local::plain_name(id).is_ok())
+            else {
                 continue;
             };
             // Both are RFC 3339 in UTC: their first 19 characters compare as times. An object
@@ -337,4 +345,9 @@ impl Spool for S3Spool {
     fn unready(&self) -> Option<String> {
         self.check().err().map(|error| format!("spool: {error}"))
     }
+}
+
+/// `id` if it is a plain name ([`super::local::plain_name`]), else a name no id has.
+fn plain_or_void(id: &str) -> &str {
+    super::local::plain_name(id).unwrap_or("not-an-id")
 }

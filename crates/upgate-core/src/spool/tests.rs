@@ -162,7 +162,7 @@ fn a_session_file_waits_for_the_writer_still_holding_it() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let spool = LocalSpool::open(dir.path(), Durability::ProcessCrash).unwrap();
-    let in_place = spool.in_place_path("kore-a");
+    let in_place = spool.in_place_path("kore-a").unwrap();
     type Opener = fn(&LocalSpool) -> std::fs::File;
     let openers: [(Opener, PathBuf); 2] = [
         (
@@ -202,5 +202,31 @@ fn a_session_file_waits_for_the_writer_still_holding_it() {
     assert!(
         spool.link_part("tus-b", 11, "u-c").is_err(),
         "fewer bytes than acknowledged"
+    );
+}
+
+/// An id read back from the store is checked before it names a file: one that is a path
+/// (another node's or a restored database's bad row) reaches nothing outside its place.
+#[test]
+fn ids_that_are_paths_name_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalSpool::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"keep me").unwrap();
+    std::fs::create_dir_all(dir.path().join("sessions")).unwrap();
+    for bad in ["../outside", "/etc/passwd", "a/b", "..", "", "a\u{0}b"] {
+        assert!(local.fetch(bad).is_err(), "{bad:?}");
+        assert!(local.remove(bad).is_err(), "{bad:?}");
+        assert!(local.chunk_layout(bad).is_err(), "{bad:?}");
+        local.remove_session(bad);
+        local.remove_chunk(bad, 0);
+    }
+    local.remove_session("..");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+    assert!(dir.path().join("spool").is_dir() && dir.path().join("sessions").is_dir());
+    // A plain id is a name in its place.
+    assert_eq!(
+        local.fetch("0123456789abcdef01234567").unwrap(),
+        dir.path().join("spool").join("0123456789abcdef01234567")
     );
 }
