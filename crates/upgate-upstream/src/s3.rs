@@ -559,7 +559,23 @@ impl ObjectStore {
         let status = response.status().as_u16();
         Ok(match status {
             200..=299 => Outcome::Done(response),
-            404 => Outcome::Failed(S3Error::NotFound(String::new())),
+            // Only a missing object (or multipart upload) is one that is not there; a
+            // missing bucket, or a proxy's 404 page, is storage that is not what it should be
+            // (unavailable: nothing is given up for good because of it). A 404 without a
+            // body (an answer to HEAD) is the object's.
+            404 => {
+                let code = read_document(response)
+                    .map(|document| error_code(&document))
+                    .unwrap_or_default();
+                match code.as_str() {
+                    "" | "NoSuchKey" | "NoSuchUpload" => Outcome::Failed(S3Error::NotFound(String::new())),
+                    _ => Outcome::Failed(S3Error::Refused {
+                        what: String::new(),
+                        status,
+                        code,
+                    }),
+                }
+            }
             429 | 500..=599 => Outcome::Transient(format!("HTTP {status}")),
             _ => {
                 let code = read_document(response)
@@ -610,14 +626,22 @@ fn read_document(response: Response<Body>) -> io::Result<String> {
     Ok(text)
 }
 
-/// The `<Code>` of an S3 error document, or what the document starts with.
+/// An error document's `<Code>`, as it may be logged and shown (`/readyz`): at most 64
+/// letters, digits and dots; without one, `unreadable`, or nothing for an empty body.
 fn error_code(document: &str) -> String {
     let between = |open: &str, close: &str| {
         let start = document.find(open)? + open.len();
         let end = document[start..].find(close)? + start;
-        Some(document[start..end].to_owned())
+        Some(&document[start..end])
     };
-    between("<Code>", "</Code>").unwrap_or_else(|| document.chars().take(80).collect())
+    let plain = |code: &str| {
+        !code.is_empty() && code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+    };
+    match between("<Code>", "</Code>") {
+        Some(code) if plain(code) => code.to_owned(),
+        _ if document.trim().is_empty() => String::new(),
+        _ => "unreadable".to_owned(),
+    }
 }
 
 /// The part size of a multipart upload of `len` bytes: [`PART_SIZE`], or larger for a file
@@ -702,7 +726,16 @@ mod tests {
         let document =
             "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>x</Message></Error>";
         assert_eq!(error_code(document), "SignatureDoesNotMatch");
-        assert_eq!(error_code("not xml"), "not xml");
+        assert_eq!(error_code("not xml"), "unreadable");
+        assert_eq!(
+            error_code("<Error><Code>a\nINFO forged</Code></Error>"),
+            "unreadable"
+        );
+        assert_eq!(
+            error_code(&format!("<Code>{}</Code>", "A".repeat(65))),
+            "unreadable"
+        );
+        assert_eq!(error_code(""), "");
     }
 
     #[test]

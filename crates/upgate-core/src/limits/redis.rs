@@ -416,8 +416,9 @@ impl Shared {
         Ok(if passed == 1 {
             Ok(())
         } else {
+            // A day at most, whatever Redis answered (its clock, a bad script reply).
             Err(LimitError::Rate(Duration::from_micros(
-                u64::try_from(wait_us).unwrap_or(0),
+                u64::try_from(wait_us).unwrap_or(0).min(86_400_000_000),
             )))
         })
     }

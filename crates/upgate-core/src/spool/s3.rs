@@ -112,7 +112,9 @@ impl S3Spool {
         let mut at = 0;
         while at < length {
             match segments.get(&at) {
-                Some((key, size)) if *size > 0 => {
+                // A segment that would run past the length (or wrap the count) is no part of
+                // a chain that ends there.
+                Some((key, size)) if *size > 0 && *size <= length - at => {
                     chain.push((key.clone(), *size));
                     at += size;
                 }
