@@ -443,7 +443,8 @@ impl ObjectStore {
     }
 
     /// Each page of a listing of `prefix` (grouped by `delimiter` when given), in order. A
-    /// service that hands the same continuation token back twice is an error, not a loop.
+    /// service that hands a continuation token back a second time, or pages without end
+    /// (more than [`MAX_LIST_PAGES`]), is an error, not a loop.
     fn list_pages(
         &self,
         prefix: &str,
@@ -451,7 +452,8 @@ impl ObjectStore {
         mut each: impl FnMut(ListObjectsV2Response),
     ) -> Result<(), S3Error> {
         let mut token: Option<String> = None;
-        loop {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_LIST_PAGES {
             let mut action: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.credentials));
             action.with_prefix(prefix);
             if let Some(delimiter) = delimiter {
@@ -468,16 +470,20 @@ impl ObjectStore {
             let next = page.next_continuation_token.take();
             each(page);
             match next {
-                Some(next) if !next.is_empty() && token.as_ref() != Some(&next) => token = Some(next),
+                Some(next) if !next.is_empty() && seen.insert(next.clone()) => token = Some(next),
                 Some(next) if !next.is_empty() => {
                     return Err(S3Error::Unavailable {
                         what,
-                        detail: "the listing repeats its page".into(),
+                        detail: "the listing repeats a page".into(),
                     });
                 }
                 _ => return Ok(()),
             }
         }
+        Err(S3Error::Unavailable {
+            what: format!("list {prefix}"),
+            detail: format!("the listing goes on past {MAX_LIST_PAGES} pages"),
+        })
     }
 
     /// Deletes every object under `prefix`; how many.
@@ -643,6 +649,10 @@ fn error_code(document: &str) -> String {
         _ => "unreadable".to_owned(),
     }
 }
+
+/// The most pages a listing is followed for (1,000 keys a page: a million objects under one
+/// prefix, far more than upgate ever keeps there).
+const MAX_LIST_PAGES: usize = 1_000;
 
 /// The part size of a multipart upload of `len` bytes: [`PART_SIZE`], or larger for a file
 /// above 156 GiB (S3 takes at most 10,000 parts).
