@@ -258,8 +258,12 @@ fn an_async_upload_acknowledged_by_a_node_that_dies_is_delivered_by_another() {
         "A tried and failed"
     );
     a.kill();
-    // A's disk is gone with it: B has only the bucket.
+    // A's disk is gone with it: B has only the bucket. Whose object is, for now, not the
+    // upload (cut short, as a download that broke off or an error page served with 200
+    // would be): B does not deliver it, and downloads it again later.
     std::fs::remove_dir_all(a.data_dir()).unwrap();
+    let key = format!("{}/uploads/{id}", cluster.prefix);
+    assert_eq!(cluster.s3.put(&key, &content[..1000]), 200);
     let b = Daemon::start_with(|dir| {
         cluster.config(dir, |config| {
             big_plan(config)
@@ -269,6 +273,15 @@ fn an_async_upload_acknowledged_by_a_node_that_dies_is_delivered_by_another() {
     });
     assert!(
         eventually(Duration::from_secs(20), || cluster
+            .psql(&format!("SELECT last_error FROM uploads WHERE id = '{id}'"))
+            .contains(&format!("holds 1000 bytes, the upload {}", content.len()))),
+        "B refuses the short copy: {}",
+        b.log()
+    );
+    assert!(mock.stored().is_empty(), "nothing short was delivered");
+    assert_eq!(cluster.s3.put(&key, &content), 200);
+    assert!(
+        eventually(Duration::from_secs(60), || cluster
             .psql(&format!("SELECT state FROM uploads WHERE id = '{id}'"))
             == "forwarded"),
         "B delivers it: {}",

@@ -142,7 +142,7 @@ impl Spool for LocalSpool {
         Ok(durable_path)
     }
 
-    fn fetch(&self, id: &str) -> std::io::Result<PathBuf> {
+    fn fetch(&self, id: &str, _size: u64) -> std::io::Result<PathBuf> {
         self.path_of(id)
     }
 

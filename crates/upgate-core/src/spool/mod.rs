@@ -114,8 +114,9 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     /// Makes the complete part file of upload `id` outlive the request (and this node, for
     /// a shared spool); returns where this node now reads it.
     fn persist(&self, part: &Path, id: &str) -> std::io::Result<PathBuf>;
-    /// A local file holding the persisted bytes of upload `id`, for its delivery.
-    fn fetch(&self, id: &str) -> std::io::Result<PathBuf>;
+    /// A local file holding the persisted bytes of upload `id` (`size` of them), for its
+    /// delivery.
+    fn fetch(&self, id: &str, size: u64) -> std::io::Result<PathBuf>;
     /// Where the persisted bytes of upload `id` are, for an operator; `None` when gone.
     fn locate(&self, id: &str) -> std::io::Result<Option<String>>;
     /// Removes the persisted bytes of upload `id` (delivered, or deleted), wherever they are.

@@ -162,12 +162,22 @@ impl Spool for S3Spool {
         self.local.persist(part, id)
     }
 
-    fn fetch(&self, id: &str) -> io::Result<PathBuf> {
-        let path = self.local.fetch(id)?;
+    /// This node's copy, or the object downloaded, when it holds the upload's `size`: a
+    /// download cut short or that is not the object (a storage's error page answered 200)
+    /// is dropped and counts as storage unavailable, so the next attempt downloads again.
+    fn fetch(&self, id: &str, size: u64) -> io::Result<PathBuf> {
+        let path = self.local.fetch(id, size)?;
         if path.is_file() {
             return Ok(path);
         }
         let fetched = self.download(&self.upload_key(id))?;
+        let held = std::fs::metadata(fetched.path())?.len();
+        if held != size {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("the stored object of {id} holds {held} bytes, the upload {size}"),
+            ));
+        }
         std::fs::rename(fetched.path(), &path)?;
         Ok(path)
     }

@@ -215,7 +215,7 @@ fn ids_that_are_paths_name_no_file() {
     std::fs::write(&outside, b"keep me").unwrap();
     std::fs::create_dir_all(dir.path().join("sessions")).unwrap();
     for bad in ["../outside", "/etc/passwd", "a/b", "..", "", "a\u{0}b"] {
-        assert!(local.fetch(bad).is_err(), "{bad:?}");
+        assert!(local.fetch(bad, 0).is_err(), "{bad:?}");
         assert!(local.remove(bad).is_err(), "{bad:?}");
         assert!(local.chunk_layout(bad).is_err(), "{bad:?}");
         local.remove_session(bad);
@@ -226,7 +226,7 @@ fn ids_that_are_paths_name_no_file() {
     assert!(dir.path().join("spool").is_dir() && dir.path().join("sessions").is_dir());
     // A plain id is a name in its place.
     assert_eq!(
-        local.fetch("0123456789abcdef01234567").unwrap(),
+        local.fetch("0123456789abcdef01234567", 0).unwrap(),
         dir.path().join("spool").join("0123456789abcdef01234567")
     );
 }

@@ -415,8 +415,8 @@ pub(crate) async fn deliver_from_outbox(
 ) {
     let mut attempts = record.attempts + 1;
     // A shared spool downloads the bytes first when another node received them.
-    let (spool, id) = (gateway.spool.clone(), record.id.clone());
-    let fetched = tokio::task::spawn_blocking(move || spool.fetch(&id)).await;
+    let (spool, id, size) = (gateway.spool.clone(), record.id.clone(), record.size);
+    let fetched = tokio::task::spawn_blocking(move || spool.fetch(&id, size)).await;
     let (path, outcome) = match fetched {
         Ok(Ok(path)) => {
             let outcome = attempt(gateway, provider, &record, &path, provider.config.timeout.0).await;
