@@ -77,22 +77,16 @@ pub(crate) async fn cors(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let origin = match origin_of(&request) {
-        Origin::Allowed(origin) => origin,
+    let allowed = match origin_of(&request) {
         Origin::Unconfigured => return Ok(next.call(request).await?.map_into_boxed_body()),
-        Origin::NotAllowed => {
-            let mut response = next.call(request).await?.map_into_boxed_body();
-            response
-                .headers_mut()
-                .append(header::VARY, HeaderValue::from_static("Origin"));
-            return Ok(response);
-        }
+        Origin::NotAllowed => None,
+        Origin::Allowed(origin) => Some(origin),
     };
     let preflight = request.method() == Method::OPTIONS
         && request
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if preflight {
+    if let Some(origin) = allowed.clone().filter(|_| preflight) {
         let answer = HttpResponse::NoContent()
             .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
             .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, METHODS))
@@ -104,11 +98,13 @@ pub(crate) async fn cors(
     }
     let mut response = next.call(request).await?.map_into_boxed_body();
     let headers = response.headers_mut();
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    headers.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static(EXPOSE_HEADERS.as_str()),
-    );
+    if let Some(origin) = allowed {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSE_HEADERS.as_str()),
+        );
+    }
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
     Ok(response)
 }

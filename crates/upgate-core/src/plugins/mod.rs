@@ -193,16 +193,12 @@ fn answer(status: i32, bytes: Vec<u8>) -> Result<Vec<u8>, PluginError> {
         error.kind = ErrorKind::Internal;
     }
     error.retry_after_secs = error.retry_after_secs.map(|secs| secs.min(MAX_RETRY_AFTER_SECS));
-    if error.message.chars().any(is_unseen_control)
-        || error.message.chars().nth(MAX_ERROR_MESSAGE_CHARS).is_some()
-    {
-        error.message = error
-            .message
-            .chars()
-            .take(MAX_ERROR_MESSAGE_CHARS)
-            .map(|c| if is_unseen_control(c) { ' ' } else { c })
-            .collect();
-    }
+    error.message = error
+        .message
+        .chars()
+        .take(MAX_ERROR_MESSAGE_CHARS)
+        .map(|c| if is_unseen_control(c) { ' ' } else { c })
+        .collect();
     Err(error)
 }
 

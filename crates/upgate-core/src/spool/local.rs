@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{AppendFile, Fetched, Spool};
+use super::{AppendFile, Fetched, Spool, plain_name};
 use crate::config::Durability;
 
 /// The name of a session's in-place file, beside its chunks' own files (named by number).
@@ -373,22 +373,5 @@ fn lock_file(file: &std::fs::File) -> std::io::Result<()> {
             Ok(())
         }
         locked => locked,
-    }
-}
-
-/// `id` when it is a plain file name of upgate's ids (ASCII letters, digits, `-`, at most
-/// 128 bytes): never a path of its own (`/`, `..`), whatever wrote it.
-pub(super) fn plain_name(id: &str) -> std::io::Result<&str> {
-    let plain = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-');
-    match plain {
-        true => Ok(id),
-        false => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not an upgate id (a stored id that is no plain name is never a path)",
-        )),
     }
 }

@@ -702,3 +702,20 @@ impl Drop for SpoolWriter {
         }
     }
 }
+
+/// `id` when it is a plain file name or key of upgate's ids (ASCII letters, digits, `-`, at most
+/// 128 bytes): never a path of its own (`/`, `..`), whatever wrote it.
+pub(crate) fn plain_name(id: &str) -> std::io::Result<&str> {
+    let plain = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-');
+    match plain {
+        true => Ok(id),
+        false => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an upgate id (a stored id that is no plain name is never a path)",
+        )),
+    }
+}

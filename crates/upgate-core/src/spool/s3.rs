@@ -206,7 +206,7 @@ impl Spool for S3Spool {
             let Some(id) = entry
                 .key
                 .strip_prefix(&prefix)
-                .filter(|id| super::local::plain_name(id).is_ok())
+                .filter(|id| super::plain_name(id).is_ok())
             else {
                 continue;
             };
@@ -359,7 +359,7 @@ impl Spool for S3Spool {
     }
 }
 
-/// `id` if it is a plain name ([`super::local::plain_name`]), else a name no id has.
+/// `id` if it is a plain name ([`super::plain_name`]), else a name no id has.
 fn plain_or_void(id: &str) -> &str {
-    super::local::plain_name(id).unwrap_or("not-an-id")
+    super::plain_name(id).unwrap_or("not-an-id")
 }
