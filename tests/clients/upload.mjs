@@ -4,7 +4,8 @@
 //
 // OPTIONS_JSON (all optional): {"parallelUploads": N, "uploadDataDuringCreation": true,
 // "uploadUrl": "<an upload URL to resume>", "abortAfter": BYTES (abort the upload once at
-// least that many bytes were acknowledged, without terminating it)}.
+// least that many bytes were acknowledged, without terminating it), "retryDelays": [MS, ...]
+// (none by default)}.
 //
 // Prints one JSON line on stdout: {"outcome": "success" | "aborted", "url": the upload URL,
 // "offset": bytes acknowledged, "uploadId": the Upgate-Upload-Id header of the last answer that
@@ -41,8 +42,9 @@ upload = new tus.Upload(bytes, {
   parallelUploads: options.parallelUploads ?? 1,
   uploadDataDuringCreation: options.uploadDataDuringCreation ?? false,
   metadata: { filename: basename(file), filetype: 'application/octet-stream' },
-  // Fail on the first error: the test wants to see the server's answer, not a retry of it.
-  retryDelays: [],
+  // By default fail on the first error: the test wants to see the server's answer, not a
+  // retry of it.
+  retryDelays: options.retryDelays ?? [],
   // No fingerprint store: the test resumes with `uploadUrl` only.
   storeFingerprintForResuming: false,
   onAfterResponse(_request, response) {

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use upgate_e2e::harness::*;
 use upgate_e2e::inbound::b64;
+use upgate_e2e::mock::{MockUpstream, Vendor};
 
 const TUS: (&str, &str) = ("Tus-Resumable", "1.0.0");
 const OFFSET_STREAM: &str = "application/offset+octet-stream";
@@ -1985,4 +1986,80 @@ fn options_with_a_key_is_admitted_like_any_request() {
     let unknown = tus(&daemon, "OPTIONS", "/files/", Some("nobody-key"), &[], None);
     assert_eq!((unknown.status, unknown.header("tus-max-size")), (204, None));
     assert!(daemon.log().contains("tenant=demo"), "{}", daemon.log());
+}
+
+/// `config` with the `demo` tenant forwarding through the `dify` plugin to `mock` (sync,
+/// two attempts per delivery).
+fn forwarding(dir: &Path, mock: &MockUpstream) -> String {
+    config(dir)
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  up:\n    plugin: dify\n    retry: {{ max_attempts: 2, initial_backoff: 20ms, max_backoff: 20ms }}\n    settings:\n      base_url: {}\n      api_key: {}\n",
+                mock.base_url(),
+                mock.api_key()
+            ),
+        )
+        .replacen("    provider: disk\n", "    provider: up\n", 1)
+}
+
+/// tus-js-client resumes a failed last PATCH with a HEAD alone: seeing its offset at the
+/// length, it reports success and sends nothing more. So a HEAD of an upload whose bytes
+/// are all there but whose completion failed (its sync delivery refused) or never ended
+/// (the daemon died with the upload's id noted and nothing recorded) makes the upload then,
+/// once; the HEADs and empty PATCHes after it change nothing.
+#[test]
+fn head_completes_an_upload_whose_last_patch_did_not() {
+    let mock = MockUpstream::start(Vendor::Dify, "up-key");
+    let daemon = Daemon::start_with(|dir| forwarding(dir, &mock));
+    let content = text_of(3000);
+    let id = create(&daemon, "demo-key", 3000, "late.txt");
+    patch_ok(&daemon, "demo-key", &id, 0, &content[..1000]);
+    mock.fail_next(2, 500);
+    let reply = patch(&daemon, "demo-key", &id, 1000, &content[1000..], &[]);
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert!(mock.stored().is_empty());
+    // The daemon died during a second attempt, the upload's id noted and nothing recorded.
+    daemon
+        .db()
+        .execute(
+            "UPDATE sessions SET upload_id = '0123456789abcdef01234567' WHERE id = ?1",
+            [&id],
+        )
+        .unwrap();
+
+    let reply = head(&daemon, "demo-key", &id);
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", daemon.log());
+    assert_eq!(reply.header("upload-offset"), Some("3000"));
+    let made = reply
+        .header("upgate-upload-id")
+        .unwrap_or_else(|| panic!("no upload made: {reply:?}\n{}", daemon.log()))
+        .to_owned();
+    assert_ne!(made, "0123456789abcdef01234567");
+    let (state, size, sha256, ..) = record(&daemon, &made);
+    assert_eq!((state.as_str(), size), ("forwarded", 3000));
+    assert_eq!(sha256, sha256_hex(&content));
+    let stored = mock.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sha256, sha256_hex(&content));
+    assert!(
+        eventually(Duration::from_secs(2), || !session_file(&daemon, &id).exists()),
+        "the completed upload kept its own copy"
+    );
+
+    // Made once: a HEAD or an empty PATCH at the end answers the same upload.
+    let again = head(&daemon, "demo-key", &id);
+    assert_eq!(
+        (again.status, again.header("upgate-upload-id")),
+        (200, Some(made.as_str()))
+    );
+    let reply = patch(&daemon, "demo-key", &id, 3000, b"", &[]);
+    assert_eq!(
+        (reply.status, reply.header("upgate-upload-id")),
+        (204, Some(made.as_str())),
+        "{reply:?}"
+    );
+    assert_eq!(mock.stored().len(), 1);
+    // The failed attempt's record, and the upload.
+    assert_eq!(uploads(&daemon), 2);
 }

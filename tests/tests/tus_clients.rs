@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use upgate_e2e::harness::*;
+use upgate_e2e::mock::{MockUpstream, Vendor};
 
 const KEY: &str = "demo-key";
 /// The longest one client run may take.
@@ -364,6 +365,44 @@ fn tus_js_client_resumes_after_the_daemon_was_killed() {
     assert_eq!(report["url"], url.as_str());
     assert_stored(&daemon, &url, report["uploadId"].as_str(), &content);
     assert_eq!(uploads(&daemon), 1);
+}
+
+/// A last PATCH whose sync delivery fails (502): tus-js-client retries with a HEAD alone
+/// and, seeing every byte there, reports success without another PATCH. That HEAD makes the
+/// upload, so what the client was told is true: one copy upstream, the bytes it sent.
+#[test]
+fn tus_js_client_retrying_a_failed_last_patch_gets_its_upload_made() {
+    setup();
+    let mock = MockUpstream::start(Vendor::Dify, "up-key");
+    let daemon = Daemon::start_with(|dir| {
+        config(dir, None)
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  up:\n    plugin: dify\n    retry: {{ max_attempts: 2, initial_backoff: 20ms, max_backoff: 20ms }}\n    settings:\n      base_url: {}\n      api_key: up-key\n",
+                    mock.base_url()
+                ),
+            )
+            .replacen("    provider: disk\n", "    provider: up\n", 1)
+    });
+    let (file, content) = source(&daemon, "retried.bin", 300_000);
+    // The last PATCH's delivery: both attempts refused.
+    mock.fail_next(2, 500);
+    let options = serde_json::json!({"retryDelays": [100]});
+    let report = tus_js(&daemon, &file, 128 * 1024, options).report();
+    assert_eq!(report["outcome"], "success", "{report}");
+    assert_eq!(statuses(&report), [201, 204, 204, 502, 200], "{report}");
+    let stored = mock.stored();
+    assert_eq!(stored.len(), 1, "{report}\n{}", daemon.log());
+    assert_eq!(stored[0].sha256, sha256_hex(&content));
+    let record = report["uploadId"].as_str().expect("the HEAD names the upload");
+    let state: String = daemon
+        .db()
+        .query_row("SELECT state FROM uploads WHERE id = ?1", [record], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(state, "forwarded");
 }
 
 #[test]

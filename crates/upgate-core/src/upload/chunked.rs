@@ -29,7 +29,7 @@ use tokio::io::AsyncReadExt;
 use crate::content;
 use crate::error::{ApiError, Throttle};
 use crate::spool::{Spool, SpoolWriter, SpooledFile};
-use crate::store::{SessionRecord, Store, UploadRecord, UploadState};
+use crate::store::{SessionRecord, Store, UploadRecord};
 use crate::vocab::{DialectName, is_uuid, now_ms};
 
 use super::admit::Admission;
@@ -460,13 +460,7 @@ impl Gateway {
         let session = self.open_session(admission, id).await?;
         // Recorded by an earlier attempt that stopped before removing the session (a crash
         // between the two): that upload is the answer, not a second one.
-        if let Some(noted) = &session.upload_id
-            && let Some(record) = self
-                .store
-                .upload_of(admission.tenant.name.clone(), noted.clone())
-                .await?
-            && matches!(record.state, UploadState::Received | UploadState::Forwarded)
-        {
+        if let Some(record) = self.noted_upload(&admission.tenant.name, &session).await? {
             self.close_completed_session(id, &record.id).await;
             return Ok(vec![record]);
         }

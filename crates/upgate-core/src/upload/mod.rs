@@ -32,7 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::limits::Limiter;
 use crate::policy::Policy;
 use crate::spool::{IntakeBudget, Spool};
-use crate::store::Store;
+use crate::store::{SessionRecord, Store, StoreError, UploadRecord};
 
 /// How long a request waits for the spool to remove bytes before it answers anyway
 /// ([`Gateway::remove_spooled`]).
@@ -148,6 +148,24 @@ impl Gateway {
         if tokio::time::timeout(REMOVAL_WAIT, removing).await.is_err() {
             tracing::warn!(upload_id = %id, "the spool is slow to remove the spooled bytes: answering, still removing");
         }
+    }
+
+    /// The upload an earlier completion of `session` noted (a chunked session's `complete`,
+    /// a tus upload's last bytes) and recorded, when that completion ended: its record is
+    /// the session's answer, and no second upload of the same bytes is made. A completion
+    /// that never ended (noted, no record; or a sync delivery still running, or cut off by
+    /// a crash) is `None`: the session is completed again, from its bytes, which stay until
+    /// a completion succeeds.
+    pub(crate) async fn noted_upload(
+        &self,
+        tenant: &str,
+        session: &SessionRecord,
+    ) -> Result<Option<UploadRecord>, StoreError> {
+        let Some(noted) = &session.upload_id else {
+            return Ok(None);
+        };
+        let record = self.store.upload_of(tenant.to_owned(), noted.clone()).await?;
+        Ok(record.filter(|record| !record::never_ended(record)))
     }
 
     /// Whether uploads are refused for lack of disk space.

@@ -363,6 +363,16 @@ impl Gateway {
             });
         }
         let plan = &admission.tenant.plan;
+        if upload.upload_id.is_some()
+            && self
+                .noted_upload(&admission.tenant.name, &upload)
+                .await?
+                .is_none()
+        {
+            // Noted by a completion that never ended (the daemon died during it): its bytes
+            // are still here, and it is completed again below.
+            upload.upload_id = None;
+        }
         if upload.upload_id.is_some() {
             // Complete: its bytes are its upload's now and the session keeps none. An empty
             // PATCH at its end changes nothing; any byte more is beyond its length.
@@ -644,19 +654,66 @@ impl Gateway {
             admission.tenant.plan.config.verify_content,
         )
         .await?;
-        let records = self
-            .accept(admission, vec![file.into()], upload.metadata.clone())
-            .await?;
-        let delivered = records[0].id.clone();
+        // The upload's id is noted before it is recorded (and taken back when this attempt
+        // fails), so that a completion the daemon's death cut short is found and done again,
+        // and one that ended is never done twice.
+        let noted = file.upload_id.clone();
         self.store
-            .set_session_upload(upload.id.clone(), Some(delivered.clone()))
+            .set_session_upload(upload.id.clone(), Some(noted.clone()))
             .await?;
-        upload.upload_id = Some(delivered);
+        let records = match self
+            .accept(admission, vec![file.into()], upload.metadata.clone())
+            .await
+        {
+            Ok(records) => records,
+            Err(error) => {
+                if let Err(store_error) = self.store.set_session_upload(upload.id.clone(), None).await {
+                    tracing::warn!(upload_id = %upload.id, error = %store_error,
+                        "cannot take back the upload id noted in a resumable upload");
+                }
+                return Err(error);
+            }
+        };
+        upload.upload_id = Some(noted);
         // Recorded (and delivered, or durable in the spool for the outbox): the upload's own
         // copy of the bytes goes.
         self.remove_session_files(&upload.id).await;
         tracing::info!(upload_id = %upload.id, record = %records[0].id, "resumable upload completed");
         Ok(records)
+    }
+
+    /// Whether `upload` holds all its bytes but no upload was made of them: its completion
+    /// failed (a sync delivery the provider refused) or never ended (the daemon died during
+    /// it). A partial upload is never completed on its own; a final upload whose completion
+    /// failed is gone, and its client joins the partials again.
+    pub(crate) async fn is_unfinished(
+        &self,
+        admission: &Admission,
+        upload: &SessionRecord,
+    ) -> Result<bool, ApiError> {
+        if !upload.is_complete() || upload.concat.is_some() {
+            return Ok(false);
+        }
+        Ok(self.noted_upload(&admission.tenant.name, upload).await?.is_none())
+    }
+
+    /// Completes upload `id` if [`Gateway::is_unfinished`] (what an empty `PATCH` at its end
+    /// does too): the way a client that resumes with `HEAD` alone, seeing every byte there,
+    /// still gets its upload made.
+    pub(crate) async fn finish_resumable(
+        &self,
+        admission: &Admission,
+        id: &str,
+    ) -> Result<Progress, ApiError> {
+        holding(&self.store, id, self.owned_resumable(admission, id), async {
+            let mut upload = self.resumable(admission, id).await?;
+            let records = match self.is_unfinished(admission, &upload).await? {
+                true => self.complete_resumable(admission, &mut upload).await?,
+                false => Vec::new(),
+            };
+            Ok(Progress { upload, records })
+        })
+        .await
     }
 
     /// Creates a final upload joining the tenant's complete partial uploads `parts` in

@@ -411,10 +411,20 @@ async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpR
         check_version(&request)?;
         let admission = admit_for(&gateway, &Tus, &request, Work::Lookup).await?;
         let id = request.match_info().get("id").unwrap_or_default();
-        let upload = gateway.resumable(&admission, id).await?;
+        let mut upload = gateway.resumable(&admission, id).await?;
+        let mut records = Vec::new();
+        if gateway.is_unfinished(&admission, &upload).await? {
+            // Every byte is here but no upload was made of them (its last PATCH failed, or
+            // the daemon died during it). A client that sees its offset at the length asks
+            // nothing more (tus-js-client resumes with this HEAD alone), so the upload is
+            // completed now, admitted like a PATCH; a failure is this answer's status.
+            let admission = admit(&gateway, &Tus, &request).await?;
+            let progress = gateway.finish_resumable(&admission, id).await?;
+            (upload, records) = (progress.upload, progress.records);
+        }
         let mut response = tus_answer(StatusCode::OK);
         response.insert_header((header::CACHE_CONTROL, "no-store"));
-        progress_headers(&mut response, &upload, &[]);
+        progress_headers(&mut response, &upload, &records);
         match upload.length() {
             Some(length) => response.insert_header(("Upload-Length", length.to_string())),
             None => response.insert_header(("Upload-Defer-Length", "1")),
@@ -438,7 +448,7 @@ async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpR
             }
             None => {}
         }
-        Ok(response.finish())
+        Ok(with_records(response, &records))
     })
     .await
 }
