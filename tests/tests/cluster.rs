@@ -274,7 +274,7 @@ fn an_async_upload_acknowledged_by_a_node_that_dies_is_delivered_by_another() {
     assert!(
         eventually(Duration::from_secs(20), || cluster
             .psql(&format!("SELECT last_error FROM uploads WHERE id = '{id}'"))
-            .contains(&format!("holds 1000 bytes, the upload {}", content.len()))),
+            .contains(&format!("holds 1000 bytes, not {}", content.len()))),
         "B refuses the short copy: {}",
         b.log()
     );

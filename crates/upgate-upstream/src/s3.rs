@@ -38,6 +38,14 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(150);
 const SIGNATURE_LIFETIME: Duration = Duration::from_secs(600);
 /// Largest listing or error document read.
 const MAX_DOCUMENT_BYTES: u64 = 8 << 20;
+/// The slowest average rate a transfer may keep: an exchange gets its connect and answer
+/// timeouts plus its bytes at this rate, in all. A service that trickles (each read and
+/// write within the per-read timeout, but a few bytes at a time) fails the call instead
+/// of holding a request, a delivery or a sweep for hours.
+const SLOWEST_RATE: u64 = 1 << 20;
+/// What a document exchange (a listing page, a multipart start, an error) is given time
+/// for: a page of 1,000 keys is about 300 KiB.
+const DOCUMENT_ALLOWANCE: u64 = 1 << 20;
 
 /// Where the objects are and who may touch them.
 #[derive(Clone)]
@@ -116,6 +124,8 @@ pub struct ObjectStore {
     bucket: Bucket,
     credentials: Credentials,
     agent: Agent,
+    connect_timeout: Duration,
+    answer_timeout: Duration,
 }
 
 impl std::fmt::Debug for ObjectStore {
@@ -164,6 +174,8 @@ impl ObjectStore {
             bucket,
             credentials: Credentials::new(settings.access_key_id.clone(), settings.secret_access_key.clone()),
             agent: config.new_agent(),
+            connect_timeout: settings.connect_timeout,
+            answer_timeout: settings.answer_timeout,
         })
     }
 
@@ -177,7 +189,13 @@ impl ObjectStore {
         list.with_max_keys(1);
         let url = list.sign(SIGNATURE_LIFETIME);
         self.with_retries("list the bucket", || {
-            let response = self.send(Method::GET, url.as_str(), &[], SendBody::none())?;
+            let response = self.send(
+                Method::GET,
+                url.as_str(),
+                &[],
+                SendBody::none(),
+                DOCUMENT_ALLOWANCE,
+            )?;
             Ok(response.map(|_| ()))
         })
     }
@@ -225,6 +243,7 @@ impl ObjectStore {
                 url.as_str(),
                 &[("content-length", length.as_str())],
                 body,
+                len,
             )?;
             Ok(response.map(|response| {
                 response
@@ -317,6 +336,7 @@ impl ObjectStore {
                     url.as_str(),
                     &[("content-length", length.as_str())],
                     SendBody::from_reader(&mut io::Cursor::new(body.as_bytes())),
+                    DOCUMENT_ALLOWANCE,
                 )?;
                 // A 200 can still carry an error document (the service failed while joining).
                 Ok(match response {
@@ -341,29 +361,36 @@ impl ObjectStore {
                 .sign(SIGNATURE_LIFETIME);
             let _ = self.with_retries(&format!("abort the multipart upload of {key}"), || {
                 Ok(self
-                    .send(Method::DELETE, url.as_str(), &[], SendBody::none())?
+                    .send(
+                        Method::DELETE,
+                        url.as_str(),
+                        &[],
+                        SendBody::none(),
+                        DOCUMENT_ALLOWANCE,
+                    )?
                     .map(drop))
             });
         }
         completed
     }
 
-    /// Downloads object `key` into a new local file at `path` (created, or replaced);
-    /// returns its size.
-    pub fn get_to_file(&self, key: &str, path: &Path) -> Result<u64, S3Error> {
+    /// Downloads object `key`, expected to hold `size` bytes, into a new local file at `path`
+    /// (created, or replaced); returns how many bytes it holds: at most one more than
+    /// `size` is read, so a larger object is told apart without filling the disk.
+    pub fn get_to_file(&self, key: &str, path: &Path, size: u64) -> Result<u64, S3Error> {
         let url = self
             .bucket
             .get_object(Some(&self.credentials), key)
             .sign(SIGNATURE_LIFETIME);
         self.with_retries(&format!("get {key}"), || {
-            let response = match self.send(Method::GET, url.as_str(), &[], SendBody::none())? {
+            let response = match self.send(Method::GET, url.as_str(), &[], SendBody::none(), size)? {
                 Outcome::Done(response) => response,
                 Outcome::Transient(why) => return Ok(Outcome::Transient(why)),
                 Outcome::Failed(error) => return Ok(Outcome::Failed(error)),
             };
             let mut file = std::fs::File::create(path).map_err(S3Error::Local)?;
             let mut body = response.into_body();
-            match io::copy(&mut body.as_reader(), &mut file) {
+            match io::copy(&mut body.as_reader().take(size.saturating_add(1)), &mut file) {
                 Ok(copied) => Ok(Outcome::Done(copied)),
                 // The service broke off: the next attempt starts the file again.
                 Err(error) if error.raw_os_error().is_none() => Ok(Outcome::Transient(error.to_string())),
@@ -388,6 +415,7 @@ impl ObjectStore {
                 url.as_str(),
                 &[("range", range.as_str())],
                 SendBody::none(),
+                len,
             )? {
                 Outcome::Done(response) => response,
                 Outcome::Transient(why) => return Ok(Outcome::Transient(why)),
@@ -409,7 +437,13 @@ impl ObjectStore {
             .delete_object(Some(&self.credentials), key)
             .sign(SIGNATURE_LIFETIME);
         self.with_retries(&format!("delete {key}"), || {
-            match self.send(Method::DELETE, url.as_str(), &[], SendBody::none())? {
+            match self.send(
+                Method::DELETE,
+                url.as_str(),
+                &[],
+                SendBody::none(),
+                DOCUMENT_ALLOWANCE,
+            )? {
                 Outcome::Failed(S3Error::NotFound(_)) => Ok(Outcome::Done(())),
                 other => Ok(other.map(|_| ())),
             }
@@ -498,12 +532,14 @@ impl ObjectStore {
     /// The XML document a bodiless request to `url` answers, with retries.
     fn document(&self, what: &str, method: Method, url: &str) -> Result<String, S3Error> {
         self.with_retries(what, || {
-            Ok(match self.send(method.clone(), url, &[], SendBody::none())? {
-                Outcome::Done(response) => read_document(response)
-                    .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
-                Outcome::Transient(why) => Outcome::Transient(why),
-                Outcome::Failed(error) => Outcome::Failed(error),
-            })
+            Ok(
+                match self.send(method.clone(), url, &[], SendBody::none(), DOCUMENT_ALLOWANCE)? {
+                    Outcome::Done(response) => read_document(response)
+                        .map_or_else(|error| Outcome::Transient(error.to_string()), Outcome::Done),
+                    Outcome::Transient(why) => Outcome::Transient(why),
+                    Outcome::Failed(error) => Outcome::Failed(error),
+                },
+            )
         })
     }
 
@@ -540,13 +576,21 @@ impl ObjectStore {
         })
     }
 
-    /// Sends one signed request; sorts the answer into done, transient or failed.
+    /// How long one exchange that moves `bytes` (sent or received) may take in all, its
+    /// answer's body read included.
+    fn exchange_limit(&self, bytes: u64) -> Duration {
+        self.connect_timeout + self.answer_timeout * 2 + Duration::from_secs(bytes.div_ceil(SLOWEST_RATE))
+    }
+
+    /// Sends one signed request that moves `bytes` (its body's, or its answer's), within
+    /// [`ObjectStore::exchange_limit`]; sorts the answer into done, transient or failed.
     fn send(
         &self,
         method: Method,
         url: &str,
         headers: &[(&str, &str)],
         body: SendBody<'_>,
+        bytes: u64,
     ) -> Result<Outcome<Response<Body>>, S3Error> {
         let mut builder = Request::builder().method(method).uri(url);
         for (name, value) in headers {
@@ -555,6 +599,11 @@ impl ObjectStore {
         let request = builder
             .body(body)
             .map_err(|error| S3Error::Settings(error.to_string()))?;
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(self.exchange_limit(bytes)))
+            .build();
         let response = match self.agent.run(request) {
             Ok(response) => response,
             Err(ureq::Error::Io(error)) if error.raw_os_error().is_some_and(is_local_errno) => {
@@ -790,11 +839,52 @@ mod tests {
         let target = dir.path().join("object");
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = done.send(store.get_to_file("k", &target).map(|_| ()));
+            let _ = done.send(store.get_to_file("k", &target, 1000).map(|_| ()));
         });
         let result = finished
             .recv_timeout(Duration::from_secs(30))
             .expect("the download returned instead of waiting for good");
         assert!(result.is_err(), "{result:?}");
+    }
+
+    /// A service that answers a byte at a time, each well within the per-read timeout (a
+    /// listing of 1,000 bytes would take 100 s): the call fails within its attempts' limits,
+    /// as unavailable storage.
+    #[test]
+    fn a_service_that_trickles_fails_the_call_within_its_limit() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = listener.local_addr().expect("bound").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut head = [0u8; 4096];
+                    let _ = stream.read(&mut head);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n");
+                    for _ in 0..1000 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if stream.write_all(b" ").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let settings = S3Settings {
+            connect_timeout: Duration::from_millis(300),
+            answer_timeout: Duration::from_millis(300),
+            ..settings_at(port)
+        };
+        let store = ObjectStore::new(&settings).expect("valid settings");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(store.list("p/").map(drop));
+        });
+        let result = finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the listing returned instead of trickling on");
+        let error = result.expect_err("a trickle is no answer");
+        assert!(error.is_unavailable(), "{error}");
     }
 }

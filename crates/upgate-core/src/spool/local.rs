@@ -215,7 +215,7 @@ impl Spool for LocalSpool {
         self.sync_dir(&dir)
     }
 
-    fn fetch_chunk(&self, session: &str, number: u64) -> std::io::Result<Fetched> {
+    fn fetch_chunk(&self, session: &str, number: u64, _size: u64) -> std::io::Result<Fetched> {
         Ok(Fetched::kept(self.chunk_path(session, number)?))
     }
 

@@ -130,8 +130,9 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     /// Moves a complete part file in as chunk `number` of session `session`, replacing an
     /// earlier copy atomically.
     fn place_chunk(&self, session: &str, number: u64, part: &Path) -> std::io::Result<()>;
-    /// A local file holding chunk `number` of `session`.
-    fn fetch_chunk(&self, session: &str, number: u64) -> std::io::Result<Fetched>;
+    /// A local file holding chunk `number` of `session`, recorded as `size` bytes (a shared
+    /// spool refuses a stored copy of another size).
+    fn fetch_chunk(&self, session: &str, number: u64, size: u64) -> std::io::Result<Fetched>;
     /// Removes chunk `number` of `session`.
     fn remove_chunk(&self, session: &str, number: u64);
     /// The in-place file of `session` (its chunks back to back, see

@@ -89,10 +89,18 @@ impl S3Spool {
             .part_path(&format!("{what}-{}", uuid::Uuid::new_v4().simple()))
     }
 
-    /// Downloads `key` into a temporary file.
-    fn download(&self, key: &str) -> io::Result<Fetched> {
+    /// Downloads `key`, which should hold `size` bytes, into a temporary file. An object of
+    /// another size is not what was stored there: storage not to be trusted now, as if it
+    /// were unavailable.
+    fn download(&self, key: &str, size: u64) -> io::Result<Fetched> {
         let fetched = Fetched::temporary(self.temp_path("fetch"));
-        self.objects.get_to_file(key, fetched.path())?;
+        let held = self.objects.get_to_file(key, fetched.path(), size)?;
+        if held != size {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("the stored object {key} holds {held} bytes, not {size}"),
+            ));
+        }
         Ok(fetched)
     }
 
@@ -138,8 +146,8 @@ impl S3Spool {
     /// Appends the first `length` bytes of tus upload `session` to `out`.
     fn copy_chain(&self, session: &str, length: u64, out: &mut std::fs::File) -> io::Result<u64> {
         let mut total = 0;
-        for (key, _) in self.chain(session, length)? {
-            let segment = self.download(&key)?;
+        for (key, size) in self.chain(session, length)? {
+            let segment = self.download(&key, size)?;
             total += io::copy(&mut std::fs::File::open(segment.path())?, out)?;
         }
         Ok(total)
@@ -170,14 +178,7 @@ impl Spool for S3Spool {
         if path.is_file() {
             return Ok(path);
         }
-        let fetched = self.download(&self.upload_key(id))?;
-        let held = std::fs::metadata(fetched.path())?.len();
-        if held != size {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                format!("the stored object of {id} holds {held} bytes, the upload {size}"),
-            ));
-        }
+        let fetched = self.download(&self.upload_key(id), size)?;
         std::fs::rename(fetched.path(), &path)?;
         Ok(path)
     }
@@ -238,8 +239,8 @@ impl Spool for S3Spool {
         Ok(())
     }
 
-    fn fetch_chunk(&self, session: &str, number: u64) -> io::Result<Fetched> {
-        self.download(&self.chunk_key(session, number))
+    fn fetch_chunk(&self, session: &str, number: u64, size: u64) -> io::Result<Fetched> {
+        self.download(&self.chunk_key(session, number), size)
     }
 
     fn remove_chunk(&self, session: &str, number: u64) {

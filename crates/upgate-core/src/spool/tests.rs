@@ -56,7 +56,7 @@ async fn spool_writer_hashes_limits_and_cleans_up() {
 fn chunk_paths_are_numbers_under_the_session() {
     let local = LocalSpool::open(&std::env::temp_dir(), Durability::ProcessCrash).unwrap();
     let fetched = local
-        .fetch_chunk("0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11", 7)
+        .fetch_chunk("0f8c1f4e-3f43-4a55-9b9c-6b2f1d0e8a11", 7, 0)
         .unwrap();
     assert_eq!(
         fetched.path(),

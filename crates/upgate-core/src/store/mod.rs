@@ -205,6 +205,14 @@ impl SessionRecord {
     pub(crate) fn received_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, size)| size).sum()
     }
+
+    /// The recorded size of chunk `number` (0 for one not received).
+    pub(crate) fn chunk_size(&self, number: u64) -> u64 {
+        self.chunks
+            .iter()
+            .find(|(recorded, _)| *recorded == number)
+            .map_or(0, |(_, size)| *size)
+    }
 }
 
 /// An answer of the store, when its work has been committed.

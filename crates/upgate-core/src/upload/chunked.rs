@@ -235,13 +235,6 @@ impl Gateway {
         let session = self.open_session(admission, id).await?;
         let limit = session_limit(&session, admission);
         let stored = session.received_bytes();
-        let size_of = |number: u64| {
-            session
-                .chunks
-                .iter()
-                .find(|(n, _)| *n == number)
-                .map_or(0, |(_, size)| *size)
-        };
         // Until the chunk number is known, the chunk may replace the largest one.
         let largest = session.chunks.iter().map(|(_, size)| *size).max().unwrap_or(0);
         let ceiling = limit.saturating_sub(stored - largest).saturating_add(FRAMING);
@@ -295,7 +288,7 @@ impl Gateway {
                         return Err(ApiError::TooManyFiles { max: 1 });
                     }
                     let others = match number {
-                        Some(number) => stored - size_of(number),
+                        Some(number) => stored - session.chunk_size(number),
                         None => stored - largest,
                     };
                     let room = limit.saturating_sub(others);
@@ -515,11 +508,7 @@ impl Gateway {
             // Some in place, some apart: the prefix's chunks get files of their own too, and
             // the session is assembled from them all.
             for number in 0..layout.in_place {
-                let size = held
-                    .chunks
-                    .iter()
-                    .find(|(n, _)| *n == number)
-                    .map_or(0, |(_, size)| *size);
+                let size = held.chunk_size(number);
                 spool.move_out_of_place(&held.id, number, Layout::offset_of(&held, number), size)?;
             }
             Ok(Layout {
@@ -605,7 +594,8 @@ impl Gateway {
                 tracing::error!(session_id = %session.id, chunk = number, %error, "a recorded chunk is missing");
                 (error.kind() == std::io::ErrorKind::NotFound).then(|| ApiError::MissingChunks(vec![number]))
             };
-            let chunk = tokio::task::spawn_blocking(move || spool.fetch_chunk(&session_id, number))
+            let size = session.chunk_size(number);
+            let chunk = tokio::task::spawn_blocking(move || spool.fetch_chunk(&session_id, number, size))
                 .await?
                 .map_err(|error| missing(&error).unwrap_or_else(|| error.into()))?;
             let mut file = tokio::fs::File::open(chunk.path())
@@ -729,11 +719,7 @@ impl ChunkCommit {
                     // file first (their offsets follow from its size).
                     if number < layout.in_place {
                         for later in number + 1..layout.in_place {
-                            let size = current
-                                .chunks
-                                .iter()
-                                .find(|(n, _)| *n == later)
-                                .map_or(0, |(_, size)| *size);
+                            let size = current.chunk_size(later);
                             let offset = Layout::offset_of(&current, later);
                             placing.move_out_of_place(&current.id, later, offset, size)?;
                         }
