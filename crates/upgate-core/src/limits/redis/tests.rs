@@ -1,7 +1,7 @@
 //! Tests of the Redis limiter on a real Redis (upgate_e2e::redis): the GCRA script against
 //! governor's verdicts, slots shared by two limiters (two nodes), given back and expiring,
 //! the daemon's cap per node, and Redis stopped or hung: each node's own limits or
-//! `Unavailable`, within the bounds.
+//! `Unavailable`, within the bounds; a Redis whose replies declare a billion elements.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -252,4 +252,45 @@ async fn redis_stopped_or_hung_is_each_nodes_own_limits_or_unavailable_within_bo
     assert!(took < COMMAND_TIMEOUT + Duration::from_millis(500), "{took:?}");
     assert!(fallback.is_ok(), "{:?}", fallback.err());
     assert!(both < 2 * COMMAND_TIMEOUT + Duration::from_secs(1), "{both:?}");
+}
+
+/// A hostile or broken Redis that answers every command with an array header of a billion
+/// elements and one element: the reply parser reserves a bounded start (combine caps its
+/// preallocation at 4,096), so the process does not abort on an allocation of ~50 GB; the
+/// connection's setup waits for elements that never come and the check ends as unavailable
+/// within the bounds.
+#[tokio::test]
+async fn a_reply_declaring_a_billion_elements_is_unavailable_not_an_abort() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                while matches!(stream.read(&mut request), Ok(read) if read > 0) {
+                    if stream.write_all(b"*1000000000\r\n:1\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap());
+    let config = LimitsConfig {
+        url: RedisUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap(),
+        fault_tolerant: false,
+        ca_file: None,
+    };
+    let limiter = RedisLimiter::new(&config, store).unwrap();
+    let started = Instant::now();
+    let verdict = limiter.take(KeyDigest::of("hostile"), limit(1.0, 1)).await;
+    assert!(matches!(verdict, Err(LimitError::Unavailable(_))), "{verdict:?}");
+    assert!(
+        started.elapsed() < 2 * COMMAND_TIMEOUT + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
