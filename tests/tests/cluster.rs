@@ -569,3 +569,56 @@ fn deletes_are_answered_while_object_storage_hangs_and_its_objects_go_when_it_re
     let reply = dify_upload(&daemon, "after.txt", b"works again");
     assert_eq!(reply.status, 201, "{}", reply.text);
 }
+
+/// A node whose store is not the cluster's (left on its own SQLite here; a staging database
+/// would be the same) but whose spool is the cluster's prefix would find none of the
+/// bucket's uploads in its records and sweep them as orphans. The prefix names the store it
+/// answers to (the first node to start puts `store-identity`), and such a node refuses to
+/// start, saying why, before it sweeps anything.
+#[test]
+fn a_node_on_another_store_refuses_the_clusters_spool_prefix() {
+    let cluster = Cluster::start("bound");
+    let a = cluster.node();
+    let identity = cluster
+        .s3
+        .get(&format!("{}/store-identity", cluster.prefix))
+        .expect("the first node names the store");
+    let store = cluster.psql("SELECT id FROM store_identity");
+    assert_eq!(String::from_utf8_lossy(&identity), store);
+    assert_eq!(store.len(), 32, "{store}");
+    // Another node of the same store starts as before.
+    let b = cluster.node();
+    let reply = dify_upload(&b, "same-store.txt", b"served\n");
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    drop((a, b));
+
+    let dir = tempfile::tempdir().unwrap();
+    let shared_store = format!("  store:\n    url: {}\n", cluster.postgres.url(&cluster.prefix));
+    let config = cluster.config(dir.path(), |config| config.replacen(&shared_store, "", 1));
+    assert!(!config.contains("  store:\n"), "{config}");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut serving = std::process::Command::new(upgate_binary())
+        .args(["serve", "--config", config_path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = eventually(Duration::from_secs(30), || serving.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = serving.kill();
+    }
+    let output = serving.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(exited, "a node on another store started: {stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the shared spool belongs to another store") && stderr.contains(&store),
+        "{stderr}"
+    );
+    assert_eq!(
+        cluster.s3.get(&format!("{}/store-identity", cluster.prefix)),
+        Some(identity),
+        "the prefix still names the cluster's store"
+    );
+}

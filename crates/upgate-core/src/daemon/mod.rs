@@ -300,15 +300,29 @@ async fn run(
     // acknowledged, leases of deliveries that died with the process.
     let spool = gateway.spool.clone();
     let keep = gateway.store.spooled_ids().await?;
+    let store = gateway.store.identity().await?;
     // Housekeeping: a shared spool that is unreachable now must not keep the node from
     // starting (it answers 503 until the spool is back); the sweep runs at the next start.
-    match tokio::task::spawn_blocking(move || spool.remove_orphans(&keep)).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(orphans)) => tracing::info!(
+    // One that answers to another store's records is a configuration error: its objects
+    // would all look like orphans here.
+    let swept = tokio::task::spawn_blocking(move || match spool.bind_to_store(&store) {
+        Ok(()) => Ok(spool.remove_orphans(&keep)),
+        Err(error) => Err(error),
+    })
+    .await;
+    match swept {
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(ServeError::Io {
+                what: "the shared spool belongs to another store".into(),
+                source: error,
+            });
+        }
+        Ok(Ok(Ok(0))) => {}
+        Ok(Ok(Ok(orphans))) => tracing::info!(
             orphans,
             "removed spooled files of uploads that were never acknowledged"
         ),
-        Ok(Err(error)) => {
+        Ok(Ok(Err(error)) | Err(error)) => {
             tracing::warn!(%error, "cannot sweep the spool's orphans now; left for the next start")
         }
         Err(error) => tracing::warn!(%error, "the spool's orphan sweep stopped"),

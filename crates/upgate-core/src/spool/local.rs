@@ -158,6 +158,10 @@ impl Spool for LocalSpool {
         }
     }
 
+    fn bind_to_store(&self, _store: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+
     fn remove_orphans(&self, keep: &HashSet<String>) -> std::io::Result<usize> {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.dir)? {

@@ -31,6 +31,12 @@ use crate::config::{Durability, SpoolConfig};
 /// removes it: another node may have put it and not yet written its record.
 const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
+/// The object under `PREFIX/` naming the store its objects answer to
+/// ([`Spool::bind_to_store`]).
+const IDENTITY_OBJECT: &str = "store-identity";
+/// The most of it read: an identity is 32 hex digits.
+const IDENTITY_READ: u64 = 64;
+
 /// Object storage for what outlives a node, with this node's disk for what arrives.
 #[derive(Debug, Clone)]
 pub(crate) struct S3Spool {
@@ -193,6 +199,41 @@ impl Spool for S3Spool {
         self.local.remove(id)?;
         self.objects.delete(&self.upload_key(id))?;
         Ok(())
+    }
+
+    /// `PREFIX/store-identity` names the store; the first node to start on a prefix puts it.
+    /// Two stores binding one prefix at the same moment: the last put wins, and the node
+    /// that reads the other's back is refused.
+    fn bind_to_store(&self, store: &str) -> io::Result<()> {
+        let key = format!("{}{IDENTITY_OBJECT}", self.prefix);
+        let named = match self.objects.get_head(&key, IDENTITY_READ) {
+            Ok(named) => named,
+            Err(S3Error::NotFound(_)) => {
+                let staged = Fetched::temporary(self.temp_path("identity"));
+                std::fs::write(staged.path(), store)?;
+                self.objects.put_file(&key, staged.path())?;
+                self.objects.get_head(&key, IDENTITY_READ)?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if named == store.as_bytes() {
+            return Ok(());
+        }
+        // What the object holds is shown only when it is a plain name (it is the service's
+        // text, which could hold anything).
+        let named = std::str::from_utf8(&named)
+            .ok()
+            .and_then(|text| super::plain_name(text).ok())
+            .unwrap_or("(unreadable)");
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "s3://{}/{key} says its objects answer to the store {named}, but this node's store is {store}: \
+                 its records do not name them, so it would take them for orphans. Point every node of a \
+                 cluster at the same server.store, or give this store a prefix of its own",
+                self.objects.bucket_name()
+            ),
+        ))
     }
 
     /// This node's copies of uploads no record names, and objects of such uploads older

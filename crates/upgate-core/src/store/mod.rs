@@ -330,6 +330,9 @@ pub(crate) trait Store: Send + Sync {
     fn session_totals(&self) -> StoreFuture<'_, (u64, u64)>;
     /// `tenant`'s sessions that have not become an upload yet.
     fn open_sessions_of(&self, tenant: String) -> StoreFuture<'_, u64>;
+    /// The identity drawn when this store was made (32 hex digits): a shared spool's prefix
+    /// belongs to one store, and a node whose store is another is not let near it.
+    fn identity(&self) -> StoreFuture<'_, String>;
 }
 
 /// Uploads claimed for delivery by one [`Store::claim_due`], all under one lease.
@@ -378,6 +381,7 @@ macro_rules! store_by_inherent_methods {
         list_sessions() -> Vec<$crate::store::SessionRecord>;
         session_totals() -> (u64, u64);
         open_sessions_of(tenant: String) -> u64;
+        identity() -> String;
         });
     };
     (@methods $store:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)* }) => {

@@ -84,6 +84,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 5: a tenant's unfinished sessions, counted at every session start and tus creation
     // (`max_open_sessions`) while finished tus uploads stay until they expire.
     "CREATE INDEX sessions_open_by_tenant ON sessions (tenant) WHERE upload_id IS NULL;",
+    // 6: the store's identity, drawn once: which shared spool prefix is this store's
+    // (`Store::identity`).
+    "CREATE TABLE store_identity (id TEXT PRIMARY KEY);
+    INSERT INTO store_identity VALUES (replace(gen_random_uuid()::text, '-', ''));",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

@@ -275,6 +275,17 @@ impl PostgresStore {
         checked.unwrap_or_else(|_| Err(StoreError::Unavailable("no answer in time".into())))
     }
 
+    async fn identity(&self) -> Result<String, StoreError> {
+        self.call(|connection| {
+            Box::pin(async move {
+                let select = connection.prepare("SELECT id FROM store_identity").await?;
+                let row = connection.client().query_one(&select, &[]).await?;
+                Ok(row.try_get::<_, String>(0)?)
+            })
+        })
+        .await
+    }
+
     /// Runs `work` on a pooled connection, within [`CALL_TIMEOUT`]. A connection that failed
     /// or was cut off mid-call is not given back.
     pub(super) async fn call<T, W>(&self, work: W) -> Result<T, StoreError>

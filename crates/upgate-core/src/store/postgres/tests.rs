@@ -306,6 +306,16 @@ async fn nodes_share_claims_quotas_and_one_migration() {
             .join(","),
         "each version applied once"
     );
+    // One store, one identity, whichever node asks.
+    let mut identities = Vec::new();
+    for node in &nodes {
+        identities.push(node.identity().await.unwrap());
+    }
+    assert_eq!(identities[0].len(), 32, "{identities:?}");
+    assert!(
+        identities.iter().all(|identity| *identity == identities[0]),
+        "{identities:?}"
+    );
 
     // Claims: 40 due uploads, polled by every node at once, each claimed exactly once.
     let records: Vec<UploadRecord> = (0..40).map(|i| record(&format!("o{i:02}"), "t")).collect();

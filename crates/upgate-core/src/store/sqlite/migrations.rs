@@ -128,4 +128,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // Version 10: a tenant's unfinished sessions, counted at every session start and tus
     // creation (`max_open_sessions`) while finished tus uploads stay until they expire.
     "CREATE INDEX sessions_open_by_tenant ON sessions (tenant) WHERE upload_id IS NULL;",
+    // Version 11: the store's identity, drawn once: which shared spool prefix is this
+    // store's (`Store::identity`).
+    "CREATE TABLE store_identity (id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    INSERT INTO store_identity VALUES (lower(hex(randomblob(16))));",
 ];

@@ -170,6 +170,13 @@ impl SqliteStore {
         self.jobs.send(job).map_err(|_| StoreError::Closed)?;
         answered.await.map_err(|_| StoreError::Closed)?
     }
+
+    async fn identity(&self) -> Result<String, StoreError> {
+        self.call(|connection| {
+            Ok(connection.query_row("SELECT id FROM store_identity", [], |row| row.get(0))?)
+        })
+        .await
+    }
 }
 
 fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

@@ -120,7 +120,7 @@ async fn a_start_voids_claims_but_not_backoffs() {
 #[tokio::test]
 async fn usage_limits_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    {
+    let identity = {
         let store = SqliteStore::open(dir.path(), Durability::PowerLoss).unwrap();
         assert!(
             store
@@ -140,9 +140,16 @@ async fn usage_limits_and_reopen() {
                 .await
                 .unwrap()
         );
-    }
+        store.identity().await.unwrap()
+    };
     let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
     assert_eq!(store.usage("t".into(), 5).await.unwrap(), (15, 2));
+    // The identity drawn when the store was made stays; another store draws its own.
+    assert_eq!(identity.len(), 32, "{identity}");
+    assert_eq!(store.identity().await.unwrap(), identity);
+    let other = tempfile::tempdir().unwrap();
+    let other = SqliteStore::open(other.path(), Durability::ProcessCrash).unwrap();
+    assert_ne!(other.identity().await.unwrap(), identity);
 }
 
 #[tokio::test]
