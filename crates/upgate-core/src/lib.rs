@@ -41,4 +41,4 @@ pub use daemon::{
 pub use plugins::{LoadedPlugin, PluginHostError, discover};
 pub use policy::{Policy, Tenant};
 pub use store::{Concat, SessionRecord, UploadFilter, UploadRecord, UploadState};
-pub use vocab::{DialectName, is_unseen_control};
+pub use vocab::{DialectName, is_unseen_control, stored_time};

@@ -131,9 +131,37 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The last millisecond of year 9999: the latest time the date formats upgate writes
+/// (RFC 3339, HTTP dates) can hold.
+const LATEST_WRITABLE_MS: i64 = 253_402_300_799_999;
+
+/// A stored time (epoch milliseconds) as a `SystemTime`, clamped to what the date formats
+/// can write: a row edited by hand with a time before 1970 or after 9999 is shown as the
+/// nearest of those, never a panic in a formatter.
+pub fn stored_time(epoch_ms: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.clamp(0, LATEST_WRITABLE_MS) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_times_past_what_dates_can_write_are_clamped_not_a_panic() {
+        for (stored, rfc3339, http) in [
+            (
+                i64::MAX,
+                "9999-12-31T23:59:59.999Z",
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+            ),
+            (-5, "1970-01-01T00:00:00.000Z", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            (1_000, "1970-01-01T00:00:01.000Z", "Thu, 01 Jan 1970 00:00:01 GMT"),
+        ] {
+            let time = stored_time(stored);
+            assert_eq!(humantime::format_rfc3339_millis(time).to_string(), rfc3339);
+            assert_eq!(httpdate::fmt_http_date(time), http);
+        }
+    }
 
     #[test]
     fn unseen_controls_are_controls_bidi_overrides_separators_and_invisible_formats_only() {

@@ -197,9 +197,9 @@ fn main() -> ExitCode {
         } => report(upgate_core::retry_upload(&config, &id).map(|record| {
             println!(
                 "re-queued {} (tenant {}, provider {}): state {}",
-                record.id,
-                record.tenant,
-                record.provider,
+                shown(&record.id),
+                shown(&record.tenant),
+                shown(&record.provider),
                 record.state.as_str()
             );
         })),
@@ -223,8 +223,8 @@ fn main() -> ExitCode {
                 };
                 println!(
                     "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} {}",
-                    session.id,
-                    session.tenant,
+                    shown(&session.id),
+                    shown(&session.tenant),
                     session.dialect.as_str(),
                     received,
                     declared,
@@ -238,7 +238,9 @@ fn main() -> ExitCode {
         } => report(upgate_core::delete_upload(&config, &id).map(|record| {
             println!(
                 "deleted {} (tenant {}, provider {})",
-                record.id, record.tenant, record.provider
+                shown(&record.id),
+                shown(&record.tenant),
+                shown(&record.provider)
             );
         })),
     };
@@ -246,8 +248,7 @@ fn main() -> ExitCode {
 }
 
 fn time_text(epoch_ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+    humantime::format_rfc3339_seconds(upgate_core::stored_time(epoch_ms)).to_string()
 }
 
 fn print_uploads(records: &[UploadRecord], json: bool) {
@@ -262,8 +263,8 @@ fn print_uploads(records: &[UploadRecord], json: bool) {
     for record in records {
         println!(
             "{:<36} {:<12} {:<9} {:<10} {:>10} {:>8} {:<20} {:<24} {}",
-            record.id,
-            record.tenant,
+            shown(&record.id),
+            shown(&record.tenant),
             record.dialect.as_str(),
             record.state.as_str(),
             record.size,

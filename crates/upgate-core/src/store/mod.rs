@@ -201,7 +201,49 @@ impl Concat {
     }
 }
 
+/// The most chunks a session has (a Kore session's `totalChunks`; a tus upload has one).
+pub(crate) const MAX_SESSION_CHUNKS: u64 = 10_000;
+
+/// How long an outbox entry whose row this node cannot read waits before it is tried again
+/// (by a node that can, in a cluster of several versions; in any case never blocking the
+/// others behind it).
+pub(crate) const UNREADABLE_ROW_WAIT_MS: i64 = 3_600_000;
+
+/// A stored `metadata` column: a JSON object. Anything else is an unreadable row, never
+/// an empty map (a provider chooses its destination from it).
+pub(crate) fn stored_metadata(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        _ => Err("metadata is not a JSON object".into()),
+    }
+}
+
+/// A stored size, count or number: negative is an unreadable row, never a wrapped value.
+pub(crate) fn stored_unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T, String> {
+    T::try_from(value).map_err(|_| format!("{column} is out of range: {value}"))
+}
+
 impl SessionRecord {
+    /// A session as read from a store, checked: its chunk count within
+    /// [`MAX_SESSION_CHUNKS`] and every chunk's number below it. (A count read as
+    /// 2^64 - 1 would have `complete` list that many missing chunks.)
+    pub(crate) fn checked(self) -> Result<Self, String> {
+        if !(1..=MAX_SESSION_CHUNKS).contains(&self.total_chunks) {
+            return Err(format!("total_chunks is out of range: {}", self.total_chunks));
+        }
+        if let Some((number, _)) = self
+            .chunks
+            .iter()
+            .find(|(number, _)| *number >= self.total_chunks)
+        {
+            return Err(format!(
+                "chunk {number} is past total_chunks {}",
+                self.total_chunks
+            ));
+        }
+        Ok(self)
+    }
+
     pub(crate) fn received_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, size)| size).sum()
     }

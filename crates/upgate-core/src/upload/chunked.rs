@@ -42,7 +42,7 @@ use sha2::Sha256;
 
 /// Most chunks one session may declare (a chunk request reads every chunk row of its
 /// session: tiny chunks by the hundred thousand made each one cost seconds).
-pub(crate) const MAX_CHUNKS: u64 = 10_000;
+pub(crate) use crate::store::MAX_SESSION_CHUNKS as MAX_CHUNKS;
 /// `Retry-After` of a session refused for the tenant's `max_open_sessions`.
 const OPEN_SESSIONS_RETRY_AFTER_SECS: u64 = 60;
 /// Bytes read from a chunk file at a time when assembling.

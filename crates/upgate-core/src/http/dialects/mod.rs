@@ -326,8 +326,7 @@ pub(crate) fn errors_body(message: String, status: StatusCode) -> Value {
 
 /// An epoch-milliseconds time as ISO 8601 UTC with milliseconds (`2025-04-23T12:05:45.782Z`).
 pub(crate) fn iso_millis(epoch_ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
+    humantime::format_rfc3339_millis(crate::vocab::stored_time(epoch_ms)).to_string()
 }
 
 /// The URL a dialect returns for an upload: the provider's URL once delivered; before that

@@ -275,7 +275,7 @@ fn progress_headers(response: &mut HttpResponseBuilder, upload: &SessionRecord, 
 }
 
 fn http_date(epoch_ms: i64) -> String {
-    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms.max(0) as u64))
+    httpdate::fmt_http_date(crate::vocab::stored_time(epoch_ms))
 }
 
 /// The answer for an upload's request log line: the records it made.

@@ -374,6 +374,12 @@ fn parse_column<T>(row: &Row, column: usize, parse: impl Fn(&str) -> Option<T>) 
     })
 }
 
+/// Column `column`, a size, count or number ([`crate::store::stored_unsigned`]).
+fn unsigned<T: TryFrom<i64>>(row: &Row, column: usize) -> Result<T, StoreError> {
+    crate::store::stored_unsigned(&format!("column {column}"), row.try_get::<_, i64>(column)?)
+        .map_err(StoreError::Database)
+}
+
 /// PostgreSQL's clock as SQL (Unix epoch milliseconds, fixed for the statement).
 macro_rules! db_now {
     () => {

@@ -3,7 +3,7 @@
 
 use super::uploads::{upload_columns, upload_from_row};
 use super::{PostgresStore, big, on_db_clock};
-use crate::store::{Claim, StoreError};
+use crate::store::{Claim, StoreError, UNREADABLE_ROW_WAIT_MS};
 use crate::vocab::now_ms;
 
 impl PostgresStore {
@@ -111,7 +111,9 @@ impl PostgresStore {
     /// poll (of this node or another) picks them up while they are in flight. Due and lease
     /// are on PostgreSQL's clock (`now`, this node's, is moved onto it), so a node whose
     /// clock runs ahead does not claim early. Rows another node is claiming at this moment
-    /// are skipped, not waited for.
+    /// are skipped, not waited for. A row that cannot be read (another version's, one edited
+    /// by hand) is put off ([`UNREADABLE_ROW_WAIT_MS`]) and named in a warning; the others
+    /// are claimed as usual.
     pub(super) async fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> Result<Claim, StoreError> {
         let clock = self.node_clock;
         self.call(move |connection| {
@@ -136,10 +138,30 @@ impl PostgresStore {
                     .client()
                     .query(&claim, &[&now, &big(limit as u64), &lease_ms, &clock()])
                     .await?;
-                let mut due = rows
-                    .iter()
-                    .map(|row| Ok((row.try_get::<_, i64>(17)?, upload_from_row(row)?)))
-                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let mut due = Vec::with_capacity(rows.len());
+                let mut unreadable = Vec::new();
+                for row in &rows {
+                    match upload_from_row(row) {
+                        Ok(record) => due.push((row.try_get::<_, i64>(17)?, record)),
+                        Err(error) => {
+                            let id: String = row.try_get(0)?;
+                            tracing::warn!(upload_id = %id, %error,
+                                "an outbox entry cannot be read; put off for an hour, the others go on");
+                            unreadable.push(id);
+                        }
+                    }
+                }
+                if !unreadable.is_empty() {
+                    let put_off = connection
+                        .prepare(
+                            "UPDATE uploads SET next_attempt_at = next_attempt_at + $2 WHERE id = ANY($1)",
+                        )
+                        .await?;
+                    connection
+                        .client()
+                        .execute(&put_off, &[&unreadable, &UNREADABLE_ROW_WAIT_MS])
+                        .await?;
+                }
                 // The same for every row (PostgreSQL's clock is fixed for the statement); with
                 // none claimed, nothing presents it.
                 let lease_until = match rows.first() {

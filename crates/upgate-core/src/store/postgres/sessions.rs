@@ -2,8 +2,8 @@
 
 use tokio_postgres::Row;
 
-use super::{PostgresStore, big, on_db_clock, parse_column};
-use crate::store::{Concat, SessionRecord, StoreError};
+use super::{PostgresStore, big, on_db_clock, parse_column, unsigned};
+use crate::store::{Concat, SessionRecord, StoreError, stored_metadata, stored_unsigned};
 use crate::vocab::DialectName;
 
 /// The columns [`session_from_row`] reads, the session's chunks in the same snapshot.
@@ -21,22 +21,29 @@ fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
     let metadata: &str = row.try_get(7)?;
     let numbers: Vec<i64> = row.try_get(14)?;
     let sizes: Vec<i64> = row.try_get(15)?;
-    Ok(SessionRecord {
+    let chunk = |(number, size): (i64, i64)| -> Result<(u64, u64), String> {
+        Ok((
+            stored_unsigned("chunk_number", number)?,
+            stored_unsigned("size", size)?,
+        ))
+    };
+    SessionRecord {
         id: row.try_get(0)?,
         tenant: row.try_get(1)?,
         dialect: parse_column(row, 2, DialectName::parse)?,
         filename: row.try_get(3)?,
         extension: row.try_get(4)?,
-        declared_size: row.try_get::<_, i64>(5)? as u64,
-        total_chunks: row.try_get::<_, i64>(6)? as u64,
-        metadata: serde_json::from_str(metadata).unwrap_or_default(),
+        declared_size: unsigned(row, 5)?,
+        total_chunks: unsigned(row, 6)?,
+        metadata: stored_metadata(metadata).map_err(StoreError::Database)?,
         created_at_ms: row.try_get(8)?,
         expires_at_ms: row.try_get(9)?,
         chunks: numbers
             .into_iter()
             .zip(sizes)
-            .map(|(number, size)| (number as u64, size as u64))
-            .collect(),
+            .map(chunk)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Database)?,
         length_deferred: row.try_get(10)?,
         concat: match row.try_get::<_, Option<&str>>(11)? {
             Some(_) => {
@@ -46,7 +53,9 @@ fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
             None => None,
         },
         upload_id: row.try_get(12)?,
-    })
+    }
+    .checked()
+    .map_err(StoreError::Database)
 }
 
 impl PostgresStore {

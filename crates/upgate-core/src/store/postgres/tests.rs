@@ -67,6 +67,55 @@ async fn the_store_behaves_as_sqlite_does() {
     sessions_and_chunks(&url(&server, "sessions")).await;
     resumable_sessions_keep_their_length_role_and_record(&url(&server, "resumable")).await;
     listings_and_retries(&url(&server, "listings")).await;
+    one_unreadable_row_holds_up_nothing_else(&server).await;
+}
+
+/// As with SQLite: an outbox entry that cannot be read is put off and the others are
+/// claimed; a session whose chunk count is out of range is an error for that session.
+async fn one_unreadable_row_holds_up_nothing_else(server: &PostgresServer) {
+    let store = PostgresStore::open(&url(server, "unreadable")).await.unwrap();
+    let at = now();
+    store
+        .insert_uploads(
+            vec![
+                record("future", "t"),
+                record("negative", "t"),
+                record("good", "t"),
+            ],
+            at,
+        )
+        .await
+        .unwrap();
+    server.psql(
+        "unreadable",
+        "UPDATE uploads SET dialect = 'dialect-of-2030' WHERE id = 'future';
+         UPDATE uploads SET size = -5 WHERE id = 'negative';",
+    );
+    let claim = store.claim_due(now(), 10, 60_000).await.unwrap();
+    let claimed: Vec<&str> = claim.due.iter().map(|record| record.id.as_str()).collect();
+    assert_eq!(claimed, ["good"]);
+    let put_off: i64 = server
+        .psql(
+            "unreadable",
+            "SELECT MIN(next_attempt_at) FROM uploads WHERE id IN ('future', 'negative')",
+        )
+        .parse()
+        .unwrap();
+    assert!(put_off >= at + UNREADABLE_ROW_WAIT_MS, "{put_off} vs {at}");
+    assert!(
+        store.upload("negative".into()).await.is_err(),
+        "never a wrapped size"
+    );
+    store
+        .insert_session(session("s", DialectName::Kore))
+        .await
+        .unwrap();
+    server.psql(
+        "unreadable",
+        "UPDATE sessions SET total_chunks = -1 WHERE id = 's'",
+    );
+    let error = store.session_of("t".into(), "s".into()).await.unwrap_err();
+    assert!(error.to_string().contains("out of range"), "{error}");
 }
 
 async fn records_follow_their_state_and_stay_with_their_tenant(url: &PostgresUrl) {

@@ -2,8 +2,8 @@
 
 use tokio_postgres::Row;
 
-use super::{PostgresStore, big, db_now, on_db_clock, parse_column};
-use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState};
+use super::{PostgresStore, big, db_now, on_db_clock, parse_column, unsigned};
+use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata};
 use crate::vocab::{DialectName, now_ms};
 
 /// The columns [`upload_from_row`] reads, in order.
@@ -24,14 +24,14 @@ pub(super) fn upload_from_row(row: &Row) -> Result<UploadRecord, StoreError> {
         filename: row.try_get(3)?,
         extension: row.try_get(4)?,
         mime: row.try_get(5)?,
-        size: row.try_get::<_, i64>(6)? as u64,
+        size: unsigned(row, 6)?,
         sha256: row.try_get(7)?,
         state: parse_column(row, 8, UploadState::parse)?,
         provider: row.try_get(9)?,
         remote_id: row.try_get(10)?,
         remote_url: row.try_get(11)?,
-        metadata: serde_json::from_str(metadata).unwrap_or_default(),
-        attempts: row.try_get::<_, i64>(13)? as u32,
+        metadata: stored_metadata(metadata).map_err(StoreError::Database)?,
+        attempts: unsigned(row, 13)?,
         last_error: row.try_get(14)?,
         created_at_ms: row.try_get(15)?,
         updated_at_ms: row.try_get(16)?,
@@ -154,7 +154,19 @@ impl PostgresStore {
                     ))
                     .await?;
                 let rows = connection.client().query(&fail, &[&now, &reason, &clock()]).await?;
-                rows.iter().map(upload_from_row).collect()
+                // Each failed either way; one that cannot be read is named, not returned (its
+                // quota stays counted).
+                Ok(rows
+                    .iter()
+                    .filter_map(|row| {
+                        upload_from_row(row)
+                            .inspect_err(|error| {
+                                let id = row.try_get::<_, String>(0).unwrap_or_default();
+                                tracing::warn!(upload_id = %id, %error, "an interrupted delivery's row cannot be read")
+                            })
+                            .ok()
+                    })
+                    .collect())
             })
         })
         .await

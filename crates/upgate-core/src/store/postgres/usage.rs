@@ -13,7 +13,11 @@ impl PostgresStore {
                     .await?;
                 let row = connection.client().query_opt(&select, &[&tenant, &day]).await?;
                 Ok(match row {
-                    Some(row) => (row.try_get::<_, i64>(0)? as u64, row.try_get::<_, i64>(1)? as u64),
+                    // Below zero (a row edited by hand) counts as nothing used.
+                    Some(row) => (
+                        row.try_get::<_, i64>(0)?.max(0) as u64,
+                        row.try_get::<_, i64>(1)?.max(0) as u64,
+                    ),
                     None => (0, 0),
                 })
             })

@@ -121,7 +121,7 @@ impl SqliteStore {
                 wal.keep
             ))
             .map_err(|e| open_error(e.to_string()))?;
-        migrate(&mut connection).map_err(|e| open_error(e.to_string()))?;
+        migrate(&mut connection).map_err(open_error)?;
         // Checkpoints (which fsync the database file) run on their own connection and
         // thread, so a slow disk never stalls the commits clients are waiting for.
         connection
@@ -179,14 +179,28 @@ impl SqliteStore {
     }
 }
 
-fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    let version: usize =
-        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+/// Brings the schema up to date. A database of a newer schema (written by a newer upgate,
+/// then downgraded) is refused: this one would read rows it does not know.
+fn migrate(connection: &mut Connection) -> Result<(), String> {
+    let version = connection
+        .query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))
+        .map_err(|error| error.to_string())?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(format!(
+            "its schema version is {version}, newer than this upgate's {}: a newer upgate wrote it \
+             (run that one; a downgrade does not migrate back)",
+            MIGRATIONS.len()
+        ));
+    }
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-        let transaction = connection.transaction()?;
-        transaction.execute_batch(migration)?;
-        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
-        transaction.commit()?;
+        let migrated = (|| {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(migration)?;
+            transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+            transaction.commit()
+        })();
+        migrated.map_err(|error| error.to_string())?;
     }
     Ok(())
 }
@@ -337,6 +351,22 @@ fn parse_column<T>(column: usize, text: &str, parse: impl Fn(&str) -> Option<T>)
             format!("unknown value `{}`", text.chars().take(32).collect::<String>()).into(),
         )
     })
+}
+
+/// A row read that a shared check ([`crate::store::stored_metadata`], ...) refused, as
+/// rusqlite's conversion error for `column`.
+fn unreadable<T>(column: usize, checked: Result<T, String>) -> rusqlite::Result<T> {
+    checked.map_err(|why| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, why.into())
+    })
+}
+
+/// Column `column`, a size, count or number ([`crate::store::stored_unsigned`]).
+fn unsigned<T: TryFrom<i64>>(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<T> {
+    unreadable(
+        column,
+        crate::store::stored_unsigned(&format!("column {column}"), row.get::<_, i64>(column)?),
+    )
 }
 
 crate::store::store_by_inherent_methods!(SqliteStore);

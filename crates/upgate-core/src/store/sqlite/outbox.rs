@@ -4,7 +4,7 @@ use rusqlite::params;
 
 use super::SqliteStore;
 use super::uploads::{UPLOAD_COLUMNS, upload_from_row};
-use crate::store::{Claim, StoreError};
+use crate::store::{Claim, StoreError, UNREADABLE_ROW_WAIT_MS};
 use crate::vocab::now_ms;
 
 impl SqliteStore {
@@ -72,7 +72,9 @@ impl SqliteStore {
     }
 
     /// Uploads due for delivery, claimed: their next attempt is pushed `lease_ms` ahead so a
-    /// second poll does not pick them up while they are in flight.
+    /// second poll does not pick them up while they are in flight. A row that cannot be read
+    /// is not claimed but put off ([`UNREADABLE_ROW_WAIT_MS`]) and named in a warning: it
+    /// never holds up the uploads due after it.
     pub(super) async fn claim_due(&self, now: i64, limit: usize, lease_ms: i64) -> Result<Claim, StoreError> {
         let lease_until = now.saturating_add(lease_ms);
         self.call(move |connection| {
@@ -80,13 +82,26 @@ impl SqliteStore {
                 "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE next_attempt_at IS NOT NULL
                  AND next_attempt_at <= ?1 AND state = 'received' ORDER BY next_attempt_at LIMIT ?2"
             ))?;
-            let due = statement
-                .query_map(params![now, limit as i64], upload_from_row)?
+            let rows = statement
+                .query_map(params![now, limit as i64], |row| {
+                    Ok((row.get::<_, rusqlite::types::Value>(0)?, upload_from_row(row)))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut lease = connection
                 .prepare_cached("UPDATE uploads SET next_attempt_at = ?2, leased = 1 WHERE id = ?1")?;
-            for record in &due {
-                lease.execute(params![record.id, lease_until])?;
+            let mut due = Vec::with_capacity(rows.len());
+            for (id, read) in rows {
+                match read {
+                    Ok(record) => {
+                        lease.execute(params![id, lease_until])?;
+                        due.push(record);
+                    }
+                    Err(error) => {
+                        tracing::warn!(upload_id = ?id, %error,
+                            "an outbox entry cannot be read; put off for an hour, the others go on");
+                        lease.execute(params![id, now.saturating_add(UNREADABLE_ROW_WAIT_MS)])?;
+                    }
+                }
             }
             Ok(Claim { due, lease_until })
         })

@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, parse_column};
-use crate::store::{Concat, SessionRecord, StoreError};
+use super::{SqliteStore, parse_column, unreadable, unsigned};
+use crate::store::{Concat, SessionRecord, StoreError, stored_metadata};
 use crate::vocab::DialectName;
 
 const SESSION_COLUMNS: &str = "id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata, \
@@ -17,9 +17,9 @@ fn session_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> 
         dialect: parse_column(2, &row.get::<_, String>(2)?, DialectName::parse)?,
         filename: row.get(3)?,
         extension: row.get(4)?,
-        declared_size: row.get::<_, i64>(5)? as u64,
-        total_chunks: row.get::<_, i64>(6)? as u64,
-        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        declared_size: unsigned(row, 5)?,
+        total_chunks: unsigned(row, 6)?,
+        metadata: unreadable(7, stored_metadata(&metadata))?,
         created_at_ms: row.get(8)?,
         expires_at_ms: row.get(9)?,
         chunks: Vec::new(),
@@ -47,10 +47,10 @@ fn with_chunks(
     )?;
     session.chunks = statement
         .query_map(params![session.id], |row| {
-            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+            Ok((unsigned(row, 0)?, unsigned(row, 1)?))
         })?
         .collect::<Result<_, _>>()?;
-    Ok(session)
+    session.checked().map_err(StoreError::Database)
 }
 
 impl SqliteStore {

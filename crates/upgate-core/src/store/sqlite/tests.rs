@@ -435,3 +435,95 @@ async fn the_wal_stays_bounded_when_its_checkpoints_cannot_finish() {
     };
     assert_eq!(store.list_uploads(all).await.unwrap().len(), 3000);
 }
+
+/// One row no version of upgate could have written (edited by hand, another version's
+/// dialect, a negative size) never holds up the others: the outbox claims the readable ones
+/// and puts the bad one off; a session whose counts are out of range is an error for that
+/// session, not a wrapped value; metadata that is not an object is an unreadable row.
+#[tokio::test]
+async fn one_unreadable_row_holds_up_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+    let now = crate::vocab::now_ms();
+    store
+        .insert_uploads(
+            vec![
+                record("old", "t"),
+                record("future", "t"),
+                record("negative", "t"),
+                record("good", "t"),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+    connection
+        .execute_batch(&format!(
+            "UPDATE uploads SET next_attempt_at = {} WHERE id = 'old';
+             UPDATE uploads SET dialect = 'dialect-of-2030' WHERE id = 'future';
+             UPDATE uploads SET size = -5 WHERE id = 'negative';",
+            now - 1000
+        ))
+        .unwrap();
+    let claim = store.claim_due(now, 10, 60_000).await.unwrap();
+    let mut claimed: Vec<&str> = claim.due.iter().map(|record| record.id.as_str()).collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, ["good", "old"]);
+    let put_off: i64 = connection
+        .query_row(
+            "SELECT MIN(next_attempt_at) FROM uploads WHERE id IN ('future', 'negative')",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(put_off >= now + UNREADABLE_ROW_WAIT_MS, "{put_off} vs {now}");
+    assert!(
+        store.upload("negative".into()).await.is_err(),
+        "never a wrapped size"
+    );
+
+    let mut session = SessionRecord {
+        id: "s".into(),
+        tenant: "t".into(),
+        dialect: DialectName::Kore,
+        filename: "f.txt".into(),
+        extension: "txt".into(),
+        declared_size: 10,
+        total_chunks: 2,
+        metadata: Default::default(),
+        created_at_ms: 0,
+        expires_at_ms: i64::MAX,
+        chunks: vec![],
+        length_deferred: false,
+        concat: None,
+        upload_id: None,
+    };
+    store.insert_session(session.clone()).await.unwrap();
+    session.id = "m".into();
+    store.insert_session(session).await.unwrap();
+    connection
+        .execute_batch(
+            "UPDATE sessions SET total_chunks = -1 WHERE id = 's';
+             UPDATE sessions SET metadata = '[1]' WHERE id = 'm';",
+        )
+        .unwrap();
+    let error = store.session_of("t".into(), "s".into()).await.unwrap_err();
+    assert!(error.to_string().contains("out of range"), "{error}");
+    let error = store.session_of("t".into(), "m".into()).await.unwrap_err();
+    assert!(error.to_string().contains("not a JSON object"), "{error}");
+}
+
+#[test]
+fn a_database_of_a_newer_schema_is_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path(), Durability::ProcessCrash).unwrap());
+    let connection = Connection::open(dir.path().join("upgate.db")).unwrap();
+    connection
+        .pragma_update(None, "user_version", (MIGRATIONS.len() + 1) as i64)
+        .unwrap();
+    let Err(error) = SqliteStore::open(dir.path(), Durability::ProcessCrash) else {
+        panic!("a database of a newer schema was opened");
+    };
+    assert!(error.to_string().contains("newer than this upgate's"), "{error}");
+}

@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, parse_column};
-use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState};
+use super::{SqliteStore, parse_column, unreadable, unsigned};
+use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata};
 use crate::vocab::{DialectName, now_ms};
 
 pub(super) const UPLOAD_COLUMNS: &str = "id, tenant, dialect, filename, extension, mime, size, sha256, state, provider, \
@@ -18,14 +18,14 @@ pub(super) fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Uploa
         filename: row.get(3)?,
         extension: row.get(4)?,
         mime: row.get(5)?,
-        size: row.get::<_, i64>(6)? as u64,
+        size: unsigned(row, 6)?,
         sha256: row.get(7)?,
         state: parse_column(8, &row.get::<_, String>(8)?, UploadState::parse)?,
         provider: row.get(9)?,
         remote_id: row.get(10)?,
         remote_url: row.get(11)?,
-        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
-        attempts: row.get::<_, i64>(13)? as u32,
+        metadata: unreadable(12, stored_metadata(&metadata))?,
+        attempts: unsigned(row, 13)?,
         last_error: row.get(14)?,
         created_at_ms: row.get(15)?,
         updated_at_ms: row.get(16)?,
@@ -110,10 +110,22 @@ impl SqliteStore {
                  WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ?1 AND state = 'delivering'
                  RETURNING {UPLOAD_COLUMNS}"
             ))?;
+            // Each failed either way; one that cannot be read is named, not returned (its quota
+            // stays counted), and never keeps the others from failing.
             let failed = statement
-                .query_map(params![now, reason], upload_from_row)?
+                .query_map(params![now, reason], |row| {
+                    Ok((row.get::<_, rusqlite::types::Value>(0)?, upload_from_row(row)))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(failed)
+            Ok(failed
+                .into_iter()
+                .filter_map(|(id, read)| {
+                    read.inspect_err(|error| {
+                        tracing::warn!(upload_id = ?id, %error, "an interrupted delivery's row cannot be read")
+                    })
+                    .ok()
+                })
+                .collect())
         })
         .await
     }

@@ -5,6 +5,15 @@ use rusqlite::{OptionalExtension, params};
 use super::SqliteStore;
 use crate::store::StoreError;
 
+/// A `usage` row's (bytes, uploads). A count below zero (a row edited by hand) counts as
+/// nothing used rather than as the most there is.
+fn used(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, u64)> {
+    Ok((
+        row.get::<_, i64>(0)?.max(0) as u64,
+        row.get::<_, i64>(1)?.max(0) as u64,
+    ))
+}
+
 impl SqliteStore {
     /// Today's usage of a tenant: (bytes, uploads).
     pub(super) async fn usage(&self, tenant: String, day: i64) -> Result<(u64, u64), StoreError> {
@@ -13,7 +22,7 @@ impl SqliteStore {
                 .query_row(
                     "SELECT bytes, uploads FROM usage WHERE tenant = ?1 AND day = ?2",
                     params![tenant, day],
-                    |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64)),
+                    used,
                 )
                 .optional()?
                 .unwrap_or((0, 0)))
@@ -32,18 +41,20 @@ impl SqliteStore {
         limits: (Option<u64>, Option<u64>),
     ) -> Result<bool, StoreError> {
         self.call(move |connection| {
-            let (used_bytes, used_uploads): (i64, i64) = connection
+            let (used_bytes, used_uploads): (u64, u64) = connection
                 .query_row(
                     "SELECT bytes, uploads FROM usage WHERE tenant = ?1 AND day = ?2",
                     params![tenant, day],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    used,
                 )
                 .optional()?
                 .unwrap_or((0, 0));
-            let over_bytes = limits.0.is_some_and(|limit| used_bytes as u64 + bytes > limit);
+            let over_bytes = limits
+                .0
+                .is_some_and(|limit| used_bytes.saturating_add(bytes) > limit);
             let over_uploads = limits
                 .1
-                .is_some_and(|limit| used_uploads as u64 + uploads > limit);
+                .is_some_and(|limit| used_uploads.saturating_add(uploads) > limit);
             if over_bytes || over_uploads {
                 return Ok(false);
             }
