@@ -141,7 +141,8 @@ fn sessions_in_progress_are_listed() {
 /// the packaged unit) would leave root's files there (SQLite's `-wal`/`-shm` when the daemon
 /// is stopped), which that daemon could not open at its next start: refused, with how to run
 /// it. A data_dir whose files are root's (a daemon run as root, in a container whose volume
-/// another user owns) is not refused. Run as another user, the rule has nothing to refuse.
+/// another user owns) is not refused. The rule is root's: this test needs root (to chown),
+/// and fails without it rather than skipping.
 #[test]
 fn root_is_refused_in_the_data_dir_of_a_daemon_run_as_another_user() {
     use std::os::unix::fs::MetadataExt;
@@ -155,7 +156,12 @@ fn root_is_refused_in_the_data_dir_of_a_daemon_run_as_another_user() {
     // The store is made (by whoever runs this).
     let (code, stdout, stderr) = run_cli(&["uploads", "list", "--config", &config]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+    assert_eq!(
+        std::fs::metadata("/proc/self").unwrap().uid(),
+        0,
+        "this test runs as root (it chowns the data_dir to another user) and never skips"
+    );
+    {
         let chown = |owner: &str, recursive: bool| {
             let mut command = std::process::Command::new("chown");
             if recursive {

@@ -2774,6 +2774,8 @@ fn kill_9_under_concurrent_load_loses_nothing_acknowledged() {
             tail(&daemon.log(), 40)
         );
     }
+    // Nothing lost only means something when something was acknowledged before a kill.
+    assert!(!acked.is_empty(), "no upload was acknowledged in any round");
     assert_serving(&mut daemon, "after the last restart");
 }
 
@@ -2786,6 +2788,7 @@ fn a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start_in(dir.path().to_path_buf(), &kill_config(dir.path()));
     let (mut found, mut seen) = (Vec::new(), BTreeSet::new());
+    let mut acknowledged = 0;
     let rounds = run.knobs.rounds * 3;
     for round in 0..rounds {
         let stop = AtomicBool::new(false);
@@ -2804,7 +2807,7 @@ fn a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record() {
             daemon.kill();
             stop.store(true, Ordering::SeqCst);
             for worker in workers {
-                worker.join().unwrap();
+                acknowledged += worker.join().unwrap().acked.len();
             }
         });
         let (dir, config_path) = (daemon.dir.clone(), daemon.config_path.clone());
@@ -2815,6 +2818,7 @@ fn a_kill_9_during_sync_deliveries_leaves_no_file_without_a_record() {
             }
         }
     }
+    assert!(acknowledged > 0, "no sync upload was delivered before any kill");
     assert!(
         found.is_empty(),
         "after {rounds} kills during sync uploads, {} provider files without a record:\n{}",
@@ -2831,6 +2835,7 @@ fn a_kill_9_during_async_deliveries_fails_no_acknowledged_upload() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start_in(dir.path().to_path_buf(), &kill_config(dir.path()));
     let mut acked: Vec<Acked> = Vec::new();
+    let mut acknowledged = 0;
     let mut found = Vec::new();
     let rounds = run.knobs.rounds * 4;
     for round in 0..rounds {
@@ -2853,11 +2858,13 @@ fn a_kill_9_during_async_deliveries_fails_no_acknowledged_upload() {
         });
         for load in loads {
             assert!(load.problems.is_empty(), "{}", load.problems.join("\n"));
+            acknowledged += load.acked.len();
             acked.extend(load.acked);
         }
         let (dir, config_path) = (daemon.dir.clone(), daemon.config_path.clone());
         daemon = Daemon::spawn(dir, config_path, &[]);
-        eventually(Duration::from_secs(30), || {
+        // Whatever is still waiting then is reported below, upload by upload.
+        let _settled = eventually(Duration::from_secs(30), || {
             rows(&daemon).values().all(|(state, ..)| state != "received")
         });
         let known = rows(&daemon);
@@ -2876,6 +2883,10 @@ fn a_kill_9_during_async_deliveries_fails_no_acknowledged_upload() {
             }
         });
     }
+    assert!(
+        acknowledged > 0,
+        "no async upload was acknowledged before any kill"
+    );
     assert!(
         found.is_empty(),
         "after {rounds} kills during async deliveries, {} acknowledged uploads not delivered:\n{}\n--- daemon log (failures):\n{}",
@@ -3751,10 +3762,9 @@ fn racing_tus_patches_at_one_offset_apply_exactly_one() {
         );
         let at = size.to_string();
         for answer in answers.iter().flatten() {
-            let expected = if answer.status == 204 { 204 } else { 409 };
-            assert_eq!(
-                answer.status,
-                expected,
+            // The winner's 204, or 409 for each PATCH that found the offset moved.
+            assert!(
+                matches!(answer.status, 204 | 409),
                 "round {round}: {statuses:?}: {}",
                 answer_text(answer)
             );
