@@ -2005,61 +2005,157 @@ fn forwarding(dir: &Path, mock: &MockUpstream) -> String {
 
 /// tus-js-client resumes a failed last PATCH with a HEAD alone: seeing its offset at the
 /// length, it reports success and sends nothing more. So a HEAD of an upload whose bytes
-/// are all there but whose completion failed (its sync delivery refused) or never ended
-/// (the daemon died with the upload's id noted and nothing recorded) makes the upload then,
-/// once; the HEADs and empty PATCHes after it change nothing.
+/// are all there but whose completion failed makes the upload then, once; the HEADs and
+/// empty PATCHes after it change nothing. The states a failure or a crash leaves are each
+/// met: the note taken back (the 502), the note of a failed record left (its take-back
+/// failed), the note of a record never written (the daemon died in between), and a record
+/// that failed after its upload was made (an async delivery that gave up later), which is
+/// the answer and is not made again.
+/// An upload whose last PATCH got 502 (its sync delivery refused twice): its id, and the
+/// failed record that completion left.
+fn failed_last_patch(daemon: &Daemon, mock: &MockUpstream, name: &str, content: &[u8]) -> (String, String) {
+    let id = create(daemon, "demo-key", content.len() as u64, name);
+    patch_ok(daemon, "demo-key", &id, 0, &content[..1000]);
+    mock.fail_next(2, 500);
+    let reply = patch(daemon, "demo-key", &id, 1000, &content[1000..], &[]);
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let noted: Option<String> = daemon
+        .db()
+        .query_row("SELECT upload_id FROM sessions WHERE id = ?1", [&id], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(noted, None, "the failed completion took its note back");
+    let failed: String = daemon
+        .db()
+        .query_row(
+            "SELECT id FROM uploads WHERE state = 'failed' AND filename = ?1",
+            [name],
+            |row| row.get(0),
+        )
+        .unwrap();
+    (id, failed)
+}
+
 #[test]
 fn head_completes_an_upload_whose_last_patch_did_not() {
     let mock = MockUpstream::start(Vendor::Dify, "up-key");
     let daemon = Daemon::start_with(|dir| forwarding(dir, &mock));
     let content = text_of(3000);
-    let id = create(&daemon, "demo-key", 3000, "late.txt");
-    patch_ok(&daemon, "demo-key", &id, 0, &content[..1000]);
-    mock.fail_next(2, 500);
-    let reply = patch(&daemon, "demo-key", &id, 1000, &content[1000..], &[]);
-    assert_eq!(reply.status, 502, "{reply:?}");
-    assert!(mock.stored().is_empty());
-    // The daemon died during a second attempt, the upload's id noted and nothing recorded.
-    daemon
-        .db()
-        .execute(
-            "UPDATE sessions SET upload_id = '0123456789abcdef01234567' WHERE id = ?1",
-            [&id],
-        )
-        .unwrap();
-
-    let reply = head(&daemon, "demo-key", &id);
-    assert_eq!(reply.status, 200, "{reply:?}\n{}", daemon.log());
-    assert_eq!(reply.header("upload-offset"), Some("3000"));
-    let made = reply
-        .header("upgate-upload-id")
-        .unwrap_or_else(|| panic!("no upload made: {reply:?}\n{}", daemon.log()))
-        .to_owned();
-    assert_ne!(made, "0123456789abcdef01234567");
-    let (state, size, sha256, ..) = record(&daemon, &made);
-    assert_eq!((state.as_str(), size), ("forwarded", 3000));
-    assert_eq!(sha256, sha256_hex(&content));
+    let mut made = Vec::new();
+    for (case, name) in [
+        ("its take-back failed", "a.txt"),
+        ("the daemon died before the record", "b.txt"),
+    ] {
+        let (id, failed) = failed_last_patch(&daemon, &mock, name, &content);
+        let noted = match name {
+            "a.txt" => failed,
+            _ => "0123456789abcdef01234567".to_owned(),
+        };
+        daemon
+            .db()
+            .execute("UPDATE sessions SET upload_id = ?2 WHERE id = ?1", [&id, &noted])
+            .unwrap();
+        let reply = head(&daemon, "demo-key", &id);
+        assert_eq!(reply.status, 200, "{case}: {reply:?}\n{}", daemon.log());
+        assert_eq!(reply.header("upload-offset"), Some("3000"));
+        let record_id = reply
+            .header("upgate-upload-id")
+            .unwrap_or_else(|| panic!("{case}: no upload made: {reply:?}\n{}", daemon.log()))
+            .to_owned();
+        assert_ne!(record_id, noted, "{case}");
+        let (state, size, sha256, ..) = record(&daemon, &record_id);
+        assert_eq!((state.as_str(), size), ("forwarded", 3000), "{case}");
+        assert_eq!(sha256, sha256_hex(&content));
+        assert!(
+            eventually(Duration::from_secs(2), || !session_file(&daemon, &id).exists()),
+            "{case}: the completed upload kept its own copy"
+        );
+        made.push((id, record_id));
+    }
     let stored = mock.stored();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].sha256, sha256_hex(&content));
-    assert!(
-        eventually(Duration::from_secs(2), || !session_file(&daemon, &id).exists()),
-        "the completed upload kept its own copy"
-    );
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|file| file.sha256 == sha256_hex(&content)));
 
-    // Made once: a HEAD or an empty PATCH at the end answers the same upload.
-    let again = head(&daemon, "demo-key", &id);
+    // Made once: a HEAD or an empty PATCH at the end answers the same upload, and so they
+    // do once its delivery failed later (its bytes gone with its success).
+    let (id, record_id) = &made[0];
+    for later in ["forwarded", "failed"] {
+        daemon
+            .db()
+            .execute("UPDATE uploads SET state = ?2 WHERE id = ?1", [record_id, later])
+            .unwrap();
+        let again = head(&daemon, "demo-key", id);
+        assert_eq!(
+            (again.status, again.header("upgate-upload-id")),
+            (200, Some(record_id.as_str())),
+            "{later}: {again:?}"
+        );
+        let reply = patch(&daemon, "demo-key", id, 3000, b"", &[]);
+        assert_eq!(
+            (reply.status, reply.header("upgate-upload-id")),
+            (204, Some(record_id.as_str())),
+            "{later}: {reply:?}"
+        );
+    }
+    assert_eq!(mock.stored().len(), 2);
+}
+
+/// A HEAD while the last PATCH is still delivering never waits for it, nor makes a second
+/// upload: 423 (which tus clients retry), then, once it is done, the upload it made.
+#[test]
+fn a_head_during_the_last_patchs_delivery_is_423_not_a_second_upload() {
+    let mock = MockUpstream::start(Vendor::Dify, "up-key");
+    let daemon = Daemon::start_with(|dir| forwarding(dir, &mock));
+    let content = text_of(2000);
+    let id = create(&daemon, "demo-key", 2000, "slow.txt");
+    mock.hang(Duration::from_secs(3));
+    std::thread::scope(|scope| {
+        let last = scope.spawn(|| patch(&daemon, "demo-key", &id, 0, &content, &[]));
+        assert!(
+            eventually(Duration::from_secs(5), || !mock.received().is_empty()),
+            "the delivery started"
+        );
+        let started = std::time::Instant::now();
+        let reply = head(&daemon, "demo-key", &id);
+        assert_eq!(reply.status, 423, "{reply:?}");
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the HEAD waited for the delivery"
+        );
+        let last = last.join().unwrap();
+        assert_eq!(last.status, 204, "{last:?}");
+    });
+    mock.hang(Duration::ZERO);
+    let reply = head(&daemon, "demo-key", &id);
+    assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(
-        (again.status, again.header("upgate-upload-id")),
-        (200, Some(made.as_str()))
-    );
-    let reply = patch(&daemon, "demo-key", &id, 3000, b"", &[]);
-    assert_eq!(
-        (reply.status, reply.header("upgate-upload-id")),
-        (204, Some(made.as_str())),
-        "{reply:?}"
+        record(&daemon, reply.header("upgate-upload-id").unwrap()).0,
+        "forwarded"
     );
     assert_eq!(mock.stored().len(), 1);
-    // The failed attempt's record, and the upload.
-    assert_eq!(uploads(&daemon), 2);
+
+    // A delivery whose daemon died (or another node's) still under its lease: the same.
+    let (id, failed) = failed_last_patch(&daemon, &mock, "dead.txt", &text_of(2000));
+    let lease = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    daemon
+        .db()
+        .execute_batch(&format!(
+            "UPDATE uploads SET state = 'delivering', next_attempt_at = {lease} WHERE id = '{failed}';
+             UPDATE sessions SET upload_id = '{failed}' WHERE id = '{id}';"
+        ))
+        .unwrap();
+    let reply = head(&daemon, "demo-key", &id);
+    assert_eq!(reply.status, 423, "{reply:?}");
+    let reply = patch(&daemon, "demo-key", &id, 2000, b"", &[]);
+    assert_eq!(reply.status, 409, "{reply:?}");
+    assert_eq!(
+        mock.stored().len(),
+        1,
+        "no second delivery while the first may still land"
+    );
 }

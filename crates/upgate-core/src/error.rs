@@ -97,6 +97,11 @@ pub enum ApiError {
     /// 409, to be tried again in a moment.
     #[error("another request is working on this upload")]
     SessionBusy,
+    /// A tus `HEAD` that would complete an upload another request is completing: 423,
+    /// which tus clients retry (any other refusal of a `HEAD` makes tus-js-client start the
+    /// upload over).
+    #[error("another request is completing this upload")]
+    UploadLocked,
     /// A resumable upload's body does not match the checksum its request gave.
     #[error("checksum mismatch")]
     ChecksumMismatch,
@@ -171,6 +176,8 @@ pub enum Class {
     Unavailable,
     /// The request is at another state of the resource than the client thinks (409).
     Conflict,
+    /// Another request is working on the resource; try again in a moment (423).
+    Locked,
     /// The body does not match its checksum (460, tus).
     Checksum,
     /// The protocol version is not spoken (412).
@@ -215,6 +222,7 @@ impl ApiError {
             Self::Internal => Class::Internal,
             Self::Unavailable { .. } | Self::DeliveryBusy { .. } => Class::Unavailable,
             Self::OffsetMismatch { .. } | Self::SessionBusy => Class::Conflict,
+            Self::UploadLocked => Class::Locked,
             Self::ChecksumMismatch => Class::Checksum,
             Self::UnsupportedVersion => Class::Version,
             Self::WrongContentType => Class::MediaType,
@@ -252,6 +260,7 @@ impl ApiError {
             Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Conflict => StatusCode::CONFLICT,
+            Class::Locked => StatusCode::LOCKED,
             Class::Checksum => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
             Class::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Class::Version => StatusCode::PRECONDITION_FAILED,
@@ -267,7 +276,7 @@ impl ApiError {
             Self::Throttled { retry_after_secs, .. }
             | Self::Unavailable { retry_after_secs }
             | Self::DeliveryBusy { retry_after_secs } => Some(*retry_after_secs),
-            Self::SessionBusy => Some(1),
+            Self::SessionBusy | Self::UploadLocked => Some(1),
             _ => None,
         }
     }

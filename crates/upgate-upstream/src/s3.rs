@@ -39,13 +39,14 @@ const SIGNATURE_LIFETIME: Duration = Duration::from_secs(600);
 /// Largest listing or error document read.
 const MAX_DOCUMENT_BYTES: u64 = 8 << 20;
 /// The slowest average rate a transfer may keep: an exchange gets its connect and answer
-/// timeouts plus its bytes at this rate, in all. A service that trickles (each read and
-/// write within the per-read timeout, but a few bytes at a time) fails the call instead
-/// of holding a request, a delivery or a sweep for hours.
-const SLOWEST_RATE: u64 = 1 << 20;
+/// timeouts plus its bytes at this rate, in all (a 16 MiB part: 64 s more). A service
+/// that trickles (each read and write within the per-read timeout, but a few bytes at a
+/// time) fails the call instead of holding a request, a delivery or a sweep for hours;
+/// a busy link (several parts of several uploads sharing it) stays well above it.
+const SLOWEST_RATE: u64 = 256 << 10;
 /// What a document exchange (a listing page, a multipart start, an error) is given time
 /// for: a page of 1,000 keys is about 300 KiB.
-const DOCUMENT_ALLOWANCE: u64 = 1 << 20;
+const DOCUMENT_ALLOWANCE: u64 = 512 << 10;
 
 /// Where the objects are and who may touch them.
 #[derive(Clone)]

@@ -326,7 +326,10 @@ fn report(outcome: Result<(), ServeError>) -> u8 {
     match outcome {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("upgate: {error}");
+            // Line by line: an error may quote a stored text (a row's unknown value).
+            let text = error.to_string();
+            let lines: Vec<String> = text.lines().map(shown).collect();
+            eprintln!("upgate: {}", lines.join("\n"));
             error.exit_code() as u8
         }
     }

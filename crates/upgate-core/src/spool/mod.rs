@@ -124,8 +124,10 @@ pub(crate) trait Spool: Send + Sync + std::fmt::Debug {
     /// Checks that this spool's bytes answer to the store whose [`Store::identity`]
     /// (crate::store::Store::identity) is `store`, binding them to it if they answer to
     /// none yet: [`Spool::remove_orphans`] is only safe against that store's records. A
-    /// spool bound to another store is an `InvalidData` error naming both. This node's own
-    /// disk answers to this node's store.
+    /// spool bound to another store is an `InvalidData` error naming both. A shared spool
+    /// remembers `store` and, until the check once succeeds (the service may be down at
+    /// start), checks again before each sweep and sweeps nothing of the bucket meanwhile.
+    /// This node's own disk answers to this node's store.
     fn bind_to_store(&self, store: &str) -> std::io::Result<()>;
     /// Removes persisted files of uploads not in `keep` (never acknowledged); how many.
     fn remove_orphans(&self, keep: &HashSet<String>) -> std::io::Result<usize>;

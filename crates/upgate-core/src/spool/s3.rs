@@ -44,6 +44,19 @@ pub(crate) struct S3Spool {
     objects: Arc<ObjectStore>,
     /// `PREFIX/` of the URL (empty, or ending in `/`).
     prefix: String,
+    /// Which store's records the prefix's objects answer to ([`Spool::bind_to_store`]).
+    binding: Arc<std::sync::Mutex<Binding>>,
+}
+
+/// The store a spool's prefix must answer to, and what checking it found.
+#[derive(Debug, Default)]
+struct Binding {
+    /// This node's store, once given.
+    store: Option<String>,
+    /// The prefix names that store.
+    confirmed: bool,
+    /// The prefix names another store (the error, for `/readyz`).
+    refused: Option<String>,
 }
 
 impl S3Spool {
@@ -63,7 +76,55 @@ impl S3Spool {
             local: LocalSpool::open(data_dir, durability)?,
             objects: Arc::new(objects),
             prefix: config.url.prefix.clone(),
+            binding: Arc::default(),
         })
+    }
+
+    /// Checks, until it once succeeds, that the prefix answers to the store given to
+    /// [`Spool::bind_to_store`]: `PREFIX/store-identity` names it (the first node on a
+    /// prefix puts it). Unavailable storage is an error to try again later; another store's
+    /// name is `InvalidData`, and is kept for `/readyz`. (Two stores binding one empty prefix
+    /// at the same moment could both pass: the last put wins, and is what later starts read.)
+    fn confirm_binding(&self) -> io::Result<()> {
+        let store = {
+            let binding = self.binding.lock().unwrap_or_else(|e| e.into_inner());
+            if binding.confirmed {
+                return Ok(());
+            }
+            binding.store.clone().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotConnected, "the spool's store is not known yet")
+            })?
+        };
+        let key = format!("{}{IDENTITY_OBJECT}", self.prefix);
+        let named = match self.objects.get_head(&key, IDENTITY_READ) {
+            Ok(named) => named,
+            Err(S3Error::NotFound(_)) => {
+                let staged = Fetched::temporary(self.temp_path("identity"));
+                std::fs::write(staged.path(), &store)?;
+                self.objects.put_file(&key, staged.path())?;
+                self.objects.get_head(&key, IDENTITY_READ)?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let mut binding = self.binding.lock().unwrap_or_else(|e| e.into_inner());
+        if named == store.as_bytes() {
+            binding.confirmed = true;
+            return Ok(());
+        }
+        // What the object holds is shown only when it is a plain name (it is the service's
+        // text, which could hold anything).
+        let named = std::str::from_utf8(&named)
+            .ok()
+            .and_then(|text| super::plain_name(text).ok())
+            .unwrap_or("(unreadable)");
+        let refused = format!(
+            "s3://{}/{key} says its objects answer to the store {named}, but this node's store is {store}: \
+             its records do not name them, so it would take them for orphans. Point every node of a \
+             cluster at the same server.store, or give this store a prefix of its own",
+            self.objects.bucket_name()
+        );
+        binding.refused = Some(refused.clone());
+        Err(io::Error::new(io::ErrorKind::InvalidData, refused))
     }
 
     /// The bucket answers and the credentials may list it (check-config, readiness).
@@ -201,44 +262,16 @@ impl Spool for S3Spool {
         Ok(())
     }
 
-    /// `PREFIX/store-identity` names the store; the first node to start on a prefix puts it.
-    /// Two stores binding one prefix at the same moment: the last put wins, and the node
-    /// that reads the other's back is refused.
+    /// Remembers `store` and checks the prefix against it ([`S3Spool::confirm_binding`]).
     fn bind_to_store(&self, store: &str) -> io::Result<()> {
-        let key = format!("{}{IDENTITY_OBJECT}", self.prefix);
-        let named = match self.objects.get_head(&key, IDENTITY_READ) {
-            Ok(named) => named,
-            Err(S3Error::NotFound(_)) => {
-                let staged = Fetched::temporary(self.temp_path("identity"));
-                std::fs::write(staged.path(), store)?;
-                self.objects.put_file(&key, staged.path())?;
-                self.objects.get_head(&key, IDENTITY_READ)?
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if named == store.as_bytes() {
-            return Ok(());
-        }
-        // What the object holds is shown only when it is a plain name (it is the service's
-        // text, which could hold anything).
-        let named = std::str::from_utf8(&named)
-            .ok()
-            .and_then(|text| super::plain_name(text).ok())
-            .unwrap_or("(unreadable)");
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "s3://{}/{key} says its objects answer to the store {named}, but this node's store is {store}: \
-                 its records do not name them, so it would take them for orphans. Point every node of a \
-                 cluster at the same server.store, or give this store a prefix of its own",
-                self.objects.bucket_name()
-            ),
-        ))
+        self.binding.lock().unwrap_or_else(|e| e.into_inner()).store = Some(store.to_owned());
+        self.confirm_binding()
     }
 
     /// This node's copies of uploads no record names, and objects of such uploads older
-    /// than [`ORPHAN_AGE`].
+    /// than [`ORPHAN_AGE`]: only once the prefix is confirmed to be this store's.
     fn remove_orphans(&self, keep: &HashSet<String>) -> io::Result<usize> {
+        self.confirm_binding()?;
         let mut removed = self.local.remove_orphans(keep)?;
         let prefix = format!("{}uploads/", self.prefix);
         let cutoff = humantime::format_rfc3339_seconds(SystemTime::now() - ORPHAN_AGE).to_string();
@@ -391,12 +424,22 @@ impl Spool for S3Spool {
 
     /// The session ids with objects, one name each (a listing grouped by `/`: not every chunk
     /// and segment of every session).
+    /// None until the prefix is confirmed to be this store's: the session sweep removes
+    /// what its store does not name.
     fn sessions(&self) -> Vec<String> {
+        if let Err(error) = self.confirm_binding() {
+            tracing::warn!(%error, "the spool's sessions are not swept: the prefix is not known to be this store's");
+            return Vec::new();
+        }
         let prefix = format!("{}sessions/", self.prefix);
         self.objects.list_names(&prefix).unwrap_or_default()
     }
 
+    /// Unavailable storage, or a prefix that belongs to another store.
     fn unready(&self) -> Option<String> {
+        if let Some(refused) = &self.binding.lock().unwrap_or_else(|e| e.into_inner()).refused {
+            return Some(format!("spool: {refused}"));
+        }
         self.check().err().map(|error| format!("spool: {error}"))
     }
 }

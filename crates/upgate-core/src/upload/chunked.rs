@@ -36,7 +36,7 @@ use super::admit::Admission;
 use super::hold::{holding, try_lock_session};
 use super::intake::{self, next_or_stall, validate_filename};
 use super::running_hash::RunningHash;
-use super::{Gateway, Metadata};
+use super::{Gateway, Metadata, Noted};
 use in_place::{InPlaceWriter, Layout};
 use sha2::Sha256;
 
@@ -453,9 +453,14 @@ impl Gateway {
         let session = self.open_session(admission, id).await?;
         // Recorded by an earlier attempt that stopped before removing the session (a crash
         // between the two): that upload is the answer, not a second one.
-        if let Some(record) = self.noted_upload(&admission.tenant.name, &session).await? {
-            self.close_completed_session(id, &record.id).await;
-            return Ok(vec![record]);
+        // (A failed one is made again: a Kore session's chunks stay until one succeeds.)
+        match self.noted_upload(&admission.tenant.name, &session).await? {
+            Noted::Made(record) => {
+                self.close_completed_session(id, &record.id).await;
+                return Ok(vec![*record]);
+            }
+            Noted::Running => return Err(ApiError::SessionBusy),
+            Noted::Unmade | Noted::Failed => {}
         }
         let missing = missing_chunks(&session);
         if !missing.is_empty() {

@@ -32,7 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::limits::Limiter;
 use crate::policy::Policy;
 use crate::spool::{IntakeBudget, Spool};
-use crate::store::{SessionRecord, Store, StoreError, UploadRecord};
+use crate::store::{SessionRecord, Store, StoreError, UploadRecord, UploadState};
 
 /// How long a request waits for the spool to remove bytes before it answers anyway
 /// ([`Gateway::remove_spooled`]).
@@ -150,28 +150,54 @@ impl Gateway {
         }
     }
 
-    /// The upload an earlier completion of `session` noted (a chunked session's `complete`,
-    /// a tus upload's last bytes) and recorded, when that completion ended: its record is
-    /// the session's answer, and no second upload of the same bytes is made. A completion
-    /// that never ended (noted, no record; or a sync delivery still running, or cut off by
-    /// a crash) is `None`: the session is completed again, from its bytes, which stay until
-    /// a completion succeeds.
+    /// What the completion noted in `session` came to (a chunked session's `complete`, a
+    /// tus upload's last bytes note the upload's id before recording it, and take it back
+    /// when they fail), so that a completion that ended is never made twice and one that
+    /// did not is made again from the session's bytes, which stay until one succeeds.
     pub(crate) async fn noted_upload(
         &self,
         tenant: &str,
         session: &SessionRecord,
-    ) -> Result<Option<UploadRecord>, StoreError> {
+    ) -> Result<Noted, StoreError> {
         let Some(noted) = &session.upload_id else {
-            return Ok(None);
+            return Ok(Noted::Unmade);
         };
         let record = self.store.upload_of(tenant.to_owned(), noted.clone()).await?;
-        Ok(record.filter(|record| !record::never_ended(record)))
+        Ok(match record {
+            None => Noted::Unmade,
+            Some(record) => match record.state {
+                UploadState::Delivering => Noted::Running,
+                UploadState::Failed if record::was_interrupted(&record) => Noted::Unmade,
+                UploadState::Failed => Noted::Failed,
+                UploadState::Received | UploadState::Forwarded | UploadState::Deleted => {
+                    Noted::Made(Box::new(record))
+                }
+            },
+        })
     }
 
     /// Whether uploads are refused for lack of disk space.
     pub(crate) fn below_disk_floor(&self) -> bool {
         self.below_disk_floor.load(Ordering::Relaxed)
     }
+}
+
+/// What the completion noted in a session came to ([`Gateway::noted_upload`]).
+#[derive(Debug)]
+pub(crate) enum Noted {
+    /// None noted, or one that never ended: noted and not recorded, or recorded but its
+    /// sync delivery cut off by the daemon's death. The session is to be completed (again).
+    Unmade,
+    /// Its sync delivery is running (or its daemon died and the delivery's lease has not
+    /// run out yet): wait, it may still reach the provider.
+    Running,
+    /// Recorded, delivered or on its way: the session's answer.
+    Made(Box<UploadRecord>),
+    /// Recorded, and its delivery failed. The answer when it was answered so (its bytes
+    /// gone with its success, then an async delivery failed); completed again when its
+    /// bytes are still there (the failure was this completion's, and taking the note back
+    /// failed, or the daemon died before).
+    Failed,
 }
 
 /// Removes a file if it is there. A single unlink: cheaper inline than on another thread.

@@ -28,11 +28,10 @@ use crate::policy::Tenant;
 /// What the record of an interrupted sync delivery says.
 const INTERRUPTED: &str = "interrupted: the daemon stopped during the sync delivery, before the client was answered; the provider may hold a copy";
 
-/// Whether `record` is that of a sync delivery that has not ended: still running, or cut
-/// off by the daemon's death (its client never had an answer).
-pub(crate) fn never_ended(record: &UploadRecord) -> bool {
-    record.state == UploadState::Delivering
-        || (record.state == UploadState::Failed && record.last_error.as_deref() == Some(INTERRUPTED))
+/// Whether `record` failed because the daemon died during its sync delivery (its client
+/// never had an answer).
+pub(crate) fn was_interrupted(record: &UploadRecord) -> bool {
+    record.state == UploadState::Failed && record.last_error.as_deref() == Some(INTERRUPTED)
 }
 
 /// How long the sync delivery of `files` files may take (one after the other, each within

@@ -37,7 +37,7 @@ use super::intake::{
     body_error, complete_file, extension_of, next_or_stall, received_file, validate_filename,
 };
 use super::running_hash::RunningHash;
-use super::{Gateway, Metadata};
+use super::{Gateway, Metadata, Noted};
 
 /// Most partial uploads one final upload may join.
 pub(crate) const MAX_PARTS: usize = 1000;
@@ -363,15 +363,15 @@ impl Gateway {
             });
         }
         let plan = &admission.tenant.plan;
-        if upload.upload_id.is_some()
-            && self
-                .noted_upload(&admission.tenant.name, &upload)
-                .await?
-                .is_none()
-        {
-            // Noted by a completion that never ended (the daemon died during it): its bytes
-            // are still here, and it is completed again below.
-            upload.upload_id = None;
+        if upload.upload_id.is_some() {
+            match self.completion_due(admission, &upload).await? {
+                // Another node's completion, or one whose daemon died, still delivering.
+                Completion::Running => return Err(ApiError::SessionBusy),
+                // Noted by a completion that never ended or failed: its bytes are still
+                // here, and it is completed again below.
+                Completion::Due => upload.upload_id = None,
+                Completion::NotDue => {}
+            }
         }
         if upload.upload_id.is_some() {
             // Complete: its bytes are its upload's now and the session keeps none. An empty
@@ -686,34 +686,62 @@ impl Gateway {
     /// failed (a sync delivery the provider refused) or never ended (the daemon died during
     /// it). A partial upload is never completed on its own; a final upload whose completion
     /// failed is gone, and its client joins the partials again.
-    pub(crate) async fn is_unfinished(
+    pub(crate) async fn completion_due(
         &self,
         admission: &Admission,
         upload: &SessionRecord,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Completion, ApiError> {
         if !upload.is_complete() || upload.concat.is_some() {
-            return Ok(false);
+            return Ok(Completion::NotDue);
         }
-        Ok(self.noted_upload(&admission.tenant.name, upload).await?.is_none())
+        Ok(match self.noted_upload(&admission.tenant.name, upload).await? {
+            Noted::Made(_) => Completion::NotDue,
+            Noted::Running => Completion::Running,
+            Noted::Unmade => Completion::Due,
+            Noted::Failed if self.holds_bytes(upload).await? => Completion::Due,
+            Noted::Failed => Completion::NotDue,
+        })
     }
 
-    /// Completes upload `id` if [`Gateway::is_unfinished`] (what an empty `PATCH` at its end
-    /// does too): the way a client that resumes with `HEAD` alone, seeing every byte there,
-    /// still gets its upload made.
+    /// Whether the upload's own bytes are still in the spool (they go once a completion
+    /// succeeded).
+    async fn holds_bytes(&self, upload: &SessionRecord) -> Result<bool, ApiError> {
+        if upload.declared_size == 0 {
+            return Ok(false);
+        }
+        let (spool, id, length) = (self.spool.clone(), upload.id.clone(), upload.declared_size);
+        match tokio::task::spawn_blocking(move || spool.head(&id, length, 1)).await? {
+            Ok(head) => Ok(!head.is_empty()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Completes upload `id` if its [`Gateway::completion_due`] (what an empty `PATCH` at
+    /// its end does too): the way a client that resumes with `HEAD` alone, seeing every byte
+    /// there, still gets its upload made. It never waits: while another request holds the
+    /// upload, or a completion is still delivering, it is [`ApiError::UploadLocked`] (423),
+    /// which tus clients retry.
     pub(crate) async fn finish_resumable(
         &self,
         admission: &Admission,
         id: &str,
     ) -> Result<Progress, ApiError> {
-        holding(&self.store, id, self.owned_resumable(admission, id), async {
+        let locked = async { Err(ApiError::UploadLocked) };
+        holding(&self.store, id, locked, async {
             let mut upload = self.resumable(admission, id).await?;
-            let records = match self.is_unfinished(admission, &upload).await? {
-                true => self.complete_resumable(admission, &mut upload).await?,
-                false => Vec::new(),
+            let records = match self.completion_due(admission, &upload).await? {
+                Completion::Due => self.complete_resumable(admission, &mut upload).await?,
+                Completion::Running => return Err(ApiError::UploadLocked),
+                Completion::NotDue => Vec::new(),
             };
             Ok(Progress { upload, records })
         })
         .await
+        .map_err(|error| match error {
+            ApiError::SessionBusy => ApiError::UploadLocked,
+            other => other,
+        })
     }
 
     /// Creates a final upload joining the tenant's complete partial uploads `parts` in
@@ -821,6 +849,17 @@ impl Gateway {
         })
         .await
     }
+}
+
+/// Whether a complete resumable upload's completion is to be made now
+/// ([`Gateway::completion_due`]).
+pub(crate) enum Completion {
+    /// Not complete, a part of a concatenation, or made already.
+    NotDue,
+    /// Another completion is still delivering it.
+    Running,
+    /// Every byte is here and no upload was made of them.
+    Due,
 }
 
 /// What one request's body left in the file.

@@ -162,6 +162,7 @@ impl Dialect for Dify {
             }
             ApiError::OffsetMismatch { .. }
             | ApiError::SessionBusy
+            | ApiError::UploadLocked
             | ApiError::ChecksumMismatch
             | ApiError::UnsupportedVersion
             | ApiError::WrongContentType

@@ -312,6 +312,7 @@ pub(crate) fn plain_message(error: &ApiError) -> String {
         ),
         ApiError::OffsetMismatch { offset } => format!("The upload is at offset {offset}."),
         ApiError::SessionBusy => "Another request is working on this upload; try again in a moment.".into(),
+        ApiError::UploadLocked => "Another request is completing this upload; try again in a moment.".into(),
         ApiError::ChecksumMismatch => "The body does not match its checksum.".into(),
         ApiError::UnsupportedVersion => "Unsupported protocol version.".into(),
         ApiError::WrongContentType => "Wrong content type.".into(),

@@ -23,7 +23,7 @@ use super::{Dialect, DialectName, Routes, SentTwice, Work, admit, admit_for, hea
 use crate::error::ApiError;
 use crate::http::respond::{DialectError, answer};
 use crate::store::{Concat, SessionRecord, UploadRecord};
-use crate::upload::resumable::{Append, Checksum, Creation, MAX_PARTS, Progress};
+use crate::upload::resumable::{Append, Checksum, Completion, Creation, MAX_PARTS, Progress};
 use crate::upload::{Gateway, Metadata};
 
 pub(crate) struct Tus;
@@ -413,14 +413,20 @@ async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpR
         let id = request.match_info().get("id").unwrap_or_default();
         let mut upload = gateway.resumable(&admission, id).await?;
         let mut records = Vec::new();
-        if gateway.is_unfinished(&admission, &upload).await? {
+        match gateway.completion_due(&admission, &upload).await? {
             // Every byte is here but no upload was made of them (its last PATCH failed, or
             // the daemon died during it). A client that sees its offset at the length asks
             // nothing more (tus-js-client resumes with this HEAD alone), so the upload is
             // completed now, admitted like a PATCH; a failure is this answer's status.
-            let admission = admit(&gateway, &Tus, &request).await?;
-            let progress = gateway.finish_resumable(&admission, id).await?;
-            (upload, records) = (progress.upload, progress.records);
+            Completion::Due => {
+                let admission = admit(&gateway, &Tus, &request).await?;
+                let progress = gateway.finish_resumable(&admission, id).await?;
+                (upload, records) = (progress.upload, progress.records);
+            }
+            // Another request is completing it: 423, which tus clients retry (any other
+            // refusal of a HEAD makes tus-js-client start over).
+            Completion::Running => return Err(ApiError::UploadLocked),
+            Completion::NotDue => {}
         }
         let mut response = tus_answer(StatusCode::OK);
         response.insert_header((header::CACHE_CONTROL, "no-store"));

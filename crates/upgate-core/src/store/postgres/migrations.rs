@@ -87,7 +87,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 6: the store's identity, drawn once: which shared spool prefix is this store's
     // (`Store::identity`).
     "CREATE TABLE store_identity (id TEXT PRIMARY KEY);
-    INSERT INTO store_identity VALUES (replace(gen_random_uuid()::text, '-', ''));",
+    INSERT INTO store_identity VALUES (md5(random()::text || clock_timestamp()::text));",
 ];
 
 /// Brings the schema up to date under the migration lock; returns how many migrations this

@@ -99,7 +99,10 @@ impl SqliteStore {
                     Err(error) => {
                         tracing::warn!(upload_id = ?id, %error,
                             "an outbox entry cannot be read; put off for an hour, the others go on");
-                        lease.execute(params![id, now.saturating_add(UNREADABLE_ROW_WAIT_MS)])?;
+                        connection.execute(
+                            "UPDATE uploads SET next_attempt_at = ?2, leased = 0 WHERE id = ?1",
+                            params![id, now.saturating_add(UNREADABLE_ROW_WAIT_MS)],
+                        )?;
                     }
                 }
             }
