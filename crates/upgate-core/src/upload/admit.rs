@@ -70,15 +70,24 @@ impl Gateway {
         if let Some(limit) = plan.config.rate_limit {
             self.limiter.take(digest, limit).await?;
         }
-        let mut slots = Vec::with_capacity(2);
-        if work == Work::Lookup {
-            return Ok(Admission {
-                dialect,
-                tenant,
-                policy,
-                _slots: slots,
-            });
+        let admission = Admission {
+            dialect,
+            tenant,
+            policy,
+            _slots: Vec::new(),
+        };
+        match work {
+            Work::Lookup => Ok(admission),
+            Work::Upload => self.for_upload(admission).await,
         }
+    }
+
+    /// Makes an admission for [`Work::Lookup`] one for [`Work::Upload`]: the concurrency caps
+    /// and the day's quota (its key and rate were checked already, and are not again).
+    pub(crate) async fn for_upload(&self, mut admission: Admission) -> Result<Admission, ApiError> {
+        let (policy, tenant) = (&admission.policy, &admission.tenant);
+        let plan = &tenant.plan;
+        let mut slots = Vec::with_capacity(2);
         let global = policy.config.server.max_concurrent_uploads;
         if global > 0 {
             slots.push(self.limiter.acquire(Scope::Daemon, global).await?);
@@ -100,11 +109,7 @@ impl Gateway {
                 });
             }
         }
-        Ok(Admission {
-            dialect,
-            tenant,
-            policy,
-            _slots: slots,
-        })
+        admission._slots.extend(slots);
+        Ok(admission)
     }
 }

@@ -417,9 +417,10 @@ async fn head(request: HttpRequest, gateway: web::Data<Gateway>) -> Result<HttpR
             // Every byte is here but no upload was made of them (its last PATCH failed, or
             // the daemon died during it). A client that sees its offset at the length asks
             // nothing more (tus-js-client resumes with this HEAD alone), so the upload is
-            // completed now, admitted like a PATCH; a failure is this answer's status.
+            // completed now, admitted like a PATCH (its key's rate taken once); a failure
+            // is this answer's status.
             Completion::Due => {
-                let admission = admit(&gateway, &Tus, &request).await?;
+                let admission = gateway.for_upload(admission).await?;
                 let progress = gateway.finish_resumable(&admission, id).await?;
                 (upload, records) = (progress.upload, progress.records);
             }
