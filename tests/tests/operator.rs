@@ -93,6 +93,32 @@ fn a_failed_async_delivery_is_found_shown_and_re_driven() {
     assert_eq!(code, 0);
     assert!(table.contains(spooled) && table.contains("failed"), "{table}");
 
+    // Accepted for a provider the config no longer has: a retry would only fail again.
+    let provider: String = daemon
+        .db()
+        .query_row("SELECT provider FROM uploads WHERE id = ?1", [&id], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    let set_provider = |name: &str| {
+        daemon
+            .db()
+            .execute(
+                "UPDATE uploads SET provider = ?2 WHERE id = ?1",
+                [id.as_str(), name],
+            )
+            .unwrap()
+    };
+    set_provider("gone");
+    let (code, _, stderr) = run_cli(&["uploads", "retry", &id, "--config", &config]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("provider gone, which the config no longer has"),
+        "{stderr}"
+    );
+    assert_eq!(state(&daemon, &id), "failed");
+    set_provider(&provider);
+
     // The upstream is fine again: the operator re-drives the delivery.
     let (code, stdout, stderr) = run_cli(&["uploads", "retry", &id, "--config", &config]);
     assert_eq!(code, 0, "{stdout}{stderr}");

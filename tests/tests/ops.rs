@@ -114,6 +114,59 @@ fn sighup_applies_a_new_plan_to_the_next_upload_while_one_in_flight_finishes() {
     );
 }
 
+/// A reload that bans an extension applies to the tus uploads opened before it, as to Kore
+/// sessions: their completion is checked against the plan of now, and refused.
+#[test]
+fn a_reloaded_plan_applies_to_a_tus_upload_opened_before_it() {
+    let daemon = Daemon::start();
+    let tus = |method: &str, path: &str, extra: &[(&str, &str)], body: Option<&[u8]>| {
+        let mut headers = vec![("Tus-Resumable", "1.0.0"), BEARER];
+        headers.extend_from_slice(extra);
+        send(
+            method,
+            &daemon.url(path),
+            &headers,
+            body.map(|bytes| ("application/offset+octet-stream", bytes.to_vec())),
+        )
+    };
+    let metadata = format!("filename {}", upgate_e2e::inbound::b64(b"notes.txt"));
+    let created = tus(
+        "POST",
+        "/files/",
+        &[("Upload-Length", "10"), ("Upload-Metadata", &metadata)],
+        None,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let location = created.header("location").unwrap().to_owned();
+    let half = tus("PATCH", &location, &[("Upload-Offset", "0")], Some(b"hello"));
+    assert_eq!(half.status, 204, "{half:?}");
+
+    let config = std::fs::read_to_string(&daemon.config_path).unwrap();
+    std::fs::write(
+        &daemon.config_path,
+        config.replace(
+            "max_file_size: 1MiB",
+            "max_file_size: 1MiB\n    allowed_extensions: [png]",
+        ),
+    )
+    .unwrap();
+    daemon.signal(1);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            daemon.metric("upgate_config_reloads_total{result=\"ok\"}") == 1.0
+        }),
+        "{}",
+        daemon.log()
+    );
+    let last = tus("PATCH", &location, &[("Upload-Offset", "5")], Some(b"world"));
+    assert_eq!(last.status, 415, "{last:?}");
+    let uploads: i64 = daemon
+        .db()
+        .query_row("SELECT COUNT(*) FROM uploads", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(uploads, 0, "nothing made of a banned file");
+}
+
 #[test]
 fn health_readiness_and_metrics_exposition() {
     let daemon = Daemon::start();

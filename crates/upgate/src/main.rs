@@ -74,7 +74,7 @@ enum SessionsCommand {
 enum UploadsCommand {
     /// List uploads, newest first.
     List {
-        /// Only uploads in this state: received, forwarded, failed, deleted.
+        /// Only uploads in this state: received, delivering, forwarded, failed, deleted.
         #[arg(long)]
         state: Option<UploadState>,
         /// Only this tenant's uploads.
@@ -110,7 +110,7 @@ enum UploadsCommand {
     /// Delete one upload of any tenant: its provider's copy, its spooled bytes, its record's
     /// state (works while the daemon runs).
     Delete {
-        /// The upload id (as the client got it: uuid, 24 hex digits or f-<uuid>).
+        /// The upload id (as the client got it: uuid, 24 or 32 hex digits, or f-<uuid>).
         id: String,
         #[arg(long, default_value = "config.yaml")]
         config: PathBuf,

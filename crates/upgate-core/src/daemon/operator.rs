@@ -99,6 +99,13 @@ pub fn show_upload(config_path: &Path, id: &str) -> Result<(UploadRecord, Option
 /// outbox, due now.
 pub fn retry_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeError> {
     let (record, spooled) = show_upload(config_path, id)?;
+    let (config, store, _) = open_store(config_path)?;
+    if !config.providers.contains_key(&record.provider) {
+        return Err(ServeError::Refused(format!(
+            "{id} was accepted for provider {}, which the config no longer has: add it back, then retry",
+            record.provider
+        )));
+    }
     if record.state != UploadState::Failed {
         return Err(ServeError::Refused(format!(
             "{id} is {}, not failed: only a failed delivery is retried",
@@ -110,7 +117,6 @@ pub fn retry_upload(config_path: &Path, id: &str) -> Result<UploadRecord, ServeE
             "the bytes of {id} are not kept (a sync delivery's client was told it failed and sends it again)"
         )));
     }
-    let (_, store, _) = open_store(config_path)?;
     if !block_on(store.retry_upload(id.to_owned()))? {
         return Err(ServeError::Refused(format!("{id} changed meanwhile; look again")));
     }

@@ -15,6 +15,10 @@ use crate::metrics;
 use crate::upload::{Gateway, deliver};
 use crate::vocab::now_ms;
 
+/// Attempts (a minute apart) an outbox upload whose provider is no longer configured gets
+/// before it is failed.
+const PROVIDER_GONE_ATTEMPTS: u32 = 10;
+
 /// The async delivery loop: claims due uploads from the outbox and attempts each once,
 /// rescheduling failures with backoff. Runs until the daemon stops, then waits at most
 /// `drain` for the deliveries in flight (one cut off is claimed again when its lease ends).
@@ -51,16 +55,21 @@ pub(crate) async fn run_outbox(gateway: Arc<Gateway>, drain: Duration) {
                 let full = claim.due.len() == room;
                 for record in claim.due {
                     let Some(provider) = policy.providers.get(&record.provider).cloned() else {
-                        tracing::error!(upload_id = %record.id, provider = %record.provider,
-                            "provider no longer configured; upload stays in the outbox");
-                        let retry_at = now_ms() + 60_000;
+                        // A provider removed (or renamed) by a reload: tried again each minute
+                        // in case the config is put right, and failed after
+                        // PROVIDER_GONE_ATTEMPTS, so that `uploads list --state failed` shows
+                        // it; `uploads retry` sends it again once the provider is back.
+                        let attempts = record.attempts.saturating_add(1);
+                        let retry_at = (attempts < PROVIDER_GONE_ATTEMPTS).then(|| now_ms() + 60_000);
+                        tracing::error!(upload_id = %record.id, provider = %record.provider, attempts,
+                            "the upload's provider is no longer configured");
                         let _ = gateway
                             .store
                             .mark_attempt_failed(
                                 record.id.clone(),
-                                "provider not configured".into(),
-                                record.attempts,
-                                Some(retry_at),
+                                format!("provider {} is not configured", record.provider),
+                                attempts,
+                                retry_at,
                                 lease.token,
                             )
                             .await;

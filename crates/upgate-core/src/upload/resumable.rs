@@ -618,6 +618,10 @@ impl Gateway {
         admission: &Admission,
         upload: &mut SessionRecord,
     ) -> Result<Vec<UploadRecord>, ApiError> {
+        // The plan now, which a reload may have changed since the upload was created.
+        let plan = &admission.tenant.plan;
+        plan.check_extension(&upload.extension)?;
+        plan.check_size(upload.declared_size)?;
         let upload_id = DialectName::Tus.new_upload_id();
         let spool = self.spool.clone();
         let (session, name) = (upload.id.clone(), upload_id.clone());
