@@ -211,8 +211,8 @@ fn main() -> ExitCode {
                 return;
             }
             println!(
-                "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} FILENAME",
-                "ID", "TENANT", "DIALECT", "RECEIVED", "DECLARED", "EXPIRES"
+                "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} {:<36} FILENAME",
+                "ID", "TENANT", "DIALECT", "RECEIVED", "DECLARED", "EXPIRES", "UPLOAD"
             );
             for session in &sessions {
                 let received: u64 = session.chunks.iter().map(|(_, size)| size).sum();
@@ -221,14 +221,17 @@ fn main() -> ExitCode {
                 } else {
                     session.declared_size.to_string()
                 };
+                // The upload a complete one became (a tus upload stays until it expires).
+                let upload = session.upload_id.as_deref().map_or_else(|| "-".to_owned(), shown);
                 println!(
-                    "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} {}",
+                    "{:<36} {:<12} {:<9} {:>12} {:>12} {:<24} {:<36} {}",
                     shown(&session.id),
                     shown(&session.tenant),
                     session.dialect.as_str(),
                     received,
                     declared,
                     time_text(session.expires_at_ms),
+                    upload,
                     shown(&session.filename)
                 );
             }
