@@ -218,6 +218,13 @@ pub(crate) fn stored_metadata(text: &str) -> Result<serde_json::Map<String, serd
     }
 }
 
+/// A listed row that cannot be read, named by its id (its first 64 characters), so that an
+/// operator can find it: one such row fails the listing, saying which.
+pub(crate) fn unreadable_row(id: &str, error: impl std::fmt::Display) -> StoreError {
+    let id: String = id.chars().take(64).collect();
+    StoreError::Database(format!("the row {id} cannot be read: {error}"))
+}
+
 /// A stored size, count or number: negative is an unreadable row, never a wrapped value.
 pub(crate) fn stored_unsigned<T: TryFrom<i64>>(column: &str, value: i64) -> Result<T, String> {
     T::try_from(value).map_err(|_| format!("{column} is out of range: {value}"))

@@ -3,7 +3,7 @@
 use tokio_postgres::Row;
 
 use super::{PostgresStore, big, on_db_clock, parse_column, unsigned};
-use crate::store::{Concat, SessionRecord, StoreError, stored_metadata, stored_unsigned};
+use crate::store::{Concat, SessionRecord, StoreError, stored_metadata, stored_unsigned, unreadable_row};
 use crate::vocab::DialectName;
 
 /// The columns [`session_from_row`] reads, the session's chunks in the same snapshot.
@@ -132,7 +132,13 @@ impl PostgresStore {
                     .prepare(concat!(session_select!(), " ORDER BY created_at, id"))
                     .await?;
                 let rows = connection.client().query(&select, &[]).await?;
-                rows.iter().map(session_from_row).collect()
+                rows.iter()
+                    .map(|row| {
+                        session_from_row(row).map_err(|error| {
+                            unreadable_row(&row.try_get::<_, String>(0).unwrap_or_default(), error)
+                        })
+                    })
+                    .collect()
             })
         })
         .await

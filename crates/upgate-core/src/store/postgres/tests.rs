@@ -106,6 +106,16 @@ async fn one_unreadable_row_holds_up_nothing_else(server: &PostgresServer) {
         store.upload("negative".into()).await.is_err(),
         "never a wrapped size"
     );
+    let all = UploadFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    let error = store.list_uploads(all).await.unwrap_err().to_string();
+    assert!(error.contains("cannot be read"), "{error}");
+    assert!(
+        error.contains("negative") || error.contains("future"),
+        "the row is named: {error}"
+    );
     store
         .insert_session(session("s", DialectName::Kore))
         .await
@@ -515,8 +525,11 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .insert_uploads(vec![record("held", "t")], now())
         .await
         .unwrap();
+    // (A second later: moving each time onto PostgreSQL's clock rounds to the millisecond,
+    // so "due now" may be due a millisecond after the next statement's now.)
+    let soon = || now() + 1_000;
     assert_eq!(
-        ids(nodes[0].claim_due(now(), 10, 60_000).await.unwrap()),
+        ids(nodes[0].claim_due(soon(), 10, 60_000).await.unwrap()),
         ["held"]
     );
     assert!(
@@ -528,7 +541,7 @@ async fn nodes_share_claims_quotas_and_one_migration() {
         .await
         .unwrap();
     assert_eq!(
-        ids(nodes[1].claim_due(now(), 10, 60_000).await.unwrap()),
+        ids(nodes[1].claim_due(soon(), 10, 60_000).await.unwrap()),
         ["from-ahead"]
     );
     let t = now();

@@ -3,7 +3,7 @@
 use tokio_postgres::Row;
 
 use super::{PostgresStore, big, db_now, on_db_clock, parse_column, unsigned};
-use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata};
+use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata, unreadable_row};
 use crate::vocab::{DialectName, now_ms};
 
 /// The columns [`upload_from_row`] reads, in order.
@@ -248,7 +248,13 @@ impl PostgresStore {
                         ],
                     )
                     .await?;
-                rows.iter().map(upload_from_row).collect()
+                rows.iter()
+                    .map(|row| {
+                        upload_from_row(row).map_err(|error| {
+                            unreadable_row(&row.try_get::<_, String>(0).unwrap_or_default(), error)
+                        })
+                    })
+                    .collect()
             })
         })
         .await

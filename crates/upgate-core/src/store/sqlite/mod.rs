@@ -361,6 +361,14 @@ fn unreadable<T>(column: usize, checked: Result<T, String>) -> rusqlite::Result<
     })
 }
 
+/// A row's id as read raw (any type a hand-edited row may hold), for naming the row.
+fn id_text(id: &rusqlite::types::Value) -> String {
+    match id {
+        rusqlite::types::Value::Text(text) => text.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Column `column`, a size, count or number ([`crate::store::stored_unsigned`]).
 fn unsigned<T: TryFrom<i64>>(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<T> {
     unreadable(

@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, parse_column, unreadable, unsigned};
-use crate::store::{Concat, SessionRecord, StoreError, stored_metadata};
+use super::{SqliteStore, id_text, parse_column, unreadable, unsigned};
+use crate::store::{Concat, SessionRecord, StoreError, stored_metadata, unreadable_row};
 use crate::vocab::DialectName;
 
 const SESSION_COLUMNS: &str = "id, tenant, dialect, filename, extension, declared_size, total_chunks, metadata, \
@@ -115,12 +115,16 @@ impl SqliteStore {
             let mut statement = connection.prepare_cached(&format!(
                 "SELECT {SESSION_COLUMNS} FROM sessions ORDER BY created_at"
             ))?;
-            let sessions: Vec<SessionRecord> = statement
-                .query_map([], session_from_row)?
+            let rows: Vec<(rusqlite::types::Value, rusqlite::Result<SessionRecord>)> = statement
+                .query_map([], |row| Ok((row.get(0)?, session_from_row(row))))?
                 .collect::<Result<_, _>>()?;
-            sessions
-                .into_iter()
-                .map(|session| with_chunks(connection, session))
+            rows.into_iter()
+                .map(|(id, session)| {
+                    session
+                        .map_err(StoreError::from)
+                        .and_then(|session| with_chunks(connection, session))
+                        .map_err(|error| unreadable_row(&id_text(&id), error))
+                })
                 .collect()
         })
         .await

@@ -482,6 +482,16 @@ async fn one_unreadable_row_holds_up_nothing_else() {
         store.upload("negative".into()).await.is_err(),
         "never a wrapped size"
     );
+    let all = UploadFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    let error = store.list_uploads(all).await.unwrap_err().to_string();
+    assert!(error.contains("cannot be read"), "{error}");
+    assert!(
+        error.contains("negative") || error.contains("future"),
+        "the row is named: {error}"
+    );
 
     let mut session = SessionRecord {
         id: "s".into(),

@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, parse_column, unreadable, unsigned};
-use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata};
+use super::{SqliteStore, id_text, parse_column, unreadable, unsigned};
+use crate::store::{StoreError, UploadFilter, UploadRecord, UploadState, stored_metadata, unreadable_row};
 use crate::vocab::{DialectName, now_ms};
 
 pub(super) const UPLOAD_COLUMNS: &str = "id, tenant, dialect, filename, extension, mime, size, sha256, state, provider, \
@@ -183,9 +183,13 @@ impl SqliteStore {
                     filter.since_ms,
                     filter.limit.min(i64::MAX as usize) as i64
                 ],
-                upload_from_row,
+                |row| Ok((row.get::<_, rusqlite::types::Value>(0)?, upload_from_row(row))),
             )?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            rows.map(|read| {
+                let (id, record) = read?;
+                record.map_err(|error| unreadable_row(&id_text(&id), error))
+            })
+            .collect()
         })
         .await
     }
