@@ -394,6 +394,27 @@ pub(crate) struct Claim {
     pub(crate) lease_until: i64,
 }
 
+/// The stores' shared check of a row edited to a negative `size` (id `negative`) or an
+/// unknown dialect (id `future`): reading it is an error, never a wrapped value, and a
+/// listing that meets one fails naming it.
+#[cfg(test)]
+pub(crate) async fn assert_unreadable_rows_are_errors_naming_them(store: &dyn Store) {
+    assert!(
+        store.upload("negative".into()).await.is_err(),
+        "never a wrapped size"
+    );
+    let all = UploadFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    let error = store.list_uploads(all).await.unwrap_err().to_string();
+    assert!(error.contains("cannot be read"), "{error}");
+    assert!(
+        error.contains("negative") || error.contains("future"),
+        "the row is named: {error}"
+    );
+}
+
 /// `impl Store for $store`, each method the backend's inherent async method of the same name,
 /// boxed: one list of the trait's methods for every backend.
 macro_rules! store_by_inherent_methods {

@@ -478,20 +478,7 @@ async fn one_unreadable_row_holds_up_nothing_else() {
         )
         .unwrap();
     assert!(put_off >= now + UNREADABLE_ROW_WAIT_MS, "{put_off} vs {now}");
-    assert!(
-        store.upload("negative".into()).await.is_err(),
-        "never a wrapped size"
-    );
-    let all = UploadFilter {
-        limit: 10,
-        ..Default::default()
-    };
-    let error = store.list_uploads(all).await.unwrap_err().to_string();
-    assert!(error.contains("cannot be read"), "{error}");
-    assert!(
-        error.contains("negative") || error.contains("future"),
-        "the row is named: {error}"
-    );
+    crate::store::assert_unreadable_rows_are_errors_naming_them(&store).await;
 
     let mut session = SessionRecord {
         id: "s".into(),
