@@ -475,22 +475,10 @@ impl Gateway {
         // The upload's id is noted in the session before anything is recorded (and taken back
         // when this attempt fails), so that a retry after a crash finds it.
         let upload_id = dialect.new_upload_id();
-        self.store
-            .set_session_upload(id.to_owned(), Some(upload_id.clone()))
-            .await?;
-        match self.complete_as(admission, &session, upload_id).await {
-            Ok(records) => {
-                self.close_completed_session(id, &records[0].id).await;
-                Ok(records)
-            }
-            Err(error) => {
-                if let Err(store_error) = self.store.set_session_upload(id.to_owned(), None).await {
-                    tracing::warn!(session_id = %id, error = %store_error,
-                        "cannot take back the upload id noted in a session");
-                }
-                Err(error)
-            }
-        }
+        let completion = self.complete_as(admission, &session, upload_id.clone());
+        let records = self.noting(id, &upload_id, completion).await?;
+        self.close_completed_session(id, &records[0].id).await;
+        Ok(records)
     }
 
     /// Completes the held `session` as upload `upload_id`: lays its chunks out, checks and

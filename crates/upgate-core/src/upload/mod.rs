@@ -29,6 +29,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{Notify, Semaphore};
 
+use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::policy::Policy;
 use crate::spool::{IntakeBudget, Spool};
@@ -174,6 +175,27 @@ impl Gateway {
                 }
             },
         })
+    }
+
+    /// Runs `completion`, which records upload `upload_id` of session `session`, with the id
+    /// noted in the session first ([`Gateway::noted_upload`] reads it) and taken back if
+    /// `completion` fails.
+    pub(crate) async fn noting<T>(
+        &self,
+        session: &str,
+        upload_id: &str,
+        completion: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        self.store
+            .set_session_upload(session.to_owned(), Some(upload_id.to_owned()))
+            .await?;
+        let completed = completion.await;
+        if completed.is_err()
+            && let Err(error) = self.store.set_session_upload(session.to_owned(), None).await
+        {
+            tracing::warn!(session_id = %session, %error, "cannot take back the upload id noted in a session");
+        }
+        completed
     }
 
     /// Whether uploads are refused for lack of disk space.

@@ -662,22 +662,8 @@ impl Gateway {
         // fails), so that a completion the daemon's death cut short is found and done again,
         // and one that ended is never done twice.
         let noted = file.upload_id.clone();
-        self.store
-            .set_session_upload(upload.id.clone(), Some(noted.clone()))
-            .await?;
-        let records = match self
-            .accept(admission, vec![file.into()], upload.metadata.clone())
-            .await
-        {
-            Ok(records) => records,
-            Err(error) => {
-                if let Err(store_error) = self.store.set_session_upload(upload.id.clone(), None).await {
-                    tracing::warn!(upload_id = %upload.id, error = %store_error,
-                        "cannot take back the upload id noted in a resumable upload");
-                }
-                return Err(error);
-            }
-        };
+        let accepted = self.accept(admission, vec![file.into()], upload.metadata.clone());
+        let records = self.noting(&upload.id, &noted, accepted).await?;
         upload.upload_id = Some(noted);
         // Recorded (and delivered, or durable in the spool for the outbox): the upload's own
         // copy of the bytes goes.
